@@ -1,0 +1,389 @@
+"""GCATE: latent confounder estimation with a NB / Poisson GLM factor model.
+
+Model (SPEC §6.1), for cell i and gene j::
+
+    log E[y_ij] = o_i + x_i' b_j + a_i' beta_j + u_i' gamma_j,    y_ij ~ NB(size r_j)
+
+with ``o_i`` the log size factor, observed covariates ``X`` (intercept included),
+treatment indicators ``A`` and ``r`` latent confounders ``U``.
+
+Stage 1 fits (U, B_X, B_A, Gamma) under the constraint ``U ⟂ span[X | A]`` by
+alternating Fisher scoring: a gene step (one GLM per gene on ``[X | U | A]``,
+exact one-hot IRLS from :mod:`causarray.glm`) and a cell step (one Newton step per
+cell for ``u_i`` with the loadings fixed), after which ``U`` is projected back onto
+the orthogonal complement of ``[X | A]`` and the projection is absorbed in the
+observed-design coefficients, so the fit is unchanged.
+
+Stage 2 recovers the part of the confounding that is correlated with treatment.
+Under the constraint, the stage-1 treatment coefficients are
+``beta_hat_k = beta_k + Gamma alpha_k``: direct effects plus the loadings times
+the confounders' shift ``alpha_k`` in perturbation k.  Direct effects are sparse,
+so ``alpha_k`` is the robust (Huber) regression of ``beta_hat_k`` on ``Gamma``
+weighted by the standard errors.  Huber regression is the mean-shift outlier
+model ``min ||beta_hat - Gamma alpha - e||^2 + lambda ||e||_1``: the L1-penalised
+direct effects of the GCATE second stage.  The returned stage-2 confounders
+``U = U_1 + A alpha`` carry that treatment-correlated component, which the doubly
+robust step must see (SPEC Decisions §3).  See ``docs/gcate.md``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .glm import (ETA_MAX, ETA_MIN, _alpha_from_size, _dense_columns, _gene_chunk_size,
+                  estimate_dispersion, fit_glm, glm_deviance_residuals, loglik_constant,
+                  loglik_kernel, sym_outer, sym_unpack)
+
+logger = logging.getLogger("causarray")
+
+DEFAULT_ES = dict(max_iters=50, rel_tol=2e-4, patience=5, warmup=0, tolerance=0.0)
+
+
+# ----------------------------------------------------------------------------------
+# input handling
+# ----------------------------------------------------------------------------------
+def _as_matrix(M, name: str):
+    if isinstance(M, (pd.DataFrame, pd.Series)):
+        M = M.to_numpy()
+    if sp.issparse(M):
+        return M.tocsc() if name == "Y" else M.toarray()
+    M = np.asarray(M, dtype=float)
+    return M
+
+
+def _check_inputs(Y, X, A, r: int, family: str):
+    """Validate and convert (Y, X, A); returns Y (dense float or CSC), X, A."""
+    if family not in ("nb", "poisson"):
+        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    Y = _as_matrix(Y, "Y")
+    X = _as_matrix(X, "X")
+    A = _as_matrix(A, "A")
+    if Y.ndim != 2:
+        raise ValueError(f"Y must be 2-D (cells x genes), got shape {Y.shape}")
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (cells x covariates), got shape {X.shape}")
+    if A.ndim == 1:
+        A = A[:, None]
+    n, p = Y.shape
+    for M, name in ((X, "X"), (A, "A")):
+        if M.shape[0] != n:
+            raise ValueError(f"{name} has {M.shape[0]} rows but Y has {n} cells")
+    data = Y.data if sp.issparse(Y) else Y
+    if not np.all(np.isfinite(data)):
+        raise ValueError("Y contains NaN or infinite values")
+    if np.any(data < 0):
+        raise ValueError("Y contains negative counts")
+    if not np.all(np.isin(A, (0, 1))):
+        raise ValueError("A must contain only 0/1 treatment indicators")
+    if np.any(data != np.round(data)):
+        import warnings
+        warnings.warn("Y contains non-integer values; rounding to the nearest integer",
+                      UserWarning, stacklevel=3)
+        if sp.issparse(Y):
+            Y = Y.copy()
+            Y.data = np.round(Y.data)
+        else:
+            Y = np.round(Y)
+    nnz_gene = np.asarray((Y != 0).sum(axis=0)).ravel()
+    if np.any(nnz_gene == 0):
+        bad = np.flatnonzero(nnz_gene == 0)
+        raise ValueError(f"Y has {bad.size} gene(s) with no counts (e.g. columns {bad[:5].tolist()}); "
+                         "remove genes with no counts before fitting")
+    empty_trt = np.flatnonzero(A.sum(axis=0) == 0)
+    if empty_trt.size:
+        raise ValueError(f"treatment column(s) {empty_trt.tolist()} of A have no cells")
+    if not isinstance(r, (int, np.integer)) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    Z = np.hstack([X, A])
+    if r > min(n, p) - Z.shape[1] - 1:
+        raise ValueError(f"r = {r} is too large: at most {min(n, p) - Z.shape[1] - 1} latent factors "
+                         f"can be estimated from {n} cells x {p} genes with {Z.shape[1]} observed columns")
+    sv = np.linalg.svd(Z / np.sqrt(n), compute_uv=False)
+    if sv.min() < 1e-3 * max(sv.max(), 1.0):
+        raise ValueError("the observed design [X | A] is (nearly) singular: "
+                         "check for duplicated or constant columns besides the intercept")
+    return Y, X, A
+
+
+def _size_factors(Y, offset) -> np.ndarray:
+    n = Y.shape[0]
+    if offset is True:
+        from .preprocessing import comp_size_factor
+        s = np.asarray(comp_size_factor(Y), dtype=float)
+    elif offset is None or offset is False:
+        s = np.ones(n)
+    else:
+        s = np.exp(np.asarray(offset, dtype=float).ravel())
+    if s.shape[0] != n or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError("size factors must be finite, positive and one per cell "
+                         "(a cell with no counts has size factor 0: remove empty cells)")
+    return s
+
+
+# ----------------------------------------------------------------------------------
+# linear algebra helpers
+# ----------------------------------------------------------------------------------
+def _orth_basis(Z: np.ndarray) -> np.ndarray:
+    Q, _ = np.linalg.qr(Z)
+    return Q
+
+
+def _project_out(U: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """(I - QQ') U without forming the n x n projector."""
+    return U - Q @ (Q.T @ U)
+
+
+def _rebalance(U: np.ndarray, Gamma: np.ndarray):
+    """Rotate (U, Gamma) keeping U Gamma' fixed, with U'U = n I (unit-variance factors)."""
+    n = U.shape[0]
+    Qu, Ru = np.linalg.qr(U)
+    Qg, Rg = np.linalg.qr(Gamma)
+    P, S, Vt = np.linalg.svd(Ru @ Rg.T)
+    U_new = np.sqrt(n) * Qu @ P
+    G_new = Qg @ Vt.T * (S / np.sqrt(n))
+    return U_new, G_new
+
+
+# ----------------------------------------------------------------------------------
+# the factor model passes
+# ----------------------------------------------------------------------------------
+def _cell_step(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray, coef: np.ndarray,
+               d: int, r: int, U: np.ndarray, alpha: np.ndarray, max_step: float = 1.0):
+    """One Fisher-scoring step for every cell's factors; returns (U_new, mean NLL at start).
+
+    ``coef`` columns are [X | U | A] (GLMFit layout with A as groups last).
+    """
+    n, p = Y.shape
+    Bx, Gm, Ba = coef[:, :d], coef[:, d:d + r], coef[:, d + r:]
+    H = np.zeros((n, r * (r + 1) // 2))
+    g = np.zeros((n, r))
+    nll = 0.0
+    step = _gene_chunk_size(n, None)
+    for start in range(0, p, step):
+        cols = slice(start, min(p, start + step))
+        y = _dense_columns(Y, np.arange(start, min(p, start + step)))
+        eta = log_s[:, None] + X @ Bx[cols].T + U @ Gm[cols].T
+        if Ba.shape[1]:
+            eta += A @ Ba[cols].T
+        np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
+        mu = np.exp(eta)
+        al = alpha[cols][None, :]
+        nll -= (loglik_constant(y, al) + loglik_kernel(y, eta, mu, al)).sum()
+        w = mu / (1.0 + al * mu)
+        score = (y - mu) / (1.0 + al * mu)
+        H += w @ sym_outer(Gm[cols])
+        g += score @ Gm[cols]
+    H = sym_unpack(H, r)
+    idx = np.arange(r)
+    H[:, idx, idx] += 1e-8 * (1.0 + H[:, idx, idx])
+    du = np.linalg.solve(H, g[..., None])[..., 0]
+    big = np.abs(du).max(axis=1, keepdims=True)
+    du *= np.minimum(1.0, max_step / np.maximum(big, 1e-300))
+    return U + du, nll / (n * p)
+
+
+def _negloglik(Y, X, A, log_s, coef, d, r, U, alpha) -> float:
+    """Mean NB negative log-likelihood per entry of the current fit."""
+    n, p = Y.shape
+    total = 0.0
+    step = _gene_chunk_size(n, None)
+    for start in range(0, p, step):
+        cols = np.arange(start, min(p, start + step))
+        y = _dense_columns(Y, cols)
+        eta = log_s[:, None] + X @ coef[cols, :d].T + U @ coef[cols, d:d + r].T
+        if coef.shape[1] > d + r:
+            eta += A @ coef[cols, d + r:].T
+        np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
+        al = alpha[cols][None, :]
+        total -= (loglik_constant(y, al) + loglik_kernel(y, eta, np.exp(eta), al)).sum()
+    return total / (n * p)
+
+
+class _EarlyStopping:
+    """Relative-improvement early stopping (SPEC §6.4)."""
+
+    def __init__(self, max_iters=50, rel_tol=2e-4, patience=5, warmup=0, tolerance=0.0):
+        self.max_iters, self.rel_tol, self.patience = int(max_iters), rel_tol, patience
+        self.warmup, self.tolerance = warmup, tolerance
+        self.best, self.best_epoch = np.inf, -1
+
+    def __call__(self, epoch: int, value: float) -> bool:
+        thr = 0.0 if not np.isfinite(self.best) else self.tolerance + self.rel_tol * abs(self.best)
+        if value < self.best - thr:
+            self.best, self.best_epoch = value, epoch
+        if epoch < self.warmup:
+            return False
+        return (epoch - self.best_epoch) > self.patience
+
+
+def _initial_factors(Y, X, A, log_s, size, r, random_state):
+    """Deviance residuals of the GLM on [X | A] -> top-r left singular vectors."""
+    from sklearn.utils.extmath import randomized_svd
+
+    fit0 = fit_glm(Y, X, A, family="nb", size=size, offset=log_s, max_iter=50)
+    R = glm_deviance_residuals(Y, fit0, X, A, log_s)
+    u, s, _ = randomized_svd(R, n_components=r, n_iter=5, random_state=random_state)
+    del R
+    return u, s, fit0
+
+
+def _alternate(Y, X, A, log_s, size, U, coef, Q, es: dict, verbose: bool, desc: str):
+    """Stage-1 alternating Fisher scoring with U kept orthogonal to span(Q)."""
+    from tqdm.auto import tqdm
+
+    d, r = X.shape[1], U.shape[1]
+    alpha = _alpha_from_size(size) * np.ones(Y.shape[1])
+    stopper = _EarlyStopping(**es)
+    hist = []
+    fit = None
+    it = -1
+    bar = tqdm(range(stopper.max_iters), desc=desc, disable=not verbose, leave=False)
+    for it in bar:
+        fit = fit_glm(Y, np.hstack([X, U]), A, family="nb", size=size, offset=log_s,
+                      max_iter=2, tol=1e-8, init=coef)
+        coef = fit.coef
+        U, f = _cell_step(Y, X, A, log_s, coef, d, r, U, alpha)
+        # restore the constraint; absorb the projection in the observed-design coefficients
+        M = Q.T @ U
+        U = U - Q @ M
+        coef = _absorb_projection(coef, X, A, Q, M, d, r)
+        hist.append(f)
+        bar.set_postfix(nll=f"{f:.5f}")
+        if not np.isfinite(f):
+            raise FloatingPointError("GCATE objective became non-finite")
+        if stopper(it, f):
+            break
+    fit = fit_glm(Y, np.hstack([X, U]), A, family="nb", size=size, offset=log_s,
+                  max_iter=3, tol=1e-8, init=coef)
+    hist.append(_negloglik(Y, X, A, log_s, fit.coef, d, r, U, alpha))
+    return U, fit, hist, it
+
+
+def _absorb_projection(coef, X, A, Q, M, d, r):
+    """Coefficients on [X | A] change by Gamma T' where Q M = [X | A] T."""
+    Z = np.hstack([X, A])
+    T, *_ = np.linalg.lstsq(Z, Q @ M, rcond=None)          # (d + a) x r
+    Gm = coef[:, d:d + r]
+    delta = Gm @ T.T                                          # p x (d + a)
+    out = coef.copy()
+    out[:, :d] += delta[:, :d]
+    out[:, d + r:] += delta[:, d:]
+    return out
+
+
+def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilon: float = 1.35):
+    """Huber regression of each perturbation's coefficients on the loadings (stage 2).
+
+    Returns alpha (a x r) with beta_hat_k ≈ Gamma alpha_k + sparse direct effects.
+    """
+    from sklearn.linear_model import HuberRegressor
+
+    a, r = beta.shape[1], Gamma.shape[1]
+    alpha = np.zeros((a, r))
+    for k in range(a):
+        ok = np.isfinite(beta[:, k]) & np.isfinite(se[:, k]) & (se[:, k] > 0) \
+            & (np.abs(beta[:, k]) < 10) & (se[:, k] < 2.0)
+        if ok.sum() < 3 * r:
+            continue
+        w = 1.0 / se[ok, k]
+        hub = HuberRegressor(epsilon=epsilon, alpha=0.0, fit_intercept=False, max_iter=500)
+        hub.fit(Gamma[ok] * w[:, None], beta[ok, k] * w)
+        alpha[k] = hub.coef_
+    return alpha
+
+
+def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=None,
+              offset=True, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
+              kwargs_es_2=None, c1=None, A_init=None, random_state: int = 0,
+              verbose: bool = False, **kwargs):
+    """Estimate r latent confounders with the two-stage GCATE factor model.
+
+    Parameters
+    ----------
+    Y : (n, p) raw counts (array, DataFrame or scipy.sparse).
+    X : (n, d) observed covariates including the intercept.
+    A : (n, a) 0/1 treatment indicators.
+    r : number of latent factors (>= 1).
+    family : 'nb' or 'poisson'.
+    disp_glm : NB size per gene; estimated on [X | A] by method of moments when None.
+    disp_family : accepted for compatibility (unused).
+    offset : True (median-of-ratios size factors), False/None (none) or an (n,) array of
+        log size factors.
+    kwargs_es_1, kwargs_es_2 : early stopping of stage 1 / stage 2 (``max_iters``,
+        ``rel_tol``, ``patience``, ``warmup``, ``tolerance``).
+    kwargs_ls_1, kwargs_ls_2 : accepted for compatibility with the proximal-gradient
+        solver of the original (unused by the Fisher-scoring solver).
+    c1 : stage-2 switch; ``0`` skips stage 2 (U is then orthogonal to [X | A]).
+    A_init : (n, d + a + r) initial [X | A | U]; replaces the SVD initialisation.
+    random_state : seed of the randomized SVD.
+    verbose : show progress bars.
+
+    Returns
+    -------
+    res_1, res_2 : dict
+        ``X_U`` ([X | A | U]), ``B_Gamma`` ([B_X | B_A | Gamma]), ``U``, ``kwargs_glm``
+        (``family``, ``disp_glm``, ``size_factor``), ``hist``, ``n_iter``, ``func_val``;
+        ``res_2`` additionally ``alpha`` (a x r shift of the confounders per treatment),
+        ``se_A`` (standard errors of the stage-1 treatment coefficients).
+    """
+    Y, X, A = _check_inputs(Y, X, A, r, family)
+    n, p = Y.shape
+    d, a = X.shape[1], A.shape[1]
+    s = _size_factors(Y, offset)
+    log_s = np.log(s)
+    if family == "poisson":
+        size = np.full(p, np.inf)
+    elif disp_glm is not None:
+        size = np.broadcast_to(np.asarray(disp_glm, float), (p,)).copy()
+    else:
+        size = estimate_dispersion(Y, X, A, offset=log_s)
+    es1 = {**DEFAULT_ES, **(kwargs_es_1 or {})}
+    es2 = {**DEFAULT_ES, **(kwargs_es_2 or {})}
+    Z = np.hstack([X, A])
+    Q = _orth_basis(Z)
+
+    if A_init is not None:
+        A_init = np.asarray(A_init, float)
+        if A_init.shape != (n, d + a + r):
+            raise ValueError(f"A_init must have shape {(n, d + a + r)}, got {A_init.shape}")
+        U0 = _project_out(A_init[:, d + a:], Q)
+    else:
+        u, _, _ = _initial_factors(Y, X, A, log_s, size, r, random_state)
+        U0 = _project_out(u, Q)
+    U0 = U0 / np.maximum(U0.std(axis=0, keepdims=True), 1e-12)
+    fit0 = fit_glm(Y, np.hstack([X, U0]), A, family="nb", size=size, offset=log_s, max_iter=50)
+    t0 = time.perf_counter()
+    U1, fit1, hist1, it1 = _alternate(Y, X, A, log_s, size, U0, fit0.coef, Q, es1, verbose,
+                                      "GCATE stage 1")
+    logger.info("GCATE stage 1: %d epochs, %.1fs", it1 + 1, time.perf_counter() - t0)
+    Gamma1 = fit1.coef[:, d:d + r]
+    U1r, Gamma1r = _rebalance(U1, Gamma1)
+    coef1 = np.hstack([fit1.coef[:, :d], fit1.coef[:, d + r:], Gamma1r])   # [B_X | B_A | Gamma]
+    kw_glm = dict(family=family, disp_glm=size, size_factor=s)
+    res_1 = _result(X, A, U1r, coef1, hist1, it1, kw_glm, es1, kwargs_ls_1)
+
+    beta_hat, se_hat = fit1.coef[:, d + r:], fit1.se[:, d + r:]
+    if c1 is not None and c1 == 0:
+        alpha = np.zeros((a, r))
+    else:
+        alpha = _treatment_shift(beta_hat, se_hat, Gamma1r)
+    U2 = U1r + A @ alpha
+    coef2 = coef1.copy()
+    coef2[:, d:d + a] = beta_hat - Gamma1r @ alpha.T
+    hist2 = [hist1[-1]]
+    res_2 = _result(X, A, U2, coef2, hist2, 0, kw_glm, es2, kwargs_ls_2)
+    res_2["alpha"] = alpha
+    res_2["se_A"] = se_hat
+    return res_1, res_2
+
+
+def _result(X, A, U, coef, hist, n_iter, kw_glm, es, ls) -> dict:
+    X_U = np.hstack([X, A, U])
+    r = U.shape[1]
+    return dict(X_U=X_U, B_Gamma=coef, U=X_U[:, X_U.shape[1] - r:], n_iter=n_iter,
+                func_val=hist[-1], hist=np.asarray(hist), kwargs_glm=kw_glm,
+                kwargs_es=es, kwargs_ls=dict(ls or {}))

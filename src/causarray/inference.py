@@ -1,0 +1,458 @@
+"""Multiple testing for the doubly robust log-fold changes (SPEC §8.7, §9).
+
+Array in, array out: every function here works on the statistics of **one**
+treatment (the family of tests is that treatment's genes) and knows nothing about
+genes, cells or data frames.
+
+* :func:`t_pvalues` – two-sided p-values from Student t (per-entry df) or N(0, 1).
+* :func:`bh_adjust` – Benjamini–Hochberg adjusted p-values over the non-NaN entries.
+* :func:`empirical_null_adjust` – location–scale empirical null (median, 1.4826·MAD).
+* :func:`fdx_control` – FDX control: multiplier-bootstrap step-down FWER procedure
+  followed by augmentation.
+* :func:`multiple_testing` – all of the above for one treatment, as output columns.
+
+A NaN statistic means "test not performed" (a filtered gene); it gives NaN p-values,
+is left out of every family and is never rejected.
+
+FDX scaling
+-----------
+For influence values ``eta`` (n x p) the statistic of gene j is
+``stat_j = tau_j / std_j`` with ``std_j^2 ≈ Var(eta_j) / n``.  The multiplier
+bootstrap mimics its null distribution with
+
+    z_bj = sum_i (eta_ij - mean_j eta) g_i / (n std_j),   g ~ N(0, I_n),
+
+which has conditional variance ``Var(eta_j) / (n std_j^2) ≈ 1``.  The original
+implementation used ``z_bj = sum_i eta_ij g_i / std_j`` (no centring, no 1/n), whose
+standard deviation is ≈ n; its critical values are inflated by ≈ n and FDX never
+rejects (SPEC §9.3, §13 item 24).  That statistic is still reachable through
+``legacy_scaling=True`` for reproduction only.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+logger = logging.getLogger("causarray")
+
+MAD_CONSISTENCY = 1.4826
+FDX_MIN_STD = 1e-8
+_BOOTSTRAP_CHUNK_FLOATS = 2**22  # working floats per bootstrap chunk (32 MiB)
+
+
+# ----------------------------------------------------------------------------------
+# p-values
+# ----------------------------------------------------------------------------------
+def _as_float_array(x: Any, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(x, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be numeric, got {type(x).__name__}") from err
+    return arr
+
+
+def t_pvalues(stat: Any, df: Any = None) -> np.ndarray:
+    """Two-sided p-values ``2 P(T > |stat|)``.
+
+    Parameters
+    ----------
+    stat : array_like
+        Test statistics (any shape). NaN entries give NaN p-values.
+    df : None, float or array_like, optional
+        Degrees of freedom of the Student t reference, broadcastable to ``stat``
+        (per-entry df). ``None`` or ``inf`` entries use the standard normal; NaN
+        entries give NaN p-values.
+
+    Returns
+    -------
+    numpy.ndarray
+        p-values with the shape of ``stat`` (after broadcasting with ``df``).
+
+    Raises
+    ------
+    ValueError
+        If a degree of freedom is not positive.
+    """
+    stat = _as_float_array(stat, "stat")
+    abs_stat = np.abs(stat)
+    if df is None:
+        return 2.0 * stats.norm.sf(abs_stat)
+    df = _as_float_array(df, "df")
+    if np.any(df[~np.isnan(df)] <= 0):
+        raise ValueError("df must be positive (NaN marks an undefined df)")
+    abs_stat, df = np.broadcast_arrays(abs_stat, df)
+    normal = np.isinf(df)
+    safe_df = np.where(normal | np.isnan(df), 1.0, df)
+    p = np.where(normal, 2.0 * stats.norm.sf(abs_stat), 2.0 * stats.t.sf(abs_stat, safe_df))
+    p = np.where(np.isnan(df), np.nan, p)
+    return np.minimum(p, 1.0)
+
+
+def bh_adjust(pvalues: Any) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values over the non-NaN entries.
+
+    The family is the set of non-NaN entries (m of them); NaN entries stay NaN.
+    Equal to ``statsmodels.stats.multitest.multipletests(p, method='fdr_bh')[1]``
+    on the non-NaN entries.
+
+    Parameters
+    ----------
+    pvalues : array_like
+        p-values in [0, 1] (any shape), NaN for tests not performed.
+
+    Returns
+    -------
+    numpy.ndarray
+        Adjusted p-values, same shape, ``min(1, min_{k >= rank} m p_(k) / k)``.
+
+    Raises
+    ------
+    ValueError
+        If a non-NaN entry lies outside [0, 1].
+    """
+    p = _as_float_array(pvalues, "pvalues")
+    out = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    vals = p[ok]
+    if vals.size == 0:
+        return out
+    if np.any((vals < 0) | (vals > 1)):
+        raise ValueError("pvalues must lie in [0, 1] (NaN marks a test not performed)")
+    m = vals.size
+    order = np.argsort(vals, kind="mergesort")
+    scaled = vals[order] * m / np.arange(1, m + 1)
+    adj_sorted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    adj = np.empty(m)
+    adj[order] = adj_sorted
+    out[ok] = adj
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# empirical null
+# ----------------------------------------------------------------------------------
+def empirical_null(stat: Any) -> tuple[float, float]:
+    """Location and normal-consistent scale of the non-NaN statistics.
+
+    Parameters
+    ----------
+    stat : array_like
+        Test statistics; NaN entries are ignored.
+
+    Returns
+    -------
+    (float, float)
+        ``median(stat)`` and ``1.4826 * median(|stat - median(stat)|)``; both NaN
+        when no statistic is finite.
+    """
+    s = _as_float_array(stat, "stat")
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        return float("nan"), float("nan")
+    loc = float(np.median(s))
+    scale = MAD_CONSISTENCY * float(np.median(np.abs(s - loc)))
+    return loc, scale
+
+
+def empirical_null_adjust(stat: Any, df: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """p-values against a location–scale empirical null (SPEC §9.2).
+
+    ``stat* = (stat - m) / sigma`` with ``m`` the median and ``sigma`` 1.4826 times
+    the median absolute deviation of the non-NaN statistics; p-values from the same
+    reference distribution (same per-entry ``df``) and BH over them.
+
+    Parameters
+    ----------
+    stat : array_like
+        Test statistics of one treatment; NaN marks tests not performed.
+    df : None, float or array_like, optional
+        Degrees of freedom as in :func:`t_pvalues`.
+
+    Returns
+    -------
+    pvalue_adj, padj_adj : numpy.ndarray
+        Empirical-null p-values and their BH adjustment. Both are entirely NaN
+        when ``sigma`` is 0 or undefined (e.g. all statistics equal).
+    """
+    s = _as_float_array(stat, "stat")
+    loc, scale = empirical_null(s)
+    if not (np.isfinite(scale) and scale > 0):
+        logger.debug("empirical null: MAD is %s; adjusted p-values set to NaN", scale)
+        nan = np.full(np.broadcast_shapes(s.shape, np.shape(df)) if df is not None else s.shape,
+                      np.nan)
+        return nan, nan.copy()
+    p_adj = t_pvalues((s - loc) / scale, df)
+    return p_adj, bh_adjust(p_adj)
+
+
+# ----------------------------------------------------------------------------------
+# FDX control
+# ----------------------------------------------------------------------------------
+def _check_fdx_inputs(
+    stat: np.ndarray, eta: np.ndarray, std: np.ndarray, n: int, alpha: float, c: float, B: int
+) -> None:
+    if stat.ndim != 1:
+        raise ValueError(f"stat must be 1-D, got shape {stat.shape}")
+    if std.shape != stat.shape:
+        raise ValueError(f"std has shape {std.shape}, expected {stat.shape}")
+    if eta.ndim != 2 or eta.shape[1] != stat.size:
+        raise ValueError(f"eta must be n x p with p = {stat.size}, got shape {eta.shape}")
+    if not np.all(np.isfinite(eta)):
+        raise ValueError("eta must be finite")
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if not 0 <= c < 1:
+        raise ValueError(f"c must lie in [0, 1), got {c}")
+    if int(B) != B or B < 1:
+        raise ValueError(f"B must be a positive integer, got {B}")
+
+
+def bootstrap_abs_z(
+    eta: np.ndarray,
+    std: np.ndarray,
+    n: int,
+    genes: np.ndarray,
+    B: int = 1000,
+    random_state: int | None = 0,
+    legacy_scaling: bool = False,
+    chunk_floats: int = _BOOTSTRAP_CHUNK_FLOATS,
+) -> np.ndarray:
+    """Multiplier-bootstrap statistics ``|z_bj|`` for the selected genes.
+
+    ``z_bj = sum_i (eta_ij - mean_j eta) g_i / (n std_j)`` with ``g_b ~ N(0, I_n)``
+    (unit variance when ``std_j^2 = Var(eta_j)/n``), or, with ``legacy_scaling``,
+    the original's ``sum_i eta_ij g_i / std_j``.
+
+    The multipliers are drawn in chunks of rows so that, apart from the B x m
+    result, at most ``chunk_floats`` floats of working memory are used; no centred
+    copy of ``eta`` is formed (the centring uses ``sum_i g_i``). Chunking does not
+    change the random stream.
+
+    Parameters
+    ----------
+    eta : numpy.ndarray
+        Influence values, n_cells x p.
+    std : numpy.ndarray
+        Standard errors of the statistics, (p,).
+    n : int
+        Number of cells behind the estimate (the divisor of the unit-variance form).
+    genes : numpy.ndarray
+        Integer indices of the m genes whose columns are returned, in that order.
+    B : int
+        Number of bootstrap draws.
+    random_state : int or None
+        Seed of ``numpy.random.default_rng``.
+    legacy_scaling : bool
+        Use the original mis-scaled statistic (SPEC §9.3).
+    chunk_floats : int
+        Working-memory budget (floats) per chunk.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``|z|`` of shape B x m.
+    """
+    n_cells = eta.shape[0]
+    rng = np.random.default_rng(random_state)
+    scale = 1.0 / std[genes] if legacy_scaling else 1.0 / (float(n) * std[genes])
+    eta_mean = None if legacy_scaling else eta.mean(axis=0)
+    out = np.empty((B, genes.size))
+    rows = max(1, min(B, int(chunk_floats) // max(n_cells, eta.shape[1], 1)))
+    for start in range(0, B, rows):
+        stop = min(B, start + rows)
+        g = rng.standard_normal((stop - start, n_cells))
+        z = g @ eta  # (rows x p); eta is never copied
+        if eta_mean is not None:
+            z -= np.outer(g.sum(axis=1), eta_mean)
+        np.abs(z[:, genes] * scale, out=out[start:stop])
+    return out
+
+
+def _lower_quantile_inplace(x: np.ndarray, q: float) -> np.ndarray:
+    """Column-wise ``np.quantile(x, q, axis=0, method='lower')`` without a copy of x.
+
+    ``x`` is partially sorted in place along axis 0.
+    """
+    kth = int(np.floor(q * (x.shape[0] - 1)))
+    x.partition(kth, axis=0)
+    return x[kth].copy()
+
+
+def fdx_control(
+    stat: Any,
+    eta: Any,
+    std: Any,
+    n: int,
+    alpha: float = 0.05,
+    c: float = 0.1,
+    B: int = 1000,
+    random_state: int | None = 0,
+    legacy_scaling: bool = False,
+    tau: Any = None,
+    min_diff: float = 0.1,
+) -> np.ndarray:
+    """FDX control: P(FDP > c) <= alpha via step-down + augmentation (SPEC §9.3).
+
+    1. Tested genes: finite ``stat`` and ``1e-8 <= std < inf``.
+    2. Multiplier bootstrap ``|z_bj|`` (see :func:`bootstrap_abs_z`).
+    3. Step-down FWER control: take the remaining tested gene with the largest
+       ``|stat|``; ``q`` = (1 - alpha) quantile (lower interpolation) over b of
+       ``max_j |z_bj|`` over the remaining genes; reject it and continue while
+       ``|stat| >= q`` and ``q > 0``.
+    4. Genes with ``std < 1e-8`` and ``|tau| > min_diff`` are also rejected (only
+       when ``tau`` is given).
+    5. Augmentation: with k rejections, also reject the ``floor(c k / (1 - c))``
+       non-rejected tested genes with the largest ``|stat|`` (ties at the cut are
+       all added).
+
+    Parameters
+    ----------
+    stat : array_like
+        Statistics ``tau / std`` of one treatment, (p,); NaN = not tested.
+    eta : array_like
+        Influence values of the cells behind the estimate, n_cells x p.
+    std : array_like
+        Standard errors, (p,); ``inf`` for filtered genes.
+    n : int
+        Number of cells behind the estimate (usually ``eta.shape[0]``).
+    alpha : float
+        Level of the FDX guarantee P(FDP > c) <= alpha.
+    c : float
+        Tolerated false discovery proportion, in [0, 1).
+    B : int
+        Bootstrap draws.
+    random_state : int or None
+        Seed of the multipliers.
+    legacy_scaling : bool
+        Reproduce the original's mis-scaled bootstrap (rejects essentially nothing).
+    tau : array_like, optional
+        Effect estimates, (p,); needed only for rule 4.
+    min_diff : float
+        Threshold of rule 4.
+
+    Returns
+    -------
+    numpy.ndarray
+        0/1 integer array, (p,): 1 = rejected.
+    """
+    stat = _as_float_array(stat, "stat")
+    std = _as_float_array(std, "std")
+    eta = np.asarray(eta)
+    if eta.dtype != np.float64:
+        eta = eta.astype(np.float64)
+    _check_fdx_inputs(stat, eta, std, n, alpha, c, B)
+    p = stat.size
+    rej = np.zeros(p, dtype=int)
+
+    with np.errstate(invalid="ignore"):
+        tested = np.isfinite(stat) & np.isfinite(std) & (std >= FDX_MIN_STD)
+    abs_stat = np.where(tested, np.abs(np.nan_to_num(stat)), 0.0)
+    genes = np.flatnonzero(tested)
+    # descending |stat| (stable: ties keep gene order)
+    genes = genes[np.argsort(-abs_stat[genes], kind="mergesort")]
+
+    if genes.size:
+        # columns in ascending |stat| order, so that a running max gives, for
+        # each step s, the max over the genes still remaining at that step
+        absz = bootstrap_abs_z(eta, std, n, genes[::-1], B, random_state, legacy_scaling)
+        np.maximum.accumulate(absz, axis=1, out=absz)
+        crit = _lower_quantile_inplace(absz, 1.0 - alpha)[::-1]
+        del absz
+        for s, j in enumerate(genes):
+            q = crit[s]
+            if q <= 0 or abs_stat[j] < q:
+                break
+            rej[j] = 1
+
+    if tau is not None:
+        tau = _as_float_array(tau, "tau")
+        if tau.shape != stat.shape:
+            raise ValueError(f"tau has shape {tau.shape}, expected {stat.shape}")
+        with np.errstate(invalid="ignore"):
+            tiny = (std < FDX_MIN_STD) & (np.abs(tau) > min_diff)
+        rej[tiny] = 1
+
+    k = int(rej.sum())
+    n_add = int(np.floor(c * k / (1.0 - c) + 1e-12))
+    if n_add > 0:
+        cand = genes[rej[genes] == 0]  # already in descending |stat| order
+        if cand.size:
+            cut = abs_stat[cand[min(n_add, cand.size) - 1]]
+            rej[cand[abs_stat[cand] >= cut]] = 1
+    return rej
+
+
+# ----------------------------------------------------------------------------------
+# one treatment's output columns
+# ----------------------------------------------------------------------------------
+def multiple_testing(
+    stat: Any,
+    df: Any = None,
+    eta: Any = None,
+    std: Any = None,
+    fdx: bool = False,
+    *,
+    tau: Any = None,
+    n: int | None = None,
+    fdx_alpha: float = 0.05,
+    fdx_c: float = 0.1,
+    fdx_B: int = 1000,
+    random_state: int | None = 0,
+    legacy_fdx_scaling: bool = False,
+) -> dict[str, np.ndarray]:
+    """p-values, BH, empirical null and FDX decisions for one treatment (SPEC §9).
+
+    Parameters
+    ----------
+    stat : array_like
+        Statistics, (p,); NaN = test not performed.
+    df : None, float or array_like
+        Degrees of freedom of the t reference (None = normal).
+    eta, std : array_like, optional
+        Influence values (n_cells x p) and standard errors (p,); required when
+        ``fdx`` is True.
+    fdx : bool
+        Compute FDX decisions; otherwise ``rej`` is all 0.
+    tau : array_like, optional
+        Effect estimates for FDX rule 4 (tiny std, large effect).
+    n : int, optional
+        Cells behind the estimate; default ``eta.shape[0]``.
+    fdx_alpha, fdx_c, fdx_B, random_state, legacy_fdx_scaling
+        Passed to :func:`fdx_control`.
+
+    Returns
+    -------
+    dict
+        ``pvalue``, ``padj``, ``pvalue_emp_null_adj``, ``padj_emp_null_adj`` (float
+        arrays) and ``rej`` (0/1 int array), each of length p.
+    """
+    stat = _as_float_array(stat, "stat")
+    if stat.ndim != 1:
+        raise ValueError(f"stat must be 1-D, got shape {stat.shape}")
+    pvalue = t_pvalues(stat, df)
+    if pvalue.shape != stat.shape:
+        raise ValueError(f"df has shape {np.shape(df)}, expected {stat.shape} or a scalar")
+    padj = bh_adjust(pvalue)
+    p_emp, padj_emp = empirical_null_adjust(stat, df)
+    if fdx:
+        if eta is None or std is None:
+            raise ValueError("fdx=True needs eta and std")
+        eta = np.asarray(eta)
+        rej = fdx_control(
+            stat, eta, std, eta.shape[0] if n is None else n, alpha=fdx_alpha, c=fdx_c,
+            B=fdx_B, random_state=random_state, legacy_scaling=legacy_fdx_scaling, tau=tau,
+        )
+    else:
+        rej = np.zeros(stat.size, dtype=int)
+    return {
+        "pvalue": pvalue,
+        "padj": padj,
+        "pvalue_emp_null_adj": p_emp,
+        "padj_emp_null_adj": padj_emp,
+        "rej": rej,
+    }
