@@ -1,0 +1,29 @@
+"""causarray: causal differential expression for single-cell CRISPR screens.
+
+Pipeline: counts -> :mod:`~causarray.preprocessing` -> :mod:`~causarray.glm` (count-GLM engine)
+-> :mod:`~causarray.gcate` (latent confounders) -> :mod:`~causarray.dr` (doubly robust LFC)
+-> :mod:`~causarray.inference` (p-values, BH, empirical null, FDX) -> results.
+"""
+from ._version import __version__
+from .dr import LFC
+from .gcate import fit_gcate
+from .glm import estimate_dispersion, fit_glm
+from .inference import bh_adjust
+from .preprocessing import comp_size_factor, from_anndata, prep_causarray_data, subset_screen
+from .propensity import estimate_propensity_scores
+from .simulate import simulate_screen
+
+__all__ = [
+    "__version__",
+    "prep_causarray_data",
+    "comp_size_factor",
+    "from_anndata",
+    "subset_screen",
+    "fit_glm",
+    "estimate_dispersion",
+    "fit_gcate",
+    "LFC",
+    "estimate_propensity_scores",
+    "bh_adjust",
+    "simulate_screen",
+]

@@ -40,7 +40,7 @@ logger = logging.getLogger("causarray")
 
 MAD_CONSISTENCY = 1.4826
 FDX_MIN_STD = 1e-8
-_BOOTSTRAP_CHUNK_FLOATS = 2**22  # working floats per bootstrap chunk (32 MiB)
+_BOOTSTRAP_CHUNK_FLOATS = 2**21  # working floats per bootstrap chunk (16 MiB)
 
 
 # ----------------------------------------------------------------------------------
@@ -200,8 +200,6 @@ def _check_fdx_inputs(
         raise ValueError(f"std has shape {std.shape}, expected {stat.shape}")
     if eta.ndim != 2 or eta.shape[1] != stat.size:
         raise ValueError(f"eta must be n x p with p = {stat.size}, got shape {eta.shape}")
-    if not np.all(np.isfinite(eta)):
-        raise ValueError("eta must be finite")
     if int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n}")
     if not 0 < alpha < 1:
@@ -228,10 +226,10 @@ def bootstrap_abs_z(
     (unit variance when ``std_j^2 = Var(eta_j)/n``), or, with ``legacy_scaling``,
     the original's ``sum_i eta_ij g_i / std_j``.
 
-    The multipliers are drawn in chunks of rows so that, apart from the B x m
-    result, at most ``chunk_floats`` floats of working memory are used; no centred
-    copy of ``eta`` is formed (the centring uses ``sum_i g_i``). Chunking does not
-    change the random stream.
+    The multipliers are drawn in chunks of at most ceil(B / 8) rows whose working
+    arrays hold at most ``chunk_floats`` floats each, so that peak memory stays
+    close to the B x m result; no centred copy of ``eta`` is formed (the centring
+    uses ``sum_i g_i``). Chunking does not change the random stream.
 
     Parameters
     ----------
@@ -262,14 +260,17 @@ def bootstrap_abs_z(
     scale = 1.0 / std[genes] if legacy_scaling else 1.0 / (float(n) * std[genes])
     eta_mean = None if legacy_scaling else eta.mean(axis=0)
     out = np.empty((B, genes.size))
-    rows = max(1, min(B, int(chunk_floats) // max(n_cells, eta.shape[1], 1)))
+    # chunk rows: a bounded working set, and at most 1/8 of the B x m result
+    rows = max(1, min(-(-B // 8), int(chunk_floats) // max(n_cells, eta.shape[1], 1)))
     for start in range(0, B, rows):
         stop = min(B, start + rows)
         g = rng.standard_normal((stop - start, n_cells))
         z = g @ eta  # (rows x p); eta is never copied
         if eta_mean is not None:
             z -= np.outer(g.sum(axis=1), eta_mean)
-        np.abs(z[:, genes] * scale, out=out[start:stop])
+        z = z[:, genes]
+        z *= scale
+        np.abs(z, out=out[start:stop])
     return out
 
 
@@ -351,6 +352,11 @@ def fdx_control(
 
     with np.errstate(invalid="ignore"):
         tested = np.isfinite(stat) & np.isfinite(std) & (std >= FDX_MIN_STD)
+    finite_cols = np.isfinite(eta).all(axis=0)
+    if np.any(tested & ~finite_cols):
+        raise ValueError("eta must be finite for every tested gene")
+    if not finite_cols.all():  # untested genes may carry NaN influence values
+        eta = np.where(finite_cols, eta, 0.0)
     abs_stat = np.where(tested, np.abs(np.nan_to_num(stat)), 0.0)
     genes = np.flatnonzero(tested)
     # descending |stat| (stable: ties keep gene order)

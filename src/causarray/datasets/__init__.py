@@ -24,29 +24,37 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["load_dataset", "list_datasets", "dataset_path", "DATASETS"]
+__all__ = ["DATASETS", "dataset_path", "list_datasets", "load_dataset"]
 
 #: Dataset name -> (file name, one-line description).
 DATASETS: dict[str, tuple[str, str]] = {
     "schraivogel2020_ci": (
         "schraivogel2020_tapseq_ci.h5ad",
-        "Schraivogel et al. 2020 TAP-seq CRISPRi (K562), CI subset: 1,500 cells x 72 genes, "
-        "6 perturbations x 150 cells + 600 non-targeting.",
+        (
+            "Schraivogel et al. 2020 TAP-seq CRISPRi (K562), CI subset: 1,500 cells x 72 genes, "
+            "6 perturbations x 150 cells + 600 non-targeting."
+        ),
     ),
     "schraivogel2020_groundtruth": (
         "schraivogel2020_tapseq_groundtruth.h5ad",
-        "Schraivogel et al. 2020 TAP-seq CRISPRi (K562) ground-truth screen: 21,052 cells x "
-        "72 genes, 14 perturbations, 8,609 non-targeting.",
+        (
+            "Schraivogel et al. 2020 TAP-seq CRISPRi (K562) ground-truth screen: 21,052 cells x "
+            "72 genes, 14 perturbations, 8,609 non-targeting."
+        ),
     ),
     "papalexi2021": (
         "papalexi2021_eccite_subset.h5ad",
-        "Papalexi et al. 2021 ECCITE-seq CRISPR KO (THP-1): 19,763 cells x 299 genes, "
-        "25 perturbations, 2,304 non-targeting; obs['bio_rep'].",
+        (
+            "Papalexi et al. 2021 ECCITE-seq CRISPR KO (THP-1): 19,763 cells x 299 genes, "
+            "25 perturbations, 2,304 non-targeting; obs['bio_rep']."
+        ),
     ),
     "hill2018": (
         "hill2018_mcf10a_cropseq_28genes.h5ad",
-        "Hill et al. 2018 CROP-seq KO (MCF10A): 4,063 cells x 28 genes, 29 perturbations, "
-        "383 non-targeting; very sparse (format/robustness tests only).",
+        (
+            "Hill et al. 2018 CROP-seq KO (MCF10A): 4,063 cells x 28 genes, 29 perturbations, "
+            "383 non-targeting; very sparse (format/robustness tests only)."
+        ),
     ),
 }
 

@@ -1,0 +1,458 @@
+"""Helpers shared by the benchmark scripts (never imported by the package or its tests).
+
+Everything here depends only on the standard library and numpy (scipy is imported lazily),
+so the module can also be imported inside the separate upstream-causarray virtual
+environment used by ``benchmarks/upstream.py``.
+
+Contents
+--------
+peak_rss_mb
+    Peak resident set size of this process so far (``ru_maxrss``), in MiB.
+measure
+    Context manager recording wall time and peak-RSS increase of a block.
+write_result
+    ``benchmarks/results/<name>.json`` (with machine info) plus a markdown table beside it.
+save_npz_problem, load_npz_problem
+    The ``.npz`` exchange format for a benchmark problem (Y, X, A, optional X_A and extras).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+_KIB_PER_MIB = 1024.0
+
+
+# --------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    """Peak resident set size of the current process so far, in MiB.
+
+    Returns
+    -------
+    float
+        ``getrusage(RUSAGE_SELF).ru_maxrss`` converted from KiB (Linux) to MiB.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _KIB_PER_MIB
+
+
+def peak_rss_children_mb() -> float:
+    """Largest peak RSS among waited-for child processes, in MiB (``RUSAGE_CHILDREN``)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / _KIB_PER_MIB
+
+
+def current_rss_mb() -> float:
+    """Current resident set size (``VmRSS`` of ``/proc/self/status``), in MiB.
+
+    Falls back to :func:`peak_rss_mb` where ``/proc`` is unavailable.
+    """
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) / _KIB_PER_MIB
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+@dataclass
+class Measurement:
+    """Wall time and memory of one measured block (filled in when the block exits).
+
+    Attributes
+    ----------
+    wall_s : float
+        Elapsed wall-clock time of the block (``time.perf_counter``).
+    rss_start_mb : float
+        Resident set size when the block started.
+    peak_rss_mb : float
+        Highest resident set size observed during the block: the maximum of the
+        20 ms ``VmRSS`` samples and, when the process-wide ``ru_maxrss`` rose during
+        the block, of that new high-water mark (which is exact).
+    peak_rss_delta_mb : float
+        ``peak_rss_mb - rss_start_mb``: extra memory the block needed at its peak.
+    ru_maxrss_mb : float
+        Process-wide ``ru_maxrss`` after the block.
+    n_samples : int
+        Number of ``VmRSS`` samples taken.
+    """
+
+    wall_s: float = math.nan
+    rss_start_mb: float = math.nan
+    peak_rss_mb: float = math.nan
+    peak_rss_delta_mb: float = math.nan
+    ru_maxrss_mb: float = math.nan
+    n_samples: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Return the fields as a plain dict (``extra`` merged in)."""
+        d = asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+
+class _RssSampler(threading.Thread):
+    """Background thread sampling ``VmRSS`` every ``interval_s`` seconds."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.interval_s = interval_s
+        self.peak_mb = current_rss_mb()
+        self.n_samples = 1
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        rss = current_rss_mb()
+        self.n_samples += 1
+        if rss > self.peak_mb:
+            self.peak_mb = rss
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self._sample()
+
+
+@contextmanager
+def measure(interval_s: float = 0.02) -> Iterator[Measurement]:
+    """Measure wall time and peak resident memory of a ``with`` block.
+
+    Parameters
+    ----------
+    interval_s : float
+        Sampling period of the background ``VmRSS`` sampler (default 20 ms).
+
+    Yields
+    ------
+    Measurement
+        Filled in when the block exits (also when it raises). Extra entries may be
+        put into ``m.extra`` inside the block.
+
+    Examples
+    --------
+    >>> with measure() as m:
+    ...     x = np.ones((1000, 1000))
+    >>> m.wall_s > 0 and m.peak_rss_delta_mb >= 0
+    True
+    """
+    m = Measurement()
+    ru_before = peak_rss_mb()
+    m.rss_start_mb = current_rss_mb()
+    sampler = _RssSampler(interval_s)
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        yield m
+    finally:
+        m.wall_s = time.perf_counter() - t0
+        sampler.stop()
+        ru_after = peak_rss_mb()
+        peak = sampler.peak_mb
+        if ru_after > ru_before:  # a new process-wide high-water mark was set inside the block
+            peak = max(peak, ru_after)
+        m.peak_rss_mb = peak
+        m.peak_rss_delta_mb = max(0.0, peak - m.rss_start_mb)
+        m.ru_maxrss_mb = ru_after
+        m.n_samples = sampler.n_samples
+
+
+# --------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------
+def _package_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict:
+    """Describe the machine and the numerical stack the benchmark ran on."""
+    try:
+        n_usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n_usable = os.cpu_count()
+    try:
+        mem_total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        mem_total_gb = None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_count_usable": n_usable,
+        "mem_total_gb": None if mem_total_gb is None else round(mem_total_gb, 1),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": _package_version("scipy"),
+        "causarray": _package_version("causarray"),
+        "threads_env": {
+            k: os.environ[k]
+            for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+            if k in os.environ
+        },
+    }
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays, paths and non-finite floats into strict-JSON values."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def _fmt_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        s = json.dumps(v)
+        return s if len(s) <= 60 else s[:57] + "..."
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: list[Mapping[str, Any]]) -> str:
+    """Render a list of flat dicts as a GitHub markdown table (columns in first-seen order)."""
+    cols: list[str] = []
+    for row in rows:
+        for k in row:
+            if k not in cols:
+                cols.append(k)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt_cell(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _result_markdown(name: str, result: Mapping[str, Any], machine: Mapping[str, Any]) -> str:
+    rows = result.get("rows")
+    if isinstance(rows, list) and rows and all(isinstance(r, Mapping) for r in rows):
+        table = markdown_table(rows)
+        scalars = {k: v for k, v in result.items() if k != "rows" and not isinstance(v, (dict, list))}
+    else:
+        table = ""
+        scalars = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+    parts = [f"# {name}", ""]
+    if scalars:
+        parts += [markdown_table([{"key": k, "value": v} for k, v in scalars.items()]), ""]
+    if table:
+        parts += [table, ""]
+    parts.append(
+        f"_{machine['date']}; {machine['cpu_count_usable']} usable CPUs; python {machine['python']}, "
+        f"numpy {machine['numpy']}, scipy {machine['scipy']}_"
+    )
+    return "\n".join(parts) + "\n"
+
+
+def write_result(name: str, result: Mapping[str, Any], results_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``<results_dir>/<name>.json`` (pretty, with machine info) and ``<name>.md`` beside it.
+
+    Parameters
+    ----------
+    name : str
+        File stem, e.g. ``"gcate_scaling"``.
+    result : mapping
+        JSON-able content (numpy values are converted). If it holds ``"rows"``, a list of
+        flat dicts, the markdown file shows them as a table; other scalar entries are shown
+        as a key/value table.
+    results_dir : path-like, optional
+        Defaults to ``benchmarks/results``.
+
+    Returns
+    -------
+    Path
+        Path of the JSON file.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"result name must be a plain file stem, got {name!r}")
+    out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    payload = {"name": name, **to_jsonable(dict(result)), "machine": machine}
+    json_path = out_dir / f"{name}.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, json_path)
+    (out_dir / f"{name}.md").write_text(_result_markdown(name, to_jsonable(dict(result)), machine))
+    return json_path
+
+
+# --------------------------------------------------------------------------------------
+# problem exchange format
+# --------------------------------------------------------------------------------------
+_RESERVED = {"Y", "X", "A", "X_A", "Y_data", "Y_indices", "Y_indptr", "Y_shape", "Y_format"}
+
+
+def save_npz_problem(
+    path: str | os.PathLike,
+    Y: Any,
+    X: Any,
+    A: Any,
+    X_A: Any = None,
+    *,
+    compress: bool = True,
+    **extra: Any,
+) -> Path:
+    """Save a benchmark problem to ``.npz`` for the side-by-side runs.
+
+    Parameters
+    ----------
+    path : path-like
+        Output file (``.npz`` is appended by numpy if missing).
+    Y : array-like or scipy.sparse matrix, shape (n, p)
+        Counts. Dense counts are stored as ``Y``; sparse ones as CSR parts
+        ``Y_data``, ``Y_indices``, ``Y_indptr``, ``Y_shape``. Integer-valued data are
+        stored as int32 (or int64 if needed) to keep files small.
+    X : array-like, shape (n, d)
+        Covariates including the intercept column.
+    A : array-like, shape (n, a)
+        0/1 treatment matrix.
+    X_A : array-like, shape (n, d_A), optional
+        Covariates for the propensity model.
+    compress : bool
+        Use ``np.savez_compressed`` (default) or plain ``np.savez``.
+    **extra : array-like
+        Further arrays stored under their names, e.g. ``U`` (n x r latent factors) or
+        ``size_factor`` (n,), which ``upstream.py run --task lfc`` picks up.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    bad = _RESERVED.intersection(extra)
+    if bad:
+        raise ValueError(f"extra array names clash with reserved names: {sorted(bad)}")
+    arrays: dict[str, np.ndarray] = {}
+    n = Y.shape[0]
+    if hasattr(Y, "tocsr"):  # scipy.sparse
+        Yc = Y.tocsr(copy=True)
+        Yc.sum_duplicates()
+        arrays.update(
+            Y_data=_compact_counts(np.asarray(Yc.data)),
+            Y_indices=np.asarray(Yc.indices),
+            Y_indptr=np.asarray(Yc.indptr),
+            Y_shape=np.asarray(Yc.shape, dtype=np.int64),
+        )
+    else:
+        Yd = np.asarray(Y)
+        if Yd.ndim != 2:
+            raise ValueError(f"Y must be 2-dimensional (cells x genes), got shape {Yd.shape}")
+        arrays["Y"] = _compact_counts(Yd)
+    for key, val in (("X", X), ("A", A), ("X_A", X_A)):
+        if val is None:
+            continue
+        arr = np.asarray(val, dtype=np.float64)
+        if arr.ndim == 1:
+            arr = arr[:, None]
+        if arr.shape[0] != n:
+            raise ValueError(f"{key} has {arr.shape[0]} rows but Y has {n} cells")
+        arrays[key] = arr
+    for key, val in extra.items():
+        arrays[key] = np.asarray(val)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (np.savez_compressed if compress else np.savez)(path, **arrays)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def _compact_counts(values: np.ndarray) -> np.ndarray:
+    """Store integer-valued counts as int32/int64, anything else as float64."""
+    v = np.asarray(values)
+    if v.dtype.kind in "iu":
+        return v.astype(np.int64 if v.size and v.max() > np.iinfo(np.int32).max else np.int32)
+    v = v.astype(np.float64, copy=False)
+    if v.size and np.all(np.isfinite(v)) and np.all(v == np.round(v)):
+        big = np.abs(v).max() > np.iinfo(np.int32).max
+        return v.astype(np.int64 if big else np.int32)
+    return v
+
+
+def load_npz_problem(path: str | os.PathLike, dense: bool = True) -> dict[str, Any]:
+    """Load a problem written by :func:`save_npz_problem`.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.npz`` file.
+    dense : bool
+        Return ``Y`` as a dense float64 array (default); otherwise a sparse ``Y``
+        stays a ``scipy.sparse.csr_matrix`` of float64.
+
+    Returns
+    -------
+    dict
+        ``Y``, ``X``, ``A``, ``X_A`` (None if absent) and any extra arrays.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        files = set(z.files)
+        missing = {"X", "A"} - files
+        if missing or not ({"Y"} <= files or {"Y_data", "Y_indices", "Y_indptr", "Y_shape"} <= files):
+            raise ValueError(f"{path} is not a benchmark problem: missing {sorted(missing) or ['Y']}")
+        out: dict[str, Any] = {}
+        if "Y" in files:
+            out["Y"] = z["Y"].astype(np.float64)
+        else:
+            shape = tuple(int(s) for s in z["Y_shape"])
+            data = z["Y_data"].astype(np.float64)
+            if dense:
+                Yd = np.zeros(shape, dtype=np.float64)
+                indptr, indices = z["Y_indptr"], z["Y_indices"]
+                rows = np.repeat(np.arange(shape[0]), np.diff(indptr))
+                Yd[rows, indices] = data
+                out["Y"] = Yd
+            else:
+                import scipy.sparse as sp
+
+                out["Y"] = sp.csr_matrix((data, z["Y_indices"], z["Y_indptr"]), shape=shape)
+        out["X"] = z["X"].astype(np.float64)
+        out["A"] = z["A"].astype(np.float64)
+        out["X_A"] = z["X_A"].astype(np.float64) if "X_A" in files else None
+        for key in files - _RESERVED:
+            out[key] = z[key]
+    return out

@@ -1,0 +1,698 @@
+"""Data preparation: count capping, designs, size factors and AnnData entry points.
+
+Functions
+---------
+prep_causarray_data
+    Capped counts and the outcome / propensity designs (SPEC §2).
+comp_size_factor
+    Per-cell size factors: median of ratios on expressed genes, library size or
+    fixed scale (SPEC §3.1).
+from_anndata
+    Build ``(Y, A, X, X_A)`` from an AnnData screen (one label column per cell).
+subset_screen
+    Keep the most frequent perturbations and a random sample of control cells.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from causarray._validation import (
+    as_count_matrix,
+    check_covariates,
+    check_no_empty_cells,
+    check_treatment,
+    row_sums,
+)
+
+__all__ = [
+    "cap_counts",
+    "comp_size_factor",
+    "count_cap",
+    "covariate_design",
+    "from_anndata",
+    "prep_causarray_data",
+    "standardized_log2_library_size",
+    "subset_screen",
+    "treatment_matrix",
+]
+
+logger = logging.getLogger("causarray")
+
+#: Percentile of the per-gene maxima used as the count cap (SPEC §2 step 1).
+CAP_PERCENTILE = 99.9
+
+
+# ----------------------------------------------------------------------------- capping
+def _gene_maxima(Y: np.ndarray | sp.csr_matrix) -> np.ndarray:
+    """Per-gene maxima m_j = max_i y_ij as float64 (implicit zeros included)."""
+    if sp.issparse(Y):
+        return np.asarray(Y.max(axis=0).toarray(), dtype=np.float64).ravel()
+    return np.asarray(Y.max(axis=0), dtype=np.float64)
+
+
+def count_cap(Y: np.ndarray | sp.csr_matrix) -> float:
+    """Count cap q: the 99.9th percentile of the per-gene maxima, rounded.
+
+    q = round(percentile_{99.9}({max_i y_ij}_j)) with numpy's default linear
+    interpolation and round-half-to-even.
+
+    Parameters
+    ----------
+    Y : ndarray or scipy.sparse.csr_matrix, shape (n, p)
+        Non-negative counts.
+
+    Returns
+    -------
+    float
+        The integer-valued cap.
+    """
+    return float(np.round(np.percentile(_gene_maxima(Y), CAP_PERCENTILE)))
+
+
+def cap_counts(
+    Y: np.ndarray | sp.csr_matrix, cap: float | None = None
+) -> tuple[np.ndarray | sp.csr_matrix, float]:
+    """Winsorise counts: y_ij -> min(y_ij, q).
+
+    Parameters
+    ----------
+    Y : ndarray or scipy.sparse.csr_matrix, shape (n, p)
+        Non-negative counts (not modified).
+    cap : float, optional
+        The cap q; by default :func:`count_cap` of ``Y``.
+
+    Returns
+    -------
+    Y_capped : same type and dtype as ``Y``
+    cap : float
+    """
+    q = count_cap(Y) if cap is None else float(cap)
+    if sp.issparse(Y):
+        out = Y.copy()
+        np.minimum(out.data, out.dtype.type(q), out=out.data)
+        return out, q
+    return np.minimum(Y, Y.dtype.type(q)), q
+
+
+def standardized_log2_library_size(
+    Y: np.ndarray | sp.spmatrix, cell_names: Sequence[Any] | None = None
+) -> np.ndarray:
+    """Standardised log2 library size (ell_i - mean ell) / sd(ell), ell_i = log2 sum_j y_ij.
+
+    The SD is the sample SD (denominator n - 1).
+
+    Parameters
+    ----------
+    Y : ndarray or scipy.sparse matrix, shape (n, p)
+        Counts without empty cells.
+    cell_names : sequence, optional
+        Cell names for the error message about empty cells.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        Zeros (with a ``UserWarning``) when all library sizes are equal or n = 1,
+        since the standardisation is then undefined.
+
+    Raises
+    ------
+    ValueError
+        If a cell has zero total count.
+    """
+    check_no_empty_cells(Y, cell_names)
+    ell = np.log2(row_sums(Y))
+    sd = float(np.std(ell, ddof=1)) if ell.size > 1 else 0.0
+    if not sd > 0:
+        warnings.warn(
+            "all cells have the same library size; the standardised log2 library size "
+            "column is set to 0",
+            UserWarning,
+            stacklevel=2,
+        )
+        return np.zeros_like(ell)
+    return (ell - ell.mean()) / sd
+
+
+# ----------------------------------------------------------------------------- prep
+def _dataframe_like(values: np.ndarray | sp.csr_matrix, like: pd.DataFrame) -> pd.DataFrame:
+    """Wrap ``values`` with the index and columns of ``like`` (sparse -> sparse frame)."""
+    if sp.issparse(values):
+        return pd.DataFrame.sparse.from_spmatrix(values, index=like.index, columns=like.columns)
+    return pd.DataFrame(values, index=like.index, columns=like.columns)
+
+
+def prep_causarray_data(
+    Y: Any,
+    A: Any,
+    X: Any = None,
+    X_A: Any = None,
+    intercept: bool = True,
+) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    """Prepare counts, treatments and designs for causarray (SPEC §2).
+
+    Steps, in order:
+
+    1. Cap every count at q = round(99.9th percentile of the per-gene maxima).
+       No gene or cell is removed.
+    2. ``A`` becomes a 2-D float 0/1 matrix (a 1-D vector is one column); a DataFrame
+       (or Series) keeps its index and column names, matched to ``Y`` by position.
+    3. ``X = None`` -> n x 0; ``X_A = None`` -> ``X_A := X`` (before the intercept).
+    4. The log2 library size of the *capped* counts, standardised with the sample SD
+       (ddof=1), is appended as the last column of ``X_A``.
+    5. If ``intercept``, a column of ones is prepended to ``X`` and ``X_A``.
+
+    Parameters
+    ----------
+    Y : ndarray, pandas.DataFrame or scipy.sparse matrix, shape (n, p)
+        Raw counts. Non-integer entries are rounded with a warning.
+    A : array-like, pandas.DataFrame or Series, shape (n, a) or (n,)
+        0/1 treatment indicators; control cells have all-zero rows.
+    X : array-like or pandas.DataFrame, shape (n, d0), optional
+        Numeric outcome covariates without intercept.
+    X_A : array-like or pandas.DataFrame, shape (n, d_A0), optional
+        Numeric propensity covariates without intercept; defaults to ``X``.
+    intercept : bool
+        Prepend a column of ones to both designs.
+
+    Returns
+    -------
+    Y : capped counts, shape (n, p)
+        Same container as the input: a DataFrame stays a DataFrame (index, gene names
+        and dtype kept), sparse input is returned as ``csr_matrix``, dense as ndarray.
+    A : pandas.DataFrame or ndarray of float64, shape (n, a)
+    X : ndarray of float64, shape (n, d0 + intercept)
+    X_A : ndarray of float64, shape (n, d_A0 + 1 + intercept)
+        Columns ``[1 | X_A0 | standardised log2 library size]``.
+
+    Raises
+    ------
+    ValueError
+        Invalid counts (NaN/inf, negative, wrong shape), a cell with zero total count,
+        treatments that are not 0/1 or whose length does not match ``Y``, covariates
+        with NaN or the wrong number of rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> Y = rng.poisson(3.0, size=(50, 20))
+    >>> A = (np.arange(50) < 20).astype(int)
+    >>> Y, A, X, X_A = prep_causarray_data(Y, A)
+    >>> A.shape, X.shape, X_A.shape
+    ((50, 1), (50, 1), (50, 2))
+    """
+    Y_in = Y
+    counts, _ = as_count_matrix(Y, name="Y")
+    n = counts.shape[0]
+    capped, q = cap_counts(counts)
+    logger.debug("prep_causarray_data: counts capped at %g", q)
+
+    cell_names = Y_in.index if isinstance(Y_in, pd.DataFrame) else None
+    lib = standardized_log2_library_size(capped, cell_names)
+
+    A_vals, A_names = check_treatment(A, counts.shape, name="A", ref_name="Y")
+    if isinstance(A, pd.DataFrame):
+        A_out: Any = pd.DataFrame(A_vals, index=A.index, columns=A.columns)
+    elif isinstance(A, pd.Series):
+        A_out = pd.DataFrame(A_vals, index=A.index, columns=list(A_names))
+    else:
+        A_out = A_vals
+
+    X0, _ = check_covariates(X, counts.shape, name="X", ref_name="Y")
+    if X_A is None:
+        XA0 = X0
+    else:
+        XA0, _ = check_covariates(X_A, counts.shape, name="X_A", ref_name="Y")
+
+    X_A_out = np.column_stack([XA0, lib])
+    X_out = X0
+    if intercept:
+        ones = np.ones((n, 1), dtype=np.float64)
+        X_out = np.hstack([ones, X_out])
+        X_A_out = np.hstack([ones, X_A_out])
+
+    if isinstance(Y_in, pd.DataFrame):
+        Y_out: Any = _dataframe_like(capped, Y_in)
+    else:
+        Y_out = capped
+    return Y_out, A_out, np.ascontiguousarray(X_out), np.ascontiguousarray(X_A_out)
+
+
+# ----------------------------------------------------------------------------- size factors
+def _expressed_gene_set(gene_means: np.ndarray, min_mean: float, min_genes: int) -> np.ndarray:
+    """Indices of the genes used for median-of-ratios size factors (SPEC §3.1 step 1).
+
+    S = {j : mean_j >= min_mean}; if |S| < min(min_genes, p), S = the ``min_genes``
+    genes with the largest means (ties: lower index first); genes with mean 0 dropped.
+    """
+    p = gene_means.size
+    S = np.flatnonzero(gene_means >= min_mean)
+    k = min(int(min_genes), p)
+    if S.size < k:
+        S = np.sort(np.argsort(-gene_means, kind="stable")[:k])
+    return S[gene_means[S] > 0]
+
+
+def _positive_entries(
+    Y: np.ndarray | sp.csr_matrix, cols: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, position in ``cols``, value) of the positive entries of Y[:, cols], row-major."""
+    if sp.issparse(Y):
+        sub = sp.csr_matrix(Y[:, cols])
+        sub.eliminate_zeros()
+        rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+        return rows, sub.indices, sub.data
+    sub = np.asarray(Y)[:, cols]
+    rows, pos = np.nonzero(sub > 0)
+    return rows, pos, sub[rows, pos]
+
+
+def _grouped_median(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Median of ``values`` within each group 0..n_groups-1; NaN for empty groups."""
+    order = np.lexsort((values, groups))
+    v = values[order]
+    counts = np.bincount(groups, minlength=n_groups)
+    starts = np.cumsum(counts) - counts
+    out = np.full(n_groups, np.nan)
+    has = counts > 0
+    lo = starts[has] + (counts[has] - 1) // 2
+    hi = starts[has] + counts[has] // 2
+    out[has] = 0.5 * (v[lo] + v[hi])
+    return out
+
+
+def _log_median_of_ratios(
+    Y: np.ndarray | sp.csr_matrix, min_mean: float, min_genes: int
+) -> np.ndarray:
+    """L_i = median_{j in S, y_ij > 0} (log y_ij - G_j), G_j = mean_{y_ij > 0} log y_ij.
+
+    NaN for cells with no positive count in S (SPEC §3.1 steps 1-3).
+    """
+    n = Y.shape[0]
+    gene_means = (
+        np.asarray(Y.mean(axis=0, dtype=np.float64)).ravel()
+        if sp.issparse(Y)
+        else np.asarray(Y).mean(axis=0, dtype=np.float64)
+    )
+    S = _expressed_gene_set(gene_means, min_mean, min_genes)
+    if S.size == 0:
+        return np.full(n, np.nan)
+    rows, pos, vals = _positive_entries(Y, S)
+    log_vals = np.log(vals.astype(np.float64))
+    n_pos = np.bincount(pos, minlength=S.size)
+    log_geo_means = np.bincount(pos, weights=log_vals, minlength=S.size) / n_pos
+    return _grouped_median(log_vals - log_geo_means[pos], rows, n)
+
+
+def _fill_undefined_log_factors(L: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Fallback for cells without counts in S (SPEC §3.1 step 4).
+
+    L_i = T_i + delta with T_i = log sum_j y_ij and delta = median over cells with a
+    defined L of (L_i - T_i). Empty cells stay undefined.
+    """
+    L = L.copy()
+    defined = np.isfinite(L)
+    with np.errstate(divide="ignore"):
+        T = np.log(totals)
+    fill = ~defined & (totals > 0)
+    if defined.any() and fill.any():
+        delta = float(np.median(L[defined] - T[defined]))
+        L[fill] = T[fill] + delta
+        logger.debug("comp_size_factor: %d cells used the library-size fallback", fill.sum())
+    return L
+
+
+def comp_size_factor(
+    counts: Any,
+    method: str = "geomeans",
+    lib_size: float = 1e4,
+    min_mean: float = 2.0,
+    min_genes: int = 100,
+) -> np.ndarray:
+    """Per-cell size factors s_i (SPEC §3.1).
+
+    ``'geomeans'`` (default) — median of ratios on expressed genes:
+
+    1. S = {j : gbar_j >= min_mean} with gbar_j the mean count of gene j; if
+       |S| < min(min_genes, p), S = the ``min_genes`` genes with the largest means.
+       Genes with mean 0 are dropped from S.
+    2. G_j = mean of log y_ij over the cells with y_ij > 0 (log geometric mean).
+    3. L_i = median over {j in S : y_ij > 0} of (log y_ij - G_j).
+    4. Cells with no positive count in S: L_i = log(sum_j y_ij) + delta, where delta is
+       the median of (L_i - log sum_j y_ij) over cells with a defined L.
+    5. s_i = exp(L_i - mean of the finite L); empty cells get s_i = 0.
+
+    ``min_mean=0`` uses all genes with a count (the V9 gene set) but keeps the fallback.
+
+    ``'libsize'``: s_i = sum_j y_ij / geometric mean of the positive totals (0 for empty
+    cells). ``'scale'``: s_i = sum_j y_ij / lib_size.
+
+    Parameters
+    ----------
+    counts : ndarray, pandas.DataFrame or scipy.sparse matrix, shape (n, p)
+        Non-negative counts. Sparse input is never densified as a whole (only the
+        positive entries of the genes in S are gathered).
+    method : {'geomeans', 'libsize', 'scale'}
+    lib_size : float
+        Target library size for ``'scale'``.
+    min_mean : float
+        Minimum mean count of the genes used by ``'geomeans'``.
+    min_genes : int
+        Minimum number of genes used by ``'geomeans'``.
+
+    Returns
+    -------
+    ndarray of float64, shape (n,)
+        Size factors; 0 for cells with zero total count.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method``, invalid tuning constants, or invalid counts.
+    """
+    if method not in ("geomeans", "libsize", "scale"):
+        raise ValueError(
+            f"method must be 'geomeans', 'libsize' or 'scale'; got {method!r}"
+        )
+    Y, _ = as_count_matrix(counts, name="counts", non_integer="ignore")
+    totals = row_sums(Y)
+    if method == "scale":
+        if not lib_size > 0:
+            raise ValueError(f"lib_size must be positive; got {lib_size!r}")
+        return totals / float(lib_size)
+    if method == "libsize":
+        positive = totals > 0
+        s = np.zeros_like(totals)
+        if positive.any():
+            geo_mean = np.exp(np.mean(np.log(totals[positive])))
+            s[positive] = totals[positive] / geo_mean
+        return s
+    if not min_mean >= 0:
+        raise ValueError(f"min_mean must be >= 0; got {min_mean!r}")
+    if int(min_genes) < 1:
+        raise ValueError(f"min_genes must be >= 1; got {min_genes!r}")
+    L = _fill_undefined_log_factors(_log_median_of_ratios(Y, min_mean, int(min_genes)), totals)
+    finite = np.isfinite(L)
+    s = np.zeros(L.size, dtype=np.float64)
+    if finite.any():
+        s[finite] = np.exp(L[finite] - L[finite].mean())
+    return s
+
+
+# ----------------------------------------------------------------------------- AnnData
+def _resolve_screen_keys(
+    adata: Any, pert_col: str | None, ctrl_label: Any | None
+) -> tuple[str, str, np.ndarray]:
+    """Perturbation column, control label and the labels (as str) of an AnnData screen."""
+    if pert_col is None:
+        if "pert_col" not in adata.uns:
+            raise ValueError(
+                "pert_col was not given and adata.uns has no 'pert_col' entry; pass "
+                "pert_col=<obs column holding the perturbation labels>"
+            )
+        pert_col = adata.uns["pert_col"]
+    pert_col = str(pert_col)
+    if pert_col not in adata.obs.columns:
+        raise ValueError(
+            f"obs has no column {pert_col!r}; available columns: {list(map(str, adata.obs.columns))}"
+        )
+    labels_raw = adata.obs[pert_col]
+    n_missing = int(labels_raw.isna().sum())
+    if n_missing:
+        raise ValueError(f"obs[{pert_col!r}] has {n_missing} missing labels")
+    labels = labels_raw.astype(str).to_numpy()
+    if ctrl_label is None:
+        if "ctrl_label" not in adata.uns:
+            raise ValueError(
+                "ctrl_label was not given and adata.uns has no 'ctrl_label' entry; pass "
+                "ctrl_label=<label of the control cells>"
+            )
+        ctrl_label = adata.uns["ctrl_label"]
+    ctrl_label = str(ctrl_label)
+    if not np.any(labels == ctrl_label):
+        available = sorted(set(labels))
+        shown = available[:20] + (["..."] if len(available) > 20 else [])
+        raise ValueError(
+            f"control label {ctrl_label!r} not found in obs[{pert_col!r}]; available "
+            f"labels: {shown}"
+        )
+    return pert_col, ctrl_label, labels
+
+
+def treatment_matrix(labels: Sequence[Any], ctrl_label: Any, index: Any = None) -> pd.DataFrame:
+    """One-hot treatment matrix from per-cell labels, controls dropped.
+
+    Parameters
+    ----------
+    labels : sequence, length n
+        Perturbation label of each cell (compared as ``str``).
+    ctrl_label : label of the control cells (all-zero rows).
+    index : optional index of the result (e.g. ``adata.obs_names``).
+
+    Returns
+    -------
+    pandas.DataFrame of float64, shape (n, a)
+        One column per non-control label, columns sorted by name.
+    """
+    labels = np.asarray([str(v) for v in labels], dtype=object)
+    perts = sorted(set(labels.tolist()) - {str(ctrl_label)})
+    values = (labels[:, None] == np.asarray(perts, dtype=object)[None, :]).astype(np.float64)
+    return pd.DataFrame(values, index=index, columns=pd.Index(perts, dtype=object))
+
+
+def covariate_design(obs: pd.DataFrame, covariates: str | Iterable[str] = ()) -> pd.DataFrame:
+    """Numeric design of cell covariates (no intercept).
+
+    Numeric and boolean columns are used as they are; categorical and string columns
+    are one-hot encoded with their first level dropped (the first category of a
+    ``Categorical`` after removing unused ones, else the first in sorted order).
+    Dummy columns are named ``'<column>_<level>'``.
+
+    Parameters
+    ----------
+    obs : pandas.DataFrame
+        Cell metadata (e.g. ``adata.obs``).
+    covariates : str or iterable of str
+        Column names.
+
+    Returns
+    -------
+    pandas.DataFrame of float64, shape (n, d)
+
+    Raises
+    ------
+    ValueError
+        A column that does not exist, or missing values.
+    """
+    if isinstance(covariates, str):
+        covariates = [covariates]
+    covariates = list(covariates)
+    missing = [c for c in covariates if c not in obs.columns]
+    if missing:
+        raise ValueError(
+            f"covariate column(s) {missing} not in obs; available columns: "
+            f"{list(map(str, obs.columns))}"
+        )
+    parts: list[pd.DataFrame] = []
+    for col in covariates:
+        series = obs[col]
+        n_missing = int(series.isna().sum())
+        if n_missing:
+            raise ValueError(f"covariate {col!r} has {n_missing} missing values")
+        if pd.api.types.is_bool_dtype(series.dtype) or (
+            pd.api.types.is_numeric_dtype(series.dtype)
+            and not isinstance(series.dtype, pd.CategoricalDtype)
+        ):
+            parts.append(pd.DataFrame({str(col): series.to_numpy(dtype=np.float64)},
+                                      index=obs.index))
+            continue
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            cat = series.cat.remove_unused_categories()
+        else:
+            cat = pd.Categorical(series.astype(str), categories=sorted(set(series.astype(str))))
+            cat = pd.Series(cat, index=obs.index)
+        dummies = pd.get_dummies(cat, prefix=str(col), prefix_sep="_", drop_first=True,
+                                 dtype=np.float64)
+        if dummies.shape[1] == 0:
+            logger.info("covariate %r has a single level and adds no column", col)
+        parts.append(dummies)
+    if not parts:
+        return pd.DataFrame(index=obs.index, dtype=np.float64)
+    return pd.concat(parts, axis=1)
+
+
+def from_anndata(
+    adata: Any,
+    pert_col: str | None = None,
+    ctrl_label: Any = None,
+    covariates: str | Iterable[str] = (),
+    layer: str | None = None,
+    *,
+    as_dataframe: bool | None = None,
+    drop_empty_cells: bool = False,
+) -> tuple[Any, pd.DataFrame, np.ndarray, np.ndarray]:
+    """Build causarray inputs ``(Y, A, X, X_A)`` from an AnnData screen.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Cells x genes raw counts in ``X`` (or ``layers[layer]``) and one perturbation
+        label per cell in ``obs[pert_col]``.
+    pert_col : str, optional
+        Label column; default ``adata.uns['pert_col']``.
+    ctrl_label : optional
+        Label of the control cells; default ``adata.uns['ctrl_label']``.
+    covariates : str or iterable of str
+        ``obs`` columns used as covariates in both designs (see
+        :func:`covariate_design`: numeric as they are, categorical one-hot with the
+        first level dropped).
+    layer : str, optional
+        Use ``adata.layers[layer]`` instead of ``adata.X``.
+    as_dataframe : bool, optional
+        Container of the returned counts. ``None`` (default): a DataFrame (index
+        ``obs_names``, columns ``var_names``) if the counts are stored dense, and a
+        ``scipy.sparse.csr_matrix`` if they are sparse — then the gene names are
+        ``adata.var_names`` (same order). ``True`` densifies sparse counts into a
+        DataFrame; ``False`` always returns a bare matrix.
+    drop_empty_cells : bool
+        Drop cells with zero total count (with a warning) instead of raising.
+
+    Returns
+    -------
+    Y, A, X, X_A
+        As :func:`prep_causarray_data`. ``A`` is a DataFrame (index ``obs_names``) with
+        one column per non-control label, sorted by name. ``X`` is
+        ``[1 | covariates]``, ``X_A`` is ``[1 | covariates | std. log2 library size]``.
+        Use :func:`covariate_design` to get the covariate column names.
+
+    Raises
+    ------
+    ValueError
+        Missing label column, unknown control label (the available labels are listed),
+        unknown layer or covariate, no perturbed cells, empty cells (unless
+        ``drop_empty_cells``).
+    """
+    pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
+    if layer is None:
+        counts = adata.X
+    else:
+        if layer not in adata.layers:
+            raise ValueError(
+                f"adata has no layer {layer!r}; available layers: {list(adata.layers.keys())}"
+            )
+        counts = adata.layers[layer]
+    if counts is None:
+        raise ValueError("adata.X is empty (None); pass layer=<name of the counts layer>")
+
+    A = treatment_matrix(labels, ctrl_label, index=adata.obs_names)
+    if A.shape[1] == 0:
+        raise ValueError(
+            f"obs[{pert_col!r}] holds only the control label {ctrl_label!r}; there are no "
+            "perturbed cells"
+        )
+    Xcov = covariate_design(adata.obs, covariates)
+
+    if sp.issparse(counts) and not isinstance(counts, sp.csr_matrix):
+        counts = sp.csr_matrix(counts)
+    elif not sp.issparse(counts):
+        counts = np.asarray(counts)
+    keep = None
+    empty = row_sums(counts) == 0
+    if empty.any():
+        if not drop_empty_cells:
+            idx = np.flatnonzero(empty)
+            shown = [str(adata.obs_names[i]) for i in idx[:5]]
+            raise ValueError(
+                f"{idx.size} cell(s) have zero total count, e.g. {shown}; remove them or "
+                "pass drop_empty_cells=True"
+            )
+        warnings.warn(
+            f"dropping {int(empty.sum())} cells with zero total count", UserWarning,
+            stacklevel=2,
+        )
+        keep = ~empty
+    obs_names = adata.obs_names
+    if keep is not None:
+        counts = counts[keep]
+        A = A.loc[keep]
+        Xcov = Xcov.loc[keep]
+        obs_names = obs_names[keep]
+        if (A.sum(axis=0) == 0).any():
+            A = A.loc[:, A.sum(axis=0) > 0]
+
+    dense_out = (not sp.issparse(counts)) if as_dataframe is None else bool(as_dataframe)
+    if dense_out:
+        dense = counts.toarray() if sp.issparse(counts) else counts
+        Y_in: Any = pd.DataFrame(dense, index=obs_names,
+                                 columns=pd.Index(adata.var_names, dtype=object))
+    else:
+        Y_in = counts
+    X0 = Xcov if Xcov.shape[1] else None
+    Y, A, X, X_A = prep_causarray_data(Y_in, A, X0)
+    return Y, A, X, X_A
+
+
+def subset_screen(
+    adata: Any,
+    n_perts: int | None = 200,
+    n_ctrl: int | None = 2000,
+    random_state: int | None = 0,
+    *,
+    pert_col: str | None = None,
+    ctrl_label: Any = None,
+) -> Any:
+    """Keep the most frequent perturbations and a random sample of control cells.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Screen with labels in ``obs[pert_col]``.
+    n_perts : int or None
+        Number of perturbations to keep: those with the most cells (ties broken by
+        label name). ``None`` keeps all.
+    n_ctrl : int or None
+        Number of control cells, drawn without replacement with
+        ``numpy.random.default_rng(random_state)``. ``None`` or more than available
+        keeps all controls.
+    random_state : int or None
+        Seed of the control sample.
+    pert_col, ctrl_label : optional
+        Default ``adata.uns['pert_col']`` / ``adata.uns['ctrl_label']``.
+
+    Returns
+    -------
+    anndata.AnnData
+        A new object (not a view) with the kept cells in their original order; ``uns``
+        is kept and unused categories of the label column are removed.
+    """
+    if n_perts is not None and int(n_perts) < 1:
+        raise ValueError(f"n_perts must be >= 1 or None; got {n_perts!r}")
+    if n_ctrl is not None and int(n_ctrl) < 0:
+        raise ValueError(f"n_ctrl must be >= 0 or None; got {n_ctrl!r}")
+    pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
+    is_ctrl = labels == ctrl_label
+    sizes = pd.Series(labels[~is_ctrl]).value_counts()
+    ranked = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+    if n_perts is not None:
+        ranked = ranked[: int(n_perts)]
+    keep = np.isin(labels, [label for label, _ in ranked])
+
+    ctrl_idx = np.flatnonzero(is_ctrl)
+    if n_ctrl is not None and int(n_ctrl) < ctrl_idx.size:
+        rng = np.random.default_rng(random_state)
+        ctrl_idx = rng.choice(ctrl_idx, size=int(n_ctrl), replace=False)
+    keep[ctrl_idx] = True
+
+    out = adata[keep].copy()
+    if isinstance(out.obs[pert_col].dtype, pd.CategoricalDtype):
+        out.obs[pert_col] = out.obs[pert_col].cat.remove_unused_categories()
+    logger.info("subset_screen: kept %d perturbations and %d control cells",
+                len(ranked), int(ctrl_idx.size))
+    return out

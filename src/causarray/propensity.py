@@ -1,0 +1,452 @@
+"""Propensity scores for one-vs-shared-controls comparisons (SPEC §8.2, §11).
+
+For treatment k the population is I_k = controls (all-zero rows of ``A``) ∪ cells
+with ``A_ik = 1`` (or ``mask[:, k]`` when a mask is given).  Over the eligible cells of
+each training fold an L2-penalised logistic regression of ``A_k`` on the design
+``W_A`` is fitted and ``P(A_k = 1 | W_A)`` is predicted for every cell of the test
+fold (every cell when there are no folds).
+
+Notes
+-----
+* The model has **no separate intercept** (``fit_intercept=False``): ``W_A`` carries
+  the intercept column, which is therefore penalised like every other coefficient.
+* The L2 penalty is **not invariant to the scale of the columns** of ``W_A``.  The
+  latent factors U have an arbitrary scale, so multiplying U by a constant changes
+  the scores (a larger scale means a weaker effective penalty); C matters as well
+  (SPEC §13 item 35).  Nothing is standardised here; standardise ``W_A`` yourself if
+  you want a scale-free penalty.
+* ``class_weight=None`` gives calibrated scores (the default).  ``'balanced'`` (the
+  V9 default) centres the scores near 0.5 whatever the prevalence, which makes the
+  inverse weights of rare treatments far too small; use it only to reproduce old
+  results.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("causarray")
+
+AUTO_CLIP_MAX = 0.01  # 'auto' bounds: min(0.01, prevalence / 10) from each side
+
+
+# ----------------------------------------------------------------------------------
+# input checks
+# ----------------------------------------------------------------------------------
+def _treatment_matrix(A: Any) -> tuple[np.ndarray, list[str]]:
+    """A as an n x a float 0/1 array and the treatment names."""
+    names = None
+    if hasattr(A, "columns"):  # pandas DataFrame
+        names = [str(c) for c in A.columns]
+    elif hasattr(A, "name") and hasattr(A, "index") and A.name is not None:  # Series
+        names = [str(A.name)]
+    if hasattr(A, "toarray"):
+        A = A.toarray()
+    try:
+        arr = np.asarray(A, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"A must be a numeric 0/1 matrix, got {type(A).__name__}") from err
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"A must be 2-D (cells x treatments), got shape {arr.shape}")
+    if not np.all(np.isin(arr, (0.0, 1.0))):
+        raise ValueError("A must be binary (0/1)")
+    if names is None:
+        names = [str(k) for k in range(arr.shape[1])]
+    return arr, names
+
+
+def _design_matrix(W_A: Any, n: int) -> np.ndarray:
+    if hasattr(W_A, "toarray"):
+        W_A = W_A.toarray()
+    try:
+        W = np.asarray(W_A, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"W_A must be numeric, got {type(W_A).__name__}") from err
+    if W.ndim == 1:
+        W = W[:, None]
+    if W.ndim != 2 or W.shape[0] != n:
+        raise ValueError(f"W_A must be an n x d matrix with n = {n} rows, got shape {W.shape}")
+    if not np.all(np.isfinite(W)):
+        raise ValueError("W_A must be finite")
+    return W
+
+
+def _check_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.ndim == 1 and shape[1] == 1:
+        m = m[:, None]
+    if m.shape != shape:
+        raise ValueError(f"mask has shape {m.shape}, expected the shape of A {shape}")
+    if m.dtype != bool:
+        if not np.all(np.isin(m, (0, 1))):
+            raise ValueError("mask must be boolean")
+        m = m.astype(bool)
+    return m
+
+
+def _check_class_weight(class_weight: Any) -> None:
+    if class_weight is None or class_weight == "balanced":
+        return
+    if isinstance(class_weight, dict):
+        if set(class_weight) - {0, 1}:
+            raise ValueError("class_weight dict keys must be 0 and 1")
+        if any(not np.isfinite(w) or w <= 0 for w in class_weight.values()):
+            raise ValueError("class_weight dict values must be positive")
+        return
+    raise ValueError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
+
+
+def eligible_cells(A: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Boolean n x a matrix of the cells in each treatment's comparison.
+
+    Parameters
+    ----------
+    A : numpy.ndarray
+        n x a 0/1 treatment matrix; a control cell has an all-zero row.
+    mask : numpy.ndarray, optional
+        n x a boolean matrix; when given it *is* the answer.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``controls | (A[:, k] == 1)`` per column k, or ``mask``.
+    """
+    if mask is not None:
+        return mask
+    control = ~np.any(A != 0, axis=1)
+    return control[:, None] | (A == 1)
+
+
+# ----------------------------------------------------------------------------------
+# folds
+# ----------------------------------------------------------------------------------
+def make_folds(n: int, K: int, random_state: int | None = 0) -> np.ndarray:
+    """Fold ids for K-fold cross-fitting with shuffling (SPEC §8.4).
+
+    Parameters
+    ----------
+    n : int
+        Number of cells.
+    K : int
+        Number of folds; ``K >= n`` gives leave-one-out; ``K = 1`` one fold.
+    random_state : int or None
+        Seed of the shuffle.
+
+    Returns
+    -------
+    numpy.ndarray
+        Integer fold id in ``0 .. min(K, n) - 1`` for each cell.
+    """
+    if int(K) != K or K < 1:
+        raise ValueError(f"K must be a positive integer, got {K}")
+    K = min(int(K), n)
+    folds = np.zeros(n, dtype=int)
+    if K == 1:
+        return folds
+    splitter = KFold(n_splits=K, shuffle=True, random_state=random_state)
+    for f, (_, test) in enumerate(splitter.split(np.zeros((n, 1)))):
+        folds[test] = f
+    return folds
+
+
+# ----------------------------------------------------------------------------------
+# fitting
+# ----------------------------------------------------------------------------------
+def _degenerate_score(y: np.ndarray, class_weight: Any) -> float:
+    """Score for a constant design: (class-weighted) prevalence, or 0.5 if balanced."""
+    if class_weight == "balanced":
+        return 0.5
+    n1 = float(np.sum(y == 1))
+    n0 = float(y.size - n1)
+    if isinstance(class_weight, dict):
+        w0, w1 = float(class_weight.get(0, 1.0)), float(class_weight.get(1, 1.0))
+        return w1 * n1 / (w1 * n1 + w0 * n0)
+    return n1 / (n1 + n0)
+
+
+def _fit_one(
+    W_train: np.ndarray,
+    y_train: np.ndarray,
+    W_test: np.ndarray,
+    class_weight: Any,
+    C: float,
+    random_state: int | None,
+    max_iter: int,
+) -> np.ndarray:
+    """P(y = 1 | w) for the rows of W_test from one penalised logistic fit."""
+    if np.all(np.ptp(W_train, axis=0) == 0):
+        return np.full(W_test.shape[0], _degenerate_score(y_train, class_weight))
+    model = LogisticRegression(
+        C=C, fit_intercept=False, solver="lbfgs", class_weight=class_weight,
+        random_state=random_state, max_iter=max_iter,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(W_train, y_train)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        logger.warning("propensity logistic regression did not converge in %d iterations",
+                       max_iter)
+    return model.predict_proba(W_test)[:, list(model.classes_).index(1)]
+
+
+def fit_propensity(
+    A: Any,
+    W_A: Any,
+    mask: Any = None,
+    class_weight: Any = None,
+    C: float = 1.0,
+    folds: Any = None,
+    random_state: int | None = 0,
+    *,
+    max_iter: int = 1000,
+    verbose: bool = False,
+) -> np.ndarray:
+    """Raw (unclipped) propensity scores, one-vs-shared-controls (SPEC §8.2).
+
+    Parameters
+    ----------
+    A : array_like or DataFrame
+        n x a 0/1 treatment matrix (controls have all-zero rows). DataFrame
+        columns name the treatments in error messages.
+    W_A : array_like
+        n x d propensity design, **including** its intercept column. Not
+        standardised: the L2 penalty depends on the scale of the columns.
+    mask : array_like, optional
+        n x a boolean; ``mask[:, k]`` replaces the eligible cells of treatment k.
+    class_weight : None, 'balanced' or dict
+        Passed to scikit-learn (None = calibrated scores).
+    C : float
+        Inverse L2 penalty strength.
+    folds : array_like, optional
+        n-vector of fold ids. For each fold the model is trained on the eligible
+        cells outside it and predicts the cells inside it (out-of-fold scores).
+        None: train on all eligible cells and predict every cell.
+    random_state : int or None
+        Passed to scikit-learn.
+    max_iter : int
+        lbfgs iteration limit (a warning is logged when it is reached).
+    verbose : bool
+        Progress bar over treatments.
+
+    Returns
+    -------
+    numpy.ndarray
+        n x a scores ``P(A_k = 1 | W_A)`` for every cell. When every column of the
+        training design is constant over the eligible cells the score is the
+        prevalence (class-weighted for a dict, 0.5 for 'balanced').
+
+    Raises
+    ------
+    ValueError
+        If a training fold has no treated or no control cell for a treatment
+        (the message names the treatment and fold), or on malformed input.
+    """
+    A_arr, names = _treatment_matrix(A)
+    n, a = A_arr.shape
+    W = _design_matrix(W_A, n)
+    mask_arr = _check_mask(mask, (n, a))
+    _check_class_weight(class_weight)
+    if not (np.isfinite(C) and C > 0):
+        raise ValueError(f"C must be a positive number, got {C}")
+    if folds is None:
+        fold_ids = np.zeros(n, dtype=int)
+        single = True
+    else:
+        fold_ids = np.asarray(folds).ravel()
+        if fold_ids.shape != (n,):
+            raise ValueError(f"folds must have one id per cell (n = {n}), got shape "
+                             f"{np.shape(folds)}")
+        single = np.unique(fold_ids).size == 1
+    elig = eligible_cells(A_arr, mask_arr)
+
+    pi = np.empty((n, a))
+    for k in tqdm(range(a), desc="propensity", disable=not verbose):
+        for f in np.unique(fold_ids):
+            test = fold_ids == f
+            train = elig[:, k] if single else elig[:, k] & ~test
+            y = A_arr[train, k]
+            where = "" if single else f" in the training set of fold {np.asarray(f).item()}"
+            if not np.any(y == 1):
+                raise ValueError(f"treatment {names[k]!r} has no treated cells{where}")
+            if not np.any(y == 0):
+                raise ValueError(f"treatment {names[k]!r} has no control cells{where}")
+            pi[test, k] = _fit_one(W[train], y.astype(int), W[test], class_weight, C,
+                                   random_state, max_iter)
+    return pi
+
+
+# ----------------------------------------------------------------------------------
+# clipping
+# ----------------------------------------------------------------------------------
+def clip_bounds(
+    A: Any, mask: Any = None, ps_clip: Any = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-treatment clipping bounds for the scores entering AIPW (SPEC §8.2).
+
+    Parameters
+    ----------
+    A : array_like or DataFrame
+        n x a 0/1 treatment matrix.
+    mask : array_like, optional
+        n x a boolean eligibility matrix (as in :func:`fit_propensity`).
+    ps_clip : 'auto', pair or None
+        * ``'auto'``: with ``pbar_k`` the prevalence of ``A_k`` among the eligible
+          cells, ``lower_k = min(0.01, pbar_k / 10)`` and
+          ``upper_k = 1 - min(0.01, (1 - pbar_k) / 10)``.
+        * ``(lower, upper)``: scalars or per-treatment arrays of length a, with
+          ``0 <= lower < upper <= 1``.
+        * ``None``: no clipping, returned as bounds (0, 1).
+
+    Returns
+    -------
+    lower, upper : numpy.ndarray
+        Arrays of shape (a,).
+    """
+    A_arr, names = _treatment_matrix(A)
+    n, a = A_arr.shape
+    if ps_clip is None:
+        return np.zeros(a), np.ones(a)
+    if isinstance(ps_clip, str):
+        if ps_clip != "auto":
+            raise ValueError(f"ps_clip must be 'auto', a (lower, upper) pair or None, "
+                             f"got {ps_clip!r}")
+        elig = eligible_cells(A_arr, _check_mask(mask, (n, a)))
+        n_elig = elig.sum(axis=0)
+        n_trt = (elig & (A_arr == 1)).sum(axis=0)
+        for k in range(a):
+            if n_trt[k] == 0 or n_trt[k] == n_elig[k]:
+                raise ValueError(f"treatment {names[k]!r} needs both treated and control "
+                                 f"cells for ps_clip='auto'")
+        pbar = n_trt / n_elig
+        lower = np.minimum(AUTO_CLIP_MAX, pbar / 10.0)
+        upper = 1.0 - np.minimum(AUTO_CLIP_MAX, (1.0 - pbar) / 10.0)
+        return lower, upper
+    try:
+        lo, hi = ps_clip
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"ps_clip must be 'auto', a (lower, upper) pair or None, "
+                        f"got {ps_clip!r}") from err
+    try:
+        lower = np.broadcast_to(np.asarray(lo, dtype=float), (a,)).copy()
+        upper = np.broadcast_to(np.asarray(hi, dtype=float), (a,)).copy()
+    except ValueError as err:
+        raise ValueError(f"ps_clip bounds must be scalars or arrays of length {a}") from err
+    if not (np.all(lower >= 0) and np.all(upper <= 1) and np.all(lower < upper)):
+        raise ValueError("ps_clip bounds must satisfy 0 <= lower < upper <= 1")
+    return lower, upper
+
+
+def clip_propensity(pi: Any, lower: Any, upper: Any) -> np.ndarray:
+    """Clip scores column-wise and check they lie strictly inside (0, 1).
+
+    Parameters
+    ----------
+    pi : array_like
+        n x a scores.
+    lower, upper : float or array_like
+        Bounds, scalars or of shape (a,).
+
+    Returns
+    -------
+    numpy.ndarray
+        Clipped copy of ``pi``.
+
+    Raises
+    ------
+    ValueError
+        If a clipped score is not finite or is 0 or 1.
+    """
+    p = np.asarray(pi, dtype=float)
+    if p.ndim == 1:
+        p = p[:, None]
+    out = np.clip(p, np.asarray(lower, dtype=float), np.asarray(upper, dtype=float))
+    bad = ~(np.isfinite(out) & (out > 0) & (out < 1))
+    if np.any(bad):
+        cols = np.flatnonzero(bad.any(axis=0)).tolist()
+        raise ValueError(f"propensity scores must lie strictly inside (0, 1) after "
+                         f"clipping; {int(bad.sum())} do not (treatment columns {cols})")
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------
+def estimate_propensity_scores(
+    A: Any,
+    X_A: Any,
+    K: int = 1,
+    mask: Any = None,
+    clip: Any = None,
+    random_state: int | None = 0,
+    verbose: bool = False,
+    class_weight: Any = None,
+    C: float = 1.0,
+) -> np.ndarray:
+    """Propensity scores of each treatment against the shared controls.
+
+    L2-penalised logistic regression without separate intercept (``X_A`` carries
+    the intercept column) over controls ∪ treated-k cells (or ``mask[:, k]``);
+    see :func:`fit_propensity`. The penalty is not invariant to the scale of the
+    columns of ``X_A`` (notably latent factors of arbitrary scale).
+
+    Parameters
+    ----------
+    A : array_like or DataFrame
+        n x a 0/1 treatment matrix.
+    X_A : array_like
+        n x d propensity design including the intercept.
+    K : int
+        1: in-sample scores; K > 1: out-of-fold scores from shuffled K-fold splits
+        seeded by ``random_state`` (K = n is leave-one-out).
+    mask : array_like, optional
+        n x a boolean eligibility matrix.
+    clip : None, 'auto' or (lower, upper)
+        Clipping applied to the returned scores (see :func:`clip_bounds`);
+        None returns raw scores.
+    random_state : int or None
+        Seed of the folds and of scikit-learn.
+    verbose : bool
+        Progress bar.
+    class_weight : None, 'balanced' or dict
+        None gives calibrated scores; 'balanced' reproduces V9.
+    C : float
+        Inverse L2 penalty strength.
+
+    Returns
+    -------
+    numpy.ndarray
+        n x a scores.
+    """
+    A_arr, _ = _treatment_matrix(A)
+    n = A_arr.shape[0]
+    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= n:
+        raise ValueError(f"K must be an integer between 1 and n = {n}, got {K!r}")
+    folds = None if K == 1 else make_folds(n, int(K), random_state)
+    A_named = A if hasattr(A, "columns") else A_arr
+    pi = fit_propensity(A_named, X_A, mask=mask, class_weight=class_weight, C=C,
+                        folds=folds, random_state=random_state, verbose=verbose)
+    if clip is not None:
+        lower, upper = clip_bounds(A_named, mask=mask, ps_clip=clip)
+        pi = clip_propensity(pi, lower, upper)
+    return pi
+
+
+__all__ = [
+    "clip_bounds",
+    "clip_propensity",
+    "eligible_cells",
+    "estimate_propensity_scores",
+    "fit_propensity",
+    "make_folds",
+]

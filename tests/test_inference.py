@@ -1,0 +1,287 @@
+"""Tests for causarray.inference: p-values, BH, empirical null, FDX."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from causarray.inference import (
+    bh_adjust,
+    bootstrap_abs_z,
+    empirical_null_adjust,
+    fdx_control,
+    multiple_testing,
+    t_pvalues,
+)
+
+
+def lfc_like(eta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tau, std, stat from influence values exactly as the pooled LFC does."""
+    n = eta.shape[0]
+    tau = eta.mean(axis=0)
+    std = eta.std(axis=0, ddof=1) / np.sqrt(n)
+    return tau, std, tau / std
+
+
+def simulate_eta(seed: int, n: int = 400, p: int = 200, n_eff: int = 0, delta: float = 0.5):
+    rng = np.random.default_rng(seed)
+    eta = rng.standard_normal((n, p))
+    eta[:, :n_eff] += delta  # stat of an effect gene ~ delta * sqrt(n) = 10
+    return eta
+
+
+# ----------------------------------------------------------------------------------
+# p-values
+# ----------------------------------------------------------------------------------
+def test_t_pvalues_equal_scipy_per_entry_df():
+    rng = np.random.default_rng(1)
+    stat = rng.normal(scale=3, size=50)
+    df = rng.uniform(1, 300, size=50)
+    np.testing.assert_allclose(t_pvalues(stat, df), 2 * stats.t.sf(np.abs(stat), df),
+                               rtol=1e-12)
+    np.testing.assert_allclose(t_pvalues(stat, 7.0), 2 * stats.t.sf(np.abs(stat), 7.0))
+    np.testing.assert_allclose(t_pvalues(stat), 2 * stats.norm.sf(np.abs(stat)), rtol=1e-12)
+    # infinite df is the normal reference
+    np.testing.assert_allclose(t_pvalues(stat, np.inf), t_pvalues(stat))
+
+
+def test_t_pvalues_nan_propagates():
+    p = t_pvalues([np.nan, 1.0, 2.0], [10.0, np.nan, 10.0])
+    assert np.isnan(p[0]) and np.isnan(p[1])
+    assert p[2] == pytest.approx(2 * stats.t.sf(2.0, 10))
+    assert np.isnan(t_pvalues([np.nan])[0])
+    with pytest.raises(ValueError, match="df must be positive"):
+        t_pvalues([1.0], [0.0])
+
+
+def test_pvalues_of_normal_stats_are_uniform():
+    stat = np.random.default_rng(2).standard_normal(2000)
+    assert stats.kstest(t_pvalues(stat), "uniform").pvalue > 0.05
+    stat_t = np.random.default_rng(3).standard_t(5, size=2000)
+    assert stats.kstest(t_pvalues(stat_t, 5), "uniform").pvalue > 0.05
+
+
+# ----------------------------------------------------------------------------------
+# BH
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bh_equals_statsmodels_on_finite_entries(seed):
+    rng = np.random.default_rng(seed)
+    p = np.concatenate([rng.uniform(size=80), rng.uniform(0, 1e-3, size=20),
+                        [0.5, 0.5, 0.5, 0.0, 1.0]])  # ties and extremes
+    p[rng.choice(p.size, 10, replace=False)] = np.nan
+    adj = bh_adjust(p)
+    ok = ~np.isnan(p)
+    np.testing.assert_array_equal(np.isnan(adj), ~ok)
+    np.testing.assert_allclose(adj[ok], multipletests(p[ok], method="fdr_bh")[1], rtol=1e-14)
+
+
+def test_bh_edge_cases():
+    assert np.isnan(bh_adjust([np.nan, np.nan])).all()
+    assert bh_adjust([]).shape == (0,)
+    np.testing.assert_allclose(bh_adjust([0.01]), [0.01])
+    with pytest.raises(ValueError, match=r"pvalues must lie in \[0, 1\]"):
+        bh_adjust([0.2, 1.5])
+
+
+# ----------------------------------------------------------------------------------
+# empirical null
+# ----------------------------------------------------------------------------------
+def test_empirical_null_makes_shifted_scaled_null_uniform():
+    rng = np.random.default_rng(4)
+    stat = 0.8 + 1.7 * rng.standard_normal(3000)
+    raw = t_pvalues(stat)
+    p_adj, padj_adj = empirical_null_adjust(stat)
+    assert stats.kstest(raw, "uniform").pvalue < 1e-6
+    assert stats.kstest(p_adj, "uniform").pvalue > 0.05
+    np.testing.assert_allclose(padj_adj, bh_adjust(p_adj))
+    # explicit formula with the normal-consistent MAD
+    m = np.median(stat)
+    s = 1.4826 * np.median(np.abs(stat - m))
+    np.testing.assert_allclose(p_adj, 2 * stats.norm.sf(np.abs(stat - m) / s))
+
+
+def test_empirical_null_uses_df_and_ignores_nan():
+    rng = np.random.default_rng(5)
+    stat = rng.standard_t(6, size=500) * 1.3 - 0.4
+    stat[:7] = np.nan
+    df = np.full(500, 6.0)
+    p_adj, padj_adj = empirical_null_adjust(stat, df)
+    ok = ~np.isnan(stat)
+    assert np.isnan(p_adj[~ok]).all() and np.isnan(padj_adj[~ok]).all()
+    m = np.median(stat[ok])
+    s = 1.4826 * np.median(np.abs(stat[ok] - m))
+    np.testing.assert_allclose(p_adj[ok], 2 * stats.t.sf(np.abs(stat[ok] - m) / s, 6))
+
+
+def test_empirical_null_zero_mad_gives_nan_columns():
+    stat = np.array([2.0, 2.0, 2.0, 2.0, 5.0, np.nan])
+    p_adj, padj_adj = empirical_null_adjust(stat)
+    assert np.isnan(p_adj).all() and np.isnan(padj_adj).all()
+    out = multiple_testing(stat, df=None)
+    assert np.isnan(out["pvalue_emp_null_adj"]).all()
+    raw = out["pvalue"][:5]
+    assert np.all((raw > 0) & (raw <= 1))
+
+
+# ----------------------------------------------------------------------------------
+# FDX
+# ----------------------------------------------------------------------------------
+def test_bootstrap_is_unit_variance_and_chunking_invariant():
+    eta = simulate_eta(6, n=300, p=40) * 3.0 + 2.0
+    _, std, _ = lfc_like(eta)
+    genes = np.arange(40)
+    z = bootstrap_abs_z(eta, std, 300, genes, B=2000, random_state=1)
+    assert z.shape == (2000, 40)
+    np.testing.assert_allclose((z**2).mean(axis=0).mean(), 1.0, atol=0.05)
+    z_small = bootstrap_abs_z(eta, std, 300, genes, B=2000, random_state=1, chunk_floats=1000)
+    np.testing.assert_allclose(z_small, z, rtol=1e-10)
+    # legacy statistic: variance ~ n Var(eta)/std^2 ~ n^2 (uncentred: sum of eta^2 / std^2)
+    z_old = bootstrap_abs_z(eta, std, 300, genes, B=500, random_state=1, legacy_scaling=True)
+    ratio = (z_old**2).mean(axis=0) / ((eta**2).sum(axis=0) / std**2)
+    np.testing.assert_allclose(ratio.mean(), 1.0, atol=0.1)
+
+
+def test_fdx_global_null_controls_false_rejections():
+    n_seeds = 40
+    any_rej, shares = 0, []
+    for seed in range(n_seeds):
+        eta = simulate_eta(seed)
+        _, std, stat = lfc_like(eta)
+        rej = fdx_control(stat, eta, std, eta.shape[0], B=200, random_state=seed)
+        any_rej += rej.any()  # under the global null FDP > c iff anything is rejected
+        shares.append(rej.mean())
+    assert np.mean(shares) <= 0.10
+    assert any_rej / n_seeds <= 0.05 + 0.075  # alpha + ~2 binomial SE
+
+
+def test_fdx_rejects_strong_effects_and_controls_fdx():
+    n_seeds, alpha, c = 40, 0.05, 0.1
+    exceed, power = 0, []
+    for seed in range(n_seeds):
+        eta = simulate_eta(100 + seed, n_eff=30)
+        _, std, stat = lfc_like(eta)
+        rej = fdx_control(stat, eta, std, eta.shape[0], alpha=alpha, c=c, B=200,
+                          random_state=seed)
+        fdp = rej[30:].sum() / max(rej.sum(), 1)
+        exceed += fdp > c
+        power.append(rej[:30].mean())
+        if seed < 3:  # the original's mis-scaled bootstrap rejects none of them
+            legacy = fdx_control(stat, eta, std, eta.shape[0], B=200, random_state=seed,
+                                 legacy_scaling=True)
+            assert legacy.sum() == 0
+    assert np.mean(power) >= 0.9
+    assert exceed / n_seeds <= alpha + 0.075
+
+
+def test_fdx_augmentation_count_and_ties():
+    eta = simulate_eta(7, n=400, p=100, n_eff=20, delta=1.0)
+    _, std, stat = lfc_like(eta)
+    plain = fdx_control(stat, eta, std, 400, c=0.0, B=200)
+    k = int(plain.sum())
+    assert k == 20 and plain[:20].all()
+    for c in (0.1, 0.2, 0.3, 0.5):
+        aug = fdx_control(stat, eta, std, 400, c=c, B=200)
+        extra = np.flatnonzero(aug & ~plain)
+        assert extra.size == int(np.floor(c * k / (1 - c) + 1e-12))
+        # the added genes are the non-rejected ones with the largest |stat|
+        rest = np.flatnonzero(~plain.astype(bool))
+        top = rest[np.argsort(-np.abs(stat[rest]))[: extra.size]]
+        assert set(extra) == set(top)
+    # ties at the cut value are all added
+    stat_t = stat.copy()
+    rest = np.flatnonzero(~plain.astype(bool))
+    stat_t[rest[:3]] = 2.0
+    stat_t[rest[3:]] = 0.5
+    aug = fdx_control(stat_t, eta, std, 400, c=0.1, B=200)  # floor(0.1*20/0.9) = 2
+    assert aug.sum() == 20 + 3
+
+
+def test_fdx_monotone_in_c_and_alpha():
+    eta = simulate_eta(8, n=400, p=150, n_eff=15, delta=0.25)
+    _, std, stat = lfc_like(eta)
+    counts = [fdx_control(stat, eta, std, 400, c=c, B=200).sum() for c in (0.0, 0.1, 0.3)]
+    assert counts == sorted(counts) and counts[2] > counts[0]
+    by_alpha = [fdx_control(stat, eta, std, 400, alpha=a, c=0.0, B=200).sum()
+                for a in (0.01, 0.05, 0.2)]
+    assert by_alpha == sorted(by_alpha)
+
+
+def test_fdx_edge_cases():
+    eta = simulate_eta(9, n=100, p=20)
+    tau, std, stat = lfc_like(eta)
+    # zero stats -> nothing; NaN / infinite-std (filtered) genes never rejected
+    assert fdx_control(np.zeros(20), eta, std, 100, B=200).sum() == 0
+    stat2, std2 = stat.copy(), std.copy()
+    stat2[0], std2[0] = np.nan, np.inf
+    stat2[1] = 50.0
+    rej = fdx_control(stat2, eta, std2, 100, B=200)
+    assert rej[0] == 0 and rej[1] == 1
+    # tiny std: rejected only with |tau| > min_diff
+    std3 = std.copy()
+    std3[2] = 1e-10
+    tau3 = tau.copy()
+    tau3[2] = 0.05
+    assert fdx_control(stat, eta, std3, 100, B=200, tau=tau3)[2] == 0
+    tau3[2] = 0.5
+    assert fdx_control(stat, eta, std3, 100, B=200, tau=tau3)[2] == 1
+    # non-finite influence values are allowed only in untested columns
+    eta_nan = eta.copy()
+    eta_nan[:, 0] = np.nan
+    np.testing.assert_array_equal(fdx_control(stat2, eta_nan, std2, 100, B=200), rej)
+    with pytest.raises(ValueError, match="eta must be finite for every tested gene"):
+        fdx_control(stat, eta_nan, std, 100, B=200)
+    with pytest.raises(ValueError, match="eta must be n x p with p = 20"):
+        fdx_control(stat, eta[:, :5], std, 100)
+    with pytest.raises(ValueError, match=r"c must lie in \[0, 1\)"):
+        fdx_control(stat, eta, std, 100, c=1.0)
+    with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\)"):
+        fdx_control(stat, eta, std, 100, alpha=0.0)
+
+
+def test_fdx_reproducible_with_seed():
+    eta = simulate_eta(10, n=200, p=50, n_eff=5, delta=0.3)
+    _, std, stat = lfc_like(eta)
+    a = fdx_control(stat, eta, std, 200, B=200, random_state=3)
+    b = fdx_control(stat, eta, std, 200, B=200, random_state=3)
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype.kind == "i"
+
+
+# ----------------------------------------------------------------------------------
+# multiple_testing
+# ----------------------------------------------------------------------------------
+def test_multiple_testing_columns():
+    eta = simulate_eta(11, n=300, p=60, n_eff=10, delta=0.5)
+    tau, std, stat = lfc_like(eta)
+    stat[-3:] = np.nan
+    std[-3:] = np.inf
+    df = np.full(60, 298.0)
+    out = multiple_testing(stat, df, eta=eta, std=std, fdx=True, tau=tau, fdx_B=200)
+    assert list(out) == ["pvalue", "padj", "pvalue_emp_null_adj", "padj_emp_null_adj", "rej"]
+    ok = ~np.isnan(stat)
+    np.testing.assert_allclose(out["pvalue"][ok], 2 * stats.t.sf(np.abs(stat[ok]), 298))
+    np.testing.assert_allclose(out["padj"][ok],
+                               multipletests(out["pvalue"][ok], method="fdr_bh")[1])
+    for col in ("pvalue", "padj", "pvalue_emp_null_adj", "padj_emp_null_adj"):
+        assert np.isnan(out[col][~ok]).all()
+    assert out["rej"][:10].all() and out["rej"][-3:].sum() == 0
+    off = multiple_testing(stat, df)
+    np.testing.assert_array_equal(off["rej"], np.zeros(60, dtype=int))
+    with pytest.raises(ValueError, match="fdx=True needs eta and std"):
+        multiple_testing(stat, df, fdx=True)
+
+
+def test_fdx_memory_stays_near_one_bootstrap_matrix():
+    import tracemalloc
+
+    eta = simulate_eta(12, n=600, p=500)
+    _, std, stat = lfc_like(eta)
+    B = 400
+    tracemalloc.start()
+    fdx_control(stat, eta, std, 600, B=B)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # no n x p (centred eta) or second B x p copy: peak well below 2 x (B x p) floats
+    assert peak < 1.5 * B * 500 * 8
