@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .glm import _gene_chunk_size, fit_glm
+from .glm import _gene_chunk_size, fit_glm, groups_from_onehot, sym_outer, sym_unpack
 from .inference import multiple_testing
 from .propensity import clip_bounds, clip_propensity, fit_propensity
 
@@ -50,6 +50,7 @@ class CounterfactualMeans:
     log_mu0: np.ndarray        # n x p (offset included)
     effect: np.ndarray         # K x p x a log effects per fold
     fold: np.ndarray           # n, fold of each cell
+    info: "OutcomeInformation | None" = None
 
     def arms(self, rows: np.ndarray, cols, k: int):
         """(mu0, mu1) for cells ``rows`` and genes ``cols`` under treatment k, capped at 1e5."""
@@ -68,6 +69,63 @@ class CounterfactualMeans:
             mu0, mu1 = self.arms(np.arange(n), slice(None), k)
             out[:, :, k, 0], out[:, :, k, 1] = mu0, mu1
         return out
+
+
+@dataclass
+class OutcomeInformation:
+    """Blocks of the outcome GLM's Fisher information, for the nuisance-uncertainty term.
+
+    For the design [W | G] (G one-hot): ``S_inv`` (p x q x q) is the inverse Schur
+    complement of the group block, ``F`` (a x p x q) = E_k / D_k and ``D`` (a x p) the
+    diagonal group block.  Then Cov(b) = S_inv, Cov(b, c_k) = -S_inv F_k and
+    Var(c_k) = 1/D_k + F_k' S_inv F_k.
+    """
+
+    S_inv: np.ndarray
+    F: np.ndarray
+    D: np.ndarray
+
+
+def outcome_information(Y, W: np.ndarray, groups: np.ndarray, cm: "CounterfactualMeans",
+                        size: np.ndarray) -> OutcomeInformation:
+    """Fisher information blocks of the (in-sample) outcome GLM at its estimate."""
+    n, p = Y.shape
+    q = W.shape[1]
+    a = cm.effect.shape[2]
+    alpha = np.where(np.isfinite(size), 1.0 / np.where(np.isfinite(size), size, 1.0), 0.0)
+    WW = sym_outer(W)
+    S = np.empty((p, q, q))
+    F = np.empty((a, p, q))
+    D = np.empty((a, p))
+    members = [np.flatnonzero(groups == k) for k in range(a)]
+    step = _gene_chunk_size(n, None)
+    for start in range(0, p, step):
+        cols = np.arange(start, min(p, start + step))
+        log_mu = cm.log_mu0[:, cols].copy()
+        for k, idx in enumerate(members):
+            log_mu[idx] += cm.effect[0][cols, k]
+        mu = np.minimum(np.exp(log_mu), Y_HAT_CAP)
+        w = mu / (1.0 + alpha[cols] * mu)
+        H = sym_unpack(w.T @ WW, q)
+        for k, idx in enumerate(members):
+            Dk = w[idx].sum(axis=0) + 1e-10
+            Ek = (W[idx].T @ w[idx]).T
+            D[k, cols] = Dk
+            F[k, cols] = Ek / Dk[:, None]
+            H -= Ek[:, :, None] * F[k, cols][:, None, :]
+        S[cols] = np.linalg.pinv(H, hermitian=True)
+    return OutcomeInformation(S_inv=S, F=F, D=D)
+
+
+def _nuisance_variance(info: OutcomeInformation, k: int, cols, g_w: np.ndarray,
+                       g_c: np.ndarray) -> np.ndarray:
+    """Delta-method variance of tau from the outcome coefficients' estimation error.
+
+    ``g_w`` (m x q) and ``g_c`` (m,) are d tau / d(b, c_k) for the genes ``cols``.
+    """
+    v = g_w - g_c[:, None] * info.F[k, cols]
+    quad = np.einsum("mq,mqr,mr->m", v, info.S_inv[cols], v)
+    return quad + g_c ** 2 / info.D[k, cols]
 
 
 # ----------------------------------------------------------------------------------
@@ -164,7 +222,12 @@ def fit_outcome_model(Y, W: np.ndarray, A: np.ndarray, log_s: np.ndarray, fold: 
         effect[f] = fit.coef[:, W.shape[1]:W.shape[1] + a]
         eta0 = W[test] @ B.T + log_s[test][:, None]
         log_mu0[test] = np.clip(eta0, -30.0, 20.0)
-    return CounterfactualMeans(log_mu0=log_mu0, effect=np.clip(effect, -30.0, 30.0), fold=fold)
+        size = fit.size
+    cm = CounterfactualMeans(log_mu0=log_mu0, effect=np.clip(effect, -30.0, 30.0), fold=fold)
+    groups = groups_from_onehot(A)
+    if K == 1 and groups is not None:
+        cm.info = outcome_information(Y, W, groups, cm, size)
+    return cm
 
 
 def _coerce_Y_hat(Y_hat, n: int, p: int, a: int) -> CounterfactualMeans:
@@ -185,7 +248,7 @@ def _coerce_Y_hat(Y_hat, n: int, p: int, a: int) -> CounterfactualMeans:
 # ----------------------------------------------------------------------------------
 def _treatment_estimand(Y, rows, treated, s, pi, cm: CounterfactualMeans, k: int,
                         thres_diff: float, usevar: str, n_params: int, in_sample: bool,
-                        keep_eta: bool):
+                        keep_eta: bool, W: np.ndarray | None = None):
     """Means, LFC, variance and df for all genes of one treatment (streamed by gene chunk)."""
     n_k, p = rows.size, Y.shape[1]
     n1 = int(treated.sum())
@@ -224,6 +287,13 @@ def _treatment_estimand(Y, rows, treated, s, pi, cm: CounterfactualMeans, k: int
                 df = var ** 2 / (v0 ** 2 / max(n0 - 1, 1) + v1 ** 2 / max(n1 - 1, 1))
         else:
             raise ValueError(f"usevar must be 'pooled' or 'unequal', got {usevar!r}")
+        if cm.info is not None and W is not None:
+            # outcome-model estimation error: first-order term the influence function omits
+            r1 = (1.0 - w1) * mu1 * inv_s / (n_k * t1)
+            r0 = (1.0 - w0) * mu0 * inv_s / (n_k * t0)
+            g_w = (r1 - r0).T @ W[rows]
+            g_c = r1.sum(axis=0)
+            var = var + np.where(est, _nuisance_variance(cm.info, k, np.arange(start, min(p, start + step)), g_w, g_c), 0.0)
         floor = ((inv_s[treated].sum() / max(n1, 1) ** 2) / t1
                  + (inv_s[~treated].sum() / max(n0, 1) ** 2) / t0)
         out["m0"][cols], out["m1"][cols], out["o0"][cols], out["o1"][cols] = m0, m1, o0, o1
@@ -250,7 +320,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         thres_min="auto", thres_diff: float = 0.01, min_counts: int = 5, fdx: bool = False,
         fdx_alpha: float = 0.05, fdx_c: float = 0.1, ps_clip="auto", ps_class_weight=None,
         verbose: bool = False, random_state: int = 0, fdx_B: int = 1000, disp_glm=None,
-        legacy_fdx_scaling: bool = False, outcome_init=None, **kwargs):
+        legacy_fdx_scaling: bool = False, outcome_init=None, nuisance_variance: bool = True,
+        **kwargs):
     """Doubly robust log fold changes of every gene under every treatment.
 
     Parameters
@@ -272,6 +343,9 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     ps_clip : 'auto' (prevalence-aware), a (low, high) pair or None.
     ps_class_weight : None (calibrated scores) or 'balanced' (0.0.9 behaviour).
     disp_glm : NB size per gene for the outcome model (estimated by MoM when None).
+    nuisance_variance : add the delta-method variance of the outcome-model coefficients
+        to the influence-function variance (K = 1, one-hot A).  It matters when treated and
+        control cells overlap poorly in the confounders (see ``docs/dr.md``).
     random_state : seed of the folds and the bootstrap.
 
     Returns
@@ -323,7 +397,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
             warnings.warn(f"treatment {trt_names[k]!r} has {n1} treated and {n0} control cells; "
                           "its variance is undefined", RuntimeWarning, stacklevel=2)
         o, eta = _treatment_estimand(Y, rows, treated, s, pi[:, k], cm, k, thres_diff, usevar,
-                                     n_params, K == 1, keep_eta=fdx)
+                                     n_params, K == 1, keep_eta=fdx,
+                                     W=W if nuisance_variance else None)
         tested = _apply_filters(o, n0, n1, thres_min, min_counts)
         var = o["var"]
         floored = tested & (var < o["floor"])

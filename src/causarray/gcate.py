@@ -387,3 +387,161 @@ def _result(X, A, U, coef, hist, n_iter, kw_glm, es, ls) -> dict:
     return dict(X_U=X_U, B_Gamma=coef, U=X_U[:, X_U.shape[1] - r:], n_iter=n_iter,
                 func_val=hist[-1], hist=np.asarray(hist), kwargs_glm=kw_glm,
                 kwargs_es=es, kwargs_ls=dict(ls or {}))
+
+
+# ----------------------------------------------------------------------------------
+# choosing r: JIC
+# ----------------------------------------------------------------------------------
+def subsample_control_priority(A: np.ndarray, max_cells: int, random_state: int = 0) -> np.ndarray:
+    """Sorted row indices of a control-priority subsample of at most ``max_cells`` cells (SPEC §7.1)."""
+    n = A.shape[0]
+    if max_cells is None or n <= max_cells:
+        return np.arange(n)
+    ctrl = np.flatnonzero(A.sum(axis=1) == 0)
+    trt = np.flatnonzero(A.sum(axis=1) > 0)
+    n_t_floor = min(trt.size, max(1, max_cells // 4))
+    n_c = min(ctrl.size, max_cells - n_t_floor)
+    n_t = min(trt.size, max_cells - n_c)
+    rng = np.random.default_rng(random_state)
+    pick_c = rng.choice(ctrl, n_c, replace=False)
+    pick_t = rng.choice(trt, n_t, replace=False)
+    return np.sort(np.concatenate([pick_c, pick_t]))
+
+
+def jic_penalty(n: int, p: int, n_params: int) -> float:
+    """nu = n_params * log(min(n, p)) / min(n, p)  (SPEC §7.3)."""
+    m = min(n, p)
+    return n_params * np.log(m) / m
+
+
+def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None,
+               disp_family=None, offset=True, max_cells: int | None = None,
+               random_state: int = 0, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
+               kwargs_es_2=None, verbose: bool = False, **kwargs) -> pd.DataFrame:
+    """Choose the number of latent factors by the joint information criterion (JIC).
+
+    For each r in the grid, GCATE stage 1 is fitted (warm-started from one shared SVD of
+    the deviance residuals of the GLM on [X | A]) and
+
+        deviance(r) = 2 * mean negative log-likelihood per entry (NB with offsets)
+        nu(r)       = (d + a + r) * log(min(n, p)) / min(n, p)
+        JIC(r)      = deviance(r) + c * nu(r)
+
+    The deviance is the proper NB log-likelihood with size-factor offsets (the original
+    evaluated a variant without offsets; see ``docs/gcate.md``).  r = 0 is always included.
+
+    Parameters
+    ----------
+    Y, X, A : counts, covariates (with intercept), treatments, as for :func:`fit_gcate`.
+    r_max : int (grid 1..r_max) or a list of r values.
+    c : weight of the penalty.
+    max_cells : control-priority subsample size (all controls first, >= max_cells/4 treated).
+    offset, family, disp_glm : as for :func:`fit_gcate`.
+    kwargs_es_1 : stage-1 early stopping settings.
+
+    Returns
+    -------
+    DataFrame with columns ``r, deviance, nu, JIC, time_s`` sorted by r.
+    """
+    from sklearn.utils.extmath import randomized_svd
+
+    A_arr = _as_matrix(A, "A")
+    A_arr = A_arr[:, None] if A_arr.ndim == 1 else A_arr
+    rows = subsample_control_priority(A_arr, max_cells, random_state)
+    Ysub = Y.iloc[rows] if isinstance(Y, pd.DataFrame) else Y[rows]
+    Xsub = _as_matrix(X, "X")[rows]
+    Asub = A_arr[rows]
+    keep_trt = Asub.sum(axis=0) > 0
+    Asub = Asub[:, keep_trt]
+    grid = sorted({int(r) for r in (range(1, int(r_max) + 1) if np.isscalar(r_max) else r_max)
+                   if int(r) > 0})
+    if not grid:
+        raise ValueError("r_max must contain at least one positive number of factors")
+    Ysub, Xsub, Asub = _check_inputs(Ysub, Xsub, Asub, max(grid), family)
+    if sp.issparse(Ysub):
+        Ysub = Ysub.tocsc()
+    n, p = Ysub.shape
+    d, a = Xsub.shape[1], Asub.shape[1]
+    off = offset
+    if not isinstance(offset, bool) and offset is not None:
+        off = np.asarray(offset, float).ravel()[rows]
+    s = _size_factors(Ysub, off)
+    log_s = np.log(s)
+    if family == "poisson":
+        size = np.full(p, np.inf)
+    elif disp_glm is not None:
+        size = np.broadcast_to(np.asarray(disp_glm, float), (p,)).copy()
+    else:
+        size = estimate_dispersion(Ysub, Xsub, Asub, offset=log_s)
+    alpha = _alpha_from_size(size) * np.ones(p)
+    es1 = {**DEFAULT_ES, **(kwargs_es_1 or {})}
+    Q = _orth_basis(np.hstack([Xsub, Asub]))
+
+    t0 = time.perf_counter()
+    fit0 = fit_glm(Ysub, Xsub, Asub, family="nb", size=size, offset=log_s, max_iter=50)
+    R = glm_deviance_residuals(Ysub, fit0, Xsub, Asub, log_s)
+    u, _, _ = randomized_svd(R, n_components=max(grid), n_iter=5, random_state=random_state)
+    del R
+    U_all = _project_out(u, Q)
+    U_all = U_all / np.maximum(U_all.std(axis=0, keepdims=True), 1e-12)
+    coef0 = np.hstack([fit0.coef[:, :d], np.zeros((p, 0)), fit0.coef[:, d:]])
+    nll0 = _negloglik(Ysub, Xsub, Asub, log_s, coef0, d, 0, np.zeros((n, 0)), alpha)
+    rows_out = [dict(r=0, deviance=2 * nll0, nu=jic_penalty(n, p, d + a),
+                     time_s=time.perf_counter() - t0)]
+    for r in sorted(grid, reverse=True):
+        t1 = time.perf_counter()
+        U0 = U_all[:, :r]
+        fit_init = fit_glm(Ysub, np.hstack([Xsub, U0]), Asub, family="nb", size=size,
+                           offset=log_s, max_iter=50)
+        U1, fit1, hist, _ = _alternate(Ysub, Xsub, Asub, log_s, size, U0, fit_init.coef, Q,
+                                       es1, verbose, f"JIC r={r}")
+        rows_out.append(dict(r=r, deviance=2 * hist[-1], nu=jic_penalty(n, p, d + a + r),
+                             time_s=time.perf_counter() - t1))
+    df = pd.DataFrame(rows_out).sort_values("r").reset_index(drop=True)
+    df["JIC"] = df["deviance"] + c * df["nu"]
+    return df[["r", "deviance", "nu", "JIC", "time_s"]]
+
+
+def plot_r(df_r: pd.DataFrame, c: float = 1.0):
+    """Two-panel JIC figure (SPEC §7.4); the selected r (min JIC) is marked.
+
+    Left: deviance, c*nu (twin axis) and JIC against r.  Right: the successive decrease of
+    the deviance and increase of c*nu; where they cross, extra factors stop paying off.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib.pyplot as plt
+
+    df = df_r.sort_values("r")
+    r = df["r"].to_numpy()
+    dev, nu = df["deviance"].to_numpy(), c * df["nu"].to_numpy()
+    jic = dev + nu
+    best = r[int(np.argmin(jic))]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(18, 6))
+    l1, = ax1.plot(r, dev, "o-", color="tab:blue", label="deviance")
+    l3, = ax1.plot(r, jic, "s-", color="tab:green", label="JIC = deviance + c·ν")
+    ax1b = ax1.twinx()
+    l2, = ax1b.plot(r, nu, "^--", color="tab:orange", label="c·ν")
+    ax1.axvline(best, color="grey", ls=":", lw=1)
+    ax1.annotate(f"selected r = {best}", xy=(best, jic.min()), xytext=(5, 10),
+                 textcoords="offset points")
+    ax1.set_xticks(r)
+    ax1.set_xlabel("number of latent factors r")
+    ax1.set_ylabel("deviance / JIC")
+    ax1b.set_ylabel("c·ν")
+    ax1.legend(handles=[l1, l2, l3], loc="best")
+    if r.size > 1:
+        ax2.plot(r[1:], -np.diff(dev), "o-", color="tab:blue", label="− Δ deviance")
+        ax2b = ax2.twinx()
+        ax2b.plot(r[1:], np.diff(nu), "^--", color="tab:orange", label="c·Δν")
+        ax2b.set_ylim(ax2.get_ylim())
+        ax2.set_xticks(r[1:])
+        ax2.legend(loc="upper right")
+        ax2b.legend(loc="center right")
+    ax2.set_xlabel("r")
+    ax2.set_title("gain in fit vs cost in complexity")
+    ax1.set_title("JIC")
+    fig.tight_layout()
+    return fig
