@@ -26,10 +26,11 @@ import platform
 import resource
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -128,8 +129,7 @@ class _RssSampler(threading.Thread):
     def _sample(self) -> None:
         rss = current_rss_mb()
         self.n_samples += 1
-        if rss > self.peak_mb:
-            self.peak_mb = rss
+        self.peak_mb = max(self.peak_mb, rss)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -218,7 +218,12 @@ def machine_info() -> dict:
         "causarray": _package_version("causarray"),
         "threads_env": {
             k: os.environ[k]
-            for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+            for k in (
+                "OMP_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS",
+                "MKL_NUM_THREADS",
+                "NUMBA_NUM_THREADS",
+            )
             if k in os.environ
         },
     }
@@ -273,7 +278,9 @@ def _result_markdown(name: str, result: Mapping[str, Any], machine: Mapping[str,
     rows = result.get("rows")
     if isinstance(rows, list) and rows and all(isinstance(r, Mapping) for r in rows):
         table = markdown_table(rows)
-        scalars = {k: v for k, v in result.items() if k != "rows" and not isinstance(v, (dict, list))}
+        scalars = {
+            k: v for k, v in result.items() if k != "rows" and not isinstance(v, (dict, list))
+        }
     else:
         table = ""
         scalars = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
@@ -289,7 +296,9 @@ def _result_markdown(name: str, result: Mapping[str, Any], machine: Mapping[str,
     return "\n".join(parts) + "\n"
 
 
-def write_result(name: str, result: Mapping[str, Any], results_dir: str | os.PathLike | None = None) -> Path:
+def write_result(
+    name: str, result: Mapping[str, Any], results_dir: str | os.PathLike | None = None
+) -> Path:
     """Write ``<results_dir>/<name>.json`` (pretty, with machine info) and ``<name>.md`` beside it.
 
     Parameters
@@ -429,11 +438,18 @@ def load_npz_problem(path: str | os.PathLike, dense: bool = True) -> dict[str, A
     dict
         ``Y``, ``X``, ``A``, ``X_A`` (None if absent) and any extra arrays.
     """
-    with np.load(path, allow_pickle=False) as z:
+    loaded = np.load(path, allow_pickle=False)
+    if not hasattr(loaded, "files"):  # np.load returns a plain ndarray for .npy files
+        raise ValueError(f"{path} is a single .npy array, not a benchmark problem .npz")
+    with loaded as z:
         files = set(z.files)
         missing = {"X", "A"} - files
-        if missing or not ({"Y"} <= files or {"Y_data", "Y_indices", "Y_indptr", "Y_shape"} <= files):
-            raise ValueError(f"{path} is not a benchmark problem: missing {sorted(missing) or ['Y']}")
+        if missing or not (
+            {"Y"} <= files or {"Y_data", "Y_indices", "Y_indptr", "Y_shape"} <= files
+        ):
+            raise ValueError(
+                f"{path} is not a benchmark problem: missing {sorted(missing) or ['Y']}"
+            )
         out: dict[str, Any] = {}
         if "Y" in files:
             out["Y"] = z["Y"].astype(np.float64)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import resource
@@ -52,8 +53,14 @@ ENV_RECORD = BENCH_DIR / "results" / "upstream_env.txt"
 TASKS = ("gcate", "lfc", "both")
 _MARKER = f".installed-causarray-{UPSTREAM_VERSION}"
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-_MEMORY_MARKERS = ("MemoryError", "std::bad_alloc", "Cannot allocate memory", "Unable to allocate",
-                   "out of memory", "OutOfMemory")
+_MEMORY_MARKERS = (
+    "MemoryError",
+    "std::bad_alloc",
+    "Cannot allocate memory",
+    "Unable to allocate",
+    "out of memory",
+    "OutOfMemory",
+)
 
 
 # ======================================================================================
@@ -74,8 +81,11 @@ def _read_pins(record: Path) -> list[str]:
     """``name==version`` lines of a previous environment record."""
     if not record.exists():
         return []
-    return [ln.strip() for ln in record.read_text().splitlines()
-            if ln.strip() and not ln.startswith("#") and "==" in ln]
+    return [
+        ln.strip()
+        for ln in record.read_text().splitlines()
+        if ln.strip() and not ln.startswith("#") and "==" in ln
+    ]
 
 
 def _tail(text: str, n: int = 3000) -> str:
@@ -132,28 +142,56 @@ def ensure_upstream_venv(
 
     t0 = time.perf_counter()
     base = str(python) if python is not None else sys.executable
-    proc = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [base, "-m", "venv", str(venv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"creating venv {venv} failed:\n{_tail(proc.stderr + proc.stdout)}")
-    cmd = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-           f"causarray=={UPSTREAM_VERSION}"]
+    cmd = [
+        str(py),
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+        f"causarray=={UPSTREAM_VERSION}",
+    ]
     if pins:
         constraints = venv / "constraints.txt"
         constraints.write_text("\n".join(pins) + "\n")
         cmd += ["-c", str(constraints)]
     env = _clean_env()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                          timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=max(1.0, timeout - (time.perf_counter() - t0)),
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"pip install causarray=={UPSTREAM_VERSION} failed:\n"
-                           f"{_tail(proc.stderr + proc.stdout)}")
+        raise RuntimeError(
+            f"pip install causarray=={UPSTREAM_VERSION} failed:\n{_tail(proc.stderr + proc.stdout)}"
+        )
     install_s = time.perf_counter() - t0
 
-    freeze = subprocess.run([str(py), "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
-                            capture_output=True, text=True, env=env, check=True).stdout
-    pyver = subprocess.run([str(py), "-c", "import sys; print(sys.version.split()[0])"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    freeze = subprocess.run(
+        [str(py), "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    pyver = subprocess.run(
+        [str(py), "-c", "import sys; print(sys.version.split()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if record_path is not None:
         record_path.parent.mkdir(parents=True, exist_ok=True)
         header = [
@@ -172,8 +210,11 @@ def ensure_upstream_venv(
 
 def _clean_env(n_threads: int | None = None) -> dict[str, str]:
     """Environment for the upstream subprocess: no PYTHONPATH/venv leakage from ours."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+    }
     env["PYTHONUNBUFFERED"] = "1"
     if n_threads is not None:
         for k in _THREAD_VARS:
@@ -240,9 +281,12 @@ def run_upstream(
     timeout : float, optional
         Seconds before the subprocess (and its process group) is killed.
     rlimit_as_mb : float, optional
-        ``RLIMIT_AS`` (address-space) cap for the subprocess, in MiB. Note that numba,
-        LLVM and BLAS threads reserve address space well beyond their resident memory,
-        so the cap must be generous (a few GiB) for the import alone to succeed.
+        ``RLIMIT_AS`` (address-space) cap for the subprocess, in MiB, applied after the
+        imports (the result reports ``vm_size_at_cap_mb``, the address space already in
+        use then; numba, LLVM and BLAS threads reserve far more address space than they
+        keep resident, so the cap must exceed it). Allocations beyond the cap come back
+        as status 'memory_error'. Combine with ``timeout``: a native library that
+        retries failed allocations can spin instead of failing.
     n_threads : int, optional
         Sets OMP/OPENBLAS/MKL/NUMBA_NUM_THREADS in the subprocess.
     numba_cache : {'fresh', 'default'}
@@ -282,11 +326,27 @@ def run_upstream(
     else:
         py = upstream_python(venv)
         if not py.exists():
-            raise ValueError(f"upstream venv {py.parent.parent} does not exist; call ensure_upstream_venv()")
+            raise ValueError(
+                f"upstream venv {py.parent.parent} does not exist; call ensure_upstream_venv()"
+            )
 
-    cmd = [str(py), str(Path(__file__).resolve()), "run", "--data", str(npz), "--task", task,
-           "--r", str(int(r)), "--out", str(out_path), "--max-iters", str(int(max_iters)),
-           "--seed", str(int(seed))]
+    cmd = [
+        str(py),
+        str(Path(__file__).resolve()),
+        "run",
+        "--data",
+        str(npz),
+        "--task",
+        task,
+        "--r",
+        str(int(r)),
+        "--out",
+        str(out_path),
+        "--max-iters",
+        str(int(max_iters)),
+        "--seed",
+        str(int(seed)),
+    ]
     if rel_tol is not None:
         cmd += ["--rel-tol", repr(float(rel_tol))]
     if gcate_kwargs:
@@ -306,8 +366,14 @@ def run_upstream(
     t0 = time.perf_counter()
     try:
         with open(side["log"], "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=str(out_path.parent), start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(out_path.parent),
+                start_new_session=True,
+            )
             while True:
                 pid, wstatus, rusage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
@@ -343,11 +409,15 @@ def run_upstream(
         if any(m in log_text for m in _MEMORY_MARKERS):
             result = {"status": "memory_error", "error": "out of memory (see log_tail)"}
         elif sig == signal.SIGKILL:
-            result = {"status": "memory_error",
-                      "error": "killed by SIGKILL (most likely the kernel's out-of-memory killer)"}
+            result = {
+                "status": "memory_error",
+                "error": "killed by SIGKILL (most likely the kernel's out-of-memory killer)",
+            }
         else:
-            result = {"status": "error",
-                      "error": f"subprocess exited with {returncode} and wrote no result"}
+            result = {
+                "status": "error",
+                "error": f"subprocess exited with {returncode} and wrote no result",
+            }
     result.update(
         returncode=returncode,
         signal=sig,
@@ -381,6 +451,36 @@ def _process_age_s() -> float | None:
         return None
 
 
+def _vm_size_mb() -> float | None:
+    """Current virtual address-space size (``VmSize``) of this process, in MiB."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmSize:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _apply_as_cap(cap_mb: float) -> dict[str, Any]:
+    """Set ``RLIMIT_AS`` after the imports, once BLAS has allocated its thread buffers.
+
+    OpenBLAS retries a failed buffer allocation forever, so a cap applied before numpy,
+    scipy and the upstream package are loaded can hang the process instead of raising
+    MemoryError. Applying it here caps the fit itself.
+    """
+    import numpy as np
+    import scipy.linalg
+
+    a = np.ones((256, 256))
+    scipy.linalg.cho_factor(a @ a.T + 256 * np.eye(256))
+    before = _vm_size_mb()
+    cap = int(cap_mb * 1024 * 1024)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    return {"vm_size_at_cap_mb": before, "rlimit_as_mb": cap_mb}
+
+
 def _is_upstream_interpreter() -> bool:
     """True if ``import causarray`` here would give causarray 0.1.1 outside this repository."""
     import importlib.util
@@ -392,7 +492,11 @@ def _is_upstream_interpreter() -> bool:
     except PackageNotFoundError:
         return False
     spec = importlib.util.find_spec("causarray")
-    return spec is not None and spec.origin is not None and REPO_ROOT / "src" not in Path(spec.origin).parents
+    return (
+        spec is not None
+        and spec.origin is not None
+        and REPO_ROOT / "src" not in Path(spec.origin).parents
+    )
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -406,7 +510,7 @@ def _finite_or_none(x: Any) -> Any:
         xf = float(x)
     except (TypeError, ValueError):
         return None
-    return xf if xf == xf and abs(xf) != float("inf") else None
+    return xf if math.isfinite(xf) else None
 
 
 def _gcate_summary(res: dict) -> dict:
@@ -426,10 +530,6 @@ def _child_run(args: argparse.Namespace) -> int:
 
     def wall() -> float | None:
         return None if age0 is None else age0 + (time.perf_counter() - pc0)
-
-    if args.rlimit_as_mb is not None:
-        cap = int(args.rlimit_as_mb * 1024 * 1024)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     out = Path(args.out).resolve()
     side = _side_paths(out)
@@ -461,11 +561,16 @@ def _child_run(args: argparse.Namespace) -> int:
 
         t = time.perf_counter()
         import causarray  # the upstream package, from the venv's site-packages
+
         result["t_import_s"] = time.perf_counter() - t
-        result["upstream_version"] = getattr(getattr(causarray, "__about__", None), "__version__", None)
+        result["upstream_version"] = getattr(
+            getattr(causarray, "__about__", None), "__version__", None
+        )
         result["upstream_file"] = causarray.__file__
         result["numpy"] = np.__version__
         causarray.reset_random_seeds(args.seed)
+        if args.rlimit_as_mb is not None:
+            result.update(_apply_as_cap(args.rlimit_as_mb))
 
         U = None
         size_factor = None
@@ -480,7 +585,9 @@ def _child_run(args: argparse.Namespace) -> int:
             t = time.perf_counter()
             res_1, res_2 = causarray.fit_gcate(Y, X, A, args.r, **kw)
             result["t_gcate_s"] = time.perf_counter() - t
-            U = np.asarray(res_2["U"] if "U" in res_2 else res_2["X_U"][:, d + a:], dtype=np.float64)
+            U = np.asarray(
+                res_2["U"] if "U" in res_2 else res_2["X_U"][:, d + a :], dtype=np.float64
+            )
             size_factor = np.asarray(res_2["kwargs_glm"]["size_factor"], dtype=np.float64).ravel()
             result["gcate"] = {"stage_1": _gcate_summary(res_1), "stage_2": _gcate_summary(res_2)}
             np.save(side["U"], U)
@@ -495,17 +602,25 @@ def _child_run(args: argparse.Namespace) -> int:
             if size_factor is not None:
                 sf_source = "fit_gcate"
             elif "size_factor" in prob:
-                size_factor, sf_source = np.asarray(prob["size_factor"], dtype=np.float64).ravel(), "npz"
+                size_factor, sf_source = (
+                    np.asarray(prob["size_factor"], dtype=np.float64).ravel(),
+                    "npz",
+                )
             else:
-                size_factor, sf_source = np.asarray(causarray.comp_size_factor(Y), dtype=np.float64).ravel(), \
-                    "upstream comp_size_factor"
+                size_factor, sf_source = (
+                    np.asarray(causarray.comp_size_factor(Y), dtype=np.float64).ravel(),
+                    "upstream comp_size_factor",
+                )
             base_A = X if X_A is None else X_A
             W = X if U is None else np.hstack([X, U])
             W_A = base_A if U is None else np.hstack([base_A, U])
             kw = json.loads(args.lfc_kwargs) if args.lfc_kwargs else {}
-            result["lfc_call"] = {"W": "X" if U is None else "X|U",
-                                  "W_A": ("X" if X_A is None else "X_A") + ("" if U is None else "|U"),
-                                  "offset": f"log(size_factor from {sf_source})", **kw}
+            result["lfc_call"] = {
+                "W": "X" if U is None else "X|U",
+                "W_A": ("X" if X_A is None else "X_A") + ("" if U is None else "|U"),
+                "offset": f"log(size_factor from {sf_source})",
+                **kw,
+            }
             with np.errstate(divide="ignore"):
                 offset = np.log(size_factor)
             t = time.perf_counter()
@@ -514,19 +629,26 @@ def _child_run(args: argparse.Namespace) -> int:
             df_res.to_csv(side["lfc"], index=False)
             result["lfc_path"] = str(side["lfc"])
             result["lfc"] = {
-                "n_rows": int(len(df_res)),
+                "n_rows": len(df_res),
                 "columns": [str(c) for c in df_res.columns],
-                "n_rej": int(np.asarray(df_res["rej"], dtype=bool).sum()) if "rej" in df_res else None,
+                "n_rej": int(np.asarray(df_res["rej"], dtype=bool).sum())
+                if "rej" in df_res
+                else None,
                 "n_estimable": int(np.asarray(df_res["estimable"], dtype=bool).sum())
-                if "estimable" in df_res else None,
+                if "estimable" in df_res
+                else None,
             }
         result["status"] = "ok"
         code = 0
     except MemoryError as exc:
-        result.update(status="memory_error", error=f"MemoryError: {exc}", traceback=traceback.format_exc())
+        result.update(
+            status="memory_error", error=f"MemoryError: {exc}", traceback=traceback.format_exc()
+        )
         code = 3
-    except Exception as exc:  # reported in the JSON, never raised to the caller
-        result.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON, never raised to the caller
+        result.update(
+            status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+        )
         code = 1
     finally:
         self_ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -558,15 +680,33 @@ def _smoke(args: argparse.Namespace) -> int:
     A[groups > 0, groups[groups > 0] - 1] = 1.0
     X = np.column_stack([np.ones(n), rng.normal(size=n)])
     U = rng.normal(size=(n, r))
-    log_mu = (1.0 + 0.2 * X[:, 1:] @ rng.normal(size=(1, p)) + 0.3 * U @ rng.normal(size=(r, p))
-              + A @ (rng.normal(size=(a, p)) * (rng.random((a, p)) < 0.1)))
+    log_mu = (
+        1.0
+        + 0.2 * X[:, 1:] @ rng.normal(size=(1, p))
+        + 0.3 * U @ rng.normal(size=(r, p))
+        + A @ (rng.normal(size=(a, p)) * (rng.random((a, p)) < 0.1))
+    )
     mu = np.exp(log_mu)
     Y = rng.negative_binomial(5, 5.0 / (5.0 + mu))
     work = Path(args.workdir).resolve()
     npz = save_npz_problem(work / "smoke_problem.npz", Y, X, A)
     res = run_upstream(npz, "both", r, max_iters=args.max_iters, timeout=args.timeout)
-    keep = ("status", "wall_s", "outer_wall_s", "t_import_s", "t_gcate_s", "t_lfc_s", "peak_rss_mb",
-            "peak_rss_mb_wait4", "U_shape", "U_path", "lfc_path", "lfc", "upstream_version", "error")
+    keep = (
+        "status",
+        "wall_s",
+        "outer_wall_s",
+        "t_import_s",
+        "t_gcate_s",
+        "t_lfc_s",
+        "peak_rss_mb",
+        "peak_rss_mb_wait4",
+        "U_shape",
+        "U_path",
+        "lfc_path",
+        "lfc",
+        "upstream_version",
+        "error",
+    )
     print(json.dumps({k: res.get(k) for k in keep}, indent=2, default=str))
     return 0 if res.get("status") == "ok" else 1
 
@@ -575,7 +715,9 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run upstream causarray on an .npz problem (inside the upstream venv)")
+    run = sub.add_parser(
+        "run", help="run upstream causarray on an .npz problem (inside the upstream venv)"
+    )
     run.add_argument("--data", required=True, help=".npz from _common.save_npz_problem")
     run.add_argument("--task", required=True, choices=TASKS)
     run.add_argument("--r", required=True, type=int)
@@ -590,7 +732,9 @@ def _parser() -> argparse.ArgumentParser:
     inst = sub.add_parser("install", help="create the upstream venv (ensure_upstream_venv)")
     inst.add_argument("--path", default=DEFAULT_VENV)
     inst.add_argument("--force", action="store_true")
-    inst.add_argument("--unpinned", action="store_true", help="ignore versions of a previous record")
+    inst.add_argument(
+        "--unpinned", action="store_true", help="ignore versions of a previous record"
+    )
 
     smoke = sub.add_parser("smoke", help="tiny random problem end to end")
     smoke.add_argument("--n", type=int, default=300)
@@ -608,8 +752,10 @@ def main(argv: list[str] | None = None) -> int:
         if not _is_upstream_interpreter():
             py = upstream_python()
             if not py.exists() or os.environ.get("_CAUSARRAY_UPSTREAM_REEXEC") == "1":
-                sys.stderr.write(f"this interpreter has no causarray {UPSTREAM_VERSION}; run "
-                                 f"`python {Path(__file__).name} install` first\n")
+                sys.stderr.write(
+                    f"this interpreter has no causarray {UPSTREAM_VERSION}; run "
+                    f"`python {Path(__file__).name} install` first\n"
+                )
                 return 2
             os.environ["_CAUSARRAY_UPSTREAM_REEXEC"] = "1"
             env = _clean_env()

@@ -12,6 +12,10 @@ from .inference import bh_adjust
 from .preprocessing import comp_size_factor, from_anndata, prep_causarray_data, subset_screen
 from .propensity import estimate_propensity_scores
 from .simulate import simulate_screen
+from .gcate import estimate_r, plot_r
+from .diagnostics import (align_test_mask, plot_propensity_scores, plot_treatment_associations,
+                          summarize_propensity_scores, summarize_treatment_associations)
+from . import diagnostics, pl, report, tl
 
 __all__ = [
     "__version__",
@@ -26,4 +30,13 @@ __all__ = [
     "estimate_propensity_scores",
     "bh_adjust",
     "simulate_screen",
+    "estimate_r",
+    "plot_r",
+    "summarize_propensity_scores",
+    "plot_propensity_scores",
+    "summarize_treatment_associations",
+    "plot_treatment_associations",
+    "align_test_mask",
+    "tl",
+    "pl",
 ]

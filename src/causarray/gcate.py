@@ -231,30 +231,65 @@ def _initial_factors(Y, X, A, log_s, size, r, random_state):
     return u, s, fit0
 
 
-def _alternate(Y, X, A, log_s, size, U, coef, Q, es: dict, verbose: bool, desc: str):
-    """Stage-1 alternating Fisher scoring with U kept orthogonal to span(Q)."""
+def _alternate(Y, X, A, log_s, size, U, coef, Q, es: dict, verbose: bool, desc: str,
+               prior_precision: float = 1.0):
+    """Stage-1 alternating Fisher scoring with U kept orthogonal to span(Q).
+
+    Each epoch: (1) one IRLS step of every gene's GLM on [X | U | A] (exact one-hot
+    solve, step halving) from the current coefficients; (2) one pass over gene chunks
+    that evaluates the objective and accumulates every cell's Fisher system for u_i with
+    the new loadings, followed by one damped Newton step per cell.  U is then projected
+    back onto the complement of [X | A] and the projection absorbed into the
+    observed-design coefficients, which leaves the fit unchanged.
+    """
     from tqdm.auto import tqdm
 
+    n, p = Y.shape
     d, r = X.shape[1], U.shape[1]
-    alpha = _alpha_from_size(size) * np.ones(Y.shape[1])
+    alpha = _alpha_from_size(size) * np.ones(p)
     stopper = _EarlyStopping(**es)
-    hist = []
-    fit = None
-    it = -1
+    step = _gene_chunk_size(n, None)
+    chunks = [np.arange(s0, min(p, s0 + step)) for s0 in range(0, p, step)]
+    consts = [loglik_constant(_dense_columns(Y, c), alpha[c][None, :]) for c in chunks]
+    hist, it = [], -1
     bar = tqdm(range(stopper.max_iters), desc=desc, disable=not verbose, leave=False)
     for it in bar:
-        fit = fit_glm(Y, np.hstack([X, U]), A, family="nb", size=size, offset=log_s,
-                      max_iter=2, tol=1e-8, init=coef)
-        coef = fit.coef
-        U, f = _cell_step(Y, X, A, log_s, coef, d, r, U, alpha)
-        # restore the constraint; absorb the projection in the observed-design coefficients
-        M = Q.T @ U
-        U = U - Q @ M
-        coef = _absorb_projection(coef, X, A, Q, M, d, r)
+        coef = fit_glm(Y, np.hstack([X, U]), A, family="nb", size=size, offset=log_s,
+                       max_iter=1, init=coef, compute_se=False).coef
+        H = np.zeros((n, r * (r + 1) // 2))
+        g = np.zeros((n, r))
+        nll = 0.0
+        for c, const in zip(chunks, consts):
+            y = _dense_columns(Y, c)
+            eta = log_s[:, None] + X @ coef[c, :d].T + U @ coef[c, d:d + r].T
+            if coef.shape[1] > d + r:
+                eta += A @ coef[c, d + r:].T
+            np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
+            mu = np.exp(eta)
+            al = alpha[c][None, :]
+            nll -= (const + loglik_kernel(y, eta, mu, al)).sum()
+            Gm = coef[c, d:d + r]
+            H += (mu / (1.0 + al * mu)) @ sym_outer(Gm)
+            g += ((y - mu) / (1.0 + al * mu)) @ Gm
+        f = nll / (n * p)
         hist.append(f)
         bar.set_postfix(nll=f"{f:.5f}")
         if not np.isfinite(f):
-            raise FloatingPointError("GCATE objective became non-finite")
+            raise FloatingPointError("GCATE objective became non-finite; try a smaller r")
+        # cell step with a standard-normal prior on u_i (factors kept at unit variance):
+        # cells with little information (few counts) stay near 0 instead of drifting
+        Hm = sym_unpack(H, r)
+        idx = np.arange(r)
+        Hm[:, idx, idx] += prior_precision
+        du = np.linalg.solve(Hm, (g - prior_precision * U)[..., None])[..., 0]
+        big = np.abs(du).max(axis=1, keepdims=True)
+        U = U + du * np.minimum(1.0, 1.0 / np.maximum(big, 1e-300))
+        M = Q.T @ U
+        U = U - Q @ M
+        coef = _absorb_projection(coef, X, A, Q, M, d, r)
+        scale = np.maximum(U.std(axis=0), 1e-12)
+        U = U / scale
+        coef[:, d:d + r] *= scale
         if stopper(it, f):
             break
     fit = fit_glm(Y, np.hstack([X, U]), A, family="nb", size=size, offset=log_s,
@@ -273,6 +308,19 @@ def _absorb_projection(coef, X, A, Q, M, d, r):
     out[:, :d] += delta[:, :d]
     out[:, d + r:] += delta[:, d:]
     return out
+
+
+def winsorize_factors(U: np.ndarray, k: float = 6.0) -> np.ndarray:
+    """Clip each factor to median ± k robust SDs (1.4826 MAD).
+
+    A handful of cells dominated by one gene can get extreme factor values; a GLM that is
+    linear in U then extrapolates their counterfactual means by orders of magnitude, and
+    one such cell can swamp an AIPW mean.  Gaussian-like factors are never clipped at k = 6.
+    """
+    med = np.median(U, axis=0)
+    mad = 1.4826 * np.median(np.abs(U - med), axis=0)
+    mad = np.where(mad > 0, mad, U.std(axis=0) + 1e-12)
+    return np.clip(U, med - k * mad, med + k * mad)
 
 
 def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilon: float = 1.35):
@@ -371,7 +419,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         alpha = np.zeros((a, r))
     else:
         alpha = _treatment_shift(beta_hat, se_hat, Gamma1r)
-    U2 = U1r + A @ alpha
+    U2 = winsorize_factors(U1r) + A @ alpha
     coef2 = coef1.copy()
     coef2[:, d:d + a] = beta_hat - Gamma1r @ alpha.T
     hist2 = [hist1[-1]]

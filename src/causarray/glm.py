@@ -6,17 +6,29 @@ Model, for cell i and gene j::
     log mu_ij = o_i + x_i' b_j + c_{j, g(i)}
 
 where ``x_i`` are dense covariates (the intercept included), ``g(i)`` is the
-perturbation group of cell i (``-1`` for controls) and ``o_i`` an offset
-(log size factor).  Group indicators are disjoint, so the group block of the
-Fisher information ``G'WG`` is diagonal; each Newton step is solved through the
-Schur complement of that block (SPEC §5.2), which costs ``O(n p d^2)`` instead of
-``O(n p (d + a)^2)`` and gives the exact IRLS solution.
+perturbation group of cell i (no group for controls) and ``o_i`` an offset (log size
+factor).  Group indicators are disjoint, so the group block of the Fisher information
+``G'WG`` is diagonal; each Newton step is solved through the Schur complement of that
+block (SPEC §5.2), which costs ``O(n p d^2)`` instead of ``O(n p (d + a)^2)`` and gives
+the exact IRLS solution.
 
-Fitting is vectorised over genes: genes are processed in chunks whose working
-matrices (n x chunk) stay small, and inside a chunk every Gram matrix is one
-BLAS call.  Converged genes leave the active set.  A damping ridge is used only
-in the Hessian, so the fixed point is the unpenalised maximum-likelihood
-estimate (agreement with statsmodels is tested).
+Two solvers share this module:
+
+* **saturated groups** -- the design is an intercept plus one-hot groups with a
+  non-empty control set.  The likelihood then separates into one-parameter problems,
+  one per (gene, cell set): the Poisson MLE is closed form (log of the set's count sum
+  over its size-factor sum) and the NB MLE is a safeguarded one-dimensional Newton
+  iteration on a strictly concave function.  No Gram matrices are formed.
+* **Schur IRLS** -- any other design (dense covariates, optionally with one-hot
+  groups): Newton steps with step halving on the deviance, vectorised over a chunk of
+  genes; every Gram block of a chunk is one BLAS call.
+
+Both are exact maximum-likelihood solvers (agreement with statsmodels is tested); a
+tiny damping ridge enters only the Hessian, so it does not move the fixed point.
+Fitting is chunked over genes (the working matrices are n x chunk) and converged genes
+leave the active set.  Elementwise passes are fused: one pass gives the IRLS weights
+and scores, one gives the log-likelihood kernel; the deviance constant (which depends
+on the counts and the size only) is computed once per fit.
 """
 from __future__ import annotations
 
@@ -30,8 +42,15 @@ from scipy.special import gammaln, xlogy
 logger = logging.getLogger("causarray")
 
 ETA_MIN, ETA_MAX = -30.0, 20.0
+MU_MIN, MU_MAX = float(np.exp(ETA_MIN)), float(np.exp(ETA_MAX))
+#: Group coefficients of groups without any count are pinned at ``-GROUP_COEF_BOUND``.
 GROUP_COEF_BOUND = 30.0
-_CHUNK_BYTES = 8 * 2**20  # working memory per gene chunk and temporary
+_CHUNK_BYTES = 8 * 2**20      # working memory per gene chunk and temporary (other modules)
+_FIT_CHUNK_BYTES = 4 * 2**20  # the engine's own chunks: keeps its temporaries cache-friendly
+_COEF_TOL = 1e-6              # max |coefficient step| for convergence
+_MAX_HALVING = 8
+_MAX_NEWTON_STEP = 10.0       # cap on a one-dimensional Newton step (saturated solver)
+_FAMILIES = ("nb", "poisson")
 
 
 # ----------------------------------------------------------------------------------
@@ -106,14 +125,96 @@ def loglik_kernel(y: np.ndarray, eta: np.ndarray, mu: np.ndarray, alpha: np.ndar
 
     NB: sum_i [y eta - (y + r) log1p(mu / r)];  Poisson: sum_i [y eta - mu].
     """
-    alpha = np.broadcast_to(alpha, (1, y.shape[1]))
+    alpha = np.broadcast_to(np.asarray(alpha, dtype=float), (1, y.shape[1]))[0]
+    return _kernel_sums(np.asarray(y, dtype=float), np.array(eta, dtype=float), mu, alpha)
+
+
+def _kernel_sums(y: np.ndarray, eta: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``loglik_kernel`` with ``eta`` used as scratch (overwritten); alpha is (m,).
+
+    Uses sum_i (y + r) log1p(alpha mu) = sum_i y L + (sum_i L) / alpha, L = log1p(alpha mu),
+    so that the only temporary is L.
+    """
     nb = alpha > 0
-    if nb.any():
-        safe = np.where(nb, alpha, 1.0)
-        tail = np.where(nb, (y + 1.0 / safe) * np.log1p(mu * alpha), mu)
+    if not nb.any():
+        return np.einsum("ij,ij->j", y, eta) - mu.sum(axis=0)
+    L = np.multiply(mu, alpha, out=np.empty_like(mu))
+    np.log1p(L, out=L)
+    tail = L.sum(axis=0)
+    np.subtract(eta, L, out=eta)
+    del L
+    out = np.einsum("ij,ij->j", y, eta)
+    if nb.all():
+        out -= tail / alpha
     else:
-        tail = mu
-    return (y * eta - tail).sum(axis=0)
+        safe = np.where(nb, alpha, 1.0)
+        out -= np.where(nb, tail / safe, mu.sum(axis=0))
+    return out
+
+
+def _deviance_constant(y: np.ndarray, alpha: np.ndarray, ylogy: np.ndarray) -> np.ndarray:
+    """Per-gene ``dev + 2 * kernel``: 2 sum_i [y log y - (y + r) log1p(y / r)] (NB) or
+    2 sum_i [y log y - y] (Poisson); ``ylogy`` = sum_i y log y (it does not depend on r)."""
+    nb = alpha > 0
+    if not nb.any():
+        return 2.0 * (ylogy - y.sum(axis=0))
+    L = np.multiply(y, alpha, out=np.empty_like(y))
+    np.log1p(L, out=L)
+    tail = np.einsum("ij,ij->j", y, L)
+    safe = np.where(nb, alpha, 1.0)
+    tail += L.sum(axis=0) / safe
+    del L
+    if not nb.all():
+        tail = np.where(nb, tail, y.sum(axis=0))
+    return 2.0 * (ylogy - tail)
+
+
+def _working_weights(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray, observed: bool = False):
+    """Newton weights and scores of the log-link NB / Poisson likelihood.
+
+    Scores ``(y - mu) / (1 + alpha mu)``; weights: Fisher ``mu / (1 + alpha mu)`` or, with
+    ``observed``, the observed information ``mu (1 + alpha y) / (1 + alpha mu)^2`` (always
+    positive: the NB log-likelihood is concave in the linear predictor), which makes the
+    Newton iteration quadratically convergent for the non-canonical NB link.
+    """
+    resid = np.subtract(y, mu)
+    if not np.any(alpha > 0):
+        return mu.copy(), resid
+    t = np.multiply(mu, alpha, out=np.empty_like(mu))
+    t += 1.0
+    np.reciprocal(t, out=t)
+    resid *= t
+    np.multiply(mu, t, out=t)
+    if observed:   # t (1 + alpha y)/(1 + alpha mu) = t (1 + alpha resid)
+        u = np.multiply(resid, alpha)
+        u += 1.0
+        t *= u
+    return t, resid
+
+
+def _mom_alpha(y: np.ndarray, mu: np.ndarray, dof: int) -> np.ndarray:
+    """Method-of-moments dispersion per gene (SPEC §4.1 step 3), before clipping to [1e-8, 100].
+
+    alpha_j = sum_i [(y - mu)^2 - y] / max(mu^2, 1e-10) / max(dof, 1); non-finite -> 1e-8.
+    """
+    num = np.subtract(y, mu)
+    num *= num
+    num -= y
+    den = np.multiply(mu, mu)
+    np.maximum(den, 1e-10, out=den)
+    num /= den
+    del den
+    alpha = num.sum(axis=0) / max(dof, 1)
+    alpha = np.clip(alpha, 1e-8, 1e6)
+    alpha[~np.isfinite(alpha)] = 1e-8
+    return alpha
+
+
+def _size_from_mom(alpha: np.ndarray, all_zero: np.ndarray) -> np.ndarray:
+    """SPEC §4.1 step 4: alpha clipped to [1e-8, 100], size = 1/alpha, 1 for all-zero genes."""
+    size = 1.0 / np.clip(alpha, 1e-8, 100.0)
+    size[all_zero | ~np.isfinite(size)] = 1.0
+    return size
 
 
 # ----------------------------------------------------------------------------------
@@ -158,16 +259,22 @@ def _column_scales(X: np.ndarray) -> np.ndarray:
 
 @dataclass
 class GLMFit:
-    """Per-gene GLM fit on the design ``[X | G]`` (G = one-hot groups).
+    """Per-gene GLM fit on the design ``[X | A]`` (one-hot ``A`` handled as groups).
 
     Attributes
     ----------
     coef : (p, d + a) coefficients; columns follow ``[X | A]``.
-    se : (p, d + a) Wald standard errors from the inverse Fisher information.
+    se : (p, d + a) Wald standard errors from the inverse Fisher information (``inf``
+        for a group coefficient pinned at ``-GROUP_COEF_BOUND`` because the group has no
+        counts; ``nan`` when not computed).
     size : (p,) NB size r_j used in the final fit (``inf`` for Poisson).
-    converged : (p,) bool, relative deviance change below ``tol``.
+    converged : (p,) bool; False for genes stopped by ``max_iter``, stalled genes, genes
+        without any count and genes without counts in the control cells of a
+        saturated design (their maximum-likelihood estimate does not exist).
     deviance : (p,) residual deviance.
-    n_iter : (p,) IRLS iterations used.
+    n_iter : (p,) iterations of the final fit.
+    n_covariates : d, the number of columns of ``X``.
+    family : 'nb' or 'poisson'.
     """
 
     coef: np.ndarray
@@ -195,228 +302,628 @@ class GLMFit:
         if A is not None and self.coef.shape[1] > self.n_covariates:
             eta += np.asarray(A, float) @ self.coef_groups.T
         if offset is not None:
-            eta += np.asarray(offset, float)[:, None]
+            eta += np.asarray(offset, float).reshape(-1)[:, None]
         return np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
 
+    def predict_mean(self, X: np.ndarray, A: np.ndarray | None = None,
+                     offset: np.ndarray | None = None) -> np.ndarray:
+        """Fitted means ``exp(predict_log_mean(X, A, offset))`` (n x p)."""
+        return np.exp(self.predict_log_mean(X, A, offset))
 
-# ----------------------------------------------------------------------------------
-# IRLS core on one chunk of genes
-# ----------------------------------------------------------------------------------
+
 @dataclass
 class _Design:
-    """Dense covariates (preconditioned) plus group structure, rows sorted by group."""
+    """Preconditioned dense covariates plus group structure, rows sorted by group.
 
-    X: np.ndarray              # n x d, preconditioned
-    XX: np.ndarray             # n x d*d, row-wise outer products
-    groups: np.ndarray         # n, -1 = no group
+    Rows are ordered group 0, group 1, ..., group a-1, then the control cells.
+    """
+
+    X: np.ndarray              # n x d, preconditioned, sorted rows
+    scales: np.ndarray         # d, column scales (coef_original = coef_scaled / scales)
     n_groups: int
-    slices: list               # per group: slice into the group-sorted row order
+    bounds: np.ndarray         # a + 2 row boundaries: group k = [bounds[k], bounds[k+1])
     order: np.ndarray          # permutation sorting rows by group (controls last)
+    offset: np.ndarray         # n, sorted offsets
+    saturated: bool            # intercept + one-hot groups with non-empty sets
+    _XXG: np.ndarray | None = None
+    _XXG32: np.ndarray | None = None
+    _XG: np.ndarray | None = None
+    _XoG: np.ndarray | None = None
 
     @classmethod
-    def build(cls, X: np.ndarray, groups: np.ndarray | None, n_groups: int) -> "_Design":
+    def build(cls, X: np.ndarray, groups: np.ndarray | None, n_groups: int,
+              offset: np.ndarray) -> "_Design":
         n = X.shape[0]
         if groups is None:
             groups = np.full(n, -1, dtype=np.int64)
         key = np.where(groups < 0, n_groups, groups)
         order = np.argsort(key, kind="stable")
-        Xs = np.ascontiguousarray(X[order])
-        gs = groups[order]
-        bounds = np.searchsorted(np.where(gs < 0, n_groups, gs), np.arange(n_groups + 1))
-        slices = [slice(bounds[k], bounds[k + 1]) for k in range(n_groups)]
-        XX = sym_outer(Xs)
-        return cls(Xs, XX, gs, n_groups, slices, order)
+        counts = np.bincount(key, minlength=n_groups + 1)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        scales = _column_scales(X)
+        Xs = np.ascontiguousarray(X[order] / scales)
+        saturated = bool(n_groups > 0 and X.shape[1] == 1 and np.ptp(X[:, 0]) == 0
+                         and X[0, 0] != 0 and (counts > 0).all())
+        return cls(Xs, scales, n_groups, bounds, order, np.ascontiguousarray(offset[order]),
+                   saturated)
 
-    def eta(self, B: np.ndarray, C: np.ndarray, offset: np.ndarray) -> np.ndarray:
-        """o + X B + G C for a chunk; B (d x m), C (a x m), offset (n x 1 or n x m)."""
-        eta = self.X @ B
+    @property
+    def d(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def slices(self) -> list[slice]:
+        """Row slices of the groups (controls excluded)."""
+        return [slice(self.bounds[k], self.bounds[k + 1]) for k in range(self.n_groups)]
+
+    @property
+    def set_slices(self) -> list[slice]:
+        """Row slices of the groups followed by the control cells."""
+        return [slice(self.bounds[k], self.bounds[k + 1]) for k in range(self.n_groups + 1)]
+
+    def _onehot(self) -> np.ndarray:
+        G = np.zeros((self.X.shape[0], self.n_groups))
         for k, sl in enumerate(self.slices):
-            eta[sl] += C[k]
-        eta += offset
-        return eta
+            G[sl, k] = 1.0
+        return G
+
+    @property
+    def XXG(self) -> np.ndarray:
+        """``[sym_outer(X) | G]``: one GEMM with the weights gives X'WX and diag(G'WG)."""
+        if self._XXG is None:
+            self._XXG = np.ascontiguousarray(np.hstack([sym_outer(self.X), self._onehot()]))
+        return self._XXG
+
+    @property
+    def XXG32(self) -> np.ndarray:
+        """``XXG`` in single precision, for the Hessians of the Newton iterations."""
+        if self._XXG32 is None:
+            self._XXG32 = self.XXG.astype(np.float32)
+        return self._XXG32
+
+    @property
+    def XG(self) -> np.ndarray:
+        """``[X | G]``: one GEMM with the scores gives the whole gradient."""
+        if self._XG is None:
+            self._XG = np.ascontiguousarray(np.hstack([self.X, self._onehot()]))
+        return self._XG
+
+    @property
+    def XoG(self) -> np.ndarray:
+        """``[X | o | G]``: one GEMM gives the linear predictor offset included."""
+        if self._XoG is None:
+            self._XoG = np.ascontiguousarray(
+                np.hstack([self.X, self.offset[:, None], self._onehot()]))
+        return self._XoG
+
+    def linear_predictor(self, B: np.ndarray, C: np.ndarray) -> np.ndarray:
+        """Clipped ``o + X B + G C`` for a chunk; B (d x m), C (a x m)."""
+        coef = np.vstack([B, np.ones((1, B.shape[1])), C])
+        eta = self.XoG @ coef
+        return np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
 
 
-def _solve_newton(design: _Design, w: np.ndarray, score: np.ndarray, ridge: float,
-                  want_cov: bool = False):
-    """Newton step (and optionally the covariance diagonal) for every gene of a chunk.
+# ----------------------------------------------------------------------------------
+# Schur-complement IRLS (dense covariates, optional one-hot groups)
+# ----------------------------------------------------------------------------------
+def _group_sums(design: _Design, arr: np.ndarray) -> np.ndarray:
+    """Per-group column sums (a x m) of a row-sorted n x m array."""
+    out = np.zeros((design.n_groups, arr.shape[1]))
+    for k, sl in enumerate(design.slices):
+        if sl.stop > sl.start:
+            arr[sl].sum(axis=0, out=out[k])
+    return out
 
-    ``w`` are IRLS weights and ``score`` = w (y - mu)/mu, both n x m.
+
+@dataclass
+class _NewtonSystem:
+    """Schur-reduced Newton system of a chunk: covariate block ``S`` and group terms."""
+
+    S: np.ndarray            # m x d x d Schur complement (damped)
+    gx: np.ndarray           # m x d reduced covariate gradient
+    gg: np.ndarray           # a x m group gradient
+    E: np.ndarray            # a x m x d cross blocks X'W G
+    Dr: np.ndarray           # a x m damped group diagonal
+
+
+def _gram(design: _Design, w: np.ndarray, single: bool) -> np.ndarray:
+    """``w' [sym_outer(X) | G]`` (m x (d(d+1)/2 + a)): every X'WX and diag(G'WG) at once.
+
+    ``single`` forms it in float32 (twice the GEMM speed).  Used only for the Hessians of
+    the Newton iterations: the scores stay float64, so the fixed point -- the MLE -- is
+    unchanged and only the (already quadratic) convergence rate is touched.
     """
-    X, d, a = design.X, design.X.shape[1], design.n_groups
+    if single:
+        return (w.astype(np.float32).T @ design.XXG32).astype(np.float64)
+    return w.T @ design.XXG
+
+
+def _newton_system(design: _Design, w: np.ndarray, resid: np.ndarray, pinned: np.ndarray,
+                   ridge: float, single: bool = False) -> _NewtonSystem:
+    """Assemble the Schur-reduced Newton system for every gene of a chunk.
+
+    ``w`` are IRLS weights and ``resid`` = (y - mu)/(1 + alpha mu), both n x m (rows sorted).
+    Pinned groups (a x m) are held fixed: they drop out of the system.
+    """
+    d, a = design.d, design.n_groups
     m = w.shape[1]
-    H = sym_unpack(w.T @ design.XX, d)                 # X'WX per gene
-    gx = (X.T @ score).T                               # m x d
+    nsym = d * (d + 1) // 2
     if a:
-        D = np.empty((a, m))
-        E = np.empty((a, m, d))                        # X'W G, per group
-        gg = np.empty((a, m))
+        WG = _gram(design, w, single)                      # m x (nsym + a)
+        g = resid.T @ design.XG                            # m x (d + a)
+        H = sym_unpack(WG[:, :nsym], d)
+        gx = g[:, :d].copy()
+        D = WG[:, nsym:].T.copy()                          # a x m
+        gg = g[:, d:].T.copy()
+        E = np.empty((a, m, d))
         for k, sl in enumerate(design.slices):
-            D[k] = w[sl].sum(axis=0)
-            E[k] = (X[sl].T @ w[sl]).T
-            gg[k] = score[sl].sum(axis=0)
+            np.matmul(w[sl].T, design.X[sl], out=E[k])
+        if pinned.any():
+            E[pinned] = 0.0
+            gg[pinned] = 0.0
         Dr = D + ridge * (1.0 + D)
-        F = E / Dr[:, :, None]                         # D^-1 E
-        H = H - np.einsum("kmd,kme->mde", F, E)
-        gx = gx - np.einsum("kmd,km->md", F, gg)
-    idx = np.arange(d)
-    H[:, idx, idx] += ridge * (1.0 + H[:, idx, idx])
-    try:
-        L = np.linalg.cholesky(H)
-        Hinv_ok = True
-    except np.linalg.LinAlgError:
-        Hinv_ok = False
-    if Hinv_ok:
-        db = _chol_solve(L, gx)
+        Dr[pinned] = 1.0
+        F = E / Dr[:, :, None]
+        Ft = F.transpose(1, 2, 0)                          # m x d x a
+        H -= Ft @ E.transpose(1, 0, 2)
+        gx -= (Ft @ gg.T[:, :, None])[..., 0]
     else:
-        db = np.einsum("mde,me->md", np.linalg.pinv(H), gx)
-    dc = None
-    if a:
-        dc = (gg - np.einsum("kmd,md->km", E, db)) / Dr
-    if not want_cov:
-        return db, dc, None, None
-    Hinv = np.linalg.pinv(H) if not Hinv_ok else _chol_inverse(L)
-    var_b = np.einsum("mdd->md", Hinv)
-    var_c = None
-    if a:
-        var_c = 1.0 / Dr + np.einsum("kmd,mde,kme->km", F, Hinv, F)
-    return db, dc, var_b, var_c
+        H = sym_unpack(_gram(design, w, single), d)
+        gx = (resid.T @ design.XG)
+        gg = np.zeros((0, m))
+        E = np.zeros((0, m, d))
+        Dr = np.ones((0, m))
+    idx = np.arange(d)
+    H[:, idx, idx] += ridge * (1.0 + np.abs(H[:, idx, idx]))
+    return _NewtonSystem(H, gx, gg, E, Dr)
 
 
-def _chol_solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve (L L') x = b for stacks of small systems."""
-    y = np.linalg.solve(L, b[..., None])
-    return np.linalg.solve(np.swapaxes(L, -1, -2), y)[..., 0]
+def _batched_solve(S: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve S_j x_j = b_j for a stack of small systems; least squares where singular."""
+    try:
+        return np.linalg.solve(S, b[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        out = np.empty_like(b)
+        for j in range(S.shape[0]):
+            out[j] = np.linalg.lstsq(S[j], b[j], rcond=None)[0]
+        return out
 
 
-def _chol_inverse(L: np.ndarray) -> np.ndarray:
-    eye = np.broadcast_to(np.eye(L.shape[-1]), L.shape)
-    Linv = np.linalg.solve(L, eye)
-    return np.swapaxes(Linv, -1, -2) @ Linv
+def _batched_inverse(S: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.inv(S)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(S)
 
 
-def _irls_chunk(design: _Design, Y: np.ndarray, offset: np.ndarray, alpha: np.ndarray,
-                B: np.ndarray, C: np.ndarray, max_iter: int, tol: float, ridge: float,
-                max_halving: int = 8, coef_tol: float = 1e-6):
-    """Run IRLS with step halving for one chunk of genes (columns of Y).
+def _newton_step(sys_: _NewtonSystem):
+    """Newton step (db: m x d, dc: a x m) of a Schur-reduced system."""
+    db = _batched_solve(sys_.S, sys_.gx)
+    dc = (sys_.gg - np.einsum("kmd,md->km", sys_.E, db)) / sys_.Dr
+    return db, dc
 
-    Returns B, C, converged, deviance, n_iter, var_b, var_c.
+
+def _covariance_diag(sys_: _NewtonSystem, pinned: np.ndarray):
+    """Diagonals of the inverse Fisher information: var_b (m x d), var_c (a x m)."""
+    Sinv = _batched_inverse(sys_.S)
+    var_b = np.einsum("mdd->md", Sinv)
+    a = sys_.Dr.shape[0]
+    if not a:
+        return var_b, np.zeros((0, var_b.shape[0]))
+    F = (sys_.E / sys_.Dr[:, :, None]).transpose(1, 0, 2)   # m x a x d
+    var_c = (1.0 / sys_.Dr + np.einsum("mkd,mkd->km", F @ Sinv, F))
+    var_c[pinned] = np.inf
+    return var_b, var_c
+
+
+def _evaluate(design: _Design, y: np.ndarray, alpha: np.ndarray, B: np.ndarray,
+              C: np.ndarray, cst: np.ndarray):
+    """Fitted means and deviance of a chunk at coefficients (B, C)."""
+    eta = design.linear_predictor(B, C)
+    mu = np.exp(eta)
+    dev = cst - 2.0 * _kernel_sums(y, eta, mu, alpha)
+    return mu, dev
+
+
+def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray,
+                C: np.ndarray, pinned: np.ndarray, skip: np.ndarray, ylogy: np.ndarray,
+                max_iter: int, tol: float, ridge: float, compute_se: bool,
+                coef_tol: float = _COEF_TOL):
+    """Newton/IRLS with step halving for one chunk of genes (columns of row-sorted ``Y``).
+
+    ``B`` (d x m) and ``C`` (a x m) are updated in place; genes in ``skip`` are not fitted.
+    Returns converged, deviance, n_iter, var_b (m x d), var_c (a x m).
     """
     m = Y.shape[1]
-    alpha = np.broadcast_to(alpha, (1, m)) if alpha.ndim == 1 else alpha
-
-    al_full = np.broadcast_to(alpha, (1, m))
-    nb_cols = al_full > 0
-    safe_al = np.where(nb_cols, al_full, 1.0)
-    # deviance = const_j - 2 * kernel_j(mu); const_j depends on y and r only
-    const = 2.0 * (xlogy(Y, Y) - np.where(nb_cols, (Y + 1.0 / safe_al) * np.log1p(Y * al_full),
-                                            Y)).sum(axis=0)
-
-    def deviance(Bc, Cc, cols):
-        eta = design.eta(Bc, Cc, offset if offset.shape[1] == 1 else offset[:, cols])
-        np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
-        mu = np.exp(eta)
-        return const[cols] - 2.0 * loglik_kernel(Y[:, cols], eta, mu, al_full[:, cols]), mu
-
-    # groups in which a gene has no counts: the MLE is -inf; pin at the bound
-    zero_group = np.zeros((design.n_groups, m), bool)
-    for k, sl in enumerate(design.slices):
-        zero_group[k] = ~(Y[sl] > 0).any(axis=0)
-    C[zero_group] = -GROUP_COEF_BOUND
-    active = np.arange(m)
-    dev, mu = deviance(B, C, active)
+    C[pinned] = -GROUP_COEF_BOUND
+    cst = _deviance_constant(Y, alpha, ylogy)
+    mu, dev = _evaluate(design, Y, alpha, B, C, cst)
     converged = np.zeros(m, bool)
     n_iter = np.zeros(m, int)
-    for it in range(max_iter):
+    active = np.flatnonzero(~skip)
+    if active.size < m:
+        Ya, mua, ala = Y[:, active], mu[:, active], alpha[active]
+    else:
+        Ya, mua, ala = Y, mu, alpha
+    del mu
+    for _ in range(max_iter):
         if active.size == 0:
             break
-        al = alpha[:, active] if alpha.shape[1] == m else alpha
-        y = Y[:, active]
-        w = mu / (1.0 + al * mu)
-        score = w * (y - mu) / np.maximum(mu, 1e-300)
-        db, dc, _, _ = _solve_newton(design, w, score, ridge)
-        if dc is not None:
-            dc[zero_group[:, active]] = 0.0
-        Bold, Cold = B[:, active], C[:, active]
+        pin = pinned[:, active]
+        w, resid = _working_weights(Ya, mua, ala, observed=True)
+        sys_ = _newton_system(design, w, resid, pin, ridge, single=design.d > 8)
+        del w, resid
+        db, dc = _newton_step(sys_)
+        dc[pin] = 0.0
+        B0, C0 = B[:, active], C[:, active]
+        Bt = B0 + db.T
+        Ct = np.clip(C0 + dc, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
+        dev0 = dev[active]
+        mut, devt = _evaluate(design, Ya, ala, Bt, Ct, cst[active])
+        ok = np.isfinite(devt) & (devt <= dev0 + 1e-12 * np.abs(dev0) + 1e-10)
         step = np.ones(active.size)
-        new_dev = np.full(active.size, np.inf)
-        new_mu = np.empty_like(mu)
-        todo = np.arange(active.size)
-        for _ in range(max_halving + 1):
-            Bt = Bold[:, todo] + step[todo] * db[todo].T
-            Ct = Cold[:, todo] + step[todo] * dc[:, todo] if dc is not None else Cold[:, todo]
-            np.clip(Ct, -GROUP_COEF_BOUND, GROUP_COEF_BOUND, out=Ct)
-            dv, mt = deviance(Bt, Ct, active[todo])
-            ref = dev[active[todo]]
-            ok = np.isfinite(dv) & (dv <= ref + 1e-12 * np.abs(ref) + 1e-10)
-            sel = todo[ok]
-            B[:, active[sel]] = Bt[:, ok]
-            C[:, active[sel]] = Ct[:, ok]
-            new_dev[sel] = dv[ok]
-            new_mu[:, sel] = mt[:, ok]
-            todo = todo[~ok]
-            if todo.size == 0:
+        bad = np.flatnonzero(~ok)
+        for _h in range(_MAX_HALVING):
+            if bad.size == 0:
                 break
-            step[todo] *= 0.5
-        # genes whose step never improved keep the old iterate and are treated as stalled
-        if todo.size:
-            new_dev[todo] = dev[active[todo]]
-            new_mu[:, todo] = mu[:, todo]
-        n_iter[active] += 1
+            step[bad] *= 0.5
+            Bt[:, bad] = B0[:, bad] + step[bad] * db[bad].T
+            Ct[:, bad] = np.clip(C0[:, bad] + step[bad] * dc[:, bad],
+                                 -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
+            mub, devb = _evaluate(design, Ya[:, bad], ala[bad], Bt[:, bad], Ct[:, bad],
+                                  cst[active[bad]])
+            okb = np.isfinite(devb) & (devb <= dev0[bad] + 1e-12 * np.abs(dev0[bad]) + 1e-10)
+            acc = bad[okb]
+            mut[:, acc] = mub[:, okb]
+            devt[acc] = devb[okb]
+            bad = bad[~okb]
         stalled = np.zeros(active.size, bool)
-        stalled[todo] = True
-        rel = np.abs(dev[active] - new_dev) / (np.abs(new_dev) + 0.1)
+        stalled[bad] = True            # never improved: keep the previous iterate
+        good = ~stalled
+        B[:, active[good]] = Bt[:, good]
+        C[:, active[good]] = Ct[:, good]
+        n_iter[active] += 1
+        rel = np.abs(dev0 - devt) / (np.abs(devt) + 0.1)
         dmax = np.abs(db).max(axis=1) * step
-        if dc is not None and dc.shape[0]:
+        if dc.shape[0]:
             dmax = np.maximum(dmax, np.abs(dc).max(axis=0) * step)
-        conv_now = (rel < tol) & (dmax < coef_tol) & ~stalled
+        conv_now = good & (rel < tol) & (dmax < coef_tol)
         converged[active[conv_now]] = True
-        dev[active] = new_dev
-        keep = ~(conv_now | stalled)
-        mu = new_mu[:, keep]
-        active = active[keep]
-    # final covariance at the solution
-    eta = design.eta(B, C, offset)
-    np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
-    mu = np.exp(eta)
-    w = mu / (1.0 + alpha * mu)
-    score = w * (Y - mu) / np.maximum(mu, 1e-300)
-    _, _, var_b, var_c = _solve_newton(design, w, score, 1e-12, want_cov=True)
-    return B, C, converged, dev, n_iter, var_b, var_c
+        dev[active[good]] = devt[good]
+        keep = good & ~conv_now
+        if keep.all():
+            mua = mut
+        else:
+            active = active[keep]
+            Ya, mua, ala = Ya[:, keep], mut[:, keep], ala[keep]
+        del mut
+    del Ya, mua
+    var_b = var_c = None
+    if compute_se:
+        fit = np.flatnonzero(~skip)
+        var_b = np.full((m, design.d), np.nan)
+        var_c = np.full((design.n_groups, m), np.nan)
+        if fit.size:
+            eta = design.linear_predictor(B[:, fit], C[:, fit])
+            mu = np.exp(eta, out=eta)
+            w = mu if not np.any(alpha[fit] > 0) else mu / (1.0 + alpha[fit] * mu)
+            sys_ = _newton_system(design, w, np.zeros_like(w), pinned[:, fit], 1e-12)
+            del w, mu, eta
+            var_b[fit], var_c[:, fit] = _covariance_diag(sys_, pinned[:, fit])
+        var_b[skip] = np.inf
+        var_c[:, skip] = np.inf
+    return converged, dev, n_iter, var_b, var_c
 
 
-def _wls_start(design: _Design, Y: np.ndarray, offset: np.ndarray, ridge: float):
+def _wls_start(design: _Design, Y: np.ndarray, pinned: np.ndarray):
     """Starting values: one weighted least-squares fit of log(y + 0.1) - o (weights y + 0.1)."""
     mu0 = Y + 0.1
-    z = np.log(mu0) - offset
-    # Newton step from zero coefficients in the working model with weights mu0
-    db, dc, _, _ = _solve_newton(design, mu0, mu0 * z, ridge)
-    B = db.T.copy()
-    C = dc.copy() if dc is not None else np.zeros((0, Y.shape[1]))
-    np.clip(C, -GROUP_COEF_BOUND, GROUP_COEF_BOUND, out=C)
+    z = np.log(mu0)
+    z -= design.offset[:, None]
+    z *= mu0
+    sys_ = _newton_system(design, mu0, z, pinned, 1e-8)
+    db, dc = _newton_step(sys_)
+    C = np.clip(dc, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
+    return db.T.copy(), C
+
+
+def _group_mean_start(design: _Design, Y: np.ndarray):
+    """Start at the Poisson MLE of intercept + groups (closed form), other coefficients 0.
+
+    Returns None when ``X`` has no constant column or there are no control cells.
+    """
+    const = np.flatnonzero((np.ptp(design.X, axis=0) == 0) & (design.X[0] != 0))
+    a = design.n_groups
+    if const.size == 0 or design.bounds[a] == design.bounds[a + 1]:
+        return None
+    s = np.exp(design.offset)
+    sums = np.empty((a + 1, Y.shape[1]))
+    ssum = np.empty(a + 1)
+    for k, r in enumerate(design.set_slices):
+        Y[r].sum(axis=0, out=sums[k])
+        ssum[k] = s[r].sum()
+    with np.errstate(divide="ignore"):
+        theta = np.log(np.maximum(sums, 0.5) / np.maximum(ssum, 1e-300)[:, None])
+    B = np.zeros((design.d, Y.shape[1]))
+    B[const[0]] = theta[-1] / design.X[0, const[0]]
+    C = np.clip(theta[:-1] - theta[-1], -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
     return B, C
+
+
+def _schur_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray | None,
+                 init: np.ndarray | None, *, max_iter: int, tol: float, ridge: float,
+                 compute_se: bool):
+    """Fit one row-sorted chunk with the Schur IRLS; alpha None = MoM recipe (SPEC §4.1)."""
+    n, m = Y.shape
+    d, a = design.d, design.n_groups
+    all_zero = ~(Y > 0).any(axis=0)
+    pinned = (_group_sums(design, Y) == 0) & ~all_zero[None, :]
+    ylogy = xlogy(Y, Y).sum(axis=0)
+    if init is not None:
+        B = (init[:, :d] * design.scales).T.copy()
+        C = init[:, d:].T.copy()
+    else:
+        start = _group_mean_start(design, Y)
+        B, C = _wls_start(design, Y, pinned) if start is None else start
+    _pin_all_zero(design, B, C, all_zero)
+    if alpha is None:
+        zeros = np.zeros(m)
+        _irls_chunk(design, Y, zeros, B, C, pinned, all_zero, ylogy, min(max_iter, 5), 1e-6,
+                    ridge, False)
+        dof = n - d - a
+        mu = np.exp(design.linear_predictor(B, C))
+        alpha = np.clip(_mom_alpha(Y, mu, dof), 1e-8, 100.0)
+        del mu
+        _irls_chunk(design, Y, alpha, B, C, pinned, all_zero, ylogy, min(max_iter, 10), 1e-6,
+                    ridge, False)
+        mu = np.exp(design.linear_predictor(B, C))
+        size = _size_from_mom(_mom_alpha(Y, mu, dof), all_zero)
+        del mu
+        alpha = 1.0 / size
+    conv, dev, n_iter, var_b, var_c = _irls_chunk(
+        design, Y, alpha, B, C, pinned, all_zero, ylogy, max_iter, tol, ridge, compute_se)
+    return B, C, alpha, conv, dev, n_iter, var_b, var_c
+
+
+def _pin_all_zero(design: _Design, B: np.ndarray, C: np.ndarray, all_zero: np.ndarray) -> None:
+    """Genes without counts: mean pinned at the lower clip (intercept column if any)."""
+    if not all_zero.any():
+        return
+    B[:, all_zero] = 0.0
+    C[:, all_zero] = -GROUP_COEF_BOUND
+    const = np.flatnonzero((np.ptp(design.X, axis=0) == 0) & (design.X[0] != 0))
+    if const.size:
+        c0 = const[0]
+        B[c0, all_zero] = (ETA_MIN - design.offset.max()) / design.X[0, c0]
+
+
+# ----------------------------------------------------------------------------------
+# saturated groups: intercept + one-hot groups (separable one-parameter problems)
+# ----------------------------------------------------------------------------------
+@dataclass
+class _SetStats:
+    """Per-set sufficient statistics of a chunk (sets = groups, then controls)."""
+
+    Sy: np.ndarray           # K x m count sums
+    Ss: np.ndarray           # K size-factor sums
+    o_lo: np.ndarray         # K min offset
+    o_hi: np.ndarray         # K max offset
+    pinned: np.ndarray       # K x m, set without counts
+    all_zero: np.ndarray     # m
+
+
+def _set_stats(design: _Design, Y: np.ndarray, s: np.ndarray) -> _SetStats:
+    sl = design.set_slices
+    K = len(sl)
+    Sy = np.empty((K, Y.shape[1]))
+    for k, r in enumerate(sl):
+        Y[r].sum(axis=0, out=Sy[k])
+    o = design.offset
+    Ss = np.array([s[r].sum() for r in sl])
+    pinned = Sy == 0
+    return _SetStats(Sy, Ss, np.array([o[r].min() for r in sl]),
+                     np.array([o[r].max() for r in sl]), pinned, pinned.all(axis=0))
+
+
+def _fill_pinned(theta: np.ndarray, st: _SetStats) -> np.ndarray:
+    """Set log-means of sets without counts: groups at control - bound; a control set
+    without counts at (largest group) - bound; genes without counts at the lower clip."""
+    th = theta.copy()
+    ctrl_pin = st.pinned[-1] & ~st.all_zero
+    if ctrl_pin.any():
+        th[-1, ctrl_pin] = np.where(st.pinned[:-1, ctrl_pin], -np.inf,
+                                    th[:-1, ctrl_pin]).max(axis=0) - GROUP_COEF_BOUND
+    th[-1, st.all_zero] = ETA_MIN - st.o_hi.max()
+    grp = st.pinned[:-1]
+    th[:-1][grp] = np.broadcast_to(th[-1], grp.shape)[grp] - GROUP_COEF_BOUND
+    return th
+
+
+def _set_means(design: _Design, s: np.ndarray, theta: np.ndarray, st: _SetStats,
+               free: np.ndarray | None = None) -> np.ndarray:
+    """mu_ij = s_i exp(theta_{set(i), j}), clipped to [e^-30, e^20] where needed.
+
+    ``free`` (K x m) restricts the clipping check to those sets (the means of pinned sets
+    are then left unclipped: they do not enter the Newton iteration).
+    """
+    with np.errstate(under="ignore"):
+        eth = np.exp(theta)
+    mu = np.empty((s.shape[0], theta.shape[1]))
+    for k, r in enumerate(design.set_slices):
+        np.multiply(s[r, None], eth[k], out=mu[r])
+    hi = theta + st.o_hi[:, None]
+    lo = theta + st.o_lo[:, None]
+    if free is not None:
+        hi, lo = hi[free], lo[free]
+    if hi.size and (hi.max() > ETA_MAX or lo.min() < ETA_MIN):
+        np.clip(mu, MU_MIN, MU_MAX, out=mu)
+    return mu
+
+
+def _set_newton(design: _Design, Y: np.ndarray, s: np.ndarray, theta: np.ndarray,
+                alpha: np.ndarray, st: _SetStats, max_iter: int,
+                coef_tol: float = _COEF_TOL):
+    """Safeguarded Newton on every (set, gene) log-mean; theta (K x m) updated in place.
+
+    Each one-parameter NB log-likelihood is strictly concave in theta, so its score is
+    decreasing: the iterate keeps a bracket [lo, hi] around the root and bisects when a
+    Newton step leaves it.  Returns converged (m,), n_iter (m,).
+    """
+    K, m = theta.shape
+    free = ~st.pinned
+    theta[st.pinned] = 0.0          # placeholder: pinned sets are masked out below
+    active = np.flatnonzero(~st.all_zero)
+    converged = np.zeros(m, bool)
+    n_iter = np.zeros(m, int)
+    lo = np.full((K, m), -np.inf)
+    hi = np.full((K, m), np.inf)
+    slices = design.set_slices
+    Ya, ala = (Y, alpha) if active.size == m else (Y[:, active], alpha[active])
+    for _ in range(max_iter):
+        if active.size == 0:
+            break
+        th = theta[:, active]
+        fr = free[:, active]
+        mu = _set_means(design, s, th, st, fr)
+        t = np.multiply(mu, ala)
+        t += 1.0
+        np.reciprocal(t, out=t)
+        resid = np.subtract(Ya, mu)
+        resid *= t
+        np.multiply(mu, t, out=mu)                          # mu now holds w
+        del t
+        score = np.empty((K, active.size))
+        info = np.empty((K, active.size))
+        cross = np.empty((K, active.size))
+        for k, r in enumerate(slices):
+            resid[r].sum(axis=0, out=score[k])
+            mu[r].sum(axis=0, out=info[k])
+            cross[k] = np.einsum("ij,ij->j", mu[r], resid[r])
+        del mu, resid
+        # observed information: sum mu (1 + alpha y)/(1 + alpha mu)^2 = sum w + alpha sum w r
+        hess = info + ala * cross
+        hess = np.where(hess > 0, hess, info)
+        hess[~fr] = 1.0
+        step = np.clip(score / hess, -_MAX_NEWTON_STEP, _MAX_NEWTON_STEP)
+        lo_a, hi_a = lo[:, active], hi[:, active]
+        lo_a = np.where((score > 0) & fr, np.maximum(lo_a, th), lo_a)
+        hi_a = np.where((score < 0) & fr, np.minimum(hi_a, th), hi_a)
+        prop = th + step
+        outside = (prop < lo_a) | (prop > hi_a)
+        both = np.isfinite(lo_a) & np.isfinite(hi_a)
+        with np.errstate(invalid="ignore"):
+            prop = np.where(outside & both, 0.5 * (lo_a + hi_a), prop)
+        prop = np.where(fr, prop, th)
+        delta = np.where(fr, np.abs(prop - th), 0.0).max(axis=0)
+        theta[:, active] = prop
+        lo[:, active], hi[:, active] = lo_a, hi_a
+        n_iter[active] += 1
+        done = delta < coef_tol
+        converged[active[done]] = True
+        if done.any():
+            keep = ~done
+            active = active[keep]
+            Ya, ala = Ya[:, keep], ala[keep]
+    return converged, n_iter
+
+
+def _set_mom(design: _Design, Y: np.ndarray, s: np.ndarray, theta: np.ndarray,
+             st: _SetStats, dof: int) -> np.ndarray:
+    mu = _set_means(design, s, _fill_pinned(theta, st), st)
+    return _mom_alpha(Y, mu, dof)
+
+
+def _saturated_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray | None,
+                     init: np.ndarray | None, *, family: str, max_iter: int,
+                     compute_se: bool):
+    """Fit intercept + one-hot groups for one row-sorted chunk by per-set Newton."""
+    n, m = Y.shape
+    a = design.n_groups
+    s = np.exp(design.offset)
+    st = _set_stats(design, Y, s)
+    with np.errstate(divide="ignore"):
+        theta = np.log(st.Sy / st.Ss[:, None])            # Poisson MLE per set (closed form)
+    ok_genes = ~st.all_zero & ~st.pinned[-1]
+    if family == "poisson":
+        alpha = np.zeros(m)
+        converged = ok_genes.copy()
+        n_iter = np.ones(m, int)
+    else:
+        if alpha is None:
+            dof = n - 1 - a
+            a0 = np.clip(_set_mom(design, Y, s, theta, st, dof), 1e-8, 100.0)
+            _set_newton(design, Y, s, theta, a0, st, min(max_iter, 10))
+            alpha = 1.0 / _size_from_mom(_set_mom(design, Y, s, theta, st, dof), st.all_zero)
+        elif init is not None:
+            x0 = design.X[0, 0] * design.scales[0]
+            start = init[:, :1].T * x0 + np.vstack([init[:, 1:].T, np.zeros((1, m))])
+            theta = np.where(st.pinned | ~np.isfinite(start), theta, start)
+        converged, n_iter = _set_newton(design, Y, s, theta, alpha, st, max_iter)
+        converged &= ok_genes
+    theta = _fill_pinned(theta, st)
+    # deviance and Fisher information at the solution: one fused pass
+    mu = _set_means(design, s, theta, st)
+    eta = np.log(mu)
+    ylogy = xlogy(Y, Y).sum(axis=0)
+    cst = _deviance_constant(Y, alpha, ylogy)
+    if compute_se:
+        w = mu / (1.0 + alpha * mu) if np.any(alpha > 0) else mu
+        info = np.empty((a + 1, m))
+        for k, r in enumerate(design.set_slices):
+            w[r].sum(axis=0, out=info[k])
+        del w
+    dev = cst - 2.0 * _kernel_sums(Y, eta, mu, alpha)
+    del mu, eta
+    x0 = design.X[0, 0] * design.scales[0]              # the constant column's value
+    coef = np.empty((m, 1 + a))
+    coef[:, 0] = theta[-1] / x0
+    coef[:, 1:] = (theta[:-1] - theta[-1]).T
+    se = np.full((m, 1 + a), np.nan)
+    if compute_se:
+        with np.errstate(divide="ignore"):
+            var = 1.0 / info
+        se[:, 0] = np.sqrt(var[-1]) / abs(x0)
+        se[:, 1:] = np.sqrt(var[:-1] + var[-1]).T
+        se[:, 1:][st.pinned[:-1].T] = np.inf
+        se[st.all_zero | st.pinned[-1]] = np.inf
+    return coef, se, alpha, converged, dev, n_iter
 
 
 # ----------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------
 def _dense_columns(Y, cols) -> np.ndarray:
+    """Columns ``cols`` of ``Y`` (dense or sparse) as a dense float64 array."""
     block = Y[:, cols]
     if sp.issparse(block):
         block = block.toarray()
     return np.asarray(block, dtype=float)
 
 
-def _gene_chunk_size(n: int, chunk_size: int | None) -> int:
+def _gene_chunk_size(n: int, chunk_size: int | None, budget: int = _CHUNK_BYTES) -> int:
+    """Genes per chunk so that one n x chunk float64 temporary uses about ``budget`` bytes."""
     if chunk_size:
         return int(chunk_size)
-    return int(max(16, min(4096, _CHUNK_BYTES // (8 * max(n, 1)))))
+    return int(max(16, min(4096, budget // (8 * max(n, 1)))))
+
+
+def _as_counts(Y):
+    """Y as a dense ndarray or a row-sorted-ready sparse matrix (CSC for column chunks)."""
+    if hasattr(Y, "to_numpy") and not sp.issparse(Y):     # pandas
+        Y = Y.to_numpy()
+    if sp.issparse(Y):
+        return Y
+    Y = np.asarray(Y)
+    if Y.ndim != 2:
+        raise ValueError(f"Y must be 2-D (cells x genes), got shape {Y.shape}")
+    return Y
 
 
 def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb",
             size: np.ndarray | float | None = None, offset: np.ndarray | None = None,
             max_iter: int = 100, tol: float = 1e-8, ridge: float = 1e-10,
             init: np.ndarray | None = None, chunk_size: int | None = None,
-            estimate_size: bool | None = None) -> GLMFit:
+            estimate_size: bool | None = None, compute_se: bool = True) -> GLMFit:
     """Fit a log-link NB or Poisson GLM for every gene (column of ``Y``).
 
     Parameters
@@ -424,21 +931,27 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
     Y : (n, p) counts, dense or scipy.sparse.
     X : (n, d) dense covariates, intercept included.
     A : (n, a) 0/1 treatment indicators or None.  One-hot ``A`` is handled as groups
-        (exact Schur-complement IRLS); a non-one-hot ``A`` is appended to ``X``.
+        (exact Schur-complement IRLS, or the separable per-set solver when ``X`` is only
+        the intercept); a non-one-hot ``A`` is appended to ``X``.
     family : 'nb' or 'poisson'.
     size : NB size per gene (p,) or scalar.  ``None`` with family 'nb' estimates it by
         method of moments (Poisson fit -> MoM -> NB fit -> MoM -> NB fit, SPEC §4.1).
     offset : (n,) per-cell offsets (log size factors).
-    max_iter, tol : IRLS cap and relative deviance tolerance.
+    max_iter, tol : iteration cap and relative deviance tolerance of the final fit.
     ridge : relative damping added to the Hessian diagonal only (does not move the MLE).
     init : (p, d + a) starting coefficients (warm start), optional.
+    chunk_size : genes per chunk (default: about 4 MiB per n x chunk temporary).
+    estimate_size : False to use NB with ``size`` as given even when it is None
+        (then alpha = 0, i.e. Poisson).
+    compute_se : False skips the standard errors (``se`` is NaN), saving one pass.
 
     Returns
     -------
     GLMFit
     """
-    if family not in ("nb", "poisson"):
+    if family not in _FAMILIES:
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    Y = _as_counts(Y)
     X = np.asarray(X, dtype=float)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (cells x covariates), got shape {X.shape}")
@@ -451,6 +964,8 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
         A = np.asarray(A, dtype=float)
         if A.ndim == 1:
             A = A[:, None]
+        if A.ndim != 2:
+            raise ValueError(f"A must be 2-D (cells x treatments), got shape {A.shape}")
         if A.shape[0] != n:
             raise ValueError(f"A has {A.shape[0]} rows but Y has {n} cells")
         if groups is None:
@@ -458,52 +973,63 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
         else:
             n_groups = A.shape[1]
     d = X.shape[1]
+    q = d + n_groups
     off = np.zeros(n) if offset is None else np.asarray(offset, dtype=float).ravel()
     if off.shape[0] != n:
         raise ValueError(f"offset has length {off.shape[0]} but Y has {n} cells")
+    if init is not None:
+        init = np.asarray(init, dtype=float)
+        if init.shape != (p, q):
+            raise ValueError(f"init must have shape {(p, q)}, got {init.shape}")
 
-    if family == "nb" and size is None and estimate_size is not False:
-        pois = fit_glm(Y, X if groups is None else X, None if groups is None else A,
-                       family="poisson", offset=off, max_iter=min(max_iter, 5), tol=1e-6,
-                       ridge=ridge, chunk_size=chunk_size)
-        size = mom_size(Y, pois, X, A if groups is not None else None, off)
-        nb1 = fit_glm(Y, X, A if groups is not None else None, family="nb", size=size,
-                      offset=off, max_iter=min(max_iter, 10), tol=1e-6, ridge=ridge,
-                      init=pois.coef, chunk_size=chunk_size)
-        size = mom_size(Y, nb1, X, A if groups is not None else None, off)
-        init = nb1.coef
+    estimate = family == "nb" and size is None and estimate_size is not False
     if family == "poisson":
         alpha_all = np.zeros(p)
-    else:
+    elif not estimate:
         alpha_all = np.broadcast_to(_alpha_from_size(size), (p,)).astype(float)
+    else:
+        alpha_all = np.zeros(p)
+    if np.any(alpha_all < 0) or not np.all(np.isfinite(alpha_all)):
+        raise ValueError("size must be positive (np.inf for Poisson)")
 
-    scales = _column_scales(X)
-    design = _Design.build(X / scales, groups, n_groups)
-    Xo = off[design.order][:, None]
-    q = d + n_groups
+    design = _Design.build(X, groups, n_groups, off)
+    if sp.issparse(Y):
+        Y = sp.csc_matrix(Y[design.order] if n_groups else Y)
     coef = np.zeros((p, q))
     se = np.full((p, q), np.nan)
     converged = np.zeros(p, bool)
     dev = np.zeros(p)
     n_iter = np.zeros(p, int)
-    step = _gene_chunk_size(n, chunk_size)
+    step = _gene_chunk_size(n, chunk_size, _FIT_CHUNK_BYTES)
     for start in range(0, p, step):
-        cols = np.arange(start, min(p, start + step))
-        Yc = _dense_columns(Y, cols)[design.order]
-        if init is not None:
-            B = (np.asarray(init, float)[cols, :d] * scales).T.copy()
-            C = np.asarray(init, float)[cols, d:].T.copy()
+        stop = min(p, start + step)
+        cols = slice(start, stop)
+        if sp.issparse(Y):
+            Yc = Y[:, start:stop].toarray().astype(float, copy=False)
+        elif n_groups:
+            Yc = np.asarray(Y[design.order, start:stop], dtype=float)
         else:
-            B, C = _wls_start(design, Yc, Xo, ridge=1e-8)
-        B, C, conv, dv, it, var_b, var_c = _irls_chunk(
-            design, Yc, Xo, alpha_all[cols][None, :], B, C, max_iter, tol, ridge)
-        coef[cols, :d] = (B.T / scales)
-        se[cols, :d] = np.sqrt(np.maximum(var_b, 0)) / scales
-        if n_groups:
+            Yc = np.array(Y[:, start:stop], dtype=float, order="C")
+        al = None if estimate else alpha_all[cols]
+        ini = None if init is None else init[cols]
+        if design.saturated:
+            c, s_, al, conv, dv, it = _saturated_chunk(
+                design, Yc, al, ini, family=family, max_iter=max_iter, compute_se=compute_se)
+            coef[cols], se[cols] = c, s_
+        else:
+            B, C, al, conv, dv, it, var_b, var_c = _schur_chunk(
+                design, Yc, al, ini, max_iter=max_iter, tol=tol, ridge=ridge,
+                compute_se=compute_se)
+            coef[cols, :d] = B.T / design.scales
             coef[cols, d:] = C.T
-            se[cols, d:] = np.sqrt(np.maximum(var_c.T, 0))
+            if compute_se:
+                se[cols, :d] = np.sqrt(np.maximum(var_b, 0)) / design.scales
+                se[cols, d:] = np.sqrt(np.maximum(var_c.T, 0))
+        alpha_all[cols] = al
         converged[cols], dev[cols], n_iter[cols] = conv, dv, it
     size_out = np.where(alpha_all > 0, 1.0 / np.where(alpha_all > 0, alpha_all, 1), np.inf)
+    if family == "nb" and not converged.all():
+        logger.debug("fit_glm: %d of %d genes did not converge", int((~converged).sum()), p)
     return GLMFit(coef=coef, se=se, size=size_out, converged=converged, deviance=dev,
                   n_iter=n_iter, n_covariates=d, family=family)
 
@@ -513,40 +1039,48 @@ def _iter_fitted_means(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
     """Yield (cols, y, mu) chunks of observed counts and fitted means."""
     n, p = Y.shape
     step = _gene_chunk_size(n, chunk_size)
+    X = np.asarray(X, float)
+    if A is not None:
+        A = np.asarray(A, float)
+        if A.ndim == 1:
+            A = A[:, None]
+        if fit.coef.shape[1] == fit.n_covariates + A.shape[1]:
+            pass
+        elif fit.n_covariates == X.shape[1] + A.shape[1]:   # A was appended to X
+            X, A = np.hstack([X, A]), None
     for start in range(0, p, step):
         cols = np.arange(start, min(p, start + step))
         eta = X @ fit.coef[cols, :fit.n_covariates].T + offset[:, None]
         if A is not None and fit.coef.shape[1] > fit.n_covariates:
             eta += A @ fit.coef[cols, fit.n_covariates:].T
         np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
-        yield cols, _dense_columns(Y, cols), np.exp(eta)
+        yield cols, _dense_columns(Y, cols), np.exp(eta, out=eta)
 
 
 def mom_size(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
              offset: np.ndarray) -> np.ndarray:
-    """Method-of-moments NB size per gene from fitted means (SPEC §4.1 step 3-4).
+    """Method-of-moments NB size per gene from fitted means (SPEC §4.1 steps 3-4).
 
-    alpha_j = sum_i [(y - mu)^2 - y] / mu^2 / (n - q), clipped to [1e-8, 100]; size = 1/alpha.
+    alpha_j = sum_i [(y - mu)^2 - y] / max(mu^2, 1e-10) / (n - q), clipped to [1e-8, 100];
+    size = 1/alpha (1 for genes without counts).
     """
     n, p = Y.shape
     q = fit.coef.shape[1]
     alpha = np.empty(p)
-    for cols, y, mu in _iter_fitted_means(Y, fit, X, A, offset):
-        num = ((y - mu) ** 2 - y) / np.maximum(mu * mu, 1e-10)
-        alpha[cols] = num.sum(axis=0) / max(n - q, 1)
-    alpha = np.where(np.isfinite(alpha), alpha, 1e-8)
-    alpha = np.clip(alpha, 1e-8, 100.0)
-    size = 1.0 / alpha
-    zero = np.asarray((Y != 0).sum(axis=0)).ravel() == 0
-    size[zero] = 1.0
-    return size
+    nonzero = np.zeros(p, bool)
+    off = np.zeros(n) if offset is None else np.asarray(offset, float).ravel()
+    for cols, y, mu in _iter_fitted_means(Y, fit, X, A, off):
+        alpha[cols] = _mom_alpha(y, mu, n - q)
+        nonzero[cols] = (y > 0).any(axis=0)
+    return _size_from_mom(alpha, ~nonzero)
 
 
 def estimate_dispersion(Y, X: np.ndarray, A: np.ndarray | None = None,
                         offset: np.ndarray | None = None, max_iter: int = 50) -> np.ndarray:
     """NB size r_j per gene by the MoM recipe of SPEC §4.1 on design ``[X | A]``."""
     off = np.zeros(Y.shape[0]) if offset is None else np.asarray(offset, float)
-    fit = fit_glm(Y, X, A, family="nb", size=None, offset=off, max_iter=max_iter)
+    fit = fit_glm(Y, X, A, family="nb", size=None, offset=off, max_iter=max_iter,
+                  compute_se=False)
     return fit.size
 
 
@@ -554,7 +1088,7 @@ def glm_deviance_residuals(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None =
                            offset: np.ndarray | None = None) -> np.ndarray:
     """n x p deviance residuals of a fitted GLM."""
     n, p = Y.shape
-    off = np.zeros(n) if offset is None else np.asarray(offset, float)
+    off = np.zeros(n) if offset is None else np.asarray(offset, float).ravel()
     out = np.empty((n, p))
     alpha = _alpha_from_size(fit.size)
     for cols, y, mu in _iter_fitted_means(Y, fit, X, A, off):

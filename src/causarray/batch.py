@@ -1,0 +1,718 @@
+"""Screen-scale pipeline: GCATE and doubly robust LFC over batches of perturbations (SPEC §10).
+
+A screen with hundreds of perturbations is split into batches of perturbations
+(``numpy.array_split`` semantics).  Every batch is analysed on the cells of its
+perturbations (at most ``max_cells`` of them) plus one control subsample of
+``n_ctrl`` cells shared by all batches, so memory and time per batch do not depend on
+the number of batches.  Per batch, :func:`causarray.fit_gcate` estimates the latent
+confounders ``U_b`` and :func:`causarray.LFC` the doubly robust log fold changes with
+``W_b = [X_b | U_b]``, ``W_A,b = [W_A[cells] | U_b]`` and the batch's GCATE size
+factors as offset.  The NB dispersion is estimated once, on the control pool.
+
+Our changes to the original's batch mode: GCATE and LFC are interleaved per batch
+and each finished batch is committed to a crash-safe cache (:mod:`causarray.cache`)
+whose fingerprint covers the data and every setting; a gene without counts in one
+batch's cells is reported as non-estimable for that batch instead of aborting; the
+result always has a ``trt`` column; sparse counts stay sparse outside the batch being
+fitted; batches can run in parallel on any :class:`concurrent.futures.Executor`
+(e.g. a Dask cluster), results being gathered and cached by the calling process.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._validation import as_count_matrix, check_covariates, check_treatment
+from ._version import __version__
+from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerprint
+
+logger = logging.getLogger("causarray")
+
+# columns of a non-estimable row (genes without counts, treatments without cells)
+_NON_ESTIMABLE = {"tau": 0.0, "std": np.inf, "log2fc": 0.0, "log2fc_se": np.inf}
+_TEMPLATE_DTYPES = {"rej": np.dtype(np.int64), "estimable": np.dtype(bool)}
+_LFC_RESERVED = ("Y_hat", "pi_hat", "offset", "W", "W_A", "A", "Y")
+
+
+# ----------------------------------------------------------------------------------
+# batch layout
+# ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchPlan:
+    """Cells and treatments of one batch.
+
+    Attributes
+    ----------
+    batch : int
+        Batch index (0-based).
+    trt_idx : ndarray of int
+        Treatment columns of ``A`` in this batch (a contiguous chunk).
+    ctrl_idx : ndarray of int
+        The shared control rows (identical in every batch).
+    treated_idx : ndarray of int
+        Selected treated rows (at most ``max_cells``), sorted.
+    cell_idx : ndarray of int
+        Sorted union of ``ctrl_idx`` and ``treated_idx``: the batch's cells.
+    n_treated_total : int
+        Treated rows of the chunk before the ``max_cells`` cap.
+    """
+
+    batch: int
+    trt_idx: np.ndarray
+    ctrl_idx: np.ndarray
+    treated_idx: np.ndarray
+    cell_idx: np.ndarray
+    n_treated_total: int
+
+
+def _check_count_arg(value, name: str, allow_none: bool) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def number_of_batches(a: int, batch_size: int = 10, n_batches: int | None = None) -> int:
+    """B = ceil(a / batch_size) unless ``n_batches`` is given, clamped to [1, a]."""
+    batch_size = _check_count_arg(batch_size, "batch_size", allow_none=False)
+    n_batches = _check_count_arg(n_batches, "n_batches", allow_none=True)
+    B = math.ceil(a / batch_size) if n_batches is None else n_batches
+    return int(min(max(B, 1), a))
+
+
+def control_pool(A: np.ndarray, n_ctrl: int | None = 2000, random_state: int = 0) -> np.ndarray:
+    """The shared control subsample: all-zero rows of ``A``, at most ``n_ctrl`` of them.
+
+    Drawn without replacement with ``numpy.random.default_rng(random_state)`` and sorted.
+    """
+    n_ctrl = _check_count_arg(n_ctrl, "n_ctrl", allow_none=True)
+    ctrl = np.flatnonzero(np.asarray(A).sum(axis=1) == 0)
+    if ctrl.size == 0:
+        raise ValueError("A has no control cells (all-zero rows); the batch pipeline compares "
+                         "every perturbation with a shared pool of control cells")
+    if n_ctrl is not None and ctrl.size > n_ctrl:
+        rng = np.random.default_rng(random_state)
+        ctrl = np.sort(rng.choice(ctrl, size=n_ctrl, replace=False))
+    return ctrl
+
+
+def plan_batches(A, batch_size: int = 10, n_batches: int | None = None,
+                 max_cells: int | None = 2000, n_ctrl: int | None = 2000,
+                 random_state: int = 0) -> list[BatchPlan]:
+    """Split the treatments into batches and choose each batch's cells (SPEC §10.1).
+
+    Parameters
+    ----------
+    A : (n, a) 0/1 treatment matrix (controls are all-zero rows).
+    batch_size : target number of treatments per batch; B = ceil(a / batch_size).
+    n_batches : number of batches (overrides ``batch_size``); B is clamped to [1, a].
+    max_cells : cap on the *treated* cells of a batch (drawn with seed
+        ``random_state + b``); the control pool comes on top.  None: no cap.
+    n_ctrl : size of the control pool shared by all batches (seed ``random_state``).
+    random_state : seed of the subsampling.
+
+    Returns
+    -------
+    list of BatchPlan
+        Treatment chunks with ``numpy.array_split`` sizes (the first ``a mod B`` chunks
+        one larger).
+    """
+    A = np.asarray(A)
+    a = A.shape[1]
+    max_cells = _check_count_arg(max_cells, "max_cells", allow_none=True)
+    B = number_of_batches(a, batch_size, n_batches)
+    ctrl = control_pool(A, n_ctrl, random_state)
+    plans = []
+    for b, chunk in enumerate(np.array_split(np.arange(a), B)):
+        treated = np.flatnonzero(A[:, chunk].sum(axis=1) > 0)
+        n_total = treated.size
+        if max_cells is not None and treated.size > max_cells:
+            rng = np.random.default_rng(random_state + b)
+            treated = np.sort(rng.choice(treated, size=max_cells, replace=False))
+        cells = np.union1d(ctrl, treated)
+        plans.append(BatchPlan(b, chunk, ctrl, treated, cells, int(n_total)))
+    return plans
+
+
+def _layout_digest(plans: list[BatchPlan]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for pl in plans:
+        h.update(np.asarray(pl.trt_idx, np.int64).tobytes() + b"|")
+        h.update(np.asarray(pl.cell_idx, np.int64).tobytes() + b"#")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------
+@dataclass
+class _Inputs:
+    Y: Any                 # ndarray or csr_matrix (never densified as a whole)
+    X: np.ndarray
+    A: np.ndarray
+    W_A: np.ndarray | None
+    gene_names: np.ndarray
+    trt_names: list
+
+
+def _prepare_inputs(Y, X, A, W_A=None) -> _Inputs:
+    Yv, genes = as_count_matrix(Y, "Y")
+    n, p = Yv.shape
+    Av, trt = check_treatment(A, Yv.shape)
+    Xv, _ = check_covariates(X, Yv.shape, "X")
+    if Xv.shape[1] == 0:
+        raise ValueError("X has no columns; pass the design returned by prep_causarray_data "
+                         "(it includes the intercept)")
+    W_Av = None if W_A is None else check_covariates(W_A, Yv.shape, "W_A")[0]
+    genes = np.asarray([str(g) for g in genes] if genes is not None
+                       else [f"gene_{j}" for j in range(p)], dtype=object)
+    trt = [str(t) for t in trt] if trt is not None else [str(k) for k in range(Av.shape[1])]
+    if len(set(trt)) != len(trt):
+        raise ValueError("treatment names (columns of A) must be unique")
+    return _Inputs(Yv, Xv, Av, W_Av, genes, trt)
+
+
+def _warn_multi_perturbation(A: np.ndarray) -> None:
+    m = int(np.count_nonzero(A.sum(axis=1) > 1))
+    if m:
+        warnings.warn(
+            f"{m} cell(s) carry more than one perturbation; inside a batch such a cell is "
+            "analysed as if it carried only that batch's perturbation(s), which contaminates "
+            "the within-batch comparison. Remove those cells or use n_batches=1.",
+            RuntimeWarning, stacklevel=3)
+
+
+def _dense_rows(Y, rows: np.ndarray) -> np.ndarray:
+    """Rows of Y as a dense float64 block (sparse input is densified only here)."""
+    block = Y[rows]
+    if sp.issparse(block):
+        return block.toarray().astype(np.float64, copy=False)
+    return np.asarray(block, dtype=np.float64)
+
+
+def _subset_offset(offset, rows: np.ndarray):
+    if offset is True or offset is False or offset is None:
+        return offset
+    return np.asarray(offset, dtype=float).ravel()[rows]
+
+
+def shared_dispersion(Y, X: np.ndarray, ctrl_idx: np.ndarray, offset=True) -> np.ndarray:
+    """NB size per gene estimated once on the control pool (design X, SPEC §10.1 step 4).
+
+    Parameters
+    ----------
+    Y : (n, p) counts (dense or sparse; only the control rows are densified).
+    X : (n, d) covariates including the intercept.
+    ctrl_idx : rows of the control pool.
+    offset : True (log ``comp_size_factor`` of the control rows), False/None (none) or
+        an (n,) array of log size factors (subset to the controls).
+
+    Returns
+    -------
+    ndarray, shape (p,)
+    """
+    from .glm import estimate_dispersion
+    from .preprocessing import comp_size_factor
+
+    Yc = _dense_rows(Y, ctrl_idx)
+    if offset is True:
+        s = np.asarray(comp_size_factor(Yc), dtype=float)
+        if np.any(s <= 0):
+            raise ValueError("a control cell has no counts (size factor 0); remove empty cells")
+        off = np.log(s)
+    elif offset is False or offset is None:
+        off = None
+    else:
+        off = _subset_offset(offset, ctrl_idx)
+    return np.asarray(estimate_dispersion(Yc, np.asarray(X)[ctrl_idx], offset=off), dtype=float)
+
+
+# ----------------------------------------------------------------------------------
+# one batch (runs in the calling process or on an executor's worker)
+# ----------------------------------------------------------------------------------
+@dataclass
+class _BatchJob:
+    batch: int
+    Y: Any                       # the batch's rows, all genes (dense or CSR)
+    X: np.ndarray
+    A: np.ndarray                # the chunk's columns
+    W_A: np.ndarray | None
+    offset: Any
+    disp: np.ndarray | None
+    gene_names: np.ndarray
+    trt_names: list
+    r: int
+    family: str
+    gcate_kwargs: dict
+    lfc_kwargs: dict | None      # None: GCATE only
+    U_init: np.ndarray | None
+    ctrl_pos: np.ndarray         # positions of the shared controls among the batch rows
+    keep_fits: bool
+
+
+def _lfc_kwargs_rows(lk: dict, rows: np.ndarray, trt_idx: np.ndarray) -> dict:
+    """LFC keyword arguments restricted to a batch's cells and treatments."""
+    out = dict(lk)
+    if out.get("mask") is not None:
+        out["mask"] = np.asarray(out["mask"], bool)[rows][:, trt_idx]
+    return out
+
+
+def _lfc_kwargs_fit(lk: dict, expressed: np.ndarray, fitted: np.ndarray) -> dict:
+    """... and to the genes with counts and the treatments with cells."""
+    out = dict(lk)
+    if out.get("disp_glm") is not None and np.ndim(out["disp_glm"]) == 1:
+        out["disp_glm"] = np.asarray(out["disp_glm"], float)[expressed]
+    if out.get("mask") is not None:
+        out["mask"] = np.asarray(out["mask"], bool)[:, fitted]
+    return out
+
+
+def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: list,
+                expressed: np.ndarray, fitted: np.ndarray, batch: int) -> pd.DataFrame:
+    """Result rows of one batch over all genes and all of its treatments.
+
+    Rows of ``df_fit`` (LFC on the expressed genes and the treatments with cells,
+    treatment-major) are placed in the full (treatment x gene) grid; the other rows are
+    non-estimable: ``tau`` 0, ``std`` inf, p-values NaN, ``estimable`` False, arm means
+    0 for genes without counts and NaN for treatments without cells.
+    """
+    from .dr import RESULT_COLUMNS
+
+    p, a_b = len(gene_names), len(trt_names)
+    n_expr, n_fit = int(expressed.sum()), int(fitted.sum())
+    cols = list(df_fit.columns) if df_fit is not None else list(RESULT_COLUMNS)
+    cols = [c for c in cols if c not in ("trt", "batch")]
+    if df_fit is not None:
+        if len(df_fit) != n_fit * n_expr:
+            raise RuntimeError(f"LFC returned {len(df_fit)} rows for {n_fit} treatments x "
+                               f"{n_expr} genes")
+        if "gene_names" in df_fit and n_expr and \
+                not np.array_equal(df_fit["gene_names"].to_numpy()[:n_expr],
+                                   gene_names[expressed]):
+            raise RuntimeError("LFC returned genes in an unexpected order")
+    out = {}
+    for c in cols:
+        if c == "gene_names":
+            out[c] = np.tile(gene_names, a_b)
+            continue
+        v = df_fit[c].to_numpy() if df_fit is not None else None
+        dtype = v.dtype if v is not None else _TEMPLATE_DTYPES.get(c, np.dtype(np.float64))
+        if c in _NON_ESTIMABLE:
+            fill = _NON_ESTIMABLE[c]
+        elif dtype == bool:
+            fill = False
+        elif np.issubdtype(dtype, np.integer):
+            fill = 0
+        elif np.issubdtype(dtype, np.floating):
+            fill = np.nan
+        else:
+            dtype, fill = np.dtype(object), None
+        full = np.full((a_b, p), fill, dtype=dtype)
+        if v is not None:
+            full[np.ix_(fitted, expressed)] = v.reshape(n_fit, n_expr)
+        if c in ("mean_control", "mean_treated"):
+            full[np.ix_(fitted, ~expressed)] = 0.0
+        out[c] = full.ravel()
+    out["trt"] = np.repeat(np.asarray(trt_names, dtype=object), p)
+    out["batch"] = np.full(a_b * p, batch, dtype=np.int64)
+    return pd.DataFrame(out, columns=cols + ["trt", "batch"])
+
+
+def _run_batch(job: _BatchJob) -> dict:
+    """GCATE (and LFC unless ``job.lfc_kwargs`` is None) on one batch."""
+    from .dr import LFC
+    from .gcate import fit_gcate
+
+    t0 = time.perf_counter()
+    Yb = _dense_rows(job.Y, np.arange(job.Y.shape[0]))
+    expressed = np.asarray(Yb.sum(axis=0) > 0)
+    fitted = np.asarray(job.A.sum(axis=0) > 0)
+    if not fitted.all():
+        missing = [job.trt_names[k] for k in np.flatnonzero(~fitted)]
+        warnings.warn(f"batch {job.batch}: treatment(s) {missing[:5]} have no cells; "
+                      "they are reported as non-estimable", RuntimeWarning, stacklevel=2)
+    if not expressed.all():
+        logger.info("batch %d: %d gene(s) without counts in the batch's cells are reported "
+                    "as non-estimable", job.batch, int((~expressed).sum()))
+    Y_fit = Yb if expressed.all() else Yb[:, expressed]
+    del Yb
+    A_fit = job.A[:, fitted]
+    names_fit = [job.trt_names[k] for k in np.flatnonzero(fitted)]
+    res_1 = res_2 = None
+    if fitted.any() and expressed.any():
+        kw = dict(verbose=False, disp_family="poisson")
+        kw.update(job.gcate_kwargs)
+        kw.update(family=job.family, offset=job.offset,
+                  disp_glm=None if job.disp is None else job.disp[expressed])
+        if job.U_init is not None:
+            kw["A_init"] = np.hstack([job.X, A_fit, job.U_init])
+        res_1, res_2 = fit_gcate(Y_fit, job.X, A_fit, job.r, **kw)
+    t_gcate = time.perf_counter() - t0
+
+    frame = None
+    if job.lfc_kwargs is not None:
+        df_fit = None
+        if res_2 is not None:
+            U = np.array(res_2["U"], dtype=float)
+            log_s = np.log(np.asarray(res_2["kwargs_glm"]["size_factor"], dtype=float))
+            W = np.hstack([job.X, U])
+            W_A = np.hstack([job.W_A, U]) if job.W_A is not None else W
+            kw = dict(verbose=False)
+            kw.update(_lfc_kwargs_fit(job.lfc_kwargs, expressed, fitted))
+            kw.update(family=job.family, offset=log_s)
+            Y_df = pd.DataFrame(Y_fit, columns=list(job.gene_names[expressed]), copy=False)
+            A_df = pd.DataFrame(A_fit, columns=names_fit)
+            df_fit, _ = LFC(Y_df, W, A_df, W_A, **kw)
+            del Y_df
+        frame = batch_frame(df_fit, job.gene_names, job.trt_names, expressed, fitted,
+                            job.batch)
+    U_ctrl = None if res_2 is None else np.array(res_2["U"][job.ctrl_pos], dtype=float)
+    out = dict(batch=job.batch, frame=frame, expressed=np.flatnonzero(expressed),
+               fitted=np.flatnonzero(fitted), U_ctrl=U_ctrl, n_cells=int(job.Y.shape[0]),
+               n_perts=int(job.A.shape[1]), t_gcate=t_gcate,
+               t_batch=time.perf_counter() - t0)
+    if job.keep_fits:
+        out.update(res_1=res_1, res_2=res_2)
+    return out
+
+
+def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_kwargs,
+              lfc_kwargs, U_ctrl_prev, keep_fits) -> _BatchJob:
+    rows = plan.cell_idx
+    ctrl_pos = np.searchsorted(rows, plan.ctrl_idx)
+    U_init = None
+    if U_ctrl_prev is not None:
+        U_init = np.zeros((rows.size, U_ctrl_prev.shape[1]))
+        U_init[ctrl_pos] = U_ctrl_prev
+    A_b = data.A[np.ix_(rows, plan.trt_idx)]
+    lk = None if lfc_kwargs is None else _lfc_kwargs_rows(lfc_kwargs, rows, plan.trt_idx)
+    return _BatchJob(
+        batch=plan.batch, Y=data.Y[rows], X=data.X[rows], A=A_b,
+        W_A=None if data.W_A is None else data.W_A[rows], offset=_subset_offset(offset, rows),
+        disp=disp, gene_names=data.gene_names, trt_names=[data.trt_names[k] for k in plan.trt_idx],
+        r=r, family=family, gcate_kwargs=gcate_kwargs, lfc_kwargs=lk, U_init=U_init,
+        ctrl_pos=ctrl_pos, keep_fits=keep_fits)
+
+
+# ----------------------------------------------------------------------------------
+# progress
+# ----------------------------------------------------------------------------------
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class _Progress:
+    """tqdm bar over batches with per-batch time, running average and ETA."""
+
+    def __init__(self, total: int, done: int, verbose: bool, desc: str, width: int = 1):
+        from tqdm.auto import tqdm
+
+        self.total, self.done, self.width = total, done, max(1, width)
+        self.times: list[float] = []
+        self.bar = tqdm(total=total, initial=done, desc=desc, unit="batch", disable=not verbose)
+
+    def update(self, batch: int, n_perts: int, n_cells: int, t: float) -> None:
+        self.times.append(t)
+        self.done += 1
+        avg = float(np.mean(self.times))
+        eta = _fmt_duration(avg * (self.total - self.done) / self.width)
+        self.bar.set_postfix_str(f"last {t:.1f}s, avg {avg:.1f}s/batch, ETA {eta}")
+        self.bar.update(1)
+        logger.info("Batch %d/%d: %d perts, %d cells, %.1fs (avg %.1fs/batch, ETA %s)",
+                    batch + 1, self.total, n_perts, n_cells, t, avg, eta)
+
+    def skip(self) -> None:
+        self.done += 1
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------
+def _resolve_dispersion(data: _Inputs, ctrl_idx, family, disp_glm, offset, verbose):
+    if family not in ("nb", "poisson"):
+        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    if family == "poisson":
+        return None
+    p = data.Y.shape[1]
+    if disp_glm is not None:
+        disp = np.broadcast_to(np.asarray(disp_glm, dtype=float), (p,)).copy()
+        if not np.all(np.isfinite(disp)) or np.any(disp <= 0):
+            raise ValueError("disp_glm must be positive and finite (one NB size per gene)")
+        return disp
+    logger.info("Pre-estimating dispersion on %d control cells", len(ctrl_idx))
+    return shared_dispersion(data.Y, data.X, ctrl_idx, offset)
+
+
+def _check_r(r) -> int:
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    return int(r)
+
+
+def fit_gcate_batch(Y, X, A, r: int, batch_size: int = 10, n_batches: int | None = None,
+                    max_cells: int | None = 2000, n_ctrl: int | None = 2000,
+                    family: str = "nb", disp_glm=None, disp_family=None, offset=True,
+                    warm_start_U: bool = False, skip_batches=None, random_state: int = 0,
+                    verbose: bool = False, **kwargs) -> list[dict]:
+    """Fit GCATE on batches of perturbations sharing one control pool (SPEC §10.1).
+
+    Parameters
+    ----------
+    Y : (n, p) counts (array, DataFrame or scipy.sparse; sparse stays sparse outside
+        the batch being fitted).
+    X : (n, d) covariates including the intercept.
+    A : (n, a) 0/1 treatments (DataFrame columns give the names).
+    r : number of latent factors.
+    batch_size, n_batches, max_cells, n_ctrl, random_state : batch layout, see
+        :func:`plan_batches`.
+    family : 'nb' or 'poisson'.
+    disp_glm : NB size per gene; estimated once on the control pool when None.
+    disp_family : passed to :func:`causarray.fit_gcate` ('poisson' when None).
+    offset : True (per-batch median-of-ratios size factors), False, or (n,) log size
+        factors.
+    warm_start_U : seed each batch's control rows of U with the previous batch's.
+    skip_batches : batch indices to skip (placeholder entries with ``skipped=True``).
+    verbose : tqdm bar over batches with per-batch time, average and ETA (pass
+        ``verbose=True`` in ``**kwargs`` for fit_gcate's own progress bars).
+    **kwargs : passed to :func:`causarray.fit_gcate` (e.g. ``kwargs_es_1``).
+
+    Returns
+    -------
+    list of dict, one per batch
+        ``batch_i``, ``pert_names``, ``trt_idx`` (treatment columns), ``ctrl_idx``,
+        ``pert_idx`` (treated rows), ``cell_idx``, ``genes`` (genes with counts in the
+        batch, the columns GCATE was fitted on), ``res_1``, ``res_2``, ``disp_glm``
+        (the shared dispersion, all genes), ``t_batch``, ``skipped``.
+    """
+    r = _check_r(r)
+    data = _prepare_inputs(Y, X, A)
+    plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
+    _warn_multi_perturbation(data.A)
+    skip = {int(b) for b in (skip_batches or ())}
+    disp = None
+    if any(pl.batch not in skip for pl in plans):
+        disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset, verbose)
+    gk = dict(kwargs)
+    if disp_family is not None:
+        gk["disp_family"] = disp_family
+    out: list[dict] = []
+    prog = _Progress(len(plans), 0, verbose, "GCATE batches")
+    U_prev = None
+    try:
+        for pl in plans:
+            names = [data.trt_names[k] for k in pl.trt_idx]
+            if pl.batch in skip:
+                out.append(dict(batch_i=pl.batch, pert_names=names, trt_idx=pl.trt_idx,
+                                ctrl_idx=pl.ctrl_idx, pert_idx=None, cell_idx=None, genes=None,
+                                res_1=None, res_2=None, disp_glm=disp, t_batch=0.0,
+                                skipped=True))
+                prog.skip()
+                continue
+            job = _make_job(data, pl, r=r, family=family, offset=offset, disp=disp,
+                            gcate_kwargs=gk, lfc_kwargs=None,
+                            U_ctrl_prev=U_prev if warm_start_U else None, keep_fits=True)
+            res = _run_batch(job)
+            if res["U_ctrl"] is not None:
+                U_prev = res["U_ctrl"]
+            out.append(dict(batch_i=pl.batch, pert_names=names, trt_idx=pl.trt_idx,
+                            ctrl_idx=pl.ctrl_idx, pert_idx=pl.treated_idx,
+                            cell_idx=pl.cell_idx, genes=res["expressed"], res_1=res["res_1"],
+                            res_2=res["res_2"], disp_glm=disp, t_batch=res["t_batch"],
+                            skipped=False))
+            prog.update(pl.batch, res["n_perts"], res["n_cells"], res["t_batch"])
+    finally:
+        prog.close()
+    return out
+
+
+def _executor_width(executor) -> int:
+    n = getattr(executor, "_max_workers", None)
+    if n:
+        return int(n)
+    client = getattr(executor, "_client", None)
+    if client is not None:
+        try:
+            workers = client.scheduler_info()["workers"]
+            return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+        except Exception:  # noqa: BLE001 - fall back to the local core count
+            pass
+    return os.cpu_count() or 2
+
+
+def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
+                    n_batches: int | None = None, max_cells: int | None = 2000,
+                    n_ctrl: int | None = 2000, family: str = "nb", offset=True,
+                    warm_start_U: bool = False, cache_path=None, random_state: int = 0,
+                    verbose: bool = False, gcate_kwargs: dict | None = None,
+                    lfc_kwargs: dict | None = None, executor=None, client=None,
+                    **kwargs) -> pd.DataFrame:
+    """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
+
+    Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
+    ``W_b = [X_b | U_b]``, ``W_A,b = [W_A[cells] | U_b]`` (or ``W_b``) and the offset
+    ``log`` of the batch's GCATE size factors, before the next batch starts.
+
+    Parameters
+    ----------
+    Y, X, A, r : counts (dense, DataFrame or sparse), covariates with intercept,
+        0/1 treatments (DataFrame columns give the names), number of latent factors.
+    W_A : (n, d_A) propensity covariates (e.g. ``X_A`` of ``prep_causarray_data``).
+    batch_size, n_batches, max_cells, n_ctrl, random_state : batch layout
+        (:func:`plan_batches`); ``random_state`` seeds the subsampling only.
+    family : 'nb' or 'poisson'.
+    offset : True (size factors per batch), False, or (n,) log size factors for GCATE.
+    warm_start_U : seed each batch's control rows of U with the previous batch's
+        (serial only).
+    cache_path : file (e.g. ``'results.h5'``) of a crash-safe cache: every finished
+        batch is committed atomically, a rerun with the same arguments recomputes only
+        the missing batches and returns exactly the uninterrupted result; a cache of
+        different data or settings raises ``ValueError``; corrupt batches are
+        recomputed with a ``RuntimeWarning``.  See :mod:`causarray.cache`.
+    verbose : tqdm bar over batches with per-batch time, average and ETA; quiet
+        otherwise.  ``verbose=True`` inside ``gcate_kwargs`` / ``lfc_kwargs`` also shows
+        the per-stage bars of fit_gcate / LFC (serial runs).
+    gcate_kwargs, lfc_kwargs : keyword arguments of :func:`causarray.fit_gcate` /
+        :func:`causarray.LFC`; they override ``**kwargs``, which go to both.
+        ``gcate_kwargs`` may hold ``disp_glm`` (skips the dispersion estimate).
+    executor : a :class:`concurrent.futures.Executor` running batches in parallel
+        (process pools, ``dask.distributed.Client.get_executor()``, ...).
+    client : a ``dask.distributed.Client``; shorthand for
+        ``executor=client.get_executor(pure=False)``.
+
+    Returns
+    -------
+    DataFrame
+        One row per (treatment, gene): the columns of :func:`causarray.LFC`, then
+        ``trt`` and ``batch``; batches in order, index reset.  Genes without counts in
+        a batch's cells are non-estimable rows (``tau`` 0, ``std`` inf, p-values NaN,
+        ``estimable`` False).
+    """
+    r = _check_r(r)
+    if family not in ("nb", "poisson"):
+        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    if executor is not None and client is not None:
+        raise ValueError("pass either executor or client, not both")
+    gk = {**kwargs, **(gcate_kwargs or {})}
+    lk = {**kwargs, **(lfc_kwargs or {})}
+    disp_glm = gk.pop("disp_glm", None)
+    bad = [k for k in _LFC_RESERVED if k in lk]
+    if bad:
+        raise ValueError(f"lfc_kwargs may not set {bad}: gcate_lfc_batch builds them per batch")
+    lk.pop("family", None)
+    gk.pop("family", None)
+    data = _prepare_inputs(Y, X, A, W_A)
+    plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
+    _warn_multi_perturbation(data.A)
+    if client is not None:
+        executor = client.get_executor(pure=False)
+    if warm_start_U and executor is not None:
+        raise ValueError("warm_start_U=True makes every batch depend on the previous one; "
+                         "it cannot run on an executor or client")
+
+    records: dict[int, BatchRecord] = {}
+    cache = None
+    if cache_path is not None:
+        fp, items = fingerprint(dict(
+            causarray_version=__version__, Y=content_digest(data.Y),
+            Y_shape=list(data.Y.shape), gene_names=content_digest(data.gene_names),
+            A=content_digest(data.A), trt_names=content_digest(np.asarray(data.trt_names, object)),
+            X=content_digest(data.X), W_A=content_digest(data.W_A), r=r, family=family,
+            offset=canonical(offset), batch_size=batch_size, n_batches=n_batches,
+            max_cells=max_cells, n_ctrl=n_ctrl, random_state=random_state,
+            warm_start_U=warm_start_U, layout=_layout_digest(plans),
+            disp_glm=canonical(disp_glm),
+            gcate_kwargs={k: v for k, v in gk.items() if k != "verbose"},
+            lfc_kwargs={k: v for k, v in lk.items() if k != "verbose"}))
+        cache = BatchCache(cache_path, fp, items)
+        records = {b: rec for b, rec in cache.load().items() if b < len(plans)}
+    todo = [pl for pl in plans if pl.batch not in records]
+
+    if todo:
+        disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset, verbose)
+        common = dict(r=r, family=family, offset=offset, disp=disp, gcate_kwargs=gk,
+                      lfc_kwargs=lk, keep_fits=False)
+        width = 1 if executor is None else _executor_width(executor)
+        prog = _Progress(len(plans), len(plans) - len(todo), verbose, "GCATE+LFC batches",
+                         width)
+
+        def finish(res: dict) -> None:
+            arrays = {"U_ctrl": res["U_ctrl"]} if warm_start_U and res["U_ctrl"] is not None \
+                else {}
+            rec = BatchRecord(frame=res["frame"], arrays=arrays,
+                              info=dict(n_cells=res["n_cells"], n_perts=res["n_perts"],
+                                        t_gcate=round(res["t_gcate"], 3),
+                                        t_batch=round(res["t_batch"], 3)))
+            if cache is not None:
+                cache.commit(res["batch"], rec)
+            records[res["batch"]] = rec
+            prog.update(res["batch"], res["n_perts"], res["n_cells"], res["t_batch"])
+
+        try:
+            if executor is None:
+                for pl in todo:
+                    prev = records.get(pl.batch - 1) if warm_start_U else None
+                    U_prev = None if prev is None else prev.arrays.get("U_ctrl")
+                    finish(_run_batch(_make_job(data, pl, U_ctrl_prev=U_prev, **common)))
+            else:
+                _run_parallel(executor, todo, width + 1, finish,
+                              lambda pl: _make_job(data, pl, U_ctrl_prev=None, **common))
+        finally:
+            prog.close()
+
+    if cache is not None and (todo or cache.needs_finalize(range(len(plans)))):
+        cache.finalize(records)
+    frames = [records[pl.batch].frame for pl in plans]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _run_parallel(executor, plans: list[BatchPlan], window: int, finish, make_job) -> None:
+    """Keep at most ``window`` batches in flight; ``finish`` runs in this process."""
+    queue = list(plans)
+    pending: dict = {}
+
+    def submit_next() -> None:
+        if queue:
+            pl = queue.pop(0)
+            pending[executor.submit(_run_batch, make_job(pl))] = pl.batch
+
+    for _ in range(max(1, window)):
+        submit_next()
+    try:
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                pending.pop(fut)
+                finish(fut.result())
+                submit_next()
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        raise
+
+
+def LFC_batch(*args, **kwargs) -> pd.DataFrame:
+    """Deprecated alias of :func:`gcate_lfc_batch`."""
+    warnings.warn("LFC_batch is deprecated; use gcate_lfc_batch", DeprecationWarning,
+                  stacklevel=2)
+    return gcate_lfc_batch(*args, **kwargs)

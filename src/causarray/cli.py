@@ -1,0 +1,400 @@
+"""The ``causarray`` command line.
+
+::
+
+    causarray run screen.h5ad --out results/ --pert-col gene --ctrl-label non-targeting
+    causarray simulate sim.h5ad --perts 5 --genes 200
+    causarray demo --out causarray-demo
+    causarray --version
+
+``run`` writes ``results.parquet`` (when pyarrow is installed), ``results.csv.gz``,
+``jic.csv`` (when r is chosen automatically), ``volcano.png``, ``discoveries.png``,
+``jic.png``, ``propensity.png`` and a self-contained ``report.html`` into the output
+folder, plus the batch cache ``cache.h5`` from which a re-run resumes.
+
+Exit status: 0 success, 1 failure during the computation, 2 command-line usage
+error, 3 bad input (missing or unreadable file, unknown column or label, data that
+are not raw counts). Errors are printed as one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+
+DEMO_DATASET = "schraivogel2020_ci"
+#: Small settings of ``causarray demo`` (a couple of minutes on a laptop at most).
+DEMO_SETTINGS = dict(r_grid="1,2,3", batch_size=6, n_ctrl=600, max_cells=2000, max_iters=10)
+
+
+class InputError(Exception):
+    """Bad input detected before the computation (exit status 3)."""
+
+
+# ----------------------------------------------------------------------------------
+# argument parsing
+# ----------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _r_value(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _nonneg_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--r must be 'auto' or an integer >= 0, "
+                                         f"got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, "
+                                         f"got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return vals
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    g = p.add_argument_group("model")
+    if not demo:
+        g.add_argument("--pert-col", default=None,
+                       help="obs column with the perturbation labels (default uns['pert_col'])")
+        g.add_argument("--ctrl-label", default=None,
+                       help="label of control cells (default uns['ctrl_label'])")
+        g.add_argument("--covariates", type=_names, default=[],
+                       help="comma-separated obs columns to adjust for")
+        g.add_argument("--layer", default=None, help="layer with the raw counts (default X)")
+        g.add_argument("--drop-empty-cells", action="store_true",
+                       help="leave out cells without any count instead of stopping")
+    g.add_argument("--r", type=_r_value, default="auto",
+                   help="number of latent factors, or 'auto' (minimum JIC; default)")
+    g.add_argument("--r-grid", type=_int_list, default=None,
+                   help="values of r tried by --r auto, e.g. 1,2,3,5 (default: a small grid)")
+    g.add_argument("--family", choices=("nb", "poisson"), default="nb")
+    g.add_argument("--batch-size", type=_positive_int, default=15,
+                   help="perturbations per batch (default 15)")
+    g.add_argument("--n-ctrl", type=_positive_int, default=2000,
+                   help="control cells shared by all batches (default 2000)")
+    g.add_argument("--max-cells", type=_positive_int, default=2000,
+                   help="treated cells per batch and cells used to choose r (default 2000)")
+    g.add_argument("--max-iters", type=_positive_int, default=None,
+                   help="cap on the GCATE alternating-minimisation epochs")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--alpha", type=float, default=0.05,
+                   help="FDR level for the discovery counts in plots and report (default 0.05)")
+    d = p.add_argument_group("parallel (optional, needs dask[distributed])")
+    x = d.add_mutually_exclusive_group()
+    x.add_argument("--dask-scheduler", metavar="ADDRESS", default=None,
+                   help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    x.add_argument("--workers", type=_positive_int, default=None,
+                   help="start a local Dask cluster with N worker processes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the cache in the output folder instead of resuming from it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``causarray`` command."""
+    parser = argparse.ArgumentParser(
+        prog="causarray",
+        description="Causal differential expression for single-cell CRISPR screens.")
+    parser.add_argument("--version", action="version", version=f"causarray {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="analyse a screen stored as .h5ad",
+                         description="Run GCATE + doubly robust LFC on a screen (.h5ad with raw "
+                                     "counts) and write tables, figures and report.html.")
+    run.add_argument("input", type=Path, metavar="INPUT.h5ad")
+    _add_run_options(run)
+
+    sim = sub.add_parser("simulate", help="write a simulated screen to .h5ad",
+                         description="Simulate a screen with latent confounding (ground truth in "
+                                     "varm['true_lfc'] and obsm['U_true']).")
+    sim.add_argument("output", type=Path, metavar="OUT.h5ad")
+    sim.add_argument("--ctrl", type=_positive_int, default=500, help="control cells (500)")
+    sim.add_argument("--cells", type=_positive_int, default=200,
+                     help="cells per perturbation (200)")
+    sim.add_argument("--perts", type=_positive_int, default=5, help="perturbations (5)")
+    sim.add_argument("--genes", type=_positive_int, default=200, help="genes (200)")
+    sim.add_argument("--factors", type=_nonneg_int, default=3,
+                     help="latent confounders (3)")
+    sim.add_argument("--confounding", type=float, default=1.0,
+                     help="SD of the confounders' shift per perturbation (1.0)")
+    sim.add_argument("--effect-frac", type=float, default=0.05,
+                     help="share of genes with a direct effect (0.05)")
+    sim.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="run the pipeline on the bundled example screen",
+                          description=f"Run 'causarray run' on the bundled dataset "
+                                      f"{DEMO_DATASET!r} with small settings.")
+    _add_run_options(demo, demo=True)
+    demo.set_defaults(**{k: (_int_list(v) if k == "r_grid" else v)
+                         for k, v in DEMO_SETTINGS.items()})
+    return parser
+
+
+# ----------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------
+class _StderrHandler(logging.StreamHandler):
+    """Log handler writing to whatever ``sys.stderr`` is at the time of the record."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("causarray")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("causarray: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _read_h5ad(path: Path):
+    import anndata as ad
+
+    if not path.exists():
+        raise InputError(f"input file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"input is not a file: {path}")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as err:  # anndata/h5py raise many types for unreadable files
+        raise InputError(f"cannot read {path} as .h5ad: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _client(args: argparse.Namespace):
+    if args.dask_scheduler is None and args.workers is None:
+        return None, None
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise InputError("--dask-scheduler/--workers need dask[distributed]: "
+                         "pip install 'causarray[dask]'") from None
+    if args.dask_scheduler is not None:
+        try:
+            return Client(args.dask_scheduler, timeout="20s"), None
+        except OSError as err:
+            raise InputError(f"cannot connect to the Dask scheduler {args.dask_scheduler}: "
+                             f"{_one_line(err)}") from err
+    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                           dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool) -> dict[str, Path]:
+    from . import pl
+    from .report import figure_png, write_report
+
+    store = adata.uns["causarray"]
+    results = store["results"]
+    written: dict[str, Path] = {}
+    try:
+        import pyarrow  # noqa: F401
+        results.to_parquet(out / "results.parquet", index=False)
+        written["parquet"] = out / "results.parquet"
+    except ImportError:
+        if not quiet:
+            print("note: pyarrow is not installed; results.parquet skipped "
+                  "(pip install 'causarray[parquet]')", file=sys.stderr)
+    results.to_csv(out / "results.csv.gz", index=False)
+    written["csv"] = out / "results.csv.gz"
+    images: dict[str, bytes] = {}
+    figures = dict(volcano=lambda: pl.volcano(results, alpha).figure,
+                   discoveries=lambda: pl.discoveries(results, alpha).figure)
+    if store.get("jic") is not None:
+        store["jic"].to_csv(out / "jic.csv", index=False)
+        written["jic_csv"] = out / "jic.csv"
+        figures["jic"] = lambda: pl.r_selection(store["jic"])
+    if "causarray_propensity" in adata.obsm:
+        figures["propensity"] = lambda: pl.propensity(adata)
+    for name, make in figures.items():
+        images[name] = figure_png(make())
+        (out / f"{name}.png").write_bytes(images[name])
+        written[name] = out / f"{name}.png"
+    written["report"] = write_report(adata, out / "report.html", images=images, alpha=alpha)
+    return written
+
+
+def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
+    from . import tl
+    from .report import discovery_summary
+
+    _setup_logging(args.quiet)
+    if adata is None:
+        adata = _read_h5ad(input_path)
+    pert_col = getattr(args, "pert_col", None)
+    ctrl_label = getattr(args, "ctrl_label", None)
+    covariates = getattr(args, "covariates", [])
+    layer = getattr(args, "layer", None)
+    drop_empty = getattr(args, "drop_empty_cells", False)
+    try:
+        info = tl.validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty)
+    except ValueError as err:
+        raise InputError(_one_line(err).replace("pass drop_empty_cells=True",
+                                                "pass --drop-empty-cells")) from err
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "cache.h5"
+    log = logging.getLogger("causarray")
+    parts = out / "cache.h5.parts"     # batches committed by an interrupted run
+    if args.overwrite:
+        for old in (cache, out / "cache.h5.jic.csv", out / "cache.h5.jic.json"):
+            old.unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
+    log.info("%s: %d cells x %d genes, %d perturbations, %d control cells", input_path,
+             info["n_cells"], info["n_genes"], len(info["perturbations"]), info["n_control"])
+    if cache.exists() or parts.exists():
+        log.info("resuming from the cache in %s", out)
+    client, cluster = _client(args)
+    t0 = time.perf_counter()
+    try:
+        tl.lfc(adata, info["pert_col"], info["ctrl_label"], covariates, layer=layer, r=args.r,
+               family=args.family, batch_size=args.batch_size, n_ctrl=args.n_ctrl,
+               max_cells=args.max_cells, cache_path=cache, client=client,
+               random_state=args.seed, verbose=not args.quiet, r_grid=args.r_grid,
+               max_iters=args.max_iters, drop_empty_cells=drop_empty)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    written = _write_outputs(adata, out, args.alpha, args.quiet)
+    s = discovery_summary(adata.uns["causarray"]["results"], args.alpha)
+    settings = adata.uns["causarray"]["settings"]
+    if not args.quiet:
+        print(f"r = {settings['r']}; {s['n_significant']:,} gene x perturbation pairs with "
+              f"padj < {args.alpha:g} in {s['n_perturbations_with_hit']} of "
+              f"{s['n_perturbations']} perturbations ({time.perf_counter() - t0:.1f} s)")
+    print(f"report: {written['report'].resolve()}")
+    return EXIT_OK
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import simulate_screen
+
+    if not 0 <= args.effect_frac <= 1:
+        raise InputError(f"--effect-frac must lie in [0, 1], got {args.effect_frac}")
+    if args.confounding < 0:
+        raise InputError(f"--confounding must be >= 0, got {args.confounding}")
+    adata = simulate_screen(n_ctrl=args.ctrl, n_perts=args.perts, cells_per_pert=args.cells,
+                            n_genes=args.genes, r=args.factors, confounding=args.confounding,
+                            effect_frac=args.effect_frac, random_state=args.seed)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(args.output)
+    print(f"wrote {args.output} ({adata.n_obs} cells x {adata.n_vars} genes, "
+          f"{args.perts} perturbations)")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .datasets import dataset_path, load_dataset
+
+    try:
+        path = dataset_path(DEMO_DATASET)
+        adata = None
+    except ValueError:
+        path, adata = Path(DEMO_DATASET), load_dataset(DEMO_DATASET)
+    return _run(args, path, adata)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``causarray`` console script.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status (see the module docstring).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("causarray: error: a command is required (run, simulate or demo)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "run":
+            return _run(args, args.input)
+        if args.command == "simulate":
+            return _simulate(args)
+        return _demo(args)
+    except InputError as err:
+        print(f"causarray: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("causarray: interrupted (re-run the same command to resume from the cache)",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # the CLI reports every failure in one line
+        if args.debug:
+            raise
+        print(f"causarray: error: {type(err).__name__}: {_one_line(err)} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,600 @@
+"""Diagnostics for the propensity model and for treatment–covariate association (SPEC §11).
+
+Everything here is descriptive: nothing refits the outcome model or changes a
+p-value of a result table.
+
+* :func:`summarize_propensity_scores` / :func:`plot_propensity_scores` — for each
+  treatment k, the scores of its treated cells against those of the shared controls
+  (cells of other treatments excluded): histogram overlap, AUC, Brier score, share of
+  scores outside an overlap window or on the clipping bounds, and Kish effective
+  sample sizes of the inverse-propensity weights.
+* :func:`summarize_treatment_associations` / :func:`plot_treatment_associations` —
+  Spearman correlation and standardised mean difference between each treatment
+  indicator and each covariate (observed covariates and/or estimated confounders),
+  with Benjamini–Hochberg adjustment over a stated family.
+* :func:`align_test_mask` — attach a treatment x gene boolean mask to the rows of a
+  result table by label.
+
+:func:`estimate_propensity_scores` is re-exported from :mod:`causarray.propensity`.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .inference import bh_adjust
+from .propensity import _treatment_matrix, estimate_propensity_scores
+
+logger = logging.getLogger("causarray")
+
+__all__ = [
+    "align_test_mask",
+    "estimate_propensity_scores",
+    "histogram_overlap",
+    "kish_ess",
+    "plot_propensity_scores",
+    "plot_treatment_associations",
+    "standardized_mean_difference",
+    "summarize_propensity_scores",
+    "summarize_treatment_associations",
+]
+
+
+# ----------------------------------------------------------------------------------
+# small statistics
+# ----------------------------------------------------------------------------------
+def histogram_overlap(x: np.ndarray, y: np.ndarray, bins: int = 40) -> float:
+    """Overlap of two score distributions: sum over bins of the smaller bin share.
+
+    Parameters
+    ----------
+    x, y : numpy.ndarray
+        Scores in [0, 1].
+    bins : int
+        Number of equal-width bins on [0, 1].
+
+    Returns
+    -------
+    float
+        ``sum_b min(h_x[b], h_y[b])`` with each histogram normalised to sum 1;
+        1 for identical histograms, 0 for disjoint ones, NaN if an input is empty.
+    """
+    if len(x) == 0 or len(y) == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, int(bins) + 1)
+    hx, _ = np.histogram(np.clip(x, 0.0, 1.0), bins=edges)
+    hy, _ = np.histogram(np.clip(y, 0.0, 1.0), bins=edges)
+    return float(np.minimum(hx / hx.sum(), hy / hy.sum()).sum())
+
+
+def kish_ess(w: np.ndarray) -> float:
+    """Kish effective sample size ``(sum w)^2 / sum w^2`` of non-negative weights.
+
+    Parameters
+    ----------
+    w : numpy.ndarray
+        Weights.
+
+    Returns
+    -------
+    float
+        Effective sample size (NaN for an empty or all-zero weight vector).
+    """
+    w = np.asarray(w, dtype=float)
+    ss = float(np.sum(w * w))
+    if w.size == 0 or ss == 0:
+        return float("nan")
+    return float(np.sum(w) ** 2 / ss)
+
+
+def _auc(scores_treated: np.ndarray, scores_control: np.ndarray) -> float:
+    """Mann–Whitney AUC: P(score_T > score_C) + P(tie) / 2."""
+    from scipy.stats import rankdata
+
+    n1, n0 = scores_treated.size, scores_control.size
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = rankdata(np.concatenate([scores_treated, scores_control]))
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def standardized_mean_difference(z_treated: np.ndarray, z_control: np.ndarray) -> float:
+    """``(mean_T - mean_C) / sqrt((s_C^2 + s_T^2) / 2)`` with sample variances (ddof=1).
+
+    Returns NaN if an arm has fewer than 2 cells or the pooled SD is 0.
+    """
+    if z_treated.size < 2 or z_control.size < 2:
+        return float("nan")
+    sd = np.sqrt((np.var(z_control, ddof=1) + np.var(z_treated, ddof=1)) / 2.0)
+    if not np.isfinite(sd) or sd == 0:
+        return float("nan")
+    return float((np.mean(z_treated) - np.mean(z_control)) / sd)
+
+
+# ----------------------------------------------------------------------------------
+# propensity scores
+# ----------------------------------------------------------------------------------
+def _scores_matrix(pi_hat: Any, shape: tuple[int, int]) -> np.ndarray:
+    pi = np.asarray(pi_hat.to_numpy() if hasattr(pi_hat, "to_numpy") else pi_hat, dtype=float)
+    if pi.ndim == 1:
+        pi = pi[:, None]
+    if pi.shape != shape:
+        raise ValueError(f"pi_hat has shape {pi.shape}, expected the shape of A {shape}")
+    if not np.all(np.isfinite(pi)) or np.any((pi < 0) | (pi > 1)):
+        raise ValueError("pi_hat must hold finite scores in [0, 1]")
+    return pi
+
+
+def _names(given: Sequence[Any] | None, default: list[str], what: str) -> list[str]:
+    if given is None:
+        return default
+    names = [str(t) for t in given]
+    if len(names) != len(default):
+        raise ValueError(f"{what} has {len(names)} entries, expected {len(default)}")
+    return names
+
+
+def summarize_propensity_scores(
+    A: Any,
+    pi_hat: Any,
+    treatment_names: Sequence[Any] | None = None,
+    overlap_bounds: tuple[float, float] = (0.05, 0.95),
+    clip_bounds: tuple[float, float] | None = (0.01, 0.99),
+    bins: int = 40,
+) -> pd.DataFrame:
+    """Overlap, calibration and effective sample sizes of propensity scores per treatment.
+
+    For treatment k the comparison population is the shared controls (all-zero rows
+    of ``A``) and the cells with ``A_k = 1``; cells of other treatments are excluded.
+
+    Parameters
+    ----------
+    A : array_like or DataFrame
+        n x a 0/1 treatment matrix (DataFrame columns name the treatments).
+    pi_hat : array_like
+        n x a propensity scores ``P(A_k = 1 | W_A)``.
+    treatment_names : sequence, optional
+        Names of the a treatments (default: DataFrame columns or ``0 .. a-1``).
+    overlap_bounds : (float, float)
+        Window of "good overlap"; ``frac_outside_overlap`` is the share of the
+        population's scores outside it.
+    clip_bounds : (float, float) or None
+        Clipping bounds; ``frac_at_clip_bounds`` is the share of scores at or beyond
+        them (NaN when None).
+    bins : int
+        Number of equal-width bins on [0, 1] for the histogram overlap.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per treatment with columns ``treatment, n_treated, n_control,
+        prevalence, overlap_ratio, auc, brier, frac_outside_overlap,
+        frac_at_clip_bounds, ess_treated, ess_control, ess_treated_fraction,
+        ess_control_fraction, q01, q50, q99``. ``ess_*`` are Kish effective sample
+        sizes of the weights ``1/pi`` (treated) and ``1/(1-pi)`` (controls).
+
+    Raises
+    ------
+    ValueError
+        If ``A`` has no control rows, a treatment has no treated cell, or the shapes
+        disagree.
+    """
+    A_arr, default_names = _treatment_matrix(A)
+    n, a = A_arr.shape
+    names = _names(treatment_names, default_names, "treatment_names")
+    pi = _scores_matrix(pi_hat, (n, a))
+    lo, hi = overlap_bounds
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"overlap_bounds must satisfy 0 <= low < high <= 1, got {overlap_bounds}")
+    if clip_bounds is not None and not 0 <= clip_bounds[0] < clip_bounds[1] <= 1:
+        raise ValueError(f"clip_bounds must satisfy 0 <= low < high <= 1, got {clip_bounds}")
+    control = ~np.any(A_arr != 0, axis=1)
+    if not control.any():
+        raise ValueError("A has no control cells (rows with all zeros)")
+    rows = []
+    for k, name in enumerate(names):
+        treated = A_arr[:, k] == 1
+        if not treated.any():
+            raise ValueError(f"treatment {name!r} has no treated cells")
+        p1, p0 = pi[treated, k], pi[control, k]
+        pop = np.concatenate([p1, p0])
+        y = np.concatenate([np.ones(p1.size), np.zeros(p0.size)])
+        if clip_bounds is None:
+            at_clip = float("nan")
+        else:
+            at_clip = float(np.mean((pop <= clip_bounds[0]) | (pop >= clip_bounds[1])))
+        with np.errstate(divide="ignore"):
+            ess1 = kish_ess(1.0 / p1)
+            ess0 = kish_ess(1.0 / (1.0 - p0))
+        q01, q50, q99 = np.quantile(pop, [0.01, 0.5, 0.99])
+        rows.append(dict(
+            treatment=name, n_treated=int(p1.size), n_control=int(p0.size),
+            prevalence=p1.size / pop.size,
+            overlap_ratio=histogram_overlap(p1, p0, bins),
+            auc=_auc(p1, p0), brier=float(np.mean((pop - y) ** 2)),
+            frac_outside_overlap=float(np.mean((pop < lo) | (pop > hi))),
+            frac_at_clip_bounds=at_clip,
+            ess_treated=ess1, ess_control=ess0,
+            ess_treated_fraction=ess1 / p1.size, ess_control_fraction=ess0 / p0.size,
+            q01=float(q01), q50=float(q50), q99=float(q99),
+        ))
+    return pd.DataFrame(rows)
+
+
+def plot_propensity_scores(
+    A: Any,
+    pi_hat: Any,
+    treatments: Sequence[Any] | None = None,
+    treatment_names: Sequence[Any] | None = None,
+    overlap_bounds: tuple[float, float] = (0.05, 0.95),
+    clip_bounds: tuple[float, float] | None = (0.01, 0.99),
+    bins: int = 40,
+    max_panels: int = 4,
+    axes: Any = None,
+):
+    """Histograms of treated vs control propensity scores, one panel per treatment.
+
+    Parameters
+    ----------
+    A, pi_hat, treatment_names, overlap_bounds, clip_bounds, bins
+        As for :func:`summarize_propensity_scores`.
+    treatments : sequence, optional
+        Treatments to draw (names or column positions); default the first
+        ``max_panels``.
+    max_panels : int
+        Most panels drawn when ``treatments`` is None.
+    axes : matplotlib Axes or sequence of Axes, optional
+        Where to draw (one per treatment); a new figure otherwise.
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+    axes : list of matplotlib.axes.Axes
+    summary : pandas.DataFrame
+        :func:`summarize_propensity_scores` for all treatments.
+    """
+    import matplotlib.pyplot as plt
+
+    summary = summarize_propensity_scores(A, pi_hat, treatment_names, overlap_bounds,
+                                          clip_bounds, bins)
+    A_arr, _ = _treatment_matrix(A)
+    pi = _scores_matrix(pi_hat, A_arr.shape)
+    names = list(summary["treatment"])
+    if treatments is None:
+        chosen = list(range(min(int(max_panels), len(names))))
+    else:
+        chosen = []
+        for t in treatments:
+            if isinstance(t, (int, np.integer)) and not isinstance(t, bool) and str(t) not in names:
+                if not 0 <= int(t) < len(names):
+                    raise ValueError(f"treatment position {t} out of range 0..{len(names) - 1}")
+                chosen.append(int(t))
+            elif str(t) in names:
+                chosen.append(names.index(str(t)))
+            else:
+                raise ValueError(f"unknown treatment {t!r}; available: {names[:20]}")
+    if not chosen:
+        raise ValueError("no treatment to plot")
+    if axes is None:
+        ncol = min(len(chosen), 4)
+        nrow = int(np.ceil(len(chosen) / ncol))
+        fig, ax_grid = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.8 * nrow), squeeze=False)
+        ax_list = list(ax_grid.ravel())
+        for extra in ax_list[len(chosen):]:
+            extra.set_visible(False)
+    else:
+        ax_list = list(np.atleast_1d(axes).ravel())
+        if len(ax_list) < len(chosen):
+            raise ValueError(f"{len(chosen)} treatments to draw but {len(ax_list)} axes given")
+        fig = ax_list[0].figure
+    control = ~np.any(A_arr != 0, axis=1)
+    edges = np.linspace(0.0, 1.0, int(bins) + 1)
+    for ax, k in zip(ax_list, chosen):
+        row = summary.iloc[k]
+        ax.hist(pi[control, k], bins=edges, density=True, histtype="step", color="#555555",
+                label="control")
+        ax.hist(pi[A_arr[:, k] == 1, k], bins=edges, density=True, histtype="step",
+                color="#d62728", label="treated")
+        for b in overlap_bounds:
+            ax.axvline(b, color="#1f77b4", ls="--", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("propensity score")
+        ax.set_title(f"{row['treatment']}\noverlap {row['overlap_ratio']:.2f}, "
+                     f"ESS(T) {row['ess_treated_fraction']:.0%}", fontsize=9)
+    ax_list[0].set_ylabel("density")
+    ax_list[0].legend(fontsize=7, frameon=False)
+    return fig, ax_list[: len(chosen)], summary
+
+
+# ----------------------------------------------------------------------------------
+# treatment vs covariate association
+# ----------------------------------------------------------------------------------
+def summarize_treatment_associations(
+    A: Any,
+    Z: Any,
+    treatment_names: Sequence[Any] | None = None,
+    covariate_names: Sequence[Any] | None = None,
+    covariate_types: Sequence[str] | str | None = None,
+    bh_scope: str = "global",
+) -> pd.DataFrame:
+    """Association of each treatment indicator with each covariate (purely diagnostic).
+
+    For treatment k and covariate j, over the controls and the cells treated with k:
+    the Spearman correlation between ``Z_j`` and ``A_k`` with its p-value, and the
+    standardised mean difference of ``Z_j`` between treated and control cells.
+
+    Parameters
+    ----------
+    A : array_like or DataFrame
+        n x a 0/1 treatment matrix.
+    Z : array_like or DataFrame
+        n x m covariates: observed covariates and/or estimated latent factors.
+    treatment_names, covariate_names : sequence, optional
+        Labels (default: DataFrame columns, else ``0 .. a-1`` / ``Z0 .. Z{m-1}``).
+    covariate_types : str or sequence of str, optional
+        A type per covariate (e.g. ``'observed'``, ``'latent'``) copied to the output;
+        default ``'covariate'``.
+    bh_scope : {'global', 'per_treatment'}
+        The family for the Benjamini–Hochberg adjustment: all finite p-values of the
+        table, or those of one treatment.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (treatment, covariate), treatments outermost, with columns
+        ``treatment, covariate, covariate_type, n_treated, n_control, constant,
+        spearman_rho, pvalue, padj, n_tests_in_family, standardized_mean_difference``.
+        ``constant`` marks a covariate that is constant over the population (its
+        ρ, p-value and padj are NaN).
+    """
+    from scipy.stats import spearmanr
+
+    if bh_scope not in ("global", "per_treatment"):
+        raise ValueError(f"bh_scope must be 'global' or 'per_treatment', got {bh_scope!r}")
+    A_arr, default_t = _treatment_matrix(A)
+    n, a = A_arr.shape
+    t_names = _names(treatment_names, default_t, "treatment_names")
+    if isinstance(Z, pd.DataFrame):
+        default_z = [str(c) for c in Z.columns]
+        Z_arr = Z.to_numpy(dtype=float)
+    else:
+        Z_arr = np.asarray(Z, dtype=float)
+        if Z_arr.ndim == 1:
+            Z_arr = Z_arr[:, None]
+        default_z = [f"Z{j}" for j in range(Z_arr.shape[1])] if Z_arr.ndim == 2 else []
+    if Z_arr.ndim != 2 or Z_arr.shape[0] != n:
+        raise ValueError(f"Z must be an n x m matrix with n = {n} rows, got shape {Z_arr.shape}")
+    if not np.all(np.isfinite(Z_arr)):
+        raise ValueError("Z must be finite")
+    m = Z_arr.shape[1]
+    z_names = _names(covariate_names, default_z, "covariate_names")
+    if covariate_types is None or isinstance(covariate_types, str):
+        z_types = [covariate_types or "covariate"] * m
+    else:
+        z_types = _names(covariate_types, ["covariate"] * m, "covariate_types")
+    control = ~np.any(A_arr != 0, axis=1)
+    if not control.any():
+        raise ValueError("A has no control cells (rows with all zeros)")
+
+    rows = []
+    for k in range(a):
+        treated = A_arr[:, k] == 1
+        if not treated.any():
+            raise ValueError(f"treatment {t_names[k]!r} has no treated cells")
+        pop = control | treated
+        ind = A_arr[pop, k]
+        for j in range(m):
+            z = Z_arr[pop, j]
+            constant = bool(np.ptp(z) == 0)
+            if constant:
+                rho, pval = float("nan"), float("nan")
+            else:
+                res = spearmanr(z, ind)
+                rho, pval = float(res[0]), float(res[1])
+            rows.append(dict(
+                treatment=t_names[k], covariate=z_names[j], covariate_type=z_types[j],
+                n_treated=int(treated.sum()), n_control=int(control.sum()), constant=constant,
+                spearman_rho=rho, pvalue=pval,
+                standardized_mean_difference=standardized_mean_difference(
+                    Z_arr[treated, j], Z_arr[control, j]),
+            ))
+    out = pd.DataFrame(rows)
+    out["padj"] = np.nan
+    out["n_tests_in_family"] = 0
+    groups = [np.arange(len(out))] if bh_scope == "global" else \
+        [np.flatnonzero(out["treatment"].to_numpy() == t) for t in t_names]
+    for idx in groups:
+        pv = out["pvalue"].to_numpy()[idx]
+        out.loc[out.index[idx], "padj"] = bh_adjust(pv)
+        out.loc[out.index[idx], "n_tests_in_family"] = int(np.sum(~np.isnan(pv)))
+    cols = ["treatment", "covariate", "covariate_type", "n_treated", "n_control", "constant",
+            "spearman_rho", "pvalue", "padj", "n_tests_in_family",
+            "standardized_mean_difference"]
+    return out[cols]
+
+
+def plot_treatment_associations(
+    summary: pd.DataFrame,
+    value: str = "spearman_rho",
+    treatments: Sequence[Any] | None = None,
+    covariates: Sequence[Any] | None = None,
+    alpha: float | None = None,
+    vmax: float | None = None,
+    ax: Any = None,
+):
+    """Heat map of a :func:`summarize_treatment_associations` table.
+
+    Parameters
+    ----------
+    summary : pandas.DataFrame
+        Output of :func:`summarize_treatment_associations`.
+    value : {'spearman_rho', 'standardized_mean_difference'}
+        Cell colour. The diverging scale is symmetric: fixed to ±1 for ρ; ±``vmax``
+        or ± the largest finite |value| for the SMD.
+    treatments, covariates : sequence, optional
+        Rows / columns to show (default all, in table order).
+    alpha : float, optional
+        Mark cells with ``padj <= alpha`` by '*'.
+    vmax : float, optional
+        Colour limit for the SMD.
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    fig, ax
+    """
+    import matplotlib.pyplot as plt
+
+    if value not in ("spearman_rho", "standardized_mean_difference"):
+        raise ValueError(f"value must be 'spearman_rho' or 'standardized_mean_difference', "
+                         f"got {value!r}")
+    missing = {"treatment", "covariate", value, "padj"} - set(summary.columns)
+    if missing:
+        raise ValueError(f"summary lacks column(s) {sorted(missing)}")
+    t_order = list(dict.fromkeys(summary["treatment"].astype(str))) if treatments is None \
+        else [str(t) for t in treatments]
+    z_order = list(dict.fromkeys(summary["covariate"].astype(str))) if covariates is None \
+        else [str(c) for c in covariates]
+    s = summary.assign(treatment=summary["treatment"].astype(str),
+                       covariate=summary["covariate"].astype(str))
+    grid = s.pivot(index="treatment", columns="covariate", values=value)
+    padj = s.pivot(index="treatment", columns="covariate", values="padj")
+    for label, have, what in ((t_order, grid.index, "treatment"),
+                              (z_order, grid.columns, "covariate")):
+        unknown = [x for x in label if x not in have]
+        if unknown:
+            raise ValueError(f"unknown {what}(s) {unknown[:10]}")
+    grid = grid.loc[t_order, z_order]
+    padj = padj.loc[t_order, z_order]
+    vals = grid.to_numpy(dtype=float)
+    if value == "spearman_rho":
+        lim = 1.0
+    elif vmax is not None:
+        lim = float(vmax)
+    else:
+        finite = np.abs(vals[np.isfinite(vals)])
+        lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(z_order), 1.0 + 0.35 * len(t_order)))
+    else:
+        fig = ax.figure
+    im = ax.imshow(np.ma.masked_invalid(vals), cmap="RdBu_r", vmin=-lim, vmax=lim,
+                   aspect="auto")
+    ax.set_xticks(range(len(z_order)), z_order, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(t_order)), t_order, fontsize=8)
+    if alpha is not None:
+        pv = padj.to_numpy(dtype=float)
+        for i, j in zip(*np.nonzero(np.nan_to_num(pv, nan=np.inf) <= alpha)):
+            ax.text(j, i, "*", ha="center", va="center", fontsize=10)
+    fig.colorbar(im, ax=ax, label=value.replace("_", " "))
+    return fig, ax
+
+
+# ----------------------------------------------------------------------------------
+# test masks
+# ----------------------------------------------------------------------------------
+def _as_bool(values: np.ndarray) -> np.ndarray:
+    v = np.asarray(values)
+    if v.dtype == bool:
+        return v
+    if v.dtype.kind in "iuf" and np.all(np.isin(v, (0, 1))):
+        return v.astype(bool)
+    raise TypeError("test_mask must be boolean (True/False or 0/1)")
+
+
+def _check_unique(labels: Sequence[str], what: str) -> None:
+    s = pd.Index(labels)
+    if s.has_duplicates:
+        raise ValueError(f"duplicated {what} labels in test_mask: "
+                         f"{list(s[s.duplicated()].unique()[:5])}")
+
+
+def align_test_mask(
+    results: pd.DataFrame,
+    test_mask: Any,
+    treatment_names: Sequence[Any] | None = None,
+    gene_names: Sequence[Any] | None = None,
+    treatment_col: str = "trt",
+    gene_col: str = "gene_names",
+) -> np.ndarray:
+    """A treatment x gene boolean mask aligned to the rows of a result table.
+
+    Labels are compared as strings. Only annotates: the result table (and its
+    p-values) is never modified.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        Result table with a gene column and, for several treatments, a treatment
+        column. Without a treatment column the mask must hold a single treatment.
+    test_mask : array_like, DataFrame or Series
+        * an a x p array with ``treatment_names`` and ``gene_names``;
+        * a DataFrame with treatments as index and genes as columns;
+        * a boolean Series indexed by a 2-level (treatment, gene) MultiIndex.
+    treatment_names, gene_names : sequence, optional
+        Labels of an array mask.
+    treatment_col, gene_col : str
+        Columns of ``results`` holding the labels.
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape (len(results),)
+
+    Raises
+    ------
+    TypeError
+        If the mask is not boolean.
+    ValueError
+        Missing label arguments, wrong shapes, duplicated labels, or a result row
+        whose (treatment, gene) pair is not in the mask.
+    """
+    if gene_col not in results.columns:
+        raise ValueError(f"results has no column {gene_col!r}")
+    if isinstance(test_mask, pd.Series):
+        if not isinstance(test_mask.index, pd.MultiIndex) or test_mask.index.nlevels != 2:
+            raise ValueError("a Series test_mask needs a 2-level (treatment, gene) MultiIndex")
+        vals = _as_bool(test_mask.to_numpy())
+        keys = [f"{t}\x00{g}" for t, g in test_mask.index]
+        t_labels = list(dict.fromkeys(str(t) for t in test_mask.index.get_level_values(0)))
+        _check_unique(keys, "(treatment, gene)")
+        lookup = pd.Series(vals, index=keys)
+    else:
+        if isinstance(test_mask, pd.DataFrame):
+            t_labels = [str(t) for t in test_mask.index]
+            g_labels = [str(g) for g in test_mask.columns]
+            vals = _as_bool(test_mask.to_numpy())
+        else:
+            if treatment_names is None or gene_names is None:
+                raise ValueError("an array test_mask needs treatment_names and gene_names")
+            vals = _as_bool(test_mask)
+            if vals.ndim == 1:
+                vals = vals[None, :]
+            t_labels = [str(t) for t in treatment_names]
+            g_labels = [str(g) for g in gene_names]
+            if vals.shape != (len(t_labels), len(g_labels)):
+                raise ValueError(f"test_mask has shape {vals.shape}, expected "
+                                 f"({len(t_labels)}, {len(g_labels)}) treatments x genes")
+        _check_unique(t_labels, "treatment")
+        _check_unique(g_labels, "gene")
+        keys = [f"{t}\x00{g}" for t in t_labels for g in g_labels]
+        lookup = pd.Series(vals.ravel(), index=keys)
+
+    genes = results[gene_col].astype(str).to_numpy()
+    if treatment_col in results.columns:
+        trts = results[treatment_col].astype(str).to_numpy()
+    elif len(t_labels) == 1:
+        trts = np.full(len(results), t_labels[0], dtype=object)
+    else:
+        raise ValueError(f"results has no column {treatment_col!r} but test_mask holds "
+                         f"{len(t_labels)} treatments")
+    row_keys = [f"{t}\x00{g}" for t, g in zip(trts, genes)]
+    out = lookup.reindex(row_keys)
+    if out.isna().any():
+        bad = np.flatnonzero(out.isna().to_numpy())
+        shown = [(str(trts[i]), str(genes[i])) for i in bad[:5]]
+        raise ValueError(f"{bad.size} result row(s) have no entry in test_mask, e.g. {shown}")
+    return out.to_numpy(dtype=bool)

@@ -1,0 +1,289 @@
+"""Plots of causarray results (``causarray.pl``).
+
+Each function takes either an AnnData processed by :func:`causarray.tl.lfc` (results
+read from ``adata.uns[key]``) or the table itself, accepts ``ax=`` to draw into an
+existing Axes, and returns the Axes (:func:`volcano`, :func:`discoveries`) or the
+Figure (:func:`r_selection`, :func:`propensity`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["discoveries", "discovery_counts", "propensity", "r_selection", "volcano"]
+
+SIG_COLOR = "#d62728"
+NS_COLOR = "#aaaaaa"
+BAR_COLOR = "steelblue"
+
+
+def _uns(data: Any, key: str) -> dict:
+    uns = getattr(data, "uns", None)
+    if uns is None or key not in uns:
+        raise ValueError(f"adata.uns has no {key!r} entry; run causarray.tl.lfc(adata) first")
+    return uns[key]
+
+
+def _results(data: Any, key: str = "causarray") -> pd.DataFrame:
+    if isinstance(data, pd.DataFrame):
+        return data
+    return _uns(data, key)["results"]
+
+
+def _need(df: pd.DataFrame, cols: Sequence[str]) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"result table lacks column(s) {missing}")
+
+
+def _axes(ax: Any, figsize: tuple[float, float]):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def volcano(data: Any, alpha: float = 0.05, padj_col: str = "padj", x: str = "log2fc",
+            trt: str | Sequence[str] | None = None, n_labels: int = 5, ax: Any = None,
+            key: str = "causarray", title: str | None = None):
+    """Volcano plot: effect size against -log10 p-value, discoveries in red.
+
+    Parameters
+    ----------
+    data : AnnData or DataFrame
+        Results of :func:`causarray.tl.lfc` (or of ``LFC`` / ``gcate_lfc_batch``).
+    alpha : float
+        Discovery threshold on ``padj_col``.
+    padj_col : str
+        Adjusted p-value column (``'padj'`` or ``'padj_emp_null_adj'``).
+    x : str
+        Effect column (``'log2fc'`` or ``'tau'``).
+    trt : str or sequence, optional
+        Restrict to these perturbations.
+    n_labels : int
+        Label the ``n_labels`` smallest p-values among the discoveries.
+    ax : matplotlib Axes, optional
+    key : str
+        ``adata.uns`` key.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    df = _results(data, key)
+    pcol = "pvalue_emp_null_adj" if padj_col == "padj_emp_null_adj" else "pvalue"
+    _need(df, [x, pcol, padj_col, "gene_names"])
+    if trt is not None:
+        _need(df, ["trt"])
+        wanted = [trt] if isinstance(trt, str) else list(trt)
+        df = df[df["trt"].astype(str).isin([str(t) for t in wanted])]
+    df = df[np.isfinite(df[pcol].to_numpy(dtype=float)) & np.isfinite(df[x].to_numpy(dtype=float))]
+    ax = _axes(ax, (6.5, 4.5))
+    logp = -np.log10(np.clip(df[pcol].to_numpy(dtype=float), 1e-300, 1.0))
+    sig = df[padj_col].to_numpy(dtype=float) < alpha
+    xv = df[x].to_numpy(dtype=float)
+    ax.scatter(xv[~sig], logp[~sig], s=3, c=NS_COLOR, alpha=0.5, rasterized=True,
+               label="not significant")
+    ax.scatter(xv[sig], logp[sig], s=5, c=SIG_COLOR, alpha=0.7, rasterized=True,
+               label=f"{padj_col} < {alpha:g} ({int(sig.sum())})")
+    if n_labels and sig.any():
+        top = np.argsort(-logp * sig)[: int(n_labels)]
+        for i in top:
+            if not sig[i]:
+                continue
+            lab = str(df["gene_names"].iloc[i])
+            if "trt" in df.columns:
+                lab = f"{df['trt'].iloc[i]}:{lab}"
+            ax.annotate(lab, (xv[i], logp[i]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axvline(0.0, color="black", lw=0.5)
+    ax.set_xlabel("log2 fold change" if x == "log2fc" else x)
+    ax.set_ylabel("-log10 p-value")
+    ax.set_title(title or "Volcano plot")
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    return ax
+
+
+def discovery_counts(data: Any, alpha: float = 0.05, padj_col: str = "padj",
+                     key: str = "causarray") -> pd.Series:
+    """Number of discoveries (``padj < alpha``) per perturbation, largest first.
+
+    Perturbations without discoveries are included with 0.
+
+    Returns
+    -------
+    pandas.Series
+        Indexed by perturbation (``trt``; a single unnamed treatment is ``'treatment'``).
+    """
+    df = _results(data, key)
+    _need(df, [padj_col])
+    trt = df["trt"].astype(str) if "trt" in df.columns else pd.Series("treatment",
+                                                                       index=df.index)
+    sig = df[padj_col].to_numpy(dtype=float) < alpha
+    counts = pd.Series(sig.astype(int), index=df.index).groupby(trt.to_numpy()).sum()
+    counts.index.name = "trt"
+    counts.name = "n_discoveries"
+    return counts.sort_values(ascending=False, kind="mergesort")
+
+
+def discoveries(data: Any, alpha: float = 0.05, padj_col: str = "padj", top_n: int = 30,
+                ax: Any = None, key: str = "causarray", title: str | None = None):
+    """Bar chart of the number of discoveries per perturbation (largest ``top_n``).
+
+    Parameters
+    ----------
+    data : AnnData or DataFrame
+    alpha : float
+        Threshold on ``padj_col``.
+    padj_col : str
+    top_n : int
+        Bars shown.
+    ax : matplotlib Axes, optional
+    key : str
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    counts = discovery_counts(data, alpha, padj_col, key).head(int(top_n))
+    ax = _axes(ax, (max(4.0, 0.3 * len(counts) + 2.0), 4.0))
+    ax.bar(np.arange(len(counts)), counts.to_numpy(), color=BAR_COLOR, edgecolor="none")
+    ax.set_xticks(np.arange(len(counts)), [str(i) for i in counts.index], rotation=45,
+                  ha="right", fontsize=8)
+    ax.set_ylabel(f"genes with {padj_col} < {alpha:g}")
+    ax.set_title(title or f"Discoveries per perturbation (top {len(counts)})")
+    return ax
+
+
+def _jic_table(data: Any, key: str) -> pd.DataFrame:
+    if isinstance(data, pd.DataFrame):
+        df = data
+    else:
+        df = _uns(data, key).get("jic")
+        if df is None:
+            raise ValueError("no JIC table stored: r was fixed; run tl.lfc with r='auto'")
+    _need(df, ["r", "deviance", "nu"])
+    return df.sort_values("r").reset_index(drop=True)
+
+
+def _draw_jic(ax_left: Any, ax_right: Any, df: pd.DataFrame, c: float) -> None:
+    """The two panels of ``plot_r`` (SPEC §7.4) on given axes."""
+    r = df["r"].to_numpy()
+    dev = df["deviance"].to_numpy(dtype=float)
+    pen = c * df["nu"].to_numpy(dtype=float)
+    l1 = ax_left.plot(r, dev, "o-", color="C0", label="deviance")
+    l3 = ax_left.plot(r, dev + pen, "s-", color="C2", label="JIC")
+    twin = ax_left.twinx()
+    l2 = twin.plot(r, pen, "^--", color="C1", label=f"{c:g}·nu")
+    ax_left.set_xticks(r)
+    ax_left.set_xlabel("r (latent factors)")
+    ax_left.set_ylabel("deviance / JIC")
+    twin.set_ylabel(f"{c:g}·nu")
+    lines = l1 + l2 + l3
+    leg = ax_left.legend(lines, [ln.get_label() for ln in lines], fontsize=8, frameon=False)
+    for text, ln in zip(leg.get_texts(), lines):
+        text.set_color(ln.get_color())
+    best = int(np.argmin(dev + pen))
+    ax_left.axvline(r[best], color="grey", ls=":", lw=0.8)
+    ax_left.set_title(f"JIC: minimum at r = {r[best]}")
+    if ax_right is not None and len(r) > 1:
+        ax_right.plot(r[1:], -np.diff(dev), "o-", color="C0", label="-Δ deviance")
+        tw = ax_right.twinx()
+        tw.plot(r[1:], np.diff(pen), "^--", color="C1", label=f"{c:g}·Δnu")
+        tw.set_ylim(ax_right.get_ylim())
+        ax_right.set_xticks(r[1:])
+        ax_right.set_xlabel("r")
+        ax_right.set_title("gain in fit vs. added penalty")
+        ax_right.legend(fontsize=8, frameon=False, loc="upper right")
+
+
+def r_selection(data: Any, c: float = 1.0, ax: Any = None, key: str = "causarray"):
+    """The JIC curve used to choose r (the figure of :func:`causarray.gcate.plot_r`).
+
+    Parameters
+    ----------
+    data : AnnData or DataFrame
+        JIC table with columns ``r, deviance, nu`` (``adata.uns[key]['jic']``).
+    c : float
+        Penalty weight.
+    ax : matplotlib Axes or a pair of Axes, optional
+        Without ``ax`` the two-panel figure of ``plot_r`` is returned. With one Axes the
+        left panel (deviance, c·nu on a twin axis, JIC) is drawn into it; with two
+        Axes both panels.
+    key : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    df = _jic_table(data, key)
+    if ax is None:
+        from .gcate import plot_r
+
+        return plot_r(df, c=c)
+    axes = list(np.atleast_1d(ax).ravel()) if isinstance(ax, (list, tuple, np.ndarray)) \
+        else [ax]
+    _draw_jic(axes[0], axes[1] if len(axes) > 1 else None, df, c)
+    return axes[0].figure
+
+
+def propensity(data: Any, pi_hat: Any = None, treatments: Sequence[Any] | None = None,
+               order: str = "least_overlap", max_panels: int = 4, ax: Any = None,
+               key: str = "causarray"):
+    """Propensity-score overlap of treated and control cells per perturbation.
+
+    Parameters
+    ----------
+    data : AnnData or array_like
+        An AnnData processed by :func:`causarray.tl.lfc` (scores from
+        ``adata.obsm[key + '_propensity']``), or the n x a treatment matrix ``A``.
+    pi_hat : array_like, optional
+        n x a scores (required when ``data`` is ``A``).
+    treatments : sequence, optional
+        Perturbations to draw; default ``max_panels`` of them chosen by ``order``.
+    order : {'least_overlap', 'first'}
+        Default choice: the smallest histogram overlap first, or table order.
+    max_panels : int
+    ax : matplotlib Axes or sequence of Axes, optional
+    key : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from .diagnostics import plot_propensity_scores, summarize_propensity_scores
+
+    if order not in ("least_overlap", "first"):
+        raise ValueError(f"order must be 'least_overlap' or 'first', got {order!r}")
+    if hasattr(data, "obsm") and hasattr(data, "uns"):
+        from .preprocessing import treatment_matrix
+
+        settings = _uns(data, key)["settings"]
+        name = f"{key}_propensity"
+        if name not in data.obsm:
+            raise ValueError(f"adata.obsm has no {name!r}; run tl.lfc(adata, propensity=True)")
+        scores = data.obsm[name]
+        cols = [str(c) for c in scores.columns]
+        A_all = treatment_matrix(data.obs[settings["pert_col"]].astype(str),
+                                 settings["ctrl_label"], index=data.obs_names)
+        pi = np.asarray(scores, dtype=float)
+        scored = np.isfinite(pi).all(axis=1)          # cells left out of the fit are NaN
+        A = A_all.reindex(columns=cols, fill_value=0.0).iloc[scored]
+        pi = pi[scored]
+    else:
+        if pi_hat is None:
+            raise ValueError("pi_hat is required when data is a treatment matrix")
+        A, pi = data, pi_hat
+    if treatments is None:
+        summary = summarize_propensity_scores(A, pi)
+        if order == "least_overlap":
+            summary = summary.sort_values("overlap_ratio", kind="mergesort")
+        treatments = list(summary["treatment"].head(int(max_panels)))
+    fig, _, _ = plot_propensity_scores(A, pi, treatments=treatments, axes=ax)
+    return fig

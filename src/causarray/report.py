@@ -1,0 +1,294 @@
+"""Self-contained HTML report of a causarray run.
+
+The report is one HTML file without external resources: figures are PNGs embedded
+as base64 ``data:`` URIs and the style sheet is inline, so it can be mailed or
+archived as it is. Sections: run settings, discovery summary, top perturbations,
+volcano plot, discoveries per perturbation, the JIC curve (when r was chosen
+automatically) and the propensity overlap of the perturbations with the least
+overlap.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._version import __version__
+
+__all__ = ["discovery_summary", "figure_png", "render_report", "top_perturbations",
+           "write_report"]
+
+_STYLE = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; margin-top: 1.8em;
+     border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+.muted { color: #666; font-size: 0.9em; } figure { margin: 1em 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.85em; }
+ul.summary li { margin: 0.15em 0; }
+"""
+
+
+# ----------------------------------------------------------------------------------
+# numbers
+# ----------------------------------------------------------------------------------
+def _trt(results: pd.DataFrame) -> pd.Series:
+    if "trt" in results.columns:
+        return results["trt"].astype(str)
+    return pd.Series("treatment", index=results.index)
+
+
+def discovery_summary(results: pd.DataFrame, alpha: float = 0.05,
+                      padj_col: str = "padj") -> dict[str, Any]:
+    """Counts of discoveries at ``padj_col < alpha`` (the seed tutorial's §5.1 summary).
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        Result table (``gene_names``, ``padj``, optionally ``trt``).
+    alpha : float
+    padj_col : str
+
+    Returns
+    -------
+    dict
+        ``n_tests`` (rows with a p-value), ``n_rows``, ``n_significant`` (gene x
+        perturbation pairs), ``n_perturbations``, ``n_perturbations_with_hit``,
+        ``n_genes``, ``n_genes_affected``, ``n_significant_emp_null`` (with the
+        empirical-null adjusted p-values, when present).
+    """
+    padj = results[padj_col].to_numpy(dtype=float)
+    sig = padj < alpha
+    trt = _trt(results)
+    out = dict(
+        alpha=alpha, padj_col=padj_col, n_rows=int(len(results)),
+        n_tests=int(np.isfinite(results["pvalue"].to_numpy(dtype=float)).sum())
+        if "pvalue" in results.columns else int(np.isfinite(padj).sum()),
+        n_significant=int(sig.sum()),
+        n_perturbations=int(trt.nunique()),
+        n_perturbations_with_hit=int(trt[sig].nunique()),
+        n_genes=int(results["gene_names"].nunique()),
+        n_genes_affected=int(results.loc[sig, "gene_names"].nunique()),
+    )
+    if "padj_emp_null_adj" in results.columns:
+        out["n_significant_emp_null"] = int(
+            (results["padj_emp_null_adj"].to_numpy(dtype=float) < alpha).sum())
+    return out
+
+
+def top_perturbations(results: pd.DataFrame, alpha: float = 0.05, padj_col: str = "padj",
+                      top_n: int = 20) -> pd.DataFrame:
+    """Perturbations ranked by their number of discoveries.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``trt, n_discoveries, n_down, n_up, n_tested, median_log2fc_hits``
+        (+ ``n_treated`` when the results carry it), ``top_n`` rows.
+    """
+    trt = _trt(results)
+    sig = results[padj_col].to_numpy(dtype=float) < alpha
+    eff = results["log2fc"].to_numpy(dtype=float) if "log2fc" in results.columns else \
+        results["tau"].to_numpy(dtype=float) / np.log(2)
+    tested = np.isfinite(results["pvalue"].to_numpy(dtype=float)) if "pvalue" in \
+        results.columns else np.isfinite(results[padj_col].to_numpy(dtype=float))
+    frame = pd.DataFrame(dict(trt=trt.to_numpy(), sig=sig, down=sig & (eff < 0),
+                              up=sig & (eff > 0), tested=tested,
+                              eff_hit=np.where(sig, eff, np.nan)))
+    g = frame.groupby("trt", sort=False)
+    table = pd.DataFrame(dict(
+        n_discoveries=g["sig"].sum().astype(int), n_down=g["down"].sum().astype(int),
+        n_up=g["up"].sum().astype(int), n_tested=g["tested"].sum().astype(int),
+        median_log2fc_hits=g["eff_hit"].median(),
+    ))
+    if "n_treated" in results.columns:
+        table["n_treated"] = results.groupby(trt.to_numpy(), sort=False)["n_treated"].max()
+    table = table.sort_values(["n_discoveries", "n_tested"], ascending=False, kind="mergesort")
+    return table.head(int(top_n)).reset_index(names="trt")
+
+
+# ----------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------
+def figure_png(fig: Any, dpi: int = 100, close: bool = True) -> bytes:
+    """PNG bytes of a matplotlib Figure (closed afterwards unless ``close=False``)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    if close:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _img(png: bytes, alt: str, caption: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _table(df: pd.DataFrame, float_format: str = "{:.3g}") -> str:
+    return df.to_html(index=False, escape=True, border=0, na_rep="–",
+                      float_format=lambda v: float_format.format(v))
+
+
+# ----------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------
+def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None = None,
+                  settings: Mapping[str, Any] | None = None, jic: pd.DataFrame | None = None,
+                  propensity_summary: pd.DataFrame | None = None, alpha: float = 0.05,
+                  padj_col: str = "padj", top_n: int = 20,
+                  title: str = "causarray report") -> str:
+    """HTML text of the report.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        Result table.
+    images : mapping, optional
+        PNG bytes under the keys ``'volcano'``, ``'discoveries'``, ``'jic'``,
+        ``'propensity'`` (missing keys are left out).
+    settings : mapping, optional
+        Run settings shown as a table.
+    jic : pandas.DataFrame, optional
+        JIC table (``r, deviance, nu, JIC``).
+    propensity_summary : pandas.DataFrame, optional
+        :func:`causarray.diagnostics.summarize_propensity_scores`; the rows with the
+        least overlap are shown.
+    alpha, padj_col, top_n
+        Discovery threshold, adjusted p-value column, rows of the tables.
+    title : str
+
+    Returns
+    -------
+    str
+    """
+    images = dict(images or {})
+    s = discovery_summary(results, alpha, padj_col)
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>",
+             f"<p class='muted'>causarray {html.escape(__version__)} · generated "
+             f"{html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>"]
+
+    parts.append("<h2 id='summary'>Discovery summary</h2><ul class='summary'>")
+    parts.append(f"<li>Significant ({html.escape(padj_col)} &lt; {alpha:g}): "
+                 f"<b>{s['n_significant']:,}</b> gene × perturbation pairs "
+                 f"(of {s['n_tests']:,} tested, {s['n_rows']:,} in total)</li>")
+    parts.append(f"<li>Perturbations with ≥ 1 hit: <b>{s['n_perturbations_with_hit']:,}</b> "
+                 f"of {s['n_perturbations']:,}</li>")
+    parts.append(f"<li>Unique genes affected: <b>{s['n_genes_affected']:,}</b> of "
+                 f"{s['n_genes']:,}</li>")
+    if "n_significant_emp_null" in s:
+        parts.append(f"<li>With the empirical-null adjustment (padj_emp_null_adj &lt; "
+                     f"{alpha:g}): {s['n_significant_emp_null']:,} pairs</li>")
+    parts.append("</ul>")
+
+    parts.append("<h2 id='top'>Top perturbations</h2>")
+    parts.append(_table(top_perturbations(results, alpha, padj_col, top_n)))
+    if "volcano" in images:
+        parts.append("<h2 id='volcano'>Volcano plot</h2>")
+        parts.append(_img(images["volcano"], "volcano plot",
+                          f"All perturbations; red: {padj_col} < {alpha:g}."))
+    if "discoveries" in images:
+        parts.append("<h2 id='discoveries'>Discoveries per perturbation</h2>")
+        parts.append(_img(images["discoveries"], "discoveries per perturbation",
+                          f"Number of genes with {padj_col} < {alpha:g} per perturbation."))
+    if jic is not None or "jic" in images:
+        parts.append("<h2 id='jic'>Number of latent factors</h2>")
+        if "jic" in images:
+            parts.append(_img(images["jic"], "JIC curve",
+                              "Deviance, penalty and JIC against r; r is the minimum of JIC."))
+        if jic is not None:
+            cols = [c for c in ("r", "deviance", "nu", "JIC", "time_s") if c in jic.columns]
+            parts.append(_table(jic[cols], "{:.6g}"))
+    if propensity_summary is not None or "propensity" in images:
+        parts.append("<h2 id='propensity'>Propensity overlap</h2>")
+        parts.append("<p class='muted'>Scores of each perturbation against the shared "
+                     "controls on the observed design (intercept, covariates, log library "
+                     "size). Low overlap or a small effective sample size (ESS) means the "
+                     "comparison rests on few, heavily weighted cells.</p>")
+        if "propensity" in images:
+            parts.append(_img(images["propensity"], "propensity overlap",
+                              "Perturbations with the least overlap."))
+        if propensity_summary is not None:
+            cols = [c for c in ("treatment", "n_treated", "n_control", "overlap_ratio", "auc",
+                                "ess_treated_fraction", "ess_control_fraction",
+                                "frac_outside_overlap") if c in propensity_summary.columns]
+            least = propensity_summary.sort_values("overlap_ratio", kind="mergesort")
+            parts.append(_table(least[cols].head(int(top_n))))
+    if settings:
+        parts.append("<h2 id='settings'>Settings</h2>")
+        rows = pd.DataFrame({"setting": list(settings), "value": [str(v) for v in
+                                                                  settings.values()]})
+        parts.append(_table(rows))
+    parts.append("<h2 id='columns'>Reading the results</h2><p class='muted'>"
+                 "<code>log2fc</code>: doubly robust log2 fold change of the mean expression "
+                 "under perturbation vs. control; <code>pvalue</code>/<code>padj</code>: "
+                 "t-test and Benjamini–Hochberg adjustment; <code>padj_emp_null_adj</code>: "
+                 "after re-centring the test statistics on their empirical null; NaN marks "
+                 "genes too sparsely expressed to test.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(data: Any, path: str | Path, *, images: Mapping[str, bytes] | None = None,
+                 alpha: float = 0.05, padj_col: str = "padj", top_n: int = 20,
+                 key: str = "causarray", title: str = "causarray report") -> Path:
+    """Write ``report.html`` for an AnnData processed by :func:`causarray.tl.lfc`.
+
+    Parameters
+    ----------
+    data : AnnData or pandas.DataFrame
+        Processed AnnData (results, JIC table, propensity scores read from
+        ``adata.uns[key]``) or a bare result table.
+    path : str or Path
+        Output file.
+    images : mapping, optional
+        Pre-rendered PNGs (see :func:`render_report`); the missing ones are drawn.
+    alpha, padj_col, top_n, key, title
+        See :func:`render_report`.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    from . import pl
+
+    images = dict(images or {})
+    if isinstance(data, pd.DataFrame):
+        results, store = data, {}
+    else:
+        store = data.uns[key]
+        results = store["results"]
+    if "volcano" not in images:
+        images["volcano"] = figure_png(pl.volcano(results, alpha, padj_col).figure)
+    if "discoveries" not in images:
+        images["discoveries"] = figure_png(pl.discoveries(results, alpha, padj_col).figure)
+    jic = store.get("jic")
+    if jic is not None and "jic" not in images:
+        images["jic"] = figure_png(pl.r_selection(jic))
+    summary = store.get("propensity")
+    if summary is not None and "propensity" not in images and not isinstance(data, pd.DataFrame) \
+            and f"{key}_propensity" in data.obsm:
+        images["propensity"] = figure_png(pl.propensity(data, key=key))
+    text = render_report(results, images=images, settings=store.get("settings"), jic=jic,
+                         propensity_summary=summary, alpha=alpha, padj_col=padj_col,
+                         top_n=top_n, title=title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return out

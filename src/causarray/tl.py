@@ -1,0 +1,484 @@
+"""AnnData front door: ``causarray.tl.lfc`` runs the whole pipeline on a screen.
+
+::
+
+    import causarray as ca
+    df = ca.tl.lfc(adata, pert_col="gene", ctrl_label="non-targeting")
+    ca.pl.volcano(adata)
+
+Steps of :func:`lfc`:
+
+1. :func:`causarray.preprocessing.from_anndata` builds counts ``Y``, the one-hot
+   treatment matrix ``A`` (controls dropped), ``X = [1 | covariates]`` and
+   ``X_A = [1 | covariates | log library size]``; the counts must be raw integers.
+2. ``r='auto'``: :func:`causarray.gcate.estimate_r` on a control-priority subsample
+   of at most ``max_cells`` cells over a small grid; ``r`` is the argmin of JIC.
+3. :func:`causarray.batch.gcate_lfc_batch`: GCATE confounders and doubly robust
+   log fold changes, batch by batch (each batch of ``batch_size`` perturbations
+   shares one sample of ``n_ctrl`` control cells), cached in ``cache_path`` so a
+   re-run resumes. With a Dask ``client`` the batches run in parallel on the cluster.
+4. Propensity scores of every perturbation against the controls on the observed
+   design ``X_A`` (a diagnostic of overlap; the doubly robust step itself also uses
+   the confounders).
+
+Everything is stored in ``adata.uns[key_added]`` (``results``, ``settings``,
+``jic``, ``propensity``) and the scores in ``adata.obsm[key_added + '_propensity']``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._version import __version__
+
+logger = logging.getLogger("causarray")
+
+__all__ = ["default_r_grid", "lfc", "select_r", "validate_screen"]
+
+#: Candidate numbers of latent factors for ``r='auto'`` (truncated by :func:`default_r_grid`).
+R_CANDIDATES = (1, 2, 3, 5, 8, 10, 15, 20, 30)
+
+
+# ----------------------------------------------------------------------------------
+# input checks
+# ----------------------------------------------------------------------------------
+def _counts_of(adata: Any, layer: str | None):
+    if layer is None:
+        return adata.X, "adata.X"
+    if layer not in adata.layers:
+        raise ValueError(f"adata has no layer {layer!r}; available layers: "
+                         f"{list(adata.layers.keys())}")
+    return adata.layers[layer], f"adata.layers[{layer!r}]"
+
+
+def check_raw_counts(counts: Any, name: str = "adata.X") -> None:
+    """Raise if a matrix does not hold raw counts (non-negative integers).
+
+    Parameters
+    ----------
+    counts : ndarray or scipy.sparse matrix
+        Cells x genes matrix.
+    name : str
+        Name used in the message.
+
+    Raises
+    ------
+    ValueError
+        NaN/inf, negative or non-integer entries (e.g. log-normalised data).
+    """
+    if counts is None:
+        raise ValueError(f"{name} is empty (None); pass the layer holding raw counts")
+    vals = counts.data if sp.issparse(counts) else np.asarray(counts)
+    if vals.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must hold numeric counts, got dtype {vals.dtype}")
+    if vals.dtype.kind == "f":
+        finite = np.isfinite(vals)
+        if not finite.all():
+            raise ValueError(f"{name} contains {int((~finite).sum())} NaN or infinite values; "
+                             "causarray needs raw counts")
+    if vals.size and np.min(vals) < 0:
+        raise ValueError(f"{name} has negative values (minimum {float(np.min(vals)):g}); "
+                         "causarray needs raw counts, not normalised or scaled data")
+    if vals.dtype.kind == "f":
+        n_frac = int(np.count_nonzero(vals != np.rint(vals)))
+        if n_frac:
+            raise ValueError(f"{name} does not hold raw counts: {n_frac} non-integer entries "
+                             "(log-normalised data?); pass the layer with raw UMI counts")
+
+
+def validate_screen(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
+                    covariates: str | Iterable[str] = (), layer: str | None = None,
+                    drop_empty_cells: bool = False) -> dict:
+    """Check an AnnData screen before any computation.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+    pert_col, ctrl_label, covariates, layer, drop_empty_cells
+        As for :func:`lfc`.
+
+    Returns
+    -------
+    dict
+        ``pert_col``, ``ctrl_label``, ``n_cells``, ``n_genes``, ``n_control``,
+        ``perturbations`` (sorted labels other than the control).
+
+    Raises
+    ------
+    ValueError
+        Unknown column, control label, layer or covariate; no perturbed cells; data
+        that are not raw counts; empty cells.
+    """
+    from .preprocessing import _resolve_screen_keys, covariate_design
+
+    pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
+    counts, name = _counts_of(adata, layer)
+    check_raw_counts(counts, name)
+    covariate_design(adata.obs, covariates)
+    from ._validation import row_sums
+
+    empty = np.asarray(row_sums(counts)).ravel() == 0
+    if empty.any() and not drop_empty_cells:
+        shown = [str(c) for c in adata.obs_names[np.flatnonzero(empty)[:3]]]
+        raise ValueError(f"{int(empty.sum())} cell(s) have zero total count, e.g. {shown}; "
+                         "remove them or pass drop_empty_cells=True")
+    perts = sorted(set(labels[~empty].tolist()) - {ctrl_label})
+    if not perts:
+        raise ValueError(f"obs[{pert_col!r}] holds only the control label {ctrl_label!r}; "
+                         "there are no perturbed cells")
+    return dict(pert_col=pert_col, ctrl_label=ctrl_label, n_cells=int(adata.n_obs),
+                n_genes=int(adata.n_vars), n_control=int(np.sum(labels == ctrl_label)),
+                perturbations=perts)
+
+
+# ----------------------------------------------------------------------------------
+# choosing r
+# ----------------------------------------------------------------------------------
+def default_r_grid(n_genes: int, n_cells: int | None = None) -> list[int]:
+    """The small grid of r values tried by ``r='auto'``.
+
+    Values of :data:`R_CANDIDATES` up to ``max(1, min(n_genes, n_cells) // 5)``.
+
+    Parameters
+    ----------
+    n_genes : int
+    n_cells : int, optional
+
+    Returns
+    -------
+    list of int
+    """
+    m = min(n_genes, n_cells) if n_cells is not None else n_genes
+    top = max(1, m // 5)
+    return [r for r in R_CANDIDATES if r <= top] or [1]
+
+
+def _es_kwargs(max_iters: int | None) -> dict | None:
+    return None if max_iters is None else dict(max_iters=int(max_iters))
+
+
+def select_r(Y: Any, X: Any, A: Any, r_grid: Sequence[int] | None = None, family: str = "nb",
+             max_cells: int | None = 2000, random_state: int = 0, max_iters: int | None = None,
+             c: float = 1.0, verbose: bool = False) -> tuple[int, pd.DataFrame]:
+    """Number of latent factors by minimum JIC on a control-priority subsample.
+
+    Parameters
+    ----------
+    Y, X, A : counts, covariates with intercept, treatments (as for ``fit_gcate``).
+    r_grid : sequence of int, optional
+        Values of r to try (r = 0 is always evaluated); default :func:`default_r_grid`.
+    family : 'nb' or 'poisson'
+    max_cells : int or None
+        Size of the control-priority subsample.
+    random_state : int
+    max_iters : int, optional
+        Cap on the alternating-minimisation epochs of each fit.
+    c : float
+        Weight of the JIC penalty.
+    verbose : bool
+
+    Returns
+    -------
+    r : int
+        ``argmin_r JIC(r)``.
+    df_r : pandas.DataFrame
+        The JIC table (``r, deviance, nu, JIC, time_s``).
+    """
+    from .gcate import estimate_r, subsample_control_priority
+
+    A_arr = np.asarray(A.to_numpy() if hasattr(A, "to_numpy") else A, dtype=float)
+    if A_arr.ndim == 1:
+        A_arr = A_arr[:, None]
+    rows = subsample_control_priority(A_arr, max_cells, random_state)
+    Ysub = Y.iloc[rows].to_numpy() if isinstance(Y, pd.DataFrame) else Y[rows]
+    Asub = A_arr[rows]
+    Asub = Asub[:, Asub.sum(axis=0) > 0]
+    expressed = np.asarray((Ysub != 0).sum(axis=0)).ravel() > 0
+    if not expressed.all():
+        logger.info("choosing r: %d gene(s) without counts in the subsample are left out",
+                    int((~expressed).sum()))
+        Ysub = Ysub[:, expressed]
+    n_sub, p = Ysub.shape
+    grid = list(r_grid) if r_grid is not None else default_r_grid(p, n_sub)
+    n_obs_cols = np.shape(X)[1] + Asub.shape[1]
+    r_top = min(n_sub, p) - n_obs_cols - 1          # identifiability limit of fit_gcate
+    if max(grid) > r_top:
+        if r_top < 1:
+            raise ValueError(
+                f"r cannot be chosen automatically: {p} genes and {n_obs_cols} observed "
+                f"columns (intercept, covariates, {Asub.shape[1]} perturbations) leave no "
+                "room for a latent factor on the whole screen; pass r=<number> (each batch "
+                "only has its own perturbations) or r=0")
+        logger.info("choosing r: values above %d are not identifiable with %d genes and %d "
+                    "observed columns and are skipped", r_top, p, n_obs_cols)
+        grid = [r for r in grid if r <= r_top]
+    df_r = estimate_r(Ysub, np.asarray(X, float)[rows], Asub, grid, c=c, family=family,
+                      max_cells=None, random_state=random_state,
+                      kwargs_es_1=_es_kwargs(max_iters), verbose=verbose)
+    r = int(df_r.loc[df_r["JIC"].idxmin(), "r"])
+    return r, df_r
+
+
+# ----------------------------------------------------------------------------------
+# fingerprints (resume checks of the JIC table)
+# ----------------------------------------------------------------------------------
+def _data_fingerprint(Y: Any, genes: Sequence[str], A: pd.DataFrame, X: np.ndarray,
+                      X_A: np.ndarray) -> str:
+    h = hashlib.sha1()
+    col = np.asarray(Y.sum(axis=0), dtype=float).ravel()
+    row = np.asarray(Y.sum(axis=1), dtype=float).ravel()
+    for arr in (col, row, np.asarray(X, float), np.asarray(X_A, float),
+                A.to_numpy(dtype=float).sum(axis=0)):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\x00".join(list(map(str, genes)) + list(map(str, A.columns))).encode())
+    return h.hexdigest()
+
+
+def _jic_paths(cache_path: str | Path) -> tuple[Path, Path]:
+    base = Path(cache_path)
+    return base.with_name(base.name + ".jic.csv"), base.with_name(base.name + ".jic.json")
+
+
+def _load_cached_jic(cache_path: str | Path | None, fingerprint: dict) -> pd.DataFrame | None:
+    if cache_path is None:
+        return None
+    csv, meta = _jic_paths(cache_path)
+    if not (csv.is_file() and meta.is_file()):
+        return None
+    try:
+        stored = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if stored != fingerprint:
+        logger.info("cached JIC table %s was computed with other settings; recomputing", csv)
+        return None
+    logger.info("re-using the JIC table cached in %s", csv)
+    return pd.read_csv(csv)
+
+
+def _store_jic(cache_path: str | Path | None, fingerprint: dict, df_r: pd.DataFrame) -> None:
+    if cache_path is None:
+        return
+    csv, meta = _jic_paths(cache_path)
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    df_r.to_csv(csv, index=False)
+    meta.write_text(json.dumps(fingerprint, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------
+# r = 0
+# ----------------------------------------------------------------------------------
+def _run_without_factors(Y, genes: list[str], A: pd.DataFrame, X, X_A, *, batch_size, n_ctrl,
+                         max_cells, family, random_state, lfc_kwargs, verbose) -> pd.DataFrame:
+    """r = 0: doubly robust LFC on the observed design, with the batch layout of the pipeline."""
+    from tqdm.auto import tqdm
+
+    from .batch import plan_batches
+    from .dr import LFC
+    from .preprocessing import comp_size_factor
+
+    frames = []
+    plans = plan_batches(A.to_numpy(), batch_size, None, max_cells, n_ctrl, random_state)
+    for plan in tqdm(plans, desc="LFC batches", disable=not verbose):
+        cells, chunk = plan.cell_idx, plan.trt_idx
+        block = Y[cells]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        Yb = pd.DataFrame(block, columns=genes)
+        Ab = A.iloc[cells, chunk]
+        offset = np.log(comp_size_factor(Yb))
+        df, _ = LFC(Yb, X[cells], Ab, X_A[cells], family=family, offset=offset,
+                    **(lfc_kwargs or {}))
+        if "trt" not in df.columns:
+            df["trt"] = str(Ab.columns[0])
+        df["batch"] = plan.batch
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------------
+# the front door
+# ----------------------------------------------------------------------------------
+def _resolve_r(r: Any) -> int | str:
+    if isinstance(r, str):
+        if r != "auto":
+            raise ValueError(f"r must be 'auto' or a non-negative integer, got {r!r}")
+        return r
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+        raise ValueError(f"r must be 'auto' or a non-negative integer, got {r!r}")
+    return int(r)
+
+
+def lfc(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
+        covariates: str | Iterable[str] = (), layer: str | None = None, r: int | str = "auto",
+        family: str = "nb", batch_size: int = 15, n_ctrl: int | None = 2000,
+        max_cells: int | None = 2000, cache_path: str | Path | None = None, client: Any = None,
+        random_state: int = 0, verbose: bool = False, *, r_grid: Sequence[int] | None = None,
+        max_iters: int | None = None, propensity: bool = True, key_added: str = "causarray",
+        drop_empty_cells: bool = False,
+        gcate_kwargs: dict | None = None, lfc_kwargs: dict | None = None,
+        **kwargs) -> pd.DataFrame:
+    """Causal log fold changes of every gene under every perturbation of an AnnData screen.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Raw counts (cells x genes) in ``X`` or ``layers[layer]``; perturbation labels in
+        ``obs[pert_col]``.
+    pert_col : str, optional
+        Label column (default ``adata.uns['pert_col']``).
+    ctrl_label : optional
+        Label of control cells (default ``adata.uns['ctrl_label']``).
+    covariates : str or iterable of str
+        ``obs`` columns adjusted for in both the outcome and the propensity model.
+    layer : str, optional
+        Layer with the raw counts.
+    r : 'auto' or int
+        Number of latent confounders; ``'auto'`` picks argmin JIC over ``r_grid``
+        (default :func:`default_r_grid`) on a control-priority subsample of
+        ``max_cells`` cells. ``0`` runs the doubly robust step on the observed
+        design only.
+    family : {'nb', 'poisson'}
+    batch_size : int
+        Perturbations per GCATE batch.
+    n_ctrl : int or None
+        Control cells shared by all batches.
+    max_cells : int or None
+        Treated cells per batch (and the size of the subsample used to choose r).
+    cache_path : str or Path, optional
+        HDF5 batch cache; a re-run with the same settings resumes from it (the JIC
+        table is cached next to it as ``<cache_path>.jic.csv``).
+    client : dask.distributed.Client, optional
+        Run the batches in parallel on a Dask cluster (results are gathered and
+        cached by the calling process). Workers need causarray installed.
+    random_state : int
+        Seed of every subsample.
+    verbose : bool
+        Progress bars.
+    r_grid : sequence of int, optional
+        Grid for ``r='auto'``.
+    max_iters : int, optional
+        Cap on the GCATE alternating-minimisation epochs (both stages and JIC fits).
+    propensity : bool
+        Compute observed-design propensity scores and their overlap summary.
+    key_added : str
+        Key in ``adata.uns`` (and prefix in ``adata.obsm``).
+    drop_empty_cells : bool
+        Leave out cells without any count (their propensity scores are NaN) instead
+        of raising.
+    gcate_kwargs, lfc_kwargs : dict, optional
+        Passed to GCATE / LFC by the batch pipeline.
+    **kwargs
+        Passed to :func:`causarray.batch.gcate_lfc_batch`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (perturbation, gene): the columns of :func:`causarray.LFC` plus
+        ``trt`` and ``batch``. Also stored, with the settings, the JIC table and the
+        propensity summary, in ``adata.uns[key_added]``.
+    """
+    from .preprocessing import from_anndata
+
+    t_start = time.perf_counter()
+    r_req = _resolve_r(r)
+    if family not in ("nb", "poisson"):
+        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for name, val in (("n_ctrl", n_ctrl), ("max_cells", max_cells)):
+        if val is not None and int(val) < 1:
+            raise ValueError(f"{name} must be a positive integer or None, got {val!r}")
+    covariates = [covariates] if isinstance(covariates, str) else list(covariates)
+    info = validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="dropping .* cells with zero total count")
+        Y, A, X, X_A = from_anndata(adata, info["pert_col"], info["ctrl_label"], covariates,
+                                    layer=layer, drop_empty_cells=drop_empty_cells)
+    kept = pd.Index(A.index)
+    if len(kept) < adata.n_obs:
+        logger.warning("dropped %d cell(s) with zero total count", adata.n_obs - len(kept))
+    genes = [str(g) for g in adata.var_names]
+    Y_mat = Y.to_numpy() if isinstance(Y, pd.DataFrame) else Y      # ndarray or CSR
+    n, p = Y_mat.shape
+
+    gk = dict(gcate_kwargs or {})
+    if max_iters is not None:
+        for key in ("kwargs_es_1", "kwargs_es_2"):
+            gk[key] = {**gk.get(key, {}), "max_iters": int(max_iters)}
+
+    df_r = None
+    if r_req == "auto":
+        n_sub = n if max_cells is None else min(n, int(max_cells))
+        grid = sorted({int(v) for v in (r_grid if r_grid is not None
+                                        else default_r_grid(p, n_sub))})
+        fingerprint = dict(data=_data_fingerprint(Y_mat, genes, A, X, X_A), grid=grid,
+                           family=family, max_cells=max_cells, random_state=random_state,
+                           max_iters=max_iters, version=__version__)
+        df_r = _load_cached_jic(cache_path, fingerprint)
+        if df_r is None:
+            logger.info("choosing r by JIC over %s on <= %s cells", grid, max_cells)
+            _, df_r = select_r(Y_mat, X, A.to_numpy(), grid, family, max_cells, random_state,
+                               max_iters, verbose=verbose)
+            _store_jic(cache_path, fingerprint, df_r)
+        r_used = int(df_r.loc[df_r["JIC"].idxmin(), "r"])
+        logger.info("r = %d (minimum JIC)", r_used)
+    else:
+        grid = []
+        r_used = int(r_req)
+
+    if r_used == 0:
+        if client is not None:
+            logger.info("r = 0: the Dask client is not used")
+        results = _run_without_factors(Y_mat, genes, A, X, X_A, batch_size=int(batch_size),
+                                       n_ctrl=n_ctrl, max_cells=max_cells, family=family,
+                                       random_state=random_state, lfc_kwargs=lfc_kwargs,
+                                       verbose=verbose)
+    else:
+        from .batch import gcate_lfc_batch
+
+        if sp.issparse(Y_mat):   # a sparse-dtype frame: stays sparse, keeps the gene names
+            Y_named = pd.DataFrame.sparse.from_spmatrix(Y_mat, columns=genes)
+        else:
+            Y_named = pd.DataFrame(Y_mat, columns=genes, copy=False)
+        if cache_path is not None:
+            Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        results = gcate_lfc_batch(Y_named, X, A, r_used, W_A=X_A, batch_size=int(batch_size),
+                                  max_cells=max_cells, n_ctrl=n_ctrl, family=family,
+                                  cache_path=None if cache_path is None else str(cache_path),
+                                  random_state=random_state, verbose=verbose,
+                                  gcate_kwargs=gk or None, lfc_kwargs=lfc_kwargs,
+                                  client=client, **kwargs)
+    results = results.reset_index(drop=True)
+
+    store: dict[str, Any] = dict(results=results, jic=df_r)
+    if propensity:
+        from .diagnostics import summarize_propensity_scores
+        from .propensity import estimate_propensity_scores
+
+        pi = estimate_propensity_scores(A, X_A, random_state=random_state)
+        scores = pd.DataFrame(pi, index=kept, columns=list(A.columns))
+        adata.obsm[f"{key_added}_propensity"] = scores.reindex(adata.obs_names)  # NaN: dropped
+        store["propensity"] = summarize_propensity_scores(A, pi)
+    store["settings"] = dict(
+        pert_col=info["pert_col"], ctrl_label=info["ctrl_label"], covariates=covariates,
+        layer=layer, r=r_used, r_requested=str(r_req), r_grid=grid, family=family,
+        batch_size=int(batch_size), n_ctrl=n_ctrl, max_cells=max_cells,
+        random_state=int(random_state), max_iters=max_iters,
+        cache_path=None if cache_path is None else str(cache_path),
+        dask=client is not None, n_cells=int(n), n_cells_dropped=int(adata.n_obs - n),
+        n_genes=int(p),
+        n_perturbations=int(A.shape[1]), n_control=info["n_control"],
+        causarray_version=__version__, elapsed_s=round(time.perf_counter() - t_start, 3),
+    )
+    adata.uns[key_added] = store
+    return results

@@ -1,0 +1,379 @@
+"""Tests of the screen-scale batch pipeline (causarray.batch, SPEC §10)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import causarray.batch as batch_mod
+from causarray.batch import (LFC_batch, fit_gcate_batch, gcate_lfc_batch, number_of_batches,
+                             plan_batches, shared_dispersion)
+from causarray.dr import RESULT_COLUMNS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _batch_child import R, RUN_KW, make_problem  # noqa: E402
+
+CHILD = Path(__file__).parent / "_batch_child.py"
+GK = RUN_KW["gcate_kwargs"]
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem()
+
+
+@pytest.fixture(scope="module")
+def reference(problem):
+    """Uninterrupted serial run without cache."""
+    Y, X, A, X_A = problem
+    return gcate_lfc_batch(Y, X, A, R, W_A=X_A, **RUN_KW)
+
+
+def _run(problem, **kw):
+    Y, X, A, X_A = problem
+    return gcate_lfc_batch(Y, X, A, R, W_A=X_A, **{**RUN_KW, **kw})
+
+
+class _Counter:
+    """Counts the batches actually fitted (wraps causarray.batch._run_batch)."""
+
+    def __init__(self, monkeypatch):
+        self.batches = []
+        orig = batch_mod._run_batch
+
+        def wrapped(job):
+            self.batches.append(job.batch)
+            return orig(job)
+
+        monkeypatch.setattr(batch_mod, "_run_batch", wrapped)
+
+
+# ----------------------------------------------------------------------------------
+# layout
+# ----------------------------------------------------------------------------------
+def test_batch_layout_follows_array_split():
+    rng = np.random.default_rng(0)
+    a, n_ctrl_total = 200, 500
+    labels = np.concatenate([np.full(n_ctrl_total, -1), rng.integers(0, a, size=6000)])
+    A = np.zeros((labels.size, a))
+    A[labels >= 0, labels[labels >= 0]] = 1
+    assert number_of_batches(a, 15) == 14
+    plans = plan_batches(A, batch_size=15, max_cells=300, n_ctrl=200, random_state=3)
+    sizes = [pl.trt_idx.size for pl in plans]
+    assert sizes == [15] * 4 + [14] * 10
+    assert [list(c) for c in np.array_split(np.arange(a), 14)] == [list(pl.trt_idx) for pl in plans]
+    ctrl = plans[0].ctrl_idx
+    assert ctrl.size == 200 and np.all(np.diff(ctrl) > 0) and np.all(A[ctrl].sum(1) == 0)
+    for pl in plans:
+        np.testing.assert_array_equal(pl.ctrl_idx, ctrl)               # one shared pool
+        assert pl.treated_idx.size == min(300, pl.n_treated_total)      # cap on treated only
+        assert np.all(A[np.ix_(pl.treated_idx, pl.trt_idx)].sum(1) == 1)
+        np.testing.assert_array_equal(pl.cell_idx, np.union1d(ctrl, pl.treated_idx))
+    assert any(pl.n_treated_total > 300 for pl in plans)
+    # n_batches overrides batch_size and is clamped to [1, a]
+    assert len(plan_batches(A, batch_size=15, n_batches=3)) == 3
+    assert number_of_batches(7, 2, n_batches=50) == 7
+    assert len(plan_batches(A, max_cells=None, n_ctrl=None)[0].ctrl_idx) == n_ctrl_total
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        number_of_batches(10, 0)
+    with pytest.raises(ValueError, match="A has no control cells"):
+        plan_batches(np.eye(4))
+
+
+# ----------------------------------------------------------------------------------
+# GCATE phase
+# ----------------------------------------------------------------------------------
+def test_dispersion_is_estimated_once_on_controls_and_shared(problem, monkeypatch):
+    from causarray.glm import estimate_dispersion
+    from causarray.preprocessing import comp_size_factor
+
+    Y, X, A, X_A = problem
+    calls = []
+    orig = batch_mod.shared_dispersion
+    monkeypatch.setattr(batch_mod, "shared_dispersion",
+                        lambda *a, **k: calls.append(1) or orig(*a, **k))
+    out = fit_gcate_batch(Y, X, A, R, batch_size=3, n_ctrl=150, max_cells=100, **GK)
+    assert len(calls) == 1 and len(out) == 2
+    ctrl = out[0]["ctrl_idx"]
+    Yc = Y[ctrl].toarray()
+    expected = estimate_dispersion(Yc, X[ctrl], offset=np.log(comp_size_factor(Yc)))
+    for o in out:
+        np.testing.assert_array_equal(o["disp_glm"], expected)
+        np.testing.assert_array_equal(o["ctrl_idx"], ctrl)
+        np.testing.assert_array_equal(o["res_2"]["kwargs_glm"]["disp_glm"],
+                                      expected[o["genes"]])
+        # size factors are recomputed per batch, from the batch's cells
+        np.testing.assert_allclose(o["res_2"]["kwargs_glm"]["size_factor"],
+                                   comp_size_factor(Y[o["cell_idx"]].toarray()))
+        assert o["res_2"]["U"].shape == (o["cell_idx"].size, R)
+    assert out[0]["pert_names"] == list(A.columns[:3])
+    np.testing.assert_array_equal(shared_dispersion(Y, X, ctrl), expected)
+
+
+def test_skip_batches_and_warm_start(problem):
+    Y, X, A, X_A = problem
+    kw = dict(batch_size=3, n_ctrl=150, max_cells=100, **GK)
+    out = fit_gcate_batch(Y, X, A, R, skip_batches=[0], **kw)
+    assert out[0]["skipped"] and out[0]["res_2"] is None and out[0]["cell_idx"] is None
+    cold = fit_gcate_batch(Y, X, A, R, **kw)
+    warm = fit_gcate_batch(Y, X, A, R, warm_start_U=True, **kw)
+    np.testing.assert_array_equal(cold[0]["res_2"]["U"], warm[0]["res_2"]["U"])
+    assert not np.allclose(cold[1]["res_1"]["U"], warm[1]["res_1"]["U"])
+
+
+# ----------------------------------------------------------------------------------
+# GCATE + LFC
+# ----------------------------------------------------------------------------------
+def test_result_table(problem, reference):
+    Y, X, A, X_A = problem
+    df = reference
+    p, a = Y.shape[1], A.shape[1]
+    assert len(df) == p * a
+    assert list(df.columns) == RESULT_COLUMNS + ["trt", "batch"]
+    assert sorted(df["trt"].unique()) == sorted(A.columns)
+    assert sorted(df["batch"].unique()) == [0, 1, 2]
+    assert df.groupby("trt")["batch"].nunique().eq(1).all()
+    assert df.index.equals(pd.RangeIndex(len(df)))
+    np.testing.assert_allclose(df["log2fc"], df["tau"] / np.log(2))
+    # the knocked-down target genes (gene k for perturbation k) are found
+    for k, name in enumerate(A.columns):
+        row = df[(df.trt == name) & (df.gene_names == f"gene_{k}")].iloc[0]
+        assert row.tau < -1 and row.padj < 0.05
+
+
+def test_single_perturbation_batches_keep_trt(problem):
+    Y, X, A, X_A = problem
+    keep = np.flatnonzero(A.iloc[:, 2:].sum(1).to_numpy() == 0)   # controls + first two perts
+    df = gcate_lfc_batch(Y[keep], X[keep], A.iloc[keep, :2], R, W_A=X_A[keep], n_batches=2,
+                         n_ctrl=150, gcate_kwargs=GK)
+    assert df["trt"].notna().all()
+    assert list(df.groupby("batch")["trt"].first()) == list(A.columns[:2])
+
+
+def test_gene_without_counts_in_one_batch_is_non_estimable(problem):
+    Y, X, A, X_A = problem
+    Y = Y.tolil(copy=True)
+    j = 60
+    own = A.iloc[:, :2].sum(1).to_numpy() > 0                     # cells of batch 0's perts
+    Y[np.flatnonzero(~own), j] = 0
+    Y[np.flatnonzero(own)[:40], j] = 3
+    Y = Y.tocsr()
+    df = gcate_lfc_batch(Y, X, A, R, W_A=X_A, **RUN_KW)
+    g = df[df.gene_names == f"gene_{j}"]
+    late = g[g.batch > 0]
+    assert len(late) == 4
+    assert (late.tau == 0).all() and np.isinf(late["std"]).all()
+    assert late.pvalue.isna().all() and late.padj.isna().all() and not late.estimable.any()
+    assert (late.mean_control == 0).all() and (late.mean_treated == 0).all()
+    assert g[g.batch == 0].pvalue.notna().any()
+    # the other genes of the affected batches are still tested
+    assert df[(df.batch > 0) & (df.gene_names != f"gene_{j}")].estimable.mean() > 0.5
+
+
+def test_sparse_input_stays_sparse_and_matches_dense(problem, reference):
+    Y, X, A, X_A = problem
+    n_full = Y.shape
+
+    class GuardedCSR(sp.csr_matrix):
+        def toarray(self, *a, **k):
+            assert self.shape != n_full, "the whole count matrix was densified"
+            return super().toarray(*a, **k)
+
+        def todense(self, *a, **k):
+            assert self.shape != n_full, "the whole count matrix was densified"
+            return super().todense(*a, **k)
+
+    df_sparse = gcate_lfc_batch(GuardedCSR(Y), X, A, R, W_A=X_A, **RUN_KW)
+    pd.testing.assert_frame_equal(df_sparse, reference, check_exact=True)
+    Yd = pd.DataFrame(Y.toarray(), columns=[f"gene_{j}" for j in range(Y.shape[1])])
+    df_dense = gcate_lfc_batch(Yd, X, A, R, W_A=X_A, **RUN_KW)
+    pd.testing.assert_frame_equal(df_dense, reference, check_exact=True)
+
+
+def test_warnings_and_quiet_by_default(problem, capsys):
+    Y, X, A, X_A = problem
+    A2 = A.copy()
+    A2.iloc[300, 4] = 1.0                        # a cell with two perturbations
+    with pytest.warns(RuntimeWarning, match="1 cell\\(s\\) carry more than one perturbation"):
+        plan = fit_gcate_batch(Y, X, A2, R, n_batches=2, n_ctrl=150, max_cells=100,
+                               skip_batches=[0, 1])
+    assert len(plan) == 2
+    with pytest.warns(DeprecationWarning, match="LFC_batch is deprecated; use gcate_lfc_batch"):
+        with pytest.raises(ValueError, match="r must be a positive integer"):
+            LFC_batch(Y, X, A, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _run(problem, n_batches=1)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    with pytest.raises(ValueError, match="lfc_kwargs may not set \\['Y_hat'\\]"):
+        _run(problem, lfc_kwargs=dict(Y_hat=1))
+    with pytest.raises(ValueError, match="cannot run on an executor or client"):
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(1) as ex:
+            _run(problem, warm_start_U=True, executor=ex)
+
+
+def test_verbose_shows_progress_bar(problem, capsys):
+    _run(problem, n_batches=2, verbose=True)
+    err = capsys.readouterr().err
+    assert "GCATE+LFC batches" in err and "2/2" in err and "avg" in err and "ETA" in err
+
+
+# ----------------------------------------------------------------------------------
+# cache: resume, fingerprint, corruption
+# ----------------------------------------------------------------------------------
+def _spawn(tmp_path, mode):
+    cache = tmp_path / "replogle_results.h5"
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(CHILD), str(cache), str(marker), mode],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return proc, cache, marker
+
+
+def _wait_for(proc, marker, timeout=120):
+    t0 = time.time()
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited early: {proc.stderr.read().decode()[-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("child did not commit a batch in time")
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(problem, reference, tmp_path,
+                                                       monkeypatch):
+    proc, cache, marker = _spawn(tmp_path, "hold")
+    _wait_for(proc, marker)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    parts = sorted(os.listdir(tmp_path / "replogle_results.h5.parts"))
+    assert parts == ["batch_0000.h5"]
+    counter = _Counter(monkeypatch)
+    df = _run(problem, cache_path=str(cache))
+    assert counter.batches == [1, 2]                   # only the unfinished batches
+    pd.testing.assert_frame_equal(df, reference, check_exact=True)
+    assert cache.exists() and not (tmp_path / "replogle_results.h5.parts").exists()
+    # a finished cache is read back without fitting anything
+    counter.batches.clear()
+    pd.testing.assert_frame_equal(_run(problem, cache_path=str(cache)), reference,
+                                  check_exact=True)
+    assert counter.batches == []
+
+
+def test_sigkill_during_commit_write_leaves_previous_state(problem, reference, tmp_path,
+                                                           monkeypatch):
+    proc, cache, marker = _spawn(tmp_path, "die-in-write")
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert marker.exists()
+    parts_dir = tmp_path / "replogle_results.h5.parts"
+    names = sorted(os.listdir(parts_dir))
+    assert names[0] == "batch_0000.h5" and len(names) == 2 and ".tmp-" in names[1]
+    counter = _Counter(monkeypatch)
+    df = _run(problem, cache_path=str(cache))
+    assert counter.batches == [1, 2]
+    pd.testing.assert_frame_equal(df, reference, check_exact=True)
+    assert sorted(os.listdir(tmp_path)) == ["marker", "replogle_results.h5"]
+
+
+def test_changed_settings_are_detected(problem, tmp_path):
+    cache = tmp_path / "res.h5"
+    _run(problem, n_batches=1, cache_path=cache)
+    with pytest.raises(ValueError, match=r"differs in: layout, n_ctrl\); delete .*res\.h5"):
+        _run(problem, n_batches=1, n_ctrl=120, cache_path=cache)
+    with pytest.raises(ValueError, match=r"differs in: .*r\b"):
+        gcate_lfc_batch(*problem[:3], 3, W_A=problem[3], **{**RUN_KW, "n_batches": 1},
+                        cache_path=cache)
+    Y, X, A, X_A = problem
+    Y2 = Y.copy()
+    Y2[5, 7] += 1
+    with pytest.raises(ValueError, match=r"differs in: Y\)"):
+        gcate_lfc_batch(Y2, X, A, R, W_A=X_A, **{**RUN_KW, "n_batches": 1}, cache_path=cache)
+    with pytest.raises(ValueError, match=r"differs in: gcate_kwargs\)"):
+        _run(problem, n_batches=1, cache_path=cache, gcate_kwargs=dict(kwargs_es_1=dict(max_iters=4)))
+
+
+def test_corrupt_cache_is_recomputed(problem, reference, tmp_path, monkeypatch):
+    import h5py
+
+    cache = tmp_path / "res.h5"
+    _run(problem, cache_path=cache)
+    with h5py.File(cache, "r") as f:
+        off = f["batch_0001/frame/c1"].id.get_offset()             # the tau column
+    with open(cache, "r+b") as fh:
+        fh.seek(off + 8)
+        fh.write(b"\x00\x01\x02\x03")
+    counter = _Counter(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="truncated or corrupt.*batch 1"):
+        df = _run(problem, cache_path=cache)
+    assert counter.batches == [1]
+    pd.testing.assert_frame_equal(df, reference, check_exact=True)
+    counter.batches.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        pd.testing.assert_frame_equal(_run(problem, cache_path=cache), reference,
+                                      check_exact=True)
+    assert counter.batches == []
+
+
+# ----------------------------------------------------------------------------------
+# parallel execution
+# ----------------------------------------------------------------------------------
+def test_dask_cluster_equals_serial(problem, reference, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    cache = tmp_path / "res.h5"
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        df = _run(problem, client=client, cache_path=cache)
+        # same code and inputs; a tolerance far below any statistical meaning only
+        # guards against BLAS thread-count rounding differences between processes
+        pd.testing.assert_frame_equal(df, reference, check_exact=False, rtol=1e-10, atol=1e-12)
+        df_ex = _run(problem, executor=client.get_executor(pure=False))
+        pd.testing.assert_frame_equal(df_ex, df, check_exact=True)
+    # the cache was written by this process and is complete
+    assert cache.exists() and not Path(str(cache) + ".parts").exists()
+    pd.testing.assert_frame_equal(_run(problem, cache_path=cache), df, check_exact=True)
+
+
+def test_executor_and_client_are_exclusive(problem):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as ex:
+        with pytest.raises(ValueError, match="pass either executor or client, not both"):
+            _run(problem, executor=ex, client=object())
+
+
+# ----------------------------------------------------------------------------------
+# the tutorial example
+# ----------------------------------------------------------------------------------
+def test_replogle_tutorial_example_small(tmp_path):
+    import causarray
+
+    if not hasattr(causarray, "gcate_lfc_batch"):
+        pytest.skip("causarray.gcate_lfc_batch is not exported yet (the seed imports it)")
+    script = Path(__file__).parents[1] / "examples" / "replogle_tutorial.py"
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(script), "--small", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "Result shape : (6400, 16)" in out                    # 32 perts x 200 genes
+    assert "Perturbations with >= 1 hit: 32" in out
+    assert {"replogle_results.h5", "replogle-r.csv", "replogle_simulated.h5ad",
+            "figure_3.png"} <= set(os.listdir(tmp_path))
+    df_r = pd.read_csv(tmp_path / "replogle-r.csv")
+    assert list(df_r.columns[:4]) == ["r", "deviance", "nu", "JIC"]
