@@ -37,8 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (current_rss_mb, load_npz_problem, measure, save_npz_problem,  # noqa: E402
-                     write_result)
+from _common import current_rss_mb, load_npz_problem, measure, save_npz_problem, write_result
 
 CONFIGS = {
     # per batch: perts_per_batch perturbations x cells_per_pert cells + n_ctrl controls
@@ -143,7 +142,7 @@ def child(args) -> int:
     out.update(wall_s=round(m.wall_s, 2), n_batches=n_b, per_batch_s=round(m.wall_s / n_b, 2),
                peak_rss_mb=round(m.peak_rss_mb, 1),
                peak_over_input_mb=round(m.peak_rss_mb - rss_loaded, 1),
-               result_rows=int(len(df)))
+               result_rows=len(df))
     Path(args.out).write_text(json.dumps(out))
     return 0
 

@@ -96,17 +96,18 @@ def tutorial():
     import sys
     sys.path.insert(0, '../../..')
     import time
+
+    import matplotlib.pyplot as plt
     import numpy as np
     import pandas as pd
     import scipy.sparse as sp
-    import matplotlib.pyplot as plt
     try:
         import scanpy as sc
     except ImportError:  # scanpy is not installed: its read_h5ad is anndata's
         import anndata as sc
-    from causarray import prep_causarray_data, gcate_lfc_batch
-    from causarray.gcate import plot_r
     import causarray
+    from causarray import gcate_lfc_batch, prep_causarray_data
+    from causarray.gcate import plot_r
     print('causarray version:', causarray.__version__)
 
     # [2]  (input file: the simulated screen instead of replogle_subset.h5ad)
@@ -170,7 +171,7 @@ def tutorial():
     print(f' Perturbations with >= 1 hit: {sig["trt"].nunique()}')
     print(f' Unique genes affected : {sig["gene_names"].nunique():,}')
     disc_per_pert = sig.groupby('trt').size().sort_values(ascending=False)
-    print(f'\nTop-10 perts by discovery count:')
+    print('\nTop-10 perts by discovery count:')
     print(disc_per_pert.head(10).to_string())
 
     # [7]

@@ -15,12 +15,18 @@ import pytest
 import scipy.sparse as sp
 
 import causarray.batch as batch_mod
-from causarray.batch import (LFC_batch, fit_gcate_batch, gcate_lfc_batch, number_of_batches,
-                             plan_batches, shared_dispersion)
+from causarray.batch import (
+    LFC_batch,
+    fit_gcate_batch,
+    gcate_lfc_batch,
+    number_of_batches,
+    plan_batches,
+    shared_dispersion,
+)
 from causarray.dr import RESULT_COLUMNS
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _batch_child import R, RUN_KW, make_problem  # noqa: E402
+from _batch_child import RUN_KW, R, make_problem
 
 CHILD = Path(__file__).parent / "_batch_child.py"
 GK = RUN_KW["gcate_kwargs"]

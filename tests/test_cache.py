@@ -11,8 +11,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from causarray.cache import (BatchCache, BatchRecord, atomic_h5_write, canonical,
-                             content_digest, fingerprint, read_cache)
+from causarray.cache import (
+    BatchCache,
+    BatchRecord,
+    atomic_h5_write,
+    canonical,
+    content_digest,
+    fingerprint,
+    read_cache,
+)
 
 
 def _frame(batch: int, n: int = 12, seed: int = 0) -> pd.DataFrame:

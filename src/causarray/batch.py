@@ -170,7 +170,7 @@ class _Inputs:
 
 def _prepare_inputs(Y, X, A, W_A=None) -> _Inputs:
     Yv, genes = as_count_matrix(Y, "Y")
-    n, p = Yv.shape
+    p = Yv.shape[1]
     Av, trt = check_treatment(A, Yv.shape)
     Xv, _ = check_covariates(X, Yv.shape, "X")
     if Xv.shape[1] == 0:
@@ -449,7 +449,7 @@ class _Progress:
 # ----------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------
-def _resolve_dispersion(data: _Inputs, ctrl_idx, family, disp_glm, offset, verbose):
+def _resolve_dispersion(data: _Inputs, ctrl_idx, family, disp_glm, offset):
     if family not in ("nb", "poisson"):
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
     if family == "poisson":
@@ -512,7 +512,7 @@ def fit_gcate_batch(Y, X, A, r: int, batch_size: int = 10, n_batches: int | None
     skip = {int(b) for b in (skip_batches or ())}
     disp = None
     if any(pl.batch not in skip for pl in plans):
-        disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset, verbose)
+        disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset)
     gk = dict(kwargs)
     if disp_family is not None:
         gk["disp_family"] = disp_family
@@ -649,7 +649,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     todo = [pl for pl in plans if pl.batch not in records]
 
     if todo:
-        disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset, verbose)
+        disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset)
         common = dict(r=r, family=family, offset=offset, disp=disp, gcate_kwargs=gk,
                       lfc_kwargs=lk, keep_fits=False)
         width = 1 if executor is None else _executor_width(executor)

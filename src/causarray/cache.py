@@ -39,9 +39,10 @@ import re
 import secrets
 import shutil
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -248,7 +249,7 @@ def write_record(group, batch: int, rec: BatchRecord) -> None:
     for name, arr in arrays.items():
         ar.create_dataset(name, data=arr)
     g.attrs["batch"] = int(batch)
-    g.attrs["n_rows"] = int(len(rec.frame))
+    g.attrs["n_rows"] = len(rec.frame)
     g.attrs["columns"] = json.dumps(columns)
     g.attrs["info"] = json.dumps(info, sort_keys=True)
     g.attrs["sha256"] = _checksum(columns, data, arrays, info)

@@ -84,6 +84,8 @@ class OutcomeInformation:
     S_inv: np.ndarray
     F: np.ndarray
     D: np.ndarray
+    alpha: np.ndarray          # (p,) NB dispersion of the fit (0 = Poisson)
+    groups: np.ndarray         # (n,) group of each cell, -1 for controls
 
 
 def outcome_information(Y, W: np.ndarray, groups: np.ndarray, cm: "CounterfactualMeans",
@@ -97,7 +99,7 @@ def outcome_information(Y, W: np.ndarray, groups: np.ndarray, cm: "Counterfactua
     S = np.empty((p, q, q))
     F = np.empty((a, p, q))
     D = np.empty((a, p))
-    members = [np.flatnonzero(groups == k) for k in range(a)]
+    members = _members(groups, a)
     step = _gene_chunk_size(n, None)
     for start in range(0, p, step):
         cols = np.arange(start, min(p, start + step))
@@ -114,18 +116,35 @@ def outcome_information(Y, W: np.ndarray, groups: np.ndarray, cm: "Counterfactua
             F[k, cols] = Ek / Dk[:, None]
             H -= Ek[:, :, None] * F[k, cols][:, None, :]
         S[cols] = np.linalg.pinv(H, hermitian=True)
-    return OutcomeInformation(S_inv=S, F=F, D=D)
+    return OutcomeInformation(S_inv=S, F=F, D=D, alpha=alpha, groups=groups)
 
 
-def _nuisance_variance(info: OutcomeInformation, k: int, cols, g_w: np.ndarray,
-                       g_c: np.ndarray) -> np.ndarray:
-    """Delta-method variance of tau from the outcome coefficients' estimation error.
+def _outcome_influence(Y, W: np.ndarray, cm: "CounterfactualMeans", k: int, cols: np.ndarray,
+                       g_w: np.ndarray, g_c: np.ndarray) -> np.ndarray:
+    """Each cell's contribution to tau through the outcome-model coefficients (n x m).
 
-    ``g_w`` (m x q) and ``g_c`` (m,) are d tau / d(b, c_k) for the genes ``cols``.
+    With stacked estimating equations, tau_hat - tau ≈ mean(eta) + g' I^-1 sum_i psi_i,
+    where psi_i = r_i [w_i; e_g(i)] is cell i's score for the gene's GLM coefficients
+    (r_i = (y - mu)/(1 + alpha mu)), I the Fisher information and g = d tau / d(b, c_k).
+    Returns zeta_i = r_i (u_b' w_i + u_c[g(i)]) with u = I^-1 g (one-hot block inverse).
     """
-    v = g_w - g_c[:, None] * info.F[k, cols]
-    quad = np.einsum("mq,mqr,mr->m", v, info.S_inv[cols], v)
-    return quad + g_c ** 2 / info.D[k, cols]
+    info = cm.info
+    u_b = np.einsum("mqr,mr->mq", info.S_inv[cols], g_w - g_c[:, None] * info.F[k, cols])
+    u_c = -np.einsum("amq,mq->am", info.F[:, cols], u_b)
+    u_c[k] += g_c / info.D[k, cols]
+    n = Y.shape[0]
+    y = _dense_rows(Y, np.arange(n), cols)
+    log_mu = cm.log_mu0[:, cols].copy()
+    lever = W @ u_b.T
+    for m, idx in enumerate(_members(info.groups, cm.effect.shape[2])):
+        log_mu[idx] += cm.effect[0][cols, m]
+        lever[idx] += u_c[m]
+    mu = np.minimum(np.exp(log_mu), Y_HAT_CAP)
+    return (y - mu) / (1.0 + info.alpha[cols] * mu) * lever
+
+
+def _members(groups: np.ndarray, a: int) -> list:
+    return [np.flatnonzero(groups == m) for m in range(a)]
 
 
 # ----------------------------------------------------------------------------------
@@ -248,7 +267,8 @@ def _coerce_Y_hat(Y_hat, n: int, p: int, a: int) -> CounterfactualMeans:
 # ----------------------------------------------------------------------------------
 def _treatment_estimand(Y, rows, treated, s, pi, cm: CounterfactualMeans, k: int,
                         thres_diff: float, usevar: str, n_params: int, in_sample: bool,
-                        keep_eta: bool, W: np.ndarray | None = None):
+                        keep_eta: bool, W: np.ndarray | None = None,
+                        bias_correction: bool = True):
     """Means, LFC, variance and df for all genes of one treatment (streamed by gene chunk)."""
     n_k, p = rows.size, Y.shape[1]
     n1 = int(treated.sum())
@@ -270,7 +290,8 @@ def _treatment_estimand(Y, rows, treated, s, pi, cm: CounterfactualMeans, k: int
         m1, m0 = phi1.mean(axis=0), phi0.mean(axis=0)
         o1 = y[treated].mean(axis=0) if n1 else np.full(y.shape[1], np.nan)
         o0 = y[~treated].mean(axis=0) if n0 else np.full(y.shape[1], np.nan)
-        est = np.isfinite(m0) & np.isfinite(m1) & ((m1 > 0) | (o1 == 0)) & ((m0 > 0) | (o0 == 0))
+        est = (np.isfinite(m0) & np.isfinite(m1) & ((m1 > 0) | (o1 == 0)) & ((m0 > 0) | (o0 == 0))
+               & ((o1 > 0) | (o0 > 0)))
         t1 = np.where(est, np.maximum(m1, thres_diff), 1.0)
         t0 = np.where(est, np.maximum(m0, thres_diff), 1.0)
         eta = phi1 / t1 - phi0 / t0
@@ -288,16 +309,26 @@ def _treatment_estimand(Y, rows, treated, s, pi, cm: CounterfactualMeans, k: int
         else:
             raise ValueError(f"usevar must be 'pooled' or 'unequal', got {usevar!r}")
         if cm.info is not None and W is not None:
-            # outcome-model estimation error: first-order term the influence function omits
+            # outcome-model estimation error (stacked estimating equations): the cells'
+            # GLM scores move tau through the coefficients; add their variance and their
+            # covariance with the AIPW influence values
+            gcols = np.arange(start, min(p, start + step))
             r1 = (1.0 - w1) * mu1 * inv_s / (n_k * t1)
             r0 = (1.0 - w0) * mu0 * inv_s / (n_k * t0)
-            g_w = (r1 - r0).T @ W[rows]
-            g_c = r1.sum(axis=0)
-            var = var + np.where(est, _nuisance_variance(cm.info, k, np.arange(start, min(p, start + step)), g_w, g_c), 0.0)
+            zeta = _outcome_influence(Y, W, cm, k, gcols, (r1 - r0).T @ W[rows], r1.sum(axis=0))
+            centred = (eta - eta.mean(axis=0)) / n_k
+            extra = (zeta ** 2).sum(axis=0) + 2.0 * (centred * zeta[rows]).sum(axis=0)
+            var = var + np.where(est, extra, 0.0)
         floor = ((inv_s[treated].sum() / max(n1, 1) ** 2) / t1
                  + (inv_s[~treated].sum() / max(n0, 1) ** 2) / t0)
         out["m0"][cols], out["m1"][cols], out["o0"][cols], out["o1"][cols] = m0, m1, o0, o1
-        out["tau"][cols] = np.log(t1 / t0)
+        tau = np.log(t1 / t0)
+        if bias_correction:
+            # second-order delta method: E log(m) ≈ log E(m) - Var(m) / (2 m^2)
+            v1 = (phi1 / t1).var(axis=0, ddof=1) / n_k
+            v0 = (phi0 / t0).var(axis=0, ddof=1) / n_k
+            tau = tau + np.where(est, 0.5 * (v1 - v0), 0.0)
+        out["tau"][cols] = tau
         out["var"][cols], out["df"][cols], out["floor"][cols] = var, df, floor
         out["estimable"][cols] = est
         if keep_eta:
@@ -321,6 +352,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         fdx_alpha: float = 0.05, fdx_c: float = 0.1, ps_clip="auto", ps_class_weight=None,
         verbose: bool = False, random_state: int = 0, fdx_B: int = 1000, disp_glm=None,
         legacy_fdx_scaling: bool = False, outcome_init=None, nuisance_variance: bool = True,
+        bias_correction: bool = True,
         **kwargs):
     """Doubly robust log fold changes of every gene under every treatment.
 
@@ -346,6 +378,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     nuisance_variance : add the delta-method variance of the outcome-model coefficients
         to the influence-function variance (K = 1, one-hot A).  It matters when treated and
         control cells overlap poorly in the confounders (see ``docs/dr.md``).
+    bias_correction : remove the second-order bias of the log of a ratio of means,
+        (Var(m1)/m1^2 - Var(m0)/m0^2)/2, from tau (see ``docs/dr.md``).
     random_state : seed of the folds and the bootstrap.
 
     Returns
@@ -398,7 +432,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
                           "its variance is undefined", RuntimeWarning, stacklevel=2)
         o, eta = _treatment_estimand(Y, rows, treated, s, pi[:, k], cm, k, thres_diff, usevar,
                                      n_params, K == 1, keep_eta=fdx,
-                                     W=W if nuisance_variance else None)
+                                     W=W if nuisance_variance else None,
+                                     bias_correction=bias_correction)
         tested = _apply_filters(o, n0, n1, thres_min, min_counts)
         var = o["var"]
         floored = tested & (var < o["floor"])

@@ -417,13 +417,11 @@ def _group_sums(design: _Design, arr: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _NewtonSystem:
-    """Schur-reduced Newton system of a chunk: covariate block ``S`` and group terms."""
+    """Schur-reduced Newton matrix of a chunk: covariate block ``S`` and group terms."""
 
     S: np.ndarray            # m x d x d Schur complement (damped)
-    gx: np.ndarray           # m x d reduced covariate gradient
-    gg: np.ndarray           # a x m group gradient
-    E: np.ndarray            # a x m x d cross blocks X'W G
-    Dr: np.ndarray           # a x m damped group diagonal
+    E: np.ndarray            # a x m x d cross blocks X'W G (0 for pinned groups)
+    Dr: np.ndarray           # a x m damped group diagonal (1 for pinned groups)
 
 
 def _gram(design: _Design, w: np.ndarray, single: bool) -> np.ndarray:
@@ -438,44 +436,39 @@ def _gram(design: _Design, w: np.ndarray, single: bool) -> np.ndarray:
     return w.T @ design.XXG
 
 
-def _newton_system(design: _Design, w: np.ndarray, resid: np.ndarray, pinned: np.ndarray,
-                   ridge: float, single: bool = False) -> _NewtonSystem:
-    """Assemble the Schur-reduced Newton system for every gene of a chunk.
+def _gradient(design: _Design, resid: np.ndarray) -> np.ndarray:
+    """Score ``[X | G]' resid`` per gene (m x (d + a))."""
+    return resid.T @ design.XG
 
-    ``w`` are IRLS weights and ``resid`` = (y - mu)/(1 + alpha mu), both n x m (rows sorted).
+
+def _newton_system(design: _Design, w: np.ndarray, pinned: np.ndarray, ridge: float,
+                   single: bool = False) -> _NewtonSystem:
+    """Schur-reduced Newton matrix for every gene of a chunk from weights ``w`` (n x m).
+
     Pinned groups (a x m) are held fixed: they drop out of the system.
     """
     d, a = design.d, design.n_groups
     m = w.shape[1]
     nsym = d * (d + 1) // 2
+    WG = _gram(design, w, single)                          # m x (nsym + a)
+    H = sym_unpack(WG[:, :nsym], d)
     if a:
-        WG = _gram(design, w, single)                      # m x (nsym + a)
-        g = resid.T @ design.XG                            # m x (d + a)
-        H = sym_unpack(WG[:, :nsym], d)
-        gx = g[:, :d].copy()
         D = WG[:, nsym:].T.copy()                          # a x m
-        gg = g[:, d:].T.copy()
         E = np.empty((a, m, d))
         for k, sl in enumerate(design.slices):
             np.matmul(w[sl].T, design.X[sl], out=E[k])
         if pinned.any():
             E[pinned] = 0.0
-            gg[pinned] = 0.0
         Dr = D + ridge * (1.0 + D)
         Dr[pinned] = 1.0
-        F = E / Dr[:, :, None]
-        Ft = F.transpose(1, 2, 0)                          # m x d x a
-        H -= Ft @ E.transpose(1, 0, 2)
-        gx -= (Ft @ gg.T[:, :, None])[..., 0]
+        F = (E / Dr[:, :, None]).transpose(1, 2, 0)        # m x d x a
+        H -= F @ E.transpose(1, 0, 2)
     else:
-        H = sym_unpack(_gram(design, w, single), d)
-        gx = (resid.T @ design.XG)
-        gg = np.zeros((0, m))
         E = np.zeros((0, m, d))
         Dr = np.ones((0, m))
     idx = np.arange(d)
     H[:, idx, idx] += ridge * (1.0 + np.abs(H[:, idx, idx]))
-    return _NewtonSystem(H, gx, gg, E, Dr)
+    return _NewtonSystem(H, E, Dr)
 
 
 def _batched_solve(S: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -496,11 +489,28 @@ def _batched_inverse(S: np.ndarray) -> np.ndarray:
         return np.linalg.pinv(S)
 
 
-def _newton_step(sys_: _NewtonSystem):
-    """Newton step (db: m x d, dc: a x m) of a Schur-reduced system."""
-    db = _batched_solve(sys_.S, sys_.gx)
-    dc = (sys_.gg - np.einsum("kmd,md->km", sys_.E, db)) / sys_.Dr
+def _newton_step(sys_: _NewtonSystem, g: np.ndarray, pinned: np.ndarray):
+    """Newton step (db: m x d, dc: a x m) for the score ``g`` (m x (d + a)).
+
+    Block elimination of the diagonal group block: S db = g_x - E' D^-1 g_g, then
+    dc = D^-1 (g_g - E db).  Pinned groups get dc = 0.
+    """
+    d = sys_.S.shape[-1]
+    gx = g[:, :d]
+    gg = np.where(pinned, 0.0, g[:, d:].T)
+    if gg.shape[0]:
+        gx = gx - np.einsum("kmd,km->md", sys_.E, gg / sys_.Dr)
+    db = _batched_solve(sys_.S, gx)
+    dc = (gg - np.einsum("kmd,md->km", sys_.E, db)) / sys_.Dr
     return db, dc
+
+
+def _step_size(db: np.ndarray, dc: np.ndarray) -> np.ndarray:
+    """Largest |coefficient change| per gene."""
+    dmax = np.abs(db).max(axis=1) if db.shape[1] else np.zeros(db.shape[0])
+    if dc.shape[0]:
+        dmax = np.maximum(dmax, np.abs(dc).max(axis=0))
+    return dmax
 
 
 def _covariance_diag(sys_: _NewtonSystem, pinned: np.ndarray):
@@ -529,9 +539,16 @@ def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray
                 C: np.ndarray, pinned: np.ndarray, skip: np.ndarray, ylogy: np.ndarray,
                 max_iter: int, tol: float, ridge: float, compute_se: bool,
                 coef_tol: float = _COEF_TOL):
-    """Newton/IRLS with step halving for one chunk of genes (columns of row-sorted ``Y``).
+    """Newton iteration with step halving for one chunk of genes (columns of row-sorted ``Y``).
 
-    ``B`` (d x m) and ``C`` (a x m) are updated in place; genes in ``skip`` are not fitted.
+    Each iteration: observed-information weights and scores at the current iterate (one
+    fused pass), the Schur-reduced Newton step, one evaluation of the deviance at the
+    trial point (halving the step for genes whose deviance rose).  A gene converges when
+    the relative deviance change of its last step is below ``tol`` and the next Newton
+    step, computed from the new score and the previous Hessian (so no new Gram matrix is
+    formed for the check), is below ``coef_tol``.  ``B`` (d x m) and ``C`` (a x m) are
+    updated in place; genes in ``skip`` are not fitted.
+
     Returns converged, deviance, n_iter, var_b (m x d), var_c (a x m).
     """
     m = Y.shape[1]
@@ -546,15 +563,36 @@ def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray
     else:
         Ya, mua, ala = Y, mu, alpha
     del mu
-    for _ in range(max_iter):
+    single = design.d > 8
+    sys_prev = None
+    rel = np.full(active.size, np.inf)
+    for it in range(max_iter + 1):
         if active.size == 0:
             break
         pin = pinned[:, active]
         w, resid = _working_weights(Ya, mua, ala, observed=True)
-        sys_ = _newton_system(design, w, resid, pin, ridge, single=design.d > 8)
-        del w, resid
-        db, dc = _newton_step(sys_)
-        dc[pin] = 0.0
+        g = _gradient(design, resid)
+        del resid
+        if sys_prev is not None:       # convergence check with the previous Hessian
+            dbc, dcc = _newton_step(sys_prev, g, pin)
+            done = (rel < tol) & (_step_size(dbc, dcc) < coef_tol)
+            if done.any():
+                # take that last (tiny, quasi-Newton) step too: it cuts the error further
+                # at no cost; its deviance change is of the order of its square
+                converged[active[done]] = True
+                B[:, active[done]] += dbc[done].T
+                C[:, active[done]] = np.clip(C[:, active[done]] + dcc[:, done],
+                                             -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
+                keep = ~done
+                active, pin, g, rel = active[keep], pin[:, keep], g[keep], rel[keep]
+                Ya, mua, ala, w = Ya[:, keep], mua[:, keep], ala[keep], w[:, keep]
+                if active.size == 0:
+                    break
+        if it == max_iter:
+            break
+        sys_ = _newton_system(design, w, pin, ridge, single=single)
+        del w
+        db, dc = _newton_step(sys_, g, pin)
         B0, C0 = B[:, active], C[:, active]
         Bt = B0 + db.T
         Ct = np.clip(C0 + dc, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
@@ -577,26 +615,24 @@ def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray
             mut[:, acc] = mub[:, okb]
             devt[acc] = devb[okb]
             bad = bad[~okb]
-        stalled = np.zeros(active.size, bool)
-        stalled[bad] = True            # never improved: keep the previous iterate
-        good = ~stalled
+        good = np.ones(active.size, bool)
+        good[bad] = False              # never improved: keep the previous iterate (stalled)
         B[:, active[good]] = Bt[:, good]
         C[:, active[good]] = Ct[:, good]
         n_iter[active] += 1
-        rel = np.abs(dev0 - devt) / (np.abs(devt) + 0.1)
-        dmax = np.abs(db).max(axis=1) * step
-        if dc.shape[0]:
-            dmax = np.maximum(dmax, np.abs(dc).max(axis=0) * step)
-        conv_now = good & (rel < tol) & (dmax < coef_tol)
-        converged[active[conv_now]] = True
         dev[active[good]] = devt[good]
+        rel = np.abs(dev0 - devt) / (np.abs(devt) + 0.1)
+        # a full Newton step below the tolerance leaves an error of its square: converged
+        conv_now = good & (rel < tol) & (step == 1.0) & (_step_size(db, dc) < coef_tol)
+        converged[active[conv_now]] = True
         keep = good & ~conv_now
         if keep.all():
-            mua = mut
+            mua, sys_prev = mut, sys_
         else:
-            active = active[keep]
+            active, rel = active[keep], rel[keep]
             Ya, mua, ala = Ya[:, keep], mut[:, keep], ala[keep]
-        del mut
+            sys_prev = _NewtonSystem(sys_.S[keep], sys_.E[:, keep], sys_.Dr[:, keep])
+        del mut, sys_
     del Ya, mua
     var_b = var_c = None
     if compute_se:
@@ -607,7 +643,7 @@ def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray
             eta = design.linear_predictor(B[:, fit], C[:, fit])
             mu = np.exp(eta, out=eta)
             w = mu if not np.any(alpha[fit] > 0) else mu / (1.0 + alpha[fit] * mu)
-            sys_ = _newton_system(design, w, np.zeros_like(w), pinned[:, fit], 1e-12)
+            sys_ = _newton_system(design, w, pinned[:, fit], 1e-12)
             del w, mu, eta
             var_b[fit], var_c[:, fit] = _covariance_diag(sys_, pinned[:, fit])
         var_b[skip] = np.inf
@@ -621,8 +657,8 @@ def _wls_start(design: _Design, Y: np.ndarray, pinned: np.ndarray):
     z = np.log(mu0)
     z -= design.offset[:, None]
     z *= mu0
-    sys_ = _newton_system(design, mu0, z, pinned, 1e-8)
-    db, dc = _newton_step(sys_)
+    sys_ = _newton_system(design, mu0, pinned, 1e-8)
+    db, dc = _newton_step(sys_, _gradient(design, z), pinned)
     C = np.clip(dc, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
     return db.T.copy(), C
 
