@@ -240,10 +240,10 @@ def main(argv=None) -> int:
     summary = {}
     if len(serial) >= 2:
         lo, hi = serial[0], serial[-1]
-        summary = dict(
-            peak_over_input_growth_mb=round(hi["peak_over_input_mb"] - lo["peak_over_input_mb"], 1),
-            peak_over_input_ratio=round(hi["peak_over_input_mb"] / max(lo["peak_over_input_mb"], 1e-9), 2),
-            batches_ratio=round(hi["n_batches"] / lo["n_batches"], 2))
+        d_lo, d_hi = lo["peak_over_input_mb"], hi["peak_over_input_mb"]
+        summary = dict(peak_over_input_growth_mb=round(d_hi - d_lo, 1),
+                       peak_over_input_ratio=round(d_hi / max(d_lo, 1e-9), 2),
+                       batches_ratio=round(hi["n_batches"] / lo["n_batches"], 2))
     write_result(args.name, dict(config=args.config, settings=cfg, rows=rows, summary=summary,
                                  one_batch_vs_upstream=upstream))
     return 0

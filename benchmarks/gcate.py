@@ -218,6 +218,7 @@ def run_ours(npz: Path, r: int, max_iters: int, timeout: float | None = None) ->
         res["stderr_tail"] = stderr[-2000:]
     res.update(outer_wall_s=time.perf_counter() - t0, returncode=proc.returncode,
                peak_rss_mb_wait4=rusage.ru_maxrss / 1024.0,
+               cpu_s=rusage.ru_utime + rusage.ru_stime,
                U_path=str(out.with_name(out.stem + "_U.npy")))
     return res
 
@@ -240,7 +241,7 @@ def make_problem(shape: str, seed: int) -> tuple[Path, np.ndarray, np.ndarray, n
 
 def _side_summary(res: dict[str, Any]) -> dict[str, Any]:
     keep = ("status", "wall_s", "t_load_s", "t_import_s", "t_gcate_s", "peak_rss_mb",
-            "peak_rss_mb_wait4", "outer_wall_s", "error", "version", "upstream_version")
+            "peak_rss_mb_wait4", "outer_wall_s", "cpu_s", "error", "version", "upstream_version")
     out = {k: res.get(k) for k in keep if k in res}
     g = res.get("gcate") or {}
     for st in ("stage_1", "stage_2"):
@@ -263,8 +264,10 @@ def bench_shape(shape: str, seed: int, skip_upstream: bool, upstream_timeout: fl
         "r_true": cfg["sim"]["r"], "r": cfg["r"], "max_iters": cfg["max_iters"],
         "confounding": cfg["sim"]["confounding"], "seed": seed,
     }
+    load0 = os.getloadavg()[0]
     ours = run_ours(npz, cfg["r"], cfg["max_iters"])
     entry["ours"] = _side_summary(ours)
+    entry["ours"]["loadavg_1min_before_after"] = [load0, os.getloadavg()[0]]
     U_ours = np.load(ours["U_path"]) if ours.get("status") == "ok" else None
     if U_ours is not None:
         entry["ours"].update(recovery_metrics(U_ours, U_true, X, A))
@@ -273,9 +276,11 @@ def bench_shape(shape: str, seed: int, skip_upstream: bool, upstream_timeout: fl
         entry["upstream"] = {"status": "skipped"}
         return entry
     timeout = upstream_timeout if upstream_timeout is not None else cfg["upstream_timeout"]
+    load0 = os.getloadavg()[0]
     up = run_upstream(npz, "gcate", cfg["r"], max_iters=cfg["max_iters"], timeout=timeout,
                       rlimit_as_mb=upstream_mem_cap_mb, numba_cache="fresh")
     entry["upstream"] = _side_summary(up)
+    entry["upstream"]["loadavg_1min_before_after"] = [load0, os.getloadavg()[0]]
     entry["upstream"]["timeout_s"] = timeout
     if up.get("status") != "ok":
         entry["upstream"]["log_tail"] = (up.get("log_tail") or "")[-1500:]

@@ -130,8 +130,8 @@ def test_threshold_floor_is_not_a_filter():
     # counterfactual means: control 0.001, treated 0.02 for gene 0
     Y_hat = np.full((n, p, 1, 2), 5.0)
     Y_hat[:, 0, 0, 0], Y_hat[:, 0, 0, 1] = 0.001, 0.02
-    Y[:, 0] = 0
-    Y[:200, 0] = 0.0
+    Y[:200, 0] = 0.02   # treated cells sit exactly on their counterfactual mean
+    Y[200:, 0] = 0.001
     df, _ = LFC(Y, X, A, Y_hat=Y_hat, pi_hat=np.full((n, 1), 0.5), thres_min=0.0)
     assert df["mean_control"].iloc[0] == pytest.approx(0.001)
     assert df["mean_treated"].iloc[0] == pytest.approx(0.02)
@@ -142,7 +142,7 @@ def test_bad_input_messages(small_run):
     Yd, Ad, W, *_ = small_run
     Y = Yd.to_numpy()
     A = Ad.to_numpy()
-    with pytest.raises(ValueError, match="W must be 2-D with 400 rows"):
+    with pytest.raises(ValueError, match="W must be 2-D with 600 rows"):
         LFC(Y, W[:10], A)
     with pytest.raises(ValueError, match="A must contain only 0/1"):
         LFC(Y, W, A * 2)
@@ -184,10 +184,10 @@ def signal_runs():
     out = []
     for seed in (1, 2, 3):
         Y, X, A, ad, keep = simulated(seed)
-        df, _ = run_causarray(Y, X, A, 5)
+        df, est = run_causarray(Y, X, A, 5)
         truth = ad.varm["true_lfc"][keep]
         p, a = truth.shape
-        off = np.log(comp_size_factor(Y))
+        off = np.log(est["size_factors"])   # the oracle gets the true U, the same size factors
         oracle = glm_wald_padj(Y, np.hstack([X, ad.obsm["U_true"]]), A, off)
         out.append(dict(df=df, truth=truth, oracle=oracle, p=p, a=a))
     return out

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 sm = pytest.importorskip("statsmodels.api")
 
-from causarray.glm import (  # noqa: E402
+from causarray.glm import (
     GROUP_COEF_BOUND,
     estimate_dispersion,
     fit_glm,
@@ -249,8 +249,8 @@ def test_saturated_and_dense_solvers_agree():
 def test_sparse_input_and_chunking_do_not_change_the_fit(n_cov):
     Y, X, A, off = simulate(n_cov=n_cov, seed=10)
     ref = fit_glm(Y, X, A, family="nb", offset=off)
-    for kw in (dict(Y=sp.csr_matrix(Y)), dict(Y=sp.csc_matrix(Y), chunk_size=7),
-               dict(Y=Y.astype(np.int32), chunk_size=5)):
+    for kw in ({"Y": sp.csr_matrix(Y)}, {"Y": sp.csc_matrix(Y), "chunk_size": 7},
+               {"Y": Y.astype(np.int32), "chunk_size": 5}):
         Yk = kw.pop("Y")
         fit = fit_glm(Yk, X, A, family="nb", offset=off, **kw)
         np.testing.assert_allclose(fit.coef, ref.coef, rtol=1e-9, atol=1e-10)

@@ -13,6 +13,7 @@ from .preprocessing import comp_size_factor, from_anndata, prep_causarray_data, 
 from .propensity import estimate_propensity_scores
 from .simulate import simulate_screen
 from .gcate import estimate_r, plot_r
+from .batch import LFC_batch, fit_gcate_batch, gcate_lfc_batch
 from .diagnostics import (align_test_mask, plot_propensity_scores, plot_treatment_associations,
                           summarize_propensity_scores, summarize_treatment_associations)
 from . import diagnostics, pl, report, tl
@@ -31,6 +32,9 @@ __all__ = [
     "bh_adjust",
     "simulate_screen",
     "estimate_r",
+    "fit_gcate_batch",
+    "gcate_lfc_batch",
+    "LFC_batch",
     "plot_r",
     "summarize_propensity_scores",
     "plot_propensity_scores",

@@ -16,6 +16,24 @@ batch's cells is reported as non-estimable for that batch instead of aborting; t
 result always has a ``trt`` column; sparse counts stay sparse outside the batch being
 fitted; batches can run in parallel on any :class:`concurrent.futures.Executor`
 (e.g. a Dask cluster), results being gathered and cached by the calling process.
+
+Running on a multi-machine Dask cluster
+---------------------------------------
+Install the same causarray version (with the ``dask`` extra) on every machine, then::
+
+    # scheduler machine                 # each worker machine
+    $ dask scheduler                    $ dask worker tcp://SCHEDULER:8786 --nthreads 4
+
+    >>> from dask.distributed import Client
+    >>> client = Client("tcp://SCHEDULER:8786")
+    >>> df = gcate_lfc_batch(Y, X, A, r, W_A=X_A, batch_size=15, client=client,
+    ...                      cache_path="results.h5")
+
+The calling process keeps the input, sends each batch's rows (sparse stays sparse
+in transit) to a worker, and commits every returned batch to ``cache_path`` itself,
+so the cache lives on the caller's file system and no worker needs shared storage.
+At most (number of worker threads + 1) batches are in flight; a worker needs memory
+for one batch.  Killing the caller and rerunning with the same arguments resumes.
 """
 from __future__ import annotations
 
@@ -313,7 +331,7 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
         dtype = v.dtype if v is not None else _TEMPLATE_DTYPES.get(c, np.dtype(np.float64))
         if c in _NON_ESTIMABLE:
             fill = _NON_ESTIMABLE[c]
-        elif dtype == bool:
+        elif dtype == np.dtype(bool):
             fill = False
         elif np.issubdtype(dtype, np.integer):
             fill = 0
@@ -338,7 +356,10 @@ def _run_batch(job: _BatchJob) -> dict:
     from .gcate import fit_gcate
 
     t0 = time.perf_counter()
-    Yb = _dense_rows(job.Y, np.arange(job.Y.shape[0]))
+    n_cells = int(job.Y.shape[0])
+    Yb = job.Y.toarray() if sp.issparse(job.Y) else job.Y
+    Yb = np.asarray(Yb, dtype=np.float64)
+    job.Y = None                                   # the only dense copy is Yb from here on
     expressed = np.asarray(Yb.sum(axis=0) > 0)
     fitted = np.asarray(job.A.sum(axis=0) > 0)
     if not fitted.all():
@@ -382,7 +403,7 @@ def _run_batch(job: _BatchJob) -> dict:
                             job.batch)
     U_ctrl = None if res_2 is None else np.array(res_2["U"][job.ctrl_pos], dtype=float)
     out = dict(batch=job.batch, frame=frame, expressed=np.flatnonzero(expressed),
-               fitted=np.flatnonzero(fitted), U_ctrl=U_ctrl, n_cells=int(job.Y.shape[0]),
+               fitted=np.flatnonzero(fitted), U_ctrl=U_ctrl, n_cells=n_cells,
                n_perts=int(job.A.shape[1]), t_gcate=t_gcate,
                t_batch=time.perf_counter() - t0)
     if job.keep_fits:

@@ -323,31 +323,44 @@ def winsorize_factors(U: np.ndarray, k: float = 6.0) -> np.ndarray:
     return np.clip(U, med - k * mad, med + k * mad)
 
 
-def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilon: float = 1.35):
+def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilon: float = 1.35,
+                     renormalize: bool = True):
     """Huber regression of each perturbation's coefficients on the loadings (stage 2).
 
-    Returns alpha (a x r) with beta_hat_k ≈ Gamma alpha_k + sparse direct effects.
+    Returns ``(shift, alpha)``: ``beta_hat_k ≈ shift_k + Gamma alpha_k + sparse direct
+    effects``.  ``shift_k`` (0 unless ``renormalize``) is a common log-scale shift of all
+    genes in perturbation k: size factors estimated from the counts absorb part of the
+    perturbation's effects, and under the same sparsity assumption (most genes are not
+    affected) the typical gene should show no change.
     """
     from sklearn.linear_model import HuberRegressor
 
     a, r = beta.shape[1], Gamma.shape[1]
     alpha = np.zeros((a, r))
+    shift = np.zeros(a)
     for k in range(a):
         ok = np.isfinite(beta[:, k]) & np.isfinite(se[:, k]) & (se[:, k] > 0) \
             & (np.abs(beta[:, k]) < 10) & (se[:, k] < 2.0)
-        if ok.sum() < 3 * r:
+        if ok.sum() < 3 * (r + 1):
             continue
         w = 1.0 / se[ok, k]
+        design = Gamma[ok] * w[:, None]
+        if renormalize:
+            design = np.column_stack([w, design])
         hub = HuberRegressor(epsilon=epsilon, alpha=0.0, fit_intercept=False, max_iter=500)
-        hub.fit(Gamma[ok] * w[:, None], beta[ok, k] * w)
-        alpha[k] = hub.coef_
-    return alpha
+        hub.fit(design, beta[ok, k] * w)
+        coef = hub.coef_
+        if renormalize:
+            coef = coef[1:]
+            shift[k] = np.median((beta[:, k] - Gamma @ coef)[ok])
+        alpha[k] = coef
+    return shift, alpha
 
 
 def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=None,
               offset=True, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
               kwargs_es_2=None, c1=None, A_init=None, random_state: int = 0,
-              verbose: bool = False, **kwargs):
+              verbose: bool = False, renormalize: bool = True, **kwargs):
     """Estimate r latent confounders with the two-stage GCATE factor model.
 
     Parameters
@@ -366,6 +379,10 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     kwargs_ls_1, kwargs_ls_2 : accepted for compatibility with the proximal-gradient
         solver of the original (unused by the Fisher-scoring solver).
     c1 : stage-2 switch; ``0`` skips stage 2 (U is then orthogonal to [X | A]).
+    renormalize : stage 2 also estimates a common log shift of all genes per perturbation
+        (robustly, like the confounder shift) and folds it into the treated cells' size
+        factors in ``res_2['kwargs_glm']['size_factor']`` (off by default: ``LFC`` re-centres
+        each perturbation's LFCs itself, see ``docs/dr.md``).
     A_init : (n, d + a + r) initial [X | A | U]; replaces the SVD initialisation.
     random_state : seed of the randomized SVD.
     verbose : show progress bars.
@@ -416,15 +433,18 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
 
     beta_hat, se_hat = fit1.coef[:, d + r:], fit1.se[:, d + r:]
     if c1 is not None and c1 == 0:
-        alpha = np.zeros((a, r))
+        shift, alpha = np.zeros(a), np.zeros((a, r))
     else:
-        alpha = _treatment_shift(beta_hat, se_hat, Gamma1r)
+        shift, alpha = _treatment_shift(beta_hat, se_hat, Gamma1r, renormalize=renormalize)
     U2 = winsorize_factors(U1r) + A @ alpha
     coef2 = coef1.copy()
-    coef2[:, d:d + a] = beta_hat - Gamma1r @ alpha.T
+    coef2[:, d:d + a] = beta_hat - shift[None, :] - Gamma1r @ alpha.T
     hist2 = [hist1[-1]]
-    res_2 = _result(X, A, U2, coef2, hist2, 0, kw_glm, es2, kwargs_ls_2)
+    s2 = s * np.exp(A @ shift)
+    kw_glm2 = dict(family=family, disp_glm=size, size_factor=s2)
+    res_2 = _result(X, A, U2, coef2, hist2, 0, kw_glm2, es2, kwargs_ls_2)
     res_2["alpha"] = alpha
+    res_2["shift"] = shift
     res_2["se_A"] = se_hat
     return res_1, res_2
 
