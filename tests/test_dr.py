@@ -182,7 +182,7 @@ def test_confounded_null_is_calibrated_and_naive_is_not():
 @pytest.fixture(scope="module")
 def signal_runs():
     out = []
-    for seed in (1, 2, 3):
+    for seed in (1, 2, 3, 4, 5):
         Y, X, A, ad, keep = simulated(seed)
         df, est = run_causarray(Y, X, A, 5)
         truth = ad.varm["true_lfc"][keep]

@@ -217,6 +217,25 @@ def test_group_without_counts_is_pinned(n_cov):
         np.testing.assert_allclose(fit.se[j, keep_cols], res.bse, rtol=1e-4)
 
 
+def test_indicator_covariate_without_counts_is_pinned():
+    """Non-one-hot A is appended to X; an indicator column without counts is pinned too."""
+    Y, X, A, off = simulate(n_cov=1, seed=13, p=5)
+    A = A.copy()
+    A[:30, 1] = 1.0                                # overlapping indicators: not one-hot
+    hit = A[:, 0] == 1
+    Y[hit, :2] = 0.0
+    fit = fit_glm(Y, X, A, family="nb", size=2.0, offset=off)
+    d = X.shape[1]
+    assert fit.converged.all()
+    np.testing.assert_allclose(fit.coef[:2, d], -GROUP_COEF_BOUND, rtol=1e-14)
+    assert np.isinf(fit.se[:2, d]).all() and np.isfinite(fit.se[2:]).all()
+    keep = [c for c in range(d + A.shape[1]) if c != d]
+    D = np.hstack([X, A])[~hit][:, keep]
+    for j in range(2):
+        res = sm_fit(Y[~hit, j], D, off[~hit], 0.5)
+        assert_coef_close(fit.coef[j, keep], res.params)
+
+
 def test_gene_without_counts_does_not_disturb_others():
     Y, X, A, off = simulate(seed=8, p=6)
     Y[:, 0] = 0.0
@@ -243,6 +262,31 @@ def test_saturated_and_dense_solvers_agree():
     assert_coef_close(sat.coef, dense.coef, rtol=1e-7)
     np.testing.assert_allclose(sat.se, dense.se, rtol=1e-6)
     np.testing.assert_allclose(sat.deviance, dense.deviance, rtol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [18, 26])
+def test_solvers_agree_on_extreme_random_problems(seed):
+    """Huge and tiny means, sizes from 0.05 to 1e5, groups with one count: both solvers
+    converge (except genes without control counts, whose MLE does not exist) and agree."""
+    rng = np.random.default_rng(seed)
+    n_groups, n = int(rng.integers(1, 6)), int(rng.integers(50, 400))
+    g = rng.integers(-1, n_groups, n)
+    g[:n_groups + 1] = np.arange(-1, n_groups)
+    A = np.zeros((n, n_groups))
+    A[g >= 0, g[g >= 0]] = 1.0
+    off = rng.normal(0.0, rng.uniform(0.0, 1.5), n)
+    b, C = rng.uniform(-6, 6, 20), rng.normal(0.0, 2.0, (n_groups, 20))
+    size = np.exp(rng.uniform(np.log(0.05), np.log(1e5), 20))
+    mu = np.exp(np.clip(off[:, None] + b + A @ C, -20, 15))
+    Y = rng.negative_binomial(size, size / (size + mu)).astype(float)
+    X = np.ones((n, 1))
+    sat = fit_glm(Y, X, A, family="nb", size=size, offset=off)
+    dense = fit_glm(Y, np.hstack([X, A]), None, family="nb", size=size, offset=off)
+    ok = Y[g == -1].sum(axis=0) > 0
+    assert ok.sum() >= 8
+    assert sat.converged[ok].all() and dense.converged[ok].all()
+    assert not sat.converged[~ok].any()
+    assert_coef_close(sat.coef[ok], dense.coef[ok], rtol=1e-6)
 
 
 @pytest.mark.parametrize("n_cov", [0, 2], ids=["intercept+groups", "dense+groups"])

@@ -21,14 +21,22 @@ Two solvers share this module:
   iteration on a strictly concave function.  No Gram matrices are formed.
 * **Schur IRLS** -- any other design (dense covariates, optionally with one-hot
   groups): Newton steps with step halving on the deviance, vectorised over a chunk of
-  genes; every Gram block of a chunk is one BLAS call.
+  genes; every Gram block of a chunk is one BLAS call (in float32 when there are more
+  than 8 covariates -- the scores stay float64, so the fixed point is unchanged).  The
+  Hessian is the observed information (quadratic convergence for the non-canonical NB
+  link), with Fisher scoring per gene after a step that needed halving and a cap on the
+  step length; convergence is checked with the next Newton step computed from the new
+  score and the previous Hessian, so the confirming iteration forms no Gram matrix.
 
 Both are exact maximum-likelihood solvers (agreement with statsmodels is tested); a
 tiny damping ridge enters only the Hessian, so it does not move the fixed point.
-Fitting is chunked over genes (the working matrices are n x chunk) and converged genes
-leave the active set.  Elementwise passes are fused: one pass gives the IRLS weights
-and scores, one gives the log-likelihood kernel; the deviance constant (which depends
-on the counts and the size only) is computed once per fit.
+Group coefficients (and 0/1 covariates) whose cells have no counts for a gene have an
+MLE of minus infinity: they are pinned at ``-GROUP_COEF_BOUND`` and the rest of the
+fit is the MLE without those cells.  Fitting is chunked over genes (the working
+matrices are n x chunk) and converged genes leave the active set.  Elementwise passes
+are fused: one pass gives the weights and scores, one the log-likelihood kernel; the
+deviance constant (which depends on the counts and the size only) is computed once
+per fit.
 """
 from __future__ import annotations
 
@@ -49,7 +57,7 @@ _CHUNK_BYTES = 8 * 2**20      # working memory per gene chunk and temporary (oth
 _FIT_CHUNK_BYTES = 4 * 2**20  # the engine's own chunks: keeps its temporaries cache-friendly
 _COEF_TOL = 1e-6              # max |coefficient step| for convergence
 _MAX_HALVING = 8
-_MAX_NEWTON_STEP = 10.0       # cap on a one-dimensional Newton step (saturated solver)
+_MAX_NEWTON_STEP = 5.0        # largest change of one coefficient in one Newton step
 _FAMILIES = ("nb", "poisson")
 
 
@@ -176,13 +184,15 @@ def _sum_ylogy(y: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->j", y, L)
 
 
-def _working_weights(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray, observed: bool = False):
+def _working_weights(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray,
+                     observed: bool | np.ndarray = False):
     """Newton weights and scores of the log-link NB / Poisson likelihood.
 
     Scores ``(y - mu) / (1 + alpha mu)``; weights: Fisher ``mu / (1 + alpha mu)`` or, with
-    ``observed``, the observed information ``mu (1 + alpha y) / (1 + alpha mu)^2`` (always
-    positive: the NB log-likelihood is concave in the linear predictor), which makes the
-    Newton iteration quadratically convergent for the non-canonical NB link.
+    ``observed`` (a bool or one per column), the observed information
+    ``mu (1 + alpha y) / (1 + alpha mu)^2`` (always positive: the NB log-likelihood is
+    concave in the linear predictor), which makes the Newton iteration quadratically
+    convergent for the non-canonical NB link.
     """
     resid = np.subtract(y, mu)
     if not np.any(alpha > 0):
@@ -192,8 +202,9 @@ def _working_weights(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray, observed:
     np.reciprocal(t, out=t)
     resid *= t
     np.multiply(mu, t, out=t)
-    if observed:   # t (1 + alpha y)/(1 + alpha mu) = t (1 + alpha resid)
-        u = np.multiply(resid, alpha)
+    observed = np.broadcast_to(observed, alpha.shape)
+    if observed.any():   # t (1 + alpha y)/(1 + alpha mu) = t (1 + alpha resid)
+        u = np.multiply(resid, np.where(observed, alpha, 0.0))
         u += 1.0
         t *= u
     return t, resid
@@ -342,6 +353,7 @@ class _Design:
     order: np.ndarray          # permutation sorting rows by group (controls last)
     offset: np.ndarray         # n, sorted offsets
     saturated: bool            # intercept + one-hot groups with non-empty sets
+    bin_cols: np.ndarray       # covariate columns taking exactly two values, one of them 0
     _XXG: np.ndarray | None = None
     _XXG32: np.ndarray | None = None
     _XG: np.ndarray | None = None
@@ -361,8 +373,10 @@ class _Design:
         Xs = np.ascontiguousarray(X[order] / scales)
         saturated = bool(n_groups > 0 and X.shape[1] == 1 and np.ptp(X[:, 0]) == 0
                          and X[0, 0] != 0 and (counts > 0).all())
+        bin_cols = np.array([j for j in range(X.shape[1]) if np.ptp(X[:, j]) > 0
+                             and np.unique(X[:, j]).size == 2 and (X[:, j] == 0).any()], int)
         return cls(Xs, scales, n_groups, bounds, order, np.ascontiguousarray(offset[order]),
-                   saturated)
+                   saturated, bin_cols)
 
     @property
     def d(self) -> int:
@@ -459,10 +473,11 @@ def _gradient(design: _Design, resid: np.ndarray) -> np.ndarray:
 
 
 def _newton_system(design: _Design, w: np.ndarray, pinned: np.ndarray, ridge: float,
-                   single: bool = False) -> _NewtonSystem:
+                   single: bool = False, pinb: np.ndarray | None = None) -> _NewtonSystem:
     """Schur-reduced Newton matrix for every gene of a chunk from weights ``w`` (n x m).
 
-    Pinned groups (a x m) are held fixed: they drop out of the system.
+    Pinned groups (a x m) and pinned covariates (``pinb``, m x d) are held fixed: they
+    drop out of the system (identity rows).
     """
     d, a = design.d, design.n_groups
     m = w.shape[1]
@@ -476,6 +491,8 @@ def _newton_system(design: _Design, w: np.ndarray, pinned: np.ndarray, ridge: fl
             np.matmul(w[sl].T, design.X[sl], out=E[k])
         if pinned.any():
             E[pinned] = 0.0
+        if pinb is not None:
+            E[:, pinb] = 0.0
         Dr = D + ridge * (1.0 + D)
         Dr[pinned] = 1.0
         F = (E / Dr[:, :, None]).transpose(1, 2, 0)        # m x d x a
@@ -485,6 +502,11 @@ def _newton_system(design: _Design, w: np.ndarray, pinned: np.ndarray, ridge: fl
         Dr = np.ones((0, m))
     idx = np.arange(d)
     H[:, idx, idx] += ridge * (1.0 + np.abs(H[:, idx, idx]))
+    if pinb is not None and pinb.any():
+        H[pinb] = 0.0
+        H.transpose(0, 2, 1)[pinb] = 0.0
+        g_idx, j_idx = np.nonzero(pinb)
+        H[g_idx, j_idx, j_idx] = 1.0
     return _NewtonSystem(H, E, Dr)
 
 
@@ -506,14 +528,15 @@ def _batched_inverse(S: np.ndarray) -> np.ndarray:
         return np.linalg.pinv(S)
 
 
-def _newton_step(sys_: _NewtonSystem, g: np.ndarray, pinned: np.ndarray):
+def _newton_step(sys_: _NewtonSystem, g: np.ndarray, pinned: np.ndarray,
+                 pinb: np.ndarray | None = None):
     """Newton step (db: m x d, dc: a x m) for the score ``g`` (m x (d + a)).
 
     Block elimination of the diagonal group block: S db = g_x - E' D^-1 g_g, then
-    dc = D^-1 (g_g - E db).  Pinned groups get dc = 0.
+    dc = D^-1 (g_g - E db).  Pinned groups get dc = 0, pinned covariates db = 0.
     """
     d = sys_.S.shape[-1]
-    gx = g[:, :d]
+    gx = g[:, :d] if pinb is None else np.where(pinb, 0.0, g[:, :d])
     gg = np.where(pinned, 0.0, g[:, d:].T)
     if gg.shape[0]:
         gx = gx - np.einsum("kmd,km->md", sys_.E, gg / sys_.Dr)
@@ -530,10 +553,12 @@ def _step_size(db: np.ndarray, dc: np.ndarray) -> np.ndarray:
     return dmax
 
 
-def _covariance_diag(sys_: _NewtonSystem, pinned: np.ndarray):
+def _covariance_diag(sys_: _NewtonSystem, pinned: np.ndarray, pinb: np.ndarray | None = None):
     """Diagonals of the inverse Fisher information: var_b (m x d), var_c (a x m)."""
     Sinv = _batched_inverse(sys_.S)
     var_b = np.einsum("mdd->md", Sinv)
+    if pinb is not None:
+        var_b[pinb] = np.inf
     a = sys_.Dr.shape[0]
     if not a:
         return var_b, np.zeros((0, var_b.shape[0]))
@@ -555,7 +580,7 @@ def _evaluate(design: _Design, y: np.ndarray, alpha: np.ndarray, B: np.ndarray,
 def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray,
                 C: np.ndarray, pinned: np.ndarray, skip: np.ndarray, ylogy: np.ndarray,
                 max_iter: int, tol: float, ridge: float, compute_se: bool,
-                coef_tol: float = _COEF_TOL):
+                coef_tol: float = _COEF_TOL, pinb: np.ndarray | None = None):
     """Newton iteration with step halving for one chunk of genes (columns of row-sorted ``Y``).
 
     Each iteration: observed-information weights and scores at the current iterate (one
@@ -564,12 +589,20 @@ def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray
     the relative deviance change of its last step is below ``tol`` and the next Newton
     step, computed from the new score and the previous Hessian (so no new Gram matrix is
     formed for the check), is below ``coef_tol``.  ``B`` (d x m) and ``C`` (a x m) are
-    updated in place; genes in ``skip`` are not fitted.
+    updated in place; genes in ``skip`` are not fitted.  Groups in ``pinned`` (a x m) and
+    binary covariates in ``pinb`` (m x d) whose cells have no counts are held at
+    ``-GROUP_COEF_BOUND`` (their maximum-likelihood estimate is minus infinity).
 
     Returns converged, deviance, n_iter, var_b (m x d), var_c (a x m).
     """
     m = Y.shape[1]
     C[pinned] = -GROUP_COEF_BOUND
+    if pinb is not None:
+        if pinb.any():
+            val = design.X[np.abs(design.X).argmax(axis=0), np.arange(design.d)]  # v of 0/v
+            B.T[pinb] = (-GROUP_COEF_BOUND / np.broadcast_to(val, pinb.shape))[pinb]
+        else:
+            pinb = None
     cst = _deviance_constant(Y, alpha, ylogy)
     mu, dev = _evaluate(design, Y, alpha, B, C, cst)
     converged = np.zeros(m, bool)
@@ -583,18 +616,23 @@ def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray
     single = design.d > 8
     sys_prev = None
     rel = np.full(active.size, np.inf)
+    # Newton with the observed information; per gene, Fisher scoring (expected
+    # information) after a step that needed halving, until a full step settles again:
+    # far from the optimum the observed curvature of the NB likelihood can vanish
+    fisher = np.zeros(active.size, bool)
     for it in range(max_iter + 1):
         if active.size == 0:
             break
         pin = pinned[:, active]
+        pb = None if pinb is None else pinb[active]
         if it < max_iter:
-            w, resid = _working_weights(Ya, mua, ala, observed=True)
+            w, resid = _working_weights(Ya, mua, ala, observed=~fisher)
         else:                          # last pass: only the score, for the convergence check
             w, resid = None, _scores(Ya, mua, ala)
         g = _gradient(design, resid)
         del resid
         if sys_prev is not None:       # convergence check with the previous Hessian
-            dbc, dcc = _newton_step(sys_prev, g, pin)
+            dbc, dcc = _newton_step(sys_prev, g, pin, pb)
             done = (rel < tol) & (_step_size(dbc, dcc) < coef_tol)
             if done.any():
                 # take that last (tiny, quasi-Newton) step too: it cuts the error further
@@ -605,15 +643,23 @@ def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray
                                              -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
                 keep = ~done
                 active, pin, g, rel = active[keep], pin[:, keep], g[keep], rel[keep]
+                fisher = fisher[keep]
+                pb = None if pb is None else pb[keep]
                 Ya, mua, ala = Ya[:, keep], mua[:, keep], ala[keep]
                 w = None if w is None else w[:, keep]
                 if active.size == 0:
                     break
         if it == max_iter:
             break
-        sys_ = _newton_system(design, w, pin, ridge, single=single)
+        sys_ = _newton_system(design, w, pin, ridge, single=single, pinb=pb)
         del w
-        db, dc = _newton_step(sys_, g, pin)
+        db, dc = _newton_step(sys_, g, pin, pb)
+        # trust region: no coefficient moves by more than _MAX_NEWTON_STEP at once (far
+        # below its optimum a log-mean has almost no curvature and Newton overshoots)
+        big = _step_size(db, dc)
+        shrink = np.minimum(1.0, _MAX_NEWTON_STEP / np.maximum(big, 1e-300))
+        db *= shrink[:, None]
+        dc *= shrink
         B0, C0 = B[:, active], C[:, active]
         Bt = B0 + db.T
         Ct = np.clip(C0 + dc, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
@@ -651,11 +697,17 @@ def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray
         conv_now = (good & (rel < tol) & (step == 1.0) & (size < coef_tol)) | (
             ~good & (size < 10 * coef_tol))
         converged[active[conv_now]] = True
-        keep = good & ~conv_now
+        # a stalled Newton step is retried as a Fisher-scoring step from the same iterate
+        retry = ~good & ~fisher & ~conv_now
+        if retry.any():
+            mut[:, retry] = mua[:, retry]
+            rel[retry] = np.inf
+        fisher = np.where(step * shrink < 1.0, True, np.where(rel < 1e-3, False, fisher))
+        keep = (good | retry) & ~conv_now
         if keep.all():
             mua, sys_prev = mut, sys_
         else:
-            active, rel = active[keep], rel[keep]
+            active, rel, fisher = active[keep], rel[keep], fisher[keep]
             Ya, mua, ala = Ya[:, keep], mut[:, keep], ala[keep]
             sys_prev = _NewtonSystem(sys_.S[keep], sys_.E[:, keep], sys_.Dr[:, keep])
         del mut, sys_
@@ -669,9 +721,10 @@ def _irls_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray
             eta = design.linear_predictor(B[:, fit], C[:, fit])
             mu = np.exp(eta, out=eta)
             w = mu if not np.any(alpha[fit] > 0) else mu / (1.0 + alpha[fit] * mu)
-            sys_ = _newton_system(design, w, pinned[:, fit], 1e-12)
+            pbf = None if pinb is None else pinb[fit]
+            sys_ = _newton_system(design, w, pinned[:, fit], 1e-12, pinb=pbf)
             del w, mu, eta
-            var_b[fit], var_c[:, fit] = _covariance_diag(sys_, pinned[:, fit])
+            var_b[fit], var_c[:, fit] = _covariance_diag(sys_, pinned[:, fit], pbf)
         var_b[skip] = np.inf
         var_c[:, skip] = np.inf
     return converged, dev, n_iter, var_b, var_c
@@ -720,6 +773,11 @@ def _schur_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray | None,
     d, a = design.d, design.n_groups
     all_zero = ~(Y > 0).any(axis=0)
     pinned = (_group_sums(design, Y) == 0) & ~all_zero[None, :]
+    pinb = None
+    if design.bin_cols.size:
+        hit = (design.X[:, design.bin_cols] != 0).astype(float).T @ Y     # nb x m
+        pinb = np.zeros((m, d), bool)
+        pinb[:, design.bin_cols] = (hit == 0).T & ~all_zero[:, None]
     ylogy = _sum_ylogy(Y)
     if init is not None:
         B = (init[:, :d] * design.scales).T.copy()
@@ -731,19 +789,20 @@ def _schur_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray | None,
     if alpha is None:
         zeros = np.zeros(m)
         _irls_chunk(design, Y, zeros, B, C, pinned, all_zero, ylogy, min(max_iter, 5), 1e-6,
-                    ridge, False)
+                    ridge, False, pinb=pinb)
         dof = n - d - a
         mu = np.exp(design.linear_predictor(B, C))
         alpha = np.clip(_mom_alpha(Y, mu, dof), 1e-8, 100.0)
         del mu
         _irls_chunk(design, Y, alpha, B, C, pinned, all_zero, ylogy, min(max_iter, 10), 1e-6,
-                    ridge, False)
+                    ridge, False, pinb=pinb)
         mu = np.exp(design.linear_predictor(B, C))
         size = _size_from_mom(_mom_alpha(Y, mu, dof), all_zero)
         del mu
         alpha = 1.0 / size
     conv, dev, n_iter, var_b, var_c = _irls_chunk(
-        design, Y, alpha, B, C, pinned, all_zero, ylogy, max_iter, tol, ridge, compute_se)
+        design, Y, alpha, B, C, pinned, all_zero, ylogy, max_iter, tol, ridge, compute_se,
+        pinb=pinb)
     return B, C, alpha, conv, dev, n_iter, var_b, var_c
 
 
@@ -1020,6 +1079,19 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
     Returns
     -------
     GLMFit
+        Coefficients in the columns of ``[X | A]``.  A group (or 0/v covariate) whose
+        cells have no counts for a gene has an MLE of minus infinity: its coefficient is
+        pinned so that it adds ``-GROUP_COEF_BOUND`` to those cells' log-means (-30 for
+        an indicator), with ``se = inf``; the other coefficients are the MLE without
+        those cells.  ``converged`` is False for genes stopped by
+        ``max_iter`` and for genes whose MLE does not exist (no counts at all, or -- with
+        intercept + groups -- none in the control cells).
+
+    Notes
+    -----
+    With an intercept-only ``X`` and one-hot ``A`` the fit separates per cell set and
+    ``tol`` / ``ridge`` are not used (each set's Newton iteration stops when its step
+    is below 1e-6, or is predicted to be below 1e-8 by quadratic convergence).
     """
     if family not in _FAMILIES:
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
