@@ -269,7 +269,7 @@ def _alternate(Y, X, A, log_s, size, U, coef, Q, es: dict, verbose: bool, desc: 
             al = alpha[c][None, :]
             nll -= (const + loglik_kernel(y, eta, mu, al)).sum()
             Gm = coef[c, d:d + r]
-            H += (mu / (1.0 + al * mu)) @ sym_outer(Gm)
+            H += ((mu / (1.0 + al * mu)).astype(np.float32) @ sym_outer(Gm).astype(np.float32))
             g += ((y - mu) / (1.0 + al * mu)) @ Gm
         f = nll / (n * p)
         hist.append(f)
@@ -301,7 +301,7 @@ def _alternate(Y, X, A, log_s, size, U, coef, Q, es: dict, verbose: bool, desc: 
 def _absorb_projection(coef, X, A, Q, M, d, r):
     """Coefficients on [X | A] change by Gamma T' where Q M = [X | A] T."""
     Z = np.hstack([X, A])
-    T, *_ = np.linalg.lstsq(Z, Q @ M, rcond=None)          # (d + a) x r
+    T = np.linalg.solve(Q.T @ Z, M)                          # Z = Q (Q'Z): T = (Q'Z)^-1 M
     Gm = coef[:, d:d + r]
     delta = Gm @ T.T                                          # p x (d + a)
     out = coef.copy()
@@ -323,6 +323,29 @@ def winsorize_factors(U: np.ndarray, k: float = 6.0) -> np.ndarray:
     return np.clip(U, med - k * mad, med + k * mad)
 
 
+def huber_regression(Xd: np.ndarray, y: np.ndarray, epsilon: float = 1.35,
+                     max_iter: int = 100, tol: float = 1e-8) -> np.ndarray:
+    """Huber M-estimate of y ~ Xd (no intercept) by iteratively reweighted least squares.
+
+    The residual scale is re-estimated each iteration as 1.4826 * MAD of the residuals;
+    weights are min(1, epsilon * scale / |residual|).  Starts from least squares.
+    """
+    coef, *_ = np.linalg.lstsq(Xd, y, rcond=None)
+    for _ in range(max_iter):
+        resid = y - Xd @ coef
+        scale = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+        if scale <= 0:
+            break
+        w = np.minimum(1.0, epsilon * scale / np.maximum(np.abs(resid), 1e-300))
+        sw = np.sqrt(w)
+        new, *_ = np.linalg.lstsq(Xd * sw[:, None], y * sw, rcond=None)
+        if np.max(np.abs(new - coef)) < tol * (1.0 + np.max(np.abs(coef))):
+            coef = new
+            break
+        coef = new
+    return coef
+
+
 def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilon: float = 1.35,
                      renormalize: bool = True):
     """Huber regression of each perturbation's coefficients on the loadings (stage 2).
@@ -333,8 +356,6 @@ def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilo
     perturbation's effects, and under the same sparsity assumption (most genes are not
     affected) the typical gene should show no change.
     """
-    from sklearn.linear_model import HuberRegressor
-
     a, r = beta.shape[1], Gamma.shape[1]
     alpha = np.zeros((a, r))
     shift = np.zeros(a)
@@ -347,9 +368,7 @@ def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilo
         design = Gamma[ok] * w[:, None]
         if renormalize:
             design = np.column_stack([w, design])
-        hub = HuberRegressor(epsilon=epsilon, alpha=0.0, fit_intercept=False, max_iter=500)
-        hub.fit(design, beta[ok, k] * w)
-        coef = hub.coef_
+        coef = huber_regression(design, beta[ok, k] * w, epsilon=epsilon)
         if renormalize:
             coef = coef[1:]
             shift[k] = np.median((beta[:, k] - Gamma @ coef)[ok])
