@@ -437,6 +437,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     controls = A.sum(axis=1) == 0
     n_params = W.shape[1] + 1
     frames = []
+    dropped: dict = {}
     for k in tqdm(range(a), desc="AIPW", disable=not verbose, leave=False):
         rows = np.flatnonzero(mask[:, k]) if mask is not None else \
             np.flatnonzero(controls | (A[:, k] == 1))
@@ -462,8 +463,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
             stat = np.where(tested, tau / std, np.nan)
         n_drop = int((~o["estimable"]).sum())
         if n_drop:
-            warnings.warn(f"{n_drop} gene(s) are not estimable for treatment {trt_names[k]!r}",
-                          RuntimeWarning, stacklevel=2)
+            dropped[trt_names[k]] = n_drop
         tests = multiple_testing(stat, df, eta=eta, std=std, n=rows.size, fdx=fdx,
                                  fdx_alpha=fdx_alpha, fdx_c=fdx_c, fdx_B=fdx_B,
                                  random_state=random_state, legacy_fdx_scaling=legacy_fdx_scaling,
@@ -479,6 +479,12 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         if a > 1:
             frame["trt"] = trt_names[k]
         frames.append(frame)
+    if dropped:
+        per = ", ".join(f"{t}: {m}" for t, m in list(dropped.items())[:10])
+        more = " ..." if len(dropped) > 10 else ""
+        warnings.warn(f"{sum(dropped.values())} gene x treatment pair(s) are not estimable "
+                      f"(no usable counts in an arm; per treatment {per}{more})",
+                      RuntimeWarning, stacklevel=2)
     df_res = pd.concat(frames, ignore_index=True)
     estimation = dict(pi_hat=pi, pi_hat_raw=pi_raw, ps_clip_bounds=(lower, upper), Y_hat=cm,
                       offset=log_s, size_factors=s, ps_class_weight=ps_class_weight,
