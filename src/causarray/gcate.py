@@ -620,13 +620,11 @@ def plot_r(df_r: pd.DataFrame, c: float = 1.0):
     ax1b.set_ylabel("c·ν")
     ax1.legend(handles=[l1, l2, l3], loc="best")
     if r.size > 1:
+        # both curves on one axis: where they cross, extra factors stop paying off
         ax2.plot(r[1:], -np.diff(dev), "o-", color="tab:blue", label="− Δ deviance")
-        ax2b = ax2.twinx()
-        ax2b.plot(r[1:], np.diff(nu), "^--", color="tab:orange", label="c·Δν")
-        ax2b.set_ylim(ax2.get_ylim())
+        ax2.plot(r[1:], np.diff(nu), "^--", color="tab:orange", label="c·Δν")
         ax2.set_xticks(r[1:])
         ax2.legend(loc="upper right")
-        ax2b.legend(loc="center right")
     ax2.set_xlabel("r")
     ax2.set_title("gain in fit vs cost in complexity")
     ax1.set_title("JIC")
