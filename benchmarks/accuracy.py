@@ -90,6 +90,21 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
+def code_version() -> dict[str, Any]:
+    """Git commit of the working tree and the package files modified since (if any)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=BENCH_DIR.parent, capture_output=True,
+                                  text=True, timeout=30, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [ln.split(None, 1)[-1] for ln in git("status", "--porcelain", "--", "src").splitlines()]
+    return {"git_rev": git("rev-parse", "--short", "HEAD") or None, "src_modified": dirty}
+
+
 # ----------------------------------------------------------------------------------
 # statistics
 # ----------------------------------------------------------------------------------
@@ -667,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = tuple(args.seeds) if args.seeds else cfg["seeds"]
     null_seeds = tuple(args.null_seeds) if args.null_seeds else cfg["null_seeds"]
     t0 = time.perf_counter()
+    version = code_version()
     sims: dict[str, list] = {"confounded": [], "null": []}
     if not args.no_sim:
         print(f"[accuracy] simulations ({mode})", flush=True)
@@ -684,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "config": {"mode": mode, "sim": cfg["sim"], "seeds": seeds, "null_seeds": null_seeds,
                    "methods": methods, "real_r": args.real_r, "gcate_early_stopping": ES,
-                   "upstream_timeout_s": args.upstream_timeout},
+                   "upstream_timeout_s": args.upstream_timeout, "code": version},
         "rows": [{k: v for k, v in r.items() if not k.endswith("_sd")} for r in summary],
         "summary": summary, "simulations": sims, "real": real,
         "total_time_s": time.perf_counter() - t0,

@@ -30,7 +30,8 @@ import scipy.sparse as sp
 
 from .glm import _gene_chunk_size, fit_glm, groups_from_onehot, sym_outer, sym_unpack
 from .inference import multiple_testing
-from .propensity import clip_bounds, clip_propensity, fit_propensity
+from .preprocessing import size_factors_from_offset
+from .propensity import clip_bounds, clip_propensity, fit_propensity, make_folds
 
 logger = logging.getLogger("causarray")
 
@@ -194,31 +195,6 @@ def _prepare(Y, W, A, W_A, mask):
     gene_names = gene_names or [f"gene_{j}" for j in range(p)]
     trt_names = trt_names or [str(k) for k in range(a)]
     return Y, W, A, W_A, mask, gene_names, trt_names
-
-
-def _size_factors(Y, offset) -> np.ndarray:
-    n = Y.shape[0]
-    if offset is None or offset is False:
-        return np.ones(n)
-    if offset is True:
-        from .preprocessing import comp_size_factor
-        s = np.asarray(comp_size_factor(Y), float)
-    else:
-        s = np.exp(np.asarray(offset, float).ravel())
-    if s.shape[0] != n or not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise ValueError("size factors must be finite, positive and one per cell")
-    return s
-
-
-def _folds(n: int, K: int, random_state: int) -> np.ndarray:
-    if K <= 1:
-        return np.zeros(n, dtype=int)
-    if K > n:
-        raise ValueError(f"K = {K} folds is more than the {n} cells")
-    rng = np.random.default_rng(random_state)
-    fold = np.empty(n, dtype=int)
-    fold[rng.permutation(n)] = np.arange(n) % K
-    return fold
 
 
 # ----------------------------------------------------------------------------------
@@ -414,9 +390,9 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     n, p = Y.shape
     a = A.shape[1]
     K = int(K) if K is not None else (2 if cross_est else 1)
-    s = _size_factors(Y, offset)
+    s = size_factors_from_offset(Y, offset)
     log_s = np.log(s)
-    fold = _folds(n, K, random_state)
+    fold = make_folds(n, K, random_state)
 
     if pi_hat is None:
         logger.info("fitting propensity models")

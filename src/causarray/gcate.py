@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .preprocessing import size_factors_from_offset
 from .glm import (ETA_MAX, ETA_MIN, _alpha_from_size, _dense_columns, _gene_chunk_size,
                   estimate_dispersion, fit_glm, glm_deviance_residuals, loglik_constant,
                   loglik_kernel, sym_outer, sym_unpack)
@@ -109,19 +110,14 @@ def _check_inputs(Y, X, A, r: int, family: str):
     return Y, X, A
 
 
-def _size_factors(Y, offset) -> np.ndarray:
-    n = Y.shape[0]
-    if offset is True:
-        from .preprocessing import comp_size_factor
-        s = np.asarray(comp_size_factor(Y), dtype=float)
-    elif offset is None or offset is False:
-        s = np.ones(n)
-    else:
-        s = np.exp(np.asarray(offset, dtype=float).ravel())
-    if s.shape[0] != n or not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise ValueError("size factors must be finite, positive and one per cell "
-                         "(a cell with no counts has size factor 0: remove empty cells)")
-    return s
+def _nb_sizes(Y, X, A, log_s, family: str, disp_glm) -> np.ndarray:
+    """NB size per gene: given, infinite (Poisson) or MoM-estimated on [X | A] (SPEC §4.3)."""
+    p = Y.shape[1]
+    if family == "poisson":
+        return np.full(p, np.inf)
+    if disp_glm is not None:
+        return np.broadcast_to(np.asarray(disp_glm, float), (p,)).copy()
+    return estimate_dispersion(Y, X, A, offset=log_s)
 
 
 # ----------------------------------------------------------------------------------
@@ -417,14 +413,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     Y, X, A = _check_inputs(Y, X, A, r, family)
     n, p = Y.shape
     d, a = X.shape[1], A.shape[1]
-    s = _size_factors(Y, offset)
+    s = size_factors_from_offset(Y, offset)
     log_s = np.log(s)
-    if family == "poisson":
-        size = np.full(p, np.inf)
-    elif disp_glm is not None:
-        size = np.broadcast_to(np.asarray(disp_glm, float), (p,)).copy()
-    else:
-        size = estimate_dispersion(Y, X, A, offset=log_s)
+    size = _nb_sizes(Y, X, A, log_s, family, disp_glm)
     es1 = {**DEFAULT_ES, **(kwargs_es_1 or {})}
     es2 = {**DEFAULT_ES, **(kwargs_es_2 or {})}
     Z = np.hstack([X, A])
@@ -552,14 +543,9 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     off = offset
     if not isinstance(offset, bool) and offset is not None:
         off = np.asarray(offset, float).ravel()[rows]
-    s = _size_factors(Ysub, off)
+    s = size_factors_from_offset(Ysub, off)
     log_s = np.log(s)
-    if family == "poisson":
-        size = np.full(p, np.inf)
-    elif disp_glm is not None:
-        size = np.broadcast_to(np.asarray(disp_glm, float), (p,)).copy()
-    else:
-        size = estimate_dispersion(Ysub, Xsub, Asub, offset=log_s)
+    size = _nb_sizes(Ysub, Xsub, Asub, log_s, family, disp_glm)
     alpha = _alpha_from_size(size) * np.ones(p)
     es1 = {**DEFAULT_ES, **(kwargs_es_1 or {})}
     Q = _orth_basis(np.hstack([Xsub, Asub]))

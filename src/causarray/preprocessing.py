@@ -696,3 +696,22 @@ def subset_screen(
     logger.info("subset_screen: kept %d perturbations and %d control cells",
                 len(ranked), int(ctrl_idx.size))
     return out
+
+
+def size_factors_from_offset(Y, offset) -> np.ndarray:
+    """Size factors s (n,) from an ``offset`` argument as the model functions take it.
+
+    ``True``: median-of-ratios :func:`comp_size_factor`; ``False``/``None``: all ones; an
+    array: ``exp(offset)`` (log size factors).  Raises if any is non-finite or <= 0.
+    """
+    n = Y.shape[0]
+    if offset is None or offset is False:
+        return np.ones(n)
+    if offset is True:
+        s = np.asarray(comp_size_factor(Y), dtype=float)
+    else:
+        s = np.exp(np.asarray(offset, dtype=float).ravel())
+    if s.shape[0] != n or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError("size factors must be finite, positive and one per cell "
+                         "(a cell with no counts has size factor 0: remove empty cells)")
+    return s
