@@ -55,11 +55,15 @@ class CounterfactualMeans:
 
     def arms(self, rows: np.ndarray, cols, k: int):
         """(mu0, mu1) for cells ``rows`` and genes ``cols`` under treatment k, capped at 1e5."""
-        l0 = self.log_mu0[np.ix_(rows, cols)] if not isinstance(cols, slice) \
-            else self.log_mu0[rows, cols]
-        mu0 = np.minimum(np.exp(l0), Y_HAT_CAP)
-        mu1 = np.minimum(np.exp(l0 + self.effect[self.fold[rows]][:, cols, k]), Y_HAT_CAP)
-        return mu0, mu1
+        cols = np.arange(self.log_mu0.shape[1])[cols]
+        l0 = self.log_mu0[np.ix_(rows, cols)]
+        eff_k = self.effect[:, cols, k]                       # (K, m): one row per fold
+        folds = self.fold[rows]
+        if eff_k.shape[0] == 1:
+            l1 = l0 + eff_k[0]
+        else:
+            l1 = l0 + eff_k[folds]
+        return np.minimum(np.exp(l0), Y_HAT_CAP), np.minimum(np.exp(l1), Y_HAT_CAP)
 
     def to_array(self) -> np.ndarray:
         """The full n x p x a x 2 tensor of SPEC §8.3 (memory heavy; for small problems)."""
