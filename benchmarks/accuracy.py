@@ -24,7 +24,11 @@ dropped):
     per-gene NB GLM on [X | A] with log size-factor offsets (``comp_size_factor``),
     Wald z = coef / se, normal p-values, BH per perturbation.
 ``NB GLM (true U)``
-    the same on [X | U_true | A] (simulations only): the oracle.
+    the same on [X | U_true | A] (simulations only): the oracle of the confounders.
+``NB GLM (true U, true s)``
+    the same with the simulator's true size factors as offsets: the full oracle.
+    (Median-of-ratios size factors estimated from a sparse panel absorb part of each
+    perturbation's confounder shift, which biases every gene of that perturbation.)
 ``Wilcoxon``
     rank-sum test per gene (``scipy.stats.mannwhitneyu(..., axis=0)``) of each
     perturbation's cells against the controls on size-factor-normalised counts, BH per
@@ -53,7 +57,8 @@ Usage::
 
 Results: ``benchmarks/results/accuracy.{md,json,png}`` (``accuracy_quick.*`` with
 ``--quick``). Per-dataset method results are cached in ``benchmarks/scratch/accuracy``
-(simulations per mode, real data shared by both modes); ``--resume`` reuses them.
+(simulations per mode, real data shared by both modes), each with the git revision it
+was computed with; ``--resume`` reuses them.
 """
 from __future__ import annotations
 
@@ -75,9 +80,11 @@ from _common import RESULTS_DIR, save_npz_problem, to_jsonable, write_result
 
 SCRATCH = BENCH_DIR / "scratch" / "accuracy"
 QS = (0.05, 0.1)
-OURS, UPSTREAM, NAIVE, ORACLE, WILCOXON = (
-    "causarray", "causarray 0.1.1", "NB GLM (naive)", "NB GLM (true U)", "Wilcoxon")
-METHODS = (OURS, UPSTREAM, NAIVE, ORACLE, WILCOXON)
+OURS, UPSTREAM, NAIVE, ORACLE, ORACLE_S, WILCOXON = (
+    "causarray", "causarray 0.1.1", "NB GLM (naive)", "NB GLM (true U)",
+    "NB GLM (true U, true s)", "Wilcoxon")
+METHODS = (OURS, UPSTREAM, NAIVE, ORACLE, ORACLE_S, WILCOXON)
+SIM_ONLY = (ORACLE, ORACLE_S)
 ES = {"max_iters": 30, "rel_tol": 2e-4}
 
 MODES: dict[str, dict[str, Any]] = {
@@ -262,8 +269,8 @@ def run_method(name: str, fn: Callable[..., dict[str, Any]], **kw: Any) -> dict[
 
 
 def run_methods(Y, X, A, X_A, r: int, tag: str, methods: tuple[str, ...],
-                U_true: np.ndarray | None = None, upstream_timeout: float | None = None
-                ) -> dict[str, dict[str, Any]]:
+                U_true: np.ndarray | None = None, s_true: np.ndarray | None = None,
+                upstream_timeout: float | None = None) -> dict[str, dict[str, Any]]:
     """Run the requested methods on one data set; returns name -> result dict."""
     from causarray.preprocessing import comp_size_factor
 
@@ -280,6 +287,9 @@ def run_methods(Y, X, A, X_A, r: int, tag: str, methods: tuple[str, ...],
             out[name] = run_method(name, method_glm, Y=Yd, X=X, A=A, size_factor=sf)
         elif name == ORACLE and U_true is not None:
             out[name] = run_method(name, method_glm, Y=Yd, X=X, A=A, size_factor=sf, U=U_true)
+        elif name == ORACLE_S and U_true is not None and s_true is not None:
+            out[name] = run_method(name, method_glm, Y=Yd, X=X, A=A, size_factor=s_true,
+                                   U=U_true)
         elif name == WILCOXON:
             out[name] = run_method(name, method_wilcoxon, Y=Yd, A=A, size_factor=sf)
     return out
@@ -299,7 +309,8 @@ def simulated_screen(sim: dict[str, Any], seed: int, null: bool) -> dict[str, An
     Y, A, X, X_A = prep_causarray_data(Y[:, keep], A)
     truth = np.asarray(ad.varm["true_lfc"], float)[keep].T          # (a, p)
     return {"Y": np.asarray(Y, float), "A": np.asarray(A, float), "X": X, "X_A": X_A,
-                "U_true": np.asarray(ad.obsm["U_true"], float), "truth": truth, "r": sim["r"]}
+            "U_true": np.asarray(ad.obsm["U_true"], float), "truth": truth, "r": sim["r"],
+            "s_true": ad.obs["size_factor_true"].to_numpy(dtype=float)}
 
 
 def simulation_metrics(res: dict[str, Any], truth: np.ndarray, null: bool) -> dict[str, Any]:
@@ -362,14 +373,14 @@ def positive_controls(name: str, methods: tuple[str, ...], r: int,
     if name.startswith("schraivogel"):
         pairs.append(("HS2", "HBE1"))
     key_base = f"real|{name}|r{r}"
-    todo = tuple(m for m in methods if m != ORACLE and cache.get(f"{key_base}|{m}") is None)
+    todo = tuple(m for m in methods if m not in SIM_ONLY and cache.get(f"{key_base}|{m}") is None)
     print(f"  real {name}: {Y.shape[0]} cells x {Y.shape[1]} genes, {len(trts)} perturbations",
           flush=True)
     fresh = run_methods(Y, data["X"], A.to_numpy(float), data["X_A"], r, tag=f"real_{name}",
                         methods=todo, upstream_timeout=upstream_timeout)
     out = {}
     for m in methods:
-        if m == ORACLE:
+        if m in SIM_ONLY:
             continue
         if m in fresh:
             res = fresh[m]
@@ -411,14 +422,14 @@ def negative_control(methods: tuple[str, ...], r: int, upstream_timeout: float |
     keep = Yd.sum(axis=0).to_numpy() > 0
     Y, A, X, X_A = prep_causarray_data(Yd.loc[:, keep], A)
     key_base = f"negctrl|r{r}|seed{seed}"
-    todo = tuple(m for m in methods if m != ORACLE and cache.get(f"{key_base}|{m}") is None)
+    todo = tuple(m for m in methods if m not in SIM_ONLY and cache.get(f"{key_base}|{m}") is None)
     print(f"  negative control: {Y.shape[0]} cells, {n_groups} fake groups of {group_size}",
           flush=True)
     fresh = run_methods(Y, X, np.asarray(A, float), X_A, r, tag="negative_control",
                         methods=todo, upstream_timeout=upstream_timeout)
     out = {}
     for m in methods:
-        if m == ORACLE:
+        if m in SIM_ONLY:
             continue
         if m in fresh:
             res = fresh[m]
@@ -441,8 +452,9 @@ def negative_control(methods: tuple[str, ...], r: int, upstream_timeout: float |
 class Cache:
     """JSON file of metric dicts keyed by data set and method."""
 
-    def __init__(self, path: Path, use: bool) -> None:
+    def __init__(self, path: Path, use: bool, stamp: dict[str, Any] | None = None) -> None:
         self.path = path
+        self.stamp = stamp or {}
         self.data: dict[str, Any] = {}
         if use and path.exists():
             self.data = json.loads(path.read_text())
@@ -457,7 +469,8 @@ class Cache:
         return self.data.get(key)
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        self.data[key] = to_jsonable(value)
+        self.data[key] = to_jsonable({**value, "code": self.stamp,
+                                      "date": time.strftime("%Y-%m-%d %H:%M:%S")})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
@@ -480,7 +493,8 @@ def run_simulations(mode: str, methods: tuple[str, ...], upstream_timeout: float
                 d = simulated_screen(cfg["sim"], seed, null)
                 fresh = run_methods(d["Y"], d["X"], d["A"], d["X_A"], d["r"],
                                     tag=f"sim_{mode}_{kind}_{seed}", methods=todo,
-                                    U_true=d["U_true"], upstream_timeout=upstream_timeout)
+                                    U_true=d["U_true"], s_true=d["s_true"],
+                                    upstream_timeout=upstream_timeout)
                 for m, res in fresh.items():
                     cache.put(f"{key_base}|{m}", simulation_metrics(res, d["truth"], null))
             out[kind].append({"seed": seed, "methods": {
@@ -495,7 +509,7 @@ def _mean_sd(vals: list[float]) -> tuple[float, float]:
     v = np.array([x for x in vals if x is not None and np.isfinite(x)], float)
     if v.size == 0:
         return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
 def summarise(sims: dict[str, list], methods: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -532,6 +546,7 @@ def plot_summary(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         for i, (q, color) in enumerate(zip(QS, ("#4c72b0", "#dd8452"))):
             vals = [r[f"{metric}_{q}"] for r in rows]
             err = [r[f"{metric}_{q}_sd"] for r in rows]
+            err = [e if np.isfinite(e) else 0.0 for e in err]
             ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, yerr=err, capsize=3, color=color,
                    label=f"q = {q}")
             if metric == "fdr":
@@ -544,7 +559,8 @@ def plot_summary(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax = axes[2]
     xn = np.arange(len(nrows))
     ax.bar(xn, [100 * r["null_share_padj_0.05"] for r in nrows],
-           yerr=[100 * r["null_share_padj_0.05_sd"] for r in nrows], capsize=3, color="#55a868")
+           yerr=[100 * np.nan_to_num(r["null_share_padj_0.05_sd"]) for r in nrows], capsize=3,
+           color="#55a868")
     ax.set_xticks(xn, [r["method"] for r in nrows], rotation=25, ha="right")
     ax.set_ylabel("% of pairs with padj < 0.05 (null screens)")
     fig.suptitle(title)
@@ -580,15 +596,17 @@ def markdown_report(result: dict[str, Any], fig_name: str) -> str:
         if r["n_seeds"] == 0 and r["n_null_seeds"] == 0:
             L.append(f"| {r['method']} | not run / failed | | | | | | | | | |")
             continue
+        def with_sd(key: str, r: dict[str, Any] = r) -> str:
+            sd = r.get(key + "_sd")
+            ok = isinstance(sd, float) and np.isfinite(sd)
+            return _f(r[key]) + (f" ({_f(sd)})" if ok else "")
+
         L.append("| " + " | ".join([
-            r["method"],
-            f"{_f(r['fdr_0.05'])} ({_f(r['fdr_0.05_sd'])})",
-            f"{_f(r['power_0.05'])} ({_f(r['power_0.05_sd'])})",
-            f"{_f(r['fdr_0.1'])} ({_f(r['fdr_0.1_sd'])})",
-            f"{_f(r['power_0.1'])} ({_f(r['power_0.1_sd'])})",
+            r["method"], with_sd("fdr_0.05"), with_sd("power_0.05"), with_sd("fdr_0.1"),
+            with_sd("power_0.1"),
             _f(r["tau_corr"]), _f(r["tau_spearman"]), _f(r["ks_null"]),
-            _f(100 * r["null_share_padj_0.05"] if np.isfinite(r["null_share_padj_0.05"])
-               else None, 2),
+            _f(100 * r["null_share_padj_0.05"]
+               if isinstance(r["null_share_padj_0.05"], float) else None, 2),
             _f(r["null_ks"]), _f(r["time_s"], 1)]) + " |")
     L += ["", ("corr(tau, truth): Pearson over the non-null pairs (natural-log effects); the "
           "NB GLMs' coefficients diverge (to about -30) for genes without counts under a "
@@ -676,13 +694,14 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     methods = tuple(m for m in METHODS if not (args.skip_upstream and m == UPSTREAM))
     SCRATCH.mkdir(parents=True, exist_ok=True)
-    cache = Cache(SCRATCH / f"cache_{mode}.json", use=args.resume)
-    real_cache = Cache(SCRATCH / "cache_real.json", use=args.resume) if not args.no_real else None
+    version = code_version()
+    cache = Cache(SCRATCH / f"cache_{mode}.json", use=args.resume, stamp=version)
+    real_cache = (Cache(SCRATCH / "cache_real.json", use=args.resume, stamp=version)
+                  if not args.no_real else None)
     cfg = MODES[mode]
     seeds = tuple(args.seeds) if args.seeds else cfg["seeds"]
     null_seeds = tuple(args.null_seeds) if args.null_seeds else cfg["null_seeds"]
     t0 = time.perf_counter()
-    version = code_version()
     sims: dict[str, list] = {"confounded": [], "null": []}
     if not args.no_sim:
         print(f"[accuracy] simulations ({mode})", flush=True)
@@ -700,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "config": {"mode": mode, "sim": cfg["sim"], "seeds": seeds, "null_seeds": null_seeds,
                    "methods": methods, "real_r": args.real_r, "gcate_early_stopping": ES,
-                   "upstream_timeout_s": args.upstream_timeout, "code": version},
+                   "upstream_timeout_s": args.upstream_timeout,
+                   "code_at_start": version},
         "rows": [{k: v for k, v in r.items() if not k.endswith("_sd")} for r in summary],
         "summary": summary, "simulations": sims, "real": real,
         "total_time_s": time.perf_counter() - t0,

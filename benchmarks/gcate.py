@@ -38,8 +38,12 @@ Usage::
     python benchmarks/gcate.py --shape both --upstream-timeout 2400
     python benchmarks/gcate.py --shape tutorial --skip-upstream
 
-Results: ``benchmarks/results/gcate.json`` and ``gcate.md``. Results of shapes not run
-in this invocation are kept from the previous file.
+``--threads N`` sets the BLAS/OpenMP/numba thread count of both subprocesses (default:
+inherited; on a shared 2-core machine one thread per process avoids oversubscription).
+
+Results: ``benchmarks/results/gcate.json`` and ``gcate.md``, one entry per (shape,
+threads) configuration; configurations not run in this invocation are kept from the
+previous file.
 """
 from __future__ import annotations
 
@@ -206,15 +210,25 @@ def _child_ours(args: argparse.Namespace) -> int:
     return code
 
 
-def run_ours(npz: Path, r: int, max_iters: int, timeout: float | None = None) -> dict[str, Any]:
-    """Run our ``fit_gcate`` on ``npz`` in a fresh interpreter; return its JSON + wait4 RSS."""
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def run_ours(npz: Path, r: int, max_iters: int, timeout: float | None = None,
+             n_threads: int | None = None) -> dict[str, Any]:
+    """Run our ``fit_gcate`` on ``npz`` in a fresh interpreter; return its JSON + wait4 RSS.
+
+    ``n_threads`` sets the BLAS/OpenMP thread variables of the subprocess (default: inherit).
+    """
+    env = dict(os.environ)
+    if n_threads is not None:
+        env.update({k: str(int(n_threads)) for k in THREAD_VARS})
     out = npz.with_name(npz.stem + f"_ours_r{r}.json")
     out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "_ours", "--data", str(npz),
            "--r", str(r), "--max-iters", str(max_iters), "--out", str(out)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     timed_out = False
     while True:
         pid, wstatus, rusage = os.wait4(proc.pid, os.WNOHANG)
@@ -268,7 +282,8 @@ def _side_summary(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_shape(shape: str, seed: int, skip_upstream: bool, upstream_timeout: float | None,
-                upstream_mem_cap_mb: float | None) -> dict[str, Any]:
+                upstream_mem_cap_mb: float | None, n_threads: int | None = None
+                ) -> dict[str, Any]:
     """Run both sides on one shape and compute timing ratios and recovery metrics."""
     from upstream import run_upstream
 
@@ -280,9 +295,10 @@ def bench_shape(shape: str, seed: int, skip_upstream: bool, upstream_timeout: fl
         "shape": shape, "n_cells": n, "n_genes": p, "n_perts": A.shape[1],
         "r_true": cfg["sim"]["r"], "r": cfg["r"], "max_iters": cfg["max_iters"],
         "confounding": cfg["sim"]["confounding"], "seed": seed,
+        "blas_threads": "default" if n_threads is None else int(n_threads),
     }
     load0 = os.getloadavg()[0]
-    ours = run_ours(npz, cfg["r"], cfg["max_iters"])
+    ours = run_ours(npz, cfg["r"], cfg["max_iters"], n_threads=n_threads)
     entry["ours"] = _side_summary(ours)
     entry["ours"]["loadavg_1min_before_after"] = [load0, os.getloadavg()[0]]
     U_ours = np.load(ours["U_path"]) if ours.get("status") == "ok" else None
@@ -295,7 +311,7 @@ def bench_shape(shape: str, seed: int, skip_upstream: bool, upstream_timeout: fl
     timeout = upstream_timeout if upstream_timeout is not None else cfg["upstream_timeout"]
     load0 = os.getloadavg()[0]
     up = run_upstream(npz, "gcate", cfg["r"], max_iters=cfg["max_iters"], timeout=timeout,
-                      rlimit_as_mb=upstream_mem_cap_mb, numba_cache="fresh")
+                      rlimit_as_mb=upstream_mem_cap_mb, numba_cache="fresh", n_threads=n_threads)
     entry["upstream"] = _side_summary(up)
     entry["upstream"]["loadavg_1min_before_after"] = [load0, os.getloadavg()[0]]
     entry["upstream"]["timeout_s"] = timeout
@@ -322,6 +338,7 @@ def _row(entry: dict[str, Any]) -> dict[str, Any]:
         "shape": entry["shape"],
         "cells x genes": f"{entry['n_cells']} x {entry['n_genes']}",
         "r": entry["r"],
+        "BLAS threads": entry.get("blas_threads", "default"),
         "ours wall s": o.get("wall_s"),
         "0.1.1 wall s": u.get("wall_s") if u.get("status") == "ok" else u.get("status"),
         "speed-up": entry.get("speedup_wall"),
@@ -340,6 +357,11 @@ def _row(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _key(entry: dict[str, Any]) -> str:
+    """Results are kept per (shape, BLAS threads) configuration."""
+    return f"{entry['shape']}|{entry.get('blas_threads', 'default')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command")
@@ -356,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upstream-mem-cap-mb", type=float, default=None,
                     help="RLIMIT_AS cap of the 0.1.1 subprocess in MiB (default none)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS/OpenMP/numba threads of both subprocesses (default: inherit)")
     args = ap.parse_args(argv)
     if args.command == "_ours":
         return _child_ours(args)
@@ -365,20 +389,19 @@ def main(argv: list[str] | None = None) -> int:
     previous = {}
     if json_path.exists():
         try:
-            previous = {e["shape"]: e for e in json.loads(json_path.read_text()).get("shapes", [])}
+            previous = {_key(e): e for e in json.loads(json_path.read_text()).get("shapes", [])}
         except (json.JSONDecodeError, KeyError, TypeError):
             previous = {}
     for shape in shapes:
         print(f"[gcate] shape {shape} ...", flush=True)
         entry = bench_shape(shape, args.seed, args.skip_upstream, args.upstream_timeout,
-                            args.upstream_mem_cap_mb)
+                            args.upstream_mem_cap_mb, args.threads)
         entry["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
         entry["code"] = code_version()
-        if args.skip_upstream and shape in previous and "upstream" in previous[shape]:
-            entry["upstream_note"] = "upstream skipped in this run"
-        previous[shape] = entry
+        previous[_key(entry)] = entry
         print(json.dumps(_row(entry), indent=1, default=str), flush=True)
-    entries = [previous[s] for s in ("small", "tutorial") if s in previous]
+    entries = sorted(previous.values(), key=lambda e: (list(SHAPES).index(e["shape"]),
+                                                      str(e.get("blas_threads", "default"))))
     write_result("gcate", {
         "description": "fit_gcate side by side with causarray 0.1.1; wall time from process "
                        "start (cold start included), peak RSS of the subprocess (wait4)",
