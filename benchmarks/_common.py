@@ -472,3 +472,18 @@ def load_npz_problem(path: str | os.PathLike, dense: bool = True) -> dict[str, A
         for key in files - _RESERVED:
             out[key] = z[key]
     return out
+
+
+def code_version() -> dict:
+    """Git commit of the working tree and the package files modified since (if any)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=BENCH_DIR.parent, capture_output=True,
+                                  text=True, timeout=30, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [ln.split(None, 1)[-1] for ln in git("status", "--porcelain", "--", "src").splitlines()]
+    return {"git_rev": git("rev-parse", "--short", "HEAD") or None, "src_modified": dirty}

@@ -76,7 +76,7 @@ import pandas as pd
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from _common import RESULTS_DIR, save_npz_problem, to_jsonable, write_result
+from _common import RESULTS_DIR, code_version, save_npz_problem, to_jsonable, write_result
 
 SCRATCH = BENCH_DIR / "scratch" / "accuracy"
 QS = (0.05, 0.1)
@@ -95,21 +95,6 @@ MODES: dict[str, dict[str, Any]] = {
                            "confounding": 0.5},
                   "seeds": (1,), "null_seeds": (101,)},
 }
-
-
-def code_version() -> dict[str, Any]:
-    """Git commit of the working tree and the package files modified since (if any)."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=BENCH_DIR.parent, capture_output=True,
-                                  text=True, timeout=30, check=False).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    dirty = [ln.split(None, 1)[-1] for ln in git("status", "--porcelain", "--", "src").splitlines()]
-    return {"git_rev": git("rev-parse", "--short", "HEAD") or None, "src_modified": dirty}
 
 
 # ----------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from _common import RESULTS_DIR, load_npz_problem, save_npz_problem, write_result
+from _common import RESULTS_DIR, code_version, load_npz_problem, save_npz_problem, write_result
 
 SCRATCH = BENCH_DIR / "scratch" / "gcate"
 
@@ -73,21 +73,6 @@ SHAPES: dict[str, dict[str, Any]] = {
                               "confounding": 0.5},
                      "r": 30, "max_iters": 30, "upstream_timeout": 3600.0},
 }
-
-
-def code_version() -> dict[str, Any]:
-    """Git commit of the working tree and the package files modified since (if any)."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=BENCH_DIR.parent, capture_output=True,
-                                  text=True, timeout=30, check=False).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    dirty = [ln.split(None, 1)[-1] for ln in git("status", "--porcelain", "--", "src").splitlines()]
-    return {"git_rev": git("rev-parse", "--short", "HEAD") or None, "src_modified": dirty}
 
 
 # ----------------------------------------------------------------------------------
