@@ -25,10 +25,12 @@ dropped):
     Wald z = coef / se, normal p-values, BH per perturbation.
 ``NB GLM (true U)``
     the same on [X | U_true | A] (simulations only): the oracle of the confounders.
-``NB GLM (true U, true s)``
-    the same with the simulator's true size factors as offsets: the full oracle.
-    (Median-of-ratios size factors estimated from a sparse panel absorb part of each
-    perturbation's confounder shift, which biases every gene of that perturbation.)
+``NB GLM (true U, s, NB size)``
+    the same with the simulator's true size factors as offsets and its true NB sizes:
+    the full oracle. (Median-of-ratios size factors estimated from a sparse panel absorb
+    part of each perturbation's confounder shift, which biases every gene of that
+    perturbation; the method-of-moments NB size is biased upwards at low counts, which
+    makes Wald tests anti-conservative.)
 ``Wilcoxon``
     rank-sum test per gene (``scipy.stats.mannwhitneyu(..., axis=0)``) of each
     perturbation's cells against the controls on size-factor-normalised counts, BH per
@@ -82,7 +84,7 @@ SCRATCH = BENCH_DIR / "scratch" / "accuracy"
 QS = (0.05, 0.1)
 OURS, UPSTREAM, NAIVE, ORACLE, ORACLE_S, WILCOXON = (
     "causarray", "causarray 0.1.1", "NB GLM (naive)", "NB GLM (true U)",
-    "NB GLM (true U, true s)", "Wilcoxon")
+    "NB GLM (true U, s, NB size)", "Wilcoxon")
 METHODS = (OURS, UPSTREAM, NAIVE, ORACLE, ORACLE_S, WILCOXON)
 SIM_ONLY = (ORACLE, ORACLE_S)
 ES = {"max_iters": 30, "rel_tol": 2e-4}
@@ -188,13 +190,17 @@ def _from_frame(df: pd.DataFrame, a: int, p: int) -> dict[str, Any]:
 
 
 def method_glm(Y: np.ndarray, X: np.ndarray, A: np.ndarray, size_factor: np.ndarray,
-               U: np.ndarray | None = None, **_: Any) -> dict[str, Any]:
-    """Per-gene NB GLM on [X | U | A] with log size-factor offsets; Wald z, normal p, BH."""
+               U: np.ndarray | None = None, nb_size: np.ndarray | None = None,
+               **_: Any) -> dict[str, Any]:
+    """Per-gene NB GLM on [X | U | A] with log size-factor offsets; Wald z, normal p, BH.
+
+    ``nb_size``: known NB sizes per gene (default: method-of-moments estimates).
+    """
     from causarray.glm import fit_glm
     from causarray.inference import t_pvalues
 
     D = X if U is None else np.hstack([X, U])
-    fit = fit_glm(Y, D, A, family="nb", offset=np.log(size_factor))
+    fit = fit_glm(Y, D, A, family="nb", size=nb_size, offset=np.log(size_factor))
     coef = fit.coef[:, D.shape[1]:].T
     se = fit.se[:, D.shape[1]:].T
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -255,7 +261,8 @@ def run_method(name: str, fn: Callable[..., dict[str, Any]], **kw: Any) -> dict[
 
 def run_methods(Y, X, A, X_A, r: int, tag: str, methods: tuple[str, ...],
                 U_true: np.ndarray | None = None, s_true: np.ndarray | None = None,
-                upstream_timeout: float | None = None) -> dict[str, dict[str, Any]]:
+                size_true: np.ndarray | None = None, upstream_timeout: float | None = None
+                ) -> dict[str, dict[str, Any]]:
     """Run the requested methods on one data set; returns name -> result dict."""
     from causarray.preprocessing import comp_size_factor
 
@@ -274,7 +281,7 @@ def run_methods(Y, X, A, X_A, r: int, tag: str, methods: tuple[str, ...],
             out[name] = run_method(name, method_glm, Y=Yd, X=X, A=A, size_factor=sf, U=U_true)
         elif name == ORACLE_S and U_true is not None and s_true is not None:
             out[name] = run_method(name, method_glm, Y=Yd, X=X, A=A, size_factor=s_true,
-                                   U=U_true)
+                                   U=U_true, nb_size=size_true)
         elif name == WILCOXON:
             out[name] = run_method(name, method_wilcoxon, Y=Yd, A=A, size_factor=sf)
     return out
@@ -295,7 +302,8 @@ def simulated_screen(sim: dict[str, Any], seed: int, null: bool) -> dict[str, An
     truth = np.asarray(ad.varm["true_lfc"], float)[keep].T          # (a, p)
     return {"Y": np.asarray(Y, float), "A": np.asarray(A, float), "X": X, "X_A": X_A,
             "U_true": np.asarray(ad.obsm["U_true"], float), "truth": truth, "r": sim["r"],
-            "s_true": ad.obs["size_factor_true"].to_numpy(dtype=float)}
+            "s_true": ad.obs["size_factor_true"].to_numpy(dtype=float),
+            "size_true": ad.var["size_true"].to_numpy(dtype=float)[keep]}
 
 
 def simulation_metrics(res: dict[str, Any], truth: np.ndarray, null: bool) -> dict[str, Any]:
@@ -479,6 +487,7 @@ def run_simulations(mode: str, methods: tuple[str, ...], upstream_timeout: float
                 fresh = run_methods(d["Y"], d["X"], d["A"], d["X_A"], d["r"],
                                     tag=f"sim_{mode}_{kind}_{seed}", methods=todo,
                                     U_true=d["U_true"], s_true=d["s_true"],
+                                    size_true=d["size_true"],
                                     upstream_timeout=upstream_timeout)
                 for m, res in fresh.items():
                     cache.put(f"{key_base}|{m}", simulation_metrics(res, d["truth"], null))
@@ -538,14 +547,19 @@ def plot_summary(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                 ax.axhline(q, color=color, ls="--", lw=1)
         ax.set_xticks(x, names, rotation=25, ha="right")
         ax.set_ylabel("empirical FDR" if metric == "fdr" else "power")
-        ax.set_ylim(0, 1)
-        ax.legend(frameon=False)
+        ax.set_ylim(0, 1.15)
+        ax.set_yticks(np.linspace(0, 1, 6))
+        ax.legend(frameon=False, loc="upper left", ncol=2)
     nrows = [r for r in rows if r["n_null_seeds"] > 0]
     ax = axes[2]
     xn = np.arange(len(nrows))
-    ax.bar(xn, [100 * r["null_share_padj_0.05"] for r in nrows],
+    shares = [100 * r["null_share_padj_0.05"] for r in nrows]
+    ax.bar(xn, shares,
            yerr=[100 * np.nan_to_num(r["null_share_padj_0.05_sd"]) for r in nrows], capsize=3,
            color="#55a868")
+    for xi, v in zip(xn, shares):
+        ax.annotate(f"{v:.2f}%", (xi, v), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)
     ax.set_xticks(xn, [r["method"] for r in nrows], rotation=25, ha="right")
     ax.set_ylabel("% of pairs with padj < 0.05 (null screens)")
     fig.suptitle(title)

@@ -43,7 +43,7 @@ inherited; on a shared 2-core machine one thread per process avoids oversubscrip
 
 Results: ``benchmarks/results/gcate.json`` and ``gcate.md``, one entry per (shape,
 threads) configuration; configurations not run in this invocation are kept from the
-previous file.
+previous file (``--skip-upstream`` runs are kept apart from side-by-side ones).
 """
 from __future__ import annotations
 
@@ -343,8 +343,9 @@ def _row(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _key(entry: dict[str, Any]) -> str:
-    """Results are kept per (shape, BLAS threads) configuration."""
-    return f"{entry['shape']}|{entry.get('blas_threads', 'default')}"
+    """Results are kept per (shape, BLAS threads, ours-only or side by side) configuration."""
+    skipped = entry.get("upstream", {}).get("status") == "skipped"
+    return f"{entry['shape']}|{entry.get('blas_threads', 'default')}|{'ours' if skipped else 'both'}"
 
 
 def main(argv: list[str] | None = None) -> int:

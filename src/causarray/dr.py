@@ -307,7 +307,10 @@ def _treatment_estimand(Y, rows, treated, s, pi, cm: CounterfactualMeans, k: int
             # second-order delta method: E log(m) ≈ log E(m) - Var(m) / (2 m^2)
             v1 = (phi1 / t1).var(axis=0, ddof=1) / n_k
             v0 = (phi0 / t0).var(axis=0, ddof=1) / n_k
-            tau = tau + np.where(est, 0.5 * (v1 - v0), 0.0)
+            # the expansion holds only for small relative variances: skip it where an arm's
+            # mean is too noisy (relative variance > 0.25), e.g. near the thres_diff floor
+            small = est & (v1 < 0.25) & (v0 < 0.25)
+            tau = tau + np.where(small, 0.5 * (v1 - v0), 0.0)
         out["tau"][cols] = tau
         out["var"][cols], out["df"][cols], out["floor"][cols] = var, df, floor
         out["estimable"][cols] = est
