@@ -3,20 +3,43 @@
 Pipeline: counts -> :mod:`~causarray.preprocessing` -> :mod:`~causarray.glm` (count-GLM engine)
 -> :mod:`~causarray.gcate` (latent confounders) -> :mod:`~causarray.dr` (doubly robust LFC)
 -> :mod:`~causarray.inference` (p-values, BH, empirical null, FDX) -> results.
+
+The public names below are imported on first use (PEP 562), so ``import causarray``
+stays light: a GCATE fit never loads scikit-learn, matplotlib or the Dask machinery.
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .dr import LFC
-from .gcate import fit_gcate
-from .glm import estimate_dispersion, fit_glm
-from .inference import bh_adjust
-from .preprocessing import comp_size_factor, from_anndata, prep_causarray_data, subset_screen
-from .propensity import estimate_propensity_scores
-from .simulate import simulate_screen
-from .gcate import estimate_r, plot_r
-from .batch import LFC_batch, fit_gcate_batch, gcate_lfc_batch
-from .diagnostics import (align_test_mask, plot_propensity_scores, plot_treatment_associations,
-                          summarize_propensity_scores, summarize_treatment_associations)
-from . import diagnostics, pl, report, tl
+
+#: public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "prep_causarray_data": "preprocessing",
+    "comp_size_factor": "preprocessing",
+    "from_anndata": "preprocessing",
+    "subset_screen": "preprocessing",
+    "fit_glm": "glm",
+    "estimate_dispersion": "glm",
+    "fit_gcate": "gcate",
+    "estimate_r": "gcate",
+    "plot_r": "gcate",
+    "LFC": "dr",
+    "estimate_propensity_scores": "propensity",
+    "bh_adjust": "inference",
+    "simulate_screen": "simulate",
+    "fit_gcate_batch": "batch",
+    "gcate_lfc_batch": "batch",
+    "LFC_batch": "batch",
+    "summarize_propensity_scores": "diagnostics",
+    "plot_propensity_scores": "diagnostics",
+    "summarize_treatment_associations": "diagnostics",
+    "plot_treatment_associations": "diagnostics",
+    "align_test_mask": "diagnostics",
+}
+_SUBMODULES = ("tl", "pl", "report", "diagnostics", "datasets", "preprocessing", "glm", "gcate",
+               "factor_model", "dr", "propensity", "inference", "simulate", "batch", "cache", "cli")
 
 __all__ = [
     "__version__",
@@ -27,20 +50,53 @@ __all__ = [
     "fit_glm",
     "estimate_dispersion",
     "fit_gcate",
+    "estimate_r",
+    "plot_r",
     "LFC",
     "estimate_propensity_scores",
     "bh_adjust",
     "simulate_screen",
-    "estimate_r",
     "fit_gcate_batch",
     "gcate_lfc_batch",
     "LFC_batch",
-    "plot_r",
     "summarize_propensity_scores",
     "plot_propensity_scores",
     "summarize_treatment_associations",
     "plot_treatment_associations",
     "align_test_mask",
+    "diagnostics",
+    "report",
     "tl",
     "pl",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+
+
+if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
+    from . import diagnostics, pl, report, tl
+    from .batch import LFC_batch, fit_gcate_batch, gcate_lfc_batch
+    from .diagnostics import (align_test_mask, plot_propensity_scores,
+                              plot_treatment_associations, summarize_propensity_scores,
+                              summarize_treatment_associations)
+    from .dr import LFC
+    from .gcate import estimate_r, fit_gcate, plot_r
+    from .glm import estimate_dispersion, fit_glm
+    from .inference import bh_adjust
+    from .preprocessing import (comp_size_factor, from_anndata, prep_causarray_data,
+                                subset_screen)
+    from .propensity import estimate_propensity_scores
+    from .simulate import simulate_screen

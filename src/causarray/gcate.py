@@ -34,10 +34,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .factor_model import deviance_residual_svd, fisher_pass, loglik_constants
+from .glm import GLMFit, _alpha_from_size, _Design, fit_glm, groups_from_onehot, sym_unpack
 from .preprocessing import size_factors_from_offset
-from .glm import (ETA_MAX, ETA_MIN, _alpha_from_size, _dense_columns, _gene_chunk_size,
-                  estimate_dispersion, fit_glm, glm_deviance_residuals, loglik_constant,
-                  loglik_kernel, sym_outer, sym_unpack)
 
 logger = logging.getLogger("causarray")
 
@@ -52,12 +51,42 @@ def _as_matrix(M, name: str):
         M = M.to_numpy()
     if sp.issparse(M):
         return M.tocsc() if name == "Y" else M.toarray()
-    M = np.asarray(M, dtype=float)
+    M = np.asarray(M)
+    if name != "Y" or M.dtype.kind not in "iuf":     # integer counts stay integer
+        M = M.astype(float, copy=False)
     return M
 
 
+def _row_blocks(n: int, p: int, budget: int = 4 * 2**20):
+    """Row slices whose float64 n_rows x p block takes about ``budget`` bytes."""
+    step = max(1, budget // (8 * max(p, 1)))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _scan_counts(Y) -> tuple[bool, bool, bool, np.ndarray]:
+    """(all finite, any negative, any non-integer, non-zeros per gene), block by block."""
+    if sp.issparse(Y):
+        blocks = [Y.data]
+        nnz = np.asarray((Y != 0).sum(axis=0)).ravel()
+    else:
+        blocks = (Y[sl] for sl in _row_blocks(*Y.shape))
+        nnz = np.zeros(Y.shape[1], np.int64)
+    finite, negative, fractional = True, False, False
+    for block in blocks:
+        if block.dtype.kind == "f":
+            finite &= bool(np.isfinite(block).all())
+            fractional |= bool(np.any(np.modf(block)[0] != 0)) if finite else False
+        negative |= bool((block < 0).any())
+        if not sp.issparse(Y):
+            nnz += np.count_nonzero(block, axis=0)
+    return finite, negative, fractional, nnz
+
+
 def _check_inputs(Y, X, A, r: int, family: str):
-    """Validate and convert (Y, X, A); returns Y (dense float or CSC), X, A."""
+    """Validate and convert (Y, X, A); returns Y (dense or CSC), X, A.
+
+    Y is scanned in row blocks (no temporary of its size); integer counts keep their dtype.
+    """
     if family not in ("nb", "poisson"):
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
     Y = _as_matrix(Y, "Y")
@@ -73,14 +102,14 @@ def _check_inputs(Y, X, A, r: int, family: str):
     for M, name in ((X, "X"), (A, "A")):
         if M.shape[0] != n:
             raise ValueError(f"{name} has {M.shape[0]} rows but Y has {n} cells")
-    data = Y.data if sp.issparse(Y) else Y
-    if not np.all(np.isfinite(data)):
+    finite, negative, fractional, nnz_gene = _scan_counts(Y)
+    if not finite:
         raise ValueError("Y contains NaN or infinite values")
-    if np.any(data < 0):
+    if negative:
         raise ValueError("Y contains negative counts")
     if not np.all(np.isin(A, (0, 1))):
         raise ValueError("A must contain only 0/1 treatment indicators")
-    if np.any(data != np.round(data)):
+    if fractional:
         import warnings
         warnings.warn("Y contains non-integer values; rounding to the nearest integer",
                       UserWarning, stacklevel=3)
@@ -89,7 +118,6 @@ def _check_inputs(Y, X, A, r: int, family: str):
             Y.data = np.round(Y.data)
         else:
             Y = np.round(Y)
-    nnz_gene = np.asarray((Y != 0).sum(axis=0)).ravel()
     if np.any(nnz_gene == 0):
         bad = np.flatnonzero(nnz_gene == 0)
         raise ValueError(f"Y has {bad.size} gene(s) with no counts (e.g. columns {bad[:5].tolist()}); "
@@ -110,14 +138,28 @@ def _check_inputs(Y, X, A, r: int, family: str):
     return Y, X, A
 
 
-def _nb_sizes(Y, X, A, log_s, family: str, disp_glm) -> np.ndarray:
-    """NB size per gene: given, infinite (Poisson) or MoM-estimated on [X | A] (SPEC §4.3)."""
+def _initial_glm(Y, X, A, log_s, family: str, disp_glm) -> GLMFit:
+    """GLM on [X | A] with the NB size per gene: given, infinite (Poisson) or estimated.
+
+    With ``disp_glm=None`` and family 'nb' the size is the method-of-moments estimate of
+    SPEC §4.3 (the same fit as :func:`causarray.glm.estimate_dispersion`), whose final NB
+    fit doubles as the starting point of GCATE.
+    """
     p = Y.shape[1]
     if family == "poisson":
-        return np.full(p, np.inf)
-    if disp_glm is not None:
-        return np.broadcast_to(np.asarray(disp_glm, float), (p,)).copy()
-    return estimate_dispersion(Y, X, A, offset=log_s)
+        size = np.full(p, np.inf)
+    elif disp_glm is not None:
+        size = np.broadcast_to(np.asarray(disp_glm, float), (p,)).copy()
+    else:
+        return fit_glm(Y, X, A, family="nb", size=None, offset=log_s, max_iter=50,
+                       compute_se=False)
+    return fit_glm(Y, X, A, family="nb", size=size, offset=log_s, max_iter=50,
+                   compute_se=False)
+
+
+def _start_coef(fit0: GLMFit, d: int, r: int) -> np.ndarray:
+    """Coefficients [X | U | A] of the GLM on [X | A] with zero loadings."""
+    return np.hstack([fit0.coef[:, :d], np.zeros((fit0.coef.shape[0], r)), fit0.coef[:, d:]])
 
 
 # ----------------------------------------------------------------------------------
@@ -147,58 +189,6 @@ def _rebalance(U: np.ndarray, Gamma: np.ndarray):
 # ----------------------------------------------------------------------------------
 # the factor model passes
 # ----------------------------------------------------------------------------------
-def _cell_step(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray, coef: np.ndarray,
-               d: int, r: int, U: np.ndarray, alpha: np.ndarray, max_step: float = 1.0):
-    """One Fisher-scoring step for every cell's factors; returns (U_new, mean NLL at start).
-
-    ``coef`` columns are [X | U | A] (GLMFit layout with A as groups last).
-    """
-    n, p = Y.shape
-    Bx, Gm, Ba = coef[:, :d], coef[:, d:d + r], coef[:, d + r:]
-    H = np.zeros((n, r * (r + 1) // 2))
-    g = np.zeros((n, r))
-    nll = 0.0
-    step = _gene_chunk_size(n, None)
-    for start in range(0, p, step):
-        cols = slice(start, min(p, start + step))
-        y = _dense_columns(Y, np.arange(start, min(p, start + step)))
-        eta = log_s[:, None] + X @ Bx[cols].T + U @ Gm[cols].T
-        if Ba.shape[1]:
-            eta += A @ Ba[cols].T
-        np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
-        mu = np.exp(eta)
-        al = alpha[cols][None, :]
-        nll -= (loglik_constant(y, al) + loglik_kernel(y, eta, mu, al)).sum()
-        w = mu / (1.0 + al * mu)
-        score = (y - mu) / (1.0 + al * mu)
-        H += w @ sym_outer(Gm[cols])
-        g += score @ Gm[cols]
-    H = sym_unpack(H, r)
-    idx = np.arange(r)
-    H[:, idx, idx] += 1e-8 * (1.0 + H[:, idx, idx])
-    du = np.linalg.solve(H, g[..., None])[..., 0]
-    big = np.abs(du).max(axis=1, keepdims=True)
-    du *= np.minimum(1.0, max_step / np.maximum(big, 1e-300))
-    return U + du, nll / (n * p)
-
-
-def _negloglik(Y, X, A, log_s, coef, d, r, U, alpha) -> float:
-    """Mean NB negative log-likelihood per entry of the current fit."""
-    n, p = Y.shape
-    total = 0.0
-    step = _gene_chunk_size(n, None)
-    for start in range(0, p, step):
-        cols = np.arange(start, min(p, start + step))
-        y = _dense_columns(Y, cols)
-        eta = log_s[:, None] + X @ coef[cols, :d].T + U @ coef[cols, d:d + r].T
-        if coef.shape[1] > d + r:
-            eta += A @ coef[cols, d + r:].T
-        np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
-        al = alpha[cols][None, :]
-        total -= (loglik_constant(y, al) + loglik_kernel(y, eta, np.exp(eta), al)).sum()
-    return total / (n * p)
-
-
 class _EarlyStopping:
     """Relative-improvement early stopping (SPEC §6.4)."""
 
@@ -216,68 +206,109 @@ class _EarlyStopping:
         return (epoch - self.best_epoch) > self.patience
 
 
-def _initial_factors(Y, X, A, log_s, size, r, random_state):
-    """Deviance residuals of the GLM on [X | A] -> top-r left singular vectors."""
-    from sklearn.utils.extmath import randomized_svd
+def _initial_factors(Y, X, A, log_s, fit0, r, random_state):
+    """Top-r left singular vectors of the deviance residuals of the GLM on [X | A]."""
+    u, _ = deviance_residual_svd(Y, fit0, X, A, log_s, r, random_state=random_state)
+    return u
 
-    fit0 = fit_glm(Y, X, A, family="nb", size=size, offset=log_s, max_iter=50)
-    R = glm_deviance_residuals(Y, fit0, X, A, log_s)
-    u, s, _ = randomized_svd(R, n_components=r, n_iter=5, random_state=random_state)
-    del R
-    return u, s, fit0
+
+def _factor_design(X: np.ndarray, U: np.ndarray, A: np.ndarray, groups, log_s) -> _Design:
+    """GLM design of the gene step: dense ``[X | U]`` (plus ``A`` when it is not one-hot)."""
+    if groups is None:
+        return _Design.build(np.hstack([X, U, A]), None, 0, log_s)
+    return _Design.build(np.hstack([X, U]), groups, A.shape[1], log_s)
+
+
+def _to_design(coef: np.ndarray, design: _Design):
+    """(B, C) in the design's scaled units from ``coef`` with columns [X | U | A]."""
+    q = design.d
+    return (coef[:, :q].T * design.scales[:, None]).copy(), coef[:, q:].T.copy()
+
+
+def _from_design(B: np.ndarray, C: np.ndarray, design: _Design) -> np.ndarray:
+    return np.hstack([(B / design.scales[:, None]).T, C.T])
+
+
+def _gene_passes(Y, X, A, groups, log_s, alpha, U, coef, n_pass: int, compute_se: bool = False):
+    """``n_pass`` gene-only Fisher-scoring passes (U fixed); returns (coef, se, kernel)."""
+    design = _factor_design(X, U, A, groups, log_s)
+    B, C = _to_design(coef, design)
+    res = None
+    for i in range(n_pass):
+        res = fisher_pass(Y, design, B, C, alpha, compute_se=compute_se and i == n_pass - 1)
+    coef = _from_design(B, C, design)
+    se = None
+    if res is not None and res.var_b is not None:
+        se = np.hstack([np.sqrt(np.maximum(res.var_b, 0)) / design.scales,
+                        np.sqrt(np.maximum(res.var_c.T, 0))])
+    return coef, se, None if res is None else res.kernel
+
+
+def _cell_newton_steps(H_packed: np.ndarray, g: np.ndarray, order: np.ndarray, U: np.ndarray,
+                       prior_precision: float, block: int = 1024) -> np.ndarray:
+    """Newton step of every cell's factors under a N(0, I / prior_precision) prior.
+
+    ``H_packed`` (float32, packed upper triangles) and ``g`` hold the likelihood's Fisher
+    information and score per cell in the design's sorted row order; ``U`` is in the
+    original order.  Solved ``block`` cells at a time (the unpacked n x r x r stack would
+    be the largest array of an epoch).
+    """
+    n, r = U.shape
+    inv = np.empty(n, dtype=np.int64)
+    inv[order] = np.arange(n)
+    idx = np.arange(r)
+    du = np.empty((n, r))
+    for start in range(0, n, block):
+        rows = slice(start, min(n, start + block))
+        srt = inv[rows]
+        Hm = sym_unpack(H_packed[srt].astype(np.float64), r)
+        Hm[:, idx, idx] += prior_precision
+        rhs = g[srt] - prior_precision * U[rows]
+        du[rows] = np.linalg.solve(Hm, rhs[..., None])[..., 0]
+    return du
 
 
 def _alternate(Y, X, A, log_s, size, U, coef, Q, es: dict, verbose: bool, desc: str,
-               prior_precision: float = 1.0):
+               prior_precision: float = 1.0, const: float | None = None,
+               warmup_passes: int = 2):
     """Stage-1 alternating Fisher scoring with U kept orthogonal to span(Q).
 
-    Each epoch: (1) one IRLS step of every gene's GLM on [X | U | A] (exact one-hot
-    solve, step halving) from the current coefficients; (2) one pass over gene chunks
-    that evaluates the objective and accumulates every cell's Fisher system for u_i with
-    the new loadings, followed by one damped Newton step per cell.  U is then projected
-    back onto the complement of [X | A] and the projection absorbed into the
-    observed-design coefficients, which leaves the fit unchanged.
+    Each epoch is one pass over the counts (:func:`causarray.factor_model.fisher_pass`):
+    one safeguarded Fisher-scoring step of every gene's GLM on [X | U | A] (exact
+    one-hot elimination), fused with the accumulation of every cell's Fisher system for
+    u_i at the new loadings; then one damped Newton step per cell (standard-normal prior
+    on u_i).  U is projected back onto the complement of [X | A] and the projection
+    absorbed into the observed-design coefficients, which leaves the fit unchanged.
+    Before the first epoch, ``warmup_passes`` gene-only passes fit the loadings of the
+    initial U.  Returns ``(U, coef, se, hist, last_epoch)``; ``coef`` has columns
+    [X | U | A] after a final gene pass for the last U, ``se`` their standard errors.
     """
     from tqdm.auto import tqdm
 
     n, p = Y.shape
     d, r = X.shape[1], U.shape[1]
     alpha = _alpha_from_size(size) * np.ones(p)
+    groups = groups_from_onehot(A)
+    if const is None:
+        const = float(loglik_constants(Y, size).sum())
     stopper = _EarlyStopping(**es)
-    step = _gene_chunk_size(n, None)
-    chunks = [np.arange(s0, min(p, s0 + step)) for s0 in range(0, p, step)]
-    consts = [loglik_constant(_dense_columns(Y, c), alpha[c][None, :]) for c in chunks]
+    coef, _, _ = _gene_passes(Y, X, A, groups, log_s, alpha, U, coef, warmup_passes)
     hist, it = [], -1
     bar = tqdm(range(stopper.max_iters), desc=desc, disable=not verbose, leave=False)
     for it in bar:
-        coef = fit_glm(Y, np.hstack([X, U]), A, family="nb", size=size, offset=log_s,
-                       max_iter=1, init=coef, compute_se=False).coef
-        H = np.zeros((n, r * (r + 1) // 2))
-        g = np.zeros((n, r))
-        nll = 0.0
-        for c, const in zip(chunks, consts):
-            y = _dense_columns(Y, c)
-            eta = log_s[:, None] + X @ coef[c, :d].T + U @ coef[c, d:d + r].T
-            if coef.shape[1] > d + r:
-                eta += A @ coef[c, d + r:].T
-            np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
-            mu = np.exp(eta)
-            al = alpha[c][None, :]
-            nll -= (const + loglik_kernel(y, eta, mu, al)).sum()
-            Gm = coef[c, d:d + r]
-            H += ((mu / (1.0 + al * mu)).astype(np.float32) @ sym_outer(Gm).astype(np.float32))
-            g += ((y - mu) / (1.0 + al * mu)) @ Gm
-        f = nll / (n * p)
+        design = _factor_design(X, U, A, groups, log_s)
+        B, C = _to_design(coef, design)
+        res = fisher_pass(Y, design, B, C, alpha, loadings=slice(d, d + r))
+        coef = _from_design(B, C, design)
+        f = -(const + res.kernel.sum()) / (n * p)
         hist.append(f)
         bar.set_postfix(nll=f"{f:.5f}")
         if not np.isfinite(f):
             raise FloatingPointError("GCATE objective became non-finite; try a smaller r")
         # cell step with a standard-normal prior on u_i (factors kept at unit variance):
         # cells with little information (few counts) stay near 0 instead of drifting
-        Hm = sym_unpack(H, r)
-        idx = np.arange(r)
-        Hm[:, idx, idx] += prior_precision
-        du = np.linalg.solve(Hm, (g - prior_precision * U)[..., None])[..., 0]
+        du = _cell_newton_steps(res.H, res.g, design.order, U, prior_precision)
+        del res
         big = np.abs(du).max(axis=1, keepdims=True)
         U = U + du * np.minimum(1.0, 1.0 / np.maximum(big, 1e-300))
         M = Q.T @ U
@@ -288,10 +319,9 @@ def _alternate(Y, X, A, log_s, size, U, coef, Q, es: dict, verbose: bool, desc: 
         coef[:, d:d + r] *= scale
         if stopper(it, f):
             break
-    fit = fit_glm(Y, np.hstack([X, U]), A, family="nb", size=size, offset=log_s,
-                  max_iter=3, tol=1e-8, init=coef)
-    hist.append(_negloglik(Y, X, A, log_s, fit.coef, d, r, U, alpha))
-    return U, fit, hist, it
+    coef, se, kernel = _gene_passes(Y, X, A, groups, log_s, alpha, U, coef, 1, compute_se=True)
+    hist.append(-(const + kernel.sum()) / (n * p))
+    return U, coef, se, hist, it
 
 
 def _absorb_projection(coef, X, A, Q, M, d, r):
@@ -324,7 +354,8 @@ def huber_regression(Xd: np.ndarray, y: np.ndarray, epsilon: float = 1.35,
     """Huber M-estimate of y ~ Xd (no intercept) by iteratively reweighted least squares.
 
     The residual scale is re-estimated each iteration as 1.4826 * MAD of the residuals;
-    weights are min(1, epsilon * scale / |residual|).  Starts from least squares.
+    weights are min(1, epsilon * scale / |residual|).  Starts from least squares; each
+    reweighted fit solves its (small) normal equations.
     """
     coef, *_ = np.linalg.lstsq(Xd, y, rcond=None)
     for _ in range(max_iter):
@@ -333,8 +364,12 @@ def huber_regression(Xd: np.ndarray, y: np.ndarray, epsilon: float = 1.35,
         if scale <= 0:
             break
         w = np.minimum(1.0, epsilon * scale / np.maximum(np.abs(resid), 1e-300))
-        sw = np.sqrt(w)
-        new, *_ = np.linalg.lstsq(Xd * sw[:, None], y * sw, rcond=None)
+        Xw = Xd * w[:, None]
+        try:
+            new = np.linalg.solve(Xw.T @ Xd, Xw.T @ y)
+        except np.linalg.LinAlgError:
+            sw = np.sqrt(w)
+            new = np.linalg.lstsq(Xd * sw[:, None], y * sw, rcond=None)[0]
         if np.max(np.abs(new - coef)) < tol * (1.0 + np.max(np.abs(coef))):
             coef = new
             break
@@ -415,7 +450,8 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     d, a = X.shape[1], A.shape[1]
     s = size_factors_from_offset(Y, offset)
     log_s = np.log(s)
-    size = _nb_sizes(Y, X, A, log_s, family, disp_glm)
+    fit0 = _initial_glm(Y, X, A, log_s, family, disp_glm)
+    size = fit0.size if family == "nb" else np.full(p, np.inf)
     es1 = {**DEFAULT_ES, **(kwargs_es_1 or {})}
     es2 = {**DEFAULT_ES, **(kwargs_es_2 or {})}
     Z = np.hstack([X, A])
@@ -427,21 +463,19 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
             raise ValueError(f"A_init must have shape {(n, d + a + r)}, got {A_init.shape}")
         U0 = _project_out(A_init[:, d + a:], Q)
     else:
-        u, _, _ = _initial_factors(Y, X, A, log_s, size, r, random_state)
-        U0 = _project_out(u, Q)
+        U0 = _project_out(_initial_factors(Y, X, A, log_s, fit0, r, random_state), Q)
     U0 = U0 / np.maximum(U0.std(axis=0, keepdims=True), 1e-12)
-    fit0 = fit_glm(Y, np.hstack([X, U0]), A, family="nb", size=size, offset=log_s, max_iter=50)
     t0 = time.perf_counter()
-    U1, fit1, hist1, it1 = _alternate(Y, X, A, log_s, size, U0, fit0.coef, Q, es1, verbose,
-                                      "GCATE stage 1")
+    U1, coef_1, se_1, hist1, it1 = _alternate(Y, X, A, log_s, size, U0, _start_coef(fit0, d, r),
+                                              Q, es1, verbose, "GCATE stage 1")
+    del fit0
     logger.info("GCATE stage 1: %d epochs, %.1fs", it1 + 1, time.perf_counter() - t0)
-    Gamma1 = fit1.coef[:, d:d + r]
-    U1r, Gamma1r = _rebalance(U1, Gamma1)
-    coef1 = np.hstack([fit1.coef[:, :d], fit1.coef[:, d + r:], Gamma1r])   # [B_X | B_A | Gamma]
+    U1r, Gamma1r = _rebalance(U1, coef_1[:, d:d + r])
+    coef1 = np.hstack([coef_1[:, :d], coef_1[:, d + r:], Gamma1r])   # [B_X | B_A | Gamma]
     kw_glm = dict(family=family, disp_glm=size, size_factor=s)
     res_1 = _result(X, A, U1r, coef1, hist1, it1, kw_glm, es1, kwargs_ls_1)
 
-    beta_hat, se_hat = fit1.coef[:, d + r:], fit1.se[:, d + r:]
+    beta_hat, se_hat = coef_1[:, d + r:], se_1[:, d + r:]
     if c1 is not None and c1 == 0:
         shift, alpha = np.zeros(a), np.zeros((a, r))
     else:
@@ -521,8 +555,6 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     -------
     DataFrame with columns ``r, deviance, nu, JIC, time_s`` sorted by r.
     """
-    from sklearn.utils.extmath import randomized_svd
-
     A_arr = _as_matrix(A, "A")
     A_arr = A_arr[:, None] if A_arr.ndim == 1 else A_arr
     rows = subsample_control_priority(A_arr, max_cells, random_state)
@@ -545,29 +577,27 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
         off = np.asarray(offset, float).ravel()[rows]
     s = size_factors_from_offset(Ysub, off)
     log_s = np.log(s)
-    size = _nb_sizes(Ysub, Xsub, Asub, log_s, family, disp_glm)
+    fit0 = _initial_glm(Ysub, Xsub, Asub, log_s, family, disp_glm)
+    size = fit0.size if family == "nb" else np.full(p, np.inf)
     alpha = _alpha_from_size(size) * np.ones(p)
+    const = float(loglik_constants(Ysub, size).sum())
     es1 = {**DEFAULT_ES, **(kwargs_es_1 or {})}
     Q = _orth_basis(np.hstack([Xsub, Asub]))
 
     t0 = time.perf_counter()
-    fit0 = fit_glm(Ysub, Xsub, Asub, family="nb", size=size, offset=log_s, max_iter=50)
-    R = glm_deviance_residuals(Ysub, fit0, Xsub, Asub, log_s)
-    u, _, _ = randomized_svd(R, n_components=max(grid), n_iter=5, random_state=random_state)
-    del R
+    u = _initial_factors(Ysub, Xsub, Asub, log_s, fit0, max(grid), random_state)
     U_all = _project_out(u, Q)
     U_all = U_all / np.maximum(U_all.std(axis=0, keepdims=True), 1e-12)
-    coef0 = np.hstack([fit0.coef[:, :d], np.zeros((p, 0)), fit0.coef[:, d:]])
-    nll0 = _negloglik(Ysub, Xsub, Asub, log_s, coef0, d, 0, np.zeros((n, 0)), alpha)
+    _, _, kernel0 = _gene_passes(Ysub, Xsub, Asub, groups_from_onehot(Asub), log_s, alpha,
+                                 np.zeros((n, 0)), _start_coef(fit0, d, 0), 1)
+    nll0 = -(const + kernel0.sum()) / (n * p)
     rows_out = [dict(r=0, deviance=2 * nll0, nu=jic_penalty(n, p, d + a),
                      time_s=time.perf_counter() - t0)]
     for r in sorted(grid, reverse=True):
         t1 = time.perf_counter()
-        U0 = U_all[:, :r]
-        fit_init = fit_glm(Ysub, np.hstack([Xsub, U0]), Asub, family="nb", size=size,
-                           offset=log_s, max_iter=50)
-        U1, fit1, hist, _ = _alternate(Ysub, Xsub, Asub, log_s, size, U0, fit_init.coef, Q,
-                                       es1, verbose, f"JIC r={r}")
+        _, _, _, hist, _ = _alternate(Ysub, Xsub, Asub, log_s, size, U_all[:, :r],
+                                      _start_coef(fit0, d, r), Q, es1, verbose, f"JIC r={r}",
+                                      const=const)
         rows_out.append(dict(r=r, deviance=2 * hist[-1], nu=jic_penalty(n, p, d + a + r),
                              time_s=time.perf_counter() - t1))
     df = pd.DataFrame(rows_out).sort_values("r").reset_index(drop=True)

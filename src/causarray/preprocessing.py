@@ -275,12 +275,21 @@ def _positive_entries(
 
 
 def _grouped_median(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
-    """Median of ``values`` within each group 0..n_groups-1; NaN for empty groups."""
-    order = np.lexsort((values, groups))
-    v = values[order]
+    """Median of ``values`` within each group 0..n_groups-1; NaN for empty groups.
+
+    Groups already in ascending order (the row-major order of the positive counts) are
+    handled one contiguous slice at a time with a selection algorithm, which is several
+    times faster than sorting all values; other inputs are sorted once by (group, value).
+    """
     counts = np.bincount(groups, minlength=n_groups)
     starts = np.cumsum(counts) - counts
     out = np.full(n_groups, np.nan)
+    if groups.size == 0 or np.all(groups[1:] >= groups[:-1]):
+        for g in np.flatnonzero(counts):
+            out[g] = np.median(values[starts[g]:starts[g] + counts[g]])
+        return out
+    order = np.lexsort((values, groups))
+    v = values[order]
     has = counts > 0
     lo = starts[has] + (counts[has] - 1) // 2
     hi = starts[has] + counts[has] // 2
@@ -288,12 +297,20 @@ def _grouped_median(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np
     return out
 
 
+def _row_block_slices(n: int, width: int, budget: int = 4 * 2**20) -> list[slice]:
+    """Row slices whose dense float64 block of ``width`` columns takes about ``budget`` bytes."""
+    step = max(1, budget // (8 * max(width, 1)))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 def _log_median_of_ratios(
     Y: np.ndarray | sp.csr_matrix, min_mean: float, min_genes: int
 ) -> np.ndarray:
     """L_i = median_{j in S, y_ij > 0} (log y_ij - G_j), G_j = mean_{y_ij > 0} log y_ij.
 
-    NaN for cells with no positive count in S (SPEC §3.1 steps 1-3).
+    NaN for cells with no positive count in S (SPEC §3.1 steps 1-3).  Two passes over
+    row blocks (the geometric means, then the per-cell medians), so the working memory
+    is one block, not a copy of ``Y``.
     """
     n = Y.shape[0]
     gene_means = (
@@ -304,11 +321,20 @@ def _log_median_of_ratios(
     S = _expressed_gene_set(gene_means, min_mean, min_genes)
     if S.size == 0:
         return np.full(n, np.nan)
-    rows, pos, vals = _positive_entries(Y, S)
-    log_vals = np.log(vals.astype(np.float64))
-    n_pos = np.bincount(pos, minlength=S.size)
-    log_geo_means = np.bincount(pos, weights=log_vals, minlength=S.size) / n_pos
-    return _grouped_median(log_vals - log_geo_means[pos], rows, n)
+    blocks = _row_block_slices(n, S.size)
+    sum_log = np.zeros(S.size)
+    n_pos = np.zeros(S.size)
+    for sl in blocks:
+        _, pos, vals = _positive_entries(Y[sl], S)
+        sum_log += np.bincount(pos, weights=np.log(vals.astype(np.float64)), minlength=S.size)
+        n_pos += np.bincount(pos, minlength=S.size)
+    log_geo_means = sum_log / n_pos
+    L = np.empty(n)
+    for sl in blocks:
+        rows, pos, vals = _positive_entries(Y[sl], S)
+        ratios = np.log(vals.astype(np.float64)) - log_geo_means[pos]
+        L[sl] = _grouped_median(ratios, rows, sl.stop - sl.start)
+    return L
 
 
 def _fill_undefined_log_factors(L: np.ndarray, totals: np.ndarray) -> np.ndarray:

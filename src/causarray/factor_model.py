@@ -1,0 +1,355 @@
+"""Numerical passes of the GCATE factor model (the engine behind :mod:`causarray.gcate`).
+
+Every pass streams the count matrix once, gene chunk by gene chunk, and never forms an
+n x p temporary:
+
+* :func:`fisher_pass` -- one safeguarded Fisher-scoring step of every gene's GLM on the
+  design ``[X | U | A]`` (one-hot ``A`` eliminated through its Schur complement, exactly
+  as in :mod:`causarray.glm`), *fused* with the accumulation of every cell's Fisher
+  system for its factors ``u_i`` at the new loadings.  One epoch of the alternating
+  algorithm is therefore a single pass over ``Y`` (the Gram matrices are formed in
+  float32, the scores in float64, so the fixed point is unchanged);
+* :func:`loglik_constants` -- the mean-free part of the log-likelihood, from the non-zero
+  counts only;
+* :func:`deviance_residual_svd` -- a randomized SVD of the deviance residuals of a GLM
+  whose residual matrix is recomputed chunk by chunk in every power iteration instead of
+  being stored (it would be an n x p array).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import gammaln
+
+from .glm import (ETA_MAX, ETA_MIN, GROUP_COEF_BOUND, _MAX_HALVING, _MAX_NEWTON_STEP, GLMFit, _Design,
+                  _covariance_diag, _group_sums, _iter_fitted_means,
+                  _kernel_sums, _newton_step, _newton_system, _step_size, _working_weights,
+                  sym_outer)
+
+#: bytes of one n x chunk float64 temporary in the fused passes (about ten are alive)
+PASS_CHUNK_BYTES = 4 * 2**20
+
+
+def pass_chunk_size(n: int, budget: int = PASS_CHUNK_BYTES) -> int:
+    """Genes per chunk so that one n x chunk float64 temporary takes about ``budget`` bytes."""
+    return int(max(32, min(2048, budget // (8 * max(n, 1)))))
+
+
+def sorted_chunk(Y, order: np.ndarray | None, start: int, stop: int) -> np.ndarray:
+    """Columns ``start:stop`` of ``Y`` (dense or CSC) as float64, rows permuted by ``order``."""
+    if sp.issparse(Y):
+        block = Y[:, start:stop].toarray()
+        return np.asarray(block if order is None else block[order], dtype=float)
+    if order is None:
+        return np.asarray(Y[:, start:stop], dtype=float)
+    return np.asarray(Y[order, start:stop], dtype=float)
+
+
+# ----------------------------------------------------------------------------------
+# log-likelihood constant
+# ----------------------------------------------------------------------------------
+def _loglik_constant_terms(v: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``lgamma(v + r) - lgamma(r) - lgamma(v + 1) - v log r`` (``-lgamma(v + 1)`` where r = inf)."""
+    v, r = np.broadcast_arrays(np.asarray(v, float), np.asarray(r, float))
+    term = -gammaln(v + 1.0)
+    nb = np.isfinite(r)
+    if nb.any():
+        rn, vn = r[nb], v[nb]
+        term[nb] += gammaln(vn + rn) - gammaln(rn) - vn * np.log(rn)
+    return term
+
+
+def loglik_constants(Y, size: np.ndarray, chunk: int | None = None,
+                     max_tabulated: int = 63) -> np.ndarray:
+    """Per-gene sum of the log-likelihood terms that do not involve the mean.
+
+    NB with size r: ``sum_i lgamma(y + r) - lgamma(r) - lgamma(y + 1) - y log r``;
+    Poisson (r = inf): ``-sum_i lgamma(y + 1)``.  Both vanish at y = 0, so only the
+    non-zero counts are visited, and counts up to ``max_tabulated`` are tallied per
+    gene so that each (gene, count) term is evaluated once.
+    """
+    n, p = Y.shape
+    size = np.broadcast_to(np.asarray(size, float), (p,))
+    out = np.zeros(p)
+    step = chunk or pass_chunk_size(n)
+    K = max_tabulated + 1
+    grid = np.arange(K, dtype=float)
+    for start in range(0, p, step):
+        stop = min(p, start + step)
+        m = stop - start
+        y = sorted_chunk(Y, None, start, stop)
+        rows, cols = np.nonzero(y)
+        v = y[rows, cols]
+        r = size[start:stop]
+        small = v < K
+        tally = np.bincount(cols[small] * K + v[small].astype(np.int64),
+                            minlength=m * K).reshape(m, K)
+        out[start:stop] = (tally * _loglik_constant_terms(grid[None, :], r[:, None])).sum(axis=1)
+        if not small.all():
+            big = ~small
+            out[start:stop] += np.bincount(cols[big], minlength=m,
+                                           weights=_loglik_constant_terms(v[big], r[cols[big]]))
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# fused gene step + cell sums
+# ----------------------------------------------------------------------------------
+@dataclass
+class PassResult:
+    """What one :func:`fisher_pass` returns.
+
+    Attributes
+    ----------
+    kernel : (p,) mean-dependent log-likelihood per gene at the new coefficients.
+    H : (n, r(r+1)/2) or None -- packed Fisher information of every cell's factors at the
+        new loadings (rows in the design's sorted order).
+    g : (n, r) or None -- the matching scores ``sum_j gamma_j (y - mu)/(1 + alpha mu)``.
+    var_b, var_c : inverse-Fisher variances (scaled covariates: p x q; groups: a x p) at
+        the coefficients the step started from, when requested.
+    n_halved : genes whose step had to be shortened.
+    """
+
+    kernel: np.ndarray
+    H: np.ndarray | None = None
+    g: np.ndarray | None = None
+    var_b: np.ndarray | None = None
+    var_c: np.ndarray | None = None
+    n_halved: int = 0
+
+
+@dataclass
+class _PassDesign:
+    """A design's dense blocks in the working precision of one pass."""
+
+    design: _Design
+    XoG: np.ndarray          # [X | o | G] for the linear predictor
+    XG: np.ndarray           # [X | G] for the scores
+    dtype: type
+
+    @classmethod
+    def of(cls, design: _Design, dtype: type) -> _PassDesign:
+        return cls(design, design.XoG.astype(dtype, copy=False),
+                   design.XG.astype(dtype, copy=False), dtype)
+
+    def mean_at(self, B: np.ndarray, C: np.ndarray):
+        """``(eta, mu)`` of a chunk at scaled coefficients ``B`` (q x m) and groups ``C``."""
+        coef = np.vstack([B, np.ones((1, B.shape[1])), C]).astype(self.dtype)
+        eta = self.XoG @ coef
+        np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
+        return eta, np.exp(eta)
+
+    def gradient(self, resid: np.ndarray) -> np.ndarray:
+        """Scores ``[X | G]' resid`` per gene (m x (q + a)), float64."""
+        return (resid.T @ self.XG).astype(np.float64)
+
+
+def _kernel(y: np.ndarray, eta: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Per-gene log-likelihood kernel (float64); ``eta`` is overwritten."""
+    return _kernel_sums(y, eta, mu, alpha).astype(np.float64)
+
+
+def _safeguarded_update(pd_: _PassDesign, y: np.ndarray, alpha: np.ndarray, B0: np.ndarray,
+                        C0: np.ndarray, db: np.ndarray, dc: np.ndarray, kernel0: np.ndarray):
+    """Take the Newton step, halving it per gene until the log-likelihood does not drop.
+
+    Returns ``(B, C, mu, kernel, n_halved)`` at the accepted coefficients; a gene whose
+    step never helps keeps its old coefficients.  The tolerance of the comparison
+    follows the working precision.
+    """
+    Bt = B0 + db.T
+    Ct = np.clip(C0 + dc, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
+    eta, mu = pd_.mean_at(Bt, Ct)
+    kern = _kernel(y, eta, mu, alpha)
+    del eta
+    eps = np.finfo(pd_.dtype).eps
+    slack = 1e-10 + 10 * eps * np.sqrt(y.shape[0]) * (1.0 + np.abs(kernel0))
+    bad = np.flatnonzero(~(np.isfinite(kern) & (kern >= kernel0 - slack)))
+    n_halved = bad.size
+    step = 1.0
+    for _ in range(_MAX_HALVING):
+        if bad.size == 0:
+            break
+        step *= 0.5
+        Bt[:, bad] = B0[:, bad] + step * db[bad].T
+        Ct[:, bad] = np.clip(C0[:, bad] + step * dc[:, bad], -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
+        eb, mb = pd_.mean_at(Bt[:, bad], Ct[:, bad])
+        kb = _kernel(y[:, bad], eb, mb, alpha[bad])
+        ok = np.isfinite(kb) & (kb >= kernel0[bad] - slack[bad])
+        acc = bad[ok]
+        mu[:, acc], kern[acc] = mb[:, ok], kb[ok]
+        bad = bad[~ok]
+    if bad.size:                                    # no improvement: stay where we were
+        Bt[:, bad], Ct[:, bad] = B0[:, bad], C0[:, bad]
+        _, mu[:, bad] = pd_.mean_at(Bt[:, bad], Ct[:, bad])
+        kern[bad] = kernel0[bad]
+    return Bt, Ct, mu, kern, n_halved
+
+
+def _cell_sums(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray, Gm: np.ndarray,
+               H: np.ndarray, g: np.ndarray) -> None:
+    """Add one chunk's Fisher information and score of every cell's factors to (H, g)."""
+    t = np.multiply(mu, alpha)
+    t += 1.0
+    np.reciprocal(t, out=t)
+    resid = np.subtract(y, mu)
+    resid *= t
+    g += resid @ Gm.astype(resid.dtype)
+    del resid
+    t *= mu                                         # Fisher weights mu / (1 + alpha mu)
+    H += t.astype(np.float32, copy=False) @ sym_outer(Gm).astype(np.float32)
+
+
+def fisher_pass(Y, design: _Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarray, *,
+                loadings: slice | None = None, compute_se: bool = False,
+                ridge: float = 1e-10, chunk: int | None = None,
+                dtype: type = np.float32) -> PassResult:
+    """One Fisher-scoring step of every gene's GLM, fused with the cells' factor sums.
+
+    Parameters
+    ----------
+    Y : (n, p) counts, dense or CSC, rows in the original order.
+    design : the GLM design ``[X | U | A-dense]`` plus one-hot groups, rows sorted.
+    B : (q, p) covariate coefficients in the design's scaled units; updated in place.
+    C : (a, p) group coefficients; updated in place.
+    alpha : (p,) NB dispersion 1/size (0 = Poisson).
+    loadings : rows of ``B`` holding the factor loadings; when given, the Fisher system
+        of every cell's factors at the *new* loadings is accumulated in the same pass.
+    compute_se : also return the inverse-Fisher variances at the starting coefficients
+        (from the same float32 Gram matrices: relative error ~1e-6, far below the
+        sampling error of a standard error).
+    ridge : relative damping of the Hessian diagonal.
+    chunk : genes per chunk.
+    dtype : working precision of the elementwise work and of the linear predictor
+        (float32: half the memory traffic; the coefficients, the Newton systems and all
+        sums over genes stay float64).
+
+    Returns
+    -------
+    PassResult
+    """
+    n, p = Y.shape
+    a = design.n_groups
+    q = design.d
+    step = chunk or pass_chunk_size(n)
+    pd_ = _PassDesign.of(design, dtype)
+    kernel = np.empty(p)
+    res = PassResult(kernel=kernel)
+    if loadings is not None:
+        r = loadings.stop - loadings.start
+        res.H = np.zeros((n, r * (r + 1) // 2), dtype=np.float32)
+        res.g = np.zeros((n, r))
+        gscale = 1.0 / design.scales[loadings]
+    if compute_se:
+        res.var_b = np.empty((p, q))
+        res.var_c = np.empty((a, p))
+    for start in range(0, p, step):
+        stop = min(p, start + step)
+        cols = slice(start, stop)
+        y = sorted_chunk(Y, design.order, start, stop).astype(dtype, copy=False)
+        al = alpha[cols].astype(dtype)
+        pinned = _group_sums(design, y) == 0 if a else np.zeros((0, stop - start), bool)
+        B0, C0 = B[:, cols], C[:, cols]
+        C0[pinned] = -GROUP_COEF_BOUND
+        eta, mu = pd_.mean_at(B0, C0)
+        w, resid = _working_weights(y, mu, al)
+        kernel0 = _kernel(y, eta, mu, al)
+        del eta, mu
+        grad = pd_.gradient(resid)
+        del resid
+        system = _newton_system(design, w, pinned, ridge, single=True)
+        del w
+        if compute_se:
+            res.var_b[cols], res.var_c[:, cols] = _covariance_diag(system, pinned)
+        db, dc = _newton_step(system, grad, pinned)
+        del system
+        shrink = np.minimum(1.0, _MAX_NEWTON_STEP / np.maximum(_step_size(db, dc), 1e-300))
+        db *= shrink[:, None]
+        dc *= shrink
+        Bt, Ct, mu, kern, n_halved = _safeguarded_update(pd_, y, al, B0, C0, db, dc, kernel0)
+        res.n_halved += n_halved
+        B[:, cols], C[:, cols] = Bt, Ct
+        kernel[cols] = kern
+        if loadings is not None:
+            _cell_sums(y, mu, al, Bt[loadings].T * gscale, res.H, res.g)
+        del mu, y
+    return res
+
+
+# ----------------------------------------------------------------------------------
+# initial factors: randomized SVD of streamed deviance residuals
+# ----------------------------------------------------------------------------------
+def _signed_root_deviance(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Deviance residuals ``sign(y - mu) sqrt(d)`` of a chunk, with few temporaries.
+
+    ``d = 2 [y log(y / mu) + (y + r) log1p((mu - y) / (y + r))]`` for NB (r = 1/alpha),
+    ``2 [y log(y / mu) - (y - mu)]`` for Poisson (alpha = 0); ``mu`` is overwritten.
+    """
+    t1 = np.maximum(y, 1.0)
+    np.log(t1, out=t1)
+    t1 -= np.log(mu)
+    t1 *= y                                         # y log(y / mu), 0 at y = 0
+    diff = np.subtract(mu, y)                       # mu - y
+    nb = alpha > 0
+    with np.errstate(divide="ignore"):
+        r = np.where(nb, 1.0 / np.where(nb, alpha, 1.0), 0.0)
+    if nb.all():
+        yr = y + r
+        np.divide(diff, yr, out=mu)
+        np.log1p(mu, out=mu)
+        mu *= yr
+        t1 += mu
+    else:
+        yr = y + r
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tail = np.log1p(diff / np.where(nb, yr, 1.0)) * yr
+        t1 += np.where(nb, tail, diff)
+    np.maximum(t1, 0.0, out=t1)
+    t1 *= 2.0
+    np.sqrt(t1, out=t1)
+    t1 *= np.sign(-diff)
+    t1[~np.isfinite(t1)] = 0.0
+    return t1
+
+
+def _residual_chunks(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None, offset: np.ndarray,
+                     chunk: int):
+    """Yield ``(cols, R_cols)``: the deviance residuals of ``fit``, one gene chunk at a time."""
+    p = Y.shape[1]
+    alpha = np.broadcast_to(np.where(np.isfinite(fit.size), 1.0 / fit.size, 0.0), (p,))
+    for cols, y, mu in _iter_fitted_means(Y, fit, X, A, offset, chunk_size=chunk):
+        yield cols, _signed_root_deviance(y, mu, alpha[cols][None, :])
+
+
+def deviance_residual_svd(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
+                          offset: np.ndarray, k: int, n_iter: int = 2, oversample: int = 10,
+                          random_state: int = 0):
+    """Top-``k`` left singular vectors and values of the deviance residuals of ``fit``.
+
+    A randomized range finder (Halko, Martinsson & Tropp) with ``n_iter`` power
+    iterations ``Q <- orth(R R' Q)``.  The n x p residual matrix is never stored: each of
+    the ``n_iter + 2`` passes recomputes it chunk by chunk from the counts and the fitted
+    means (``R_c`` gives both ``R_c' Q`` and its contribution ``R_c (R_c' Q)``).
+    Returns ``(u (n x k), s (k,))``.
+    """
+    n, p = Y.shape
+    kk = min(k + oversample, n, p)
+    chunk = pass_chunk_size(n)
+    rng = np.random.default_rng(random_state)
+    omega = rng.standard_normal((p, kk))
+    sketch = np.zeros((n, kk))
+    for cols, R in _residual_chunks(Y, fit, X, A, offset, chunk):
+        sketch += R @ omega[cols]
+    Q, _ = np.linalg.qr(sketch)
+    for _ in range(n_iter):
+        sketch[:] = 0.0
+        for _cols, R in _residual_chunks(Y, fit, X, A, offset, chunk):
+            sketch += R @ (R.T @ Q)
+        Q, _ = np.linalg.qr(sketch)
+    Bt = np.empty((p, kk))                                       # (Q' R)'
+    for cols, R in _residual_chunks(Y, fit, X, A, offset, chunk):
+        Bt[cols] = R.T @ Q
+    ub, s, _ = np.linalg.svd(Bt.T, full_matrices=False)
+    return Q @ ub[:, :k], s[:k]
