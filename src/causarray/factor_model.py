@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from scipy.special import gammaln
 
 from .glm import (ETA_MAX, ETA_MIN, GROUP_COEF_BOUND, _MAX_HALVING, _MAX_NEWTON_STEP, GLMFit, _Design,
-                  _covariance_diag, _group_sums, _iter_fitted_means,
+                  _covariance_diag, _group_sums,
                   _kernel_sums, _newton_step, _newton_system, _step_size, _working_weights,
                   sym_outer)
 
@@ -316,11 +316,26 @@ def _signed_root_deviance(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> n
 
 def _residual_chunks(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None, offset: np.ndarray,
                      chunk: int):
-    """Yield ``(cols, R_cols)``: the deviance residuals of ``fit``, one gene chunk at a time."""
-    p = Y.shape[1]
+    """Yield ``(cols, R_cols)``: the deviance residuals of ``fit``, one gene chunk at a time.
+
+    Computed in float32 (they only seed the factor model); ``fit`` is a GLM on
+    ``[X | A]`` whose coefficient columns follow ``[X | A]``.
+    """
+    n, p = Y.shape
+    D = [np.asarray(X, float)]
+    if A is not None and fit.coef.shape[1] > fit.n_covariates:
+        D.append(np.asarray(A, float).reshape(n, -1))
+    D.append(np.asarray(offset, float).reshape(n, 1))
+    D32 = np.hstack(D).astype(np.float32)
+    coef = np.hstack([fit.coef, np.ones((p, 1))]).astype(np.float32)
     alpha = np.broadcast_to(np.where(np.isfinite(fit.size), 1.0 / fit.size, 0.0), (p,))
-    for cols, y, mu in _iter_fitted_means(Y, fit, X, A, offset, chunk_size=chunk):
-        yield cols, _signed_root_deviance(y, mu, alpha[cols][None, :])
+    for start in range(0, p, chunk):
+        cols = np.arange(start, min(p, start + chunk))
+        eta = D32 @ coef[cols].T
+        np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
+        y = sorted_chunk(Y, None, cols[0], cols[-1] + 1).astype(np.float32)
+        yield cols, _signed_root_deviance(y, np.exp(eta, out=eta),
+                                          alpha[cols][None, :].astype(np.float32))
 
 
 def deviance_residual_svd(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
