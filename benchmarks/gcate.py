@@ -30,7 +30,10 @@ Recovery metrics, for each U estimate (n x r):
   (centred); ``cancorr_top_r_true_mean``: the mean of the largest r_true of them (with
   r = 30 > r_true = 10 the remaining directions fit noise in both models);
   ``cancorr_resid_mean``: all of them after projecting both U on the orthogonal
-  complement of ``[X | A]`` (the part both models estimate in the same way).
+  complement of ``[X | A]`` (the part both models estimate in the same way);
+* ``profile_nll`` (``ours NLL`` / ``0.1.1 NLL``): the objective each U reaches on one
+  yardstick -- the mean NB negative log-likelihood per entry of every gene's GLM on
+  ``[X | U | A]`` fitted to convergence with the same size factors and NB sizes.
 
 Usage::
 
@@ -129,6 +132,32 @@ def canonical_correlations(U1: np.ndarray, U2: np.ndarray, Z: np.ndarray | None 
 
     Q1, Q2 = basis(resid(U1)), basis(resid(U2))
     return np.clip(np.linalg.svd(Q1.T @ Q2, compute_uv=False), 0.0, 1.0)
+
+
+def profile_nll(npz: Path, X: np.ndarray, A: np.ndarray, U_list: list[np.ndarray]) -> list[float]:
+    """Mean NB negative log-likelihood per entry of the best GLM on ``[X | U | A]``, per U.
+
+    One common yardstick for both implementations: for each U, every gene's GLM is fitted
+    to convergence with the same size factors (median of ratios) and NB sizes (method of
+    moments on ``[X | A]``), and the full NB likelihood (constants included) is evaluated.
+    The factor model's objective at its optimum is exactly this profile at its U.
+    """
+    from causarray.glm import _iter_fitted_means, estimate_dispersion, fit_glm, nb_loglik
+    from causarray.preprocessing import comp_size_factor
+
+    Y = load_npz_problem(npz, dense=True)["Y"]
+    log_s = np.log(comp_size_factor(Y))
+    size = estimate_dispersion(Y, X, A, offset=log_s)
+    alpha = 1.0 / size
+    out = []
+    for U in U_list:
+        W = np.hstack([X, U])
+        fit = fit_glm(Y, W, A, family="nb", size=size, offset=log_s, max_iter=100,
+                      compute_se=False)
+        total = sum(float(nb_loglik(y, mu, alpha[cols][None, :]).sum())
+                    for cols, y, mu in _iter_fitted_means(Y, fit, W, A, log_s))
+        out.append(-total / Y.size)
+    return out
 
 
 def recovery_metrics(U_hat: np.ndarray, U_true: np.ndarray, X: np.ndarray, A: np.ndarray
@@ -314,6 +343,8 @@ def bench_shape(shape: str, seed: int, skip_upstream: bool, upstream_timeout: fl
         entry["speedup_wall"] = up["wall_s"] / ours["wall_s"]
         entry["speedup_gcate_only"] = up["t_gcate_s"] / ours["t_gcate_s"]
         entry["memory_ratio"] = ours["peak_rss_mb_wait4"] / up["peak_rss_mb_wait4"]
+        nll = profile_nll(npz, X, A, [U_ours, U_up])
+        entry["ours"]["profile_nll"], entry["upstream"]["profile_nll"] = nll
     return entry
 
 
@@ -339,6 +370,8 @@ def _row(entry: dict[str, Any]) -> dict[str, Any]:
         "cancorr": entry.get("cancorr_mean"),
         "cancorr (first r_true)": entry.get("cancorr_top_r_true_mean"),
         "cancorr (resid. on X,A)": entry.get("cancorr_resid_mean"),
+        "ours NLL": o.get("profile_nll"),
+        "0.1.1 NLL": u.get("profile_nll"),
     }
 
 
