@@ -74,6 +74,23 @@ def current_rss_mb() -> float:
     return peak_rss_mb()
 
 
+def hwm_rss_mb() -> float:
+    """Peak resident set size of this process image (``VmHWM``), in MiB.
+
+    Unlike ``ru_maxrss``, which Linux carries over ``fork`` and ``execve`` (a process
+    spawned by a large parent reports at least the parent's RSS at the fork), ``VmHWM``
+    belongs to the current address space only. Falls back to :func:`peak_rss_mb`.
+    """
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) / _KIB_PER_MIB
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 @dataclass
 class Measurement:
     """Wall time and memory of one measured block (filled in when the block exits).
@@ -487,3 +504,173 @@ def code_version() -> dict:
 
     dirty = [ln.split(None, 1)[-1] for ln in git("status", "--porcelain", "--", "src").splitlines()]
     return {"git_rev": git("rev-parse", "--short", "HEAD") or None, "src_modified": dirty}
+
+
+# --------------------------------------------------------------------------------------
+# memory-lean screen simulator
+# --------------------------------------------------------------------------------------
+def split_cells(n_treated: int, n_perts: int) -> np.ndarray:
+    """Cells per perturbation: ``n_treated`` split as evenly as possible (larger first).
+
+    Examples
+    --------
+    >>> split_cells(77865, 200)[[0, 64, 65, 199]].tolist()
+    [390, 390, 389, 389]
+    """
+    if n_perts < 1 or n_treated < n_perts:
+        raise ValueError(f"need n_perts >= 1 and n_treated >= n_perts, got {n_treated}, {n_perts}")
+    return np.array([len(c) for c in np.array_split(np.arange(n_treated), n_perts)])
+
+
+def simulate_sparse_counts(
+    n_ctrl: int,
+    cells_per_pert: Any,
+    n_genes: int,
+    r: int,
+    *,
+    n_perts: int | None = None,
+    confounding: float = 1.0,
+    effect_frac: float = 0.05,
+    knockdown: float | None = None,
+    random_state: int = 0,
+    chunk: int = 2000,
+) -> tuple[Any, np.ndarray]:
+    """NB counts of a CRISPR screen with latent confounders, built chunk by chunk as CSR.
+
+    The model is that of ``causarray.simulate_screen`` (baseline log-means
+    ``N(-1, 1.5)`` floored at -4.5, loadings ``N(0, 0.4)``, NB sizes log-uniform on
+    [2, 20], log library sizes ``N(0, 0.3)``, a per-perturbation confounder shift
+    ``N(0, confounding)``, effects of size U(0.5, 1.5) with random signs on
+    ``effect_frac`` of the genes), but only ``chunk`` cells are dense at a time: the
+    peak memory is about the final CSR matrix times 1.5 plus five ``chunk x n_genes``
+    float64 blocks, never a dense cells x genes matrix.
+
+    Parameters
+    ----------
+    n_ctrl : int
+        Control cells (the first rows).
+    cells_per_pert : int or sequence of int
+        Cells of each perturbation (an int: the same for all ``n_perts``).
+    n_genes, r : int
+        Genes and true latent factors.
+    n_perts : int, optional
+        Number of perturbations; required when ``cells_per_pert`` is an int.
+    confounding : float
+        SD of the perturbations' confounder shifts.
+    effect_frac : float
+        Share of genes with a direct effect per perturbation (at least one gene).
+    knockdown : float, optional
+        If given, perturbation k lowers gene k (k < min(n_perts, n_genes)) by this
+        log-fold amount and that gene's baseline log-mean is at least 0.5.
+    random_state : int
+        Seed of ``numpy.random.default_rng``.
+    chunk : int
+        Cells simulated densely at a time.
+
+    Returns
+    -------
+    Y : scipy.sparse.csr_matrix of int32, shape (n, n_genes)
+        Counts; every cell has at least one count.
+    group : ndarray of int, shape (n,)
+        -1 for controls, k for a cell of perturbation k.
+    """
+    import scipy.sparse as sp
+
+    if np.ndim(cells_per_pert) == 0:
+        if n_perts is None:
+            raise ValueError("n_perts is required when cells_per_pert is an int")
+        sizes = np.full(int(n_perts), int(cells_per_pert))
+    else:
+        sizes = np.asarray(cells_per_pert, dtype=int).ravel()
+        if n_perts is not None and n_perts != sizes.size:
+            raise ValueError(f"n_perts={n_perts} but {sizes.size} cells_per_pert entries")
+    a = sizes.size
+    if n_ctrl < 0 or a < 1 or np.any(sizes < 1) or n_genes < 1 or r < 0 or chunk < 1:
+        raise ValueError("need n_ctrl >= 0, n_perts >= 1, cells_per_pert >= 1, n_genes >= 1, "
+                         "r >= 0 and chunk >= 1")
+    rng = np.random.default_rng(random_state)
+    n = int(n_ctrl + sizes.sum())
+    group = np.repeat(np.arange(-1, a), np.concatenate([[n_ctrl], sizes]))
+    b = np.maximum(rng.normal(-1.0, 1.5, n_genes), -4.5)
+    Gamma = rng.normal(0.0, 0.4, (n_genes, r))
+    nb_size = np.exp(rng.uniform(np.log(2.0), np.log(20.0), n_genes))
+    delta = rng.normal(0.0, confounding, (a, r))
+    lfc = np.zeros((a, n_genes))
+    n_eff = max(1, int(effect_frac * n_genes))
+    for k in range(a):
+        idx = rng.choice(n_genes, n_eff, replace=False)
+        lfc[k, idx] = rng.uniform(0.5, 1.5, n_eff) * rng.choice([-1.0, 1.0], n_eff)
+    if knockdown is not None:
+        m = min(a, n_genes)
+        b[:m] = np.maximum(b[:m], 0.5)
+        lfc[np.arange(m), np.arange(m)] = -abs(knockdown)
+    prob_den = nb_size[None, :]
+    data_parts, index_parts, row_nnz = [], [], []
+    for start in range(0, n, chunk):
+        g = group[start:start + chunk]
+        U = rng.normal(size=(g.size, r))
+        t = g >= 0
+        U[t] += delta[g[t]]
+        eta = rng.normal(0.0, 0.3, g.size)[:, None] + b[None, :] + U @ Gamma.T
+        eta[t] += lfc[g[t]]
+        np.clip(eta, -30, 12, out=eta)
+        np.exp(eta, out=eta)                                        # eta is now the mean
+        y = rng.negative_binomial(prob_den, prob_den / (prob_den + eta))
+        del eta
+        y[y.sum(axis=1) == 0, 0] = 1                                # no empty cells
+        rows, cols = np.nonzero(y)
+        data_parts.append(y[rows, cols].astype(np.int32))
+        index_parts.append(cols.astype(np.int32))
+        row_nnz.append(np.bincount(rows, minlength=g.size))
+        del y, rows, cols
+    # concatenate one array at a time so the peak is ~1.5x the result, not 2x
+    data = np.concatenate(data_parts)
+    data_parts.clear()
+    indices = np.concatenate(index_parts)
+    index_parts.clear()
+    if data.size > np.iinfo(np.int32).max:
+        raise ValueError("more than 2**31 non-zero counts; use a smaller screen")
+    indptr = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.concatenate(row_nnz), out=indptr[1:])
+    Y = sp.csr_matrix((data, indices, indptr), shape=(n, n_genes))
+    Y.has_sorted_indices = True
+    return Y, group
+
+
+def save_csr_problem(path: str | os.PathLike, Y: Any, X: Any, A: Any, X_A: Any = None) -> Path:
+    """:func:`save_npz_problem` for a large integer CSR ``Y``, without copying it.
+
+    Writes the same uncompressed format (``Y_data``, ``Y_indices``, ``Y_indptr``,
+    ``Y_shape``, ``X``, ``A``, ``X_A``) straight from ``Y``'s arrays, so saving needs no
+    memory beyond the small designs. ``Y`` must be a canonical CSR matrix (sorted
+    indices, no duplicates) with integer data, e.g. from :func:`simulate_sparse_counts`
+    followed by ``prep_causarray_data``.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    import scipy.sparse as sp
+
+    if not sp.issparse(Y) or Y.format != "csr":
+        raise TypeError(f"Y must be a scipy.sparse CSR matrix, got {type(Y).__name__}")
+    if Y.data.dtype.kind not in "iu" or not Y.has_canonical_format:
+        raise ValueError("Y must hold integer counts in canonical CSR format "
+                         "(use save_npz_problem otherwise)")
+    n = Y.shape[0]
+    arrays: dict[str, np.ndarray] = dict(
+        Y_data=Y.data, Y_indices=Y.indices, Y_indptr=Y.indptr,
+        Y_shape=np.asarray(Y.shape, dtype=np.int64))
+    for key, val in (("X", X), ("A", A), ("X_A", X_A)):
+        if val is None:
+            continue
+        arr = np.asarray(val, dtype=np.float64)
+        arr = arr[:, None] if arr.ndim == 1 else arr
+        if arr.shape[0] != n:
+            raise ValueError(f"{key} has {arr.shape[0]} rows but Y has {n} cells")
+        arrays[key] = arr
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")

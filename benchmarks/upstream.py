@@ -655,12 +655,29 @@ def _child_run(args: argparse.Namespace) -> int:
         child_ru = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
         result.update(
             wall_s=wall(),
+            peak_hwm_mb=_vm_hwm_mb(),
             peak_rss_mb=self_ru,
             peak_rss_children_mb=child_ru,
             peak_rss_total_mb=self_ru + child_ru,
         )
         _write_json_atomic(out, result)
     return code
+
+
+def _vm_hwm_mb() -> float | None:
+    """``VmHWM`` of this process image in MiB: its own peak RSS.
+
+    ``ru_maxrss`` is carried over fork and exec on Linux, so a child spawned by a large
+    parent reports at least the parent's RSS; ``VmHWM`` belongs to this address space.
+    """
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 # ======================================================================================

@@ -158,6 +158,37 @@ def test_result_table(problem, reference):
         assert row.tau < -1 and row.padj < 0.05
 
 
+def test_outcome_glm_is_warm_started_from_gcate(problem, monkeypatch):
+    """LFC gets GCATE's coefficients in [W | A] column order: at GCATE's dispersion the
+    outcome GLM then converges in a step or two (a wrong order would not)."""
+    import causarray.dr as dr_mod
+    from causarray.glm import fit_glm
+
+    seen = []
+    lfc = dr_mod.LFC
+
+    def spy(Y, W, A, W_A=None, **kw):
+        seen.append((np.asarray(Y, float), W, np.asarray(A, float), kw))
+        return lfc(Y, W, A, W_A, **kw)
+
+    monkeypatch.setattr(dr_mod, "LFC", spy)
+    gk = {**GK, "disp_glm": 5.0}
+    _run(problem, n_batches=1, gcate_kwargs=gk)
+    Y, W, A, kw = seen[0]
+    init = kw["outcome_init"]
+    assert init.shape == (Y.shape[1], W.shape[1] + A.shape[1])
+    warm = fit_glm(Y, W, A, size=5.0, offset=kw["offset"], init=init, compute_se=False)
+    cold = fit_glm(Y, W, A, size=5.0, offset=kw["offset"], compute_se=False)
+    assert warm.n_iter.mean() <= 2.5 < cold.n_iter.mean()
+    np.testing.assert_allclose(warm.coef, cold.coef, atol=1e-4)
+    # lfc_kwargs can switch the warm start off, but not pass coefficients
+    seen.clear()
+    _run(problem, n_batches=1, gcate_kwargs=gk, lfc_kwargs=dict(outcome_init=None))
+    assert seen[0][3]["outcome_init"] is None
+    with pytest.raises(ValueError, match="outcome_init only to None"):
+        _run(problem, n_batches=1, lfc_kwargs=dict(outcome_init=np.zeros((2, 2))))
+
+
 def test_single_perturbation_batches_keep_trt(problem):
     Y, X, A, X_A = problem
     keep = np.flatnonzero(A.iloc[:, 2:].sum(1).to_numpy() == 0)   # controls + first two perts

@@ -1,6 +1,5 @@
 """Doubly robust LFC: output schema, calibration on confounded nulls, FDR/power on
 confounded signal, FDX, and real positive / negative controls."""
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -101,6 +100,105 @@ def test_reusing_nuisances_reproduces_estimates(small_run):
     df4, _ = LFC(Yd, W, Ad, offset=est["offset"], Y_hat=est["Y_hat"], pi_hat=est["pi_hat_raw"],
                  nuisance_variance=False)
     np.testing.assert_allclose(df3["tau"], df4["tau"], atol=1e-8)
+
+
+def _reference_estimand(Y, W, A, s, pi, cm, k):
+    """One treatment's tau (no bias correction) and variance (with the outcome-model term
+    and the floor), computed cell by cell from SPEC §8 and docs/dr.md §1."""
+    n = Y.shape[0]
+    rows = np.flatnonzero((A.sum(axis=1) == 0) | (A[:, k] == 1))
+    n_k = rows.size
+    z = A[rows, k][:, None]
+    inv_s = 1.0 / s[rows][:, None]
+    mu0, mu1 = cm.arms(rows, slice(None), k)
+    w1, w0 = z / pi[rows, k][:, None], (1 - z) / (1 - pi[rows, k][:, None])
+    phi1 = (mu1 + w1 * (Y[rows] - mu1)) * inv_s
+    phi0 = (mu0 + w0 * (Y[rows] - mu0)) * inv_s
+    t1, t0 = np.maximum(phi1.mean(axis=0), 0.01), np.maximum(phi0.mean(axis=0), 0.01)
+    eta = phi1 / t1 - phi0 / t0
+    q = W.shape[1] + 1
+    var = eta.var(axis=0, ddof=1) / n_k * n_k / (n_k - q)
+    # outcome-model term: zeta_i = r_i (w_i' u_b + u_c[g(i)]), u = I^-1 d tau / d coef
+    info, g = cm.info, np.argmax(A, axis=1) - (A.sum(axis=1) == 0) * (A.shape[1] + 1)
+    mufit = cm.arms(np.arange(n), slice(None), 0)[0]
+    for m in range(A.shape[1]):
+        mufit[g == m] = cm.arms(np.flatnonzero(g == m), slice(None), m)[1]
+    R = (Y - mufit) / (1 + info.alpha * mufit)
+    r1 = (1 - w1) * mu1 * inv_s / (n_k * t1)
+    r0 = (1 - w0) * mu0 * inv_s / (n_k * t0)
+    g_w, g_c = (r1 - r0).T @ W[rows], r1.sum(axis=0)
+    u_b = np.einsum("mqr,mr->mq", info.S_inv, g_w - g_c[:, None] * info.F[k])
+    u_c = -np.einsum("amq,mq->am", info.F, u_b)
+    u_c[k] += g_c / info.D[k]
+    lever = W @ u_b.T + np.where(g[:, None] >= 0, u_c[np.maximum(g, 0)], 0.0)
+    zeta = R * lever
+    var += (zeta ** 2).sum(axis=0) + 2 * ((eta - eta.mean(axis=0)) / n_k * zeta[rows]).sum(axis=0)
+    treated = z[:, 0] == 1
+    floor = (inv_s[treated].sum() / treated.sum() ** 2 / t1
+             + inv_s[~treated].sum() / (~treated).sum() ** 2 / t0)
+    return np.log(t1 / t0), np.maximum(var, floor)
+
+
+def test_streamed_sums_match_cell_by_cell_reference(small_run):
+    """tau and std (incl. the outcome-model variance term) equal a plain per-cell
+    computation; the information blocks equal the inverse of the full Fisher information."""
+    Yd, Ad, W, _, est, _ = small_run
+    Y, A = Yd.to_numpy(), Ad.to_numpy()
+    df, _ = LFC(Yd, W, Ad, offset=est["offset"], Y_hat=est["Y_hat"], pi_hat=est["pi_hat_raw"],
+                recenter=False, bias_correction=False, thres_min=0.0)
+    cm, p = est["Y_hat"], Y.shape[1]
+    for k in range(A.shape[1]):
+        tau, var = _reference_estimand(Y, W, A, est["size_factors"], est["pi_hat"], cm, k)
+        got = df.iloc[k * p:(k + 1) * p]
+        ok = got["estimable"].to_numpy()
+        assert ok.sum() > 100
+        np.testing.assert_allclose(got["tau"].to_numpy()[ok], tau[ok], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got["std"].to_numpy()[ok], np.sqrt(var[ok]), rtol=1e-8)
+    info, q = cm.info, W.shape[1]
+    D = np.hstack([W, A])
+    mu = np.exp(cm.log_mu0 + A @ cm.effect[0].T)
+    for j in (0, 7, 42):
+        wj = mu[:, j] / (1 + info.alpha[j] * mu[:, j])
+        cov = np.linalg.inv(D.T @ (wj[:, None] * D))
+        np.testing.assert_allclose(info.S_inv[j], cov[:q, :q], rtol=1e-6, atol=1e-10)
+        r2 = ((Y[:, j] - mu[:, j]) / (1 + info.alpha[j] * mu[:, j])) ** 2
+        meat = D.T @ (r2[:, None] * D)
+        iu = np.triu_indices(q)
+        np.testing.assert_allclose(info.meat_WW[j], meat[:q, :q][iu], rtol=1e-9)
+        np.testing.assert_allclose(info.meat_WG[:, j], meat[q:, :q], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(info.meat_GG[:, j], np.diag(meat[q:, q:]), rtol=1e-9)
+
+
+def test_shared_control_products_equal_per_treatment_sums():
+    """The product form of the control sums (no mask) equals the cell-by-cell sums (an
+    explicit mask equal to the default cell sets), also where the 1e5 cap binds."""
+    Y, X, A, ad, _ = simulated(3, n_ctrl=300, n_perts=3, cells_per_pert=80, n_genes=120, r=2)
+    W = np.hstack([X, ad.obsm["U_true"]])
+    off = np.log(comp_size_factor(Y))
+    off[::9] += 9.0                      # means above the cap for every 9th cell
+    elig = (A.sum(axis=1) == 0)[:, None] | (A == 1)
+    for kw in (dict(), dict(usevar="unequal"), dict(nuisance_variance=False)):
+        d1, e1 = LFC(Y, W, A, offset=off, **kw)
+        d2, _ = LFC(Y, W, A, offset=off, mask=elig, Y_hat=e1["Y_hat"], pi_hat=e1["pi_hat_raw"],
+                    **kw)
+        assert (d1["estimable"] == d2["estimable"]).all()
+        for col in ("tau", "std", "mean_control", "mean_treated"):
+            np.testing.assert_allclose(d1[col], d2[col], rtol=1e-10, atol=1e-12)
+
+
+def test_outcome_init_is_only_a_starting_point(small_run):
+    Yd, Ad, W, _, est, _ = small_run
+    a = Ad.shape[1]
+    size = np.full(Yd.shape[1], 4.0)
+    fit = fit_glm(Yd.to_numpy(), W, Ad.to_numpy(), size=size, offset=est["offset"])
+    kw = dict(offset=est["offset"], pi_hat=est["pi_hat_raw"], disp_glm=size)
+    cold, _ = LFC(Yd, W, Ad, **kw)
+    warm, _ = LFC(Yd, W, Ad, outcome_init=fit.coef, **kw)
+    np.testing.assert_allclose(warm["tau"], cold["tau"], atol=1e-6)
+    np.testing.assert_allclose(warm["std"], cold["std"], rtol=1e-6)
+    with pytest.raises(ValueError, match="outcome_init must have shape"):
+        LFC(Yd, W, Ad, outcome_init=fit.coef[:, :-1], **kw)
+    assert fit.coef.shape[1] == W.shape[1] + a
 
 
 def test_offset_true_equals_explicit_size_factors(small_run):

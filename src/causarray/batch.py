@@ -15,7 +15,9 @@ whose fingerprint covers the data and every setting; a gene without counts in on
 batch's cells is reported as non-estimable for that batch instead of aborting; the
 result always has a ``trt`` column; sparse counts stay sparse outside the batch being
 fitted; batches can run in parallel on any :class:`concurrent.futures.Executor`
-(e.g. a Dask cluster), results being gathered and cached by the calling process.
+(e.g. a Dask cluster), results being gathered and cached by the calling process;
+LFC's outcome GLM starts from the batch's GCATE coefficients (same cells, design and
+offsets), which saves Newton steps.
 
 Running on a multi-machine Dask cluster
 ---------------------------------------
@@ -350,6 +352,22 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
     return pd.DataFrame(out, columns=cols + ["trt", "batch"])
 
 
+def outcome_start(res_2: dict, d: int, a: int) -> np.ndarray | None:
+    """GCATE's coefficients as a warm start of LFC's outcome GLM on ``[X | U | A]``.
+
+    ``res_2['B_Gamma']`` holds ``[B_X | B_A | Gamma]`` for the design ``[X | A | U]`` with
+    ``U = res_2['U']`` and the offsets of ``res_2['kwargs_glm']['size_factor']``: the GLM
+    that LFC fits on ``W = [X | U]`` with treatments ``A`` (at GCATE's shared dispersion
+    instead of LFC's own).  Returns the columns reordered to ``[B_X | Gamma | B_A]``, or
+    None when they are not usable (wrong shape, non-finite).
+    """
+    B = np.asarray(res_2.get("B_Gamma"), dtype=float)
+    r = np.shape(res_2.get("U"))[1] if np.ndim(res_2.get("U")) == 2 else -1
+    if B.ndim != 2 or B.shape[1] != d + a + r or not np.all(np.isfinite(B)):
+        return None
+    return np.hstack([B[:, :d], B[:, d + a:], B[:, d:d + a]])
+
+
 def _run_batch(job: _BatchJob) -> dict:
     """GCATE (and LFC unless ``job.lfc_kwargs`` is None) on one batch."""
     from .dr import LFC
@@ -395,6 +413,8 @@ def _run_batch(job: _BatchJob) -> dict:
             kw = dict(verbose=False)
             kw.update(_lfc_kwargs_fit(job.lfc_kwargs, expressed, fitted))
             kw.update(family=job.family, offset=log_s)
+            if "outcome_init" not in kw:
+                kw["outcome_init"] = outcome_start(res_2, job.X.shape[1], A_fit.shape[1])
             Y_df = pd.DataFrame(Y_fit, columns=list(job.gene_names[expressed]), copy=False)
             A_df = pd.DataFrame(A_fit, columns=names_fit)
             df_fit, _ = LFC(Y_df, W, A_df, W_A, **kw)
@@ -592,7 +612,9 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
     ``W_b = [X_b | U_b]``, ``W_A,b = [W_A[cells] | U_b]`` (or ``W_b``) and the offset
-    ``log`` of the batch's GCATE size factors, before the next batch starts.
+    ``log`` of the batch's GCATE size factors, before the next batch starts.  LFC's
+    outcome GLM (the same design) starts from GCATE's coefficients (see
+    :func:`outcome_start`; ``lfc_kwargs=dict(outcome_init=None)`` starts it cold).
 
     Parameters
     ----------
@@ -642,6 +664,9 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         raise ValueError(f"lfc_kwargs may not set {bad}: gcate_lfc_batch builds them per batch")
     lk.pop("family", None)
     gk.pop("family", None)
+    if lk.get("outcome_init", None) is not None:
+        raise ValueError("lfc_kwargs may set outcome_init only to None (no warm start): "
+                         "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit")
     data = _prepare_inputs(Y, X, A, W_A)
     plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
     _warn_multi_perturbation(data.A)
@@ -662,7 +687,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
             offset=canonical(offset), batch_size=batch_size, n_batches=n_batches,
             max_cells=max_cells, n_ctrl=n_ctrl, random_state=random_state,
             warm_start_U=warm_start_U, layout=_layout_digest(plans),
-            disp_glm=canonical(disp_glm),
+            disp_glm=canonical(disp_glm), outcome_start="gcate",
             gcate_kwargs={k: v for k, v in gk.items() if k != "verbose"},
             lfc_kwargs={k: v for k, v in lk.items() if k != "verbose"}))
         cache = BatchCache(cache_path, fp, items)

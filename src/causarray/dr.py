@@ -13,10 +13,29 @@ Their means over I_k estimate E[Y(1)], E[Y(0)]; the LFC is
 ``eta = phi(1)/tau_1 - phi(0)/tau_0`` and delta-method variance ``Var(eta)/n_k``
 (pooled, with the small-sample factor n_k/(n_k - q) for in-sample nuisances, t
 reference with n_k - q df) or Welch ('unequal').  A Poisson variance floor keeps
-chance all-zero arms from producing tiny standard errors.  Nothing is materialised
-as an n x p x a tensor: counterfactual means are kept as ``log mu0`` (n x p) plus
-per-treatment log effects, and pseudo-outcomes are streamed per treatment and
-gene chunk.
+chance all-zero arms from producing tiny standard errors.
+
+How it is computed
+------------------
+Nothing of size n x p x a is materialised.  The outcome model's means with every
+indicator off are stored once, genes major, with the cells sorted by treatment and
+the controls last (:class:`CounterfactualMeans`); treatment k only multiplies them by
+``exp(effect_k)``.  Every statistic above is a function of a few per-gene sums over
+the cells of I_k (sums of phi(1), phi(0), their squares and cross products, and the
+sums that enter the outcome-model variance term), so the genes are streamed in
+chunks and, per chunk, all treatments are handled at once:
+
+* the treated cells of treatment k form a block of their own;
+* the controls are shared by every treatment.  Their pseudo-outcomes are
+  ``phi(1) = exp(effect_k) q`` and ``phi(0) = q + w_k d`` with ``q = mu0/s``,
+  ``d = (y - mu0)/s`` independent of k and ``w_k = 1/(1 - pi_k)``, so every control
+  sum of every treatment is a matrix product of a few treatment-free arrays with the
+  weights ``[w_1 .. w_a]`` (exact; a gene whose capped means break the product form
+  is summed cell by cell instead).
+
+The outcome-model term of the variance (see ``docs/dr.md``) needs, per gene, the
+inverse Fisher information and the "meat" sum_i r_i^2 x_i x_i' of the GLM scores; both
+are formed once per gene chunk, so the per-treatment cost is O(p q^2).
 """
 from __future__ import annotations
 
@@ -28,7 +47,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .glm import _gene_chunk_size, fit_glm, groups_from_onehot, sym_outer, sym_unpack
+from .glm import fit_glm, groups_from_onehot, sym_outer, sym_unpack
 from .inference import multiple_testing
 from .preprocessing import size_factors_from_offset
 from .propensity import clip_bounds, clip_propensity, fit_propensity, make_folds
@@ -36,54 +55,28 @@ from .propensity import clip_bounds, clip_propensity, fit_propensity, make_folds
 logger = logging.getLogger("causarray")
 
 Y_HAT_CAP = 1e5
+LOG_MU_BOUNDS = (-30.0, 20.0)     # the outcome model's log means are clipped to this range
+EFFECT_BOUND = 30.0               # and its treatment effects to +- this
+_AIPW_CHUNK_BYTES = 4 * 2**20     # one genes x cells working array of the AIPW loop
 RESULT_COLUMNS = ["gene_names", "tau", "std", "log2fc", "log2fc_se", "stat", "rej", "pvalue",
                   "padj", "pvalue_emp_null_adj", "padj_emp_null_adj", "mean_control",
                   "mean_treated", "estimable"]
 
 
-@dataclass
-class CounterfactualMeans:
-    """Outcome-model predictions without the n x p x a x 2 tensor.
-
-    ``mu0_ij = exp(log_mu0_ij)`` for every treatment; ``mu1_ijk = mu0_ij exp(effect[fold_i, j, k])``.
-    """
-
-    log_mu0: np.ndarray        # n x p (offset included)
-    effect: np.ndarray         # K x p x a log effects per fold
-    fold: np.ndarray           # n, fold of each cell
-    info: "OutcomeInformation | None" = None
-
-    def arms(self, rows: np.ndarray, cols, k: int):
-        """(mu0, mu1) for cells ``rows`` and genes ``cols`` under treatment k, capped at 1e5."""
-        cols = np.arange(self.log_mu0.shape[1])[cols]
-        l0 = self.log_mu0[np.ix_(rows, cols)]
-        eff_k = self.effect[:, cols, k]                       # (K, m): one row per fold
-        folds = self.fold[rows]
-        if eff_k.shape[0] == 1:
-            l1 = l0 + eff_k[0]
-        else:
-            l1 = l0 + eff_k[folds]
-        return np.minimum(np.exp(l0), Y_HAT_CAP), np.minimum(np.exp(l1), Y_HAT_CAP)
-
-    def to_array(self) -> np.ndarray:
-        """The full n x p x a x 2 tensor of SPEC §8.3 (memory heavy; for small problems)."""
-        n, p = self.log_mu0.shape
-        a = self.effect.shape[2]
-        out = np.empty((n, p, a, 2))
-        for k in range(a):
-            mu0, mu1 = self.arms(np.arange(n), slice(None), k)
-            out[:, :, k, 0], out[:, :, k, 1] = mu0, mu1
-        return out
-
-
+# ----------------------------------------------------------------------------------
+# nuisance containers
+# ----------------------------------------------------------------------------------
 @dataclass
 class OutcomeInformation:
-    """Blocks of the outcome GLM's Fisher information, for the nuisance-uncertainty term.
+    """Per-gene blocks of the outcome GLM's Fisher information and score outer products.
 
     For the design [W | G] (G one-hot): ``S_inv`` (p x q x q) is the inverse Schur
     complement of the group block, ``F`` (a x p x q) = E_k / D_k and ``D`` (a x p) the
-    diagonal group block.  Then Cov(b) = S_inv, Cov(b, c_k) = -S_inv F_k and
-    Var(c_k) = 1/D_k + F_k' S_inv F_k.
+    diagonal group block; then Cov(b) = S_inv, Cov(b, c_k) = -S_inv F_k and
+    Var(c_k) = 1/D_k + F_k' S_inv F_k.  ``meat_WW`` (p x q(q+1)/2, packed upper
+    triangle), ``meat_WG`` (a x p x q) and ``meat_GG`` (a x p) are the blocks of
+    sum_i r_i^2 [w_i; e_g(i)][w_i; e_g(i)]' with r_i = (y_i - mu_i)/(1 + alpha mu_i)
+    the cells' GLM scores.
     """
 
     S_inv: np.ndarray
@@ -91,81 +84,103 @@ class OutcomeInformation:
     D: np.ndarray
     alpha: np.ndarray          # (p,) NB dispersion of the fit (0 = Poisson)
     groups: np.ndarray         # (n,) group of each cell, -1 for controls
+    meat_WW: np.ndarray | None = None
+    meat_WG: np.ndarray | None = None
+    meat_GG: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, p: int, q: int, a: int, alpha: np.ndarray, groups: np.ndarray):
+        return cls(S_inv=np.zeros((p, q, q)), F=np.zeros((a, p, q)), D=np.zeros((a, p)),
+                   alpha=alpha, groups=groups, meat_WW=np.zeros((p, q * (q + 1) // 2)),
+                   meat_WG=np.zeros((a, p, q)), meat_GG=np.zeros((a, p)))
 
 
-def outcome_information(Y, W: np.ndarray, groups: np.ndarray, cm: "CounterfactualMeans",
-                        size: np.ndarray) -> OutcomeInformation:
-    """Fisher information blocks of the (in-sample) outcome GLM at its estimate."""
-    n, p = Y.shape
-    q = W.shape[1]
-    a = cm.effect.shape[2]
-    alpha = np.where(np.isfinite(size), 1.0 / np.where(np.isfinite(size), size, 1.0), 0.0)
-    WW = sym_outer(W)
-    S = np.empty((p, q, q))
-    F = np.empty((a, p, q))
-    D = np.empty((a, p))
-    members = _members(groups, a)
-    step = _gene_chunk_size(n, None)
-    for start in range(0, p, step):
-        cols = np.arange(start, min(p, start + step))
-        log_mu = cm.log_mu0[:, cols].copy()
-        for k, idx in enumerate(members):
-            log_mu[idx] += cm.effect[0][cols, k]
-        mu = np.minimum(np.exp(log_mu), Y_HAT_CAP)
-        w = mu / (1.0 + alpha[cols] * mu)
-        H = sym_unpack(w.T @ WW, q)
-        for k, idx in enumerate(members):
-            Dk = w[idx].sum(axis=0) + 1e-10
-            Ek = (W[idx].T @ w[idx]).T
-            D[k, cols] = Dk
-            F[k, cols] = Ek / Dk[:, None]
-            H -= Ek[:, :, None] * F[k, cols][:, None, :]
-        S[cols] = np.linalg.pinv(H, hermitian=True)
-    return OutcomeInformation(S_inv=S, F=F, D=D, alpha=alpha, groups=groups)
+@dataclass
+class CounterfactualMeans:
+    """Outcome-model predictions without the n x p x a x 2 tensor.
 
-
-def _outcome_influence(Y, W: np.ndarray, cm: "CounterfactualMeans", k: int, cols: np.ndarray,
-                       g_w: np.ndarray, g_c: np.ndarray) -> np.ndarray:
-    """Each cell's contribution to tau through the outcome-model coefficients (n x m).
-
-    With stacked estimating equations, tau_hat - tau ≈ mean(eta) + g' I^-1 sum_i psi_i,
-    where psi_i = r_i [w_i; e_g(i)] is cell i's score for the gene's GLM coefficients
-    (r_i = (y - mu)/(1 + alpha mu)), I the Fisher information and g = d tau / d(b, c_k).
-    Returns zeta_i = r_i (u_b' w_i + u_c[g(i)]) with u = I^-1 g (one-hot block inverse).
+    ``mu0[j, t]`` is the mean of gene j for cell ``order[t]`` with every indicator off
+    (offset included; exp of a log mean clipped to [-30, 20], not yet capped); with
+    indicator k on it is ``mu0 * exp(effect[fold, j, k])``.  Both arms are capped at
+    ``Y_HAT_CAP`` where used.  Cells are stored sorted by treatment, controls last.
     """
-    info = cm.info
-    u_b = np.einsum("mqr,mr->mq", info.S_inv[cols], g_w - g_c[:, None] * info.F[k, cols])
-    u_c = -np.einsum("amq,mq->am", info.F[:, cols], u_b)
-    u_c[k] += g_c / info.D[k, cols]
-    n = Y.shape[0]
-    y = _dense_rows(Y, np.arange(n), cols)
-    log_mu = cm.log_mu0[:, cols].copy()
-    lever = W @ u_b.T
-    for m, idx in enumerate(_members(info.groups, cm.effect.shape[2])):
-        log_mu[idx] += cm.effect[0][cols, m]
-        lever[idx] += u_c[m]
-    mu = np.minimum(np.exp(log_mu), Y_HAT_CAP)
-    return (y - mu) / (1.0 + info.alpha[cols] * mu) * lever
+
+    mu0: np.ndarray            # p x n, genes major, cells in ``order``
+    effect: np.ndarray         # K x p x a log effects per fold
+    fold: np.ndarray           # n, fold of each cell (original cell order)
+    order: np.ndarray          # n, original index of each stored cell
+    info: OutcomeInformation | None = None
+    alpha: np.ndarray | None = None   # (p,) NB dispersion of the outcome fit, when known
+
+    @property
+    def position(self) -> np.ndarray:
+        """Stored column of each cell (inverse of ``order``)."""
+        pos = np.empty(self.order.size, dtype=np.int64)
+        pos[self.order] = np.arange(self.order.size)
+        return pos
+
+    @property
+    def log_mu0(self) -> np.ndarray:
+        """n x p log means with every indicator off (original cell order)."""
+        out = np.empty(self.mu0.shape[::-1])
+        out[self.order] = np.log(self.mu0).T
+        return out
+
+    def arms(self, rows: np.ndarray, cols, k: int):
+        """(mu0, mu1) for cells ``rows`` and genes ``cols`` under treatment k, capped at 1e5."""
+        cols = np.arange(self.mu0.shape[0])[cols]
+        rows = np.asarray(rows)
+        m0 = self.mu0[np.ix_(cols, self.position[rows])].T
+        eff = self.effect[:, cols, k]
+        e = np.exp(eff[0] if eff.shape[0] == 1 else eff[self.fold[rows]])
+        return np.minimum(m0, Y_HAT_CAP), np.minimum(m0 * e, Y_HAT_CAP)
+
+    def to_array(self) -> np.ndarray:
+        """The full n x p x a x 2 tensor of SPEC §8.3 (memory heavy; for small problems)."""
+        p, n = self.mu0.shape
+        a = self.effect.shape[2]
+        out = np.empty((n, p, a, 2))
+        for k in range(a):
+            mu0, mu1 = self.arms(np.arange(n), slice(None), k)
+            out[:, :, k, 0], out[:, :, k, 1] = mu0, mu1
+        return out
+
+    def _factor(self, cols: slice, k: int, fold_s: np.ndarray, cells) -> np.ndarray:
+        """exp(effect_k) for genes ``cols`` and stored cells ``cells``: (m, 1) or (m, c)."""
+        eff = self.effect[:, cols, k]
+        if eff.shape[0] == 1:
+            return np.exp(eff[0])[:, None]
+        return np.exp(eff[fold_s[cells]].T)
 
 
-def _members(groups: np.ndarray, a: int) -> list:
-    return [np.flatnonzero(groups == m) for m in range(a)]
+def cell_order(A: np.ndarray) -> np.ndarray:
+    """Stable order of the cells by their (first) treatment, the controls last.
+
+    For one-hot ``A`` this is the order of the GLM engine's design (each treatment's
+    cells contiguous, then the controls).
+    """
+    a = A.shape[1]
+    treated = (A != 0).any(axis=1)
+    key = np.where(treated, np.argmax(A != 0, axis=1), a)
+    return np.argsort(key, kind="stable")
+
+
+def _as_block(idx: np.ndarray):
+    """A slice when the sorted indices ``idx`` are contiguous (a view instead of a copy)."""
+    if idx.size == 0:
+        return slice(0, 0)
+    if idx[-1] - idx[0] + 1 == idx.size:
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def _block_size(sel, n: int) -> int:
+    return len(range(n)[sel]) if isinstance(sel, slice) else int(np.size(sel))
 
 
 # ----------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------
-def _names_and_values(M, default_prefix: str | None):
-    if isinstance(M, pd.DataFrame):
-        return [str(c) for c in M.columns], M
-    return None, M
-
-
-def _dense_rows(Y, rows: np.ndarray, cols) -> np.ndarray:
-    block = Y[rows][:, cols] if sp.issparse(Y) else Y[np.ix_(rows, np.arange(Y.shape[1])[cols])]
-    return block.toarray() if sp.issparse(block) else np.asarray(block, float)
-
-
 def _prepare(Y, W, A, W_A, mask):
     gene_names = [str(c) for c in Y.columns] if isinstance(Y, pd.DataFrame) else None
     trt_names = [str(c) for c in A.columns] if isinstance(A, pd.DataFrame) else None
@@ -201,122 +216,496 @@ def _prepare(Y, W, A, W_A, mask):
     return Y, W, A, W_A, mask, gene_names, trt_names
 
 
+class _GeneBlocks:
+    """Genes-major dense blocks of the counts with the cells in a given order."""
+
+    def __init__(self, Y, order: np.ndarray):
+        self.order = order
+        if sp.issparse(Y):
+            self.Yt = sp.csr_matrix(Y[order].T)
+            self.Y = None
+        else:
+            self.Y, self.Yt = Y, None
+
+    def __call__(self, cols: slice) -> np.ndarray:
+        if self.Yt is not None:
+            return self.Yt[cols].toarray().astype(np.float64, copy=False)
+        return np.ascontiguousarray(self.Y[:, cols].T[:, self.order], dtype=np.float64)
+
+
 # ----------------------------------------------------------------------------------
 # nuisance models
 # ----------------------------------------------------------------------------------
 def fit_outcome_model(Y, W: np.ndarray, A: np.ndarray, log_s: np.ndarray, fold: np.ndarray,
                       family: str = "nb", disp_glm=None, init=None) -> CounterfactualMeans:
-    """Joint count GLM of Y on [W | A] per training fold; out-of-fold counterfactual means."""
+    """Joint count GLM of Y on [W | A] per training fold; out-of-fold counterfactual means.
+
+    ``init`` (p x (d + a), columns as ``[W | A]``) warm-starts the GLM when there are no
+    folds; the fit (dispersion recipe included) is the same, only fewer Newton steps
+    are needed from a good start.
+    """
     n, p = Y.shape
     K = int(fold.max()) + 1
-    a = A.shape[1]
-    log_mu0 = np.empty((n, p))
+    d, a = W.shape[1], A.shape[1]
+    order = cell_order(A)
+    Ws, ls, fold_s = W[order], log_s[order], fold[order]
+    mu0 = np.empty((p, n))
     effect = np.zeros((K, p, a))
+    size = None
     for f in range(K):
-        train = fold != f if K > 1 else np.ones(n, bool)
-        test = fold == f
-        fit = fit_glm(Y[train] if K > 1 else Y, W[train], A[train], family=family,
-                      size=disp_glm, offset=log_s[train], init=init if K == 1 else None)
-        B = fit.coef[:, :W.shape[1]]
-        effect[f] = fit.coef[:, W.shape[1]:W.shape[1] + a]
-        eta0 = W[test] @ B.T + log_s[test][:, None]
-        log_mu0[test] = np.clip(eta0, -30.0, 20.0)
+        train = fold != f if K > 1 else slice(None)
+        fit = fit_glm(Y[train], W[train], A[train], family=family, size=disp_glm,
+                      offset=log_s[train], init=init if K == 1 else None, compute_se=False)
+        logger.debug("outcome GLM (fold %d): %d of %d genes converged, mean %.1f Newton steps",
+                     f, int(fit.converged.sum()), p, float(np.mean(fit.n_iter)))
+        B = fit.coef[:, :d]
+        effect[f] = fit.coef[:, d:d + a]
+        if K == 1:
+            np.matmul(B, Ws.T, out=mu0)
+            mu0 += ls
+            np.clip(mu0, *LOG_MU_BOUNDS, out=mu0)
+            np.exp(mu0, out=mu0)
+        else:
+            test = np.flatnonzero(fold_s == f)
+            mu0[:, test] = np.exp(np.clip(B @ Ws[test].T + ls[test], *LOG_MU_BOUNDS))
         size = fit.size
-    cm = CounterfactualMeans(log_mu0=log_mu0, effect=np.clip(effect, -30.0, 30.0), fold=fold)
-    groups = groups_from_onehot(A)
-    if K == 1 and groups is not None:
-        cm.info = outcome_information(Y, W, groups, cm, size)
-    return cm
+    alpha = np.where(np.isfinite(size), 1.0 / np.where(np.isfinite(size), size, 1.0), 0.0)
+    return CounterfactualMeans(mu0=mu0, effect=np.clip(effect, -EFFECT_BOUND, EFFECT_BOUND),
+                               fold=fold, order=order, alpha=alpha)
 
 
 def _coerce_Y_hat(Y_hat, n: int, p: int, a: int) -> CounterfactualMeans:
     if isinstance(Y_hat, CounterfactualMeans):
+        if Y_hat.mu0.shape != (p, n) or Y_hat.effect.shape[2] != a:
+            raise ValueError(f"Y_hat holds predictions for {Y_hat.mu0.shape[1]} cells x "
+                             f"{Y_hat.mu0.shape[0]} genes x {Y_hat.effect.shape[2]} treatments, "
+                             f"expected {n} x {p} x {a}")
         return Y_hat
     arr = np.asarray(Y_hat, float)
     if arr.shape != (n, p, a, 2):
         raise ValueError(f"Y_hat must be a CounterfactualMeans or an array of shape {(n, p, a, 2)}")
-    with np.errstate(divide="ignore"):
-        log_mu0 = np.log(arr[:, :, 0, 0])
+    with np.errstate(divide="ignore", invalid="ignore"):
         eff = np.log(arr[:, :, :, 1]) - np.log(arr[:, :, :, 0])
     # per-cell effects are stored as n folds of one cell each
-    return CounterfactualMeans(log_mu0=log_mu0, effect=eff, fold=np.arange(n))
+    return CounterfactualMeans(mu0=np.ascontiguousarray(arr[:, :, 0, 0].T), effect=eff,
+                               fold=np.arange(n), order=np.arange(n))
 
 
 # ----------------------------------------------------------------------------------
-# per-treatment estimand
+# per-gene sums over blocks of cells
 # ----------------------------------------------------------------------------------
-def _treatment_estimand(Y, rows, treated, s, pi, cm: CounterfactualMeans, k: int,
-                        thres_diff: float, usevar: str, n_params: int, in_sample: bool,
-                        keep_eta: bool, W: np.ndarray | None = None,
-                        bias_correction: bool = True):
-    """Means, LFC, variance and df for all genes of one treatment (streamed by gene chunk)."""
-    n_k, p = rows.size, Y.shape[1]
-    n1 = int(treated.sum())
-    n0 = n_k - n1
-    z = treated.astype(float)[:, None]
-    inv_s = (1.0 / s[rows])[:, None]
-    w1 = z / pi[rows][:, None]
-    w0 = (1.0 - z) / (1.0 - pi[rows])[:, None]
-    out = {key: np.empty(p) for key in ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor")}
-    out["estimable"] = np.empty(p, bool)
-    eta_all = np.empty((n_k, p)) if keep_eta else None
-    step = _gene_chunk_size(n_k, None)
-    for start in range(0, p, step):
-        cols = slice(start, min(p, start + step))
-        y = _dense_rows(Y, rows, cols)
-        mu0, mu1 = cm.arms(rows, np.arange(start, min(p, start + step)), k)
-        phi1 = (mu1 + w1 * (y - mu1)) * inv_s
-        phi0 = (mu0 + w0 * (y - mu0)) * inv_s
-        m1, m0 = phi1.mean(axis=0), phi0.mean(axis=0)
-        o1 = y[treated].mean(axis=0) if n1 else np.full(y.shape[1], np.nan)
-        o0 = y[~treated].mean(axis=0) if n0 else np.full(y.shape[1], np.nan)
-        est = (np.isfinite(m0) & np.isfinite(m1) & ((m1 > 0) | (o1 == 0)) & ((m0 > 0) | (o0 == 0))
-               & ((o1 > 0) | (o0 > 0)))
-        t1 = np.where(est, np.maximum(m1, thres_diff), 1.0)
-        t0 = np.where(est, np.maximum(m0, thres_diff), 1.0)
-        eta = phi1 / t1 - phi0 / t0
+def _group_sums(V: np.ndarray, grp, a: int) -> np.ndarray:
+    """Per-group row sums (a x m) of V (m x c) for the cells' groups ``grp`` (-1: none)."""
+    out = np.zeros((a, V.shape[0]))
+    if isinstance(grp, (int, np.integer)):
+        if grp >= 0:
+            out[grp] = V.sum(axis=1)
+        return out
+    onehot = (np.asarray(grp)[:, None] == np.arange(a)[None, :]).astype(float)
+    return (V @ onehot).T
+
+
+def _block_sums(y: np.ndarray, mu0_raw: np.ndarray, e: np.ndarray, inv_s: np.ndarray,
+                wt: np.ndarray, treated: bool, R: np.ndarray | None = None,
+                W: np.ndarray | None = None, grp=-1, a: int = 0) -> dict:
+    """Per-gene sums over one block of cells of one treatment, cell by cell.
+
+    A block holds only treated cells (``wt`` = 1/pi) or only untreated ones
+    (``wt`` = 1/(1 - pi)).  ``y``, ``mu0_raw`` are genes x cells, ``e`` the factor
+    exp(effect_k) ((m, 1) or (m, c)).  Returns the sums of phi(1), phi(0), their squares
+    and product, of y and of 1/s; with ``R`` (GLM scores) and ``W`` also the sums that
+    enter the outcome-model variance term (``grp``: the cells' groups).
+    """
+    mu_b = mu0_raw * e if treated else mu0_raw.copy()      # the arm of this block's cells
+    np.minimum(mu_b, Y_HAT_CAP, out=mu_b)
+    mu_o = np.minimum(mu0_raw if treated else mu0_raw * e, Y_HAT_CAP)
+    pb = mu_b
+    pb *= (1.0 - wt) * inv_s                               # (1 - w) mu / s
+    phi_b = y * (wt * inv_s)
+    phi_b += pb                                            # [mu + w (y - mu)] / s
+    phi_o = np.multiply(mu_o, inv_s, out=mu_o)
+    n = y.shape[1]
+    sb, so = phi_b.sum(axis=1), phi_o.sum(axis=1)
+    sbb = np.einsum("ij,ij->i", phi_b, phi_b)
+    soo = np.einsum("ij,ij->i", phi_o, phi_o)
+    sbo = np.einsum("ij,ij->i", phi_b, phi_o)
+    out = dict(n=n, sy=y.sum(axis=1), sinv=float(inv_s.sum()))
+    if treated:
+        out.update(s1=sb, s0=so, s11=sbb, s00=soo, s10=sbo)
+    else:
+        out.update(s1=so, s0=sb, s11=soo, s00=sbb, s10=sbo)
+    if R is not None:
+        bR, oR = phi_b * R, phi_o * R
+        PbW, PoW = bR @ W, oR @ W
+        Pbg, Pog = _group_sums(bR, grp, a), _group_sums(oR, grp, a)
+        if treated:
+            out.update(r1W=pb @ W, r0W=phi_o @ W, r1s=pb.sum(axis=1),
+                       P1W=PbW, P0W=PoW, P1g=Pbg, P0g=Pog)
+        else:
+            out.update(r1W=phi_o @ W, r0W=pb @ W, r1s=so, P1W=PoW, P0W=PbW, P1g=Pog, P0g=Pbg)
+        out.update(RW=R @ W, Rg=_group_sums(R, grp, a))
+    return out
+
+
+class _ControlSums:
+    """The control cells' sums for every treatment at once (product form).
+
+    With ``q = mu0/s`` and ``d = (y - mu0)/s`` (mu0 capped) and, for treatment k,
+    weights ``w_k = 1/(1 - pi_k)`` and factor ``e_k = exp(effect_k)``, the controls'
+    pseudo-outcomes are ``phi(1) = e_k q`` and ``phi(0) = q + w_k d`` as long as
+    ``mu0 e_k`` stays below the cap.  Every sum of :func:`_block_sums` is then a
+    product of treatment-free arrays with the weight matrix; genes where the cap binds
+    are summed cell by cell.
+    """
+
+    def __init__(self, y, mu0_raw, inv_s, w0: np.ndarray, R=None, W=None, Z=None, a=0):
+        self.y, self.mu0_raw, self.inv_s, self.w0, self.R, self.W = y, mu0_raw, inv_s, w0, R, W
+        self.a = a
+        mu0 = np.minimum(mu0_raw, Y_HAT_CAP)
+        self.mu0_max = mu0_raw.max(axis=1) if mu0_raw.shape[1] else np.zeros(mu0_raw.shape[0])
+        q = np.multiply(mu0, inv_s, out=mu0)
+        d = np.subtract(y, np.minimum(mu0_raw, Y_HAT_CAP))
+        d *= inv_s
+        self.n, self.sinv = y.shape[1], float(inv_s.sum())
+        self.sy = y.sum(axis=1)
+        self.sq = q.sum(axis=1)
+        self.sqq = np.einsum("ij,ij->i", q, q)
+        self.dw = d @ w0                                   # m x a
+        self.qdw = (q * d) @ w0
+        d2 = np.multiply(d, d)
+        self.ddw = d2 @ (w0 * w0)
+        del d2
+        if R is not None:
+            qZ = (q @ Z).reshape(q.shape[0], a, -1)       # sum_i w_ik q_i x_i
+            self.qW = q @ W
+            self.qZ = qZ
+            qR = np.multiply(q, R)
+            self.qRW = qR @ W
+            del qR
+            dR = np.multiply(d, R, out=d)
+            self.dRZ = (dR @ Z).reshape(q.shape[0], a, -1)  # sum_i w_ik d_i r_i x_i
+            self.RW = R @ W
+
+    def sums(self, k: int, e: np.ndarray) -> dict:
+        """The sums of :func:`_block_sums` for treatment k (``e``: (m,) factors)."""
+        sqq, qdw = self.sqq, self.qdw[:, k]
+        out = dict(n=self.n, sy=self.sy, sinv=self.sinv, s1=e * self.sq,
+                   s0=self.sq + self.dw[:, k], s11=e * e * sqq,
+                   s00=sqq + 2.0 * qdw + self.ddw[:, k], s10=e * (sqq + qdw))
+        if self.R is not None:
+            zeros = np.zeros((self.a, e.size))
+            out.update(r1W=e[:, None] * self.qW, r0W=self.qW - self.qZ[:, k],
+                       r1s=out["s1"], P1W=e[:, None] * self.qRW,
+                       P0W=self.qRW + self.dRZ[:, k], P1g=zeros, P0g=zeros, RW=self.RW,
+                       Rg=zeros)
+        bad = (self.mu0_max * np.maximum(e, 1.0)) > Y_HAT_CAP
+        if bad.any():
+            direct = _block_sums(self.y[bad], self.mu0_raw[bad], e[bad, None], self.inv_s,
+                                 self.w0[:, k], False,
+                                 None if self.R is None else self.R[bad], self.W, -1, self.a)
+            for key, val in direct.items():
+                if isinstance(val, np.ndarray):
+                    out[key] = out[key].copy()
+                    if val.ndim == 2 and val.shape[0] == self.a and key.endswith("g"):
+                        out[key][:, bad] = val
+                    else:
+                        out[key][bad] = val
+        return out
+
+
+def _add_sums(b1: dict, b0: dict) -> dict:
+    return {key: b1[key] + b0[key] for key in b1 if key in b0}
+
+
+@dataclass
+class _ChunkInformation:
+    """The blocks of :class:`OutcomeInformation` for one chunk of genes (meat unpacked)."""
+
+    S_inv: np.ndarray
+    F: np.ndarray
+    D: np.ndarray
+    meat_WW: np.ndarray
+    meat_WG: np.ndarray
+    meat_GG: np.ndarray
+
+    @classmethod
+    def of(cls, info: OutcomeInformation, cols: slice) -> _ChunkInformation:
+        q = info.S_inv.shape[-1]
+        return cls(info.S_inv[cols], info.F[:, cols], info.D[:, cols],
+                   sym_unpack(info.meat_WW[cols], q), info.meat_WG[:, cols],
+                   info.meat_GG[:, cols])
+
+
+def _nuisance_term(tot: dict, info: _ChunkInformation, k: int, n_k: int,
+                   a1: np.ndarray, a0: np.ndarray, eta_sum: np.ndarray) -> np.ndarray:
+    """Outcome-model term of Var(tau) from the stacked estimating equations.
+
+    tau_hat - tau ≈ mean(eta) + g' I^-1 sum_i psi_i with psi_i = r_i [w_i; e_g(i)] the
+    cells' GLM scores, I the Fisher information and g = d tau / d(b, c_k).  With
+    zeta_i = u' psi_i (u = I^-1 g, one-hot block inverse) the variance gains
+    sum_i zeta_i^2 (all cells; = u' meat u) + 2 sum_{i in I_k} (eta_i - mean eta)/n_k zeta_i.
+    """
+    g_w = (tot["r1W"] * a1[:, None] - tot["r0W"] * a0[:, None]) / n_k
+    g_c = tot["r1s"] * a1 / n_k
+    F = info.F
+    u_b = (info.S_inv @ (g_w - g_c[:, None] * F[k])[:, :, None])[:, :, 0]
+    u_c = -np.einsum("amq,mq->am", F, u_b)
+    u_c[k] += g_c / info.D[k]
+    Mu = (info.meat_WW @ u_b[:, :, None])[:, :, 0]
+    zz = (np.einsum("mq,mq->m", u_b, Mu)
+          + 2.0 * np.einsum("am,amq,mq->m", u_c, info.meat_WG, u_b)
+          + np.einsum("am,am->m", u_c * u_c, info.meat_GG))
+    ebar = eta_sum / n_k
+    cw = tot["P1W"] * a1[:, None] - tot["P0W"] * a0[:, None] - ebar[:, None] * tot["RW"]
+    cg = tot["P1g"] * a1 - tot["P0g"] * a0 - ebar * tot["Rg"]
+    cross = (np.einsum("mq,mq->m", cw, u_b) + np.einsum("am,am->m", cg, u_c)) / n_k
+    return zz + 2.0 * cross
+
+
+def _estimand_from_sums(b1: dict, b0: dict, thres_diff: float, usevar: str, n_params: int,
+                        in_sample: bool, bias_correction: bool,
+                        info: _ChunkInformation | None = None, k: int = 0) -> dict:
+    """Means, LFC, variance, df and floor of one treatment for a chunk of genes."""
+    tot = _add_sums(b1, b0)
+    n1, n0 = b1["n"], b0["n"]
+    n_k = n1 + n0
+    m1, m0 = tot["s1"] / n_k, tot["s0"] / n_k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        o1 = b1["sy"] / n1 if n1 else np.full(m1.shape, np.nan)
+        o0 = b0["sy"] / n0 if n0 else np.full(m0.shape, np.nan)
+    est = (np.isfinite(m0) & np.isfinite(m1) & ((m1 > 0) | (o1 == 0)) & ((m0 > 0) | (o0 == 0))
+           & ((o1 > 0) | (o0 > 0)))
+    t1 = np.where(est, np.maximum(m1, thres_diff), 1.0)
+    t0 = np.where(est, np.maximum(m0, thres_diff), 1.0)
+    a1, a0 = 1.0 / t1, 1.0 / t0
+
+    def eta_moments(b):
+        s = b["s1"] * a1 - b["s0"] * a0
+        s2 = b["s11"] * a1 * a1 - 2.0 * b["s10"] * a1 * a0 + b["s00"] * a0 * a0
+        return s, s2
+
+    def sample_var(s, s2, n):   # ddof = 1 from sums (the mean of eta is ~0: no cancellation)
+        if n < 2:
+            return np.full(s.shape, np.nan)
+        return np.maximum(s2 - s * s / n, 0.0) / (n - 1)
+
+    es, es2 = eta_moments(tot)
+    with np.errstate(divide="ignore", invalid="ignore"):
         if usevar == "pooled":
-            var = eta.var(axis=0, ddof=1) / n_k
+            var = sample_var(es, es2, n_k) / n_k
             df = np.full(var.shape, float(max(n_k - n_params, 2)))
             if in_sample:
                 var *= n_k / max(n_k - n_params, 2)
-        elif usevar == "unequal":
-            v1 = eta[treated].var(axis=0, ddof=1) / n1 if n1 > 1 else np.full(eta.shape[1], np.nan)
-            v0 = eta[~treated].var(axis=0, ddof=1) / n0 if n0 > 1 else np.full(eta.shape[1], np.nan)
-            var = v0 + v1
-            with np.errstate(divide="ignore", invalid="ignore"):
-                df = var ** 2 / (v0 ** 2 / max(n0 - 1, 1) + v1 ** 2 / max(n1 - 1, 1))
         else:
-            raise ValueError(f"usevar must be 'pooled' or 'unequal', got {usevar!r}")
-        if cm.info is not None and W is not None:
-            # outcome-model estimation error (stacked estimating equations): the cells'
-            # GLM scores move tau through the coefficients; add their variance and their
-            # covariance with the AIPW influence values
-            gcols = np.arange(start, min(p, start + step))
-            r1 = (1.0 - w1) * mu1 * inv_s / (n_k * t1)
-            r0 = (1.0 - w0) * mu0 * inv_s / (n_k * t0)
-            zeta = _outcome_influence(Y, W, cm, k, gcols, (r1 - r0).T @ W[rows], r1.sum(axis=0))
-            centred = (eta - eta.mean(axis=0)) / n_k
-            extra = (zeta ** 2).sum(axis=0) + 2.0 * (centred * zeta[rows]).sum(axis=0)
+            v1 = sample_var(*eta_moments(b1), n1) / n1 if n1 > 1 else np.full(m1.shape, np.nan)
+            v0 = sample_var(*eta_moments(b0), n0) / n0 if n0 > 1 else np.full(m0.shape, np.nan)
+            var = v0 + v1
+            df = var ** 2 / (v0 ** 2 / max(n0 - 1, 1) + v1 ** 2 / max(n1 - 1, 1))
+        if info is not None:
+            extra = _nuisance_term(tot, info, k, n_k, a1, a0, es)
             var = var + np.where(est, extra, 0.0)
-        floor = ((inv_s[treated].sum() / max(n1, 1) ** 2) / t1
-                 + (inv_s[~treated].sum() / max(n0, 1) ** 2) / t0)
-        out["m0"][cols], out["m1"][cols], out["o0"][cols], out["o1"][cols] = m0, m1, o0, o1
+        floor = (b1["sinv"] / max(n1, 1) ** 2) / t1 + (b0["sinv"] / max(n0, 1) ** 2) / t0
         tau = np.log(t1 / t0)
         if bias_correction:
             # second-order delta method: E log(m) ≈ log E(m) - Var(m) / (2 m^2)
-            v1 = (phi1 / t1).var(axis=0, ddof=1) / n_k
-            v0 = (phi0 / t0).var(axis=0, ddof=1) / n_k
+            v1 = sample_var(tot["s1"], tot["s11"], n_k) / n_k * a1 * a1
+            v0 = sample_var(tot["s0"], tot["s00"], n_k) / n_k * a0 * a0
             # the expansion holds only for small relative variances: skip it where an arm's
             # mean is too noisy (relative variance > 0.25), e.g. near the thres_diff floor
             small = est & (v1 < 0.25) & (v0 < 0.25)
             tau = tau + np.where(small, 0.5 * (v1 - v0), 0.0)
-        out["tau"][cols] = tau
-        out["var"][cols], out["df"][cols], out["floor"][cols] = var, df, floor
-        out["estimable"][cols] = est
-        if keep_eta:
-            eta_all[:, cols] = eta
-    return out, eta_all
+    return dict(m0=m0, m1=m1, o0=o0, o1=o1, tau=tau, var=var, df=df, floor=floor,
+                estimable=est, t1=t1, t0=t0)
+
+
+# ----------------------------------------------------------------------------------
+# all treatments, streamed over gene chunks
+# ----------------------------------------------------------------------------------
+def _glm_scores(y: np.ndarray, mufit: np.ndarray, alpha: np.ndarray, out=None):
+    """Fisher weights mu/(1 + alpha mu) and scores (y - mu)/(1 + alpha mu), genes x cells."""
+    t = np.multiply(mufit, alpha[:, None])
+    t += 1.0
+    np.reciprocal(t, out=t)
+    m = y.shape[0]
+    buf = np.empty((2 * m, y.shape[1])) if out is None else out
+    w, r = buf[:m], buf[m:]
+    np.multiply(mufit, t, out=w)
+    np.subtract(y, mufit, out=r)
+    r *= t
+    return w, r
+
+
+def _chunk_information(y: np.ndarray, mufit: np.ndarray, alpha: np.ndarray, Ws: np.ndarray,
+                       WWs: np.ndarray, slices: list, info: OutcomeInformation,
+                       cols: slice) -> np.ndarray:
+    """Fisher information blocks and score outer products of a gene chunk (into ``info``);
+    returns the cells' GLM scores (genes x cells)."""
+    m = y.shape[0]
+    q = Ws.shape[1]
+    buf = np.empty((2 * m, y.shape[1]))
+    w, r2 = _glm_scores(y, mufit, alpha, out=buf)
+    R = r2.copy()
+    r2 *= r2
+    G = buf @ WWs                                     # one GEMM: X'WX and the meat
+    H = sym_unpack(G[:m], q)
+    info.meat_WW[cols] = G[m:]
+    for k, sl in enumerate(slices):
+        Dk = w[:, sl].sum(axis=1) + 1e-10
+        Ek = w[:, sl] @ Ws[sl]
+        Fk = Ek / Dk[:, None]
+        info.D[k, cols], info.F[k, cols] = Dk, Fk
+        H -= Ek[:, :, None] * Fk[:, None, :]
+        info.meat_WG[k, cols] = r2[:, sl] @ Ws[sl]
+        info.meat_GG[k, cols] = r2[:, sl].sum(axis=1)
+    info.S_inv[cols] = _sym_inverse(H)
+    return R
+
+
+def _sym_inverse(H: np.ndarray) -> np.ndarray:
+    """Inverses of a stack of symmetric matrices; pseudo-inverses where (nearly) singular.
+
+    LU inverses are checked by their residual ``max |H H^-1 - I|``; matrices failing the
+    check (or singular) get the eigenvalue pseudo-inverse.  (A batched eigendecomposition
+    is slow, and pathologically so with multi-threaded BLAS on a busy machine.)
+    """
+    q = H.shape[-1]
+    try:
+        inv = np.linalg.inv(H)
+        with np.errstate(invalid="ignore", over="ignore"):
+            resid = np.abs(H @ inv - np.eye(q)).max(axis=(1, 2))
+        bad = ~(resid < 1e-8)
+    except np.linalg.LinAlgError:
+        inv = np.empty_like(H)
+        bad = np.ones(H.shape[0], bool)
+    if bad.any():
+        inv[bad] = np.linalg.pinv(H[bad], hermitian=True)
+    return inv
+
+
+def _chunk_genes(n: int) -> int:
+    return int(max(16, min(1024, _AIPW_CHUNK_BYTES // (8 * max(n, 1)))))
+
+
+def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: np.ndarray,
+                    cm: CounterfactualMeans, mask, thres_diff: float, usevar: str,
+                    n_params: int, in_sample: bool, bias_correction: bool,
+                    nuisance_variance: bool, verbose: bool = False) -> dict:
+    """Estimands of every treatment and gene: (a, p) arrays ``m0, m1, o0, o1, tau, var,
+    df, floor, estimable, t1, t0``, plus ``n0, n1`` per treatment."""
+    from tqdm.auto import tqdm
+
+    n, p = Y.shape
+    a = A.shape[1]
+    order = cm.order
+    A_s, inv_s = A[order], 1.0 / s[order]
+    pi_s = pi[order]
+    fold_s = cm.fold[order]
+    K_eff = cm.effect.shape[0]
+    groups = groups_from_onehot(A)
+    control_s = ~(A_s != 0).any(axis=1)
+    elig = (mask[order] if mask is not None
+            else control_s[:, None] | (A_s == 1))
+    sets = []
+    for k in range(a):
+        trt = _as_block(np.flatnonzero(elig[:, k] & (A_s[:, k] == 1)))
+        unt = _as_block(np.flatnonzero(elig[:, k] & (A_s[:, k] != 1)))
+        sets.append((trt, unt))
+    ctrl = _as_block(np.flatnonzero(control_s))
+    shared = (mask is None and K_eff == 1 and isinstance(ctrl, slice)
+              and ctrl.stop - ctrl.start > 0)
+
+    # outcome-model variance term: in-sample one-hot fits only
+    info = cm.info
+    use_info = (nuisance_variance and W is not None and groups is not None and K_eff == 1
+                and (info is not None or cm.alpha is not None))
+    need_info = use_info and info is None
+    Ws = W[order] if use_info else None
+    groups_s = groups[order] if groups is not None else None
+    if use_info:
+        gslices = [_as_block(np.flatnonzero(groups_s == k)) for k in range(a)]
+        if need_info:
+            info = OutcomeInformation.empty(p, W.shape[1], a, cm.alpha, groups)
+            WWs = sym_outer(Ws)
+        alpha = info.alpha
+    Z = None
+    if shared:
+        w0_ctrl = 1.0 / (1.0 - pi_s[ctrl])                  # n_c x a
+        if use_info:
+            W_c = Ws[ctrl]
+            Z = (w0_ctrl[:, :, None] * W_c[:, None, :]).reshape(W_c.shape[0], -1)
+
+    keys = ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor", "t1", "t0")
+    out = {key: np.empty((a, p)) for key in keys}
+    out["estimable"] = np.empty((a, p), bool)
+    blocks = _GeneBlocks(Y, order)
+    step = _chunk_genes(n)
+    for start in tqdm(range(0, p, step), desc="AIPW", disable=not verbose, leave=False):
+        cols = slice(start, min(p, start + step))
+        y = blocks(cols)
+        mu0_raw = cm.mu0[cols]
+        R = None
+        if use_info:
+            mufit = mu0_raw.copy()
+            for k, sl in enumerate(gslices):
+                mufit[:, sl] *= np.exp(cm.effect[0, cols, k])[:, None]
+            np.minimum(mufit, Y_HAT_CAP, out=mufit)
+            if need_info:
+                R = _chunk_information(y, mufit, alpha[cols], Ws, WWs, gslices, info, cols)
+            else:
+                R = _glm_scores(y, mufit, alpha[cols])[1]
+            del mufit
+            cinfo = _ChunkInformation.of(info, cols)
+        if shared:
+            cs = _ControlSums(y[:, ctrl], mu0_raw[:, ctrl], inv_s[ctrl], w0_ctrl,
+                              None if R is None else R[:, ctrl], Ws[ctrl] if use_info else None,
+                              Z, a)
+        for k in range(a):
+            trt, unt = sets[k]
+            e_t = cm._factor(cols, k, fold_s, trt)
+            b1 = _block_sums(y[:, trt], mu0_raw[:, trt], e_t, inv_s[trt], 1.0 / pi_s[trt, k],
+                             True, None if R is None else R[:, trt],
+                             Ws[trt] if use_info else None,
+                             (k if mask is None else groups_s[trt]) if use_info else -1, a)
+            if shared:
+                b0 = cs.sums(k, np.exp(cm.effect[0, cols, k]))
+            else:
+                e_u = cm._factor(cols, k, fold_s, unt)
+                b0 = _block_sums(y[:, unt], mu0_raw[:, unt], e_u, inv_s[unt],
+                                 1.0 / (1.0 - pi_s[unt, k]), False,
+                                 None if R is None else R[:, unt],
+                                 Ws[unt] if use_info else None,
+                                 groups_s[unt] if use_info else -1, a)
+            res = _estimand_from_sums(b1, b0, thres_diff, usevar, n_params, in_sample,
+                                      bias_correction, cinfo if use_info else None, k)
+            for key in keys:
+                out[key][k, cols] = res[key]
+            out["estimable"][k, cols] = res["estimable"]
+    out["n1"] = np.array([_block_size(trt, n) for trt, _ in sets])
+    out["n0"] = np.array([_block_size(unt, n) for _, unt in sets])
+    if need_info:
+        cm.info = info
+    return out
+
+
+def _eta_matrix(Y, rows: np.ndarray, treated: np.ndarray, s: np.ndarray, pi: np.ndarray,
+                cm: CounterfactualMeans, k: int, t1: np.ndarray, t0: np.ndarray) -> np.ndarray:
+    """Influence values eta (n_k x p, rows in the order of ``rows``) of treatment k."""
+    n_k, p = rows.size, Y.shape[1]
+    z = treated.astype(float)[:, None]
+    inv_s = (1.0 / s[rows])[:, None]
+    w1 = z / pi[rows][:, None]
+    w0 = (1.0 - z) / (1.0 - pi[rows])[:, None]
+    eta = np.empty((n_k, p))
+    step = _chunk_genes(n_k)
+    for start in range(0, p, step):
+        cols = slice(start, min(p, start + step))
+        block = Y[rows][:, cols] if sp.issparse(Y) else Y[rows, cols]
+        y = block.toarray() if sp.issparse(block) else np.asarray(block, float)
+        mu0, mu1 = cm.arms(rows, cols, k)
+        phi1 = (mu1 + w1 * (y - mu1)) * inv_s
+        phi0 = (mu0 + w0 * (y - mu0)) * inv_s
+        eta[:, cols] = phi1 / t1[cols] - phi0 / t0[cols]
+    return eta
 
 
 def normalization_shift(tau: np.ndarray, var: np.ndarray) -> float:
@@ -368,6 +757,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     ps_clip : 'auto' (prevalence-aware), a (low, high) pair or None.
     ps_class_weight : None (calibrated scores) or 'balanced' (0.0.9 behaviour).
     disp_glm : NB size per gene for the outcome model (estimated by MoM when None).
+    outcome_init : (p, d + a) starting coefficients of the outcome GLM, columns in the
+        order ``[W | A]`` (e.g. GCATE's for the same design, as ``gcate_lfc_batch``
+        passes them).  Only a warm start: the fit and its dispersion recipe are
+        unchanged, it needs fewer Newton steps.  Ignored with cross-fitting.
     nuisance_variance : add the delta-method variance of the outcome-model coefficients
         to the influence-function variance (K = 1, one-hot A).  It matters when treated and
         control cells overlap poorly in the confounders (see ``docs/dr.md``).
@@ -387,10 +780,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     estimation : dict with ``pi_hat``, ``pi_hat_raw``, ``ps_clip_bounds``, ``Y_hat``
         (:class:`CounterfactualMeans`), ``offset``, ``size_factors``, ``ps_class_weight``.
     """
-    from tqdm.auto import tqdm
-
     if family not in ("nb", "poisson"):
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    if usevar not in ("pooled", "unequal"):
+        raise ValueError(f"usevar must be 'pooled' or 'unequal', got {usevar!r}")
     if "clip_pseudo_outcomes" in kwargs:
         raise TypeError("clip_pseudo_outcomes was removed: AIPW pseudo-outcomes are never clipped")
     Y, W, A, W_A, mask, gene_names, trt_names = _prepare(Y, W, A, W_A, mask)
@@ -400,6 +793,11 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     s = size_factors_from_offset(Y, offset)
     log_s = np.log(s)
     fold = make_folds(n, K, random_state)
+    if outcome_init is not None:
+        outcome_init = np.asarray(outcome_init, dtype=float)
+        if outcome_init.shape != (p, W.shape[1] + a):
+            raise ValueError(f"outcome_init must have shape {(p, W.shape[1] + a)} "
+                             f"(genes x [W | A] columns), got {outcome_init.shape}")
 
     if pi_hat is None:
         logger.info("fitting propensity models")
@@ -417,22 +815,20 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     else:
         cm = _coerce_Y_hat(Y_hat, n, p, a)
 
-    controls = A.sum(axis=1) == 0
     n_params = W.shape[1] + 1
+    logger.info("AIPW estimands")
+    res = _aipw_estimands(Y, A, W, s, pi, cm, mask, thres_diff, usevar, n_params, K == 1,
+                          bias_correction, nuisance_variance, verbose=verbose)
+    controls = A.sum(axis=1) == 0
     frames = []
     dropped: dict = {}
-    for k in tqdm(range(a), desc="AIPW", disable=not verbose, leave=False):
-        rows = np.flatnonzero(mask[:, k]) if mask is not None else \
-            np.flatnonzero(controls | (A[:, k] == 1))
-        treated = A[rows, k] == 1
-        n1, n0 = int(treated.sum()), int((~treated).sum())
+    for k in range(a):
+        n1, n0 = int(res["n1"][k]), int(res["n0"][k])
         if n1 < 2 or n0 < 2:
             warnings.warn(f"treatment {trt_names[k]!r} has {n1} treated and {n0} control cells; "
                           "its variance is undefined", RuntimeWarning, stacklevel=2)
-        o, eta = _treatment_estimand(Y, rows, treated, s, pi[:, k], cm, k, thres_diff, usevar,
-                                     n_params, K == 1, keep_eta=fdx,
-                                     W=W if nuisance_variance else None,
-                                     bias_correction=bias_correction)
+        o = {key: res[key][k] for key in ("m0", "m1", "o0", "o1", "tau", "var", "df",
+                                           "floor", "estimable")}
         tested = _apply_filters(o, n0, n1, thres_min, min_counts)
         if recenter and tested.sum() >= 50:
             o["tau"] = o["tau"] - normalization_shift(o["tau"][tested], o["var"][tested])
@@ -447,10 +843,17 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         n_drop = int((~o["estimable"]).sum())
         if n_drop:
             dropped[trt_names[k]] = n_drop
-        tests = multiple_testing(stat, df, eta=eta, std=std, n=rows.size, fdx=fdx,
+        eta = None
+        if fdx:
+            rows = np.flatnonzero(mask[:, k]) if mask is not None else \
+                np.flatnonzero(controls | (A[:, k] == 1))
+            eta = _eta_matrix(Y, rows, A[rows, k] == 1, s, pi[:, k], cm, k, res["t1"][k],
+                              res["t0"][k])
+        tests = multiple_testing(stat, df, eta=eta, std=std, n=n0 + n1, fdx=fdx,
                                  fdx_alpha=fdx_alpha, fdx_c=fdx_c, fdx_B=fdx_B,
                                  random_state=random_state, legacy_fdx_scaling=legacy_fdx_scaling,
                                  tau=tau)
+        del eta
         frame = pd.DataFrame({
             "gene_names": gene_names, "tau": tau, "std": std,
             "log2fc": tau / np.log(2), "log2fc_se": std / np.log(2), "stat": stat,
