@@ -56,6 +56,7 @@ Usage::
     python benchmarks/accuracy.py --quick                 # a few minutes
     python benchmarks/accuracy.py                         # full (an hour or more)
     python benchmarks/accuracy.py --skip-upstream --no-real
+    python benchmarks/accuracy.py --resume --rerun causarray   # after a change of our code
 
 Results: ``benchmarks/results/accuracy.{md,json,png}`` (``accuracy_quick.*`` with
 ``--quick``). Per-dataset method results are cached in ``benchmarks/scratch/accuracy``
@@ -458,6 +459,12 @@ class Cache:
         v = self.data.get(key)
         return v if v is None or v.get("status") == "ok" else None
 
+    def drop_methods(self, methods) -> None:
+        """Forget the cached results of ``methods`` (keys end in ``|method``)."""
+        ends = tuple(f"|{m}" for m in methods)
+        if ends:
+            self.data = {k: v for k, v in self.data.items() if not k.endswith(ends)}
+
     def get_any(self, key: str) -> Any:
         return self.data.get(key)
 
@@ -688,6 +695,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds per causarray 0.1.1 run")
     ap.add_argument("--resume", action="store_true",
                     help="reuse per-dataset results cached by a previous (interrupted) run")
+    ap.add_argument("--rerun", nargs="*", default=(), metavar="METHOD",
+                    help="with --resume: methods whose cached results are dropped and "
+                         "recomputed (e.g. --rerun causarray after a change of our code; "
+                         "the other methods' cached results are reused)")
     args = ap.parse_args(argv)
 
     mode = "quick" if args.quick else "full"
@@ -697,6 +708,12 @@ def main(argv: list[str] | None = None) -> int:
     cache = Cache(SCRATCH / f"cache_{mode}.json", use=args.resume, stamp=version)
     real_cache = (Cache(SCRATCH / "cache_real.json", use=args.resume, stamp=version)
                   if not args.no_real else None)
+    unknown = set(args.rerun) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown method(s) for --rerun: {sorted(unknown)}; choose from {list(METHODS)}")
+    for c in (cache, real_cache):
+        if c is not None:
+            c.drop_methods(args.rerun)
     cfg = MODES[mode]
     seeds = tuple(args.seeds) if args.seeds else cfg["seeds"]
     null_seeds = tuple(args.null_seeds) if args.null_seeds else cfg["null_seeds"]
