@@ -217,12 +217,8 @@ def as_count_matrix(
 
     # scan for NaN / inf, negatives, non-integers
     if np.issubdtype(dtype, np.floating):
-        if values is not None:
-            finite = np.isfinite(values)
-            n_bad = int(values.size - np.count_nonzero(finite))
-            n_neg = int(np.count_nonzero(values < 0)) if not n_bad else 0
-            vmin = float(values.min()) if values.size and not n_bad else 0.0
-            n_frac = int(np.count_nonzero(values != np.rint(values))) if not n_bad else 0
+        if values is not None:       # the stored values, scanned in blocks (a column view)
+            n_bad, n_neg, vmin, n_frac = _count_dense_issues(values.reshape(-1, 1))
         else:
             n_bad, n_neg, vmin, n_frac = _count_dense_issues(Y)
     else:
