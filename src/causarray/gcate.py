@@ -228,6 +228,7 @@ def _to_design(coef: np.ndarray, design: _Design):
 
 
 def _from_design(B: np.ndarray, C: np.ndarray, design: _Design) -> np.ndarray:
+    """``coef`` with columns [X | U | A] from the design's scaled (B, C)."""
     return np.hstack([(B / design.scales[:, None]).T, C.T])
 
 
@@ -280,8 +281,9 @@ def _alternate(Y, X, A, log_s, size, U, coef, Q, es: dict, verbose: bool, desc: 
     one-hot elimination), fused with the accumulation of every cell's Fisher system for
     u_i at the new loadings; then one damped Newton step per cell (standard-normal prior
     on u_i), over-relaxed by ``relaxation`` (successive over-relaxation of the block
-    coordinate scheme: the fixed point is unchanged, fewer epochs reach it).  U is projected back onto the complement of [X | A] and the projection
-    absorbed into the observed-design coefficients, which leaves the fit unchanged.
+    coordinate scheme: the fixed point is unchanged, fewer epochs reach it).  U is
+    projected back onto the complement of [X | A] and the projection absorbed into the
+    observed-design coefficients, which leaves the fit unchanged.
     Before the first epoch, ``warmup_passes`` gene-only passes fit the loadings of the
     initial U.  Returns ``(U, coef, se, hist, last_epoch)``; ``coef`` has columns
     [X | U | A] after a final gene pass for the last U, ``se`` their standard errors.
