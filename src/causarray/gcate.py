@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._validation import _count_dense_issues, _row_blocks
 from .factor_model import deviance_residual_svd, fisher_pass, loglik_constants
 from .glm import GLMFit, _alpha_from_size, _Design, fit_glm, groups_from_onehot, sym_unpack
 from .preprocessing import size_factors_from_offset
@@ -59,29 +60,21 @@ def _as_matrix(M, name: str):
     return M
 
 
-def _row_blocks(n: int, p: int, budget: int = 4 * 2**20):
-    """Row slices whose float64 n_rows x p block takes about ``budget`` bytes."""
-    step = max(1, budget // (8 * max(p, 1)))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
-
-
 def _scan_counts(Y) -> tuple[bool, bool, bool, np.ndarray]:
-    """(all finite, any negative, any non-integer, non-zeros per gene), block by block."""
+    """(all finite, any negative, any non-integer, non-zeros per gene), block by block.
+
+    The value checks are :func:`causarray._validation._count_dense_issues` (row blocks of
+    a dense matrix, or the stored values of a sparse one as a column).
+    """
+    values = Y.data.reshape(-1, 1) if sp.issparse(Y) else Y
+    n_bad, n_neg, _, n_frac = _count_dense_issues(values)
     if sp.issparse(Y):
-        blocks = [Y.data]
         nnz = np.asarray((Y != 0).sum(axis=0)).ravel()
     else:
-        blocks = (Y[sl] for sl in _row_blocks(*Y.shape))
         nnz = np.zeros(Y.shape[1], np.int64)
-    finite, negative, fractional = True, False, False
-    for block in blocks:
-        if block.dtype.kind == "f":
-            finite &= bool(np.isfinite(block).all())
-            fractional |= bool(np.any(np.modf(block)[0] != 0)) if finite else False
-        negative |= bool((block < 0).any())
-        if not sp.issparse(Y):
-            nnz += np.count_nonzero(block, axis=0)
-    return finite, negative, fractional, nnz
+        for rows in _row_blocks(*Y.shape):
+            nnz += np.count_nonzero(Y[rows], axis=0)
+    return n_bad == 0, n_neg > 0, n_frac > 0, nnz
 
 
 def _check_inputs(Y, X, A, r: int, family: str):
