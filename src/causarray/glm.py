@@ -112,33 +112,12 @@ def nb_loglik(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.where(alpha > 0, nb, pois)
 
 
-def loglik_constant(y: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Per-gene sum of the log-likelihood terms that do not depend on the mean.
-
-    With r = 1/alpha: sum_i [lgamma(y + r) - lgamma(r) - lgamma(y + 1) - y log r] (NB) or
-    sum_i [-lgamma(y + 1)] (Poisson).  ``loglik = constant + loglik_kernel``.
-    """
-    alpha = np.broadcast_to(alpha, (1, y.shape[1]))
-    out = -gammaln(y + 1.0).sum(axis=0)
-    nb = alpha[0] > 0
-    if nb.any():
-        r = 1.0 / alpha[0, nb]
-        yn = y[:, nb]
-        out[nb] += (gammaln(yn + r) - gammaln(r) - yn * np.log(r)).sum(axis=0)
-    return out
-
-
-def loglik_kernel(y: np.ndarray, eta: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+def _kernel_sums(y: np.ndarray, eta: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Mean-dependent part of the NB / Poisson log-likelihood, summed over cells.
 
-    NB: sum_i [y eta - (y + r) log1p(mu / r)];  Poisson: sum_i [y eta - mu].
-    """
-    alpha = np.broadcast_to(np.asarray(alpha, dtype=float), (1, y.shape[1]))[0]
-    return _kernel_sums(np.asarray(y, dtype=float), np.array(eta, dtype=float), mu, alpha)
-
-
-def _kernel_sums(y: np.ndarray, eta: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """``loglik_kernel`` with ``eta`` used as scratch (overwritten); alpha is (m,).
+    NB: sum_i [y eta - (y + r) log1p(mu / r)];  Poisson: sum_i [y eta - mu].  The
+    constant part is :func:`causarray.factor_model.loglik_constants`.  ``eta`` is used
+    as scratch (overwritten); alpha is (m,).
 
     Uses sum_i (y + r) log1p(alpha mu) = sum_i y L + (sum_i L) / alpha, L = log1p(alpha mu),
     so that the only temporary is L.
