@@ -22,9 +22,12 @@ def _xa(Y, X):
     return np.column_stack([X, (lib - lib.mean()) / lib.std(ddof=1)])
 
 
-def run_causarray(Y, X, A, r, max_iters=20, **lfc_kwargs):
-    """The single-call path of SPEC §1: fit_gcate -> LFC(Y, [X|U], A, [X_A|U], offset)."""
-    _, res_2 = fit_gcate(Y, X, A, r, kwargs_es_1=dict(max_iters=max_iters))
+def run_causarray(Y, X, A, r, max_iters=20, assignment="observational", **lfc_kwargs):
+    """The single-call path of SPEC §1: fit_gcate -> LFC(Y, [X|U], A, [X_A|U], offset).
+
+    The simulations' assignment depends on the confounders: ``'observational'``."""
+    _, res_2 = fit_gcate(Y, X, A, r, kwargs_es_1=dict(max_iters=max_iters),
+                         assignment=assignment)
     U = res_2["U"]
     offset = np.log(res_2["kwargs_glm"]["size_factor"])
     return LFC(Y, np.hstack([X, U]), A, np.hstack([_xa(Y, X), U]), offset=offset, **lfc_kwargs)

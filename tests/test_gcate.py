@@ -24,7 +24,8 @@ def confounded_fit():
                          confounding=0.5, random_state=11)
     Y, X, A = design_from_simulation(ad)
     keep = Y.sum(axis=0) > 0
-    res_1, res_2 = fit_gcate(Y[:, keep], X, A, 5, kwargs_es_1=dict(max_iters=30))
+    res_1, res_2 = fit_gcate(Y[:, keep], X, A, 5, kwargs_es_1=dict(max_iters=30),
+                             assignment="observational")
     return ad, X, A, res_1, res_2
 
 

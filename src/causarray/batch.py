@@ -368,6 +368,24 @@ def outcome_start(res_2: dict, d: int, a: int) -> np.ndarray | None:
     return np.hstack([B[:, :d], B[:, d + a:], B[:, d:d + a]])
 
 
+def propensity_design(X: np.ndarray, W_A: np.ndarray | None, U: np.ndarray,
+                      assignment: str) -> np.ndarray:
+    """Covariates of the propensity models of one batch.
+
+    ``'randomized'`` (CRISPR screens): the assignment probability depends only on the
+    design, i.e. on the observed pre-treatment covariates ``X``.  Library size and the
+    expression-derived factors ``U`` are measured after the perturbation and can be
+    moved by it (HS2 → HBE1 on the Schraivogel panel lowers the panel's library size);
+    a propensity model on such a mediator reweights the treated cells by their
+    response, biasing the AIPW estimate towards 0 and inflating its variance
+    (``docs/dr.md``).  ``'observational'``: ``[W_A | U]`` (or ``[X | U]``), the
+    confounders of the assignment.
+    """
+    if assignment == "randomized":
+        return X
+    return np.hstack([W_A, U]) if W_A is not None else np.hstack([X, U])
+
+
 def _run_batch(job: _BatchJob) -> dict:
     """GCATE (and LFC unless ``job.lfc_kwargs`` is None) on one batch."""
     from .dr import LFC
@@ -409,10 +427,12 @@ def _run_batch(job: _BatchJob) -> dict:
             U = np.array(res_2["U"], dtype=float)
             log_s = np.log(np.asarray(res_2["kwargs_glm"]["size_factor"], dtype=float))
             W = np.hstack([job.X, U])
-            W_A = np.hstack([job.W_A, U]) if job.W_A is not None else W
+            W_A = propensity_design(job.X, job.W_A, U, res_2.get("assignment", "randomized"))
             kw = dict(verbose=False)
             kw.update(_lfc_kwargs_fit(job.lfc_kwargs, expressed, fitted))
             kw.update(family=job.family, offset=log_s)
+            if "shift_variance" not in kw and "shift_var" in res_2:
+                kw["shift_variance"] = res_2["shift_var"]
             if "outcome_init" not in kw:
                 kw["outcome_init"] = outcome_start(res_2, job.X.shape[1], A_fit.shape[1])
             Y_df = pd.DataFrame(Y_fit, columns=list(job.gene_names[expressed]), copy=False)
@@ -607,7 +627,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
                     warm_start_U: bool = False, cache_path=None, random_state: int = 0,
                     verbose: bool = False, gcate_kwargs: dict | None = None,
                     lfc_kwargs: dict | None = None, executor=None, client=None,
-                    **kwargs) -> pd.DataFrame:
+                    assignment: str = "randomized", **kwargs) -> pd.DataFrame:
     """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
@@ -638,6 +658,12 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     gcate_kwargs, lfc_kwargs : keyword arguments of :func:`causarray.fit_gcate` /
         :func:`causarray.LFC`; they override ``**kwargs``, which go to both.
         ``gcate_kwargs`` may hold ``disp_glm`` (skips the dispersion estimate).
+    assignment : 'randomized' (default: CRISPR screens, guides assigned at random) or
+        'observational' (case-control studies, selection on cell state).  Randomized:
+        GCATE adjusts only a confounder shift within chance imbalance (a larger shift
+        along the factors is the perturbation's effect) and the propensity models use
+        ``X`` only; observational: the whole shift is adjusted and the propensity models
+        use ``[W_A | U]``.  See ``docs/gcate.md``.
     executor : a :class:`concurrent.futures.Executor` running batches in parallel
         (process pools, ``dask.distributed.Client.get_executor()``, ...).
     client : a ``dask.distributed.Client``; shorthand for
@@ -658,6 +684,14 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         raise ValueError("pass either executor or client, not both")
     gk = {**kwargs, **(gcate_kwargs or {})}
     lk = {**kwargs, **(lfc_kwargs or {})}
+    gk.setdefault("assignment", assignment)
+    if gk["assignment"] not in ("randomized", "observational"):
+        raise ValueError("assignment must be 'randomized' (CRISPR screens) or 'observational' "
+                         f"(case-control studies), got {gk['assignment']!r}")
+    if gk["assignment"] == "randomized" and W_A is not None:
+        logger.info("assignment='randomized': the propensity models use the observed "
+                    "covariates X only (W_A, e.g. library size, is measured after the "
+                    "perturbation); pass assignment='observational' to use W_A")
     disp_glm = gk.pop("disp_glm", None)
     bad = [k for k in _LFC_RESERVED if k in lk]
     if bad:

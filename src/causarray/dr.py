@@ -734,7 +734,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         fdx_alpha: float = 0.05, fdx_c: float = 0.1, ps_clip="auto", ps_class_weight=None,
         verbose: bool = False, random_state: int = 0, fdx_B: int = 1000, disp_glm=None,
         legacy_fdx_scaling: bool = False, outcome_init=None, nuisance_variance: bool = True,
-        bias_correction: bool = True, recenter: bool = True,
+        bias_correction: bool = True, recenter: bool = True, shift_variance=None,
         **kwargs):
     """Doubly robust log fold changes of every gene under every treatment.
 
@@ -771,6 +771,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         unchanged.  Applied when at least 50 genes are tested (see ``docs/dr.md``).
     bias_correction : remove the second-order bias of the log of a ratio of means,
         (Var(m1)/m1^2 - Var(m0)/m0^2)/2, from tau (see ``docs/dr.md``).
+    shift_variance : (p, a) variance each LFC inherits from the confounders' estimated
+        treatment shift (GCATE's ``res_2['shift_var']``; ``gcate_lfc_batch`` passes it).
+        ``W`` holds ``U`` as if it were known; this term adds the error of its
+        treatment-linked part (see ``docs/gcate.md``, stage 2).
     random_state : seed of the folds and the bootstrap.
 
     Returns
@@ -798,6 +802,14 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         if outcome_init.shape != (p, W.shape[1] + a):
             raise ValueError(f"outcome_init must have shape {(p, W.shape[1] + a)} "
                              f"(genes x [W | A] columns), got {outcome_init.shape}")
+
+    if shift_variance is not None:
+        shift_variance = np.asarray(shift_variance, dtype=float)
+        if shift_variance.shape != (p, a) or not np.all(np.isfinite(shift_variance)) \
+                or (shift_variance < 0).any():
+            raise ValueError(f"shift_variance must be a finite, non-negative (genes x "
+                             f"treatments) array of shape {(p, a)}, got shape "
+                             f"{shift_variance.shape}")
 
     if pi_hat is None:
         logger.info("fitting propensity models")
@@ -832,7 +844,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         tested = _apply_filters(o, n0, n1, thres_min, min_counts)
         if recenter and tested.sum() >= 50:
             o["tau"] = o["tau"] - normalization_shift(o["tau"][tested], o["var"][tested])
-        var = o["var"]
+        var = o["var"] if shift_variance is None else o["var"] + shift_variance[:, k]
         floored = tested & (var < o["floor"])
         var = np.where(floored, o["floor"], var)
         tau = np.where(tested, o["tau"], 0.0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -334,6 +335,72 @@ def _absorb_projection(coef, X, A, Q, M, d, r):
     return out
 
 
+def affected_genes(beta: np.ndarray, se: np.ndarray, z: float = 3.0) -> np.ndarray:
+    """Genes each perturbation visibly moves: ``|beta_jk / se_jk| > z`` (p x a, bool).
+
+    The stage-1 Wald statistics of the treatment coefficients; genes with an undefined
+    statistic (no counts in an arm) count as affected.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.abs(beta / se)
+    return ~(t <= z)
+
+
+def pretreatment_factors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
+                         size: np.ndarray, B_X: np.ndarray, B_A: np.ndarray,
+                         Gamma: np.ndarray, U: np.ndarray, keep: np.ndarray,
+                         n_steps: int = 4) -> np.ndarray:
+    """Re-estimate every cell's factors from the genes no perturbation moves.
+
+    The factors stand for pre-treatment cell states, but stage 1 reads a perturbed
+    cell's ``u_i`` off all genes, including those its perturbation changes.  When the
+    response varies from cell to cell (partial knockdown, escapers), ``u_i`` then
+    measures the response itself: on the Schraivogel panel the HS2 cells' factor
+    tracked how strongly HBE1 (which loads on it) was knocked down, and an outcome model
+    on that factor explained the effect away (HS2 → HBE1: LFC −5.7 ± 43).  As
+    negative-control genes do in RUV-2, genes that no perturbation moves
+    (``keep``, from :func:`affected_genes`) measure the cell state without the response.
+    Every cell, control or perturbed, is re-estimated from the *same* genes, so the
+    factors have the same distribution in every arm (re-estimating only the perturbed
+    cells from fewer genes shrinks their factors more than the controls', which biases
+    the AIPW contrast through ``E exp(gamma' u)``).  With loadings and coefficients
+    fixed, each ``u_i`` maximises ::
+
+        sum_{j in keep} log NB(y_ij; mu_ij, size_j) - |u_i|² / 2,
+        log mu_ij = log s_i + x_i' b_j + a_i' beta_j + u_i' gamma_j
+
+    by ``n_steps`` Newton steps (each coordinate's step capped at 1) from stage 1's
+    ``u_i``; the standard-normal prior is stage 1's.  Cell Hessians are one GEMM per row
+    block: the weights (cells x genes) times the genes' ``gamma gamma'`` (genes x r²).
+    """
+    U = np.array(U, dtype=float, copy=True)
+    r = U.shape[1]
+    cols = np.flatnonzero(keep)
+    if r == 0 or cols.size == 0:
+        return U
+    nb_alpha = np.where(np.isfinite(size), 1.0 / np.where(np.isfinite(size), size, 1.0), 0.0)
+    a_k = nb_alpha[cols]
+    G = Gamma[cols]
+    GG = (G[:, :, None] * G[:, None, :]).reshape(cols.size, r * r)
+    eye = np.eye(r)
+    step_rows = max(64, min(4096, (8 * 2**20) // (8 * max(cols.size, 1))))
+    for start in range(0, U.shape[0], step_rows):
+        rb = slice(start, min(U.shape[0], start + step_rows))
+        block = Y[rb][:, cols]
+        y = block.toarray() if sp.issparse(block) else np.asarray(block, dtype=float)
+        base = log_s[rb, None] + X[rb] @ B_X[cols].T + A[rb] @ B_A[cols].T
+        u = U[rb]
+        for _ in range(n_steps):
+            mu = np.exp(np.clip(base + u @ G.T, -30.0, 20.0))
+            t = 1.0 / (1.0 + mu * a_k)
+            score = ((y - mu) * t) @ G - u
+            H = ((mu * t) @ GG).reshape(-1, r, r) + eye
+            step = np.linalg.solve(H, score[:, :, None])[:, :, 0]
+            u = u + np.clip(step, -1.0, 1.0)
+        U[rb] = u
+    return U
+
+
 def winsorize_factors(U: np.ndarray, k: float = 6.0) -> np.ndarray:
     """Clip each factor to median ± k robust SDs (1.4826 MAD).
 
@@ -375,18 +442,43 @@ def huber_regression(Xd: np.ndarray, y: np.ndarray, epsilon: float = 1.35,
     return coef
 
 
+def huber_covariance(Xd: np.ndarray, y: np.ndarray, coef: np.ndarray,
+                     epsilon: float = 1.35) -> np.ndarray:
+    """Sandwich covariance of a Huber M-estimate (Huber 1981, §7.6).
+
+    With residual scale ``sigma`` (1.4826 MAD), standardised residuals
+    ``u = (y - Xd coef) / sigma``, ``psi(u) = clip(u, -epsilon, epsilon)``::
+
+        Cov(coef) ≈ sigma² (Xd' D Xd)⁻¹ (Xd' diag(psi²) Xd) (Xd' D Xd)⁻¹,
+        D = diag(1{|u| <= epsilon})
+
+    treating the rows (genes) as independent given the loadings.
+    """
+    resid = y - Xd @ coef
+    sigma = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+    if not np.isfinite(sigma) or sigma <= 0:
+        return np.full((Xd.shape[1], Xd.shape[1]), np.nan)
+    u = resid / sigma
+    psi = np.clip(u, -epsilon, epsilon)
+    bread = np.linalg.pinv((Xd * (np.abs(u) <= epsilon)[:, None]).T @ Xd)
+    meat = (Xd * (psi * psi)[:, None]).T @ Xd
+    return sigma * sigma * bread @ meat @ bread
+
+
 def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilon: float = 1.35,
                      renormalize: bool = True):
     """Huber regression of each perturbation's coefficients on the loadings (stage 2).
 
-    Returns ``(shift, alpha)``: ``beta_hat_k ≈ shift_k + Gamma alpha_k + sparse direct
-    effects``.  ``shift_k`` (0 unless ``renormalize``) is a common log-scale shift of all
-    genes in perturbation k: size factors estimated from the counts absorb part of the
-    perturbation's effects, and under the same sparsity assumption (most genes are not
-    affected) the typical gene should show no change.
+    Returns ``(shift, alpha, cov)``: ``beta_hat_k ≈ shift_k + Gamma alpha_k + sparse direct
+    effects`` and ``cov[k]``, the sandwich covariance of ``alpha_k`` (NaN where the
+    regression could not be fitted).  ``shift_k`` (0 unless ``renormalize``) is a common
+    log-scale shift of all genes in perturbation k: size factors estimated from the
+    counts absorb part of the perturbation's effects, and under the same sparsity
+    assumption (most genes are not affected) the typical gene should show no change.
     """
     a, r = beta.shape[1], Gamma.shape[1]
     alpha = np.zeros((a, r))
+    cov = np.full((a, r, r), np.nan)
     shift = np.zeros(a)
     for k in range(a):
         ok = np.isfinite(beta[:, k]) & np.isfinite(se[:, k]) & (se[:, k] > 0) \
@@ -398,17 +490,112 @@ def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilo
         if renormalize:
             design = np.column_stack([w, design])
         coef = huber_regression(design, beta[ok, k] * w, epsilon=epsilon)
+        cov_k = huber_covariance(design, beta[ok, k] * w, coef, epsilon=epsilon)
         if renormalize:
-            coef = coef[1:]
+            coef, cov_k = coef[1:], cov_k[1:, 1:]
             shift[k] = np.median((beta[:, k] - Gamma @ coef)[ok])
-        alpha[k] = coef
-    return shift, alpha
+        alpha[k], cov[k] = coef, cov_k
+    return shift, alpha, cov
+
+
+def chance_imbalance_variance(A: np.ndarray) -> np.ndarray:
+    """Variance of each factor's arm-mean difference under random assignment.
+
+    With unit-variance factors and cells assigned to perturbation k or to the controls
+    at random, the mean of a pre-treatment factor over the ``n_k`` treated cells minus
+    its mean over the ``n_0`` controls has variance ``1/n_k + 1/n_0``.
+    """
+    A = np.asarray(A)
+    n_k = (A != 0).sum(axis=0).astype(float)
+    n_0 = float((~(A != 0).any(axis=1)).sum())
+    with np.errstate(divide="ignore"):
+        return 1.0 / np.maximum(n_k, 1.0) + 1.0 / max(n_0, 1.0)
+
+
+@dataclass
+class ShiftDecision:
+    """Stage-2 confounder shifts after the assignment model is applied.
+
+    ``alpha`` (a x r) is added to the treated cells' factors; ``cov`` (a x r x r) is the
+    variance of its error as an estimate of the confounders' true arm-mean difference
+    (what the doubly robust step adds to each LFC's variance as ``gamma' cov gamma``);
+    ``statistic`` is the chance-imbalance statistic ``D²`` and ``pvalue`` its
+    chi-square(r) p-value (NaN for ``'observational'``); ``supported`` marks the
+    perturbations whose shift was kept.
+    """
+
+    alpha: np.ndarray
+    cov: np.ndarray
+    statistic: np.ndarray
+    pvalue: np.ndarray
+    supported: np.ndarray
+
+
+def decide_shifts(alpha_hat: np.ndarray, cov: np.ndarray, v: np.ndarray,
+                  assignment: str = "randomized", level: float = 0.01) -> ShiftDecision:
+    """Which part of the stage-2 shift is confounding, under the assignment model.
+
+    The coefficients of perturbation k move along the loadings by ``Gamma alpha_k``.
+    Two things do that: a difference in the confounders between treated and control
+    cells, and a perturbation whose *effect* is a programme of genes that co-vary in
+    the controls too (a transcription factor and its targets, the IFN-γ pathway).  The
+    two are not distinguishable from the counts.
+
+    ``'observational'`` (case-control studies, selection on cell state): all of
+    ``alpha_hat`` is confounding; its estimation covariance is ``cov``.
+
+    ``'randomized'`` (CRISPR screens: guides are assigned at random): the confounders'
+    arm-mean difference ``b_k`` is only chance imbalance, ``b_k ~ N(0, v_k I)`` with
+    ``v_k = 1/n_k + 1/n_0`` (:func:`chance_imbalance_variance`).  With
+    ``alpha_hat = b_k + e`` and ``e ~ N(0, cov_k)``::
+
+        D²_k = alpha_hat' (v_k I + cov_k)⁻¹ alpha_hat  ~  chi-square(r)
+
+    If ``D²_k`` is within the ``1 - level`` quantile the shift is taken as chance
+    imbalance and adjusted by its posterior mean ``v_k (v_k I + cov_k)⁻¹ alpha_hat``
+    (error covariance ``v_k I - v_k² (v_k I + cov_k)⁻¹``).  Beyond it the movement is
+    larger than randomisation allows: it is the perturbation's effect and is left in
+    the LFCs; the chance imbalance then stays unadjusted and its variance ``v_k I`` is
+    added instead, so the LFC's standard error stays honest either way.
+    """
+    a, r = alpha_hat.shape
+    if assignment == "observational":
+        cov_ok = np.where(np.isfinite(cov), cov, 0.0)
+        return ShiftDecision(alpha_hat.copy(), cov_ok, np.full(a, np.nan), np.full(a, np.nan),
+                             np.ones(a, bool))
+    from scipy.stats import chi2
+
+    alpha = np.zeros((a, r))
+    err = np.zeros((a, r, r))
+    stat = np.full(a, np.nan)
+    supported = np.zeros(a, bool)
+    eye = np.eye(r)
+    for k in range(a):
+        err[k] = v[k] * eye
+        if r == 0 or not np.all(np.isfinite(cov[k])):
+            continue
+        M = np.linalg.pinv(v[k] * eye + cov[k], hermitian=True)
+        stat[k] = float(alpha_hat[k] @ M @ alpha_hat[k])
+        if stat[k] <= chi2.ppf(1.0 - level, r):
+            supported[k] = True
+            alpha[k] = v[k] * (M @ alpha_hat[k])
+            err[k] = v[k] * eye - v[k] * v[k] * M
+            err[k] = 0.5 * (err[k] + err[k].T)
+    pvalue = np.where(np.isfinite(stat), chi2.sf(np.nan_to_num(stat), max(r, 1)), np.nan)
+    return ShiftDecision(alpha, err, stat, pvalue, supported)
+
+
+def shift_variance(Gamma: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """``gamma_j' cov_k gamma_j``: variance each LFC inherits from the shift (p x a)."""
+    return np.einsum("jr,krs,js->jk", Gamma, cov, Gamma)
 
 
 def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=None,
               offset=True, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
               kwargs_es_2=None, c1=None, A_init=None, random_state: int = 0,
-              verbose: bool = False, renormalize: bool = True, **kwargs):
+              verbose: bool = False, renormalize: bool = True,
+              assignment: str = "randomized", shift_level: float = 0.01,
+              pretreatment_u: bool = True, affected_z: float = 3.0, **kwargs):
     """Estimate r latent confounders with the two-stage GCATE factor model.
 
     Parameters
@@ -431,6 +618,15 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         (robustly, like the confounder shift) and folds it into the treated cells' size
         factors in ``res_2['kwargs_glm']['size_factor']`` (off by default: ``LFC`` re-centres
         each perturbation's LFCs itself, see ``docs/dr.md``).
+    assignment : 'randomized' (default; CRISPR screens, guides assigned at random) or
+        'observational' (case-control studies, any selection on cell state).  Decides
+        which part of stage 2's treatment-linked shift is confounding (see
+        :func:`decide_shifts` and ``docs/gcate.md``): under randomisation only a shift
+        within chance imbalance is adjusted, a larger one is the perturbation's effect.
+    shift_level : level of the chance-imbalance test (``'randomized'`` only).
+    pretreatment_u : re-estimate each perturbed cell's factors from the genes its
+        perturbation does not move (``|z| <= affected_z`` in stage 1), so that ``U``
+        measures the cell's state and not its response (:func:`pretreatment_factors`).
     A_init : (n, d + a + r) initial [X | A | U]; replaces the SVD initialisation.
     random_state : seed of the randomized SVD.
     verbose : show progress bars.
@@ -440,9 +636,18 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     res_1, res_2 : dict
         ``X_U`` ([X | A | U]), ``B_Gamma`` ([B_X | B_A | Gamma]), ``U``, ``kwargs_glm``
         (``family``, ``disp_glm``, ``size_factor``), ``hist``, ``n_iter``, ``func_val``;
-        ``res_2`` additionally ``alpha`` (a x r shift of the confounders per treatment),
-        ``se_A`` (standard errors of the stage-1 treatment coefficients).
+        ``res_2`` additionally ``alpha`` (a x r shift of the confounders per treatment,
+        as adjusted), ``alpha_hat`` (stage 2's raw estimate), ``shift_cov`` (a x r x r
+        error covariance of ``alpha``), ``shift_var`` (p x a: its variance in each
+        gene's log fold change, ``gamma_j' shift_cov_k gamma_j``), ``shift_stat`` /
+        ``shift_pvalue`` (chance-imbalance test), ``se_A`` (standard errors of the
+        stage-1 treatment coefficients).
     """
+    if assignment not in ("randomized", "observational"):
+        raise ValueError("assignment must be 'randomized' (CRISPR screens) or 'observational' "
+                         f"(case-control studies), got {assignment!r}")
+    if not 0.0 < float(shift_level) < 1.0:
+        raise ValueError(f"shift_level must be in (0, 1), got {shift_level!r}")
     Y, X, A = _check_inputs(Y, X, A, r, family)
     n, p = Y.shape
     d, a = X.shape[1], A.shape[1]
@@ -475,9 +680,24 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
 
     beta_hat, se_hat = coef_1[:, d + r:], se_1[:, d + r:]
     if c1 is not None and c1 == 0:
-        shift, alpha = np.zeros(a), np.zeros((a, r))
+        shift, alpha_hat = np.zeros(a), np.zeros((a, r))
+        decision = ShiftDecision(alpha_hat, np.zeros((a, r, r)), np.full(a, np.nan),
+                                 np.full(a, np.nan), np.zeros(a, bool))
     else:
-        shift, alpha = _treatment_shift(beta_hat, se_hat, Gamma1r, renormalize=renormalize)
+        shift, alpha_hat, cov = _treatment_shift(beta_hat, se_hat, Gamma1r,
+                                                 renormalize=renormalize)
+        decision = decide_shifts(alpha_hat, cov, chance_imbalance_variance(A), assignment,
+                                 shift_level)
+    alpha = decision.alpha
+    if pretreatment_u and r > 0:
+        # genes moved by a perturbation beyond the confounder shift that is adjusted
+        direct = beta_hat - shift[None, :] - Gamma1r @ alpha.T
+        keep = ~affected_genes(direct, se_hat, affected_z).any(axis=1)
+        logger.info("GCATE: factors re-estimated from %d of %d genes that no perturbation "
+                    "moves (|z| <= %g)", int(keep.sum()), p, affected_z)
+        if keep.sum() >= max(3 * r, 10) and not keep.all():
+            U1r = _project_out(pretreatment_factors(Y, X, A, log_s, size, coef_1[:, :d],
+                                                    beta_hat, Gamma1r, U1r, keep), Q)
     U2 = winsorize_factors(U1r) + A @ alpha
     coef2 = coef1.copy()
     coef2[:, d:d + a] = beta_hat - shift[None, :] - Gamma1r @ alpha.T
@@ -486,6 +706,12 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     kw_glm2 = dict(family=family, disp_glm=size, size_factor=s2)
     res_2 = _result(X, A, U2, coef2, hist2, 0, kw_glm2, es2, kwargs_ls_2)
     res_2["alpha"] = alpha
+    res_2["alpha_hat"] = alpha_hat
+    res_2["shift_cov"] = decision.cov
+    res_2["shift_var"] = shift_variance(Gamma1r, decision.cov)
+    res_2["shift_stat"] = decision.statistic
+    res_2["shift_pvalue"] = decision.pvalue
+    res_2["assignment"] = assignment
     res_2["shift"] = shift
     res_2["se_A"] = se_hat
     return res_1, res_2
