@@ -24,18 +24,6 @@ from causarray.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, mai
 from causarray.simulate import simulate_screen
 
 
-def _have_batch() -> bool:
-    try:
-        from causarray.batch import gcate_lfc_batch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_batch = pytest.mark.skipif(not _have_batch(),
-                                 reason="causarray.batch.gcate_lfc_batch is not available yet")
-
-
 @pytest.fixture(scope="module")
 def sim_path(tmp_path_factory) -> Path:
     adata = simulate_screen(n_ctrl=150, n_perts=3, cells_per_pert=60, n_genes=30, r=2,
@@ -236,7 +224,6 @@ def test_run_without_factors(capsys, sim_path, tmp_path):
         assert row["log2fc"].iloc[0] < -1 and row["padj"].iloc[0] < 0.05
 
 
-@needs_batch
 def test_run_resumes_from_cache(capsys, sim_path, tmp_path):
     out = tmp_path / "r1"
     argv = ["run", sim_path, "--out", out, "--r", "1", "--max-iters", "3"]
@@ -256,7 +243,6 @@ def test_run_resumes_from_cache(capsys, sim_path, tmp_path):
     assert code == EXIT_OK, err
 
 
-@needs_batch
 def test_run_auto_r_caches_jic(capsys, sim_path, tmp_path):
     out = tmp_path / "auto"
     argv = ["run", sim_path, "--out", out, "--r-grid", "1,2", "--max-iters", "3",
@@ -272,13 +258,10 @@ def test_run_auto_r_caches_jic(capsys, sim_path, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(out / "jic.csv"), jic)
 
 
-def test_demo_runs_in_under_two_minutes(capsys, tmp_path):
-    import time
-
-    t0 = time.perf_counter()
+def test_demo_writes_its_report(capsys, tmp_path):
+    # its wall time is measured by benchmarks/demo.py, not asserted here
     code, stdout, err = _run(capsys, ["demo", "--out", tmp_path / "demo", "-q"])
     assert code == EXIT_OK, err
-    assert time.perf_counter() - t0 < 120
     assert stdout.strip() == f"report: {(tmp_path / 'demo' / 'report.html').resolve()}"
     res = pd.read_csv(tmp_path / "demo" / "results.csv.gz")
     assert res["trt"].nunique() == 6 and res["gene_names"].nunique() == 72
@@ -292,7 +275,6 @@ def sim_adata(sim_path):
     return ad.read_h5ad(sim_path)
 
 
-@needs_batch
 def test_tl_lfc_stores_results_and_settings(sim_adata, tmp_path):
     df = tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, n_ctrl=100)
     store = sim_adata.uns["causarray"]
@@ -311,7 +293,7 @@ def test_tl_lfc_stores_results_and_settings(sim_adata, tmp_path):
     assert len(back.uns["causarray"]["results"]) == 90
 
 
-@needs_batch
+@pytest.mark.slow
 def test_tl_lfc_dask_client_matches_serial(sim_adata):
     distributed = pytest.importorskip("distributed")
     serial = tl.lfc(sim_adata.copy(), r=1, max_iters=3, batch_size=2, propensity=False)

@@ -291,6 +291,7 @@ def signal_runs():
     return out
 
 
+@pytest.mark.slow
 def test_confounded_signal_fdr_and_power(signal_runs):
     fdps, powers, oracle_powers = [], [], []
     for run in signal_runs:
@@ -343,6 +344,7 @@ def schraivogel():
     return load_dataset("schraivogel2020_groundtruth")
 
 
+@pytest.mark.slow
 def test_schraivogel_positive_controls(schraivogel):
     Y, A, X, X_A = from_anndata(schraivogel, as_dataframe=True)
     _, res_2 = fit_gcate(Y, X, A, 2, kwargs_es_1=dict(max_iters=20))
@@ -360,6 +362,7 @@ def test_schraivogel_positive_controls(schraivogel):
     assert hbe1["tau"] < 0 and hbe1["padj"] < 0.05
 
 
+@pytest.mark.slow
 def test_schraivogel_negative_control(schraivogel):
     """10 fake perturbations of 300 non-targeting cells each against the remaining ones."""
     ad = schraivogel[schraivogel.obs["perturbation"] == "non-targeting"].copy()
@@ -381,6 +384,7 @@ def test_schraivogel_negative_control(schraivogel):
     assert n_disc <= 5
 
 
+@pytest.mark.slow
 def test_papalexi_stat1_jak2_knockdown():
     ad = load_dataset("papalexi2021")
     keep = ad.obs["perturbation"].isin(["non-targeting", "STAT1", "JAK2", "IFNGR1", "IRF1"])

@@ -98,9 +98,8 @@ def test_r_selection_into_axes(jic):
 
 
 def test_r_selection_default_is_plot_r(jic):
-    gcate = pytest.importorskip("causarray.gcate")
-    if not hasattr(gcate, "plot_r"):
-        pytest.skip("causarray.gcate.plot_r is not available yet")
+    from causarray import gcate
+
     fig = pl.r_selection(jic)
     assert isinstance(fig, Figure)
     ref = gcate.plot_r(jic)

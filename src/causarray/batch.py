@@ -53,7 +53,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import as_count_matrix, check_covariates, check_treatment
+from ._validation import (GCATE_COMPAT_KEYWORDS, LFC_COMPAT_KEYWORDS, as_count_matrix,
+                          check_covariates, check_keywords, check_treatment, parameter_names)
 from ._version import __version__
 from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerprint
 
@@ -506,9 +507,21 @@ def _resolve_dispersion(data: _Inputs, ctrl_idx, family, disp_glm, offset):
 
 
 def _check_r(r) -> int:
-    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 0:
+        raise ValueError(f"r must be a non-negative integer (0: no latent factors), got {r!r}")
     return int(r)
+
+
+def _gcate_names() -> frozenset:
+    from .gcate import fit_gcate
+
+    return parameter_names(fit_gcate) | GCATE_COMPAT_KEYWORDS
+
+
+def _lfc_names() -> frozenset:
+    from .dr import LFC
+
+    return parameter_names(LFC) | LFC_COMPAT_KEYWORDS
 
 
 def fit_gcate_batch(Y, X, A, r: int, batch_size: int = 10, n_batches: int | None = None,
@@ -547,6 +560,7 @@ def fit_gcate_batch(Y, X, A, r: int, batch_size: int = 10, n_batches: int | None
         (the shared dispersion, all genes), ``t_batch``, ``skipped``.
     """
     r = _check_r(r)
+    check_keywords("fit_gcate_batch", kwargs, _gcate_names())
     data = _prepare_inputs(Y, X, A)
     plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
     _warn_multi_perturbation(data.A)
@@ -636,7 +650,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         otherwise.  ``verbose=True`` inside ``gcate_kwargs`` / ``lfc_kwargs`` also shows
         the per-stage bars of fit_gcate / LFC (serial runs).
     gcate_kwargs, lfc_kwargs : keyword arguments of :func:`causarray.fit_gcate` /
-        :func:`causarray.LFC`; they override ``**kwargs``, which go to both.
+        :func:`causarray.LFC`; they override ``**kwargs``, each of which goes to the
+        function(s) accepting it.  An unknown name raises ``TypeError``.
         ``gcate_kwargs`` may hold ``disp_glm`` (skips the dispersion estimate).
     executor : a :class:`concurrent.futures.Executor` running batches in parallel
         (process pools, ``dask.distributed.Client.get_executor()``, ...).
@@ -656,8 +671,13 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
     if executor is not None and client is not None:
         raise ValueError("pass either executor or client, not both")
-    gk = {**kwargs, **(gcate_kwargs or {})}
-    lk = {**kwargs, **(lfc_kwargs or {})}
+    g_names, l_names = _gcate_names(), _lfc_names()
+    check_keywords("gcate_lfc_batch", kwargs, g_names | l_names)
+    check_keywords("gcate_lfc_batch(gcate_kwargs=...)", gcate_kwargs, g_names)
+    check_keywords("gcate_lfc_batch(lfc_kwargs=...)", lfc_kwargs, l_names)
+    # a keyword of **kwargs goes to whichever of fit_gcate / LFC accepts it (or both)
+    gk = {**{k: v for k, v in kwargs.items() if k in g_names}, **(gcate_kwargs or {})}
+    lk = {**{k: v for k, v in kwargs.items() if k in l_names}, **(lfc_kwargs or {})}
     disp_glm = gk.pop("disp_glm", None)
     bad = [k for k in _LFC_RESERVED if k in lk]
     if bad:

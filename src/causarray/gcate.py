@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import _count_dense_issues, _row_blocks
+from ._validation import (GCATE_COMPAT_KEYWORDS, _count_dense_issues, _row_blocks,
+                          check_keywords, parameter_names)
 from .factor_model import deviance_residual_svd, fisher_pass, loglik_constants
 from .glm import GLMFit, _alpha_from_size, _Design, fit_glm, groups_from_onehot, sym_unpack
 from .preprocessing import size_factors_from_offset
@@ -120,10 +121,10 @@ def _check_inputs(Y, X, A, r: int, family: str):
     empty_trt = np.flatnonzero(A.sum(axis=0) == 0)
     if empty_trt.size:
         raise ValueError(f"treatment column(s) {empty_trt.tolist()} of A have no cells")
-    if not isinstance(r, (int, np.integer)) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 0:
+        raise ValueError(f"r must be a non-negative integer, got {r!r}")
     Z = np.hstack([X, A])
-    if r > min(n, p) - Z.shape[1] - 1:
+    if r > 0 and r > min(n, p) - Z.shape[1] - 1:
         raise ValueError(f"r = {r} is too large: at most {min(n, p) - Z.shape[1] - 1} latent factors "
                          f"can be estimated from {n} cells x {p} genes with {Z.shape[1]} observed columns")
     sv = np.linalg.svd(Z / np.sqrt(n), compute_uv=False)
@@ -416,7 +417,8 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     Y : (n, p) raw counts (array, DataFrame or scipy.sparse).
     X : (n, d) observed covariates including the intercept.
     A : (n, a) 0/1 treatment indicators.
-    r : number of latent factors (>= 1).
+    r : number of latent factors (>= 0; with 0 both stages are the GLM on [X | A] and U
+        has no column).
     family : 'nb' or 'poisson'.
     disp_glm : NB size per gene; estimated on [X | A] by method of moments when None.
     disp_family : accepted for compatibility (unused).
@@ -443,6 +445,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         ``res_2`` additionally ``alpha`` (a x r shift of the confounders per treatment),
         ``se_A`` (standard errors of the stage-1 treatment coefficients).
     """
+    check_keywords("fit_gcate", kwargs, GCATE_COMPAT_KEYWORDS)
     Y, X, A = _check_inputs(Y, X, A, r, family)
     n, p = Y.shape
     d, a = X.shape[1], A.shape[1]
@@ -450,6 +453,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     log_s = np.log(s)
     fit0 = _initial_glm(Y, X, A, log_s, family, disp_glm)
     size = fit0.size if family == "nb" else np.full(p, np.inf)
+    if r == 0:          # no latent factors: both stages are the GLM on [X | A]
+        return _without_factors(X, A, fit0, size, s, family, kwargs_es_1, kwargs_es_2,
+                                kwargs_ls_1, kwargs_ls_2)
     es1 = {**DEFAULT_ES, **(kwargs_es_1 or {})}
     es2 = {**DEFAULT_ES, **(kwargs_es_2 or {})}
     Z = np.hstack([X, A])
@@ -488,6 +494,25 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     res_2["alpha"] = alpha
     res_2["shift"] = shift
     res_2["se_A"] = se_hat
+    return res_1, res_2
+
+
+def _without_factors(X, A, fit0: GLMFit, size, s, family, es_1, es_2, ls_1, ls_2):
+    """``fit_gcate`` with r = 0: res_1 = res_2 = the GLM on [X | A], U with no column."""
+    n, a = A.shape
+    d = X.shape[1]
+    kw_glm = dict(family=family, disp_glm=size, size_factor=s)
+    hist = [np.nan]
+    U = np.zeros((n, 0))
+    res_1 = _result(X, A, U, fit0.coef.copy(), hist, 0, kw_glm, {**DEFAULT_ES, **(es_1 or {})},
+                    ls_1)
+    res_2 = _result(X, A, U, fit0.coef.copy(), hist, 0, dict(kw_glm),
+                    {**DEFAULT_ES, **(es_2 or {})}, ls_2)
+    se = getattr(fit0, "se", None)
+    res_2["alpha"] = np.zeros((a, 0))
+    res_2["shift"] = np.zeros(a)
+    res_2["se_A"] = (np.asarray(se)[:, d:] if se is not None and np.ndim(se) == 2
+                     else np.full((fit0.coef.shape[0], a), np.nan))
     return res_1, res_2
 
 
@@ -553,6 +578,8 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     -------
     DataFrame with columns ``r, deviance, nu, JIC, time_s`` sorted by r.
     """
+    # fit_gcate's settings are accepted (as by the original); anything else is a typo
+    check_keywords("estimate_r", kwargs, parameter_names(fit_gcate) | GCATE_COMPAT_KEYWORDS)
     A_arr = _as_matrix(A, "A")
     A_arr = A_arr[:, None] if A_arr.ndim == 1 else A_arr
     rows = subsample_control_priority(A_arr, max_cells, random_state)
