@@ -1,6 +1,7 @@
 """Tests of the screen-scale batch pipeline (causarray.batch, SPEC §10)."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -167,6 +168,7 @@ def test_outcome_glm_is_warm_started_from_gcate(problem, monkeypatch):
     seen = []
     lfc = dr_mod.LFC
 
+    @functools.wraps(lfc)           # keeps LFC's signature: its keywords are checked
     def spy(Y, W, A, W_A=None, **kw):
         seen.append((np.asarray(Y, float), W, np.asarray(A, float), kw))
         return lfc(Y, W, A, W_A, **kw)
@@ -247,8 +249,9 @@ def test_warnings_and_quiet_by_default(problem, capsys):
                                skip_batches=[0, 1])
     assert len(plan) == 2
     with pytest.warns(DeprecationWarning, match="LFC_batch is deprecated; use gcate_lfc_batch"):
-        with pytest.raises(ValueError, match="r must be a positive integer"):
-            LFC_batch(Y, X, A, 0)
+        with pytest.raises(ValueError, match=r"r must be a non-negative integer \(0: no latent "
+                                             r"factors\), got -1"):
+            LFC_batch(Y, X, A, -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         _run(problem, n_batches=1)

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from causarray import __version__, tl
+from causarray import __version__, get, tl
 from causarray.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from causarray.simulate import simulate_screen
 
@@ -157,7 +157,8 @@ def test_empty_cells_stop_or_are_dropped(capsys, sim_path, tmp_path):
                                  "--drop-empty-cells"])
     assert code == EXIT_OK, err
     assert "dropped 2 cell(s) with zero total count" in err
-    df = tl.lfc(adata, r=0, drop_empty_cells=True)
+    assert tl.lfc(adata, r=0, drop_empty_cells=True) is None
+    df = get.results(adata)
     pi = adata.obsm["causarray_propensity"]
     assert pi.shape == (330, 3) and pi.isna().all(axis=1).sum() == 2
     assert np.isnan(pi.loc["cell000200"]).all() and np.isfinite(pi.iloc[1]).all()
@@ -276,7 +277,8 @@ def sim_adata(sim_path):
 
 
 def test_tl_lfc_stores_results_and_settings(sim_adata, tmp_path):
-    df = tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, n_ctrl=100)
+    assert tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, n_ctrl=100) is None
+    df = get.results(sim_adata)
     store = sim_adata.uns["causarray"]
     assert store["results"] is df and store["jic"] is None
     assert len(df) == 90 and df["batch"].nunique() == 2       # 3 perturbations, batches of 2
@@ -296,11 +298,12 @@ def test_tl_lfc_stores_results_and_settings(sim_adata, tmp_path):
 @pytest.mark.slow
 def test_tl_lfc_dask_client_matches_serial(sim_adata):
     distributed = pytest.importorskip("distributed")
-    serial = tl.lfc(sim_adata.copy(), r=1, max_iters=3, batch_size=2, propensity=False)
+    serial = get.results(tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, propensity=False,
+                                copy=True))
     with distributed.Client(processes=False, n_workers=2, threads_per_worker=1,
                             dashboard_address=None) as client:
-        par = tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, client=client,
-                     propensity=False)
+        tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, client=client, propensity=False)
+    par = get.results(sim_adata)
     assert sim_adata.uns["causarray"]["settings"]["dask"] is True
     pd.testing.assert_frame_equal(par, serial)
 

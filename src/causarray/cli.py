@@ -110,11 +110,17 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="values of r tried by --r auto, e.g. 1,2,3,5 (default: a small grid)")
     g.add_argument("--family", choices=("nb", "poisson"), default="nb")
     g.add_argument("--batch-size", type=_positive_int, default=15,
-                   help="perturbations per batch (default 15)")
-    g.add_argument("--n-ctrl", type=_positive_int, default=2000,
-                   help="control cells shared by all batches (default 2000)")
-    g.add_argument("--max-cells", type=_positive_int, default=2000,
-                   help="treated cells per batch and cells used to choose r (default 2000)")
+                   help="largest number of perturbations per batch (default 15; fewer when "
+                        "a batch would not fit --memory-budget)")
+    g.add_argument("--n-ctrl", type=_positive_int, default=None,
+                   help="cap on the control cells shared by all batches (default: every "
+                        "control cell)")
+    g.add_argument("--max-cells", type=_positive_int, default=None,
+                   help="cap on the treated cells per batch and on the cells used to choose "
+                        "r (default: every treated cell; r is chosen on 2000 cells)")
+    g.add_argument("--memory-budget", default="2GB",
+                   help="estimated memory one batch may use when no cap is given, e.g. "
+                        "2GB (default) or 500MB")
     g.add_argument("--max-iters", type=_positive_int, default=None,
                    help="cap on the GCATE alternating-minimisation epochs")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -195,6 +201,14 @@ def _setup_logging(quiet: bool) -> None:
         handler.setFormatter(logging.Formatter("causarray: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _teardown_logging() -> None:
+    """Remove the handler of :func:`_setup_logging` (main() may be called in-process)."""
+    logger = logging.getLogger("causarray")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    logger.setLevel(logging.NOTSET)
 
 
 def _read_h5ad(path: Path):
@@ -303,9 +317,11 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
     client, cluster = _client(args)
     t0 = time.perf_counter()
     try:
-        tl.lfc(adata, info["pert_col"], info["ctrl_label"], covariates, layer=layer, r=args.r,
+        tl.lfc(adata, pert_col=info["pert_col"], ctrl_label=info["ctrl_label"],
+               covariates=covariates, layer=layer, r=args.r,
                family=args.family, batch_size=args.batch_size, n_ctrl=args.n_ctrl,
-               max_cells=args.max_cells, cache_path=cache, client=client,
+               max_cells=args.max_cells, memory_budget=getattr(args, "memory_budget", "2GB"),
+               cache_path=cache, client=client,
                random_state=args.seed, verbose=not args.quiet, r_grid=args.r_grid,
                max_iters=args.max_iters, drop_empty_cells=drop_empty)
     finally:
@@ -394,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"causarray: error: {type(err).__name__}: {_one_line(err)} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        _teardown_logging()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import LFC_COMPAT_KEYWORDS, check_keywords
+from ._validation import LFC_COMPAT_KEYWORDS, check_keywords, parameter_names
 from .glm import fit_glm, groups_from_onehot, sym_outer, sym_unpack
 from .inference import multiple_testing
 from .preprocessing import size_factors_from_offset
@@ -787,7 +787,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         raise ValueError(f"usevar must be 'pooled' or 'unequal', got {usevar!r}")
     if "clip_pseudo_outcomes" in kwargs:
         raise TypeError("clip_pseudo_outcomes was removed: AIPW pseudo-outcomes are never clipped")
-    check_keywords("LFC", kwargs, LFC_COMPAT_KEYWORDS)
+    check_keywords("LFC", kwargs, LFC_COMPAT_KEYWORDS | parameter_names(LFC))
     Y, W, A, W_A, mask, gene_names, trt_names = _prepare(Y, W, A, W_A, mask)
     n, p = Y.shape
     a = A.shape[1]

@@ -445,7 +445,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         ``res_2`` additionally ``alpha`` (a x r shift of the confounders per treatment),
         ``se_A`` (standard errors of the stage-1 treatment coefficients).
     """
-    check_keywords("fit_gcate", kwargs, GCATE_COMPAT_KEYWORDS)
+    check_keywords("fit_gcate", kwargs, GCATE_COMPAT_KEYWORDS | parameter_names(fit_gcate))
     Y, X, A = _check_inputs(Y, X, A, r, family)
     n, p = Y.shape
     d, a = X.shape[1], A.shape[1]

@@ -1,0 +1,179 @@
+"""The front door: keyword checks, r = 0 everywhere, every cell by default, scanpy manners.
+
+Tiny simulated screens (3 perturbations, 30 genes); at most 3 GCATE epochs.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from causarray import LFC, estimate_r, fit_gcate, fit_gcate_batch, gcate_lfc_batch, get, tl
+from causarray._validation import LFC_COMPAT_KEYWORDS, check_keywords
+from causarray.batch import layout_for_budget, parse_memory, plan_batches
+from causarray.preprocessing import from_anndata, size_factors_from_offset
+from causarray.simulate import simulate_screen
+
+
+@pytest.fixture(scope="module")
+def screen():
+    return simulate_screen(n_ctrl=150, n_perts=3, cells_per_pert=60, n_genes=30, r=2,
+                           random_state=3)
+
+
+@pytest.fixture(scope="module")
+def arrays(screen):
+    Y, A, X, X_A = from_anndata(screen)
+    return Y, A, X, X_A
+
+
+# ----------------------------------------------------------------------------------
+# unknown keywords
+# ----------------------------------------------------------------------------------
+def test_unknown_keywords_raise_at_every_entry_point(screen, arrays):
+    Y, A, X, X_A = arrays
+    with pytest.raises(TypeError, match=r"^fit_gcate\(\) got an unexpected keyword argument "
+                                        r"'bogus_option'$"):
+        fit_gcate(Y, X, A, 1, bogus_option=1)
+    with pytest.raises(TypeError, match=r"^LFC\(\) got an unexpected keyword argument "
+                                        r"'fdx_alpa'; did you mean 'fdx_alpha'\?$"):
+        LFC(Y, X, A, fdx_alpa=0.1)
+    with pytest.raises(TypeError, match=r"^gcate_lfc_batch\(lfc_kwargs=\.\.\.\) got an "
+                                        r"unexpected keyword argument 'fdx_alpa'; did you "
+                                        r"mean 'fdx_alpha'\?$"):
+        gcate_lfc_batch(Y, X, A, 1, lfc_kwargs=dict(fdx_alpa=0.1))
+    with pytest.raises(TypeError, match=r"^gcate_lfc_batch\(gcate_kwargs=\.\.\.\) got an "
+                                        r"unexpected keyword argument 'kwargs_es1'; did you "
+                                        r"mean 'kwargs_es_1'\?$"):
+        gcate_lfc_batch(Y, X, A, 1, gcate_kwargs=dict(kwargs_es1={}))
+    with pytest.raises(TypeError, match=r"^gcate_lfc_batch\(\) got an unexpected keyword "
+                                        r"argument 'bogus_option'$"):
+        gcate_lfc_batch(Y, X, A, 1, bogus_option=1)
+    with pytest.raises(TypeError, match=r"^fit_gcate_batch\(\) got an unexpected keyword "
+                                        r"argument 'bogus_option'$"):
+        fit_gcate_batch(Y, X, A, 1, bogus_option=1)
+    with pytest.raises(TypeError, match=r"^estimate_r\(\) got an unexpected keyword "
+                                        r"argument 'bogus_option'$"):
+        estimate_r(Y, X, A, 2, bogus_option=1)
+    with pytest.raises(TypeError, match=r"^lfc\(\) got an unexpected keyword argument "
+                                        r"'bogus_option'$"):
+        tl.lfc(screen, bogus_option=1)
+    with pytest.raises(TypeError, match=r"^lfc\(lfc_kwargs=\.\.\.\) got an unexpected keyword "
+                                        r"argument 'fdx_alpa'"):
+        tl.lfc(screen, r=0, lfc_kwargs=dict(fdx_alpa=0.1))
+    assert "causarray" not in screen.uns             # every check ran before any work
+
+
+def test_original_lfc_keywords_are_accepted_names():
+    check_keywords("LFC", dict(ps_model="logistic", eps_var=1e-4, save_nuisances=True),
+                   LFC_COMPAT_KEYWORDS)
+    assert {"ps_model", "eps_var", "save_nuisances"} <= LFC_COMPAT_KEYWORDS
+
+
+def test_tl_lfc_options_are_keyword_only(screen):
+    with pytest.raises(TypeError, match="positional argument"):
+        tl.lfc(screen, "perturbation")
+
+
+# ----------------------------------------------------------------------------------
+# r = 0
+# ----------------------------------------------------------------------------------
+def test_r0_batch_is_the_doubly_robust_step_on_the_observed_design(arrays, tmp_path):
+    Y, A, X, X_A = arrays
+    cache = tmp_path / "r0.h5"
+    df = gcate_lfc_batch(Y, X, A, 0, W_A=X_A, n_ctrl=None, max_cells=None, batch_size=3,
+                         cache_path=cache)
+    assert cache.exists()
+    s = size_factors_from_offset(Y.toarray(), True)
+    ref, _ = LFC(Y, X, A, X_A, offset=np.log(s))
+    ok = ref["estimable"].to_numpy()
+    assert ok.sum() > 60 and (df["estimable"].to_numpy() == ok).all()
+    # the batch run starts the outcome GLM from the GLM on [X | A]: a warm start only
+    np.testing.assert_allclose(df["tau"].to_numpy()[ok], ref["tau"].to_numpy()[ok],
+                               atol=1e-5)
+    np.testing.assert_allclose(df["std"].to_numpy()[ok], ref["std"].to_numpy()[ok],
+                               rtol=1e-4)
+    res = fit_gcate_batch(Y, X, A, 0, n_ctrl=None, max_cells=None)
+    assert res[0]["res_2"]["U"].shape == (330, 0)
+
+
+def test_tl_lfc_r0_keeps_lfc_kwargs(screen):
+    ad0 = tl.lfc(screen, r=0, propensity=False, copy=True)
+    ad1 = tl.lfc(screen, r=0, propensity=False, copy=True, lfc_kwargs=dict(usevar="unequal"))
+    a, b = get.results(ad0), get.results(ad1)
+    assert ad1.uns["causarray"]["settings"]["r"] == 0
+    ok = a["estimable"].to_numpy()
+    assert not np.allclose(a["std"].to_numpy()[ok], b["std"].to_numpy()[ok])
+
+
+# ----------------------------------------------------------------------------------
+# every cell by default; scanpy manners
+# ----------------------------------------------------------------------------------
+def test_parse_memory():
+    assert parse_memory("2GB") == 2 * 10**9
+    assert parse_memory("1.5 GiB") == int(1.5 * 2**30)
+    assert parse_memory(1000) == 1000
+    with pytest.raises(ValueError, match="memory_budget must be a size such as '2GB'"):
+        parse_memory("lots")
+
+
+def test_layout_for_budget_uses_every_cell_and_shrinks_batches(arrays):
+    _, A, _, _ = arrays
+    A = A.to_numpy()
+    big = layout_for_budget(A, 30, "1GB", batch_size=15)
+    assert big == dict(batch_size=3, n_ctrl=None, max_cells=None, cells_per_batch=330)
+    # room for the 150 controls + 60 treated cells of one perturbation, not two
+    small = layout_for_budget(A, 30, 230 * 30 * 48, batch_size=15)
+    assert (small["batch_size"], small["n_ctrl"], small["max_cells"]) == (1, None, None)
+    plans = plan_batches(A, small["batch_size"], None, None, None)
+    assert all(pl.cell_idx.size == 210 for pl in plans)
+
+
+def test_batch_caps_are_logged(arrays, caplog):
+    Y, A, X, X_A = arrays
+    with caplog.at_level(logging.WARNING, logger="causarray"):
+        fit_gcate_batch(Y, X, A, 1, n_ctrl=100, max_cells=50, kwargs_es_1=dict(max_iters=2),
+                        kwargs_es_2=dict(max_iters=2))
+    assert ("the caps n_ctrl=100 and max_cells=50 leave out 50 of 150 control cells and "
+            "130 of 180 treated cells") in caplog.text
+
+
+def test_tl_lfc_copy_key_added_and_accessor(screen):
+    before = set(screen.uns)
+    out = tl.lfc(screen, r=0, key_added="ca0", copy=True)
+    assert set(screen.uns) == before and "ca0_propensity" not in screen.obsm
+    df = get.results(out, key="ca0")
+    assert isinstance(df, pd.DataFrame) and len(df) == 90
+    s = get.settings(out, key="ca0")
+    assert (s["n_ctrl"], s["max_cells"], s["memory_budget"]) == (None, None, "2GB")
+    with pytest.raises(KeyError, match=r"run causarray.tl.lfc\(adata, key_added='ca0'\)"):
+        get.results(screen, key="ca0")
+
+
+def test_verbose_none_follows_scanpy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scanpy", SimpleNamespace(
+        settings=SimpleNamespace(verbosity=3)))
+    assert tl.resolve_verbose(None) is True
+    monkeypatch.setitem(sys.modules, "scanpy", SimpleNamespace(
+        settings=SimpleNamespace(verbosity=1)))
+    assert tl.resolve_verbose(None) is False
+    assert tl.resolve_verbose(True) is True
+
+
+def test_fit_gcate_r0_is_the_glm_on_the_observed_design(arrays):
+    from causarray.glm import fit_glm
+
+    Y, A, X, _ = arrays
+    Y = Y.toarray()
+    res_1, res_2 = fit_gcate(Y, X, A.to_numpy(), 0)
+    assert res_2["U"].shape == (Y.shape[0], 0) and res_2["alpha"].shape == (3, 0)
+    s = res_2["kwargs_glm"]["size_factor"]
+    ref = fit_glm(Y, X, A.to_numpy(), family="nb", size=res_2["kwargs_glm"]["disp_glm"],
+                  offset=np.log(s), max_iter=50, compute_se=False)
+    # the same GLM refitted at the final size: equal to the IRLS convergence tolerance
+    np.testing.assert_allclose(res_2["B_Gamma"], ref.coef, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(res_1["B_Gamma"], res_2["B_Gamma"])
