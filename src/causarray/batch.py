@@ -61,7 +61,7 @@ from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerpri
 logger = logging.getLogger("causarray")
 
 # columns of a non-estimable row (genes without counts, treatments without cells)
-_NON_ESTIMABLE = {"tau": 0.0, "std": np.inf, "log2fc": 0.0, "log2fc_se": np.inf}
+_NON_ESTIMABLE = {"tau": np.nan, "std": np.nan, "log2fc": np.nan, "log2fc_se": np.nan}
 _TEMPLATE_DTYPES = {"rej": np.dtype(np.int64), "estimable": np.dtype(bool)}
 _LFC_RESERVED = ("Y_hat", "pi_hat", "offset", "W", "W_A", "A", "Y")
 
@@ -422,8 +422,9 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
 
     Rows of ``df_fit`` (LFC on the expressed genes and the treatments with cells,
     treatment-major) are placed in the full (treatment x gene) grid; the other rows are
-    non-estimable: ``tau`` 0, ``std`` inf, p-values NaN, ``estimable`` False, arm means
-    0 for genes without counts and NaN for treatments without cells.
+    non-estimable: ``tau``, ``std``, ``log2fc``, ``log2fc_se``, ``stat`` and p-values NaN,
+    ``estimable`` False, arm means 0 for genes without counts and NaN for treatments
+    without cells.
     """
     from .dr import RESULT_COLUMNS
 
@@ -797,8 +798,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     DataFrame
         One row per (treatment, gene): the columns of :func:`causarray.LFC`, then
         ``trt`` and ``batch``; batches in order, index reset.  Genes without counts in
-        a batch's cells are non-estimable rows (``tau`` 0, ``std`` inf, p-values NaN,
-        ``estimable`` False).
+        a batch's cells are non-estimable rows (``tau``, ``std``, ``stat``, p-values
+        NaN, ``estimable`` False).
     """
     r = _check_r(r)
     if family not in ("nb", "poisson"):

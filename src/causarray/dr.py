@@ -856,13 +856,17 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
                                  random_state=random_state, legacy_fdx_scaling=legacy_fdx_scaling,
                                  tau=tau)
         del eta
+        # untested pairs: no estimate (NaN), never an effect of 0 that sorts among results
+        tau_out = np.where(tested, tau, np.nan)
+        std_out = np.where(tested, std, np.nan)
         frame = pd.DataFrame({
-            "gene_names": gene_names, "tau": tau, "std": std,
-            "log2fc": tau / np.log(2), "log2fc_se": std / np.log(2), "stat": stat,
+            "gene_names": gene_names, "tau": tau_out, "std": std_out,
+            "log2fc": tau_out / np.log(2), "log2fc_se": std_out / np.log(2), "stat": stat,
             "rej": tests["rej"], "pvalue": tests["pvalue"], "padj": tests["padj"],
             "pvalue_emp_null_adj": tests["pvalue_emp_null_adj"],
             "padj_emp_null_adj": tests["padj_emp_null_adj"],
-            "mean_control": o["m0"], "mean_treated": o["m1"], "estimable": tested,
+            "mean_control": np.maximum(o["m0"], 0.0), "mean_treated": np.maximum(o["m1"], 0.0),
+            "estimable": tested,
         })
         if a > 1:
             frame["trt"] = trt_names[k]
