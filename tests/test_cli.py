@@ -20,7 +20,7 @@ import pytest
 import scipy.sparse as sp
 
 from causarray import __version__, get, tl
-from causarray.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from causarray.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, main
 from causarray.simulate import simulate_screen
 
 
@@ -218,6 +218,7 @@ def test_run_without_factors(capsys, sim_path, tmp_path):
     assert code == EXIT_OK, err
     assert stdout.strip().splitlines()[-1] == f"report: {(out / 'report.html').resolve()}"
     res = _check_outputs(out, 3 * 30, jic=False)
+    assert (out / "cache.h5").is_file()                 # cached as for any r
     assert sorted(res["trt"].unique()) == ["PERT001", "PERT002", "PERT003"]
     # each perturbation knocks its own target gene (GENE00000..2) down
     for k in range(3):
@@ -237,8 +238,10 @@ def test_run_resumes_from_cache(capsys, sim_path, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv.gz"), first)
     # other settings never mix with the cache ...
     code, _, err = _run(capsys, [*argv[:5], "2", *argv[6:]])
-    assert code == EXIT_FAILURE
-    assert "written with different data or settings (differs in: r)" in _error_line(err)
+    assert code == EXIT_BAD_INPUT
+    line = _error_line(err)
+    assert "written with different data or settings (differs in: r)" in line
+    assert line.endswith("to start fresh: re-run with --overwrite, or choose another --out")
     # ... unless asked to start afresh
     code, _, err = _run(capsys, [*argv[:5], "2", *argv[6:], "--overwrite", "-q"])
     assert code == EXIT_OK, err

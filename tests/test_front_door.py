@@ -177,3 +177,132 @@ def test_fit_gcate_r0_is_the_glm_on_the_observed_design(arrays):
     # the same GLM refitted at the final size: equal to the IRLS convergence tolerance
     np.testing.assert_allclose(res_2["B_Gamma"], ref.coef, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(res_1["B_Gamma"], res_2["B_Gamma"])
+
+
+# ----------------------------------------------------------------------------------
+# the command line
+# ----------------------------------------------------------------------------------
+def _main(capsys, argv):
+    from causarray.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _errors(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("causarray: error:")]
+
+
+def test_cli_errors_name_the_flag(capsys, screen, tmp_path):
+    from causarray.cli import EXIT_BAD_INPUT
+
+    bare = screen.copy()
+    bare.uns = {}
+    path = tmp_path / "bare.h5ad"
+    bare.write_h5ad(path)
+    code, _, err = _main(capsys, ["run", path, "--out", tmp_path / "o"])
+    assert code == EXIT_BAD_INPUT
+    assert _errors(err) == ["causarray: error: --pert-col was not given and adata.uns has no "
+                            "'pert_col' entry; pass --pert-col <obs column holding the "
+                            "perturbation labels>"]
+
+
+def test_cli_auto_r_failure_is_bad_input(capsys, tmp_path):
+    from causarray.cli import EXIT_BAD_INPUT
+
+    tiny = simulate_screen(n_ctrl=60, n_perts=6, cells_per_pert=10, n_genes=8, r=1,
+                           random_state=0)
+    path = tmp_path / "tiny.h5ad"
+    tiny.write_h5ad(path)
+    code, _, err = _main(capsys, ["run", path, "--out", tmp_path / "o", "-q"])
+    assert code == EXIT_BAD_INPUT
+    (line,) = _errors(err)
+    assert line.startswith("causarray: error: r cannot be chosen automatically: 8 genes")
+    assert "pass --r <number>" in line and "or --r 0" in line and "r=" not in line
+
+
+def test_cli_checks_out_before_any_work(capsys, screen, tmp_path, monkeypatch):
+    import causarray.cli as cli
+
+    path = tmp_path / "s.h5ad"
+    screen.write_h5ad(path)
+    (tmp_path / "file").write_text("x")
+
+    def no_work(*a, **k):
+        raise AssertionError("the input was read before --out was checked")
+
+    monkeypatch.setattr(cli, "_read_h5ad", no_work)
+    code, _, err = _main(capsys, ["run", path, "--out", tmp_path / "file" / "sub"])
+    assert code == cli.EXIT_BAD_INPUT
+    (line,) = _errors(err)
+    assert line.startswith(f"causarray: error: --out {tmp_path / 'file' / 'sub'} is not "
+                           "writable:")
+
+
+def test_cli_warnings_are_one_line(capsys, monkeypatch, tmp_path):
+    import warnings
+
+    import causarray.cli as cli
+
+    def warn_and_succeed(args, input_path, adata=None):
+        warnings.warn("3 gene x treatment pair(s)\n are not estimable", RuntimeWarning)
+        return cli.EXIT_OK
+
+    monkeypatch.setattr(cli, "_run", warn_and_succeed)
+    code, _, err = _main(capsys, ["run", tmp_path / "x.h5ad", "--out", tmp_path / "o"])
+    assert code == cli.EXIT_OK
+    assert err.splitlines() == ["causarray: warning: RuntimeWarning: 3 gene x treatment "
+                                "pair(s) are not estimable"]
+    assert warnings.showwarning is not cli._one_line_warning        # restored
+
+
+def test_interrupted_r_choice_keeps_finished_fits(screen, tmp_path, monkeypatch):
+    import causarray.gcate as gcate_mod
+
+    kw = dict(r_grid=[1, 2], max_iters=3, propensity=False, n_ctrl=100, max_cells=200)
+    ref = tl.lfc(screen, copy=True, **kw).uns["causarray"]["jic"]
+    real, calls = gcate_mod._alternate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[5].shape[1])          # r of the fit (U's columns)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gcate_mod, "_alternate", interrupted)
+    cache = tmp_path / "cache.h5"
+    with pytest.raises(KeyboardInterrupt):
+        tl.lfc(screen, copy=True, cache_path=cache, **kw)
+    assert calls == [2, 1]                       # r = 2 finished, r = 1 interrupted
+    partial = pd.read_csv(tmp_path / "cache.h5.jic.partial.csv")
+    assert sorted(partial["r"]) == [0, 2]
+    calls.clear()
+    out = tl.lfc(screen, copy=True, cache_path=cache, **kw)
+    assert calls == [1]                          # only the unfinished r is fitted
+    jic = out.uns["causarray"]["jic"]
+    pd.testing.assert_frame_equal(jic.drop(columns="time_s"), ref.drop(columns="time_s"))
+    assert not (tmp_path / "cache.h5.jic.partial.csv").exists()
+
+
+def test_pyarrow_is_a_core_dependency():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    core = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    assert re.search(r'^\s*"pyarrow[>=<]', core, re.M)
+
+
+def test_make_demo_installs_only_the_package(tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).parents[1]
+    res = subprocess.run(["make", "-n", "demo", f"VENV={tmp_path / 'venv'}"], cwd=root,
+                         capture_output=True, text=True, check=True)
+    installs = [ln for ln in res.stdout.splitlines() if "pip install" in ln and " -e " in ln]
+    assert installs and all("[dev]" not in ln for ln in installs), res.stdout

@@ -53,8 +53,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import (GCATE_COMPAT_KEYWORDS, LFC_COMPAT_KEYWORDS, as_count_matrix,
-                          check_covariates, check_keywords, check_treatment, parameter_names)
+from ._validation import (
+    GCATE_COMPAT_KEYWORDS,
+    LFC_COMPAT_KEYWORDS,
+    as_count_matrix,
+    check_covariates,
+    check_keywords,
+    check_treatment,
+    parameter_names,
+)
 from ._version import __version__
 from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerprint
 

@@ -7,7 +7,7 @@
     causarray demo --out causarray-demo
     causarray --version
 
-``run`` writes ``results.parquet`` (when pyarrow is installed), ``results.csv.gz``,
+``run`` writes ``results.parquet``, ``results.csv.gz``,
 ``jic.csv`` (when r is chosen automatically), ``volcano.png``, ``discoveries.png``,
 ``jic.png``, ``propensity.png`` and a self-contained ``report.html`` into the output
 folder, plus the batch cache ``cache.h5`` from which a re-run resumes.
@@ -23,6 +23,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,56 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+#: Python-side phrases of error messages and their command-line spelling.
+_FLAG_PHRASES = (
+    ("pass pert_col=<obs column holding the perturbation labels>",
+     "pass --pert-col <obs column holding the perturbation labels>"),
+    ("pass ctrl_label=<label of the control cells>",
+     "pass --ctrl-label <label of the control cells>"),
+    ("pert_col was not given", "--pert-col was not given"),
+    ("ctrl_label was not given", "--ctrl-label was not given"),
+    ("pass drop_empty_cells=True", "pass --drop-empty-cells"),
+    ("pass r=<number>", "pass --r <number>"),
+    ("or r=0", "or --r 0"),
+    ("to start fresh, or pass a new cache_path",
+     "to start fresh: re-run with --overwrite, or choose another --out"),
+)
+#: Messages of ValueErrors raised by the computation that mean bad input (exit 3).
+_INPUT_PHRASES = ("r cannot be chosen automatically", "was written with different data",
+                  "has no layer", "not in obs", "memory_budget must be",
+                  "is (nearly) singular", "is too large: at most")
+
+
+def _cli_message(text: str) -> str:
+    """An error message with Python argument names replaced by the flags that set them."""
+    for old, new in _FLAG_PHRASES:
+        text = text.replace(old, new)
+    return text
+
+
+def _check_writable(out: Path) -> None:
+    """Raise InputError unless ``out`` is (or can be made) a writable folder."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".causarray-write-test-"):
+            pass
+    except OSError as err:
+        raise InputError(f"--out {out} is not writable: {_one_line(err)}") from err
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` of the CLI: one line, no source line."""
+    stream = file if file is not None else sys.stderr
+    try:
+        stream.write(f"causarray: warning: {category.__name__}: {_one_line(message)}\n")
+    except (OSError, ValueError):
+        pass
+
+
 def _client(args: argparse.Namespace):
     if args.dask_scheduler is None and args.workers is None:
         return None, None
@@ -255,14 +306,8 @@ def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool) -> dict[str
     store = adata.uns["causarray"]
     results = store["results"]
     written: dict[str, Path] = {}
-    try:
-        import pyarrow  # noqa: F401
-        results.to_parquet(out / "results.parquet", index=False)
-        written["parquet"] = out / "results.parquet"
-    except ImportError:
-        if not quiet:
-            print("note: pyarrow is not installed; results.parquet skipped "
-                  "(pip install 'causarray[parquet]')", file=sys.stderr)
+    results.to_parquet(out / "results.parquet", index=False)     # pyarrow is a dependency
+    written["parquet"] = out / "results.parquet"
     results.to_csv(out / "results.csv.gz", index=False)
     written["csv"] = out / "results.csv.gz"
     images: dict[str, bytes] = {}
@@ -287,6 +332,10 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
     from .report import discovery_summary
 
     _setup_logging(args.quiet)
+    out: Path = args.out
+    if adata is None and not input_path.is_file():
+        _read_h5ad(input_path)         # raises the missing-file error, creates nothing
+    _check_writable(out)               # before reading the input or any model fit
     if adata is None:
         adata = _read_h5ad(input_path)
     pert_col = getattr(args, "pert_col", None)
@@ -297,17 +346,13 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
     try:
         info = tl.validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty)
     except ValueError as err:
-        raise InputError(_one_line(err).replace("pass drop_empty_cells=True",
-                                                "pass --drop-empty-cells")) from err
-    out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+        raise InputError(_cli_message(_one_line(err))) from err
     cache = out / "cache.h5"
     log = logging.getLogger("causarray")
     parts = out / "cache.h5.parts"     # batches committed by an interrupted run
     if args.overwrite:
-        for old in (cache, out / "cache.h5.jic.csv", out / "cache.h5.jic.json"):
+        for old in (cache, out / "cache.h5.jic.csv", out / "cache.h5.jic.json",
+                    out / "cache.h5.jic.partial.csv", out / "cache.h5.jic.partial.json"):
             old.unlink(missing_ok=True)
         shutil.rmtree(parts, ignore_errors=True)
     log.info("%s: %d cells x %d genes, %d perturbations, %d control cells", input_path,
@@ -324,6 +369,11 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
                cache_path=cache, client=client,
                random_state=args.seed, verbose=not args.quiet, r_grid=args.r_grid,
                max_iters=args.max_iters, drop_empty_cells=drop_empty)
+    except ValueError as err:
+        msg = _one_line(err)
+        if any(phrase in msg for phrase in _INPUT_PHRASES):
+            raise InputError(_cli_message(msg)) from err
+        raise
     finally:
         if client is not None:
             client.close()
@@ -391,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("causarray: error: a command is required (run, simulate or demo)",
               file=sys.stderr)
         return EXIT_USAGE
+    showwarning = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         if args.command == "run":
             return _run(args, args.input)
@@ -401,8 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"causarray: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("causarray: interrupted (re-run the same command to resume from the cache)",
-              file=sys.stderr)
+        print("causarray: interrupted (re-run the same command to resume: finished batches "
+              "and finished JIC fits are kept in --out)", file=sys.stderr)
         return 130
     except Exception as err:  # the CLI reports every failure in one line
         if args.debug:
@@ -411,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILURE
     finally:
+        warnings.showwarning = showwarning
         _teardown_logging()
 
 

@@ -34,8 +34,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import (GCATE_COMPAT_KEYWORDS, _count_dense_issues, _row_blocks,
-                          check_keywords, parameter_names)
+from ._validation import (
+    GCATE_COMPAT_KEYWORDS,
+    _count_dense_issues,
+    _row_blocks,
+    check_keywords,
+    parameter_names,
+)
 from .factor_model import deviance_residual_svd, fisher_pass, loglik_constants
 from .glm import GLMFit, _alpha_from_size, _Design, fit_glm, groups_from_onehot, sym_unpack
 from .preprocessing import size_factors_from_offset
@@ -552,7 +557,8 @@ def jic_penalty(n: int, p: int, n_params: int) -> float:
 def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None,
                disp_family=None, offset=True, max_cells: int | None = None,
                random_state: int = 0, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
-               kwargs_es_2=None, verbose: bool = False, **kwargs) -> pd.DataFrame:
+               kwargs_es_2=None, verbose: bool = False, known=None, callback=None,
+               **kwargs) -> pd.DataFrame:
     """Choose the number of latent factors by the joint information criterion (JIC).
 
     For each r in the grid, GCATE stage 1 is fitted (warm-started from one shared SVD of
@@ -573,6 +579,13 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     max_cells : control-priority subsample size (all controls first, >= max_cells/4 treated).
     offset, family, disp_glm : as for :func:`fit_gcate`.
     kwargs_es_1 : stage-1 early stopping settings.
+    known : DataFrame, optional
+        Rows (``r, deviance, nu, time_s``) already computed for the same data and settings
+        (e.g. by an interrupted run); those r are not refitted.  Each r's fit starts from
+        the same shared SVD, so the table does not depend on which r were known.
+    callback : callable, optional
+        Called with the table of the rows finished so far after each r (to save work
+        that an interruption would otherwise lose).
 
     Returns
     -------
@@ -618,13 +631,23 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     nll0 = -(const + kernel0.sum()) / (n * p)
     rows_out = [dict(r=0, deviance=2 * nll0, nu=jic_penalty(n, p, d + a),
                      time_s=time.perf_counter() - t0)]
+    done = {}
+    if known is not None and len(known):
+        done = {int(row["r"]): dict(r=int(row["r"]), deviance=float(row["deviance"]),
+                                    nu=float(row["nu"]), time_s=float(row["time_s"]))
+                for _, row in pd.DataFrame(known).iterrows() if int(row["r"]) in grid}
     for r in sorted(grid, reverse=True):
+        if r in done:
+            rows_out.append(done[r])
+            continue
         t1 = time.perf_counter()
         _, _, _, hist, _ = _alternate(Ysub, Xsub, Asub, log_s, size, U_all[:, :r],
                                       _start_coef(fit0, d, r), Q, es1, verbose, f"JIC r={r}",
                                       const=const)
         rows_out.append(dict(r=r, deviance=2 * hist[-1], nu=jic_penalty(n, p, d + a + r),
                              time_s=time.perf_counter() - t1))
+        if callback is not None:
+            callback(pd.DataFrame(rows_out))
     df = pd.DataFrame(rows_out).sort_values("r").reset_index(drop=True)
     df["JIC"] = df["deviance"] + c * df["nu"]
     return df[["r", "deviance", "nu", "JIC", "time_s"]]

@@ -173,7 +173,8 @@ def _es_kwargs(max_iters: int | None) -> dict | None:
 
 def select_r(Y: Any, X: Any, A: Any, r_grid: Sequence[int] | None = None, family: str = "nb",
              max_cells: int | None = 2000, random_state: int = 0, max_iters: int | None = None,
-             c: float = 1.0, verbose: bool = False) -> tuple[int, pd.DataFrame]:
+             c: float = 1.0, verbose: bool = False, known: pd.DataFrame | None = None,
+             callback: Any = None) -> tuple[int, pd.DataFrame]:
     """Number of latent factors by minimum JIC on a control-priority subsample.
 
     Parameters
@@ -190,6 +191,9 @@ def select_r(Y: Any, X: Any, A: Any, r_grid: Sequence[int] | None = None, family
     c : float
         Weight of the JIC penalty.
     verbose : bool
+    known, callback
+        Passed to :func:`causarray.gcate.estimate_r` (rows finished by an interrupted
+        run; called with the rows finished so far after each r).
 
     Returns
     -------
@@ -228,7 +232,8 @@ def select_r(Y: Any, X: Any, A: Any, r_grid: Sequence[int] | None = None, family
         grid = [r for r in grid if r <= r_top]
     df_r = estimate_r(Ysub, np.asarray(X, float)[rows], Asub, grid, c=c, family=family,
                       max_cells=None, random_state=random_state,
-                      kwargs_es_1=_es_kwargs(max_iters), verbose=verbose)
+                      kwargs_es_1=_es_kwargs(max_iters), verbose=verbose, known=known,
+                      callback=callback)
     r = int(df_r.loc[df_r["JIC"].idxmin(), "r"])
     return r, df_r
 
@@ -251,6 +256,58 @@ def _data_fingerprint(Y: Any, genes: Sequence[str], A: pd.DataFrame, X: np.ndarr
 def _jic_paths(cache_path: str | Path) -> tuple[Path, Path]:
     base = Path(cache_path)
     return base.with_name(base.name + ".jic.csv"), base.with_name(base.name + ".jic.json")
+
+
+def _partial_jic_path(cache_path: str | Path) -> Path:
+    base = Path(cache_path)
+    return base.with_name(base.name + ".jic.partial.csv")
+
+
+def _load_partial_jic(cache_path: str | Path | None, fingerprint: dict) -> pd.DataFrame | None:
+    """Rows of the JIC table finished by an interrupted run with the same fingerprint."""
+    if cache_path is None:
+        return None
+    part = _partial_jic_path(cache_path)
+    _, meta = _jic_paths(cache_path)
+    meta_part = meta.with_name(meta.name.replace(".jic.json", ".jic.partial.json"))
+    if not (part.is_file() and meta_part.is_file()):
+        return None
+    try:
+        if json.loads(meta_part.read_text()) != fingerprint:
+            return None
+        df = pd.read_csv(part)
+    except (OSError, ValueError):
+        return None
+    done = sorted(int(v) for v in df["r"] if int(v) > 0)
+    if done:
+        logger.info("re-using the JIC fits of r = %s finished by an interrupted run", done)
+    return df
+
+
+def _partial_jic_writer(cache_path: str | Path | None, fingerprint: dict):
+    """Callback writing the rows finished so far (atomically) next to the cache."""
+    if cache_path is None:
+        return None
+    part = _partial_jic_path(cache_path)
+    _, meta = _jic_paths(cache_path)
+    meta_part = meta.with_name(meta.name.replace(".jic.json", ".jic.partial.json"))
+
+    def write(df: pd.DataFrame) -> None:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        meta_part.write_text(json.dumps(fingerprint, sort_keys=True))
+        tmp = part.with_name(part.name + ".tmp")
+        df.to_csv(tmp, index=False)
+        tmp.replace(part)
+
+    return write
+
+
+def _drop_partial_jic(cache_path: str | Path | None) -> None:
+    if cache_path is None:
+        return
+    part = _partial_jic_path(cache_path)
+    part.unlink(missing_ok=True)
+    part.with_name(part.name.replace(".csv", ".json")).unlink(missing_ok=True)
 
 
 def _load_cached_jic(cache_path: str | Path | None, fingerprint: dict) -> pd.DataFrame | None:
@@ -401,8 +458,8 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         :func:`causarray.LFC` plus ``trt`` and ``batch``), ``settings``, ``jic`` and
         ``propensity``; the scores are in ``adata.obsm[key_added + '_propensity']``.
     """
-    from .batch import (check_batch_keywords, gcate_lfc_batch, layout_for_budget,
-                        parameter_names)
+    from ._validation import parameter_names
+    from .batch import check_batch_keywords, gcate_lfc_batch, layout_for_budget
     from .preprocessing import from_anndata
 
     t_start = time.perf_counter()
@@ -458,8 +515,11 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         if df_r is None:
             logger.info("choosing r by JIC over %s on <= %s cells", grid, n_sub_cap)
             _, df_r = select_r(Y_mat, X, A.to_numpy(), grid, family, n_sub_cap, random_state,
-                               max_iters, verbose=verbose)
+                               max_iters, verbose=verbose,
+                               known=_load_partial_jic(cache_path, fingerprint),
+                               callback=_partial_jic_writer(cache_path, fingerprint))
             _store_jic(cache_path, fingerprint, df_r)
+            _drop_partial_jic(cache_path)
         r_used = int(df_r.loc[df_r["JIC"].idxmin(), "r"])
         logger.info("r = %d (minimum JIC)", r_used)
     else:
