@@ -306,3 +306,39 @@ def test_make_demo_installs_only_the_package(tmp_path):
                          capture_output=True, text=True, check=True)
     installs = [ln for ln in res.stdout.splitlines() if "pip install" in ln and " -e " in ln]
     assert installs and all("[dev]" not in ln for ln in installs), res.stdout
+
+
+# ----------------------------------------------------------------------------------
+# serial, threads, processes: the same numbers
+# ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_batches_are_independent_of_the_executor(monkeypatch):
+    """Each batch runs at the caller's BLAS thread count wherever it runs.
+
+    The worker processes start with one BLAS thread (as Dask's workers do) while this
+    process uses two: without a fixed per-batch count the summation order inside BLAS
+    differs and the iterative fits drift apart (~1e-7 here, up to 1e-4 on real screens).
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    ad = simulate_screen(n_ctrl=600, n_perts=4, cells_per_pert=150, n_genes=400, r=3,
+                         random_state=1)
+    Y, A, X, X_A = from_anndata(ad)
+    kw = dict(W_A=X_A, batch_size=2, n_ctrl=None, max_cells=None,
+              gcate_kwargs=dict(kwargs_es_1=dict(max_iters=6)))
+    with threadpool_limits(limits=2, user_api="blas"):
+        serial = gcate_lfc_batch(Y, X, A, 2, **kw)
+        with ThreadPoolExecutor(2) as ex:
+            threads = gcate_lfc_batch(Y, X, A, 2, executor=ex, **kw)
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setenv("MKL_NUM_THREADS", "1")
+        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as ex:
+            procs = gcate_lfc_batch(Y, X, A, 2, executor=ex, **kw)
+    with threadpool_limits(limits=1, user_api="blas"):     # the caller's count is fixed
+        serial_1 = gcate_lfc_batch(Y, X, A, 2, blas_threads=2, **kw)
+    for other in (threads, procs, serial_1):
+        pd.testing.assert_frame_equal(other, serial, check_exact=True)

@@ -403,6 +403,24 @@ class _BatchJob:
     U_init: np.ndarray | None
     ctrl_pos: np.ndarray         # positions of the shared controls among the batch rows
     keep_fits: bool
+    blas_threads: int | None = None   # BLAS threads of the batch, whichever process runs it
+
+
+def caller_blas_threads() -> int | None:
+    """The number of BLAS threads of this process (None when no BLAS is detected)."""
+    from threadpoolctl import threadpool_info
+
+    counts = [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(counts) if counts else None
+
+
+def _check_blas_threads(value) -> int | None:
+    if value is None:
+        return caller_blas_threads()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < 1:
+        raise ValueError(f"blas_threads must be a positive integer or None, got {value!r}")
+    return int(value)
 
 
 def _lfc_kwargs_rows(lk: dict, rows: np.ndarray, trt_idx: np.ndarray) -> dict:
@@ -492,6 +510,22 @@ def outcome_start(res_2: dict, d: int, a: int) -> np.ndarray | None:
 
 
 def _run_batch(job: _BatchJob) -> dict:
+    """:func:`_fit_batch` under the job's BLAS thread count.
+
+    The summation order inside BLAS depends on its thread count, and the iterative fits
+    carry such rounding differences on; fixing the count per batch makes a batch's result
+    the same whether it runs serially, on threads, in worker processes or on Dask (whose
+    workers start with one BLAS thread).
+    """
+    if job.blas_threads is None:
+        return _fit_batch(job)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=job.blas_threads, user_api="blas"):
+        return _fit_batch(job)
+
+
+def _fit_batch(job: _BatchJob) -> dict:
     """GCATE (and LFC unless ``job.lfc_kwargs`` is None) on one batch."""
     from .dr import LFC
     from .gcate import fit_gcate
@@ -555,7 +589,7 @@ def _run_batch(job: _BatchJob) -> dict:
 
 
 def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_kwargs,
-              lfc_kwargs, U_ctrl_prev, keep_fits) -> _BatchJob:
+              lfc_kwargs, U_ctrl_prev, keep_fits, blas_threads=None) -> _BatchJob:
     rows = plan.cell_idx
     ctrl_pos = np.searchsorted(rows, plan.ctrl_idx)
     U_init = None
@@ -569,7 +603,7 @@ def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_
         W_A=None if data.W_A is None else data.W_A[rows], offset=_subset_offset(offset, rows),
         disp=disp, gene_names=data.gene_names, trt_names=[data.trt_names[k] for k in plan.trt_idx],
         r=r, family=family, gcate_kwargs=gcate_kwargs, lfc_kwargs=lk, U_init=U_init,
-        ctrl_pos=ctrl_pos, keep_fits=keep_fits)
+        ctrl_pos=ctrl_pos, keep_fits=keep_fits, blas_threads=blas_threads)
 
 
 # ----------------------------------------------------------------------------------
@@ -763,7 +797,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
                     warm_start_U: bool = False, cache_path=None, random_state: int = 0,
                     verbose: bool = False, gcate_kwargs: dict | None = None,
                     lfc_kwargs: dict | None = None, executor=None, client=None,
-                    **kwargs) -> pd.DataFrame:
+                    blas_threads: int | None = None, **kwargs) -> pd.DataFrame:
     """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
@@ -799,6 +833,11 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         (process pools, ``dask.distributed.Client.get_executor()``, ...).
     client : a ``dask.distributed.Client``; shorthand for
         ``executor=client.get_executor(pure=False)``.
+    blas_threads : BLAS threads of every batch, in whichever process runs it (default:
+        this process's count at the call).  Serial, threaded, process and Dask runs with
+        the same ``blas_threads`` give identical results; pass 1 on a Dask cluster of
+        single-threaded workers to avoid oversubscription (and 1 in a serial run that
+        should match it).
 
     Returns
     -------
@@ -827,6 +866,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     if lk.get("outcome_init", None) is not None:
         raise ValueError("lfc_kwargs may set outcome_init only to None (no warm start): "
                          "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit")
+    blas_threads = _check_blas_threads(blas_threads)
     data = _prepare_inputs(Y, X, A, W_A)
     plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
     log_cells_left_out(data.A, plans, n_ctrl, max_cells)
@@ -858,7 +898,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     if todo:
         disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset)
         common = dict(r=r, family=family, offset=offset, disp=disp, gcate_kwargs=gk,
-                      lfc_kwargs=lk, keep_fits=False)
+                      lfc_kwargs=lk, keep_fits=False, blas_threads=blas_threads)
         width = 1 if executor is None else _executor_width(executor)
         prog = _Progress(len(plans), len(plans) - len(todo), verbose, "GCATE+LFC batches",
                          width)
