@@ -773,6 +773,9 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     bias_correction : remove the second-order bias of the log of a ratio of means,
         (Var(m1)/m1^2 - Var(m0)/m0^2)/2, from tau (see ``docs/dr.md``).
     random_state : seed of the folds and the bootstrap.
+    **kwargs : only the keywords of causarray 0.1.1's ``LFC`` listed in
+        :data:`causarray._validation.LFC_COMPAT_KEYWORDS` (kept in the returned
+        ``estimation``); any other name raises ``TypeError``.
 
     Returns
     -------

@@ -441,6 +441,8 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     A_init : (n, d + a + r) initial [X | A | U]; replaces the SVD initialisation.
     random_state : seed of the randomized SVD.
     verbose : show progress bars.
+    **kwargs : only the original's ``GCATE_COMPAT_KEYWORDS`` (unused); any other name
+        raises ``TypeError``.
 
     Returns
     -------
