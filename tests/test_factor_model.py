@@ -139,8 +139,11 @@ def test_dense_integer_and_sparse_counts_give_the_same_fit(problem):
     r_dense = fit_gcate(Y, X, A, 2, **kw)[1]
     r_int = fit_gcate(Y.astype(np.int32), X, A, 2, **kw)[1]
     r_csr = fit_gcate(sp.csr_matrix(Y), X, A, 2, **kw)[1]
-    np.testing.assert_allclose(r_int["U"], r_dense["U"], atol=1e-8)
-    np.testing.assert_allclose(r_csr["U"], r_dense["U"], atol=1e-6)
+    # the engine works in float32: dense and sparse kernels may sum in another order, so
+    # agreement is to float32 rounding over the p genes, relative to the scale of U
+    tol = 10 * np.finfo(np.float32).eps * np.sqrt(Y.shape[1]) * np.abs(r_dense["U"]).max()
+    np.testing.assert_allclose(r_int["U"], r_dense["U"], rtol=0, atol=tol)
+    np.testing.assert_allclose(r_csr["U"], r_dense["U"], rtol=0, atol=tol)
 
 
 def test_grouped_median_sorted_and_unsorted_paths_agree():
