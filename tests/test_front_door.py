@@ -342,3 +342,13 @@ def test_batches_are_independent_of_the_executor(monkeypatch):
         serial_1 = gcate_lfc_batch(Y, X, A, 2, blas_threads=2, **kw)
     for other in (threads, procs, serial_1):
         pd.testing.assert_frame_equal(other, serial, check_exact=True)
+
+
+def test_cli_memory_budget_is_checked_by_the_parser(capsys, tmp_path):
+    from causarray.cli import EXIT_USAGE
+
+    code, _, err = _main(capsys, ["run", tmp_path / "x.h5ad", "--out", tmp_path / "o",
+                                  "--memory-budget", "lots"])
+    assert code == EXIT_USAGE
+    assert "argument --memory-budget: expected a size such as 2GB or 500MB, got 'lots'" in err
+    assert not (tmp_path / "o").exists()

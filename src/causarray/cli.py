@@ -88,6 +88,17 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
+def _memory(text: str) -> str:
+    from .batch import parse_memory
+
+    try:
+        parse_memory(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB or 500MB, "
+                                         f"got {text!r}") from None
+    return text
+
+
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -119,7 +130,7 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--max-cells", type=_positive_int, default=None,
                    help="cap on the treated cells per batch and on the cells used to choose "
                         "r (default: every treated cell; r is chosen on 2000 cells)")
-    g.add_argument("--memory-budget", default="2GB",
+    g.add_argument("--memory-budget", type=_memory, default="2GB",
                    help="estimated memory one batch may use when no cap is given, e.g. "
                         "2GB (default) or 500MB")
     g.add_argument("--max-iters", type=_positive_int, default=None,
