@@ -19,21 +19,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from causarray import __version__, tl
-from causarray.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from causarray import __version__, get, tl
+from causarray.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, main
 from causarray.simulate import simulate_screen
-
-
-def _have_batch() -> bool:
-    try:
-        from causarray.batch import gcate_lfc_batch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_batch = pytest.mark.skipif(not _have_batch(),
-                                 reason="causarray.batch.gcate_lfc_batch is not available yet")
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +157,8 @@ def test_empty_cells_stop_or_are_dropped(capsys, sim_path, tmp_path):
                                  "--drop-empty-cells"])
     assert code == EXIT_OK, err
     assert "dropped 2 cell(s) with zero total count" in err
-    df = tl.lfc(adata, r=0, drop_empty_cells=True)
+    assert tl.lfc(adata, r=0, drop_empty_cells=True) is None
+    df = get.results(adata)
     pi = adata.obsm["causarray_propensity"]
     assert pi.shape == (330, 3) and pi.isna().all(axis=1).sum() == 2
     assert np.isnan(pi.loc["cell000200"]).all() and np.isfinite(pi.iloc[1]).all()
@@ -229,6 +218,7 @@ def test_run_without_factors(capsys, sim_path, tmp_path):
     assert code == EXIT_OK, err
     assert stdout.strip().splitlines()[-1] == f"report: {(out / 'report.html').resolve()}"
     res = _check_outputs(out, 3 * 30, jic=False)
+    assert (out / "cache.h5").is_file()                 # cached as for any r
     assert sorted(res["trt"].unique()) == ["PERT001", "PERT002", "PERT003"]
     # each perturbation knocks its own target gene (GENE00000..2) down
     for k in range(3):
@@ -236,7 +226,6 @@ def test_run_without_factors(capsys, sim_path, tmp_path):
         assert row["log2fc"].iloc[0] < -1 and row["padj"].iloc[0] < 0.05
 
 
-@needs_batch
 def test_run_resumes_from_cache(capsys, sim_path, tmp_path):
     out = tmp_path / "r1"
     argv = ["run", sim_path, "--out", out, "--r", "1", "--max-iters", "3"]
@@ -249,14 +238,15 @@ def test_run_resumes_from_cache(capsys, sim_path, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv.gz"), first)
     # other settings never mix with the cache ...
     code, _, err = _run(capsys, [*argv[:5], "2", *argv[6:]])
-    assert code == EXIT_FAILURE
-    assert "written with different data or settings (differs in: r)" in _error_line(err)
+    assert code == EXIT_BAD_INPUT
+    line = _error_line(err)
+    assert "written with different data or settings (differs in: r)" in line
+    assert line.endswith("to start fresh: re-run with --overwrite, or choose another --out")
     # ... unless asked to start afresh
     code, _, err = _run(capsys, [*argv[:5], "2", *argv[6:], "--overwrite", "-q"])
     assert code == EXIT_OK, err
 
 
-@needs_batch
 def test_run_auto_r_caches_jic(capsys, sim_path, tmp_path):
     out = tmp_path / "auto"
     argv = ["run", sim_path, "--out", out, "--r-grid", "1,2", "--max-iters", "3",
@@ -272,13 +262,10 @@ def test_run_auto_r_caches_jic(capsys, sim_path, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(out / "jic.csv"), jic)
 
 
-def test_demo_runs_in_under_two_minutes(capsys, tmp_path):
-    import time
-
-    t0 = time.perf_counter()
+def test_demo_writes_its_report(capsys, tmp_path):
+    # its wall time is measured by benchmarks/demo.py, not asserted here
     code, stdout, err = _run(capsys, ["demo", "--out", tmp_path / "demo", "-q"])
     assert code == EXIT_OK, err
-    assert time.perf_counter() - t0 < 120
     assert stdout.strip() == f"report: {(tmp_path / 'demo' / 'report.html').resolve()}"
     res = pd.read_csv(tmp_path / "demo" / "results.csv.gz")
     assert res["trt"].nunique() == 6 and res["gene_names"].nunique() == 72
@@ -292,9 +279,9 @@ def sim_adata(sim_path):
     return ad.read_h5ad(sim_path)
 
 
-@needs_batch
 def test_tl_lfc_stores_results_and_settings(sim_adata, tmp_path):
-    df = tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, n_ctrl=100)
+    assert tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, n_ctrl=100) is None
+    df = get.results(sim_adata)
     store = sim_adata.uns["causarray"]
     assert store["results"] is df and store["jic"] is None
     assert len(df) == 90 and df["batch"].nunique() == 2       # 3 perturbations, batches of 2
@@ -311,14 +298,15 @@ def test_tl_lfc_stores_results_and_settings(sim_adata, tmp_path):
     assert len(back.uns["causarray"]["results"]) == 90
 
 
-@needs_batch
+@pytest.mark.slow
 def test_tl_lfc_dask_client_matches_serial(sim_adata):
     distributed = pytest.importorskip("distributed")
-    serial = tl.lfc(sim_adata.copy(), r=1, max_iters=3, batch_size=2, propensity=False)
+    serial = get.results(tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, propensity=False,
+                                copy=True))
     with distributed.Client(processes=False, n_workers=2, threads_per_worker=1,
                             dashboard_address=None) as client:
-        par = tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, client=client,
-                     propensity=False)
+        tl.lfc(sim_adata, r=1, max_iters=3, batch_size=2, client=client, propensity=False)
+    par = get.results(sim_adata)
     assert sim_adata.uns["causarray"]["settings"]["dask"] is True
     pd.testing.assert_frame_equal(par, serial)
 

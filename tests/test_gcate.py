@@ -162,8 +162,8 @@ def test_A_init_changes_the_fit(small):
     assert not np.allclose(res_a["U"], res_b["U"])
 
 
-@pytest.mark.parametrize("r, msg", [(0, "r must be a positive integer"),
-                                    (-1, "r must be a positive integer"),
+@pytest.mark.parametrize("r, msg", [(True, "r must be a non-negative integer"),
+                                    (-1, "r must be a non-negative integer"),
                                     (500, "r = 500 is too large")])
 def test_bad_r(small, r, msg):
     Y, X, A, _ = small

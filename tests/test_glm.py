@@ -328,6 +328,7 @@ def test_predict_log_mean_reproduces_fitted_means():
 # ----------------------------------------------------------------------------------
 # bundled real data
 # ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_real_schraivogel_matches_statsmodels_recipe(ci_adata):
     Y = ci_adata.X.toarray().astype(float)
     labels = ci_adata.obs[ci_adata.uns["pert_col"]].to_numpy()
@@ -350,6 +351,7 @@ def test_real_schraivogel_matches_statsmodels_recipe(ci_adata):
     assert n_checked >= 50
 
 
+@pytest.mark.slow
 def test_real_papalexi_covariates_and_groups_match_statsmodels():
     from causarray.datasets import load_dataset
 

@@ -98,9 +98,8 @@ def test_r_selection_into_axes(jic):
 
 
 def test_r_selection_default_is_plot_r(jic):
-    gcate = pytest.importorskip("causarray.gcate")
-    if not hasattr(gcate, "plot_r"):
-        pytest.skip("causarray.gcate.plot_r is not available yet")
+    from causarray import gcate
+
     fig = pl.r_selection(jic)
     assert isinstance(fig, Figure)
     ref = gcate.plot_r(jic)
@@ -151,3 +150,36 @@ def test_propensity_from_matrix_with_ax():
     assert out is fig and ax.get_title().startswith("P3")
     with pytest.raises(ValueError, match="pi_hat is required"):
         pl.propensity(A)
+
+
+def test_volcano_labels_do_not_overlap():
+    # 12 discoveries crowded into one spot: every label drawn must have its own space
+    rng = np.random.default_rng(2)
+    n = 200
+    df = pd.DataFrame({"gene_names": [f"GENE{j:03d}" for j in range(n)], "trt": "KO"})
+    df["log2fc"] = rng.normal(0, 0.3, n)
+    df["pvalue"] = rng.uniform(0.05, 1, n)
+    df.loc[:11, "log2fc"] = -1.0 + 0.01 * np.arange(12)
+    df.loc[:11, "pvalue"] = 10.0 ** (-8 - 0.02 * np.arange(12))
+    df["padj"] = np.where(df["pvalue"] < 1e-6, 1e-4, 0.5)
+    ax = pl.volcano(df, n_labels=12)
+    texts = [t for t in ax.texts if t.get_text().startswith("KO:")]
+    assert len(texts) >= 3                                   # some labels fit
+    ax.figure.canvas.draw()
+    renderer = ax.figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i in range(len(boxes)):
+        for j in range(i):
+            assert not boxes[i].overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+    # the most significant discovery is always labelled
+    assert "KO:GENE011" in {t.get_text() for t in texts}
+
+
+def test_discoveries_axis_has_integer_ticks(results):
+    small = results.copy()
+    small["padj"] = 0.5
+    small.loc[[0, 40], "padj"] = 1e-3                      # one discovery in P1 and P2
+    ax = pl.discoveries(small)
+    ax.figure.canvas.draw()
+    ticks = ax.get_yticks()
+    assert len(ticks) >= 2 and np.allclose(ticks, np.round(ticks))

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from causarray.report import discovery_summary, top_perturbations, write_report
+from causarray.report import discovery_summary, top_hits, top_perturbations, write_report
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -188,3 +188,60 @@ def test_report_renders_in_headless_chromium(processed_adata, tmp_path, chromium
     png = shot.read_bytes()
     assert png.startswith(b"\x89PNG") and _png_size(png) == (1200, 3000)
     print(f"report screenshot: {shot}")
+
+
+def test_top_hits_table_with_cells_and_on_target():
+    df = _results()
+    df.loc[df["trt"] == "KO_A", "trt"] = "G3"        # a perturbation named after a gene
+    df["n_control"] = 400
+    hits = top_hits(df, alpha=0.05)
+    sig = df[df["padj"] < 0.05]
+    assert len(hits) == len(sig) == 9
+    assert list(hits.columns) == ["gene", "perturbation", "log2fc", "padj", "n_treated",
+                                  "n_control", "on_target"]
+    assert hits["padj"].is_monotonic_increasing
+    own = hits[hits["perturbation"] == "G3"]
+    assert own.loc[own["gene"] == "G3", "on_target"].tolist() == [True]
+    assert (own.loc[own["gene"] != "G3", "on_target"] == False).all()   # noqa: E712
+    assert hits.loc[hits["perturbation"] == "KO_B", "on_target"].isna().all()
+    assert set(hits.loc[hits["perturbation"] == "G3", "n_treated"]) == {150}
+    top = top_perturbations(df)
+    row = top.set_index("trt").loc["G3"]
+    assert row["on_target_hit"] is True or row["on_target_hit"] == True   # noqa: E712
+    assert row["on_target_log2fc"] == pytest.approx(df.loc[3, "log2fc"])
+    assert np.isnan(top.set_index("trt").loc["KO_B", "on_target_log2fc"])
+
+
+SORT_SCRIPT = """
+<script>
+window.addEventListener('load', function () {
+  var t = document.querySelectorAll('table.sortable')[1];
+  var heads = Array.prototype.map.call(t.tHead.rows[0].cells, function (h) {
+    return h.textContent.trim(); });
+  var col = heads.indexOf('log2fc');
+  t.tHead.rows[0].cells[col].click();
+  var asc = Array.prototype.map.call(t.tBodies[0].rows, function (r) {
+    return r.cells[col].textContent.trim(); });
+  t.tHead.rows[0].cells[col].click();
+  var desc = Array.prototype.map.call(t.tBodies[0].rows, function (r) {
+    return r.cells[col].textContent.trim(); });
+  document.body.setAttribute('data-asc', asc.join(';'));
+  document.body.setAttribute('data-desc', desc.join(';'));
+});
+</script>
+"""
+
+
+def test_hits_table_sorts_in_the_browser(processed_adata, tmp_path, chromium):
+    path = write_report(processed_adata, tmp_path / "report.html")
+    checked = tmp_path / "sorted.html"
+    checked.write_text(path.read_text().replace("</body>", SORT_SCRIPT + "</body>"))
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, "--virtual-time-budget=10000",
+                          "--dump-dom", checked.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body([^>]*)>",
+                                                            dom.stdout).group(1)))
+    asc = [float(v) for v in attrs["data-asc"].split(";")]
+    desc = [float(v) for v in attrs["data-desc"].split(";")]
+    assert len(asc) == 9 and asc == sorted(asc) and desc == sorted(asc, reverse=True)

@@ -38,7 +38,8 @@ _EXPORTS: dict[str, str] = {
     "plot_treatment_associations": "diagnostics",
     "align_test_mask": "diagnostics",
 }
-_SUBMODULES = ("tl", "pl", "report", "diagnostics", "datasets", "preprocessing", "glm", "gcate",
+_SUBMODULES = ("tl", "get", "pl", "report", "diagnostics", "datasets", "preprocessing", "glm",
+               "gcate",
                "factor_model", "dr", "propensity", "inference", "simulate", "batch", "cache", "cli")
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "diagnostics",
     "report",
     "tl",
+    "get",
     "pl",
 ]
 

@@ -512,3 +512,81 @@ def check_min_cells_per_treatment(
                 f"only {n_ctrl} control cells (rows of A with no treatment); at least "
                 f"{min_cells} are needed"
             )
+
+
+# ----------------------------------------------------------------------------- keywords
+#: Keywords of causarray 0.1.1's ``LFC`` that this package accepts for compatibility,
+#: in one place: ``ps_model``, ``eps_var`` and ``save_nuisances`` (``LFC`` arguments of
+#: the original), ``backend`` (its GLM backend switch) and the GCATE settings the
+#: original's ``LFC`` received from its batch runner and dropped (``kwargs_ls_1`` ...,
+#: ``c1``, ``num_d``).  Names that become real parameters of ``LFC`` stay valid here.
+LFC_COMPAT_KEYWORDS = frozenset({
+    "ps_model", "eps_var", "save_nuisances", "backend",
+    "kwargs_ls_1", "kwargs_ls_2", "kwargs_es_1", "kwargs_es_2", "c1", "num_d",
+})
+#: Keywords of causarray 0.1.1's ``fit_gcate`` / ``estimate_r`` accepted for
+#: compatibility (unused by the Fisher-scoring solver).
+GCATE_COMPAT_KEYWORDS = frozenset({"num_d", "num_missing"})
+
+
+def parameter_names(*funcs: Any) -> frozenset:
+    """Names that can be passed by keyword to any of ``funcs``.
+
+    Parameters
+    ----------
+    *funcs : callables
+
+    Returns
+    -------
+    frozenset of str
+        Positional-or-keyword and keyword-only parameter names (``*args`` and
+        ``**kwargs`` themselves are not names).
+    """
+    import inspect
+
+    names: set[str] = set()
+    for f in funcs:
+        for prm in inspect.signature(f).parameters.values():
+            if prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY):
+                names.add(prm.name)
+    return frozenset(names)
+
+
+def check_keywords(func_name: str, kwargs: Any, accepted: Any) -> None:
+    """Raise ``TypeError`` for the first keyword of ``kwargs`` not in ``accepted``.
+
+    The message reads like Python's own, ``f() got an unexpected keyword argument
+    'x'``, and suggests the closest accepted name when one is close (difflib).
+
+    Parameters
+    ----------
+    func_name : str
+        Name shown in the message, e.g. ``"LFC"`` or ``"gcate_lfc_batch(lfc_kwargs=...)"``.
+    kwargs : mapping or None
+        The keywords received.
+    accepted : iterable of str
+        Names the receiving function(s) accept.
+
+    Raises
+    ------
+    TypeError
+        Naming the unexpected keyword.
+    """
+    import difflib
+
+    if not kwargs:
+        return
+    if not hasattr(kwargs, "keys"):
+        raise TypeError(f"{func_name} expects a dict of keyword arguments, "
+                        f"got {type(kwargs).__name__}")
+    accepted = sorted(set(accepted))
+    for key in kwargs:
+        if key in accepted:
+            continue
+        msg = f"{func_name}() got an unexpected keyword argument {key!r}"
+        if func_name.endswith(")"):
+            msg = f"{func_name} got an unexpected keyword argument {key!r}"
+        close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.75)
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
+        raise TypeError(msg)

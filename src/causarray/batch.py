@@ -53,14 +53,22 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import as_count_matrix, check_covariates, check_treatment
+from ._validation import (
+    GCATE_COMPAT_KEYWORDS,
+    LFC_COMPAT_KEYWORDS,
+    as_count_matrix,
+    check_covariates,
+    check_keywords,
+    check_treatment,
+    parameter_names,
+)
 from ._version import __version__
 from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerprint
 
 logger = logging.getLogger("causarray")
 
 # columns of a non-estimable row (genes without counts, treatments without cells)
-_NON_ESTIMABLE = {"tau": 0.0, "std": np.inf, "log2fc": 0.0, "log2fc_se": np.inf}
+_NON_ESTIMABLE = {"tau": np.nan, "std": np.nan, "log2fc": np.nan, "log2fc_se": np.nan}
 _TEMPLATE_DTYPES = {"rej": np.dtype(np.int64), "estimable": np.dtype(bool)}
 _LFC_RESERVED = ("Y_hat", "pi_hat", "offset", "W", "W_A", "A", "Y")
 
@@ -165,6 +173,120 @@ def plan_batches(A, batch_size: int = 10, n_batches: int | None = None,
         cells = np.union1d(ctrl, treated)
         plans.append(BatchPlan(b, chunk, ctrl, treated, cells, int(n_total)))
     return plans
+
+
+#: Estimated peak bytes per (cell x gene) entry of a batch being fitted: the float64
+#: counts plus about five float64 working arrays of GCATE and LFC (measured: one batch of
+#: 4,000 cells x 8,563 genes peaks 1.1 GB above its input, about 32 bytes per entry).
+BYTES_PER_ENTRY = 48
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(value: Any, name: str = "memory_budget") -> int:
+    """Bytes of a memory size given as a number of bytes or a string like ``'2GB'``.
+
+    Parameters
+    ----------
+    value : int, float or str
+        ``'512MB'``, ``'2GB'``, ``'1.5GiB'`` (decimal and binary units), or bytes.
+    name : str
+        Name used in the message.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        Not a positive size.
+    """
+    import re
+
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        size = float(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"{name} must be a size such as '2GB' or '512MB', got {value!r}")
+        size = float(m.group(1)) * _UNITS[unit]
+    else:
+        raise ValueError(f"{name} must be a size such as '2GB' or '512MB', got {value!r}")
+    if not np.isfinite(size) or size <= 0:
+        raise ValueError(f"{name} must be a positive size, got {value!r}")
+    return int(size)
+
+
+def layout_for_budget(A, n_genes: int, memory_budget: Any = "2GB", batch_size: int = 15,
+                      bytes_per_entry: int = BYTES_PER_ENTRY) -> dict:
+    """Batch layout that uses every cell while each batch fits a memory budget.
+
+    A batch holds all control cells and every treated cell of its perturbations; its
+    footprint is estimated as ``cells x n_genes x bytes_per_entry``.  The number of
+    perturbations per batch is the largest value up to ``batch_size`` for which every
+    batch fits.  Only when one perturbation with all the controls does not fit are cells
+    left out: the control pool is cut to what fits (and, if needed, the treated cells).
+
+    Parameters
+    ----------
+    A : (n, a) 0/1 treatment matrix (controls are all-zero rows).
+    n_genes : int
+    memory_budget : bytes or a string such as ``'2GB'``
+    batch_size : int
+        Largest number of perturbations per batch.
+    bytes_per_entry : int
+
+    Returns
+    -------
+    dict
+        ``batch_size``, ``n_ctrl`` and ``max_cells`` for :func:`plan_batches` (``None``:
+        every cell), and ``cells_per_batch``, the largest batch's cell count.
+    """
+    budget = parse_memory(memory_budget)
+    batch_size = _check_count_arg(batch_size, "batch_size", allow_none=False)
+    A = np.asarray(A)
+    a = A.shape[1]
+    n_ctrl_all = int(np.count_nonzero(A.sum(axis=1) == 0))
+    per_pert = A.sum(axis=0)
+    cap_cells = max(1, budget // max(1, int(n_genes) * int(bytes_per_entry)))
+    for b in range(min(batch_size, a), 0, -1):
+        chunks = np.array_split(np.arange(a), number_of_batches(a, b))
+        largest = max(int(np.count_nonzero(A[:, c].sum(axis=1) > 0)) for c in chunks)
+        if n_ctrl_all + largest <= cap_cells:
+            return dict(batch_size=b, n_ctrl=None, max_cells=None,
+                        cells_per_batch=n_ctrl_all + largest)
+    largest = int(per_pert.max()) if a else 0
+    n_ctrl = max(1, min(n_ctrl_all, cap_cells - largest, cap_cells // 2))
+    max_cells = None if largest <= cap_cells - n_ctrl else max(1, cap_cells - n_ctrl)
+    logger.warning("memory_budget=%s: one perturbation with all %d control cells does not fit "
+                   "(about %d cells x %d genes fit); using %d control cells%s", memory_budget,
+                   n_ctrl_all, cap_cells, n_genes, n_ctrl,
+                   "" if max_cells is None else f" and at most {max_cells} treated cells")
+    return dict(batch_size=1, n_ctrl=int(n_ctrl), max_cells=max_cells,
+                cells_per_batch=int(n_ctrl + min(largest, max_cells or largest)))
+
+
+def log_cells_left_out(A, plans: list[BatchPlan], n_ctrl, max_cells) -> tuple[int, int]:
+    """Log (warning) how many control and treated cells the caps leave out.
+
+    Returns
+    -------
+    (controls left out, treated cells left out)
+    """
+    A = np.asarray(A)
+    n_ctrl_all = int(np.count_nonzero(A.sum(axis=1) == 0))
+    ctrl_out = n_ctrl_all - int(plans[0].ctrl_idx.size) if plans else 0
+    trt_total = sum(pl.n_treated_total for pl in plans)
+    trt_out = trt_total - sum(int(pl.treated_idx.size) for pl in plans)
+    if ctrl_out or trt_out:
+        logger.warning("the caps n_ctrl=%s and max_cells=%s leave out %d of %d control cells "
+                       "and %d of %d treated cells; pass n_ctrl=None, max_cells=None to use "
+                       "every cell", n_ctrl, max_cells, ctrl_out, n_ctrl_all, trt_out,
+                       trt_total)
+    return ctrl_out, trt_out
 
 
 def _layout_digest(plans: list[BatchPlan]) -> str:
@@ -281,6 +403,24 @@ class _BatchJob:
     U_init: np.ndarray | None
     ctrl_pos: np.ndarray         # positions of the shared controls among the batch rows
     keep_fits: bool
+    blas_threads: int | None = None   # BLAS threads of the batch, whichever process runs it
+
+
+def caller_blas_threads() -> int | None:
+    """The number of BLAS threads of this process (None when no BLAS is detected)."""
+    from threadpoolctl import threadpool_info
+
+    counts = [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(counts) if counts else None
+
+
+def _check_blas_threads(value) -> int | None:
+    if value is None:
+        return caller_blas_threads()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < 1:
+        raise ValueError(f"blas_threads must be a positive integer or None, got {value!r}")
+    return int(value)
 
 
 def _lfc_kwargs_rows(lk: dict, rows: np.ndarray, trt_idx: np.ndarray) -> dict:
@@ -307,8 +447,9 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
 
     Rows of ``df_fit`` (LFC on the expressed genes and the treatments with cells,
     treatment-major) are placed in the full (treatment x gene) grid; the other rows are
-    non-estimable: ``tau`` 0, ``std`` inf, p-values NaN, ``estimable`` False, arm means
-    0 for genes without counts and NaN for treatments without cells.
+    non-estimable: ``tau``, ``std``, ``log2fc``, ``log2fc_se``, ``stat`` and p-values NaN,
+    ``estimable`` False, arm means 0 for genes without counts and NaN for treatments
+    without cells.
     """
     from .dr import RESULT_COLUMNS
 
@@ -387,6 +528,22 @@ def propensity_design(X: np.ndarray, W_A: np.ndarray | None, U: np.ndarray,
 
 
 def _run_batch(job: _BatchJob) -> dict:
+    """:func:`_fit_batch` under the job's BLAS thread count.
+
+    The summation order inside BLAS depends on its thread count, and the iterative fits
+    carry such rounding differences on; fixing the count per batch makes a batch's result
+    the same whether it runs serially, on threads, in worker processes or on Dask (whose
+    workers start with one BLAS thread).
+    """
+    if job.blas_threads is None:
+        return _fit_batch(job)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=job.blas_threads, user_api="blas"):
+        return _fit_batch(job)
+
+
+def _fit_batch(job: _BatchJob) -> dict:
     """GCATE (and LFC unless ``job.lfc_kwargs`` is None) on one batch."""
     from .dr import LFC
     from .gcate import fit_gcate
@@ -452,7 +609,7 @@ def _run_batch(job: _BatchJob) -> dict:
 
 
 def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_kwargs,
-              lfc_kwargs, U_ctrl_prev, keep_fits) -> _BatchJob:
+              lfc_kwargs, U_ctrl_prev, keep_fits, blas_threads=None) -> _BatchJob:
     rows = plan.cell_idx
     ctrl_pos = np.searchsorted(rows, plan.ctrl_idx)
     U_init = None
@@ -466,7 +623,7 @@ def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_
         W_A=None if data.W_A is None else data.W_A[rows], offset=_subset_offset(offset, rows),
         disp=disp, gene_names=data.gene_names, trt_names=[data.trt_names[k] for k in plan.trt_idx],
         r=r, family=family, gcate_kwargs=gcate_kwargs, lfc_kwargs=lk, U_init=U_init,
-        ctrl_pos=ctrl_pos, keep_fits=keep_fits)
+        ctrl_pos=ctrl_pos, keep_fits=keep_fits, blas_threads=blas_threads)
 
 
 # ----------------------------------------------------------------------------------
@@ -526,9 +683,40 @@ def _resolve_dispersion(data: _Inputs, ctrl_idx, family, disp_glm, offset):
 
 
 def _check_r(r) -> int:
-    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 0:
+        raise ValueError(f"r must be a non-negative integer (0: no latent factors), got {r!r}")
     return int(r)
+
+
+def check_batch_keywords(func_name: str, kwargs, gcate_kwargs, lfc_kwargs,
+                         extra: frozenset = frozenset()) -> tuple[frozenset, frozenset]:
+    """Raise ``TypeError`` for a keyword neither fit_gcate nor LFC accepts.
+
+    ``kwargs`` may hold names of either (or ``extra``); ``gcate_kwargs`` only those of
+    :func:`causarray.fit_gcate`, ``lfc_kwargs`` only those of :func:`causarray.LFC`
+    (including :data:`causarray._validation.LFC_COMPAT_KEYWORDS`).
+
+    Returns
+    -------
+    (fit_gcate's names, LFC's names)
+    """
+    g_names, l_names = _gcate_names(), _lfc_names()
+    check_keywords(func_name, kwargs, g_names | l_names | extra)
+    check_keywords(f"{func_name}(gcate_kwargs=...)", gcate_kwargs, g_names)
+    check_keywords(f"{func_name}(lfc_kwargs=...)", lfc_kwargs, l_names)
+    return g_names, l_names
+
+
+def _gcate_names() -> frozenset:
+    from .gcate import fit_gcate
+
+    return parameter_names(fit_gcate) | GCATE_COMPAT_KEYWORDS
+
+
+def _lfc_names() -> frozenset:
+    from .dr import LFC
+
+    return parameter_names(LFC) | LFC_COMPAT_KEYWORDS
 
 
 def fit_gcate_batch(Y, X, A, r: int, batch_size: int = 10, n_batches: int | None = None,
@@ -567,8 +755,10 @@ def fit_gcate_batch(Y, X, A, r: int, batch_size: int = 10, n_batches: int | None
         (the shared dispersion, all genes), ``t_batch``, ``skipped``.
     """
     r = _check_r(r)
+    check_keywords("fit_gcate_batch", kwargs, _gcate_names())
     data = _prepare_inputs(Y, X, A)
     plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
+    log_cells_left_out(data.A, plans, n_ctrl, max_cells)
     _warn_multi_perturbation(data.A)
     skip = {int(b) for b in (skip_batches or ())}
     disp = None
@@ -627,7 +817,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
                     warm_start_U: bool = False, cache_path=None, random_state: int = 0,
                     verbose: bool = False, gcate_kwargs: dict | None = None,
                     lfc_kwargs: dict | None = None, executor=None, client=None,
-                    assignment: str = "randomized", **kwargs) -> pd.DataFrame:
+                    blas_threads: int | None = None, assignment: str = "randomized",
+                    **kwargs) -> pd.DataFrame:
     """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
@@ -656,7 +847,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         otherwise.  ``verbose=True`` inside ``gcate_kwargs`` / ``lfc_kwargs`` also shows
         the per-stage bars of fit_gcate / LFC (serial runs).
     gcate_kwargs, lfc_kwargs : keyword arguments of :func:`causarray.fit_gcate` /
-        :func:`causarray.LFC`; they override ``**kwargs``, which go to both.
+        :func:`causarray.LFC`; they override ``**kwargs``, each of which goes to the
+        function(s) accepting it.  An unknown name raises ``TypeError``.
         ``gcate_kwargs`` may hold ``disp_glm`` (skips the dispersion estimate).
     assignment : 'randomized' (default: CRISPR screens, guides assigned at random) or
         'observational' (case-control studies, selection on cell state).  Randomized:
@@ -668,22 +860,30 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         (process pools, ``dask.distributed.Client.get_executor()``, ...).
     client : a ``dask.distributed.Client``; shorthand for
         ``executor=client.get_executor(pure=False)``.
+    blas_threads : BLAS threads of every batch, in whichever process runs it (default:
+        this process's count at the call).  Serial, threaded, process and Dask runs with
+        the same ``blas_threads`` give identical results; pass 1 on a Dask cluster of
+        single-threaded workers to avoid oversubscription (and 1 in a serial run that
+        should match it).
 
     Returns
     -------
     DataFrame
         One row per (treatment, gene): the columns of :func:`causarray.LFC`, then
         ``trt`` and ``batch``; batches in order, index reset.  Genes without counts in
-        a batch's cells are non-estimable rows (``tau`` 0, ``std`` inf, p-values NaN,
-        ``estimable`` False).
+        a batch's cells are non-estimable rows (``tau``, ``std``, ``stat``, p-values
+        NaN, ``estimable`` False).
     """
     r = _check_r(r)
     if family not in ("nb", "poisson"):
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
     if executor is not None and client is not None:
         raise ValueError("pass either executor or client, not both")
-    gk = {**kwargs, **(gcate_kwargs or {})}
-    lk = {**kwargs, **(lfc_kwargs or {})}
+    g_names, l_names = check_batch_keywords("gcate_lfc_batch", kwargs, gcate_kwargs,
+                                            lfc_kwargs)
+    # a keyword of **kwargs goes to whichever of fit_gcate / LFC accepts it (or both)
+    gk = {**{k: v for k, v in kwargs.items() if k in g_names}, **(gcate_kwargs or {})}
+    lk = {**{k: v for k, v in kwargs.items() if k in l_names}, **(lfc_kwargs or {})}
     gk.setdefault("assignment", assignment)
     if gk["assignment"] not in ("randomized", "observational"):
         raise ValueError("assignment must be 'randomized' (CRISPR screens) or 'observational' "
@@ -701,8 +901,10 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     if lk.get("outcome_init", None) is not None:
         raise ValueError("lfc_kwargs may set outcome_init only to None (no warm start): "
                          "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit")
+    blas_threads = _check_blas_threads(blas_threads)
     data = _prepare_inputs(Y, X, A, W_A)
     plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
+    log_cells_left_out(data.A, plans, n_ctrl, max_cells)
     _warn_multi_perturbation(data.A)
     if client is not None:
         executor = client.get_executor(pure=False)
@@ -731,7 +933,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     if todo:
         disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset)
         common = dict(r=r, family=family, offset=offset, disp=disp, gcate_kwargs=gk,
-                      lfc_kwargs=lk, keep_fits=False)
+                      lfc_kwargs=lk, keep_fits=False, blas_threads=blas_threads)
         width = 1 if executor is None else _executor_width(executor)
         prog = _Progress(len(plans), len(plans) - len(todo), verbose, "GCATE+LFC batches",
                          width)

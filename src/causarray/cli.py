@@ -7,7 +7,7 @@
     causarray demo --out causarray-demo
     causarray --version
 
-``run`` writes ``results.parquet`` (when pyarrow is installed), ``results.csv.gz``,
+``run`` writes ``results.parquet``, ``results.csv.gz``,
 ``jic.csv`` (when r is chosen automatically), ``volcano.png``, ``discoveries.png``,
 ``jic.png``, ``propensity.png`` and a self-contained ``report.html`` into the output
 folder, plus the batch cache ``cache.h5`` from which a re-run resumes.
@@ -23,6 +23,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,17 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
+def _memory(text: str) -> str:
+    from .batch import parse_memory
+
+    try:
+        parse_memory(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB or 500MB, "
+                                         f"got {text!r}") from None
+    return text
+
+
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -110,11 +122,17 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="values of r tried by --r auto, e.g. 1,2,3,5 (default: a small grid)")
     g.add_argument("--family", choices=("nb", "poisson"), default="nb")
     g.add_argument("--batch-size", type=_positive_int, default=15,
-                   help="perturbations per batch (default 15)")
-    g.add_argument("--n-ctrl", type=_positive_int, default=2000,
-                   help="control cells shared by all batches (default 2000)")
-    g.add_argument("--max-cells", type=_positive_int, default=2000,
-                   help="treated cells per batch and cells used to choose r (default 2000)")
+                   help="largest number of perturbations per batch (default 15; fewer when "
+                        "a batch would not fit --memory-budget)")
+    g.add_argument("--n-ctrl", type=_positive_int, default=None,
+                   help="cap on the control cells shared by all batches (default: every "
+                        "control cell)")
+    g.add_argument("--max-cells", type=_positive_int, default=None,
+                   help="cap on the treated cells per batch and on the cells used to choose "
+                        "r (default: every treated cell; r is chosen on 2000 cells)")
+    g.add_argument("--memory-budget", type=_memory, default="2GB",
+                   help="estimated memory one batch may use when no cap is given, e.g. "
+                        "2GB (default) or 500MB")
     g.add_argument("--max-iters", type=_positive_int, default=None,
                    help="cap on the GCATE alternating-minimisation epochs")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -197,6 +215,14 @@ def _setup_logging(quiet: bool) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def _teardown_logging() -> None:
+    """Remove the handler of :func:`_setup_logging` (main() may be called in-process)."""
+    logger = logging.getLogger("causarray")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    logger.setLevel(logging.NOTSET)
+
+
 def _read_h5ad(path: Path):
     import anndata as ad
 
@@ -213,6 +239,56 @@ def _read_h5ad(path: Path):
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
+
+
+#: Python-side phrases of error messages and their command-line spelling.
+_FLAG_PHRASES = (
+    ("pass pert_col=<obs column holding the perturbation labels>",
+     "pass --pert-col <obs column holding the perturbation labels>"),
+    ("pass ctrl_label=<label of the control cells>",
+     "pass --ctrl-label <label of the control cells>"),
+    ("pert_col was not given", "--pert-col was not given"),
+    ("ctrl_label was not given", "--ctrl-label was not given"),
+    ("pass drop_empty_cells=True", "pass --drop-empty-cells"),
+    ("pass r=<number>", "pass --r <number>"),
+    ("or r=0", "or --r 0"),
+    ("to start fresh, or pass a new cache_path",
+     "to start fresh: re-run with --overwrite, or choose another --out"),
+)
+#: Messages of ValueErrors raised by the computation that mean bad input (exit 3).
+_INPUT_PHRASES = ("r cannot be chosen automatically", "was written with different data",
+                  "has no layer", "not in obs", "memory_budget must be",
+                  "is (nearly) singular", "is too large: at most")
+
+
+def _cli_message(text: str) -> str:
+    """An error message with Python argument names replaced by the flags that set them."""
+    for old, new in _FLAG_PHRASES:
+        text = text.replace(old, new)
+    return text
+
+
+def _check_writable(out: Path) -> None:
+    """Raise InputError unless ``out`` is (or can be made) a writable folder."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".causarray-write-test-"):
+            pass
+    except OSError as err:
+        raise InputError(f"--out {out} is not writable: {_one_line(err)}") from err
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` of the CLI: one line, no source line."""
+    stream = file if file is not None else sys.stderr
+    try:
+        stream.write(f"causarray: warning: {category.__name__}: {_one_line(message)}\n")
+    except (OSError, ValueError):
+        pass
 
 
 def _client(args: argparse.Namespace):
@@ -241,14 +317,8 @@ def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool) -> dict[str
     store = adata.uns["causarray"]
     results = store["results"]
     written: dict[str, Path] = {}
-    try:
-        import pyarrow  # noqa: F401
-        results.to_parquet(out / "results.parquet", index=False)
-        written["parquet"] = out / "results.parquet"
-    except ImportError:
-        if not quiet:
-            print("note: pyarrow is not installed; results.parquet skipped "
-                  "(pip install 'causarray[parquet]')", file=sys.stderr)
+    results.to_parquet(out / "results.parquet", index=False)     # pyarrow is a dependency
+    written["parquet"] = out / "results.parquet"
     results.to_csv(out / "results.csv.gz", index=False)
     written["csv"] = out / "results.csv.gz"
     images: dict[str, bytes] = {}
@@ -273,6 +343,10 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
     from .report import discovery_summary
 
     _setup_logging(args.quiet)
+    out: Path = args.out
+    if adata is None and not input_path.is_file():
+        _read_h5ad(input_path)         # raises the missing-file error, creates nothing
+    _check_writable(out)               # before reading the input or any model fit
     if adata is None:
         adata = _read_h5ad(input_path)
     pert_col = getattr(args, "pert_col", None)
@@ -283,17 +357,13 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
     try:
         info = tl.validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty)
     except ValueError as err:
-        raise InputError(_one_line(err).replace("pass drop_empty_cells=True",
-                                                "pass --drop-empty-cells")) from err
-    out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+        raise InputError(_cli_message(_one_line(err))) from err
     cache = out / "cache.h5"
     log = logging.getLogger("causarray")
     parts = out / "cache.h5.parts"     # batches committed by an interrupted run
     if args.overwrite:
-        for old in (cache, out / "cache.h5.jic.csv", out / "cache.h5.jic.json"):
+        for old in (cache, out / "cache.h5.jic.csv", out / "cache.h5.jic.json",
+                    out / "cache.h5.jic.partial.csv", out / "cache.h5.jic.partial.json"):
             old.unlink(missing_ok=True)
         shutil.rmtree(parts, ignore_errors=True)
     log.info("%s: %d cells x %d genes, %d perturbations, %d control cells", input_path,
@@ -303,11 +373,18 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
     client, cluster = _client(args)
     t0 = time.perf_counter()
     try:
-        tl.lfc(adata, info["pert_col"], info["ctrl_label"], covariates, layer=layer, r=args.r,
+        tl.lfc(adata, pert_col=info["pert_col"], ctrl_label=info["ctrl_label"],
+               covariates=covariates, layer=layer, r=args.r,
                family=args.family, batch_size=args.batch_size, n_ctrl=args.n_ctrl,
-               max_cells=args.max_cells, cache_path=cache, client=client,
+               max_cells=args.max_cells, memory_budget=getattr(args, "memory_budget", "2GB"),
+               cache_path=cache, client=client,
                random_state=args.seed, verbose=not args.quiet, r_grid=args.r_grid,
                max_iters=args.max_iters, drop_empty_cells=drop_empty)
+    except ValueError as err:
+        msg = _one_line(err)
+        if any(phrase in msg for phrase in _INPUT_PHRASES):
+            raise InputError(_cli_message(msg)) from err
+        raise
     finally:
         if client is not None:
             client.close()
@@ -375,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("causarray: error: a command is required (run, simulate or demo)",
               file=sys.stderr)
         return EXIT_USAGE
+    showwarning = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         if args.command == "run":
             return _run(args, args.input)
@@ -385,8 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"causarray: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("causarray: interrupted (re-run the same command to resume from the cache)",
-              file=sys.stderr)
+        print("causarray: interrupted (re-run the same command to resume: finished batches "
+              "and finished JIC fits are kept in --out)", file=sys.stderr)
         return 130
     except Exception as err:  # the CLI reports every failure in one line
         if args.debug:
@@ -394,6 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"causarray: error: {type(err).__name__}: {_one_line(err)} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        warnings.showwarning = showwarning
+        _teardown_logging()
 
 
 if __name__ == "__main__":  # pragma: no cover

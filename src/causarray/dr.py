@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._validation import LFC_COMPAT_KEYWORDS, check_keywords, parameter_names
 from .glm import fit_glm, groups_from_onehot, sym_outer, sym_unpack
 from .inference import multiple_testing
 from .preprocessing import size_factors_from_offset
@@ -776,6 +777,9 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         ``W`` holds ``U`` as if it were known; this term adds the error of its
         treatment-linked part (see ``docs/gcate.md``, stage 2).
     random_state : seed of the folds and the bootstrap.
+    **kwargs : only the keywords of causarray 0.1.1's ``LFC`` listed in
+        :data:`causarray._validation.LFC_COMPAT_KEYWORDS` (kept in the returned
+        ``estimation``); any other name raises ``TypeError``.
 
     Returns
     -------
@@ -790,6 +794,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         raise ValueError(f"usevar must be 'pooled' or 'unequal', got {usevar!r}")
     if "clip_pseudo_outcomes" in kwargs:
         raise TypeError("clip_pseudo_outcomes was removed: AIPW pseudo-outcomes are never clipped")
+    check_keywords("LFC", kwargs, LFC_COMPAT_KEYWORDS | parameter_names(LFC))
     Y, W, A, W_A, mask, gene_names, trt_names = _prepare(Y, W, A, W_A, mask)
     n, p = Y.shape
     a = A.shape[1]
@@ -866,13 +871,17 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
                                  random_state=random_state, legacy_fdx_scaling=legacy_fdx_scaling,
                                  tau=tau)
         del eta
+        # untested pairs: no estimate (NaN), never an effect of 0 that sorts among results
+        tau_out = np.where(tested, tau, np.nan)
+        std_out = np.where(tested, std, np.nan)
         frame = pd.DataFrame({
-            "gene_names": gene_names, "tau": tau, "std": std,
-            "log2fc": tau / np.log(2), "log2fc_se": std / np.log(2), "stat": stat,
+            "gene_names": gene_names, "tau": tau_out, "std": std_out,
+            "log2fc": tau_out / np.log(2), "log2fc_se": std_out / np.log(2), "stat": stat,
             "rej": tests["rej"], "pvalue": tests["pvalue"], "padj": tests["padj"],
             "pvalue_emp_null_adj": tests["pvalue_emp_null_adj"],
             "padj_emp_null_adj": tests["padj_emp_null_adj"],
-            "mean_control": o["m0"], "mean_treated": o["m1"], "estimable": tested,
+            "mean_control": np.maximum(o["m0"], 0.0), "mean_treated": np.maximum(o["m1"], 0.0),
+            "estimable": tested,
         })
         if a > 1:
             frame["trt"] = trt_names[k]

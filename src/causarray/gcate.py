@@ -35,7 +35,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import _count_dense_issues, _row_blocks
+from ._validation import (
+    GCATE_COMPAT_KEYWORDS,
+    _count_dense_issues,
+    _row_blocks,
+    check_keywords,
+    parameter_names,
+)
 from .factor_model import deviance_residual_svd, fisher_pass, loglik_constants
 from .glm import GLMFit, _alpha_from_size, _Design, fit_glm, groups_from_onehot, sym_unpack
 from .preprocessing import size_factors_from_offset
@@ -121,10 +127,10 @@ def _check_inputs(Y, X, A, r: int, family: str):
     empty_trt = np.flatnonzero(A.sum(axis=0) == 0)
     if empty_trt.size:
         raise ValueError(f"treatment column(s) {empty_trt.tolist()} of A have no cells")
-    if not isinstance(r, (int, np.integer)) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 0:
+        raise ValueError(f"r must be a non-negative integer, got {r!r}")
     Z = np.hstack([X, A])
-    if r > min(n, p) - Z.shape[1] - 1:
+    if r > 0 and r > min(n, p) - Z.shape[1] - 1:
         raise ValueError(f"r = {r} is too large: at most {min(n, p) - Z.shape[1] - 1} latent factors "
                          f"can be estimated from {n} cells x {p} genes with {Z.shape[1]} observed columns")
     sv = np.linalg.svd(Z / np.sqrt(n), compute_uv=False)
@@ -603,7 +609,8 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     Y : (n, p) raw counts (array, DataFrame or scipy.sparse).
     X : (n, d) observed covariates including the intercept.
     A : (n, a) 0/1 treatment indicators.
-    r : number of latent factors (>= 1).
+    r : number of latent factors (>= 0; with 0 both stages are the GLM on [X | A] and U
+        has no column).
     family : 'nb' or 'poisson'.
     disp_glm : NB size per gene; estimated on [X | A] by method of moments when None.
     disp_family : accepted for compatibility (unused).
@@ -630,6 +637,8 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     A_init : (n, d + a + r) initial [X | A | U]; replaces the SVD initialisation.
     random_state : seed of the randomized SVD.
     verbose : show progress bars.
+    **kwargs : only the original's ``GCATE_COMPAT_KEYWORDS`` (unused); any other name
+        raises ``TypeError``.
 
     Returns
     -------
@@ -643,6 +652,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         ``shift_pvalue`` (chance-imbalance test), ``se_A`` (standard errors of the
         stage-1 treatment coefficients).
     """
+    check_keywords("fit_gcate", kwargs, GCATE_COMPAT_KEYWORDS | parameter_names(fit_gcate))
     if assignment not in ("randomized", "observational"):
         raise ValueError("assignment must be 'randomized' (CRISPR screens) or 'observational' "
                          f"(case-control studies), got {assignment!r}")
@@ -655,6 +665,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     log_s = np.log(s)
     fit0 = _initial_glm(Y, X, A, log_s, family, disp_glm)
     size = fit0.size if family == "nb" else np.full(p, np.inf)
+    if r == 0:          # no latent factors: both stages are the GLM on [X | A]
+        return _without_factors(X, A, fit0, size, s, family, kwargs_es_1, kwargs_es_2,
+                                kwargs_ls_1, kwargs_ls_2)
     es1 = {**DEFAULT_ES, **(kwargs_es_1 or {})}
     es2 = {**DEFAULT_ES, **(kwargs_es_2 or {})}
     Z = np.hstack([X, A])
@@ -717,6 +730,25 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     return res_1, res_2
 
 
+def _without_factors(X, A, fit0: GLMFit, size, s, family, es_1, es_2, ls_1, ls_2):
+    """``fit_gcate`` with r = 0: res_1 = res_2 = the GLM on [X | A], U with no column."""
+    n, a = A.shape
+    d = X.shape[1]
+    kw_glm = dict(family=family, disp_glm=size, size_factor=s)
+    hist = [np.nan]
+    U = np.zeros((n, 0))
+    res_1 = _result(X, A, U, fit0.coef.copy(), hist, 0, kw_glm, {**DEFAULT_ES, **(es_1 or {})},
+                    ls_1)
+    res_2 = _result(X, A, U, fit0.coef.copy(), hist, 0, dict(kw_glm),
+                    {**DEFAULT_ES, **(es_2 or {})}, ls_2)
+    se = getattr(fit0, "se", None)
+    res_2["alpha"] = np.zeros((a, 0))
+    res_2["shift"] = np.zeros(a)
+    res_2["se_A"] = (np.asarray(se)[:, d:] if se is not None and np.ndim(se) == 2
+                     else np.full((fit0.coef.shape[0], a), np.nan))
+    return res_1, res_2
+
+
 def _result(X, A, U, coef, hist, n_iter, kw_glm, es, ls) -> dict:
     X_U = np.hstack([X, A, U])
     r = U.shape[1]
@@ -753,7 +785,8 @@ def jic_penalty(n: int, p: int, n_params: int) -> float:
 def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None,
                disp_family=None, offset=True, max_cells: int | None = None,
                random_state: int = 0, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
-               kwargs_es_2=None, verbose: bool = False, **kwargs) -> pd.DataFrame:
+               kwargs_es_2=None, verbose: bool = False, known=None, callback=None,
+               **kwargs) -> pd.DataFrame:
     """Choose the number of latent factors by the joint information criterion (JIC).
 
     For each r in the grid, GCATE stage 1 is fitted (warm-started from one shared SVD of
@@ -774,11 +807,20 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     max_cells : control-priority subsample size (all controls first, >= max_cells/4 treated).
     offset, family, disp_glm : as for :func:`fit_gcate`.
     kwargs_es_1 : stage-1 early stopping settings.
+    known : DataFrame, optional
+        Rows (``r, deviance, nu, time_s``) already computed for the same data and settings
+        (e.g. by an interrupted run); those r are not refitted.  Each r's fit starts from
+        the same shared SVD, so the table does not depend on which r were known.
+    callback : callable, optional
+        Called with the table of the rows finished so far after each r (to save work
+        that an interruption would otherwise lose).
 
     Returns
     -------
     DataFrame with columns ``r, deviance, nu, JIC, time_s`` sorted by r.
     """
+    # fit_gcate's settings are accepted (as by the original); anything else is a typo
+    check_keywords("estimate_r", kwargs, parameter_names(fit_gcate) | GCATE_COMPAT_KEYWORDS)
     A_arr = _as_matrix(A, "A")
     A_arr = A_arr[:, None] if A_arr.ndim == 1 else A_arr
     rows = subsample_control_priority(A_arr, max_cells, random_state)
@@ -817,13 +859,23 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     nll0 = -(const + kernel0.sum()) / (n * p)
     rows_out = [dict(r=0, deviance=2 * nll0, nu=jic_penalty(n, p, d + a),
                      time_s=time.perf_counter() - t0)]
+    done = {}
+    if known is not None and len(known):
+        done = {int(row["r"]): dict(r=int(row["r"]), deviance=float(row["deviance"]),
+                                    nu=float(row["nu"]), time_s=float(row["time_s"]))
+                for _, row in pd.DataFrame(known).iterrows() if int(row["r"]) in grid}
     for r in sorted(grid, reverse=True):
+        if r in done:
+            rows_out.append(done[r])
+            continue
         t1 = time.perf_counter()
         _, _, _, hist, _ = _alternate(Ysub, Xsub, Asub, log_s, size, U_all[:, :r],
                                       _start_coef(fit0, d, r), Q, es1, verbose, f"JIC r={r}",
                                       const=const)
         rows_out.append(dict(r=r, deviance=2 * hist[-1], nu=jic_penalty(n, p, d + a + r),
                              time_s=time.perf_counter() - t1))
+        if callback is not None:
+            callback(pd.DataFrame(rows_out))
     df = pd.DataFrame(rows_out).sort_values("r").reset_index(drop=True)
     df["JIC"] = df["deviance"] + c * df["nu"]
     return df[["r", "deviance", "nu", "JIC", "time_s"]]

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["discoveries", "discovery_counts", "propensity", "r_selection", "volcano"]
+__all__ = ["discoveries", "discovery_counts", "place_labels", "propensity", "r_selection",
+           "volcano"]
 
 SIG_COLOR = "#d62728"
 NS_COLOR = "#aaaaaa"
@@ -91,22 +92,69 @@ def volcano(data: Any, alpha: float = 0.05, padj_col: str = "padj", x: str = "lo
                label="not significant")
     ax.scatter(xv[sig], logp[sig], s=5, c=SIG_COLOR, alpha=0.7, rasterized=True,
                label=f"{padj_col} < {alpha:g} ({int(sig.sum())})")
+    ax.axvline(0.0, color="black", lw=0.5)
     if n_labels and sig.any():
-        top = np.argsort(-logp * sig)[: int(n_labels)]
+        top = [i for i in np.argsort(-logp * sig)[: int(n_labels)] if sig[i]]
+        labels = []
         for i in top:
-            if not sig[i]:
-                continue
             lab = str(df["gene_names"].iloc[i])
             if "trt" in df.columns:
                 lab = f"{df['trt'].iloc[i]}:{lab}"
-            ax.annotate(lab, (xv[i], logp[i]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.axvline(0.0, color="black", lw=0.5)
+            labels.append((xv[i], logp[i], lab))
+        place_labels(ax, labels, fontsize=7)
     ax.set_xlabel("log2 fold change" if x == "log2fc" else x)
     ax.set_ylabel("-log10 p-value")
     ax.set_title(title or "Volcano plot")
     ax.legend(fontsize=8, frameon=False, loc="best")
     return ax
+
+
+#: Offsets (points) tried, in order, for a label beside its point.
+_LABEL_OFFSETS = ((4, 4), (4, -11), (-4, 4), (-4, -11), (4, 14), (-4, 14), (4, -21),
+                  (-4, -21), (12, 24), (-12, 24), (12, -31), (-12, -31))
+
+
+def place_labels(ax: Any, labels: Sequence[tuple[float, float, str]], fontsize: float = 7,
+                 offsets: Sequence[tuple[float, float]] = _LABEL_OFFSETS) -> list:
+    """Annotate points without overlapping labels (greedy placement).
+
+    Labels are placed in the given order (most important first); each takes the first
+    offset whose text box overlaps neither an earlier label nor leaves the axes, and is
+    left out when none does.
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    labels : sequence of (x, y, text)
+        Data coordinates and text.
+    fontsize : float
+    offsets : sequence of (dx, dy)
+        Candidate offsets in points; a negative ``dx`` puts the label left of the point.
+
+    Returns
+    -------
+    list of matplotlib.text.Annotation
+        The labels drawn.
+    """
+    fig = ax.figure
+    fig.canvas.draw()                          # final limits and a renderer for the boxes
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed, boxes = [], []
+    for x, y, text in labels:
+        for dx, dy in offsets:
+            ann = ax.annotate(text, (x, y), fontsize=fontsize, xytext=(dx, dy),
+                              textcoords="offset points", ha="left" if dx >= 0 else "right",
+                              va="bottom")
+            box = ann.get_window_extent(renderer)
+            inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0
+                      and box.y1 <= frame.y1)
+            if inside and not any(box.overlaps(b) for b in boxes):
+                placed.append(ann)
+                boxes.append(box)
+                break
+            ann.remove()
+    return placed
 
 
 def discovery_counts(data: Any, alpha: float = 0.05, padj_col: str = "padj",
@@ -157,6 +205,9 @@ def discoveries(data: Any, alpha: float = 0.05, padj_col: str = "padj", top_n: i
     ax.set_xticks(np.arange(len(counts)), [str(i) for i in counts.index], rotation=45,
                   ha="right", fontsize=8)
     ax.set_ylabel(f"genes with {padj_col} < {alpha:g}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))     # counts: whole numbers
     ax.set_title(title or f"Discoveries per perturbation (top {len(counts)})")
     return ax
 

@@ -2,8 +2,9 @@
 
 The report is one HTML file without external resources: figures are PNGs embedded
 as base64 ``data:`` URIs and the style sheet is inline, so it can be mailed or
-archived as it is. Sections: run settings, discovery summary, top perturbations,
-volcano plot, discoveries per perturbation, the JIC curve (when r was chosen
+archived as it is. Sections: run settings, discovery summary, top perturbations, a
+sortable table of the top hits (with the cells used and an on-target column), volcano
+plot, discoveries per perturbation, the JIC curve (when r was chosen
 automatically) and the propensity overlap of the perturbations with the least
 overlap.
 """
@@ -22,7 +23,7 @@ import pandas as pd
 
 from ._version import __version__
 
-__all__ = ["discovery_summary", "figure_png", "render_report", "top_perturbations",
+__all__ = ["discovery_summary", "figure_png", "render_report", "top_hits", "top_perturbations",
            "write_report"]
 
 _STYLE = """
@@ -37,6 +38,47 @@ th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.85em; }
 ul.summary li { margin: 0.15em 0; }
+table.sortable th { cursor: pointer; user-select: none; }
+table.sortable th[aria-sort=ascending]::after { content: " \\25B2"; }
+table.sortable th[aria-sort=descending]::after { content: " \\25BC"; }
+"""
+
+#: Inline script making every ``table.sortable`` sortable by clicking a header (numbers
+#: numerically, text alphabetically; a second click reverses; empty cells last).
+_SORT_SCRIPT = """
+<script>
+(function () {
+  function key(td) {
+    var t = td.textContent.trim();
+    if (t === '' || t === '\u2013') return null;
+    var v = Number(t.replace(/,/g, ''));
+    return isNaN(v) ? t.toLowerCase() : v;
+  }
+  function sortBy(table, col, th) {
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    var asc = th.getAttribute('aria-sort') !== 'ascending';
+    rows.sort(function (a, b) {
+      var x = key(a.cells[col]), y = key(b.cells[col]);
+      if (x === null) return y === null ? 0 : 1;
+      if (y === null) return -1;
+      var c = (typeof x === typeof y) ? (x < y ? -1 : x > y ? 1 : 0)
+                                      : (typeof x === 'number' ? -1 : 1);
+      return asc ? c : -c;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (h) {
+      h.removeAttribute('aria-sort');
+    });
+    th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+  }
+  Array.prototype.forEach.call(document.querySelectorAll('table.sortable'), function (t) {
+    Array.prototype.forEach.call(t.tHead.rows[0].cells, function (th, i) {
+      th.addEventListener('click', function () { sortBy(t, i, th); });
+    });
+  });
+})();
+</script>
 """
 
 
@@ -112,10 +154,69 @@ def top_perturbations(results: pd.DataFrame, alpha: float = 0.05, padj_col: str 
         n_up=g["up"].sum().astype(int), n_tested=g["tested"].sum().astype(int),
         median_log2fc_hits=g["eff_hit"].median(),
     ))
-    if "n_treated" in results.columns:
-        table["n_treated"] = results.groupby(trt.to_numpy(), sort=False)["n_treated"].max()
+    for col in ("n_treated", "n_control"):        # cells used per perturbation
+        if col in results.columns:
+            table[col] = results.groupby(trt.to_numpy(), sort=False)[col].max()
+    own = _own_target(trt, results["gene_names"]).to_numpy()
+    if np.any(own == True):  # noqa: E712 - object array of True / False / NaN
+        is_own = np.asarray(own == True, dtype=bool)  # noqa: E712
+        own_eff = pd.Series(np.where(is_own, eff, np.nan)).groupby(trt.to_numpy(),
+                                                                   sort=False).max()
+        own_sig = pd.Series(is_own & sig).groupby(trt.to_numpy(), sort=False).any()
+        names = {str(g) for g in results["gene_names"].unique()}
+        table["on_target_log2fc"] = own_eff
+        table["on_target_hit"] = [bool(own_sig.get(t, False)) if str(t) in names else np.nan
+                                  for t in table.index]
     table = table.sort_values(["n_discoveries", "n_tested"], ascending=False, kind="mergesort")
     return table.head(int(top_n)).reset_index(names="trt")
+
+
+def _own_target(trt: pd.Series, genes: pd.Series) -> pd.Series:
+    """True where the gene is the perturbation's own target; NaN where the perturbation
+    does not name a measured gene (e.g. a non-targeting guide or a promoter)."""
+    measured = {str(g) for g in genes.unique()}
+    names = trt.astype(str)
+    out = pd.Series(names.to_numpy() == genes.astype(str).to_numpy(), index=trt.index,
+                    dtype=object)
+    out[~names.isin(measured)] = np.nan
+    return out
+
+
+def top_hits(results: pd.DataFrame, alpha: float = 0.05, padj_col: str = "padj",
+             top_n: int = 50) -> pd.DataFrame:
+    """The discoveries themselves: most significant gene x perturbation pairs.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        Result table (``gene_names``, ``padj``, ``log2fc`` or ``tau``, optionally ``trt``,
+        ``n_treated``, ``n_control``).
+    alpha, padj_col : discovery threshold and column.
+    top_n : int
+        Rows returned (smallest ``padj`` first, ties by the larger absolute effect).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``gene, perturbation, log2fc, padj`` (+ ``n_treated, n_control``: the cells
+        behind the estimate, when the results carry them) and ``on_target`` (True when
+        the gene is the perturbation's own target; empty when the perturbation names no
+        measured gene).
+    """
+    eff = results["log2fc"].to_numpy(dtype=float) if "log2fc" in results.columns else \
+        results["tau"].to_numpy(dtype=float) / np.log(2)
+    padj = results[padj_col].to_numpy(dtype=float)
+    sig = padj < alpha
+    trt = _trt(results)
+    table = pd.DataFrame({"gene": results["gene_names"].astype(str).to_numpy(),
+                          "perturbation": trt.to_numpy(), "log2fc": eff, padj_col: padj})
+    for col in ("n_treated", "n_control"):
+        if col in results.columns:
+            table[col] = results[col].to_numpy()
+    table["on_target"] = _own_target(trt, results["gene_names"]).to_numpy()
+    table = table[sig].assign(_abs=np.abs(eff[sig]))
+    table = table.sort_values([padj_col, "_abs"], ascending=[True, False], kind="mergesort")
+    return table.drop(columns="_abs").head(int(top_n)).reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------------
@@ -138,9 +239,10 @@ def _img(png: bytes, alt: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _table(df: pd.DataFrame, float_format: str = "{:.3g}") -> str:
+def _table(df: pd.DataFrame, float_format: str = "{:.3g}", sortable: bool = False) -> str:
     return df.to_html(index=False, escape=True, border=0, na_rep="–",
-                      float_format=lambda v: float_format.format(v))
+                      float_format=lambda v: float_format.format(v),
+                      classes="sortable" if sortable else None)
 
 
 # ----------------------------------------------------------------------------------
@@ -198,7 +300,18 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
     parts.append("</ul>")
 
     parts.append("<h2 id='top'>Top perturbations</h2>")
-    parts.append(_table(top_perturbations(results, alpha, padj_col, top_n)))
+    parts.append(_table(top_perturbations(results, alpha, padj_col, top_n), sortable=True))
+    hits = top_hits(results, alpha, padj_col, top_n=max(int(top_n), 50))
+    parts.append("<h2 id='hits'>Top hits</h2>")
+    parts.append("<p class='muted'>The most significant gene × perturbation pairs "
+                 f"({html.escape(padj_col)} &lt; {alpha:g}); click a column header to sort. "
+                 "<code>on_target</code>: the gene is the perturbation's own target (empty "
+                 "when the perturbation names no measured gene); <code>n_treated</code>, "
+                 "<code>n_control</code>: the cells behind the estimate.</p>")
+    if len(hits):
+        parts.append(_table(hits, sortable=True))
+    else:
+        parts.append("<p>No discoveries.</p>")
     if "volcano" in images:
         parts.append("<h2 id='volcano'>Volcano plot</h2>")
         parts.append(_img(images["volcano"], "volcano plot",
@@ -241,6 +354,7 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
                  "t-test and Benjamini–Hochberg adjustment; <code>padj_emp_null_adj</code>: "
                  "after re-centring the test statistics on their empirical null; NaN marks "
                  "genes too sparsely expressed to test.</p>")
+    parts.append(_SORT_SCRIPT)
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -3,7 +3,8 @@
 ::
 
     import causarray as ca
-    df = ca.tl.lfc(adata, pert_col="gene", ctrl_label="non-targeting")
+    ca.tl.lfc(adata, pert_col="gene", ctrl_label="non-targeting")
+    df = ca.get.results(adata)
     ca.pl.volcano(adata)
 
 Steps of :func:`lfc`:
@@ -12,11 +13,14 @@ Steps of :func:`lfc`:
    treatment matrix ``A`` (controls dropped), ``X = [1 | covariates]`` and
    ``X_A = [1 | covariates | log library size]``; the counts must be raw integers.
 2. ``r='auto'``: :func:`causarray.gcate.estimate_r` on a control-priority subsample
-   of at most ``max_cells`` cells over a small grid; ``r`` is the argmin of JIC.
-3. :func:`causarray.batch.gcate_lfc_batch`: GCATE confounders and doubly robust
-   log fold changes, batch by batch (each batch of ``batch_size`` perturbations
-   shares one sample of ``n_ctrl`` control cells), cached in ``cache_path`` so a
-   re-run resumes. With a Dask ``client`` the batches run in parallel on the cluster.
+   of at most ``max_cells`` (default 2,000) cells over a small grid; ``r`` is the
+   argmin of JIC.
+3. :func:`causarray.batch.gcate_lfc_batch`: GCATE confounders (none with r = 0) and
+   doubly robust log fold changes, batch by batch, cached in ``cache_path`` so a
+   re-run resumes. By default every cell is used: each batch holds all control cells
+   and every treated cell of its perturbations, and the number of perturbations per
+   batch is chosen so that a batch fits ``memory_budget``. With a Dask ``client`` the
+   batches run in parallel on the cluster.
 4. Propensity scores of every perturbation against the controls on the observed
    design ``X_A`` (a diagnostic of overlap; the doubly robust step itself also uses
    the confounders).
@@ -169,7 +173,8 @@ def _es_kwargs(max_iters: int | None) -> dict | None:
 
 def select_r(Y: Any, X: Any, A: Any, r_grid: Sequence[int] | None = None, family: str = "nb",
              max_cells: int | None = 2000, random_state: int = 0, max_iters: int | None = None,
-             c: float = 1.0, verbose: bool = False) -> tuple[int, pd.DataFrame]:
+             c: float = 1.0, verbose: bool = False, known: pd.DataFrame | None = None,
+             callback: Any = None) -> tuple[int, pd.DataFrame]:
     """Number of latent factors by minimum JIC on a control-priority subsample.
 
     Parameters
@@ -186,6 +191,9 @@ def select_r(Y: Any, X: Any, A: Any, r_grid: Sequence[int] | None = None, family
     c : float
         Weight of the JIC penalty.
     verbose : bool
+    known, callback
+        Passed to :func:`causarray.gcate.estimate_r` (rows finished by an interrupted
+        run; called with the rows finished so far after each r).
 
     Returns
     -------
@@ -224,7 +232,8 @@ def select_r(Y: Any, X: Any, A: Any, r_grid: Sequence[int] | None = None, family
         grid = [r for r in grid if r <= r_top]
     df_r = estimate_r(Ysub, np.asarray(X, float)[rows], Asub, grid, c=c, family=family,
                       max_cells=None, random_state=random_state,
-                      kwargs_es_1=_es_kwargs(max_iters), verbose=verbose)
+                      kwargs_es_1=_es_kwargs(max_iters), verbose=verbose, known=known,
+                      callback=callback)
     r = int(df_r.loc[df_r["JIC"].idxmin(), "r"])
     return r, df_r
 
@@ -247,6 +256,58 @@ def _data_fingerprint(Y: Any, genes: Sequence[str], A: pd.DataFrame, X: np.ndarr
 def _jic_paths(cache_path: str | Path) -> tuple[Path, Path]:
     base = Path(cache_path)
     return base.with_name(base.name + ".jic.csv"), base.with_name(base.name + ".jic.json")
+
+
+def _partial_jic_path(cache_path: str | Path) -> Path:
+    base = Path(cache_path)
+    return base.with_name(base.name + ".jic.partial.csv")
+
+
+def _load_partial_jic(cache_path: str | Path | None, fingerprint: dict) -> pd.DataFrame | None:
+    """Rows of the JIC table finished by an interrupted run with the same fingerprint."""
+    if cache_path is None:
+        return None
+    part = _partial_jic_path(cache_path)
+    _, meta = _jic_paths(cache_path)
+    meta_part = meta.with_name(meta.name.replace(".jic.json", ".jic.partial.json"))
+    if not (part.is_file() and meta_part.is_file()):
+        return None
+    try:
+        if json.loads(meta_part.read_text()) != fingerprint:
+            return None
+        df = pd.read_csv(part)
+    except (OSError, ValueError):
+        return None
+    done = sorted(int(v) for v in df["r"] if int(v) > 0)
+    if done:
+        logger.info("re-using the JIC fits of r = %s finished by an interrupted run", done)
+    return df
+
+
+def _partial_jic_writer(cache_path: str | Path | None, fingerprint: dict):
+    """Callback writing the rows finished so far (atomically) next to the cache."""
+    if cache_path is None:
+        return None
+    part = _partial_jic_path(cache_path)
+    _, meta = _jic_paths(cache_path)
+    meta_part = meta.with_name(meta.name.replace(".jic.json", ".jic.partial.json"))
+
+    def write(df: pd.DataFrame) -> None:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        meta_part.write_text(json.dumps(fingerprint, sort_keys=True))
+        tmp = part.with_name(part.name + ".tmp")
+        df.to_csv(tmp, index=False)
+        tmp.replace(part)
+
+    return write
+
+
+def _drop_partial_jic(cache_path: str | Path | None) -> None:
+    if cache_path is None:
+        return
+    part = _partial_jic_path(cache_path)
+    part.unlink(missing_ok=True)
+    part.with_name(part.name.replace(".csv", ".json")).unlink(missing_ok=True)
 
 
 def _load_cached_jic(cache_path: str | Path | None, fingerprint: dict) -> pd.DataFrame | None:
@@ -276,38 +337,13 @@ def _store_jic(cache_path: str | Path | None, fingerprint: dict, df_r: pd.DataFr
 
 
 # ----------------------------------------------------------------------------------
-# r = 0
-# ----------------------------------------------------------------------------------
-def _run_without_factors(Y, genes: list[str], A: pd.DataFrame, X, X_A, *, batch_size, n_ctrl,
-                         max_cells, family, random_state, lfc_kwargs, verbose) -> pd.DataFrame:
-    """r = 0: doubly robust LFC on the observed design, with the batch layout of the pipeline."""
-    from tqdm.auto import tqdm
-
-    from .batch import plan_batches
-    from .dr import LFC
-    from .preprocessing import comp_size_factor
-
-    frames = []
-    plans = plan_batches(A.to_numpy(), batch_size, None, max_cells, n_ctrl, random_state)
-    for plan in tqdm(plans, desc="LFC batches", disable=not verbose):
-        cells, chunk = plan.cell_idx, plan.trt_idx
-        block = Y[cells]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        Yb = pd.DataFrame(block, columns=genes)
-        Ab = A.iloc[cells, chunk]
-        offset = np.log(comp_size_factor(Yb))
-        df, _ = LFC(Yb, X[cells], Ab, X_A[cells], family=family, offset=offset,
-                    **(lfc_kwargs or {}))
-        if "trt" not in df.columns:
-            df["trt"] = str(Ab.columns[0])
-        df["batch"] = plan.batch
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
-
-
-# ----------------------------------------------------------------------------------
 # the front door
 # ----------------------------------------------------------------------------------
+#: Cells of the control-priority subsample on which ``r='auto'`` is chosen when
+#: ``max_cells`` is None (every cell is still used for the estimates).
+R_SUBSAMPLE = 2000
+
+
 def _resolve_r(r: Any) -> int | str:
     if isinstance(r, str):
         if r != "auto":
@@ -318,16 +354,42 @@ def _resolve_r(r: Any) -> int | str:
     return int(r)
 
 
-def lfc(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
+def resolve_verbose(verbose: bool | None) -> bool:
+    """Whether to show progress: ``verbose`` when given, else scanpy's verbosity.
+
+    With ``verbose=None``: when scanpy has been imported, progress is shown at
+    ``scanpy.settings.verbosity >= 2`` ('info' and above), as scanpy's own steps log;
+    without scanpy, when standard error is a terminal.
+    """
+    if verbose is not None:
+        return bool(verbose)
+    import sys
+
+    sc = sys.modules.get("scanpy")
+    settings = getattr(sc, "settings", None)
+    if settings is not None and hasattr(settings, "verbosity"):
+        try:
+            return int(settings.verbosity) >= 2
+        except (TypeError, ValueError):
+            return False
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         covariates: str | Iterable[str] = (), layer: str | None = None, r: int | str = "auto",
-        family: str = "nb", batch_size: int = 15, n_ctrl: int | None = 2000,
-        max_cells: int | None = 2000, cache_path: str | Path | None = None, client: Any = None,
-        random_state: int = 0, verbose: bool = False, *, r_grid: Sequence[int] | None = None,
+        family: str = "nb", batch_size: int = 15, n_ctrl: int | None = None,
+        max_cells: int | None = None, memory_budget: int | str = "2GB",
+        cache_path: str | Path | None = None, client: Any = None, random_state: int = 0,
+        verbose: bool | None = None, r_grid: Sequence[int] | None = None,
         max_iters: int | None = None, propensity: bool = True, key_added: str = "causarray",
-        drop_empty_cells: bool = False,
+        copy: bool = False, drop_empty_cells: bool = False,
         gcate_kwargs: dict | None = None, lfc_kwargs: dict | None = None,
-        **kwargs) -> pd.DataFrame:
+        **kwargs) -> Any:
     """Causal log fold changes of every gene under every perturbation of an AnnData screen.
+
+    In scanpy's manner: every option is keyword-only; the results are stored in
+    ``adata.uns[key_added]`` (read them with :func:`causarray.get.results`) and ``adata``
+    is returned only with ``copy=True``.
 
     Parameters
     ----------
@@ -345,25 +407,30 @@ def lfc(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
     r : 'auto' or int
         Number of latent confounders; ``'auto'`` picks argmin JIC over ``r_grid``
         (default :func:`default_r_grid`) on a control-priority subsample of
-        ``max_cells`` cells. ``0`` runs the doubly robust step on the observed
-        design only.
+        ``max_cells`` (or 2,000) cells. ``0``: no latent factors, the doubly robust step
+        on the observed design only (same batches, same cache).
     family : {'nb', 'poisson'}
     batch_size : int
-        Perturbations per GCATE batch.
-    n_ctrl : int or None
-        Control cells shared by all batches.
-    max_cells : int or None
-        Treated cells per batch (and the size of the subsample used to choose r).
+        Largest number of perturbations per batch (fewer when a batch with all its
+        cells would not fit ``memory_budget``).
+    n_ctrl, max_cells : int or None
+        Caps on the control cells shared by all batches and on the treated cells per
+        batch.  ``None`` (default): every cell; the batches are formed from
+        ``memory_budget`` instead.
+    memory_budget : int or str
+        Estimated memory one batch may take (``'2GB'``, ``'512MB'`` or bytes), used
+        when ``n_ctrl`` and ``max_cells`` are None; see
+        :func:`causarray.batch.layout_for_budget`.
     cache_path : str or Path, optional
         HDF5 batch cache; a re-run with the same settings resumes from it (the JIC
         table is cached next to it as ``<cache_path>.jic.csv``).
     client : dask.distributed.Client, optional
-        Run the batches in parallel on a Dask cluster (results are gathered and
-        cached by the calling process). Workers need causarray installed.
+        Run the batches in parallel on a Dask cluster.
     random_state : int
         Seed of every subsample.
-    verbose : bool
-        Progress bars.
+    verbose : bool or None
+        Progress bars; None follows ``scanpy.settings.verbosity`` (see
+        :func:`resolve_verbose`).
     r_grid : sequence of int, optional
         Grid for ``r='auto'``.
     max_iters : int, optional
@@ -372,21 +439,27 @@ def lfc(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
         Compute observed-design propensity scores and their overlap summary.
     key_added : str
         Key in ``adata.uns`` (and prefix in ``adata.obsm``).
+    copy : bool
+        Work on a copy of ``adata`` and return it; ``adata`` is left unchanged.
     drop_empty_cells : bool
         Leave out cells without any count (their propensity scores are NaN) instead
         of raising.
     gcate_kwargs, lfc_kwargs : dict, optional
-        Passed to GCATE / LFC by the batch pipeline.
+        Keyword arguments of :func:`causarray.fit_gcate` / :func:`causarray.LFC`.
     **kwargs
-        Passed to :func:`causarray.batch.gcate_lfc_batch`.
+        Passed to :func:`causarray.batch.gcate_lfc_batch`.  An unknown keyword (here or
+        in ``gcate_kwargs`` / ``lfc_kwargs``) raises ``TypeError``.
 
     Returns
     -------
-    pandas.DataFrame
-        One row per (perturbation, gene): the columns of :func:`causarray.LFC` plus
-        ``trt`` and ``batch``. Also stored, with the settings, the JIC table and the
-        propensity summary, in ``adata.uns[key_added]``.
+    anndata.AnnData or None
+        The modified copy with ``copy=True``, else None.  ``adata.uns[key_added]``
+        holds ``results`` (one row per (perturbation, gene): the columns of
+        :func:`causarray.LFC` plus ``trt`` and ``batch``), ``settings``, ``jic`` and
+        ``propensity``; the scores are in ``adata.obsm[key_added + '_propensity']``.
     """
+    from ._validation import parameter_names
+    from .batch import check_batch_keywords, gcate_lfc_batch, layout_for_budget
     from .preprocessing import from_anndata
 
     t_start = time.perf_counter()
@@ -398,6 +471,13 @@ def lfc(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
     for name, val in (("n_ctrl", n_ctrl), ("max_cells", max_cells)):
         if val is not None and int(val) < 1:
             raise ValueError(f"{name} must be a positive integer or None, got {val!r}")
+    own = {"Y", "X", "A", "r", "W_A", "batch_size", "max_cells", "n_ctrl", "family",
+           "cache_path", "random_state", "verbose", "gcate_kwargs", "lfc_kwargs", "client"}
+    batch_names = parameter_names(gcate_lfc_batch) - own
+    check_batch_keywords("lfc", kwargs, gcate_kwargs, lfc_kwargs, extra=batch_names)
+    verbose = resolve_verbose(verbose)
+    if copy:
+        adata = adata.copy()
     covariates = [covariates] if isinstance(covariates, str) else list(covariates)
     info = validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)
     with warnings.catch_warnings():
@@ -411,6 +491,12 @@ def lfc(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
     Y_mat = Y.to_numpy() if isinstance(Y, pd.DataFrame) else Y      # ndarray or CSR
     n, p = Y_mat.shape
 
+    layout = dict(batch_size=int(batch_size), n_ctrl=n_ctrl, max_cells=max_cells)
+    if n_ctrl is None and max_cells is None:
+        layout = layout_for_budget(A.to_numpy(), p, memory_budget, int(batch_size))
+        logger.info("batches of up to %d perturbations, every cell (largest batch %d cells)",
+                    layout["batch_size"], layout["cells_per_batch"])
+
     gk = dict(gcate_kwargs or {})
     if max_iters is not None:
         for key in ("kwargs_es_1", "kwargs_es_2"):
@@ -418,46 +504,41 @@ def lfc(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
 
     df_r = None
     if r_req == "auto":
-        n_sub = n if max_cells is None else min(n, int(max_cells))
+        n_sub_cap = R_SUBSAMPLE if max_cells is None else int(max_cells)
+        n_sub = min(n, n_sub_cap)
         grid = sorted({int(v) for v in (r_grid if r_grid is not None
                                         else default_r_grid(p, n_sub))})
         fingerprint = dict(data=_data_fingerprint(Y_mat, genes, A, X, X_A), grid=grid,
-                           family=family, max_cells=max_cells, random_state=random_state,
+                           family=family, max_cells=n_sub_cap, random_state=random_state,
                            max_iters=max_iters, version=__version__)
         df_r = _load_cached_jic(cache_path, fingerprint)
         if df_r is None:
-            logger.info("choosing r by JIC over %s on <= %s cells", grid, max_cells)
-            _, df_r = select_r(Y_mat, X, A.to_numpy(), grid, family, max_cells, random_state,
-                               max_iters, verbose=verbose)
+            logger.info("choosing r by JIC over %s on <= %s cells", grid, n_sub_cap)
+            _, df_r = select_r(Y_mat, X, A.to_numpy(), grid, family, n_sub_cap, random_state,
+                               max_iters, verbose=verbose,
+                               known=_load_partial_jic(cache_path, fingerprint),
+                               callback=_partial_jic_writer(cache_path, fingerprint))
             _store_jic(cache_path, fingerprint, df_r)
+            _drop_partial_jic(cache_path)
         r_used = int(df_r.loc[df_r["JIC"].idxmin(), "r"])
         logger.info("r = %d (minimum JIC)", r_used)
     else:
         grid = []
         r_used = int(r_req)
 
-    if r_used == 0:
-        if client is not None:
-            logger.info("r = 0: the Dask client is not used")
-        results = _run_without_factors(Y_mat, genes, A, X, X_A, batch_size=int(batch_size),
-                                       n_ctrl=n_ctrl, max_cells=max_cells, family=family,
-                                       random_state=random_state, lfc_kwargs=lfc_kwargs,
-                                       verbose=verbose)
+    if sp.issparse(Y_mat):   # a sparse-dtype frame: stays sparse, keeps the gene names
+        Y_named = pd.DataFrame.sparse.from_spmatrix(Y_mat, columns=genes)
     else:
-        from .batch import gcate_lfc_batch
-
-        if sp.issparse(Y_mat):   # a sparse-dtype frame: stays sparse, keeps the gene names
-            Y_named = pd.DataFrame.sparse.from_spmatrix(Y_mat, columns=genes)
-        else:
-            Y_named = pd.DataFrame(Y_mat, columns=genes, copy=False)
-        if cache_path is not None:
-            Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-        results = gcate_lfc_batch(Y_named, X, A, r_used, W_A=X_A, batch_size=int(batch_size),
-                                  max_cells=max_cells, n_ctrl=n_ctrl, family=family,
-                                  cache_path=None if cache_path is None else str(cache_path),
-                                  random_state=random_state, verbose=verbose,
-                                  gcate_kwargs=gk or None, lfc_kwargs=lfc_kwargs,
-                                  client=client, **kwargs)
+        Y_named = pd.DataFrame(Y_mat, columns=genes, copy=False)
+    if cache_path is not None:
+        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+    results = gcate_lfc_batch(Y_named, X, A, r_used, W_A=X_A, batch_size=layout["batch_size"],
+                              max_cells=layout["max_cells"], n_ctrl=layout["n_ctrl"],
+                              family=family,
+                              cache_path=None if cache_path is None else str(cache_path),
+                              random_state=random_state, verbose=verbose,
+                              gcate_kwargs=gk or None, lfc_kwargs=lfc_kwargs,
+                              client=client, **kwargs)
     results = results.reset_index(drop=True)
 
     store: dict[str, Any] = dict(results=results, jic=df_r)
@@ -472,7 +553,8 @@ def lfc(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
     store["settings"] = dict(
         pert_col=info["pert_col"], ctrl_label=info["ctrl_label"], covariates=covariates,
         layer=layer, r=r_used, r_requested=str(r_req), r_grid=grid, family=family,
-        batch_size=int(batch_size), n_ctrl=n_ctrl, max_cells=max_cells,
+        batch_size=int(layout["batch_size"]), n_ctrl=layout["n_ctrl"],
+        max_cells=layout["max_cells"], memory_budget=str(memory_budget),
         random_state=int(random_state), max_iters=max_iters,
         cache_path=None if cache_path is None else str(cache_path),
         dask=client is not None, n_cells=int(n), n_cells_dropped=int(adata.n_obs - n),
@@ -481,4 +563,4 @@ def lfc(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
         causarray_version=__version__, elapsed_s=round(time.perf_counter() - t_start, 3),
     )
     adata.uns[key_added] = store
-    return results
+    return adata if copy else None
