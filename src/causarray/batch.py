@@ -60,8 +60,11 @@ from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerpri
 logger = logging.getLogger("causarray")
 
 # columns of a non-estimable row (genes without counts, treatments without cells)
-_NON_ESTIMABLE = {"tau": 0.0, "std": np.inf, "log2fc": 0.0, "log2fc_se": np.inf}
-_TEMPLATE_DTYPES = {"rej": np.dtype(np.int64), "estimable": np.dtype(bool)}
+_NON_ESTIMABLE = {"tau": 0.0, "std": np.inf, "log2fc": 0.0, "log2fc_se": np.inf,
+                  "std_raw": np.inf}
+_TEMPLATE_DTYPES = {"rej": np.dtype(np.int64), "estimable": np.dtype(bool),
+                    "n_treated": np.dtype(np.int64), "n_control": np.dtype(np.int64),
+                    "var_floored": np.dtype(bool)}
 _LFC_RESERVED = ("Y_hat", "pi_hat", "offset", "W", "W_A", "A", "Y")
 
 
@@ -307,8 +310,9 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
 
     Rows of ``df_fit`` (LFC on the expressed genes and the treatments with cells,
     treatment-major) are placed in the full (treatment x gene) grid; the other rows are
-    non-estimable: ``tau`` 0, ``std`` inf, p-values NaN, ``estimable`` False, arm means
-    0 for genes without counts and NaN for treatments without cells.
+    non-estimable: ``tau`` 0, ``std`` and ``std_raw`` inf, p-values NaN, ``estimable`` and
+    ``var_floored`` False, arm means and count sums 0 for genes without counts (arm sizes
+    those of the treatment) and NaN for treatments without cells (arm sizes 0).
     """
     from .dr import RESULT_COLUMNS
 
@@ -344,8 +348,11 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
         full = np.full((a_b, p), fill, dtype=dtype)
         if v is not None:
             full[np.ix_(fitted, expressed)] = v.reshape(n_fit, n_expr)
-        if c in ("mean_control", "mean_treated"):
+        if c in ("mean_control", "mean_treated", "count_treated", "count_control"):
             full[np.ix_(fitted, ~expressed)] = 0.0
+        if c in ("n_treated", "n_control") and v is not None and n_expr:
+            # arm sizes do not depend on the gene: copy them to the genes without counts
+            full[np.ix_(fitted, ~expressed)] = v.reshape(n_fit, n_expr)[:, :1]
         out[c] = full.ravel()
     out["trt"] = np.repeat(np.asarray(trt_names, dtype=object), p)
     out["batch"] = np.full(a_b * p, batch, dtype=np.int64)

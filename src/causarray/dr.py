@@ -60,7 +60,8 @@ EFFECT_BOUND = 30.0               # and its treatment effects to +- this
 _AIPW_CHUNK_BYTES = 4 * 2**20     # one genes x cells working array of the AIPW loop
 RESULT_COLUMNS = ["gene_names", "tau", "std", "log2fc", "log2fc_se", "stat", "rej", "pvalue",
                   "padj", "pvalue_emp_null_adj", "padj_emp_null_adj", "mean_control",
-                  "mean_treated", "estimable"]
+                  "mean_treated", "estimable", "n_treated", "n_control", "count_treated",
+                  "count_control", "var_floored", "std_raw"]
 
 
 # ----------------------------------------------------------------------------------
@@ -515,7 +516,8 @@ def _estimand_from_sums(b1: dict, b0: dict, thres_diff: float, usevar: str, n_pa
             small = est & (v1 < 0.25) & (v0 < 0.25)
             tau = tau + np.where(small, 0.5 * (v1 - v0), 0.0)
     return dict(m0=m0, m1=m1, o0=o0, o1=o1, tau=tau, var=var, df=df, floor=floor,
-                estimable=est, t1=t1, t0=t0)
+                estimable=est, t1=t1, t0=t0, c1=np.asarray(b1["sy"], float),
+                c0=np.asarray(b0["sy"], float))
 
 
 # ----------------------------------------------------------------------------------
@@ -591,7 +593,8 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
                     n_params: int, in_sample: bool, bias_correction: bool,
                     nuisance_variance: bool, verbose: bool = False) -> dict:
     """Estimands of every treatment and gene: (a, p) arrays ``m0, m1, o0, o1, tau, var,
-    df, floor, estimable, t1, t0``, plus ``n0, n1`` per treatment."""
+    df, floor, estimable, t1, t0`` and the raw arm count sums ``c1, c0``, plus ``n0, n1``
+    per treatment."""
     from tqdm.auto import tqdm
 
     n, p = Y.shape
@@ -634,7 +637,7 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
             W_c = Ws[ctrl]
             Z = (w0_ctrl[:, :, None] * W_c[:, None, :]).reshape(W_c.shape[0], -1)
 
-    keys = ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor", "t1", "t0")
+    keys = ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor", "t1", "t0", "c1", "c0")
     out = {key: np.empty((a, p)) for key in keys}
     out["estimable"] = np.empty((a, p), bool)
     blocks = _GeneBlocks(Y, order)
@@ -776,7 +779,11 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     Returns
     -------
     df_res : DataFrame, one row per (treatment, gene) with columns ``RESULT_COLUMNS``
-        (+ ``trt`` when a > 1).
+        (+ ``trt`` when a > 1).  As in 0.1.1: ``n_treated`` / ``n_control`` are the cells
+        of each arm entering the estimate, ``count_treated`` / ``count_control`` the raw
+        counts summed over those cells, ``var_floored`` is True where the Poisson variance
+        floor replaced the influence-function variance (tested pairs only), and
+        ``std_raw`` is the standard error before that floor (inf for untested pairs).
     estimation : dict with ``pi_hat``, ``pi_hat_raw``, ``ps_clip_bounds``, ``Y_hat``
         (:class:`CounterfactualMeans`), ``offset``, ``size_factors``, ``ps_class_weight``.
     """
@@ -834,6 +841,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
             o["tau"] = o["tau"] - normalization_shift(o["tau"][tested], o["var"][tested])
         var = o["var"]
         floored = tested & (var < o["floor"])
+        std_raw = np.where(tested, np.sqrt(var), np.inf)
         var = np.where(floored, o["floor"], var)
         tau = np.where(tested, o["tau"], 0.0)
         std = np.where(tested, np.sqrt(var), np.inf)
@@ -861,6 +869,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
             "pvalue_emp_null_adj": tests["pvalue_emp_null_adj"],
             "padj_emp_null_adj": tests["padj_emp_null_adj"],
             "mean_control": o["m0"], "mean_treated": o["m1"], "estimable": tested,
+            "n_treated": np.full(p, n1, dtype=np.int64),
+            "n_control": np.full(p, n0, dtype=np.int64),
+            "count_treated": res["c1"][k], "count_control": res["c0"][k],
+            "var_floored": floored, "std_raw": std_raw,
         })
         if a > 1:
             frame["trt"] = trt_names[k]
