@@ -206,7 +206,10 @@ def _prepare(Y, W, A, W_A, mask):
         if not np.all(np.isfinite(M)):
             raise ValueError(f"{name} contains NaN or infinite values")
     if not np.all(np.isin(A, (0, 1))):
-        raise ValueError("A must contain only 0/1 treatment indicators")
+        raise ValueError("A must contain only 0/1 treatment indicators: LFC estimates the "
+                         "contrast of treated and control arms, so a continuous treatment "
+                         "(dose, guide UMI) must be binarised first, e.g. (A > 0); fit_gcate "
+                         "accepts it continuous")
     a = A.shape[1]
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
@@ -737,7 +740,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         fdx_alpha: float = 0.05, fdx_c: float = 0.1, ps_clip="auto", ps_class_weight=None,
         verbose: bool = False, random_state: int = 0, fdx_B: int = 1000, disp_glm=None,
         legacy_fdx_scaling: bool = False, outcome_init=None, nuisance_variance: bool = True,
-        bias_correction: bool = True, recenter: bool = True,
+        bias_correction: bool = True, recenter: bool = True, ps_model: str = "logistic",
+        eps_var=None, backend: str = "auto",
         **kwargs):
     """Doubly robust log fold changes of every gene under every treatment.
 
@@ -775,6 +779,11 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     bias_correction : remove the second-order bias of the log of a ratio of means,
         (Var(m1)/m1^2 - Var(m0)/m0^2)/2, from tau (see ``docs/dr.md``).
     random_state : seed of the folds and the bootstrap.
+    ps_model : propensity model, 'logistic' (default), 'random_forest_cv' or 'ensemble'
+        (forest and logistic averaged, :mod:`causarray.propensity_forest`).
+    eps_var : deprecated and ignored, as in 0.1.1 (FutureWarning when given).
+    backend : 'auto', 'fast' or 'original' (0.1.1's GLM engines); validated, all run this
+        package's exact GLM (see :mod:`causarray._compat`).
 
     Returns
     -------
@@ -785,8 +794,14 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         floor replaced the influence-function variance (tested pairs only), and
         ``std_raw`` is the standard error before that floor (inf for untested pairs).
     estimation : dict with ``pi_hat``, ``pi_hat_raw``, ``ps_clip_bounds``, ``Y_hat``
-        (:class:`CounterfactualMeans`), ``offset``, ``size_factors``, ``ps_class_weight``.
+        (:class:`CounterfactualMeans`, or the array passed as ``Y_hat``), ``offset``,
+        ``size_factors``, ``ps_class_weight``.
     """
+    from ._compat import check_backend, check_ps_model, warn_eps_var
+
+    check_backend(backend)
+    check_ps_model(ps_model)
+    warn_eps_var(eps_var)
     if family not in ("nb", "poisson"):
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
     if usevar not in ("pooled", "unequal"):
@@ -809,7 +824,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     if pi_hat is None:
         logger.info("fitting propensity models")
         pi_raw = fit_propensity(A, W_A, mask=mask, class_weight=ps_class_weight,
-                                folds=fold if K > 1 else None, random_state=random_state)
+                                folds=fold if K > 1 else None, random_state=random_state,
+                                ps_model=ps_model)
     else:
         pi_raw = np.asarray(pi_hat, float).reshape(n, a)
     lower, upper = clip_bounds(A, mask=mask, ps_clip=ps_clip)
@@ -884,7 +900,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
                       f"(no usable counts in an arm; per treatment {per}{more})",
                       RuntimeWarning, stacklevel=2)
     df_res = pd.concat(frames, ignore_index=True)
-    estimation = dict(pi_hat=pi, pi_hat_raw=pi_raw, ps_clip_bounds=(lower, upper), Y_hat=cm,
+    y_hat_out = Y_hat if Y_hat is not None and not isinstance(Y_hat, CounterfactualMeans) \
+        else cm
+    estimation = dict(pi_hat=pi, pi_hat_raw=pi_raw, ps_clip_bounds=(lower, upper),
+                      Y_hat=y_hat_out,
                       offset=log_s, size_factors=s, ps_class_weight=ps_class_weight,
                       K=K, usevar=usevar, **kwargs)
     return df_res, estimation

@@ -408,7 +408,8 @@ def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilo
 def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=None,
               offset=True, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
               kwargs_es_2=None, c1=None, A_init=None, random_state: int = 0,
-              verbose: bool = False, renormalize: bool = True, **kwargs):
+              verbose: bool = False, renormalize: bool = True, backend: str = "auto",
+              **kwargs):
     """Estimate r latent confounders with the two-stage GCATE factor model.
 
     Parameters
@@ -434,6 +435,8 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     A_init : (n, d + a + r) initial [X | A | U]; replaces the SVD initialisation.
     random_state : seed of the randomized SVD.
     verbose : show progress bars.
+    backend : 'auto', 'fast' or 'original' (0.1.1's GLM engines); validated, all run this
+        package's exact GLM (see :mod:`causarray._compat`).
 
     Returns
     -------
@@ -443,6 +446,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         ``res_2`` additionally ``alpha`` (a x r shift of the confounders per treatment),
         ``se_A`` (standard errors of the stage-1 treatment coefficients).
     """
+    from ._compat import check_backend
+
+    check_backend(backend)
     Y, X, A = _check_inputs(Y, X, A, r, family)
     n, p = Y.shape
     d, a = X.shape[1], A.shape[1]
