@@ -26,7 +26,7 @@ def lfc_run():
                          random_state=3)
     Y, X, A = _design(ad)
     W = np.hstack([X, ad.obsm["U_true"]])
-    df, est = LFC(Y, W, A, offset=True)
+    df, _ = LFC(Y, W, A, offset=True)
     return Y, A, df
 
 

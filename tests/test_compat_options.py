@@ -82,7 +82,9 @@ def test_ps_model_ensemble_differs_from_logistic_and_is_a_probability():
     np.testing.assert_allclose(ens, 0.5 * (logit + rf), rtol=1e-12)
     assert np.all((rf > 0) & (rf < 1))
     # a logistic model linear in z cannot represent a U-shaped propensity; the forest can
-    brier = lambda p: np.mean((p[:, 0] - A[:, 0]) ** 2)          # noqa: E731
+    def brier(p):
+        return np.mean((p[:, 0] - A[:, 0]) ** 2)
+
     assert brier(rf) < brier(logit)
     with pytest.raises(ValueError, match="ps_model must be one of"):
         estimate_propensity_scores(A, X_A, ps_model="forest")

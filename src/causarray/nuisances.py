@@ -33,9 +33,7 @@ def nuisance_path(cache_path) -> str:
     if cache_path is None:
         raise ValueError("save_nuisances=True requires cache_path (the nuisances are "
                          "written beside the result cache)")
-    base = str(cache_path)
-    stem = base[:-3] if base.endswith(".h5") else base
-    return f"{stem}.nuisances.h5"
+    return f"{str(cache_path).removesuffix('.h5')}.nuisances.h5"
 
 
 def save_batch_nuisances(path, batch: int, nuis: dict) -> None:
@@ -66,7 +64,7 @@ def stored_batches(path) -> list[int]:
     if not Path(path).exists():
         return []
     with h5py.File(path, "r") as f:
-        return sorted(int(k.split("_")[1]) for k in f.keys() if k.startswith("batch_"))
+        return sorted(int(k.split("_")[1]) for k in f if k.startswith("batch_"))
 
 
 def load_nuisances(path, batch: int) -> dict:
