@@ -650,3 +650,13 @@ def plot_r(df_r: pd.DataFrame, c: float = 1.0):
     ax1.set_title("JIC")
     fig.tight_layout()
     return fig
+
+
+def __getattr__(name: str):
+    # 0.1.1 defined the batch driver in this module: ``from causarray.gcate import
+    # fit_gcate_batch`` keeps working without importing the batch machinery eagerly.
+    if name == "fit_gcate_batch":
+        from .batch import fit_gcate_batch
+
+        return fit_gcate_batch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
