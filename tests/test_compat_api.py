@@ -283,3 +283,82 @@ def test_fit_glm_ondisk_matches_the_in_memory_fit(tmp_path, glm_data):
     assert Yhat.shape == dev.shape == Yk.shape and disp.shape == (Y.shape[1],)
     with pytest.raises(ValueError, match="target_label 'KO2' does not occur"):
         ca.fit_glm_ondisk(str(path), target_label="KO2")
+
+
+# ----------------------------------------------------------------------------------
+# diagnostics: 0.1.1 column names, axes array, input checks
+# ----------------------------------------------------------------------------------
+def test_summarize_propensity_scores_uses_0_1_1_column_names(screen):
+    A, _, pi = screen
+    out = ca.summarize_propensity_scores(A, pi)
+    new = ["brier_score", "outside_overlap_fraction", "clipped_fraction", "score_q01",
+           "score_median", "score_q99"]
+    assert set(new) <= set(out.columns)
+    assert not {"brier", "frac_outside_overlap", "frac_at_clip_bounds", "q01", "q50",
+                "q99"} & set(out.columns)
+    An = A.to_numpy()
+    pop_rows = (An.sum(axis=1) == 0) | (An[:, 0] == 1)
+    pop = pi[pop_rows, 0]
+    assert out.loc[0, "score_median"] == pytest.approx(np.median(pop))
+    assert out.loc[0, "brier_score"] == pytest.approx(np.mean((pop - An[pop_rows, 0]) ** 2))
+
+
+def test_plot_propensity_scores_returns_an_array_of_axes(screen):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    A, _, pi = screen
+    fig, axes, _ = ca.plot_propensity_scores(A, pi, treatments=["T1", "T2", "T3"])
+    assert isinstance(axes, np.ndarray) and axes.shape == (1, 3)
+    assert [ax.get_title().split("\n")[0] for ax in axes.ravel()] == ["T1", "T2", "T3"]
+    fig2, given = plt.subplots(1, 2)
+    _, axes2, _ = ca.plot_propensity_scores(A, pi, treatments=["T1"], axes=given)
+    assert isinstance(axes2, np.ndarray) and axes2.shape == (2,) and axes2[0] is given[0]
+    plt.close("all")
+
+
+def test_align_test_mask_rejects_duplicate_rows_and_none_labels():
+    res = pd.DataFrame({"trt": ["a", "a", "b"], "gene_names": ["g1", "g1", "g1"]})
+    mask = pd.DataFrame([[True], [False]], index=["a", "b"], columns=["g1"])
+    with pytest.raises(ValueError, match="duplicated \\(treatment, gene\\) rows"):
+        ca.align_test_mask(res, mask)
+    ok = res.iloc[1:]
+    np.testing.assert_array_equal(ca.align_test_mask(ok, mask), [True, False])
+    with pytest.raises(ValueError, match="must not be None or NaN"):
+        ca.align_test_mask(pd.DataFrame({"trt": ["a", None], "gene_names": ["g1", "g1"]}),
+                           mask)
+    none_mask = pd.DataFrame([[True], [False]], index=["a", None], columns=["g1"])
+    with pytest.raises(ValueError, match="must not be None or NaN"):
+        ca.align_test_mask(ok, none_mask)
+    with pytest.raises(ValueError, match="must not be None or NaN"):
+        ca.align_test_mask(ok, np.array([[True], [False]]), treatment_names=["a", None],
+                           gene_names=["g1"])
+
+
+def test_summarize_treatment_associations_rejects_duplicate_names(screen):
+    A, X_A, _ = screen
+    Z = X_A[["z", "w"]].to_numpy()
+    with pytest.raises(ValueError, match="covariate_names must be unique"):
+        ca.summarize_treatment_associations(A, Z, covariate_names=["z", "z"])
+    with pytest.raises(ValueError, match="treatment_names must be unique"):
+        ca.summarize_treatment_associations(A, Z, treatment_names=["T1", "T1", "T3"])
+    out = ca.summarize_treatment_associations(A, Z, covariate_names=["z", "w"])
+    assert len(out) == 6
+
+
+def test_plot_treatment_associations_rejects_vmax_zero(screen):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    A, X_A, _ = screen
+    summ = ca.summarize_treatment_associations(A, X_A[["z", "w"]])
+    for bad in (0, -1.0, np.inf, np.nan):
+        with pytest.raises(ValueError, match="vmax must be a finite number > 0"):
+            ca.plot_treatment_associations(summ, "standardized_mean_difference", vmax=bad)
+    fig, ax = ca.plot_treatment_associations(summ, "standardized_mean_difference", vmax=2.0)
+    assert ax.images[0].get_clim() == (-2.0, 2.0)
+    plt.close("all")
