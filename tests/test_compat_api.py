@@ -362,3 +362,39 @@ def test_plot_treatment_associations_rejects_vmax_zero(screen):
     fig, ax = ca.plot_treatment_associations(summ, "standardized_mean_difference", vmax=2.0)
     assert ax.images[0].get_clim() == (-2.0, 2.0)
     plt.close("all")
+
+
+# ----------------------------------------------------------------------------------
+# continuous treatments: fit_gcate fits them, LFC refuses with a clear message
+# ----------------------------------------------------------------------------------
+def test_fit_gcate_fits_a_continuous_treatment_and_removes_confounding():
+    from causarray.glm import fit_glm as engine
+
+    rng = np.random.default_rng(0)
+    n, p = 600, 80
+    U = rng.normal(size=(n, 1))
+    on = rng.random(n) < 1 / (1 + np.exp(-U[:, 0]))                 # confounded by U
+    dose = np.where(on, rng.gamma(2.0, 1.0, n), 0.0)
+    beta = np.zeros(p)
+    beta[:10] = -0.5
+    gamma = rng.normal(0, 0.6, p)
+    Y = rng.poisson(np.exp(1.0 + U * gamma + dose[:, None] * beta)).astype(float)
+    X = np.ones((n, 1))
+    _, res = ca.fit_gcate(Y, X, dose[:, None], 1, offset=False)
+    b_gcate = res["B_Gamma"][:, 1]
+    b_naive = engine(Y, X, dose[:, None], family="poisson").coef[:, 1]
+    err_g = np.sqrt(np.mean((b_gcate - beta) ** 2))
+    err_n = np.sqrt(np.mean((b_naive - beta) ** 2))
+    assert err_g < 0.5 * err_n                         # the latent factor absorbs U
+    assert abs(np.corrcoef(res["U"][:, 0], U[:, 0])[0, 1]) > 0.9
+    with pytest.raises(ValueError, match="A contains NaN"):
+        ca.fit_gcate(Y, X, np.where(on, np.nan, 0.0)[:, None], 1)
+
+
+def test_lfc_refuses_a_continuous_treatment_with_a_clear_message():
+    rng = np.random.default_rng(1)
+    n = 100
+    Y = rng.poisson(2.0, size=(n, 5)).astype(float)
+    dose = np.where(rng.random(n) < 0.3, rng.gamma(2.0, 1.0, n), 0.0)
+    with pytest.raises(ValueError, match="continuous treatment .* must be binarised"):
+        ca.LFC(Y, np.ones((n, 1)), dose[:, None])

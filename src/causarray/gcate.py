@@ -102,8 +102,8 @@ def _check_inputs(Y, X, A, r: int, family: str):
         raise ValueError("Y contains NaN or infinite values")
     if negative:
         raise ValueError("Y contains negative counts")
-    if not np.all(np.isin(A, (0, 1))):
-        raise ValueError("A must contain only 0/1 treatment indicators")
+    if not np.all(np.isfinite(A)):
+        raise ValueError("A contains NaN or infinite values")
     if fractional:
         import warnings
         warnings.warn("Y contains non-integer values; rounding to the nearest integer",
@@ -117,7 +117,7 @@ def _check_inputs(Y, X, A, r: int, family: str):
         bad = np.flatnonzero(nnz_gene == 0)
         raise ValueError(f"Y has {bad.size} gene(s) with no counts (e.g. columns {bad[:5].tolist()}); "
                          "remove genes with no counts before fitting")
-    empty_trt = np.flatnonzero(A.sum(axis=0) == 0)
+    empty_trt = np.flatnonzero(np.all(A == 0, axis=0))
     if empty_trt.size:
         raise ValueError(f"treatment column(s) {empty_trt.tolist()} of A have no cells")
     if not isinstance(r, (int, np.integer)) or r < 1:
@@ -416,7 +416,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     ----------
     Y : (n, p) raw counts (array, DataFrame or scipy.sparse).
     X : (n, d) observed covariates including the intercept.
-    A : (n, a) 0/1 treatment indicators.
+    A : (n, a) treatments: 0/1 indicators, or continuous values (dose, guide UMI) as in
+        0.1.1 -- a treatment column enters the GLM linearly either way; :func:`LFC` needs
+        0/1 indicators.
     r : number of latent factors (>= 1).
     family : 'nb' or 'poisson'.
     disp_glm : NB size per gene; estimated on [X | A] by method of moments when None.
