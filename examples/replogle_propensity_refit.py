@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 # full: a Replogle-sized batch layout (15 perturbations per batch, 2,000 controls)
-FULL = dict(n_ctrl=2000, n_perts=30, cells_per_pert=300, n_genes=2000, r=5, batch_size=15,
+FULL = dict(n_ctrl=2000, n_perts=30, cells_per_pert=200, n_genes=2000, r=5, batch_size=15,
             max_iters=20, focal=1)
 SMALL = dict(n_ctrl=300, n_perts=8, cells_per_pert=60, n_genes=150, r=2, batch_size=4,
              max_iters=5, focal=1)

@@ -101,3 +101,17 @@ def test_sparse_gene_in_a_small_arm_is_floored():
     row = df.iloc[0]
     assert row["estimable"] and row["var_floored"] and row["count_treated"] == 0
     assert row["std"] > row["std_raw"]
+
+
+@pytest.mark.parametrize("r", [0, 1])
+def test_tl_lfc_tables_carry_the_new_columns(r):
+    import causarray as ca
+
+    ad = simulate_screen(n_ctrl=150, n_perts=3, cells_per_pert=40, n_genes=60, r=1,
+                         random_state=1)
+    df = ca.tl.lfc(ad, r=r, max_iters=3, batch_size=2, n_ctrl=150)
+    for c in NEW:
+        assert c in df.columns
+    sizes = ad.obs[ad.uns["pert_col"]].astype(str).value_counts()
+    for t, rows in df.groupby("trt"):
+        assert (rows["n_treated"] == sizes[t]).all()
