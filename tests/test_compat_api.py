@@ -326,13 +326,13 @@ def test_align_test_mask_rejects_duplicate_rows_and_none_labels():
         ca.align_test_mask(res, mask)
     ok = res.iloc[1:]
     np.testing.assert_array_equal(ca.align_test_mask(ok, mask), [True, False])
-    with pytest.raises(ValueError, match="must not be None or NaN"):
+    with pytest.raises(ValueError, match="must not be missing"):
         ca.align_test_mask(pd.DataFrame({"trt": ["a", None], "gene_names": ["g1", "g1"]}),
                            mask)
     none_mask = pd.DataFrame([[True], [False]], index=["a", None], columns=["g1"])
-    with pytest.raises(ValueError, match="must not be None or NaN"):
+    with pytest.raises(ValueError, match="must not be missing"):
         ca.align_test_mask(ok, none_mask)
-    with pytest.raises(ValueError, match="must not be None or NaN"):
+    with pytest.raises(ValueError, match="must not be missing"):
         ca.align_test_mask(ok, np.array([[True], [False]]), treatment_names=["a", None],
                            gene_names=["g1"])
 
@@ -357,10 +357,14 @@ def test_plot_treatment_associations_rejects_vmax_zero(screen):
     A, X_A, _ = screen
     summ = ca.summarize_treatment_associations(A, X_A[["z", "w"]])
     for bad in (0, -1.0, np.inf, np.nan):
-        with pytest.raises(ValueError, match="vmax must be a finite number > 0"):
+        with pytest.raises(ValueError, match="vmax must be None or a finite number > 0"):
             ca.plot_treatment_associations(summ, "standardized_mean_difference", vmax=bad)
     fig, ax = ca.plot_treatment_associations(summ, "standardized_mean_difference", vmax=2.0)
     assert ax.images[0].get_clim() == (-2.0, 2.0)
+    _, ax_rho = ca.plot_treatment_associations(summ, vmax=0.25)      # also for rho (0.1.1)
+    assert ax_rho.images[0].get_clim() == (-0.25, 0.25)
+    _, ax_default = ca.plot_treatment_associations(summ)
+    assert ax_default.images[0].get_clim() == (-1.0, 1.0)
     plt.close("all")
 
 

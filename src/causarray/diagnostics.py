@@ -449,7 +449,8 @@ def plot_treatment_associations(
     alpha : float, optional
         Mark cells with ``padj <= alpha`` by '*'.
     vmax : float, optional
-        Colour limit for the SMD.
+        Colour limit (both values; default ±1 for ρ, the largest finite |SMD| for the
+        SMD); must be a finite number > 0.
     ax : matplotlib Axes, optional
 
     Returns
@@ -462,10 +463,10 @@ def plot_treatment_associations(
         try:
             vmax_f = float(vmax)
         except (TypeError, ValueError):
-            raise TypeError(f"vmax must be a positive number, got {vmax!r}") from None
+            raise TypeError(f"vmax must be None or a positive number, got {vmax!r}") from None
         if not (np.isfinite(vmax_f) and vmax_f > 0):
-            raise ValueError(f"vmax must be a finite number > 0 (the colour scale is "
-                             f"[-vmax, vmax]), got {vmax!r}")
+            raise ValueError(f"vmax must be None or a finite number > 0 (the colour scale "
+                             f"is [-vmax, vmax]), got {vmax!r}")
     if value not in ("spearman_rho", "standardized_mean_difference"):
         raise ValueError(f"value must be 'spearman_rho' or 'standardized_mean_difference', "
                          f"got {value!r}")
@@ -488,10 +489,10 @@ def plot_treatment_associations(
     grid = grid.loc[t_order, z_order]
     padj = padj.loc[t_order, z_order]
     vals = grid.to_numpy(dtype=float)
-    if value == "spearman_rho":
-        lim = 1.0
-    elif vmax is not None:
+    if vmax is not None:
         lim = float(vmax)
+    elif value == "spearman_rho":
+        lim = 1.0
     else:
         finite = np.abs(vals[np.isfinite(vals)])
         lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
@@ -527,13 +528,14 @@ def _check_labels(values: Any, what: str) -> None:
     """Reject missing labels (None / NaN), which would otherwise match the string 'None'."""
     bad = [v for v in values if v is None or (isinstance(v, float) and np.isnan(v))]
     if bad:
-        raise ValueError(f"{what} labels must not be None or NaN ({len(bad)} found)")
+        raise ValueError(f"{what} labels must not be missing (None or NaN; {len(bad)} found)")
 
 
 def _check_unique(labels: Sequence[str], what: str) -> None:
     s = pd.Index(labels)
     if s.has_duplicates:
-        raise ValueError(f"duplicated {what} labels in test_mask: "
+        extra = " (duplicate treatment-gene tests)" if what == "(treatment, gene)" else ""
+        raise ValueError(f"duplicated {what} labels in test_mask{extra}: "
                          f"{list(s[s.duplicated()].unique()[:5])}")
 
 
@@ -628,11 +630,13 @@ def align_test_mask(
     dup = pd.Index(row_keys)
     if dup.has_duplicates:
         shown = [tuple(k.split("\x00")) for k in dup[dup.duplicated()].unique()[:5]]
-        raise ValueError(f"results has duplicated (treatment, gene) rows, e.g. {shown}: "
-                         "the mask cannot be aligned unambiguously")
+        raise ValueError(f"results has duplicated (treatment, gene) rows (duplicate "
+                         f"treatment-gene tests), e.g. {shown}: the mask cannot be aligned "
+                         "unambiguously")
     out = lookup.reindex(row_keys)
     if out.isna().any():
         bad = np.flatnonzero(out.isna().to_numpy())
         shown = [(str(trts[i]), str(genes[i])) for i in bad[:5]]
-        raise ValueError(f"{bad.size} result row(s) have no entry in test_mask, e.g. {shown}")
+        raise ValueError(f"{bad.size} result row(s) have no entry in test_mask (missing "
+                         f"treatment-gene tests), e.g. {shown}")
     return out.to_numpy(dtype=bool)
