@@ -145,3 +145,13 @@ def test_y_hat_array_is_returned_as_passed():
     arr = est["Y_hat"].to_array()
     _, est2 = LFC(Y, W, A, Y_hat=arr, pi_hat=est["pi_hat_raw"])
     assert est2["Y_hat"] is arr
+
+
+def test_estimate_r_validates_backend():
+    from causarray.gcate import estimate_r
+
+    rng = np.random.default_rng(5)
+    Y = rng.poisson(3.0, size=(60, 20)).astype(float)
+    A = (rng.random(60) < 0.3).astype(float)[:, None]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        estimate_r(Y, np.ones((60, 1)), A, 1, backend="gpu")

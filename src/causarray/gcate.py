@@ -535,7 +535,8 @@ def jic_penalty(n: int, p: int, n_params: int) -> float:
 def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None,
                disp_family=None, offset=True, max_cells: int | None = None,
                random_state: int = 0, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
-               kwargs_es_2=None, verbose: bool = False, **kwargs) -> pd.DataFrame:
+               kwargs_es_2=None, verbose: bool = False, backend: str = "auto",
+               **kwargs) -> pd.DataFrame:
     """Choose the number of latent factors by the joint information criterion (JIC).
 
     For each r in the grid, GCATE stage 1 is fitted (warm-started from one shared SVD of
@@ -556,6 +557,8 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     max_cells : control-priority subsample size (all controls first, >= max_cells/4 treated).
     offset, family, disp_glm : as for :func:`fit_gcate`.
     kwargs_es_1 : stage-1 early stopping settings.
+    backend : 'auto', 'fast' or 'original' (0.1.1's GLM engines); validated, all run this
+        package's exact GLM.
 
     Returns
     -------
@@ -587,6 +590,9 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     size = fit0.size if family == "nb" else np.full(p, np.inf)
     alpha = _alpha_from_size(size) * np.ones(p)
     const = float(loglik_constants(Ysub, size).sum())
+    from ._compat import check_backend
+
+    check_backend(backend)
     es1 = {**DEFAULT_ES, **(kwargs_es_1 or {})}
     Q = _orth_basis(np.hstack([Xsub, Asub]))
 
