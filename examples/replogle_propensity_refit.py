@@ -104,7 +104,8 @@ def main(cfg: dict, workdir: Path, random_state: int = 0) -> None:
                                            pi_hat=nu["pi_hat_raw"].astype(float))
     refit, _ = ca.refit_propensity_scores(Ab, W_A, drop, pi_hat=nu["pi_hat_raw"].astype(float),
                                           covariate_names=cov)
-    settings.append((f"refit dropping {drop}" if drop else "refit (nothing to drop)",
+    print(f"select_propensity_factors drops: {drop}")
+    settings.append((f"refit ({len(drop)} perturbations, select_propensity_factors)",
                      refit, "auto"))
 
     summaries, tuning = [], []
