@@ -78,18 +78,18 @@ def test_refit_penalty_factor_is_a_rescaled_column(screen):
     direct = ca.estimate_propensity_scores(A[["T1"]], Xs, mask=e[:, None])
     np.testing.assert_allclose(new[:, 0], direct[:, 0], rtol=1e-10)
     assert rep.iloc[0]["penalty_factors"] == {"z": f}
-    with pytest.raises(ValueError, match="penalty factors must be finite and >= 1"):
+    with pytest.raises(ValueError, match="penalty factors must be finite numbers at least 1"):
         ca.refit_propensity_scores(A, X_A, penalty_factors_by_treatment={"T1": {"z": 0.5}})
-    with pytest.raises(ValueError, match="both dropped and penalised"):
+    with pytest.raises(ValueError, match="both dropped and penalized"):
         ca.refit_propensity_scores(A, X_A, {"T1": ["z"]},
                                    penalty_factors_by_treatment={"T1": {"z": 2.0}})
-    with pytest.raises(ValueError, match="unknown covariate: 'depth'"):
+    with pytest.raises(ValueError, match="Unknown covariate: 'depth'"):
         ca.refit_propensity_scores(A, X_A, {"T1": ["depth"]})
 
 
 def test_refit_degenerate_design_warns_and_clip_covers_everything(screen):
     A, X_A, pi = screen
-    with pytest.warns(RuntimeWarning, match="constant after dropping"):
+    with pytest.warns(RuntimeWarning, match="constant after filtering"):
         new, rep = ca.refit_propensity_scores(A, X_A, {"T3": ["z", "w"]}, pi_hat=pi,
                                               clip=(0.05, 0.95))
     assert bool(rep.iloc[0]["degenerate_design"]) and rep.iloc[0]["score_std"] == 0.0
@@ -402,3 +402,14 @@ def test_lfc_refuses_a_continuous_treatment_with_a_clear_message():
     dose = np.where(rng.random(n) < 0.3, rng.gamma(2.0, 1.0, n), 0.0)
     with pytest.raises(ValueError, match="continuous treatment .* must be binarised"):
         ca.LFC(Y, np.ones((n, 1)), dose[:, None])
+
+
+def test_propensity_clip_must_be_a_bound_pair(screen):
+    A, X_A, _ = screen
+    for bad in (0.01, (0.5,), (0.1, 0.2, 0.3), "wide", (0.9, 0.1)):
+        with pytest.raises(ValueError, match="clip must be None or a pair"):
+            ca.estimate_propensity_scores(A, X_A, clip=bad)
+        with pytest.raises(ValueError, match="clip must be None or a pair"):
+            ca.refit_propensity_scores(A, X_A, clip=bad)
+    pi = ca.estimate_propensity_scores(A, X_A, clip=(0.1, 0.9))
+    assert pi.min() >= 0.1 and pi.max() <= 0.9

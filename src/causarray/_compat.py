@@ -31,6 +31,23 @@ def check_ps_model(ps_model: str) -> str:
     return ps_model
 
 
+def check_clip(clip):
+    """``clip`` of the propensity helpers: None, 'auto' or (lower, upper), 0 <= lower < upper <= 1."""
+    if clip is None or (isinstance(clip, str) and clip == "auto"):
+        return clip
+    msg = ("clip must be None or a pair (lower, upper) with 0 <= lower < upper <= 1 "
+           f"(or 'auto'), got {clip!r}")
+    if isinstance(clip, (str, bytes)):
+        raise ValueError(msg)
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise ValueError(msg) from None
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(msg)
+    return clip
+
+
 def warn_eps_var(eps_var, stacklevel: int = 3) -> None:
     """FutureWarning when ``eps_var`` is given: deprecated and ignored, as in 0.1.1."""
     if eps_var is not None:

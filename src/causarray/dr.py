@@ -897,7 +897,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         per = ", ".join(f"{t}: {m}" for t, m in list(dropped.items())[:10])
         more = " ..." if len(dropped) > 10 else ""
         warnings.warn(f"{sum(dropped.values())} gene x treatment pair(s) are not estimable "
-                      f"(no usable counts in an arm; per treatment {per}{more})",
+                      f"(reported as non-estimable: no usable counts in an arm; per "
+                      f"treatment {per}{more})",
                       RuntimeWarning, stacklevel=2)
     df_res = pd.concat(frames, ignore_index=True)
     y_hat_out = Y_hat if Y_hat is not None and not isinstance(Y_hat, CounterfactualMeans) \

@@ -451,6 +451,9 @@ def estimate_propensity_scores(
     numpy.ndarray
         n x a scores.
     """
+    from ._compat import check_clip
+
+    check_clip(clip)
     A_arr, _ = _treatment_matrix(A)
     n = A_arr.shape[0]
     if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= n:

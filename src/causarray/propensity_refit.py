@@ -101,7 +101,7 @@ def _resolver(names: list, size: int, what: str):
             return lookup[value]
         elif 0 <= int(value) < size:
             return int(value)
-        raise ValueError(f"unknown {what}: {value!r}")
+        raise ValueError(f"Unknown {what}: {value!r}")
 
     return resolve
 
@@ -219,6 +219,9 @@ def refit_propensity_scores(A, X_A, drop_by_treatment=None, pi_hat=None,
         cells; a RuntimeWarning is issued, the score is the prevalence), ``score_std``
         (SD of the refitted scores on the eligible cells).
     """
+    from ._compat import check_clip
+
+    check_clip(clip)
     drop_by_treatment = {} if drop_by_treatment is None else drop_by_treatment
     penalty_factors_by_treatment = {} if penalty_factors_by_treatment is None \
         else penalty_factors_by_treatment
@@ -228,8 +231,8 @@ def refit_propensity_scores(A, X_A, drop_by_treatment=None, pi_hat=None,
         raise ValueError("penalty_factors_by_treatment must be a mapping "
                          "{treatment: {covariate: factor}}")
     if penalty_factors_by_treatment and ps_model != "logistic":
-        raise ValueError("penalty_factors_by_treatment needs ps_model='logistic' (an L2 "
-                         f"penalised model), got {ps_model!r}")
+        raise ValueError("penalty_factors_by_treatment is supported only for logistic models "
+                         f"(an L2 penalty), got ps_model={ps_model!r}")
     A_arr, t_names = _treatments(A, treatment_names)
     X, c_names = _covariates(X_A, A_arr.shape[0], covariate_names)
     n, a = A_arr.shape
@@ -263,8 +266,8 @@ def refit_propensity_scores(A, X_A, drop_by_treatment=None, pi_hat=None,
                 raise ValueError(f"penalty factor of {c_names[k]!r} must be a number, "
                                  f"got {f!r}") from None
             if not np.isfinite(f) or f < 1:
-                raise ValueError(f"penalty factors must be finite and >= 1, got {f} for "
-                                 f"{c_names[k]!r}")
+                raise ValueError(f"penalty factors must be finite numbers at least 1, got {f} "
+                                 f"for {c_names[k]!r}")
             if k in res:
                 raise ValueError(f"duplicate penalty factor for covariate {c_names[k]!r}")
             res[k] = f
@@ -273,7 +276,7 @@ def refit_propensity_scores(A, X_A, drop_by_treatment=None, pi_hat=None,
         both = drops[j] & set(factors[j])
         if both:
             raise ValueError(f"covariates {[c_names[k] for k in sorted(both)]} are both "
-                             f"dropped and penalised for treatment {t_names[j]!r}")
+                             f"dropped and penalized for treatment {t_names[j]!r}")
 
     if pi_hat is None:
         pi = np.empty((n, a))
@@ -301,8 +304,8 @@ def refit_propensity_scores(A, X_A, drop_by_treatment=None, pi_hat=None,
         degenerate = bool(np.all(np.ptp(Xj[elig], axis=0) == 0))
         if degenerate:
             warnings.warn(f"the propensity design of treatment {t_names[j]!r} is constant "
-                          "after dropping covariates: its score is the prevalence and "
-                          "carries no covariate information", RuntimeWarning, stacklevel=2)
+                          "after filtering (dropping covariates): its score is the prevalence "
+                          "and carries no covariate information", RuntimeWarning, stacklevel=2)
         s = estimate_propensity_scores(A_arr[:, [j]], Xj, K=K, ps_model=ps_model,
                                        mask=elig[:, None], clip=None,
                                        random_state=random_state, verbose=verbose,
