@@ -155,3 +155,17 @@ def test_estimate_r_validates_backend():
     A = (rng.random(60) < 0.3).astype(float)[:, None]
     with pytest.raises(ValueError, match="backend must be one of"):
         estimate_r(Y, np.ones((60, 1)), A, 1, backend="gpu")
+
+
+def test_lfc_class_weight_is_a_deprecated_alias_of_ps_class_weight():
+    rng = np.random.default_rng(6)
+    n, p = 200, 5
+    z = rng.normal(size=n)
+    A = (rng.random(n) < 1 / (1 + np.exp(-(z - 1)))).astype(float)[:, None]
+    Y = rng.poisson(2.0, size=(n, p)).astype(float)
+    W = np.c_[np.ones(n), z]
+    with pytest.warns(FutureWarning, match="use ps_class_weight"):
+        _, est = LFC(Y, W, A, class_weight="balanced")
+    np.testing.assert_allclose(est["pi_hat_raw"],
+                               estimate_propensity_scores(A, W, class_weight="balanced"))
+    assert est["ps_class_weight"] == "balanced" and "class_weight" not in est

@@ -802,6 +802,11 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     check_backend(backend)
     check_ps_model(ps_model)
     warn_eps_var(eps_var)
+    if "class_weight" in kwargs:                 # 0.1.1's deprecated spelling
+        warnings.warn("class_weight is deprecated in LFC; use ps_class_weight (as in "
+                      "causarray 0.1.1, it is used as ps_class_weight)", FutureWarning,
+                      stacklevel=2)
+        ps_class_weight = kwargs.pop("class_weight")
     if family not in ("nb", "poisson"):
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
     if usevar not in ("pooled", "unequal"):
