@@ -100,7 +100,7 @@ def main(cfg: dict, workdir: Path, random_state: int = 0) -> None:
     print("Least supported perturbations (treated ESS fraction):")
     print(worst[["treatment", "auc", "overlap_ratio", "ess_treated_fraction",
                  "brier_score"]].to_string(index=False))
-    fig, axes, _ = ca.plot_propensity_scores(A, est["pi_hat"], treatments=list(worst["treatment"]))
+    fig, _, _ = ca.plot_propensity_scores(A, est["pi_hat"], treatments=list(worst["treatment"]))
     fig.savefig(workdir / "perturbseq_propensity.png", dpi=100)
     assoc = ca.summarize_treatment_associations(A, W_A[:, 1:], covariate_names=cov_names[1:])
     top = assoc.reindex(assoc["standardized_mean_difference"].abs()
@@ -115,7 +115,7 @@ def main(cfg: dict, workdir: Path, random_state: int = 0) -> None:
         pi_hat=est["pi_hat_raw"])
     print(f"select_propensity_factors: {len(report)} perturbation(s) triggered, "
           f"{len(drop)} with covariates to drop")
-    pi_new, refit_report = ca.refit_propensity_scores(
+    pi_new, _ = ca.refit_propensity_scores(
         A, W_A, drop, pi_hat=est["pi_hat_raw"], covariate_names=cov_names)
     changed = [c for c in A.columns if c in drop]
     unchanged = [k for k, c in enumerate(A.columns) if c not in drop]

@@ -310,10 +310,10 @@ def test_plot_propensity_scores_returns_an_array_of_axes(screen):
     import matplotlib.pyplot as plt
 
     A, _, pi = screen
-    fig, axes, _ = ca.plot_propensity_scores(A, pi, treatments=["T1", "T2", "T3"])
+    _, axes, _ = ca.plot_propensity_scores(A, pi, treatments=["T1", "T2", "T3"])
     assert isinstance(axes, np.ndarray) and axes.shape == (1, 3)
     assert [ax.get_title().split("\n")[0] for ax in axes.ravel()] == ["T1", "T2", "T3"]
-    fig2, given = plt.subplots(1, 2)
+    _, given = plt.subplots(1, 2)
     _, axes2, _ = ca.plot_propensity_scores(A, pi, treatments=["T1"], axes=given)
     assert isinstance(axes2, np.ndarray) and axes2.shape == (2,) and axes2[0] is given[0]
     plt.close("all")
@@ -359,7 +359,7 @@ def test_plot_treatment_associations_rejects_vmax_zero(screen):
     for bad in (0, -1.0, np.inf, np.nan):
         with pytest.raises(ValueError, match="vmax must be None or a finite number > 0"):
             ca.plot_treatment_associations(summ, "standardized_mean_difference", vmax=bad)
-    fig, ax = ca.plot_treatment_associations(summ, "standardized_mean_difference", vmax=2.0)
+    _, ax = ca.plot_treatment_associations(summ, "standardized_mean_difference", vmax=2.0)
     assert ax.images[0].get_clim() == (-2.0, 2.0)
     _, ax_rho = ca.plot_treatment_associations(summ, vmax=0.25)      # also for rho (0.1.1)
     assert ax_rho.images[0].get_clim() == (-0.25, 0.25)
