@@ -414,7 +414,7 @@ def test_replogle_tutorial_example_small(tmp_path):
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "Result shape : (6400, 16)" in out                    # 32 perts x 200 genes
+    assert "Result shape : (6400, 22)" in out                    # 32 perts x 200 genes
     hits = int(re.search(r"Perturbations with >= 1 hit: (\d+)", out).group(1))
     assert hits >= 28                     # every perturbation knocks down its target gene
     assert {"replogle_results.h5", "replogle-r.csv", "replogle_simulated.h5ad",

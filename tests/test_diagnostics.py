@@ -43,11 +43,12 @@ def _manual_row(A, pi, k, bins=40, ob=(0.05, 0.95), cb=(0.01, 0.99)):
     return dict(
         n_treated=p1.size, n_control=p0.size, prevalence=p1.size / pop.size,
         overlap_ratio=np.minimum(h1, h0).sum(), auc=roc_auc_score(y, pop),
-        brier=np.mean((pop - y) ** 2),
-        frac_outside_overlap=np.mean((pop < ob[0]) | (pop > ob[1])),
-        frac_at_clip_bounds=np.mean((pop <= cb[0]) | (pop >= cb[1])),
+        brier_score=np.mean((pop - y) ** 2),
+        outside_overlap_fraction=np.mean((pop < ob[0]) | (pop > ob[1])),
+        clipped_fraction=np.mean((pop <= cb[0]) | (pop >= cb[1])),
         ess_treated=w1.sum() ** 2 / (w1 ** 2).sum(), ess_control=w0.sum() ** 2 / (w0 ** 2).sum(),
-        q01=np.quantile(pop, 0.01), q50=np.median(pop), q99=np.quantile(pop, 0.99),
+        score_q01=np.quantile(pop, 0.01), score_median=np.median(pop),
+        score_q99=np.quantile(pop, 0.99),
     )
 
 
@@ -64,14 +65,14 @@ def test_summarize_propensity_matches_direct_computation(screen):
         assert row["ess_control_fraction"] == pytest.approx(want["ess_control"] / want["n_control"])
     # the separated treatment has the least overlap and the largest AUC
     assert out["overlap_ratio"].idxmin() == 0 and out["auc"].idxmax() == 0
-    assert out.loc[1, "frac_at_clip_bounds"] > 0
+    assert out.loc[1, "clipped_fraction"] > 0
 
 
 def test_summarize_propensity_clip_none_and_extremes():
     A = np.r_[np.zeros(50), np.ones(50)][:, None]
     same = np.full(100, 0.3)
     out = dg.summarize_propensity_scores(A, same, clip_bounds=None)
-    assert np.isnan(out.loc[0, "frac_at_clip_bounds"])
+    assert np.isnan(out.loc[0, "clipped_fraction"])
     assert out.loc[0, "overlap_ratio"] == pytest.approx(1.0)
     assert out.loc[0, "auc"] == pytest.approx(0.5)
     # constant scores: every weight equal, so the ESS is the arm size
@@ -99,7 +100,9 @@ def test_summarize_propensity_errors(screen):
 
 def test_plot_propensity_scores(screen):
     A, pi, _ = screen
-    fig, axes, summary = dg.plot_propensity_scores(A, pi, treatments=["KO3", 0])
+    fig, grid, summary = dg.plot_propensity_scores(A, pi, treatments=["KO3", 0])
+    assert isinstance(grid, np.ndarray) and grid.ndim == 2       # 0.1.1: array of axes
+    axes = grid.ravel()
     assert len(axes) == 2 and len(summary) == 3
     assert axes[0].get_title().startswith("KO3") and axes[1].get_title().startswith("KO1")
     # two step histograms + two dashed bounds per panel

@@ -20,7 +20,16 @@ _EXPORTS: dict[str, str] = {
     "comp_size_factor": "preprocessing",
     "from_anndata": "preprocessing",
     "subset_screen": "preprocessing",
-    "fit_glm": "glm",
+    "fit_glm": "glm_compat",
+    "fit_glm_fast": "glm_compat",
+    "fit_glm_ondisk": "glm_compat",
+    "reset_random_seeds": "utils",
+    "subsample_ctrl_cells": "utils",
+    "subsample_pert_cells": "utils",
+    "refit_propensity_scores": "propensity_refit",
+    "tune_penalty_factor": "propensity_refit",
+    "select_propensity_factors": "propensity_refit",
+    "load_nuisances": "nuisances",
     "estimate_dispersion": "glm",
     "fit_gcate": "gcate",
     "estimate_r": "gcate",
@@ -39,8 +48,9 @@ _EXPORTS: dict[str, str] = {
     "align_test_mask": "diagnostics",
 }
 _SUBMODULES = ("tl", "get", "pl", "report", "diagnostics", "datasets", "preprocessing", "glm",
-               "gcate",
-               "factor_model", "dr", "propensity", "inference", "simulate", "batch", "cache", "cli")
+               "gcate", "factor_model", "dr", "propensity", "inference", "simulate", "batch",
+               "cache", "cli", "glm_compat", "utils", "propensity_refit", "propensity_forest",
+               "nuisances")
 
 __all__ = [
     "__version__",
@@ -49,6 +59,15 @@ __all__ = [
     "from_anndata",
     "subset_screen",
     "fit_glm",
+    "fit_glm_fast",
+    "fit_glm_ondisk",
+    "reset_random_seeds",
+    "subsample_ctrl_cells",
+    "subsample_pert_cells",
+    "refit_propensity_scores",
+    "tune_penalty_factor",
+    "select_propensity_factors",
+    "load_nuisances",
     "estimate_dispersion",
     "fit_gcate",
     "estimate_r",
@@ -91,14 +110,25 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
     from . import diagnostics, pl, report, tl
     from .batch import LFC_batch, fit_gcate_batch, gcate_lfc_batch
-    from .diagnostics import (align_test_mask, plot_propensity_scores,
-                              plot_treatment_associations, summarize_propensity_scores,
-                              summarize_treatment_associations)
+    from .diagnostics import (
+        align_test_mask,
+        plot_propensity_scores,
+        plot_treatment_associations,
+        summarize_propensity_scores,
+        summarize_treatment_associations,
+    )
     from .dr import LFC
     from .gcate import estimate_r, fit_gcate, plot_r
-    from .glm import estimate_dispersion, fit_glm
+    from .glm import estimate_dispersion
+    from .glm_compat import fit_glm, fit_glm_fast, fit_glm_ondisk
     from .inference import bh_adjust
-    from .preprocessing import (comp_size_factor, from_anndata, prep_causarray_data,
-                                subset_screen)
+    from .nuisances import load_nuisances
+    from .preprocessing import comp_size_factor, from_anndata, prep_causarray_data, subset_screen
     from .propensity import estimate_propensity_scores
+    from .propensity_refit import (
+        refit_propensity_scores,
+        select_propensity_factors,
+        tune_penalty_factor,
+    )
     from .simulate import simulate_screen
+    from .utils import reset_random_seeds, subsample_ctrl_cells, subsample_pert_cells

@@ -68,8 +68,11 @@ from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerpri
 logger = logging.getLogger("causarray")
 
 # columns of a non-estimable row (genes without counts, treatments without cells)
-_NON_ESTIMABLE = {"tau": np.nan, "std": np.nan, "log2fc": np.nan, "log2fc_se": np.nan}
-_TEMPLATE_DTYPES = {"rej": np.dtype(np.int64), "estimable": np.dtype(bool)}
+_NON_ESTIMABLE = {"tau": np.nan, "std": np.nan, "log2fc": np.nan, "log2fc_se": np.nan,
+                  "std_raw": np.nan}
+_TEMPLATE_DTYPES = {"rej": np.dtype(np.int64), "estimable": np.dtype(bool),
+                    "n_treated": np.dtype(np.int64), "n_control": np.dtype(np.int64),
+                    "var_floored": np.dtype(bool)}
 _LFC_RESERVED = ("Y_hat", "pi_hat", "offset", "W", "W_A", "A", "Y")
 
 
@@ -404,6 +407,7 @@ class _BatchJob:
     ctrl_pos: np.ndarray         # positions of the shared controls among the batch rows
     keep_fits: bool
     blas_threads: int | None = None   # BLAS threads of the batch, whichever process runs it
+    save_nuisances: bool = False  # return LFC's nuisances (gcate_lfc_batch(save_nuisances))
 
 
 def caller_blas_threads() -> int | None:
@@ -447,9 +451,10 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
 
     Rows of ``df_fit`` (LFC on the expressed genes and the treatments with cells,
     treatment-major) are placed in the full (treatment x gene) grid; the other rows are
-    non-estimable: ``tau``, ``std``, ``log2fc``, ``log2fc_se``, ``stat`` and p-values NaN,
-    ``estimable`` False, arm means 0 for genes without counts and NaN for treatments
-    without cells.
+    non-estimable: ``tau``, ``std``, ``std_raw``, ``log2fc``, ``log2fc_se``, ``stat`` and
+    p-values NaN, ``estimable`` and ``var_floored`` False, arm means and count sums 0 for
+    genes without counts (arm sizes those of the treatment) and NaN for treatments
+    without cells (arm sizes 0).
     """
     from .dr import RESULT_COLUMNS
 
@@ -485,8 +490,11 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
         full = np.full((a_b, p), fill, dtype=dtype)
         if v is not None:
             full[np.ix_(fitted, expressed)] = v.reshape(n_fit, n_expr)
-        if c in ("mean_control", "mean_treated"):
+        if c in ("mean_control", "mean_treated", "count_treated", "count_control"):
             full[np.ix_(fitted, ~expressed)] = 0.0
+        if c in ("n_treated", "n_control") and v is not None and n_expr:
+            # arm sizes do not depend on the gene: copy them to the genes without counts
+            full[np.ix_(fitted, ~expressed)] = v.reshape(n_fit, n_expr)[:, :1]
         out[c] = full.ravel()
     out["trt"] = np.repeat(np.asarray(trt_names, dtype=object), p)
     out["batch"] = np.full(a_b * p, batch, dtype=np.int64)
@@ -577,7 +585,7 @@ def _fit_batch(job: _BatchJob) -> dict:
         res_1, res_2 = fit_gcate(Y_fit, job.X, A_fit, job.r, **kw)
     t_gcate = time.perf_counter() - t0
 
-    frame = None
+    frame = nuisances = None
     if job.lfc_kwargs is not None:
         df_fit = None
         if res_2 is not None:
@@ -594,8 +602,16 @@ def _fit_batch(job: _BatchJob) -> dict:
                 kw["outcome_init"] = outcome_start(res_2, job.X.shape[1], A_fit.shape[1])
             Y_df = pd.DataFrame(Y_fit, columns=list(job.gene_names[expressed]), copy=False)
             A_df = pd.DataFrame(A_fit, columns=names_fit)
-            df_fit, _ = LFC(Y_df, W, A_df, W_A, **kw)
+            df_fit, est = LFC(Y_df, W, A_df, W_A, **kw)
             del Y_df
+            if job.save_nuisances:
+                y_hat = est["Y_hat"]
+                nuisances = dict(
+                    Y_hat=(y_hat.to_array() if hasattr(y_hat, "to_array")
+                           else np.asarray(y_hat)).astype(np.float32),
+                    pi_hat=est["pi_hat"], pi_hat_raw=est["pi_hat_raw"], offset=log_s, U=U,
+                    pert_names=names_fit, gene_names=list(job.gene_names[expressed]))
+            del est
         frame = batch_frame(df_fit, job.gene_names, job.trt_names, expressed, fitted,
                             job.batch)
     U_ctrl = None if res_2 is None else np.array(res_2["U"][job.ctrl_pos], dtype=float)
@@ -603,13 +619,16 @@ def _fit_batch(job: _BatchJob) -> dict:
                fitted=np.flatnonzero(fitted), U_ctrl=U_ctrl, n_cells=n_cells,
                n_perts=int(job.A.shape[1]), t_gcate=t_gcate,
                t_batch=time.perf_counter() - t0)
+    if nuisances is not None:
+        out["nuisances"] = nuisances
     if job.keep_fits:
         out.update(res_1=res_1, res_2=res_2)
     return out
 
 
 def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_kwargs,
-              lfc_kwargs, U_ctrl_prev, keep_fits, blas_threads=None) -> _BatchJob:
+              lfc_kwargs, U_ctrl_prev, keep_fits, blas_threads=None,
+              save_nuisances=False) -> _BatchJob:
     rows = plan.cell_idx
     ctrl_pos = np.searchsorted(rows, plan.ctrl_idx)
     U_init = None
@@ -623,7 +642,8 @@ def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_
         W_A=None if data.W_A is None else data.W_A[rows], offset=_subset_offset(offset, rows),
         disp=disp, gene_names=data.gene_names, trt_names=[data.trt_names[k] for k in plan.trt_idx],
         r=r, family=family, gcate_kwargs=gcate_kwargs, lfc_kwargs=lk, U_init=U_init,
-        ctrl_pos=ctrl_pos, keep_fits=keep_fits, blas_threads=blas_threads)
+        ctrl_pos=ctrl_pos, keep_fits=keep_fits, blas_threads=blas_threads,
+        save_nuisances=save_nuisances)
 
 
 # ----------------------------------------------------------------------------------
@@ -818,7 +838,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
                     verbose: bool = False, gcate_kwargs: dict | None = None,
                     lfc_kwargs: dict | None = None, executor=None, client=None,
                     blas_threads: int | None = None, assignment: str = "randomized",
-                    **kwargs) -> pd.DataFrame:
+                    save_nuisances: bool = False, **kwargs) -> pd.DataFrame:
     """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
@@ -865,6 +885,13 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         the same ``blas_threads`` give identical results; pass 1 on a Dask cluster of
         single-threaded workers to avoid oversubscription (and 1 in a serial run that
         should match it).
+    save_nuisances : also write each computed batch's nuisances (outcome-model means
+        ``Y_hat``, propensity scores, U, offsets, cell rows) to
+        ``<cache_path stem>.nuisances.h5`` (:mod:`causarray.nuisances`), so that LFC can
+        be re-run with other propensity scores without refitting; requires
+        ``cache_path``.  Batches restored from the cache are not recomputed, so their
+        nuisances are written only if an earlier run saved them (a warning lists the
+        missing ones).
 
     Returns
     -------
@@ -877,6 +904,11 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     r = _check_r(r)
     if family not in ("nb", "poisson"):
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    nuis_path = None
+    if save_nuisances:
+        from .nuisances import nuisance_path
+
+        nuis_path = nuisance_path(cache_path)      # ValueError without cache_path
     if executor is not None and client is not None:
         raise ValueError("pass either executor or client, not both")
     g_names, l_names = check_batch_keywords("gcate_lfc_batch", kwargs, gcate_kwargs,
@@ -898,6 +930,9 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         raise ValueError(f"lfc_kwargs may not set {bad}: gcate_lfc_batch builds them per batch")
     lk.pop("family", None)
     gk.pop("family", None)
+    for key in ("ps_model", "eps_var", "ps_clip", "ps_class_weight", "usevar"):
+        if key in kwargs and key not in (gcate_kwargs or {}):
+            gk.pop(key, None)                      # LFC-only options given to both stages
     if lk.get("outcome_init", None) is not None:
         raise ValueError("lfc_kwargs may set outcome_init only to None (no warm start): "
                          "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit")
@@ -933,7 +968,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     if todo:
         disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset)
         common = dict(r=r, family=family, offset=offset, disp=disp, gcate_kwargs=gk,
-                      lfc_kwargs=lk, keep_fits=False, blas_threads=blas_threads)
+                      lfc_kwargs=lk, keep_fits=False, blas_threads=blas_threads,
+                      save_nuisances=bool(save_nuisances))
         width = 1 if executor is None else _executor_width(executor)
         prog = _Progress(len(plans), len(plans) - len(todo), verbose, "GCATE+LFC batches",
                          width)
@@ -945,6 +981,11 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
                               info=dict(n_cells=res["n_cells"], n_perts=res["n_perts"],
                                         t_gcate=round(res["t_gcate"], 3),
                                         t_batch=round(res["t_batch"], 3)))
+            if nuis_path is not None and "nuisances" in res:
+                from .nuisances import save_batch_nuisances
+
+                nuis = dict(res["nuisances"], cell_idx=plans[res["batch"]].cell_idx)
+                save_batch_nuisances(nuis_path, res["batch"], nuis)
             if cache is not None:
                 cache.commit(res["batch"], rec)
             records[res["batch"]] = rec
@@ -964,6 +1005,14 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
 
     if cache is not None and (todo or cache.needs_finalize(range(len(plans)))):
         cache.finalize(records)
+    if nuis_path is not None:
+        from .nuisances import stored_batches
+
+        missing = sorted(set(range(len(plans))) - set(stored_batches(nuis_path)))
+        if missing:
+            warnings.warn(f"save_nuisances: batches {missing[:10]} were restored from the "
+                          f"cache and have no nuisances in {nuis_path!r}; rerun with a fresh "
+                          "cache_path to store them", RuntimeWarning, stacklevel=2)
     frames = [records[pl.batch].frame for pl in plans]
     return pd.concat(frames, ignore_index=True)
 

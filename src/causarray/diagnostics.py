@@ -129,12 +129,15 @@ def _scores_matrix(pi_hat: Any, shape: tuple[int, int]) -> np.ndarray:
     return pi
 
 
-def _names(given: Sequence[Any] | None, default: list[str], what: str) -> list[str]:
-    if given is None:
-        return default
-    names = [str(t) for t in given]
+def _names(given: Sequence[Any] | None, default: list[str], what: str,
+           unique: bool = True) -> list[str]:
+    names = default if given is None else [str(t) for t in given]
     if len(names) != len(default):
         raise ValueError(f"{what} has {len(names)} entries, expected {len(default)}")
+    dup = pd.Index(names)
+    if unique and dup.has_duplicates:
+        raise ValueError(f"{what} must be unique; duplicated: "
+                         f"{list(dup[dup.duplicated()].unique()[:5])}")
     return names
 
 
@@ -160,10 +163,10 @@ def summarize_propensity_scores(
     treatment_names : sequence, optional
         Names of the a treatments (default: DataFrame columns or ``0 .. a-1``).
     overlap_bounds : (float, float)
-        Window of "good overlap"; ``frac_outside_overlap`` is the share of the
+        Window of "good overlap"; ``outside_overlap_fraction`` is the share of the
         population's scores outside it.
     clip_bounds : (float, float) or None
-        Clipping bounds; ``frac_at_clip_bounds`` is the share of scores at or beyond
+        Clipping bounds; ``clipped_fraction`` is the share of scores at or beyond
         them (NaN when None).
     bins : int
         Number of equal-width bins on [0, 1] for the histogram overlap.
@@ -172,10 +175,11 @@ def summarize_propensity_scores(
     -------
     pandas.DataFrame
         One row per treatment with columns ``treatment, n_treated, n_control,
-        prevalence, overlap_ratio, auc, brier, frac_outside_overlap,
-        frac_at_clip_bounds, ess_treated, ess_control, ess_treated_fraction,
-        ess_control_fraction, q01, q50, q99``. ``ess_*`` are Kish effective sample
-        sizes of the weights ``1/pi`` (treated) and ``1/(1-pi)`` (controls).
+        prevalence, overlap_ratio, auc, brier_score, outside_overlap_fraction,
+        clipped_fraction, ess_treated, ess_control, ess_treated_fraction,
+        ess_control_fraction, score_q01, score_median, score_q99`` (0.1.1's names).
+        ``ess_*`` are Kish effective sample sizes of the weights ``1/pi`` (treated)
+        and ``1/(1-pi)`` (controls); the score quantiles are over the population.
 
     Raises
     ------
@@ -215,12 +219,12 @@ def summarize_propensity_scores(
             treatment=name, n_treated=int(p1.size), n_control=int(p0.size),
             prevalence=p1.size / pop.size,
             overlap_ratio=histogram_overlap(p1, p0, bins),
-            auc=_auc(p1, p0), brier=float(np.mean((pop - y) ** 2)),
-            frac_outside_overlap=float(np.mean((pop < lo) | (pop > hi))),
-            frac_at_clip_bounds=at_clip,
+            auc=_auc(p1, p0), brier_score=float(np.mean((pop - y) ** 2)),
+            outside_overlap_fraction=float(np.mean((pop < lo) | (pop > hi))),
+            clipped_fraction=at_clip,
             ess_treated=ess1, ess_control=ess0,
             ess_treated_fraction=ess1 / p1.size, ess_control_fraction=ess0 / p0.size,
-            q01=float(q01), q50=float(q50), q99=float(q99),
+            score_q01=float(q01), score_median=float(q50), score_q99=float(q99),
         ))
     return pd.DataFrame(rows)
 
@@ -253,7 +257,10 @@ def plot_propensity_scores(
     Returns
     -------
     fig : matplotlib.figure.Figure
-    axes : list of matplotlib.axes.Axes
+    axes : numpy.ndarray of matplotlib.axes.Axes
+        As in 0.1.1: the (rows x columns) grid of a new figure (panels beyond the
+        selected treatments hidden), or the ``axes`` passed in as an array; panel i of
+        ``axes.ravel()`` shows the i-th selected treatment.
     summary : pandas.DataFrame
         :func:`summarize_propensity_scores` for all treatments.
     """
@@ -286,8 +293,10 @@ def plot_propensity_scores(
         ax_list = list(ax_grid.ravel())
         for extra in ax_list[len(chosen):]:
             extra.set_visible(False)
+        ax_out = ax_grid
     else:
-        ax_list = list(np.atleast_1d(axes).ravel())
+        ax_out = np.atleast_1d(np.asarray(axes, dtype=object))
+        ax_list = list(ax_out.ravel())
         if len(ax_list) < len(chosen):
             raise ValueError(f"{len(chosen)} treatments to draw but {len(ax_list)} axes given")
         fig = ax_list[0].figure
@@ -307,7 +316,7 @@ def plot_propensity_scores(
                      f"ESS(T) {row['ess_treated_fraction']:.0%}", fontsize=9)
     ax_list[0].set_ylabel("density")
     ax_list[0].legend(fontsize=7, frameon=False)
-    return fig, ax_list[: len(chosen)], summary
+    return fig, ax_out, summary
 
 
 # ----------------------------------------------------------------------------------
@@ -375,7 +384,7 @@ def summarize_treatment_associations(
     if covariate_types is None or isinstance(covariate_types, str):
         z_types = [covariate_types or "covariate"] * m
     else:
-        z_types = _names(covariate_types, ["covariate"] * m, "covariate_types")
+        z_types = _names(covariate_types, ["covariate"] * m, "covariate_types", unique=False)
     control = ~np.any(A_arr != 0, axis=1)
     if not control.any():
         raise ValueError("A has no control cells (rows with all zeros)")
@@ -440,7 +449,8 @@ def plot_treatment_associations(
     alpha : float, optional
         Mark cells with ``padj <= alpha`` by '*'.
     vmax : float, optional
-        Colour limit for the SMD.
+        Colour limit (both values; default ±1 for ρ, the largest finite |SMD| for the
+        SMD); must be a finite number > 0.
     ax : matplotlib Axes, optional
 
     Returns
@@ -449,6 +459,14 @@ def plot_treatment_associations(
     """
     import matplotlib.pyplot as plt
 
+    if vmax is not None:
+        try:
+            vmax_f = float(vmax)
+        except (TypeError, ValueError):
+            raise TypeError(f"vmax must be None or a positive number, got {vmax!r}") from None
+        if not (np.isfinite(vmax_f) and vmax_f > 0):
+            raise ValueError(f"vmax must be None or a finite number > 0 (the colour scale "
+                             f"is [-vmax, vmax]), got {vmax!r}")
     if value not in ("spearman_rho", "standardized_mean_difference"):
         raise ValueError(f"value must be 'spearman_rho' or 'standardized_mean_difference', "
                          f"got {value!r}")
@@ -471,10 +489,10 @@ def plot_treatment_associations(
     grid = grid.loc[t_order, z_order]
     padj = padj.loc[t_order, z_order]
     vals = grid.to_numpy(dtype=float)
-    if value == "spearman_rho":
-        lim = 1.0
-    elif vmax is not None:
+    if vmax is not None:
         lim = float(vmax)
+    elif value == "spearman_rho":
+        lim = 1.0
     else:
         finite = np.abs(vals[np.isfinite(vals)])
         lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
@@ -506,10 +524,18 @@ def _as_bool(values: np.ndarray) -> np.ndarray:
     raise TypeError("test_mask must be boolean (True/False or 0/1)")
 
 
+def _check_labels(values: Any, what: str) -> None:
+    """Reject missing labels (None / NaN), which would otherwise match the string 'None'."""
+    bad = [v for v in values if v is None or (isinstance(v, float) and np.isnan(v))]
+    if bad:
+        raise ValueError(f"{what} labels must not be missing (None or NaN; {len(bad)} found)")
+
+
 def _check_unique(labels: Sequence[str], what: str) -> None:
     s = pd.Index(labels)
     if s.has_duplicates:
-        raise ValueError(f"duplicated {what} labels in test_mask: "
+        extra = " (duplicate treatment-gene tests)" if what == "(treatment, gene)" else ""
+        raise ValueError(f"duplicated {what} labels in test_mask{extra}: "
                          f"{list(s[s.duplicated()].unique()[:5])}")
 
 
@@ -549,8 +575,9 @@ def align_test_mask(
     TypeError
         If the mask is not boolean.
     ValueError
-        Missing label arguments, wrong shapes, duplicated labels, or a result row
-        whose (treatment, gene) pair is not in the mask.
+        Missing label arguments, wrong shapes, duplicated labels, None/NaN labels,
+        duplicated (treatment, gene) rows in ``results``, or a result row whose
+        (treatment, gene) pair is not in the mask.
     """
     if gene_col not in results.columns:
         raise ValueError(f"results has no column {gene_col!r}")
@@ -558,12 +585,16 @@ def align_test_mask(
         if not isinstance(test_mask.index, pd.MultiIndex) or test_mask.index.nlevels != 2:
             raise ValueError("a Series test_mask needs a 2-level (treatment, gene) MultiIndex")
         vals = _as_bool(test_mask.to_numpy())
+        _check_labels(test_mask.index.get_level_values(0), "test_mask treatment")
+        _check_labels(test_mask.index.get_level_values(1), "test_mask gene")
         keys = [f"{t}\x00{g}" for t, g in test_mask.index]
         t_labels = list(dict.fromkeys(str(t) for t in test_mask.index.get_level_values(0)))
         _check_unique(keys, "(treatment, gene)")
         lookup = pd.Series(vals, index=keys)
     else:
         if isinstance(test_mask, pd.DataFrame):
+            _check_labels(test_mask.index, "test_mask treatment")
+            _check_labels(test_mask.columns, "test_mask gene")
             t_labels = [str(t) for t in test_mask.index]
             g_labels = [str(g) for g in test_mask.columns]
             vals = _as_bool(test_mask.to_numpy())
@@ -571,6 +602,8 @@ def align_test_mask(
             if treatment_names is None or gene_names is None:
                 raise ValueError("an array test_mask needs treatment_names and gene_names")
             vals = _as_bool(test_mask)
+            _check_labels(treatment_names, "treatment_names")
+            _check_labels(gene_names, "gene_names")
             if vals.ndim == 1:
                 vals = vals[None, :]
             t_labels = [str(t) for t in treatment_names]
@@ -583,8 +616,10 @@ def align_test_mask(
         keys = [f"{t}\x00{g}" for t in t_labels for g in g_labels]
         lookup = pd.Series(vals.ravel(), index=keys)
 
+    _check_labels(results[gene_col], f"results[{gene_col!r}]")
     genes = results[gene_col].astype(str).to_numpy()
     if treatment_col in results.columns:
+        _check_labels(results[treatment_col], f"results[{treatment_col!r}]")
         trts = results[treatment_col].astype(str).to_numpy()
     elif len(t_labels) == 1:
         trts = np.full(len(results), t_labels[0], dtype=object)
@@ -592,9 +627,16 @@ def align_test_mask(
         raise ValueError(f"results has no column {treatment_col!r} but test_mask holds "
                          f"{len(t_labels)} treatments")
     row_keys = [f"{t}\x00{g}" for t, g in zip(trts, genes)]
+    dup = pd.Index(row_keys)
+    if dup.has_duplicates:
+        shown = [tuple(k.split("\x00")) for k in dup[dup.duplicated()].unique()[:5]]
+        raise ValueError(f"results has duplicated (treatment, gene) rows (duplicate "
+                         f"treatment-gene tests), e.g. {shown}: the mask cannot be aligned "
+                         "unambiguously")
     out = lookup.reindex(row_keys)
     if out.isna().any():
         bad = np.flatnonzero(out.isna().to_numpy())
         shown = [(str(trts[i]), str(genes[i])) for i in bad[:5]]
-        raise ValueError(f"{bad.size} result row(s) have no entry in test_mask, e.g. {shown}")
+        raise ValueError(f"{bad.size} result row(s) have no entry in test_mask (missing "
+                         f"treatment-gene tests), e.g. {shown}")
     return out.to_numpy(dtype=bool)

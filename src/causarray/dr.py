@@ -61,7 +61,8 @@ EFFECT_BOUND = 30.0               # and its treatment effects to +- this
 _AIPW_CHUNK_BYTES = 4 * 2**20     # one genes x cells working array of the AIPW loop
 RESULT_COLUMNS = ["gene_names", "tau", "std", "log2fc", "log2fc_se", "stat", "rej", "pvalue",
                   "padj", "pvalue_emp_null_adj", "padj_emp_null_adj", "mean_control",
-                  "mean_treated", "estimable"]
+                  "mean_treated", "estimable", "n_treated", "n_control", "count_treated",
+                  "count_control", "var_floored", "std_raw"]
 
 
 # ----------------------------------------------------------------------------------
@@ -206,7 +207,10 @@ def _prepare(Y, W, A, W_A, mask):
         if not np.all(np.isfinite(M)):
             raise ValueError(f"{name} contains NaN or infinite values")
     if not np.all(np.isin(A, (0, 1))):
-        raise ValueError("A must contain only 0/1 treatment indicators")
+        raise ValueError("A must contain only 0/1 treatment indicators: LFC estimates the "
+                         "contrast of treated and control arms, so a continuous treatment "
+                         "(dose, guide UMI) must be binarised first, e.g. (A > 0); fit_gcate "
+                         "accepts it continuous")
     a = A.shape[1]
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
@@ -516,7 +520,8 @@ def _estimand_from_sums(b1: dict, b0: dict, thres_diff: float, usevar: str, n_pa
             small = est & (v1 < 0.25) & (v0 < 0.25)
             tau = tau + np.where(small, 0.5 * (v1 - v0), 0.0)
     return dict(m0=m0, m1=m1, o0=o0, o1=o1, tau=tau, var=var, df=df, floor=floor,
-                estimable=est, t1=t1, t0=t0)
+                estimable=est, t1=t1, t0=t0, c1=np.asarray(b1["sy"], float),
+                c0=np.asarray(b0["sy"], float))
 
 
 # ----------------------------------------------------------------------------------
@@ -592,7 +597,8 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
                     n_params: int, in_sample: bool, bias_correction: bool,
                     nuisance_variance: bool, verbose: bool = False) -> dict:
     """Estimands of every treatment and gene: (a, p) arrays ``m0, m1, o0, o1, tau, var,
-    df, floor, estimable, t1, t0``, plus ``n0, n1`` per treatment."""
+    df, floor, estimable, t1, t0`` and the raw arm count sums ``c1, c0``, plus ``n0, n1``
+    per treatment."""
     from tqdm.auto import tqdm
 
     n, p = Y.shape
@@ -635,7 +641,7 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
             W_c = Ws[ctrl]
             Z = (w0_ctrl[:, :, None] * W_c[:, None, :]).reshape(W_c.shape[0], -1)
 
-    keys = ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor", "t1", "t0")
+    keys = ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor", "t1", "t0", "c1", "c0")
     out = {key: np.empty((a, p)) for key in keys}
     out["estimable"] = np.empty((a, p), bool)
     blocks = _GeneBlocks(Y, order)
@@ -736,6 +742,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         verbose: bool = False, random_state: int = 0, fdx_B: int = 1000, disp_glm=None,
         legacy_fdx_scaling: bool = False, outcome_init=None, nuisance_variance: bool = True,
         bias_correction: bool = True, recenter: bool = True, shift_variance=None,
+        ps_model: str = "logistic", eps_var=None, backend: str = "auto",
         **kwargs):
     """Doubly robust log fold changes of every gene under every treatment.
 
@@ -777,6 +784,11 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         ``W`` holds ``U`` as if it were known; this term adds the error of its
         treatment-linked part (see ``docs/gcate.md``, stage 2).
     random_state : seed of the folds and the bootstrap.
+    ps_model : propensity model, 'logistic' (default), 'random_forest_cv' or 'ensemble'
+        (forest and logistic averaged, :mod:`causarray.propensity_forest`).
+    eps_var : deprecated and ignored, as in 0.1.1 (FutureWarning when given).
+    backend : 'auto', 'fast' or 'original' (0.1.1's GLM engines); validated, all run this
+        package's exact GLM (see :mod:`causarray._compat`).
     **kwargs : only the keywords of causarray 0.1.1's ``LFC`` listed in
         :data:`causarray._validation.LFC_COMPAT_KEYWORDS` (kept in the returned
         ``estimation``); any other name raises ``TypeError``.
@@ -784,10 +796,25 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     Returns
     -------
     df_res : DataFrame, one row per (treatment, gene) with columns ``RESULT_COLUMNS``
-        (+ ``trt`` when a > 1).
+        (+ ``trt`` when a > 1).  As in 0.1.1: ``n_treated`` / ``n_control`` are the cells
+        of each arm entering the estimate, ``count_treated`` / ``count_control`` the raw
+        counts summed over those cells, ``var_floored`` is True where the Poisson variance
+        floor replaced the influence-function variance (tested pairs only), and
+        ``std_raw`` is the standard error before that floor (inf for untested pairs).
     estimation : dict with ``pi_hat``, ``pi_hat_raw``, ``ps_clip_bounds``, ``Y_hat``
-        (:class:`CounterfactualMeans`), ``offset``, ``size_factors``, ``ps_class_weight``.
+        (:class:`CounterfactualMeans`, or the array passed as ``Y_hat``), ``offset``,
+        ``size_factors``, ``ps_class_weight``.
     """
+    from ._compat import check_backend, check_ps_model, warn_eps_var
+
+    check_backend(backend)
+    check_ps_model(ps_model)
+    warn_eps_var(eps_var)
+    if "class_weight" in kwargs:                 # 0.1.1's deprecated spelling
+        warnings.warn("class_weight is deprecated in LFC; use ps_class_weight (as in "
+                      "causarray 0.1.1, it is used as ps_class_weight)", FutureWarning,
+                      stacklevel=2)
+        ps_class_weight = kwargs.pop("class_weight")
     if family not in ("nb", "poisson"):
         raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
     if usevar not in ("pooled", "unequal"):
@@ -819,7 +846,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     if pi_hat is None:
         logger.info("fitting propensity models")
         pi_raw = fit_propensity(A, W_A, mask=mask, class_weight=ps_class_weight,
-                                folds=fold if K > 1 else None, random_state=random_state)
+                                folds=fold if K > 1 else None, random_state=random_state,
+                                ps_model=ps_model)
     else:
         pi_raw = np.asarray(pi_hat, float).reshape(n, a)
     lower, upper = clip_bounds(A, mask=mask, ps_clip=ps_clip)
@@ -851,6 +879,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
             o["tau"] = o["tau"] - normalization_shift(o["tau"][tested], o["var"][tested])
         var = o["var"] if shift_variance is None else o["var"] + shift_variance[:, k]
         floored = tested & (var < o["floor"])
+        std_raw = np.where(tested, np.sqrt(var), np.inf)
         var = np.where(floored, o["floor"], var)
         tau = np.where(tested, o["tau"], 0.0)
         std = np.where(tested, np.sqrt(var), np.inf)
@@ -882,6 +911,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
             "padj_emp_null_adj": tests["padj_emp_null_adj"],
             "mean_control": np.maximum(o["m0"], 0.0), "mean_treated": np.maximum(o["m1"], 0.0),
             "estimable": tested,
+            "n_treated": np.full(p, n1, dtype=np.int64),
+            "n_control": np.full(p, n0, dtype=np.int64),
+            "count_treated": res["c1"][k], "count_control": res["c0"][k],
+            "var_floored": floored, "std_raw": std_raw,
         })
         if a > 1:
             frame["trt"] = trt_names[k]
@@ -890,10 +923,14 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         per = ", ".join(f"{t}: {m}" for t, m in list(dropped.items())[:10])
         more = " ..." if len(dropped) > 10 else ""
         warnings.warn(f"{sum(dropped.values())} gene x treatment pair(s) are not estimable "
-                      f"(no usable counts in an arm; per treatment {per}{more})",
+                      f"(reported as non-estimable: no usable counts in an arm; per "
+                      f"treatment {per}{more})",
                       RuntimeWarning, stacklevel=2)
     df_res = pd.concat(frames, ignore_index=True)
-    estimation = dict(pi_hat=pi, pi_hat_raw=pi_raw, ps_clip_bounds=(lower, upper), Y_hat=cm,
+    y_hat_out = Y_hat if Y_hat is not None and not isinstance(Y_hat, CounterfactualMeans) \
+        else cm
+    estimation = dict(pi_hat=pi, pi_hat_raw=pi_raw, ps_clip_bounds=(lower, upper),
+                      Y_hat=y_hat_out,
                       offset=log_s, size_factors=s, ps_class_weight=ps_class_weight,
                       K=K, usevar=usevar, **kwargs)
     return df_res, estimation

@@ -323,7 +323,7 @@ def _residual_chunks(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None, offset
     """
     n, p = Y.shape
     D = [np.asarray(X, float)]
-    if A is not None and fit.coef.shape[1] > fit.n_covariates:
+    if A is not None and fit.coef.shape[1] > np.shape(X)[1]:   # [X | A] (groups or dense A)
         D.append(np.asarray(A, float).reshape(n, -1))
     D.append(np.asarray(offset, float).reshape(n, 1))
     D32 = np.hstack(D).astype(np.float32)

@@ -109,8 +109,8 @@ def _check_inputs(Y, X, A, r: int, family: str):
         raise ValueError("Y contains NaN or infinite values")
     if negative:
         raise ValueError("Y contains negative counts")
-    if not np.all(np.isin(A, (0, 1))):
-        raise ValueError("A must contain only 0/1 treatment indicators")
+    if not np.all(np.isfinite(A)):
+        raise ValueError("A contains NaN or infinite values")
     if fractional:
         import warnings
         warnings.warn("Y contains non-integer values; rounding to the nearest integer",
@@ -124,7 +124,7 @@ def _check_inputs(Y, X, A, r: int, family: str):
         bad = np.flatnonzero(nnz_gene == 0)
         raise ValueError(f"Y has {bad.size} gene(s) with no counts (e.g. columns {bad[:5].tolist()}); "
                          "remove genes with no counts before fitting")
-    empty_trt = np.flatnonzero(A.sum(axis=0) == 0)
+    empty_trt = np.flatnonzero(np.all(A == 0, axis=0))
     if empty_trt.size:
         raise ValueError(f"treatment column(s) {empty_trt.tolist()} of A have no cells")
     if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 0:
@@ -599,7 +599,7 @@ def shift_variance(Gamma: np.ndarray, cov: np.ndarray) -> np.ndarray:
 def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=None,
               offset=True, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
               kwargs_es_2=None, c1=None, A_init=None, random_state: int = 0,
-              verbose: bool = False, renormalize: bool = True,
+              verbose: bool = False, renormalize: bool = True, backend: str = "auto",
               assignment: str = "randomized", shift_level: float = 0.01,
               pretreatment_u: bool = True, affected_z: float = 3.0, **kwargs):
     """Estimate r latent confounders with the two-stage GCATE factor model.
@@ -608,7 +608,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     ----------
     Y : (n, p) raw counts (array, DataFrame or scipy.sparse).
     X : (n, d) observed covariates including the intercept.
-    A : (n, a) 0/1 treatment indicators.
+    A : (n, a) treatments: 0/1 indicators, or continuous values (dose, guide UMI) as in
+        0.1.1 -- a treatment column enters the GLM linearly either way; :func:`LFC` needs
+        0/1 indicators.
     r : number of latent factors (>= 0; with 0 both stages are the GLM on [X | A] and U
         has no column).
     family : 'nb' or 'poisson'.
@@ -637,6 +639,8 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     A_init : (n, d + a + r) initial [X | A | U]; replaces the SVD initialisation.
     random_state : seed of the randomized SVD.
     verbose : show progress bars.
+    backend : 'auto', 'fast' or 'original' (0.1.1's GLM engines); validated, all run this
+        package's exact GLM (see :mod:`causarray._compat`).
     **kwargs : only the original's ``GCATE_COMPAT_KEYWORDS`` (unused); any other name
         raises ``TypeError``.
 
@@ -658,6 +662,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
                          f"(case-control studies), got {assignment!r}")
     if not 0.0 < float(shift_level) < 1.0:
         raise ValueError(f"shift_level must be in (0, 1), got {shift_level!r}")
+    from ._compat import check_backend
+
+    check_backend(backend)
     Y, X, A = _check_inputs(Y, X, A, r, family)
     n, p = Y.shape
     d, a = X.shape[1], A.shape[1]
@@ -786,6 +793,7 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
                disp_family=None, offset=True, max_cells: int | None = None,
                random_state: int = 0, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
                kwargs_es_2=None, verbose: bool = False, known=None, callback=None,
+               backend: str = "auto",
                **kwargs) -> pd.DataFrame:
     """Choose the number of latent factors by the joint information criterion (JIC).
 
@@ -814,6 +822,8 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     callback : callable, optional
         Called with the table of the rows finished so far after each r (to save work
         that an interruption would otherwise lose).
+    backend : 'auto', 'fast' or 'original' (0.1.1's GLM engines); validated, all run this
+        package's exact GLM.
 
     Returns
     -------
@@ -847,6 +857,9 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     size = fit0.size if family == "nb" else np.full(p, np.inf)
     alpha = _alpha_from_size(size) * np.ones(p)
     const = float(loglik_constants(Ysub, size).sum())
+    from ._compat import check_backend
+
+    check_backend(backend)
     es1 = {**DEFAULT_ES, **(kwargs_es_1 or {})}
     Q = _orth_basis(np.hstack([Xsub, Asub]))
 
@@ -922,3 +935,13 @@ def plot_r(df_r: pd.DataFrame, c: float = 1.0):
     ax1.set_title("JIC")
     fig.tight_layout()
     return fig
+
+
+def __getattr__(name: str):
+    # 0.1.1 defined the batch driver in this module: ``from causarray.gcate import
+    # fit_gcate_batch`` keeps working without importing the batch machinery eagerly.
+    if name == "fit_gcate_batch":
+        from .batch import fit_gcate_batch
+
+        return fit_gcate_batch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -200,6 +200,21 @@ def _fit_one(
     return model.predict_proba(W_test)[:, list(model.classes_).index(1)]
 
 
+def _fit_model(ps_model: str, W_train: np.ndarray, y_train: np.ndarray, W_test: np.ndarray,
+               class_weight: Any, C: float, random_state: int | None,
+               max_iter: int) -> np.ndarray:
+    """Scores of one propensity model ('logistic', 'random_forest_cv' or 'ensemble')."""
+    if ps_model == "logistic" or np.all(np.ptp(W_train, axis=0) == 0):
+        return _fit_one(W_train, y_train, W_test, class_weight, C, random_state, max_iter)
+    from .propensity_forest import fit_forest_scores
+
+    forest = fit_forest_scores(W_train, y_train, W_test, class_weight, random_state)
+    if ps_model == "random_forest_cv":
+        return forest
+    logit = _fit_one(W_train, y_train, W_test, class_weight, C, random_state, max_iter)
+    return 0.5 * (forest + logit)
+
+
 def fit_propensity(
     A: Any,
     W_A: Any,
@@ -211,6 +226,7 @@ def fit_propensity(
     *,
     max_iter: int = 1000,
     verbose: bool = False,
+    ps_model: str = "logistic",
 ) -> np.ndarray:
     """Raw (unclipped) propensity scores, one-vs-shared-controls (SPEC §8.2).
 
@@ -238,6 +254,8 @@ def fit_propensity(
         lbfgs iteration limit (a warning is logged when it is reached).
     verbose : bool
         Progress bar over treatments.
+    ps_model : 'logistic' (default), 'random_forest_cv' (out-of-bag-tuned forest) or
+        'ensemble' (mean of the two), see :mod:`causarray.propensity_forest`.
 
     Returns
     -------
@@ -252,6 +270,9 @@ def fit_propensity(
         If a training fold has no treated or no control cell for a treatment
         (the message names the treatment and fold), or on malformed input.
     """
+    from ._compat import check_ps_model
+
+    check_ps_model(ps_model)
     A_arr, names = _treatment_matrix(A)
     n, a = A_arr.shape
     W = _design_matrix(W_A, n)
@@ -281,8 +302,8 @@ def fit_propensity(
                 raise ValueError(f"treatment {names[k]!r} has no treated cells{where}")
             if not np.any(y == 0):
                 raise ValueError(f"treatment {names[k]!r} has no control cells{where}")
-            pi[test, k] = _fit_one(W[train], y.astype(int), W[test], class_weight, C,
-                                   random_state, max_iter)
+            pi[test, k] = _fit_model(ps_model, W[train], y.astype(int), W[test],
+                                     class_weight, C, random_state, max_iter)
     return pi
 
 
@@ -386,6 +407,7 @@ def estimate_propensity_scores(
     A: Any,
     X_A: Any,
     K: int = 1,
+    ps_model: str = "logistic",
     mask: Any = None,
     clip: Any = None,
     random_state: int | None = 0,
@@ -409,6 +431,7 @@ def estimate_propensity_scores(
     K : int
         1: in-sample scores; K > 1: out-of-fold scores from shuffled K-fold splits
         seeded by ``random_state`` (K = n is leave-one-out).
+    ps_model : 'logistic', 'random_forest_cv' or 'ensemble' (see :func:`fit_propensity`).
     mask : array_like, optional
         n x a boolean eligibility matrix.
     clip : None, 'auto' or (lower, upper)
@@ -428,6 +451,9 @@ def estimate_propensity_scores(
     numpy.ndarray
         n x a scores.
     """
+    from ._compat import check_clip
+
+    check_clip(clip)
     A_arr, _ = _treatment_matrix(A)
     n = A_arr.shape[0]
     if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= n:
@@ -435,7 +461,8 @@ def estimate_propensity_scores(
     folds = None if K == 1 else make_folds(n, int(K), random_state)
     A_named = A if hasattr(A, "columns") else A_arr
     pi = fit_propensity(A_named, X_A, mask=mask, class_weight=class_weight, C=C,
-                        folds=folds, random_state=random_state, verbose=verbose)
+                        folds=folds, random_state=random_state, verbose=verbose,
+                        ps_model=ps_model)
     if clip is not None:
         lower, upper = clip_bounds(A_named, mask=mask, ps_clip=clip)
         pi = clip_propensity(pi, lower, upper)

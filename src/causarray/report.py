@@ -340,7 +340,7 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
         if propensity_summary is not None:
             cols = [c for c in ("treatment", "n_treated", "n_control", "overlap_ratio", "auc",
                                 "ess_treated_fraction", "ess_control_fraction",
-                                "frac_outside_overlap") if c in propensity_summary.columns]
+                                "outside_overlap_fraction") if c in propensity_summary.columns]
             least = propensity_summary.sort_values("overlap_ratio", kind="mergesort")
             parts.append(_table(least[cols].head(int(top_n))))
     if settings:

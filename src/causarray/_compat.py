@@ -1,0 +1,56 @@
+"""Small checks for arguments kept for compatibility with causarray 0.1.1.
+
+``backend`` chose the GLM engine of the original ('fast': its batched engine,
+'original': a per-gene statsmodels-type solver, 'auto': the fast one when available).
+Both compute the same maximum-likelihood fit; this package has one engine (exact IRLS,
+checked against statsmodels), so every value runs it.  The value is still validated so
+that a misspelt backend fails instead of being ignored.
+
+``eps_var`` was the additive variance constant of 0.0.x; 0.1.1 deprecated and ignored it
+(a model-based Poisson variance floor replaced it).  We do the same.
+"""
+from __future__ import annotations
+
+import warnings
+
+BACKENDS = ("auto", "fast", "original")
+PS_MODELS = ("logistic", "ensemble", "random_forest_cv")
+
+
+def check_backend(backend: str) -> str:
+    """Validate ``backend`` ('auto', 'fast' or 'original'); all run the same exact GLM."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_ps_model(ps_model: str) -> str:
+    """Validate ``ps_model`` ('logistic', 'ensemble' or 'random_forest_cv')."""
+    if not isinstance(ps_model, str) or ps_model not in PS_MODELS:
+        raise ValueError(f"ps_model must be one of {PS_MODELS}, got {ps_model!r}")
+    return ps_model
+
+
+def check_clip(clip):
+    """``clip`` of the propensity helpers: None, 'auto' or (lower, upper), 0 <= lower < upper <= 1."""
+    if clip is None or (isinstance(clip, str) and clip == "auto"):
+        return clip
+    msg = ("clip must be None or a pair (lower, upper) with 0 <= lower < upper <= 1 "
+           f"(or 'auto'), got {clip!r}")
+    if isinstance(clip, (str, bytes)):
+        raise ValueError(msg)
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise ValueError(msg) from None
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(msg)
+    return clip
+
+
+def warn_eps_var(eps_var, stacklevel: int = 3) -> None:
+    """FutureWarning when ``eps_var`` is given: deprecated and ignored, as in 0.1.1."""
+    if eps_var is not None:
+        warnings.warn("eps_var is deprecated and ignored (as in causarray 0.1.1): the "
+                      "Poisson variance floor replaces the additive constant "
+                      "(column var_floored)", FutureWarning, stacklevel=stacklevel)
