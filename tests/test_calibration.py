@@ -385,3 +385,45 @@ def test_calibration_html(ci_adata):
     for fake in res.fakes["fake"]:
         assert f"<td>{fake}</td>" in text
     assert "<table" in text and text.count("<table") == 2
+
+
+def test_summary_frame_per_kind(ci_adata):
+    res = ca.calibration_check(ci_adata, runner=welch_runner, n_fake=4)
+    sf = res.summary_frame().set_index("kind")
+    assert list(sf.index) == ["random", "guide", "all"]
+    for kind in ("random", "guide"):
+        sel = res.pvalues[res.pvalues["kind"] == kind]
+        p = sel["pvalue"].to_numpy(float)
+        p = p[np.isfinite(p)]
+        assert sf.loc[kind, "n_tests"] == p.size
+        assert sf.loc[kind, "type_I"] == np.mean(p < 0.05)
+        assert sf.loc[kind, "n_calls"] == int((sel["padj"] < res.alpha).sum())
+    assert sf.loc["all", "n_tests"] == sf.loc[["random", "guide"], "n_tests"].sum()
+    assert sf.loc["all", "status"] == res.status
+
+
+def test_exclude_guides_and_concentration_note(ci_adata):
+    is_ctrl = (ci_adata.obs["perturbation"] == "non-targeting").to_numpy()
+    guide_of = ci_adata.obs.loc[is_ctrl, "guide_id"].astype(str)
+    bad = guide_of.value_counts().index[0]            # the largest NT guide
+
+    def runner(adata, pert_col, ctrl_label, **kw):      # calls 8 genes on the bad guide
+        res = Recorder()(adata, pert_col, ctrl_label)
+        hit = (res["trt"] == f"guide:{bad}") & res["gene_names"].isin(adata.var_names[:8])
+        res.loc[hit, ["pvalue", "padj"]] = 1e-9
+        return res
+
+    res = ca.calibration_check(ci_adata, runner=runner, guide_key="guide_id")
+    assert res.n_calls == 8 > res.calls_allowed and res.status == "miscalibrated"
+    assert any(f"exclude_guides=[{bad!r}]" in n for n in res.notes)
+    res2 = ca.calibration_check(ci_adata, runner=runner, guide_key="guide_id",
+                                exclude_guides=[bad])
+    assert res2.n_calls == 0 and bad not in set(res2.fakes["guide"])
+    n_bad = int((guide_of == bad).sum())
+    guided = res2.fakes[res2.fakes["kind"] == "guide"]
+    # the excluded guide's cells are in no guide run: its fakes + its control arm = the rest
+    per_run = guided.groupby("run").agg(fake=("n_cells", "sum"), ctrl=("n_control", "first"))
+    assert set(per_run["fake"] + per_run["ctrl"]) == {int(is_ctrl.sum()) - n_bad}
+    with pytest.raises(ValueError, match=re.escape("exclude_guides: ['nope'] are not guides "
+                                                   "of the control cells")):
+        ca.calibration_check(ci_adata, runner=Recorder(), exclude_guides=["nope"])

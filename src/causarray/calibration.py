@@ -47,7 +47,7 @@ import base64
 import html
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +88,11 @@ class CalibrationResult:
     Attributes
     ----------
     fakes : pandas.DataFrame
-        One row per fake perturbation: ``fake, kind, guide, run, n_cells, n_control,
-        n_tested, n_p_below, type_I, n_calls, min_padj``.
+        One row per fake perturbation: ``fake, kind, guide, run, n_cells, n_control``
+        (cells in the fake and in the control arm of its run), ``n_cells_used,
+        n_control_used`` (the cells the runner reports it used, from its ``n_treated``
+        / ``n_control`` columns; NaN when it does not report them), ``n_tested,
+        n_p_below, type_I, n_calls, min_padj``.
     pvalues : pandas.DataFrame
         One row per (fake perturbation, gene): ``fake, kind, gene, pvalue, padj``
         (NaN where the runner did not test the pair).
@@ -146,28 +149,28 @@ class CalibrationResult:
         return self.fakes.copy()
 
     def summary_frame(self) -> pd.DataFrame:
-        """Type-I rate and calls per kind of fake and for all fakes together.
+        """Type-I rate, calls and status per kind of fake and for all fakes together.
 
         Returns
         -------
         pandas.DataFrame
-            Columns ``kind, n_fakes, n_tests, type_I, ci_low, ci_high, n_calls``;
-            the intervals are plain Clopper–Pearson (no design effect) for the kinds
-            and with the design effect for ``'all'``.
+            Columns ``kind, n_fakes, n_tests, type_I, ci_low, ci_high, band_low,
+            band_high, n_calls, calls_allowed, status``; each row applies the rule of
+            the verdict to its own fakes (the ``'all'`` row is the verdict).
         """
         rows = []
-        for kind in KINDS:
-            sel = self.fakes[self.fakes["kind"] == kind]
-            if sel.empty:
-                continue
-            n, k = int(sel["n_tested"].sum()), int(sel["n_p_below"].sum())
-            lo, hi = _clopper_pearson(k, n)
-            rows.append(dict(kind=kind, n_fakes=len(sel), n_tests=n,
-                             type_I=k / n if n else np.nan, ci_low=lo, ci_high=hi,
-                             n_calls=int(sel["n_calls"].sum())))
-        rows.append(dict(kind="all", n_fakes=len(self.fakes), n_tests=self.n_tests,
-                         type_I=self.type_I, ci_low=self.type_I_ci[0],
-                         ci_high=self.type_I_ci[1], n_calls=self.n_calls))
+        groups = [(k, self.fakes[self.fakes["kind"] == k]) for k in KINDS]
+        groups = [(k, g) for k, g in groups if not g.empty] + [("all", self.fakes)]
+        for kind, sel in groups:
+            s = _summarise(sel, self.alpha) if kind != "all" else dict(
+                n_tests=self.n_tests, type_I=self.type_I, type_I_ci=self.type_I_ci,
+                band=self.band, n_calls=self.n_calls, calls_allowed=self.calls_allowed,
+                status=self.status)
+            rows.append(dict(kind=kind, n_fakes=len(sel), n_tests=s["n_tests"],
+                             type_I=s["type_I"], ci_low=s["type_I_ci"][0],
+                             ci_high=s["type_I_ci"][1], band_low=s["band"][0],
+                             band_high=s["band"][1], n_calls=s["n_calls"],
+                             calls_allowed=s["calls_allowed"], status=s["status"]))
         return pd.DataFrame(rows)
 
     def __str__(self) -> str:
@@ -520,8 +523,13 @@ def _collect(res: pd.DataFrame, run: _Run, run_id: int, alpha: float,
         tested = np.isfinite(p)
         gene = (part["gene_names"].astype(str).to_numpy() if "gene_names" in part.columns
                 else np.asarray(genes[:len(part)], dtype=object))
+        used = {c: int(pd.to_numeric(part[c], errors="coerce").max())
+                for c in ("n_treated", "n_control") if c in part.columns and len(part)
+                and pd.to_numeric(part[c], errors="coerce").notna().any()}
         rows.append(dict(fake=label, kind=kind, guide=guide, run=run_id,
                          n_cells=int(np.sum(run.labels == label)), n_control=n_control,
+                         n_cells_used=used.get("n_treated", np.nan),
+                         n_control_used=used.get("n_control", np.nan),
                          n_tested=int(tested.sum()), n_p_below=int(np.sum(p[tested] < LEVEL)),
                          type_I=float(np.mean(p[tested] < LEVEL)) if tested.any() else np.nan,
                          n_calls=int(np.sum(q < alpha)),
@@ -530,9 +538,25 @@ def _collect(res: pd.DataFrame, run: _Run, run_id: int, alpha: float,
     return rows, frames
 
 
+def _concentration_notes(fakes: pd.DataFrame) -> list[str]:
+    """Name a guide fake that carries most of the calls (a guide with its own effect?)."""
+    total = int(fakes["n_calls"].sum())
+    guide = fakes[fakes["kind"] == "guide"]
+    if total < 2 or guide.empty:
+        return []
+    worst = guide.loc[guide["n_calls"].idxmax()]
+    if int(worst["n_calls"]) * 2 < total or int(worst["n_calls"]) < 2:
+        return []
+    return [f"{int(worst['n_calls'])} of the {total} calls come from the non-targeting guide "
+            f"{worst['guide']}; a guide with an effect of its own (off-target) looks like this "
+            f"- check it, and rerun with exclude_guides=[{str(worst['guide'])!r}] to see the "
+            "others"]
+
+
 def calibration_check(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
                       n_fake: int = DEFAULT_N_FAKE, fake_size: int | None = None,
-                      guide_key: str | bool | None = None, random_state: int = 0,
+                      guide_key: str | bool | None = None,
+                      exclude_guides: Sequence[str] = (), random_state: int = 0,
                       alpha: float = 0.05, runner: Runner | None = None,
                       **lfc_settings: Any) -> CalibrationResult:
     """Check the calibration of an analysis on fake perturbations cut from control cells.
@@ -560,6 +584,9 @@ def calibration_check(adata: Any, *, pert_col: str | None = None, ctrl_label: An
         Guide identities for the guide fakes: an ``obs`` column or an ``obsm`` key of
         guide counts (see :func:`control_guides`); ``None`` detects
         ``obsm['grna_counts']`` or a guide column; ``False`` skips guide fakes.
+    exclude_guides : sequence of str
+        Non-targeting guides whose cells are left out of the guide fakes (neither fake
+        nor control arm), e.g. a guide found to have an effect of its own.
     random_state : int
         Seed of the random fakes (also passed to the runner unless given in
         ``lfc_settings``).
@@ -601,6 +628,21 @@ def calibration_check(adata: Any, *, pert_col: str | None = None, ctrl_label: An
     median_real = float(real.median()) if len(real) else None
     size = _fake_size(n_ctrl, n_fake, fake_size, median_real)
     guides, source, notes = control_guides(adata, ctrl_rows, ctrl_label, guide_key)
+    excluded = [str(g) for g in ([exclude_guides] if isinstance(exclude_guides, str)
+                                 else exclude_guides)]
+    if excluded:
+        if guides is None:
+            raise ValueError("exclude_guides was given but adata has no guide identities; "
+                             "pass guide_key=<obs column or obsm key>")
+        seen = {str(g) for g in guides if g is not None}
+        unknown = [g for g in excluded if g not in seen]
+        if unknown:
+            raise ValueError(f"exclude_guides: {unknown} are not guides of the control cells; "
+                             f"known guides: {sorted(seen)[:10]}{' ...' if len(seen) > 10 else ''}")
+        drop = np.array([g is not None and str(g) in excluded for g in guides])
+        guides = np.where(drop, None, guides).astype(object)
+        notes.append(f"{int(drop.sum())} control cell(s) of the excluded guide(s) "
+                     f"{', '.join(excluded)} are left out of the guide fakes")
 
     rng = np.random.default_rng(random_state)
     runs = [_random_run(ctrl_rows, n_fake, size, ctrl_label, rng)]
@@ -627,8 +669,10 @@ def calibration_check(adata: Any, *, pert_col: str | None = None, ctrl_label: An
     fakes = pd.DataFrame(fake_rows)
     pvalues = pd.concat(frames, ignore_index=True)
     summary = _summarise(fakes, alpha)
+    notes += _concentration_notes(fakes)
     check_settings = dict(pert_col=pert_col, ctrl_label=ctrl_label, n_control=n_ctrl,
                           n_fake=n_fake, fake_size=size, guide_source=source,
+                          exclude_guides=excluded,
                           n_runs=len(runs), random_state=random_state, alpha=alpha,
                           runner=getattr(runner, "__module__", "") + "."
                           + getattr(runner, "__qualname__", type(runner).__name__),
@@ -692,8 +736,10 @@ def calibration_html(result: CalibrationResult, *, qq_png: bytes | None = None,
     parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="calibration QQ plot">'
                  "<figcaption>Observed against expected -log10 p-values of the fake "
                  "perturbations; grey: 95% band of uniform p-values.</figcaption></figure>")
-    cols = ["fake", "kind", "n_cells", "n_control", "n_tested", "type_I", "n_calls",
-            "min_padj"]
+    cols = ["fake", "kind", "n_cells", "n_control"]
+    cols += [c for c in ("n_cells_used", "n_control_used")
+             if c in result.fakes.columns and result.fakes[c].notna().any()]
+    cols += ["n_tested", "type_I", "n_calls", "min_padj"]
     table = result.fakes.sort_values(["n_calls", "type_I"], ascending=False, kind="mergesort")
     parts.append(_html_table(table[cols].head(int(top_n))))
     if result.notes:
