@@ -427,3 +427,15 @@ def test_exclude_guides_and_concentration_note(ci_adata):
     with pytest.raises(ValueError, match=re.escape("exclude_guides: ['nope'] are not guides "
                                                    "of the control cells")):
         ca.calibration_check(ci_adata, runner=Recorder(), exclude_guides=["nope"])
+
+
+def test_wants_calibration():
+    from causarray.calibration import AUTO_MIN_CONTROLS, wants_calibration
+
+    assert wants_calibration("auto", AUTO_MIN_CONTROLS) and not wants_calibration(
+        "auto", AUTO_MIN_CONTROLS - 1)
+    assert wants_calibration("on", 5) and not wants_calibration("off", 10 ** 6)
+    assert wants_calibration(True, 0) and not wants_calibration(False, 10 ** 6)
+    with pytest.raises(ValueError, match=re.escape(
+            "calibration must be 'auto', 'on' or 'off', got 'yes'")):
+        wants_calibration("yes", 10)

@@ -40,7 +40,8 @@ _EXPORTS: dict[str, str] = {
     "calibration_check": "calibration",
 }
 _SUBMODULES = ("tl", "pl", "report", "calibration", "diagnostics", "datasets", "preprocessing",
-               "glm", "gcate", "factor_model", "dr", "propensity", "inference", "simulate", "batch", "cache", "cli")
+               "glm", "gcate", "factor_model", "dr", "propensity", "inference", "simulate",
+               "batch", "cache", "cli")
 
 __all__ = [
     "__version__",

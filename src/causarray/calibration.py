@@ -58,7 +58,8 @@ from scipy import stats
 
 logger = logging.getLogger("causarray")
 
-__all__ = ["CalibrationResult", "calibration_check", "calibration_html", "control_guides"]
+__all__ = ["CalibrationResult", "calibration_check", "calibration_html", "control_guides",
+           "wants_calibration"]
 
 #: Nominal level of the type-I check (p < LEVEL).
 LEVEL = 0.05
@@ -72,6 +73,8 @@ MIN_CONTROL_FRACTION = 0.5
 GUIDE_COUNTS_KEY = "grna_counts"
 #: ``obs`` columns tried, in order, for per-cell guide identities when ``guide_key=None``.
 GUIDE_OBS_CANDIDATES = ("guide_id", "guide", "guide_identity", "sgRNA", "gRNA", "grna")
+#: ``'auto'`` runs the check when the screen has at least this many control cells.
+AUTO_MIN_CONTROLS = 1000
 #: Random / guide fake labels.
 KINDS = ("random", "guide")
 
@@ -254,7 +257,8 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _guide_names_from_uns(adata: Any, key: str, n_cols: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _guide_names_from_uns(adata: Any, key: str,
+                          n_cols: int) -> tuple[np.ndarray, np.ndarray | None]:
     mat = adata.obsm[key]
     if isinstance(mat, pd.DataFrame):
         names = np.asarray([str(c) for c in mat.columns], dtype=object)
@@ -462,6 +466,37 @@ def _fake_size(n_ctrl: int, n_fake: int, fake_size: int | None, median_real: flo
             f"n_fake={n_fake} fake perturbations of at least {MIN_FAKE_CELLS} cells with half "
             f"of the controls kept as the control arm need {need}; lower n_fake")
     return size
+
+
+def wants_calibration(mode: str | bool, n_control: int,
+                      min_controls: int = AUTO_MIN_CONTROLS) -> bool:
+    """Whether to run the calibration check for a front-door mode setting.
+
+    Parameters
+    ----------
+    mode : {'auto', 'on', 'off'} or bool
+        ``'auto'``: only with at least ``min_controls`` control cells (enough for fake
+        perturbations of a realistic size and a control arm).
+    n_control : int
+        Control cells of the screen.
+    min_controls : int
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    ValueError
+        Any other mode.
+    """
+    if isinstance(mode, bool):
+        return mode
+    if mode == "auto":
+        return int(n_control) >= int(min_controls)
+    if mode in ("on", "off"):
+        return mode == "on"
+    raise ValueError(f"calibration must be 'auto', 'on' or 'off', got {mode!r}")
 
 
 # ----------------------------------------------------------------------------------
@@ -723,12 +758,12 @@ def calibration_html(result: CalibrationResult, *, qq_png: bytes | None = None,
         plt.close(ax.figure)
         qq_png = buf.getvalue()
     s = result.settings
+    guides = (", and each non-targeting guide against the others "
+              f"({html.escape(str(s['guide_source']))})" if s.get("guide_source") else "")
     parts = ["<h2 id='calibration'>Calibration on fake perturbations</h2>",
              "<p class='muted'>Control cells relabelled as fake perturbations "
              f"({s.get('n_fake', '?')} random groups of {s.get('fake_size', '?')} cells"
-             + (f", and each non-targeting guide against the others ({html.escape(str(s['guide_source']))})"
-                if s.get("guide_source") else "")
-             + ") and analysed with the same settings. No gene is affected, so about 5% of "
+             f"{guides}) and analysed with the same settings. No gene is affected, so about 5% of "
              "the p-values should fall below 0.05 and almost no gene should be called.</p>",
              f"<p><b>{html.escape(result.verdict)}</b></p>"]
     parts.append(_html_table(result.summary_frame()))
