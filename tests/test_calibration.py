@@ -439,3 +439,35 @@ def test_wants_calibration():
     with pytest.raises(ValueError, match=re.escape(
             "calibration must be 'auto', 'on' or 'off', got 'yes'")):
         wants_calibration("yes", 10)
+
+
+def test_controls_only_screen_uses_the_cap(ci_adata):
+    ctrl = ci_adata[(ci_adata.obs["perturbation"] == "non-targeting").to_numpy()].copy()
+    res = ca.calibration_check(ctrl, runner=Recorder(), guide_key=False, n_fake=6)
+    assert res.settings["fake_size"] == (ctrl.n_obs // 2) // 6     # no real perturbation
+    assert (res.fakes["n_control"] >= ctrl.n_obs / 2).all()
+
+
+def test_run_settings_repeat_the_stored_analysis(ci_adata):
+    import inspect
+
+    from causarray.calibration import run_settings
+
+    with pytest.raises(ValueError, match=re.escape(
+            "adata.uns['causarray'] holds no run settings; run causarray.tl.lfc(adata) first")):
+        run_settings(ci_adata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ca.tl.lfc(ci_adata, r="auto", r_grid=[1, 2], max_iters=5, propensity=False,
+                  covariates=["grna_n_umis"])
+    used = ci_adata.uns["causarray"]["settings"]["r"]
+    s = run_settings(ci_adata)
+    assert s["r"] == used and isinstance(s["r"], int)
+    assert s["covariates"] == ["grna_n_umis"] and s["max_iters"] == 5
+    assert not {"pert_col", "ctrl_label", "cache_path", "r_grid"} & set(s)
+    assert set(s) <= set(inspect.signature(ca.tl.lfc).parameters)
+    rec = Recorder()
+    res = ca.calibration_check(ci_adata, runner=rec, guide_key=False, **s)
+    # random_state seeds the fakes (and is passed on only to the default runner, tl.lfc)
+    assert res.settings["random_state"] == s["random_state"]
+    assert rec.calls[0]["settings"] == {k: v for k, v in s.items() if k != "random_state"}

@@ -59,7 +59,7 @@ from scipy import stats
 logger = logging.getLogger("causarray")
 
 __all__ = ["CalibrationResult", "calibration_check", "calibration_html", "control_guides",
-           "wants_calibration"]
+           "run_settings", "wants_calibration"]
 
 #: Nominal level of the type-I check (p < LEVEL).
 LEVEL = 0.05
@@ -497,6 +497,52 @@ def wants_calibration(mode: str | bool, n_control: int,
     if mode in ("on", "off"):
         return mode == "on"
     raise ValueError(f"calibration must be 'auto', 'on' or 'off', got {mode!r}")
+
+
+def run_settings(adata: Any, key: str = "causarray", runner: Runner | None = None) -> dict:
+    """Settings of a finished :func:`causarray.tl.lfc` run, to check that same analysis.
+
+    ``calibration_check(adata, **run_settings(adata))`` repeats the analysis stored in
+    ``adata.uns[key]['settings']`` on the fake screens, with the number of factors
+    that run *used* (not ``'auto'``, which could choose another r on the fake
+    screens).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Processed by :func:`causarray.tl.lfc`.
+    key : str
+        ``adata.uns`` key of the run.
+    runner : callable, optional
+        The function whose keyword arguments are kept (default :func:`causarray.tl.lfc`).
+
+    Returns
+    -------
+    dict
+        The stored settings that are keyword arguments of ``runner``, without
+        ``pert_col``, ``ctrl_label``, ``cache_path`` and ``r_grid``; ``r`` is the r used;
+        ``drop_empty_cells=True`` when the run dropped cells without counts.
+
+    Raises
+    ------
+    ValueError
+        ``adata.uns[key]`` holds no run settings.
+    """
+    import inspect
+
+    store = getattr(adata, "uns", {}).get(key)
+    if not isinstance(store, Mapping) or not isinstance(store.get("settings"), Mapping):
+        raise ValueError(f"adata.uns[{key!r}] holds no run settings; run causarray.tl.lfc(adata) "
+                         "first or pass the settings to calibration_check yourself")
+    stored = dict(store["settings"])
+    params = inspect.signature(_default_runner() if runner is None else runner).parameters
+    skip = {"pert_col", "ctrl_label", "cache_path", "r_grid", "client", "key_added"}
+    out = {k: v for k, v in stored.items() if k in params and k not in skip}
+    if "r" in params and "r" in stored:
+        out["r"] = int(stored["r"])
+    if "drop_empty_cells" in params and int(stored.get("n_cells_dropped", 0) or 0) > 0:
+        out["drop_empty_cells"] = True
+    return out
 
 
 # ----------------------------------------------------------------------------------
