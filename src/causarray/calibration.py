@@ -47,6 +47,7 @@ import base64
 import html
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -582,7 +583,10 @@ def _run(adata: Any, run: _Run, runner: Runner, ctrl_label: str,
     col = _free_column(sub.obs)
     sub.obs[col] = pd.Categorical(run.labels.astype(str))
     sub.uns["pert_col"], sub.uns["ctrl_label"] = col, ctrl_label
-    res = runner(sub, pert_col=col, ctrl_label=ctrl_label, **settings)
+    with warnings.catch_warnings():
+        # untested fake pairs are counted in the result (n_tested); no warning per run
+        warnings.filterwarnings("ignore", message=r".*not estimable", category=RuntimeWarning)
+        res = runner(sub, pert_col=col, ctrl_label=ctrl_label, **settings)
     if not isinstance(res, pd.DataFrame):
         raise TypeError(f"the runner must return a pandas DataFrame, got {type(res).__name__}")
     missing = [c for c in ("trt", "pvalue", "padj") if c not in res.columns]
