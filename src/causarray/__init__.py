@@ -46,11 +46,12 @@ _EXPORTS: dict[str, str] = {
     "summarize_treatment_associations": "diagnostics",
     "plot_treatment_associations": "diagnostics",
     "align_test_mask": "diagnostics",
+    "calibration_check": "calibration",
 }
-_SUBMODULES = ("tl", "get", "pl", "report", "diagnostics", "datasets", "preprocessing", "glm",
-               "gcate", "factor_model", "dr", "propensity", "inference", "simulate", "batch",
-               "cache", "cli", "glm_compat", "utils", "propensity_refit", "propensity_forest",
-               "nuisances")
+_SUBMODULES = ("tl", "get", "pl", "report", "calibration", "diagnostics", "datasets",
+               "preprocessing", "glm", "gcate", "factor_model", "dr", "propensity", "inference",
+               "simulate", "batch", "cache", "cli", "glm_compat", "utils", "propensity_refit",
+               "propensity_forest", "nuisances")
 
 __all__ = [
     "__version__",
@@ -84,6 +85,8 @@ __all__ = [
     "summarize_treatment_associations",
     "plot_treatment_associations",
     "align_test_mask",
+    "calibration_check",
+    "calibration",
     "diagnostics",
     "report",
     "tl",
@@ -108,8 +111,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
-    from . import diagnostics, pl, report, tl
+    from . import calibration, diagnostics, pl, report, tl
     from .batch import LFC_batch, fit_gcate_batch, gcate_lfc_batch
+    from .calibration import calibration_check
     from .diagnostics import (
         align_test_mask,
         plot_propensity_scores,
