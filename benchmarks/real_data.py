@@ -484,6 +484,14 @@ def _f(x: Any) -> float | None:
     return x if np.isfinite(x) else None
 
 
+def min_ratio(pairs: list[dict[str, Any]], visible: float = -0.1) -> float | None:
+    """Smallest effect / naive over pairs whose naive effect is below ``visible`` (a
+    knock-down one can see; the ratio of two near-zero effects says nothing)."""
+    ratios = [p["ratio"] for p in pairs
+              if p["ratio"] is not None and p["naive"] is not None and p["naive"] < visible]
+    return min(ratios) if ratios else None
+
+
 def positive_control_metrics(res: dict[str, Any], problem: Problem) -> dict[str, Any]:
     """Hits over the problem's positive-control pairs; misses with effect, SE, padj, ratio."""
     Y, A_df, _, _, log_lib = design(problem)
@@ -510,9 +518,8 @@ def positive_control_metrics(res: dict[str, Any], problem: Problem) -> dict[str,
         pairs.append(entry)
         if not entry["hit"]:
             misses.append(entry)
-    ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
     return {"n_hits": int(sum(p["hit"] for p in pairs)), "n_pos": len(pairs),
-            "min_ratio": min(ratios) if ratios else None,
+            "min_ratio": min_ratio(pairs),
             "n_not_estimable": int(sum(p["estimable"] is False for p in pairs)),
             "pairs": pairs, "misses": misses}
 
@@ -664,7 +671,8 @@ def summary_row(row: dict[str, Any], clean: set[str] | None = None) -> dict[str,
               else f"{row['r'] or 'auto'}->{r_used}"),
         "status": row["status"],
         "hits": f"{h['n_hits']}/{h['n_pos']}" if h else None,
-        "min effect/naive": None if h.get("min_ratio") is None else round(h["min_ratio"], 2),
+        "min effect/naive (naive < -0.1)": (None if not h or min_ratio(h["pairs"]) is None
+                                            else round(min_ratio(h["pairs"]), 2)),
         "pos. not estimable": h.get("n_not_estimable"),
         "discoveries": row.get("discoveries"),
         "fake calls random": fr.get("calls"), "type-I random": t1(fr),
