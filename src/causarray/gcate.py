@@ -718,6 +718,13 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         if keep.sum() >= max(3 * r, 10) and not keep.all():
             U1r = _project_out(pretreatment_factors(Y, X, A, log_s, size, coef_1[:, :d],
                                                     beta_hat, Gamma1r, U1r, keep), Q)
+            # one gene pass refits the coefficients to the new factors (res_2 describes
+            # its own U; LFC's outcome GLM starts from them)
+            start = np.hstack([coef_1[:, :d], Gamma1r, beta_hat])
+            refit, _, _ = _gene_passes(Y, X, A, groups_from_onehot(A), log_s,
+                                       _alpha_from_size(size) * np.ones(p), U1r, start, 1)
+            coef1 = np.hstack([refit[:, :d], refit[:, d + r:], refit[:, d:d + r]])
+            beta_hat, Gamma1r = refit[:, d + r:], refit[:, d:d + r]
     U2 = winsorize_factors(U1r) + A @ alpha
     coef2 = coef1.copy()
     coef2[:, d:d + a] = beta_hat - shift[None, :] - Gamma1r @ alpha.T
