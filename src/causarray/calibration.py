@@ -550,9 +550,19 @@ def run_settings(adata: Any, key: str = "causarray", runner: Runner | None = Non
 # running
 # ----------------------------------------------------------------------------------
 def _default_runner() -> Runner:
+    """:func:`causarray.tl.lfc`, returning its result table (``tl.lfc`` stores it in
+    ``adata.uns`` and returns None, as scanpy's tools do)."""
+    import functools
+
+    from .get import results
     from .tl import lfc
 
-    return lfc
+    @functools.wraps(lfc)
+    def run(adata, **settings):
+        lfc(adata, **settings)
+        return results(adata, key=settings.get("key_added", "causarray"))
+
+    return run
 
 
 def _free_column(obs: pd.DataFrame, base: str = "causarray_fake") -> str:
