@@ -109,7 +109,8 @@ def test_tl_lfc_tables_carry_the_new_columns(r):
 
     ad = simulate_screen(n_ctrl=150, n_perts=3, cells_per_pert=40, n_genes=60, r=1,
                          random_state=1)
-    df = ca.tl.lfc(ad, r=r, max_iters=3, batch_size=2, n_ctrl=150)
+    ca.tl.lfc(ad, r=r, max_iters=3, batch_size=2, n_ctrl=150)
+    df = ca.get.results(ad)
     for c in NEW:
         assert c in df.columns
     sizes = ad.obs[ad.uns["pert_col"]].astype(str).value_counts()

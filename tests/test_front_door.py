@@ -89,7 +89,7 @@ def test_r0_batch_is_the_doubly_robust_step_on_the_observed_design(arrays, tmp_p
                          cache_path=cache)
     assert cache.exists()
     s = size_factors_from_offset(Y.toarray(), True)
-    ref, _ = LFC(Y, X, A, X_A, offset=np.log(s))
+    ref, _ = LFC(Y, X, A, X, offset=np.log(s))   # randomized: propensity on X
     ok = ref["estimable"].to_numpy()
     assert ok.sum() > 60 and (df["estimable"].to_numpy() == ok).all()
     # the batch run starts the outcome GLM from the GLM on [X | A]: a warm start only
