@@ -454,6 +454,8 @@ def method_upstream(problem: Problem, r: int = 1, timeout: float = 900.0,
     for key, col in (("tau", "tau"), ("se", "std"), ("pvalue", "pvalue"), ("padj", "padj")):
         out[key] = (df[col].to_numpy(float).reshape(a, p) if col in df
                     else np.full((a, p), np.nan))
+    if "estimable" in df:
+        out["estimable"] = df["estimable"].astype(bool).to_numpy().reshape(a, p)
     out.update(trts=trts, genes=genes, info={"upstream_wall_s": res.get("wall_s")})
     return out
 
@@ -791,7 +793,7 @@ def markdown(result: dict[str, Any]) -> str:
              "padj < 0.05. Fake calls: pairs at padj < 0.05 among fake perturbations (random: "
              "5 fakes cut from control cells; NT guide: each non-targeting guide vs the "
              "others, summed). Type-I: share of fake pairs with raw p < 0.05. Effects are "
-             "natural-log fold changes; naive = log ratio of library-size-normalised means."),
+             "natural-log fold changes; naive = log ratio of library-size-normalised means."), "",
              ("NT calls, clean guides: the NT-guide fake calls restricted to the guides on which "
              "neither the NB GLM nor Wilcoxon made any call (guides with calls by those two "
              "are listed by their last name token in the next column: such guides shift genes "
