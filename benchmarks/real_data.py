@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, code_version, machine_info, to_jsonable  # noqa: E402
+from _common import RESULTS_DIR, code_version, machine_info, to_jsonable
 
 #: short name -> (bundled dataset name, obs covariates)
 DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -322,8 +322,9 @@ def method_nbglm(problem: Problem, **_: Any) -> dict[str, Any]:
     if not _NBGLM_CHECKED:
         info["statsmodels_check"] = check_nbglm_against_statsmodels(Y, X, A, log_lib, fit)
         _NBGLM_CHECKED = True
-    return dict(tau=tau, se=se, pvalue=p, padj=_bh_rows(p), trts=list(map(str, A_df.columns)),
-                genes=[str(g) for g in problem.adata.var_names], info=info)
+    return {"tau": tau, "se": se, "pvalue": p, "padj": _bh_rows(p),
+            "trts": list(map(str, A_df.columns)),
+            "genes": [str(g) for g in problem.adata.var_names], "info": info}
 
 
 def method_wilcoxon(problem: Problem, **_: Any) -> dict[str, Any]:
@@ -342,9 +343,9 @@ def method_wilcoxon(problem: Problem, **_: Any) -> dict[str, Any]:
         pvals.append(np.asarray(res.pvalue, float))
     p = np.vstack(pvals)
     tau = naive_effects(Y, A, log_lib)
-    return dict(tau=tau, se=np.full_like(tau, np.nan), pvalue=p, padj=_bh_rows(p),
-                trts=list(map(str, A_df.columns)),
-                genes=[str(g) for g in problem.adata.var_names], info={})
+    return {"tau": tau, "se": np.full_like(tau, np.nan), "pvalue": p, "padj": _bh_rows(p),
+            "trts": list(map(str, A_df.columns)),
+            "genes": [str(g) for g in problem.adata.var_names], "info": {}}
 
 
 def _from_lfc_table(df: pd.DataFrame, trts: list[str], genes: list[str]) -> dict[str, Any]:
@@ -453,6 +454,8 @@ def method_upstream(problem: Problem, r: int = 1, timeout: float = 900.0,
     for key, col in (("tau", "tau"), ("se", "std"), ("pvalue", "pvalue"), ("padj", "padj")):
         out[key] = (df[col].to_numpy(float).reshape(a, p) if col in df
                     else np.full((a, p), np.nan))
+    if "estimable" in df:
+        out["estimable"] = df["estimable"].astype(bool).to_numpy().reshape(a, p)
     out.update(trts=trts, genes=genes, info={"upstream_wall_s": res.get("wall_s")})
     return out
 
@@ -555,8 +558,8 @@ def null_metrics(results: list[dict[str, Any]],
 # ======================================================================================
 # evaluation
 # ======================================================================================
-def evaluate(dataset: str, method: str, r: int | str | None = None, *, fakes: bool = True,
-             guide_fakes: bool = True, n_fakes: int = 5, seed: int = 0,
+def evaluate(dataset: str, method: str, r: int | str | None = None, *, real: bool = True,
+             fakes: bool = True, guide_fakes: bool = True, n_fakes: int = 5, seed: int = 0,
              min_guide_cells: int = 20, max_guides: int | None = None,
              upstream_timeout: float = 900.0, verbose: bool = True) -> dict[str, Any]:
     """Positive controls, discoveries and fake-perturbation calls of one method on one screen.
@@ -567,8 +570,9 @@ def evaluate(dataset: str, method: str, r: int | str | None = None, *, fakes: bo
     method : {'nbglm', 'wilcoxon', 'causarray', 'tl', 'upstream'}
     r : int or 'auto'
         Latent factors (``causarray``, ``upstream``); ignored by the other methods.
-    fakes, guide_fakes : bool
-        Run the random / non-targeting-guide fake perturbations.
+    real, fakes, guide_fakes : bool
+        Run the real screen / the random / the non-targeting-guide fake perturbations
+        (a part not run is absent from the returned dict).
     n_fakes, seed : random fakes: how many, and the seed of the cut.
     min_guide_cells : guides with fewer control cells are not used as fakes.
     max_guides : use only the ``max_guides`` largest non-targeting guides (None: all).
@@ -584,18 +588,19 @@ def evaluate(dataset: str, method: str, r: int | str | None = None, *, fakes: bo
     kw = {"timeout": upstream_timeout} if method == "upstream" else {}
     problem = real_problem(dataset)
     tag = f"{dataset}_{method}_r{r}"
-    res = run_method(method, problem, r=r, tag=tag, **kw)
     row: dict[str, Any] = {"dataset": dataset, "method": method,
-                           "r": None if r is None else str(r), "status": res["status"],
-                           "wall_s": res["wall_s"], "error": res.get("error"),
-                           "info": res.get("info", {})}
-    if res["status"] == "ok":
-        row["hits"] = positive_control_metrics(res, problem)
-        row["discoveries"] = int(np.sum(np.nan_to_num(res["padj"], nan=1.0) < ALPHA))
-        row["n_pairs"] = int(res["padj"].size)
-        row["n_pvalue_nan"] = int(np.isnan(res["pvalue"]).sum())
-    if verbose:
-        _print_progress(row, "real")
+                           "r": None if r is None else str(r)}
+    if real:
+        res = run_method(method, problem, r=r, tag=tag, **kw)
+        row.update(status=res["status"], wall_s=res["wall_s"], error=res.get("error"),
+                   info=res.get("info", {}))
+        if res["status"] == "ok":
+            row["hits"] = positive_control_metrics(res, problem)
+            row["discoveries"] = int(np.sum(np.nan_to_num(res["padj"], nan=1.0) < ALPHA))
+            row["n_pairs"] = int(res["padj"].size)
+            row["n_pvalue_nan"] = int(np.isnan(res["pvalue"]).sum())
+        if verbose:
+            _print_progress(row, "real")
     if fakes:
         t0 = time.perf_counter()
         fres = run_method(method, random_fake_problem(dataset, n_fakes, seed), r=r,
@@ -669,7 +674,7 @@ def summary_row(row: dict[str, Any], clean: set[str] | None = None) -> dict[str,
         "dataset": row["dataset"], "method": row["method"],
         "r": (row["r"] if r_used is None or str(r_used) == row["r"]
               else f"{row['r'] or 'auto'}->{r_used}"),
-        "status": row["status"],
+        "status": row.get("status", "not run"),
         "hits": f"{h['n_hits']}/{h['n_pos']}" if h else None,
         "min effect/naive (naive < -0.1)": (None if not h or min_ratio(h["pairs"]) is None
                                             else round(min_ratio(h["pairs"]), 2)),
@@ -690,6 +695,21 @@ def summary_row(row: dict[str, Any], clean: set[str] | None = None) -> dict[str,
 def _short(guide: str) -> str:
     """Last ``_``-separated token of a guide name (``..._non-targeting_00006`` -> ``00006``)."""
     return guide.rsplit("_", 1)[-1]
+
+
+def src_version() -> dict[str, Any]:
+    """:func:`_common.code_version` plus ``src_rev``, the last commit that changed ``src/``
+    (benchmark-only commits leave it unchanged)."""
+    import subprocess
+
+    out = code_version()
+    try:
+        out["src_rev"] = subprocess.run(
+            ["git", "log", "-1", "--format=%h", "--", "src"], cwd=Path(__file__).parent.parent,
+            capture_output=True, text=True, timeout=30, check=False).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["src_rev"] = None
+    return out
 
 
 def _key(row: dict[str, Any]) -> str:
@@ -736,8 +756,8 @@ def _pair_tables(rows: list[dict[str, Any]], skip: tuple[str, ...] = ("hill",)) 
 
 
 def _miss_lines(rows: list[dict[str, Any]], max_per_row: int = 6) -> list[str]:
-    lines = ["| dataset | method | r | pair | effect | SE | padj | naive | effect / naive "
-             "| estimable |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| dataset | method | r | pair | effect | SE | padj | naive | effect / naive "
+             "| estimable |"), "|---|---|---|---|---|---|---|---|---|---|"]
     n = 0
 
     def g(v, fmt="{:.3g}"):
@@ -749,7 +769,8 @@ def _miss_lines(rows: list[dict[str, Any]], max_per_row: int = 6) -> list[str]:
             n += 1
             lines.append(f"| {row['dataset']} | {row['method']} | {row['r'] or ''} | {m['pair']} "
                          f"| {g(m['effect'])} | {g(m['se'])} | {g(m['padj'])} | {g(m['naive'])} "
-                         f"| {g(m['ratio'], '{:.2f}')} | {'' if m['estimable'] is None else m['estimable']} |")
+                         f"| {g(m['ratio'], '{:.2f}')} "
+                         f"| {'' if m['estimable'] is None else m['estimable']} |")
         if len(misses) > max_per_row:
             lines.append(f"| {row['dataset']} | {row['method']} | {row['r'] or ''} | "
                          f"... {len(misses) - max_per_row} more in the JSON | | | | | | |")
@@ -761,33 +782,36 @@ def markdown(result: dict[str, Any]) -> str:
 
     rows = result["rows"]
     cv = result["code_version"]
+    revs = sorted({(r.get("code_version") or {}).get("src_rev")
+                   or (r.get("code_version") or {}).get("git_rev") or "?" for r in rows})
     parts = [f"# Real screens: positive and negative controls ({result['label']})", "",
-             f"Code version: `{cv.get('git_rev')}`"
+             f"Package source (`src/`) at `{'`, `'.join(revs)}` (last commit touching `src/`; "
+             f"written at `{cv.get('git_rev')}`)"
              + (f" (modified: {', '.join(cv['src_modified'])})" if cv.get("src_modified") else "")
-             + f"; generated by `benchmarks/real_data.py` (see `docs/benchmarks.md`).", "",
-             "Hits: own target (or HS2 -> HBE1) down at padj < 0.05. Discoveries: pairs at "
+             + "; generated by `benchmarks/real_data.py` (see `docs/benchmarks.md`).", "",
+             ("Hits: own target (or HS2 -> HBE1) down at padj < 0.05. Discoveries: pairs at "
              "padj < 0.05. Fake calls: pairs at padj < 0.05 among fake perturbations (random: "
              "5 fakes cut from control cells; NT guide: each non-targeting guide vs the "
              "others, summed). Type-I: share of fake pairs with raw p < 0.05. Effects are "
-             "natural-log fold changes; naive = log ratio of library-size-normalised means.",
-             "NT calls, clean guides: the NT-guide fake calls restricted to the guides on which "
+             "natural-log fold changes; naive = log ratio of library-size-normalised means."), "",
+             ("NT calls, clean guides: the NT-guide fake calls restricted to the guides on which "
              "neither the NB GLM nor Wilcoxon made any call (guides with calls by those two "
-             "are listed by their last name token in the next column; on Schraivogel, guides "
-             "00006, 00013 and 00022 shift chr8 / ATP6V1C1 genes under every method, so "
-             "they are not clean nulls).",
+             "are listed by their last name token in the next column: such guides shift genes "
+             "under simple tests too, so they are not clean nulls)."),
              "", markdown_table([summary_row(r, clean_guides(rows, r["dataset"]))
                                  for r in rows]), "",
              "## Missed positive controls", "", *_miss_lines(rows), "",
              "## Positive controls: effect (SE) by method", "",
-             "Natural-log fold changes; Wilcoxon's effect is the naive ratio. Hill is left "
-             "out here (27 pairs, mostly not detectable by any method; see the JSON).", "",
+             ("Natural-log fold changes; Wilcoxon's effect is the naive ratio. Hill is left "
+             "out here (27 pairs, mostly not detectable by any method; see the JSON)."), "",
              *_pair_tables(rows),
              "## Runs", ""]
     for row in rows:
         extra = {k: v for k, v in (row.get("info") or {}).items() if k != "jic"}
-        rev = (row.get("code_version") or {}).get("git_rev")
-        runs = (f"- {_key(row)}: {row['status']}, {row['wall_s']} s, load avg {row.get('loadavg')}"
-                f", code `{rev}`, {row.get('date')}")
+        cvr = row.get("code_version") or {}
+        rev = cvr.get("src_rev") or cvr.get("git_rev")
+        runs = (f"- {_key(row)}: {row.get('status', 'not run')}, {row.get('wall_s')} s, "
+                f"load avg {row.get('loadavg')}, code `{rev}`, {row.get('date')}")
         if row.get("error"):
             runs += f", error: {row['error'][:300]}"
         if extra:
@@ -797,8 +821,8 @@ def markdown(result: dict[str, Any]) -> str:
                 runs += f", {k} errors: {row[k]['errors'][0][:200]}"
         parts.append(runs)
     m = result["machine"]
-    parts += ["", f"_{m['date']}; {m['cpu_count_usable']} usable CPUs; python {m['python']}, "
-              f"numpy {m['numpy']}, scipy {m['scipy']}; threads {m['threads_env']}_", ""]
+    parts += ["", (f"_{m['date']}; {m['cpu_count_usable']} usable CPUs; python {m['python']}, "
+              f"numpy {m['numpy']}, scipy {m['scipy']}; threads {m['threads_env']}_"), ""]
     return "\n".join(parts)
 
 
@@ -812,13 +836,13 @@ def save(rows: list[dict[str, Any]], out_name: str, label: str) -> Path:
             old = {_key(r): r for r in json.loads(path.read_text()).get("rows", [])}
         except (json.JSONDecodeError, KeyError):
             old = {}
-    for row in rows:
-        old[_key(row)] = to_jsonable(row)
+    for row in rows:     # parts not run this time (e.g. --no-real) keep their old values
+        old[_key(row)] = {**old.get(_key(row), {}), **to_jsonable(row)}
     order = {d: i for i, d in enumerate(DATASETS)}
     morder = {m: i for i, m in enumerate(METHODS)}
     merged = sorted(old.values(), key=lambda r: (order.get(r["dataset"], 99),
                                                  morder.get(r["method"], 99), str(r["r"])))
-    result = {"name": out_name, "label": label, "code_version": code_version(),
+    result = {"name": out_name, "label": label, "code_version": src_version(),
               "machine": machine_info(), "rows": merged}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -837,6 +861,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="r values for causarray / upstream: integers and/or 'auto'")
     ap.add_argument("--quick", action="store_true",
                     help="schraivogel_ci only, r = 1, the 5 largest NT guides (< 1 min)")
+    ap.add_argument("--no-real", action="store_true",
+                    help="skip the real screens (fakes only; the rows' real-screen parts "
+                         "stay as they are in the results file)")
     ap.add_argument("--no-fakes", action="store_true", help="skip the random fakes")
     ap.add_argument("--no-guide-fakes", action="store_true", help="skip the NT-guide fakes")
     ap.add_argument("--max-guides", type=int, default=None,
@@ -868,12 +895,17 @@ def main(argv: list[str] | None = None) -> int:
             for r in rs:
                 if method == "upstream" and r == "auto":
                     continue
-                row = evaluate(ds, method, r, fakes=not args.no_fakes,
+                row = evaluate(ds, method, r, real=not args.no_real, fakes=not args.no_fakes,
                                guide_fakes=not args.no_guide_fakes, max_guides=max_guides,
                                upstream_timeout=args.upstream_timeout)
-                row["loadavg"] = [round(x, 2) for x in os.getloadavg()]
-                row["code_version"] = code_version()
-                row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                stamp = {"loadavg": [round(x, 2) for x in os.getloadavg()],
+                         "code_version": src_version(),
+                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                for part in ("fake_random", "fake_guide"):
+                    if part in row:
+                        row[part].update(stamp)
+                if not args.no_real:
+                    row.update(stamp)
                 rows.append(row)
                 save([row], args.out_name, args.label)
     from _common import markdown_table
