@@ -393,16 +393,8 @@ def method_causarray(problem: Problem, r: int | str = 1, **_: Any) -> dict[str, 
     Y_named = pd.DataFrame.sparse.from_spmatrix(Y, columns=genes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if r_used == 0:     # the front door's r = 0 path: DR LFC on [X], all cells
-            from causarray.tl import _run_without_factors
-
-            A_df = A_df.reset_index(drop=True)
-            df = _run_without_factors(Y, genes, A_df, X, X_A, batch_size=15, n_ctrl=None,
-                                      max_cells=None, family="nb", random_state=0,
-                                      lfc_kwargs=None, verbose=False)
-        else:
-            df = gcate_lfc_batch(Y_named, X, A_df, r_used, W_A=X_A, batch_size=15,
-                                 n_ctrl=None, max_cells=None)
+        df = gcate_lfc_batch(Y_named, X, A_df, r_used, W_A=X_A, batch_size=15,
+                             n_ctrl=None, max_cells=None)
     out = _from_lfc_table(df, trts, genes)
     out.update(trts=trts, genes=genes, info=info)
     return out
