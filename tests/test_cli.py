@@ -166,13 +166,27 @@ def test_empty_cells_stop_or_are_dropped(capsys, sim_path, tmp_path):
     assert len(df) == 90
 
 
-def test_auto_r_needs_room_for_factors():
+def test_auto_r_on_a_panel_too_small_for_every_perturbation(caplog):
+    """8 genes cannot hold a factor beside all 6 perturbations at once (Hill's case); r is
+    chosen on the controls and the largest perturbations, and the run goes through."""
     adata = simulate_screen(n_ctrl=60, n_perts=6, cells_per_pert=10, n_genes=8, r=1,
                             random_state=0)
-    with pytest.raises(ValueError, match=r"r cannot be chosen automatically: 8 genes and 7 "
-                                         r"observed columns \(intercept, covariates, 6 "
-                                         r"perturbations\) leave no room"):
+    with caplog.at_level("INFO", logger="causarray"):
         tl.lfc(adata, r="auto")
+    assert "r is chosen on the controls and the" in caplog.text
+    r_used = adata.uns["causarray"]["settings"]["r"]
+    assert 0 <= int(r_used) <= 8 - 1 - 1 - 1
+
+
+def test_auto_r_without_room_for_any_factor_uses_r0(caplog):
+    adata = simulate_screen(n_ctrl=60, n_perts=2, cells_per_pert=10, n_genes=2, r=1,
+                            random_state=0)
+    with caplog.at_level("WARNING", logger="causarray"):
+        r, df_r = tl.select_r(adata.X, np.ones((adata.n_obs, 1)),
+                              pd.get_dummies(adata.obs["perturbation"]).drop(
+                                  columns=adata.uns["ctrl_label"]).to_numpy(float))
+    assert r == 0 and list(df_r["r"]) == [0]
+    assert "using r = 0" in caplog.text
 
 
 # ----------------------------------------------------------------------------------

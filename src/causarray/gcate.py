@@ -133,8 +133,10 @@ def _check_inputs(Y, X, A, r: int, family: str):
     if r > 0 and r > min(n, p) - Z.shape[1] - 1:
         raise ValueError(f"r = {r} is too large: at most {min(n, p) - Z.shape[1] - 1} latent factors "
                          f"can be estimated from {n} cells x {p} genes with {Z.shape[1]} observed columns")
-    sv = np.linalg.svd(Z / np.sqrt(n), compute_uv=False)
-    if sv.min() < 1e-3 * max(sv.max(), 1.0):
+    # scale-free: every column to unit root-mean-square before the singular values
+    norms = np.sqrt(np.mean(Z * Z, axis=0))
+    sv = np.linalg.svd(Z / np.where(norms > 0, norms, 1.0), compute_uv=False) / np.sqrt(n)
+    if sv.min() < 1e-3 * sv.max():
         raise ValueError("the observed design [X | A] is (nearly) singular: "
                          "check for duplicated or constant columns besides the intercept")
     return Y, X, A

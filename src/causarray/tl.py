@@ -218,15 +218,33 @@ def select_r(Y: Any, X: Any, A: Any, r_grid: Sequence[int] | None = None, family
         Ysub = Ysub[:, expressed]
     n_sub, p = Ysub.shape
     grid = list(r_grid) if r_grid is not None else default_r_grid(p, n_sub)
-    n_obs_cols = np.shape(X)[1] + Asub.shape[1]
+    d = np.shape(X)[1]
+    # fit_gcate needs r <= min(n, p) - (d + a) - 1.  Small panels with many perturbations
+    # (Hill: 28 genes, 29 perturbations) cannot fit any factor beside every perturbation at
+    # once, though each batch (only its own perturbations) can: r is then chosen on the
+    # controls and the largest perturbations that leave room for the grid.
+    room = min(n_sub, p) - d - 1
+    if Asub.shape[1] > 0 and room - Asub.shape[1] < max(grid):
+        k = max(1, min(Asub.shape[1], room - max(grid))) if room >= 2 else 0
+        if 0 < k < Asub.shape[1]:
+            top = np.argsort(-Asub.sum(axis=0), kind="stable")[:k]
+            on = Asub[:, top].sum(axis=1) > 0
+            ctrl = Asub.sum(axis=1) == 0
+            keep_rows = on | ctrl
+            logger.info("choosing r: %d genes leave no room for factors beside all %d "
+                        "perturbations; r is chosen on the controls and the %d largest "
+                        "perturbations", p, Asub.shape[1], k)
+            Ysub, Asub, rows = Ysub[keep_rows], Asub[keep_rows][:, top], rows[keep_rows]
+            n_sub = Ysub.shape[0]
+    n_obs_cols = d + Asub.shape[1]
     r_top = min(n_sub, p) - n_obs_cols - 1          # identifiability limit of fit_gcate
     if max(grid) > r_top:
-        if r_top < 1:
-            raise ValueError(
-                f"r cannot be chosen automatically: {p} genes and {n_obs_cols} observed "
-                f"columns (intercept, covariates, {Asub.shape[1]} perturbations) leave no "
-                "room for a latent factor on the whole screen; pass r=<number> (each batch "
-                "only has its own perturbations) or r=0")
+        if r_top < 1 or room < 2:
+            logger.warning("r cannot be chosen automatically: %d genes and %d observed "
+                           "columns leave no room for a latent factor; using r = 0", p,
+                           n_obs_cols)
+            return 0, pd.DataFrame({"r": [0], "deviance": [np.nan], "nu": [np.nan],
+                                    "JIC": [np.nan], "time_s": [0.0]})
         logger.info("choosing r: values above %d are not identifiable with %d genes and %d "
                     "observed columns and are skipped", r_top, p, n_obs_cols)
         grid = [r for r in grid if r <= r_top]
@@ -520,11 +538,18 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
                                callback=_partial_jic_writer(cache_path, fingerprint))
             _store_jic(cache_path, fingerprint, df_r)
             _drop_partial_jic(cache_path)
-        r_used = int(df_r.loc[df_r["JIC"].idxmin(), "r"])
+        r_used = int(df_r.loc[df_r["JIC"].idxmin(), "r"]) if df_r["JIC"].notna().any() else 0
         logger.info("r = %d (minimum JIC)", r_used)
     else:
         grid = []
         r_used = int(r_req)
+    if r_used > 0:
+        # each batch fits r factors beside its own perturbations: r + d + a_batch < min(n, p)
+        room = p - np.shape(X)[1] - r_used - 1
+        if 1 <= room < layout["batch_size"]:
+            logger.info("batches of at most %d perturbations: %d genes leave room for r = %d "
+                        "factors beside %d observed columns", room, p, r_used, np.shape(X)[1])
+            layout["batch_size"] = int(room)
 
     if sp.issparse(Y_mat):   # a sparse-dtype frame: stays sparse, keeps the gene names
         Y_named = pd.DataFrame.sparse.from_spmatrix(Y_mat, columns=genes)
