@@ -402,13 +402,14 @@ def method_causarray(problem: Problem, r: int | str = 1, **_: Any) -> dict[str, 
 
 def method_tl(problem: Problem, **_: Any) -> dict[str, Any]:
     """The front door with its defaults: ``causarray.tl.lfc(adata, covariates=...)``."""
-    from causarray import tl
+    from causarray import get, tl
 
     ad = problem.adata.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        df = tl.lfc(ad, covariates=list(problem.covariates), propensity=False,
-                    drop_empty_cells=True)
+        tl.lfc(ad, covariates=list(problem.covariates), propensity=False,
+               drop_empty_cells=True)
+    df = get.results(ad)
     st = ad.uns["causarray"]["settings"]
     trts = sorted(set(df["trt"].astype(str)))
     genes = [str(g) for g in ad.var_names]

@@ -245,3 +245,31 @@ def test_hits_table_sorts_in_the_browser(processed_adata, tmp_path, chromium):
     asc = [float(v) for v in attrs["data-asc"].split(";")]
     desc = [float(v) for v in attrs["data-desc"].split(";")]
     assert len(asc) == 9 and asc == sorted(asc) and desc == sorted(asc, reverse=True)
+
+
+def test_calibration_section_renders_in_the_browser(tmp_path, chromium):
+    """`causarray run --calibration on` adds the calibration section (table + QQ plot) to
+    report.html, and a real browser decodes every image in it."""
+    from causarray.cli import main
+    from causarray.datasets import load_dataset
+
+    path = tmp_path / "ci.h5ad"
+    load_dataset("schraivogel2020_ci").write_h5ad(path)
+    out = tmp_path / "out"
+    code = main(["run", str(path), "--out", str(out), "--r", "1", "--max-iters", "5",
+                 "--calibration", "on", "-q"])
+    assert code == 0
+    assert (out / "calibration.csv").exists() and (out / "calibration_qq.png").exists()
+    text = (out / "report.html").read_text()
+    assert "id='calibration'" in text or 'id="calibration"' in text
+    checked = tmp_path / "report_checked.html"
+    checked.write_text(text.replace("</body>", CHECK_SCRIPT + "</body>"))
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, "--window-size=1200,3000",
+                          "--virtual-time-budget=10000", "--dump-dom", checked.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body([^>]*)>",
+                                                               dom.stdout).group(1)))
+    n_png = len(_pngs(text))
+    assert attrs.get("data-images-total") == str(n_png) == attrs.get("data-images-loaded")
+    assert re.search(r'id="calibration"', dom.stdout)

@@ -136,6 +136,9 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--max-iters", type=_positive_int, default=None,
                    help="cap on the GCATE alternating-minimisation epochs")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--calibration", choices=("auto", "on", "off"), default="auto",
+                   help="calibration check on fake perturbations cut from the control cells "
+                        "(auto: on with >= 1,000 control cells)")
     g.add_argument("--alpha", type=float, default=0.05,
                    help="FDR level for the discovery counts in plots and report (default 0.05)")
     d = p.add_argument_group("parallel (optional, needs dask[distributed])")
@@ -310,7 +313,8 @@ def _client(args: argparse.Namespace):
     return Client(cluster), cluster
 
 
-def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool) -> dict[str, Path]:
+def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool,
+                   calibration: Any = None) -> dict[str, Path]:
     from . import pl
     from .report import figure_png, write_report
 
@@ -330,16 +334,23 @@ def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool) -> dict[str
         figures["jic"] = lambda: pl.r_selection(store["jic"])
     if "causarray_propensity" in adata.obsm:
         figures["propensity"] = lambda: pl.propensity(adata)
+    if calibration is not None:
+        calibration.to_frame().to_csv(out / "calibration.csv", index=False)
+        calibration.pvalues.to_csv(out / "calibration_pvalues.csv.gz", index=False)
+        written["calibration"] = out / "calibration.csv"
+        figures["calibration_qq"] = lambda: pl.calibration_qq(calibration).figure
     for name, make in figures.items():
         images[name] = figure_png(make())
         (out / f"{name}.png").write_bytes(images[name])
         written[name] = out / f"{name}.png"
-    written["report"] = write_report(adata, out / "report.html", images=images, alpha=alpha)
+    written["report"] = write_report(adata, out / "report.html", images=images, alpha=alpha,
+                                   calibration=calibration)
     return written
 
 
 def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
     from . import tl
+    from .calibration import calibration_check, run_settings, wants_calibration
     from .report import discovery_summary
 
     _setup_logging(args.quiet)
@@ -372,6 +383,7 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
         log.info("resuming from the cache in %s", out)
     client, cluster = _client(args)
     t0 = time.perf_counter()
+    calibration = None
     try:
         tl.lfc(adata, pert_col=info["pert_col"], ctrl_label=info["ctrl_label"],
                covariates=covariates, layer=layer, r=args.r,
@@ -380,6 +392,11 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
                cache_path=cache, client=client,
                random_state=args.seed, verbose=not args.quiet, r_grid=args.r_grid,
                max_iters=args.max_iters, drop_empty_cells=drop_empty)
+        if wants_calibration(getattr(args, "calibration", "auto"), info["n_control"]):
+            log.info("calibration check on fake perturbations from %d control cells",
+                     info["n_control"])
+            calibration = calibration_check(adata, **run_settings(adata), client=client,
+                                            verbose=not args.quiet)
     except ValueError as err:
         msg = _one_line(err)
         if any(phrase in msg for phrase in _INPUT_PHRASES):
@@ -390,13 +407,15 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
             client.close()
         if cluster is not None:
             cluster.close()
-    written = _write_outputs(adata, out, args.alpha, args.quiet)
+    written = _write_outputs(adata, out, args.alpha, args.quiet, calibration)
     s = discovery_summary(adata.uns["causarray"]["results"], args.alpha)
     settings = adata.uns["causarray"]["settings"]
     if not args.quiet:
         print(f"r = {settings['r']}; {s['n_significant']:,} gene x perturbation pairs with "
               f"padj < {args.alpha:g} in {s['n_perturbations_with_hit']} of "
               f"{s['n_perturbations']} perturbations ({time.perf_counter() - t0:.1f} s)")
+    if calibration is not None and not args.quiet:
+        print(f"calibration: {calibration.verdict}")
     print(f"report: {written['report'].resolve()}")
     return EXIT_OK
 

@@ -252,7 +252,7 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
                   settings: Mapping[str, Any] | None = None, jic: pd.DataFrame | None = None,
                   propensity_summary: pd.DataFrame | None = None, alpha: float = 0.05,
                   padj_col: str = "padj", top_n: int = 20,
-                  title: str = "causarray report") -> str:
+                  title: str = "causarray report", calibration: Any = None) -> str:
     """HTML text of the report.
 
     Parameters
@@ -343,6 +343,10 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
                                 "outside_overlap_fraction") if c in propensity_summary.columns]
             least = propensity_summary.sort_values("overlap_ratio", kind="mergesort")
             parts.append(_table(least[cols].head(int(top_n))))
+    if calibration is not None:
+        from .calibration import calibration_html
+
+        parts.append(calibration_html(calibration, qq_png=images.get("calibration_qq")))
     if settings:
         parts.append("<h2 id='settings'>Settings</h2>")
         rows = pd.DataFrame({"setting": list(settings), "value": [str(v) for v in
@@ -361,7 +365,8 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
 
 def write_report(data: Any, path: str | Path, *, images: Mapping[str, bytes] | None = None,
                  alpha: float = 0.05, padj_col: str = "padj", top_n: int = 20,
-                 key: str = "causarray", title: str = "causarray report") -> Path:
+                 key: str = "causarray", title: str = "causarray report",
+                 calibration: Any = None) -> Path:
     """Write ``report.html`` for an AnnData processed by :func:`causarray.tl.lfc`.
 
     Parameters
@@ -401,7 +406,7 @@ def write_report(data: Any, path: str | Path, *, images: Mapping[str, bytes] | N
         images["propensity"] = figure_png(pl.propensity(data, key=key))
     text = render_report(results, images=images, settings=store.get("settings"), jic=jic,
                          propensity_summary=summary, alpha=alpha, padj_col=padj_col,
-                         top_n=top_n, title=title)
+                         top_n=top_n, title=title, calibration=calibration)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
