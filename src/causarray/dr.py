@@ -732,6 +732,64 @@ def _apply_filters(o: dict, n0: int, n1: int, thres_min, min_counts: int) -> np.
             & (np.maximum(o["o0"], o["o1"]) >= thr))
 
 
+def _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, family, disp_glm,
+                         outcome_init, mask, thres_diff, usevar, n_params, in_sample,
+                         bias_correction, nuisance_variance, verbose):
+    """Outcome models and AIPW sums with a design per fold of genes, stitched by gene.
+
+    ``W_gene_folds = (gene_fold, [W_0, ..., W_{K-1}])``: genes with ``gene_fold == f`` are
+    modelled on ``W_f`` (e.g. ``[X | U]`` with factors estimated without those genes, see
+    :func:`causarray.gcate.fit_gcate`'s ``gene_folds``).  Every per-gene statistic is
+    computed exactly as with one design; only the columns of ``Y`` differ per design.
+    """
+    gene_fold, designs = W_gene_folds
+    n, p = Y.shape
+    a = A.shape[1]
+    gene_fold = np.asarray(gene_fold)
+    if gene_fold.shape != (p,):
+        raise ValueError(f"W_gene_folds: the gene folds must have shape {(p,)}, "
+                         f"got {gene_fold.shape}")
+    parts = []
+    for f, W_f in enumerate(designs):
+        cols = np.flatnonzero(gene_fold == f)
+        if cols.size == 0:
+            continue
+        W_f = np.asarray(W_f, dtype=float)
+        if W_f.shape[0] != n:
+            raise ValueError(f"W_gene_folds: design {f} has {W_f.shape[0]} rows, expected {n}")
+        Y_f = Y[:, cols]
+        disp_f = np.asarray(disp_glm, dtype=float)[cols] if np.ndim(disp_glm) == 1 else disp_glm
+        init_f = None
+        if outcome_init is not None and outcome_init.shape[1] == W_f.shape[1] + a:
+            init_f = outcome_init[cols]
+        cm_f = fit_outcome_model(Y_f, W_f, A, log_s, fold, family=family, disp_glm=disp_f,
+                                 init=init_f)
+        res_f = _aipw_estimands(Y_f, A, W_f, s, pi, cm_f, mask, thres_diff, usevar, n_params,
+                                in_sample, bias_correction, nuisance_variance,
+                                verbose=verbose)
+        parts.append((cols, cm_f, res_f))
+    cols0, cm0, res0 = parts[0]
+    mu0 = np.empty((p, n))
+    effect = np.empty((cm0.effect.shape[0], p, a))
+    alpha = None if cm0.alpha is None else np.empty(p)
+    res = {}
+    for cols, cm_f, res_f in parts:
+        mu0[cols] = cm_f.mu0
+        effect[:, cols] = cm_f.effect
+        if alpha is not None:
+            alpha[cols] = cm_f.alpha
+        for key, val in res_f.items():
+            if isinstance(val, np.ndarray) and val.ndim == 2 and val.shape == (a, cols.size):
+                if key not in res:
+                    res[key] = np.empty((a, p), dtype=val.dtype)
+                res[key][:, cols] = val
+            elif key not in res:
+                res[key] = val
+    cm = CounterfactualMeans(mu0=mu0, effect=effect, fold=cm0.fold, order=cm0.order,
+                             alpha=alpha)
+    return cm, res
+
+
 # ----------------------------------------------------------------------------------
 # public entry point
 # ----------------------------------------------------------------------------------
@@ -742,6 +800,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         verbose: bool = False, random_state: int = 0, fdx_B: int = 1000, disp_glm=None,
         legacy_fdx_scaling: bool = False, outcome_init=None, nuisance_variance: bool = True,
         bias_correction: bool = True, recenter: bool = True, shift_variance=None,
+        W_gene_folds=None,
         ps_model: str = "logistic", eps_var=None, backend: str = "auto",
         **kwargs):
     """Doubly robust log fold changes of every gene under every treatment.
@@ -853,17 +912,22 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     lower, upper = clip_bounds(A, mask=mask, ps_clip=ps_clip)
     pi = clip_propensity(pi_raw, lower, upper)
 
-    if Y_hat is None:
-        logger.info("fitting outcome models")
-        cm = fit_outcome_model(Y, W, A, log_s, fold, family=family, disp_glm=disp_glm,
-                               init=outcome_init)
-    else:
-        cm = _coerce_Y_hat(Y_hat, n, p, a)
-
     n_params = W.shape[1] + 1
-    logger.info("AIPW estimands")
-    res = _aipw_estimands(Y, A, W, s, pi, cm, mask, thres_diff, usevar, n_params, K == 1,
-                          bias_correction, nuisance_variance, verbose=verbose)
+    if W_gene_folds is not None and Y_hat is None:
+        cm, res = _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, family,
+                                       disp_glm, outcome_init, mask, thres_diff, usevar,
+                                       n_params, K == 1, bias_correction, nuisance_variance,
+                                       verbose)
+    else:
+        if Y_hat is None:
+            logger.info("fitting outcome models")
+            cm = fit_outcome_model(Y, W, A, log_s, fold, family=family, disp_glm=disp_glm,
+                                   init=outcome_init)
+        else:
+            cm = _coerce_Y_hat(Y_hat, n, p, a)
+        logger.info("AIPW estimands")
+        res = _aipw_estimands(Y, A, W, s, pi, cm, mask, thres_diff, usevar, n_params,
+                              K == 1, bias_correction, nuisance_variance, verbose=verbose)
     controls = A.sum(axis=1) == 0
     frames = []
     dropped: dict = {}

@@ -603,7 +603,8 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
               kwargs_es_2=None, c1=None, A_init=None, random_state: int = 0,
               verbose: bool = False, renormalize: bool = True, backend: str = "auto",
               assignment: str = "randomized", shift_level: float = 0.01,
-              pretreatment_u: bool = True, affected_z: float = 3.0, **kwargs):
+              pretreatment_u: bool = True, affected_z: float = 3.0, gene_folds: int = 3,
+              **kwargs):
     """Estimate r latent confounders with the two-stage GCATE factor model.
 
     Parameters
@@ -640,6 +641,13 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         ``U`` measures the cell's state and not its response
         (:func:`pretreatment_factors`).  Not applied under ``'observational'``: on the
         confounded simulations it raised the FDR at q = 0.05 from 0.052 to 0.065.
+    gene_folds : with ``pretreatment_u``, also estimate the factors ``gene_folds`` times,
+        each time without one fold of genes (``res_2['U_gene_folds']``, fold of each gene
+        in ``res_2['gene_fold']``): the doubly robust step models gene j on factors that
+        were not read off gene j's own counts.  On a small panel a cell's factors
+        otherwise fit its own noise in each gene and the LFC's standard errors are too
+        small (Hill, 26 genes, r = 5, fake perturbations: type-I 0.116 with the shared
+        factors, 0.061 with 2 and 0.059 with 5 gene folds).  0 or 1 switches it off.
     A_init : (n, d + a + r) initial [X | A | U]; replaces the SVD initialisation.
     random_state : seed of the randomized SVD.
     verbose : show progress bars.
@@ -713,15 +721,18 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         decision = decide_shifts(alpha_hat, cov, chance_imbalance_variance(A), assignment,
                                  shift_level)
     alpha = decision.alpha
+    fold_U = None
+    gene_fold = None
     if pretreatment_u and r > 0 and assignment == "randomized":
         # genes moved by a perturbation beyond the confounder shift that is adjusted
         direct = beta_hat - shift[None, :] - Gamma1r @ alpha.T
         keep = ~affected_genes(direct, se_hat, affected_z).any(axis=1)
         logger.info("GCATE: factors re-estimated from %d of %d genes that no perturbation "
                     "moves (|z| <= %g)", int(keep.sum()), p, affected_z)
+        U_stage1, B_X1, B_A1, G1 = U1r, coef_1[:, :d], beta_hat, Gamma1r
         if keep.sum() >= max(3 * r, 10) and not keep.all():
-            U1r = _project_out(pretreatment_factors(Y, X, A, log_s, size, coef_1[:, :d],
-                                                    beta_hat, Gamma1r, U1r, keep), Q)
+            U1r = _project_out(pretreatment_factors(Y, X, A, log_s, size, B_X1, B_A1, G1,
+                                                    U_stage1, keep), Q)
             # one gene pass refits the coefficients to the new factors (res_2 describes
             # its own U; LFC's outcome GLM starts from them)
             start = np.hstack([coef_1[:, :d], Gamma1r, beta_hat])
@@ -729,6 +740,16 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
                                        _alpha_from_size(size) * np.ones(p), U1r, start, 1)
             coef1 = np.hstack([refit[:, :d], refit[:, d + r:], refit[:, d:d + r]])
             beta_hat, Gamma1r = refit[:, d + r:], refit[:, d:d + r]
+        if gene_folds and gene_folds > 1:
+            gene_fold = np.random.default_rng(random_state).permutation(p) % int(gene_folds)
+            fold_U = []
+            for f in range(int(gene_folds)):
+                keep_f = keep & (gene_fold != f)
+                if keep_f.sum() < max(3 * r, 10):
+                    keep_f = gene_fold != f
+                U_f = _project_out(pretreatment_factors(Y, X, A, log_s, size, B_X1, B_A1, G1,
+                                                        U_stage1, keep_f), Q)
+                fold_U.append(winsorize_factors(U_f) + A @ alpha)
     U2 = winsorize_factors(U1r) + A @ alpha
     coef2 = coef1.copy()
     coef2[:, d:d + a] = beta_hat - shift[None, :] - Gamma1r @ alpha.T
@@ -743,6 +764,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     res_2["shift_stat"] = decision.statistic
     res_2["shift_pvalue"] = decision.pvalue
     res_2["assignment"] = assignment
+    if fold_U is not None:
+        res_2["gene_fold"] = gene_fold
+        res_2["U_gene_folds"] = np.stack(fold_U)
     res_2["shift"] = shift
     res_2["se_A"] = se_hat
     return res_1, res_2
