@@ -377,9 +377,10 @@ def pretreatment_factors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
         sum_{j in keep} log NB(y_ij; mu_ij, size_j) - |u_i|² / 2,
         log mu_ij = log s_i + x_i' b_j + a_i' beta_j + u_i' gamma_j
 
-    by ``n_steps`` Newton steps (each coordinate's step capped at 1) from stage 1's
-    ``u_i``; the standard-normal prior is stage 1's.  Cell Hessians are one GEMM per row
-    block: the weights (cells x genes) times the genes' ``gamma gamma'`` (genes x r²).
+    by ``n_steps`` Fisher-scoring steps (each coordinate's step capped at 1) from stage
+    1's ``u_i``; the standard-normal prior is stage 1's.  The cells' information matrices
+    are formed once, at the start, by one float32 GEMM per row block (the weights, cells x
+    genes, times the genes' ``gamma gamma'``, genes x r²) and reused by every step.
     """
     U = np.array(U, dtype=float, copy=True)
     r = U.shape[1]
@@ -389,7 +390,7 @@ def pretreatment_factors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
     nb_alpha = np.where(np.isfinite(size), 1.0 / np.where(np.isfinite(size), size, 1.0), 0.0)
     a_k = nb_alpha[cols]
     G = Gamma[cols]
-    GG = (G[:, :, None] * G[:, None, :]).reshape(cols.size, r * r)
+    GG32 = (G[:, :, None] * G[:, None, :]).reshape(cols.size, r * r).astype(np.float32)
     eye = np.eye(r)
     step_rows = max(64, min(4096, (8 * 2**20) // (8 * max(cols.size, 1))))
     for start in range(0, U.shape[0], step_rows):
@@ -398,12 +399,18 @@ def pretreatment_factors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
         y = block.toarray() if sp.issparse(block) else np.asarray(block, dtype=float)
         base = log_s[rb, None] + X[rb] @ B_X[cols].T + A[rb] @ B_A[cols].T
         u = U[rb]
+        H_inv = None
         for _ in range(n_steps):
             mu = np.exp(np.clip(base + u @ G.T, -30.0, 20.0))
             t = 1.0 / (1.0 + mu * a_k)
             score = ((y - mu) * t) @ G - u
-            H = ((mu * t) @ GG).reshape(-1, r, r) + eye
-            step = np.linalg.solve(H, score[:, :, None])[:, :, 0]
+            if H_inv is None:
+                # the Fisher information at the start, kept for every step (it changes
+                # slowly; its GEMM, cells x genes x r², is the expensive part), float32
+                w = (mu * t).astype(np.float32)
+                H = (w @ GG32).astype(np.float64).reshape(-1, r, r) + eye
+                H_inv = np.linalg.inv(H)
+            step = (H_inv @ score[:, :, None])[:, :, 0]
             u = u + np.clip(step, -1.0, 1.0)
         U[rb] = u
     return U
