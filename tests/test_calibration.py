@@ -414,8 +414,13 @@ def test_exclude_guides_and_concentration_note(ci_adata):
         return res
 
     res = ca.calibration_check(ci_adata, runner=runner, guide_key="guide_id")
-    assert res.n_calls == 8 > res.calls_allowed and res.status == "miscalibrated"
+    # the random fakes pass: the analysis is judged on them and the guide is named
+    assert res.status == "calibrated" and res.n_calls == 0
+    assert f"{bad} (8)" in res.verdict and "possible off-target guides" in res.verdict
     assert any(f"exclude_guides=[{bad!r}]" in n for n in res.notes)
+    by_kind = res.summary_frame().set_index("kind")
+    assert by_kind.loc["guide", "status"] == "miscalibrated"
+    assert by_kind.loc["guide", "n_calls"] == 8
     res2 = ca.calibration_check(ci_adata, runner=runner, guide_key="guide_id",
                                 exclude_guides=[bad])
     assert res2.n_calls == 0 and bad not in set(res2.fakes["guide"])
