@@ -314,7 +314,16 @@ class _Inputs:
 
 
 def _prepare_inputs(Y, X, A, W_A=None) -> _Inputs:
-    Yv, genes = as_count_matrix(Y, "Y")
+    from .ondisk import H5Counts
+
+    if X is None or A is None:
+        raise ValueError("X and A are required with a count matrix Y; pass a path to an "
+                         ".h5ad file (or an AnnData opened with backed='r') as Y to build "
+                         "them from the file")
+    if isinstance(Y, H5Counts):          # validated by its streamed pass (ondisk.open_screen)
+        Yv, genes = Y, Y.gene_names
+    else:
+        Yv, genes = as_count_matrix(Y, "Y")
     p = Yv.shape[1]
     Av, trt = check_treatment(A, Yv.shape)
     Xv, _ = check_covariates(X, Yv.shape, "X")
@@ -338,6 +347,13 @@ def _warn_multi_perturbation(A: np.ndarray) -> None:
             "analysed as if it carried only that batch's perturbation(s), which contaminates "
             "the within-batch comparison. Remove those cells or use n_batches=1.",
             RuntimeWarning, stacklevel=3)
+
+
+def _digest_counts(Y) -> str:
+    """Cache digest of the counts (streamed for on-disk counts)."""
+    if hasattr(Y, "content_digest"):
+        return Y.content_digest()
+    return content_digest(Y)
 
 
 def _dense_rows(Y, rows: np.ndarray) -> np.ndarray:
@@ -558,6 +574,8 @@ def _fit_batch(job: _BatchJob) -> dict:
 
     t0 = time.perf_counter()
     n_cells = int(job.Y.shape[0])
+    if hasattr(job.Y, "read"):                     # on-disk input: this process reads it
+        job.Y = job.Y.read()
     Yb = job.Y.toarray() if sp.issparse(job.Y) else job.Y
     Yb = np.asarray(Yb, dtype=np.float64)
     job.Y = None                                   # the only dense copy is Yb from here on
@@ -637,8 +655,9 @@ def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_
         U_init[ctrl_pos] = U_ctrl_prev
     A_b = data.A[np.ix_(rows, plan.trt_idx)]
     lk = None if lfc_kwargs is None else _lfc_kwargs_rows(lfc_kwargs, rows, plan.trt_idx)
+    Y_b = data.Y.ref(rows) if hasattr(data.Y, "ref") else data.Y[rows]
     return _BatchJob(
-        batch=plan.batch, Y=data.Y[rows], X=data.X[rows], A=A_b,
+        batch=plan.batch, Y=Y_b, X=data.X[rows], A=A_b,
         W_A=None if data.W_A is None else data.W_A[rows], offset=_subset_offset(offset, rows),
         disp=disp, gene_names=data.gene_names, trt_names=[data.trt_names[k] for k in plan.trt_idx],
         r=r, family=family, gcate_kwargs=gcate_kwargs, lfc_kwargs=lk, U_init=U_init,
@@ -657,24 +676,44 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class _Progress:
-    """tqdm bar over batches with per-batch time, running average and ETA."""
+    """One tqdm bar over the whole screen.
+
+    The bar counts batches (restored ones count as done from the start); its postfix
+    shows the cells per second of this run (cells of the finished batches over the
+    wall time since the bar started, so parallel batches add up), the last batch's
+    time, the running average per batch and the ETA of the remaining batches.
+    """
 
     def __init__(self, total: int, done: int, verbose: bool, desc: str, width: int = 1):
         from tqdm.auto import tqdm
 
         self.total, self.done, self.width = total, done, max(1, width)
         self.times: list[float] = []
+        self.cells = 0
+        self.t_start = time.perf_counter()
         self.bar = tqdm(total=total, initial=done, desc=desc, unit="batch", disable=not verbose)
+
+    def rate(self) -> float:
+        """Cells per second of the batches finished by this run."""
+        wall = time.perf_counter() - self.t_start
+        return self.cells / wall if wall > 0 else 0.0
 
     def update(self, batch: int, n_perts: int, n_cells: int, t: float) -> None:
         self.times.append(t)
         self.done += 1
+        self.cells += int(n_cells)
+        wall = time.perf_counter() - self.t_start
         avg = float(np.mean(self.times))
-        eta = _fmt_duration(avg * (self.total - self.done) / self.width)
-        self.bar.set_postfix_str(f"last {t:.1f}s, avg {avg:.1f}s/batch, ETA {eta}")
+        # wall time per batch of this run already includes the parallel width
+        per_batch = wall / len(self.times) if len(self.times) >= self.width and wall > 0 \
+            else avg / self.width
+        eta = _fmt_duration(per_batch * (self.total - self.done))
+        rate = self.rate()
+        self.bar.set_postfix_str(f"{rate:,.0f} cells/s, last {t:.1f}s, avg {avg:.1f}s/batch, "
+                                 f"ETA {eta}")
         self.bar.update(1)
-        logger.info("Batch %d/%d: %d perts, %d cells, %.1fs (avg %.1fs/batch, ETA %s)",
-                    batch + 1, self.total, n_perts, n_cells, t, avg, eta)
+        logger.info("Batch %d/%d: %d perts, %d cells, %.1fs (%.0f cells/s, avg %.1fs/batch, "
+                    "ETA %s)", batch + 1, self.total, n_perts, n_cells, t, rate, avg, eta)
 
     def skip(self) -> None:
         self.done += 1
@@ -831,14 +870,16 @@ def _executor_width(executor) -> int:
     return os.cpu_count() or 2
 
 
-def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
+def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_size: int = 10,
                     n_batches: int | None = None, max_cells: int | None = 2000,
                     n_ctrl: int | None = 2000, family: str = "nb", offset=True,
                     warm_start_U: bool = False, cache_path=None, random_state: int = 0,
                     verbose: bool = False, gcate_kwargs: dict | None = None,
                     lfc_kwargs: dict | None = None, executor=None, client=None,
                     blas_threads: int | None = None, assignment: str = "randomized",
-                    save_nuisances: bool = False, **kwargs) -> pd.DataFrame:
+                    save_nuisances: bool = False, pert_col: str | None = None,
+                    ctrl_label=None, covariates=(), layer: str | None = None,
+                    drop_empty_cells: bool = False, **kwargs) -> pd.DataFrame:
     """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
@@ -849,8 +890,18 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
 
     Parameters
     ----------
-    Y, X, A, r : counts (dense, DataFrame or sparse), covariates with intercept,
-        0/1 treatments (DataFrame columns give the names), number of latent factors.
+    Y, X, A, r : counts (dense, DataFrame, sparse, or an on-disk
+        :class:`causarray.ondisk.H5Counts`), covariates with intercept, 0/1 treatments
+        (DataFrame columns give the names), number of latent factors.  ``Y`` may also be
+        the path of an ``.h5ad`` file or an AnnData opened with ``backed='r'``; then
+        ``X`` and ``A`` are left out and built from the file with ``pert_col``,
+        ``ctrl_label``, ``covariates``, ``layer`` and ``drop_empty_cells`` (as
+        :func:`causarray.preprocessing.from_anndata` and ``prep_causarray_data``;
+        ``W_A`` defaults to ``X_A``), and the counts stay on disk: whole-screen
+        statistics come from streamed row-block passes and each batch reads only its
+        own rows (sparse stays sparse), in whichever process fits it
+        (:func:`causarray.ondisk.open_screen`).  Results are identical to the same
+        screen read into memory.
     W_A : (n, d_A) propensity covariates (e.g. ``X_A`` of ``prep_causarray_data``).
     batch_size, n_batches, max_cells, n_ctrl, random_state : batch layout
         (:func:`plan_batches`); ``random_state`` seeds the subsampling only.
@@ -863,8 +914,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         the missing batches and returns exactly the uninterrupted result; a cache of
         different data or settings raises ``ValueError``; corrupt batches are
         recomputed with a ``RuntimeWarning``.  See :mod:`causarray.cache`.
-    verbose : tqdm bar over batches with per-batch time, average and ETA; quiet
-        otherwise.  ``verbose=True`` inside ``gcate_kwargs`` / ``lfc_kwargs`` also shows
+    verbose : one tqdm bar over the whole screen (batches done, cells per second,
+        per-batch time, ETA); quiet otherwise.  ``verbose=True`` inside ``gcate_kwargs`` / ``lfc_kwargs`` also shows
         the per-stage bars of fit_gcate / LFC (serial runs).
     gcate_kwargs, lfc_kwargs : keyword arguments of :func:`causarray.fit_gcate` /
         :func:`causarray.LFC`; they override ``**kwargs``, each of which goes to the
@@ -885,6 +936,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         the same ``blas_threads`` give identical results; pass 1 on a Dask cluster of
         single-threaded workers to avoid oversubscription (and 1 in a serial run that
         should match it).
+    pert_col, ctrl_label, covariates, layer, drop_empty_cells : how to read a screen
+        given as a file (see ``Y``); ignored for matrix input.
     save_nuisances : also write each computed batch's nuisances (outcome-model means
         ``Y_hat``, propensity scores, U, offsets, cell rows) to
         ``<cache_path stem>.nuisances.h5`` (:mod:`causarray.nuisances`), so that LFC can
@@ -937,6 +990,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         raise ValueError("lfc_kwargs may set outcome_init only to None (no warm start): "
                          "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit")
     blas_threads = _check_blas_threads(blas_threads)
+    Y, X, A, W_A = _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer,
+                                drop_empty_cells)
     data = _prepare_inputs(Y, X, A, W_A)
     plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
     log_cells_left_out(data.A, plans, n_ctrl, max_cells)
@@ -951,7 +1006,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     cache = None
     if cache_path is not None:
         fp, items = fingerprint(dict(
-            causarray_version=__version__, Y=content_digest(data.Y),
+            causarray_version=__version__, Y=_digest_counts(data.Y),
             Y_shape=list(data.Y.shape), gene_names=content_digest(data.gene_names),
             A=content_digest(data.A), trt_names=content_digest(np.asarray(data.trt_names, object)),
             X=content_digest(data.X), W_A=content_digest(data.W_A), r=r, family=family,
@@ -1015,6 +1070,20 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
                           "cache_path to store them", RuntimeWarning, stacklevel=2)
     frames = [records[pl.batch].frame for pl in plans]
     return pd.concat(frames, ignore_index=True)
+
+
+def _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer, drop_empty_cells):
+    """``(Y, X, A, W_A)`` with a file / backed AnnData ``Y`` opened on disk."""
+    from .ondisk import is_file_input, open_screen
+
+    if not is_file_input(Y):
+        return Y, X, A, W_A
+    if X is not None or A is not None:
+        raise ValueError("with a file (or backed AnnData) as Y, X and A are built from it: "
+                         "leave them out and pass pert_col / ctrl_label / covariates")
+    Y, A, X, X_A = open_screen(Y, pert_col, ctrl_label, covariates, layer,
+                               drop_empty_cells=drop_empty_cells)
+    return Y, X, A, X_A if W_A is None else W_A
 
 
 def _run_parallel(executor, plans: list[BatchPlan], window: int, finish, make_job) -> None:
