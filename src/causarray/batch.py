@@ -31,9 +31,14 @@ Install the same causarray version (with the ``dask`` extra) on every machine, t
     >>> df = gcate_lfc_batch(Y, X, A, r, W_A=X_A, batch_size=15, client=client,
     ...                      cache_path="results.h5")
 
-The calling process keeps the input, sends each batch's rows (sparse stays sparse
-in transit) to a worker, and commits every returned batch to ``cache_path`` itself,
-so the cache lives on the caller's file system and no worker needs shared storage.
+With in-memory input the calling process keeps the input, sends each batch's rows
+(sparse stays sparse in transit) to a worker, and commits every returned batch to
+``cache_path`` itself, so the cache lives on the caller's file system and no worker
+needs shared storage.  With a file as input (``gcate_lfc_batch('/shared/screen.h5ad',
+r=..., client=client)``) the caller holds no counts: each job carries the file path,
+the batch's row numbers and the settings (:class:`causarray.ondisk.RowRef`), and the
+worker reads its rows itself, so the file must be readable at the same path on every
+worker (shared file system or a local copy per machine).
 At most (number of worker threads + 1) batches are in flight; a worker needs memory
 for one batch.  Killing the caller and rerunning with the same arguments resumes.
 """

@@ -260,7 +260,7 @@ class H5Counts:
             return self.read_rows([int(key)])
         return self.read_rows(key)
 
-    def row_blocks(self, block_nnz: int = BLOCK_NNZ, raw: bool = False):
+    def row_blocks(self, block_nnz: int | None = None, raw: bool = False):
         """Yield ``(start, stop, block)`` over the logical rows in order, streamed.
 
         Blocks hold about ``block_nnz`` stored entries (dense: entries).  ``raw``
@@ -268,6 +268,7 @@ class H5Counts:
         """
         import h5py
 
+        block_nnz = BLOCK_NNZ if block_nnz is None else int(block_nnz)
         n, p = self.shape
         with h5py.File(self.path, "r") as f:
             if self.format == "csr":
