@@ -190,3 +190,16 @@ def test_backed_validation_names_the_problem(tmp_path):
         ca.tl.validate_screen(ad.read_h5ad(path, backed="r"))
     with pytest.raises(ValueError, match="with a file \\(or backed AnnData\\) as Y, X and A"):
         gcate_lfc_batch(str(path), np.ones((a.n_obs, 1)), None, 2)
+
+
+def test_sparse_treatments_equal_dense(h5ad_file):
+    """A sparse one-hot A (as the file path builds it) gives the dense A's results."""
+    Y, A, X, X_A = _in_memory(h5ad_file)
+    dense = gcate_lfc_batch(Y, X, A, 2, W_A=X_A, **RUN)
+    A_sp = pd.DataFrame.sparse.from_spmatrix(sp.csc_matrix(A.to_numpy()), columns=A.columns)
+    sparse = gcate_lfc_batch(Y, X, A_sp, 2, W_A=X_A, **RUN)
+    pd.testing.assert_frame_equal(sparse, dense, check_exact=True)
+    bad = sp.csc_matrix(A.to_numpy() * 2.0)
+    with pytest.raises(ValueError, match=r"A must contain only 0/1 indicators; found other "
+                                         r"values: \[2\]"):
+        gcate_lfc_batch(Y, X, bad, 2, W_A=X_A, **RUN)

@@ -493,10 +493,23 @@ def check_counts_scan(scan: CountScan, name: str, non_integer: str) -> None:
                       "to the nearest integer", UserWarning, stacklevel=3)
 
 
+def _sparse_treatments(labels: np.ndarray, ctrl_label: str, index: Any) -> pd.DataFrame:
+    """One-hot treatments (controls dropped, columns sorted) as a sparse-dtype DataFrame."""
+    labels = np.asarray([str(v) for v in labels], dtype=object)
+    perts = sorted(set(labels.tolist()) - {str(ctrl_label)})
+    codes = pd.Categorical(labels, categories=perts).codes
+    rows = np.flatnonzero(codes >= 0)
+    A = sp.csc_matrix((np.ones(rows.size), (rows, codes[rows])),
+                      shape=(labels.size, len(perts)))
+    return pd.DataFrame.sparse.from_spmatrix(A, index=index,
+                                             columns=pd.Index(perts, dtype=object))
+
+
 def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None,
                 covariates: Any = (), layer: str | None = None, *,
-                drop_empty_cells: bool = False) -> tuple[H5Counts, pd.DataFrame, np.ndarray,
-                                                         np.ndarray]:
+                drop_empty_cells: bool = False,
+                sparse_treatments: bool = False) -> tuple[H5Counts, pd.DataFrame, np.ndarray,
+                                                          np.ndarray]:
     """``(Y, A, X, X_A)`` of an on-disk screen, as ``from_anndata`` builds them in memory.
 
     Parameters
@@ -504,6 +517,10 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     source : path of an ``.h5ad`` file or an AnnData opened with ``backed='r'``
     pert_col, ctrl_label, covariates, layer, drop_empty_cells
         As for :func:`causarray.preprocessing.from_anndata`.
+    sparse_treatments : bool
+        Return ``A`` as a sparse-dtype DataFrame (CSC inside) instead of a dense one:
+        one stored entry per perturbed cell instead of n x a floats (5 GB for 310k cells
+        x 2,021 perturbations).  :func:`causarray.batch.gcate_lfc_batch` keeps it sparse.
 
     Returns
     -------
@@ -534,10 +551,11 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     adata = _open_backed(source)
     pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
     M = backed_counts(adata, layer)
-    A = treatment_matrix(labels, ctrl_label, index=adata.obs_names)
-    if A.shape[1] == 0:
+    if not np.any(labels != ctrl_label):
         raise ValueError(f"obs[{pert_col!r}] holds only the control label {ctrl_label!r}; "
                          "there are no perturbed cells")
+    A = None if sparse_treatments else \
+        treatment_matrix(labels, ctrl_label, index=adata.obs_names)
     Xcov = covariate_design(adata.obs, covariates)
     scan = scan_counts(M)
     check_counts_scan(scan, "Y", non_integer="round")
@@ -553,10 +571,16 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
                       stacklevel=2)
         keep = ~empty
         M.row_map = np.flatnonzero(keep)
-        A = A.loc[keep]
+        labels, obs_names = labels[keep], adata.obs_names[keep]
         Xcov = Xcov.loc[keep]
-        if (A.sum(axis=0) == 0).any():
-            A = A.loc[:, A.sum(axis=0) > 0]
+        if A is not None:
+            A = A.loc[keep]
+            if (A.sum(axis=0) == 0).any():
+                A = A.loc[:, A.sum(axis=0) > 0]
+    else:
+        obs_names = adata.obs_names
+    if A is None:
+        A = _sparse_treatments(labels, ctrl_label, obs_names)
     # the cap of prep_causarray_data: maxima of the rounded counts = rounded maxima
     gmax = np.rint(scan.gene_max) if M.rint else scan.gene_max
     M.cap = float(np.round(np.percentile(gmax, CAP_PERCENTILE)))
@@ -564,8 +588,9 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     n = M.shape[0]
     lib = standardized_log2_library_size(sp.csr_matrix(M.stats["row_sums"][:, None]),
                                          list(A.index))
-    A_vals, _ = check_treatment(A, (n, M.shape[1]), name="A", ref_name="Y")
-    A = pd.DataFrame(A_vals, index=A.index, columns=A.columns)
+    if not sparse_treatments:
+        A_vals, _ = check_treatment(A, (n, M.shape[1]), name="A", ref_name="Y")
+        A = pd.DataFrame(A_vals, index=A.index, columns=A.columns)
     X0, _ = check_covariates(Xcov if Xcov.shape[1] else None, (n, M.shape[1]), name="X",
                              ref_name="Y")
     ones = np.ones((n, 1), dtype=np.float64)
