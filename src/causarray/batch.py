@@ -623,6 +623,7 @@ def _fit_batch(job: _BatchJob) -> dict:
     n_cells = int(job.Y.shape[0])
     if hasattr(job.Y, "read"):                     # on-disk input: this process reads it
         job.Y = job.Y.read()
+    t_read = time.perf_counter() - t0
     Yb = job.Y.toarray() if sp.issparse(job.Y) else job.Y
     Yb = np.asarray(Yb, dtype=np.float64)
     job.Y = None                                   # the only dense copy is Yb from here on
@@ -682,7 +683,7 @@ def _fit_batch(job: _BatchJob) -> dict:
     U_ctrl = None if res_2 is None else np.array(res_2["U"][job.ctrl_pos], dtype=float)
     out = dict(batch=job.batch, frame=frame, expressed=np.flatnonzero(expressed),
                fitted=np.flatnonzero(fitted), U_ctrl=U_ctrl, n_cells=n_cells,
-               n_perts=int(job.A.shape[1]), t_gcate=t_gcate,
+               n_perts=int(job.A.shape[1]), t_gcate=t_gcate, t_read=t_read,
                t_batch=time.perf_counter() - t0)
     if nuisances is not None:
         out["nuisances"] = nuisances
@@ -1085,6 +1086,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
             rec = BatchRecord(frame=res["frame"], arrays=arrays,
                               info=dict(n_cells=res["n_cells"], n_perts=res["n_perts"],
                                         t_gcate=round(res["t_gcate"], 3),
+                                        t_read=round(res.get("t_read", 0.0), 3),
                                         t_batch=round(res["t_batch"], 3)))
             if nuis_path is not None and "nuisances" in res:
                 from .nuisances import save_batch_nuisances
