@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import re
 from concurrent.futures import Executor, ProcessPoolExecutor
 
 import anndata as ad
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-import causarray.ondisk as ondisk
+from causarray import ondisk
 from causarray.batch import gcate_lfc_batch
 from causarray.ondisk import H5Counts, open_screen
 from causarray.preprocessing import from_anndata
@@ -203,3 +204,11 @@ def test_sparse_treatments_equal_dense(h5ad_file):
     with pytest.raises(ValueError, match=r"A must contain only 0/1 indicators; found other "
                                          r"values: \[2\]"):
         gcate_lfc_batch(Y, X, bad, 2, W_A=X_A, **RUN)
+
+
+def test_progress_bar_shows_cells_per_second(h5ad_file, capsys):
+    gcate_lfc_batch(str(h5ad_file), r=2, verbose=True, **RUN)
+    err = capsys.readouterr().err
+    assert "GCATE+LFC batches" in err and "2/2" in err
+    rates = [float(v.replace(",", "")) for v in re.findall(r"([\d,]+) cells/s", err)]
+    assert rates and all(v > 0 for v in rates) and "ETA" in err
