@@ -20,7 +20,8 @@ Configurations
 
 ``essential``
     The Replogle K562 essential screen's shape: 309,915 cells (10,691 controls) x 8,563
-    genes x 2,021 perturbations (~148 cells each; ``--cells N`` scales the cells),
+    genes x 2,021 perturbations (~148 cells each; ``--cells N`` scales the cells and
+    the perturbations, keeping the batch shape),
     written chunk by chunk into a CSR ``.h5ad`` with h5py (``write_screen_h5ad``; never
     dense, counts int32) at ``--data`` (default ``/tmp/causarray_essential.h5ad``,
     reused when it exists), then analysed *from the file* by
@@ -177,7 +178,8 @@ def write_screen_h5ad(path: Path, cfg: dict, n_cells: int | None = None,
     counts are then appended to ``X/data``, ``X/indices`` and ``X/indptr`` with h5py,
     one chunk of ``chunk`` cells at a time (the only dense block), so the peak memory
     does not depend on the number of cells.  ``n_cells`` scales the screen (controls
-    in proportion, perturbations kept).  Counts are int32, not capped (the pipeline
+    and perturbations in proportion, ~148 cells per perturbation kept, so batches keep
+    their shape).  Counts are int32, not capped (the pipeline
     caps them when reading).
     """
     import anndata as ad
@@ -187,8 +189,10 @@ def write_screen_h5ad(path: Path, cfg: dict, n_cells: int | None = None,
 
     t0 = time.perf_counter()
     n_cells = int(n_cells or cfg["n_cells"])
-    ctrl = int(round(cfg["ctrl_cells"] * n_cells / cfg["n_cells"]))
-    sizes = split_cells(n_cells - ctrl, cfg["n_perts"])
+    scale = n_cells / cfg["n_cells"]
+    ctrl = int(round(cfg["ctrl_cells"] * scale))
+    # same batch shape at any size: the perturbations scale, their cells do not
+    sizes = split_cells(n_cells - ctrl, max(1, int(round(cfg["n_perts"] * scale))))
     p = int(cfg["n_genes"])
     group = np.repeat(np.arange(-1, sizes.size), np.concatenate([[ctrl], sizes]))
     perts = np.asarray([f"P{k:04d}" for k in range(sizes.size)], dtype=object)
