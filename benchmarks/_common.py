@@ -522,6 +522,75 @@ def split_cells(n_treated: int, n_perts: int) -> np.ndarray:
     return np.array([len(c) for c in np.array_split(np.arange(n_treated), n_perts)])
 
 
+def iter_sparse_count_chunks(
+    n_ctrl: int,
+    cells_per_pert: Any,
+    n_genes: int,
+    r: int,
+    *,
+    n_perts: int | None = None,
+    confounding: float = 1.0,
+    effect_frac: float = 0.05,
+    knockdown: float | None = None,
+    random_state: int = 0,
+    chunk: int = 2000,
+):
+    """The chunks of :func:`simulate_sparse_counts`, one at a time (same random stream).
+
+    Yields
+    ------
+    (data int32, indices int32, nnz per row, group of all cells)
+        CSR pieces of ``chunk`` consecutive cells; ``group`` (-1 controls, k
+        perturbation k) is the same array in every item.  Writers (e.g. an ``.h5ad``
+        built with h5py) append the pieces, so no more than one chunk is ever dense.
+    """
+    if np.ndim(cells_per_pert) == 0:
+        if n_perts is None:
+            raise ValueError("n_perts is required when cells_per_pert is an int")
+        sizes = np.full(int(n_perts), int(cells_per_pert))
+    else:
+        sizes = np.asarray(cells_per_pert, dtype=int).ravel()
+        if n_perts is not None and n_perts != sizes.size:
+            raise ValueError(f"n_perts={n_perts} but {sizes.size} cells_per_pert entries")
+    a = sizes.size
+    if n_ctrl < 0 or a < 1 or np.any(sizes < 1) or n_genes < 1 or r < 0 or chunk < 1:
+        raise ValueError("need n_ctrl >= 0, n_perts >= 1, cells_per_pert >= 1, n_genes >= 1, "
+                         "r >= 0 and chunk >= 1")
+    rng = np.random.default_rng(random_state)
+    n = int(n_ctrl + sizes.sum())
+    group = np.repeat(np.arange(-1, a), np.concatenate([[n_ctrl], sizes]))
+    b = np.maximum(rng.normal(-1.0, 1.5, n_genes), -4.5)
+    Gamma = rng.normal(0.0, 0.4, (n_genes, r))
+    nb_size = np.exp(rng.uniform(np.log(2.0), np.log(20.0), n_genes))
+    delta = rng.normal(0.0, confounding, (a, r))
+    lfc = np.zeros((a, n_genes))
+    n_eff = max(1, int(effect_frac * n_genes))
+    for k in range(a):
+        idx = rng.choice(n_genes, n_eff, replace=False)
+        lfc[k, idx] = rng.uniform(0.5, 1.5, n_eff) * rng.choice([-1.0, 1.0], n_eff)
+    if knockdown is not None:
+        m = min(a, n_genes)
+        b[:m] = np.maximum(b[:m], 0.5)
+        lfc[np.arange(m), np.arange(m)] = -abs(knockdown)
+    prob_den = nb_size[None, :]
+    for start in range(0, n, chunk):
+        g = group[start:start + chunk]
+        U = rng.normal(size=(g.size, r))
+        t = g >= 0
+        U[t] += delta[g[t]]
+        eta = rng.normal(0.0, 0.3, g.size)[:, None] + b[None, :] + U @ Gamma.T
+        eta[t] += lfc[g[t]]
+        np.clip(eta, -30, 12, out=eta)
+        np.exp(eta, out=eta)                                        # eta is now the mean
+        y = rng.negative_binomial(prob_den, prob_den / (prob_den + eta))
+        del eta
+        y[y.sum(axis=1) == 0, 0] = 1                                # no empty cells
+        rows, cols = np.nonzero(y)
+        vals = y[rows, cols].astype(np.int32)
+        del y
+        yield vals, cols.astype(np.int32), np.bincount(rows, minlength=g.size), group
+
+
 def simulate_sparse_counts(
     n_ctrl: int,
     cells_per_pert: Any,
@@ -576,53 +645,16 @@ def simulate_sparse_counts(
     """
     import scipy.sparse as sp
 
-    if np.ndim(cells_per_pert) == 0:
-        if n_perts is None:
-            raise ValueError("n_perts is required when cells_per_pert is an int")
-        sizes = np.full(int(n_perts), int(cells_per_pert))
-    else:
-        sizes = np.asarray(cells_per_pert, dtype=int).ravel()
-        if n_perts is not None and n_perts != sizes.size:
-            raise ValueError(f"n_perts={n_perts} but {sizes.size} cells_per_pert entries")
-    a = sizes.size
-    if n_ctrl < 0 or a < 1 or np.any(sizes < 1) or n_genes < 1 or r < 0 or chunk < 1:
-        raise ValueError("need n_ctrl >= 0, n_perts >= 1, cells_per_pert >= 1, n_genes >= 1, "
-                         "r >= 0 and chunk >= 1")
-    rng = np.random.default_rng(random_state)
-    n = int(n_ctrl + sizes.sum())
-    group = np.repeat(np.arange(-1, a), np.concatenate([[n_ctrl], sizes]))
-    b = np.maximum(rng.normal(-1.0, 1.5, n_genes), -4.5)
-    Gamma = rng.normal(0.0, 0.4, (n_genes, r))
-    nb_size = np.exp(rng.uniform(np.log(2.0), np.log(20.0), n_genes))
-    delta = rng.normal(0.0, confounding, (a, r))
-    lfc = np.zeros((a, n_genes))
-    n_eff = max(1, int(effect_frac * n_genes))
-    for k in range(a):
-        idx = rng.choice(n_genes, n_eff, replace=False)
-        lfc[k, idx] = rng.uniform(0.5, 1.5, n_eff) * rng.choice([-1.0, 1.0], n_eff)
-    if knockdown is not None:
-        m = min(a, n_genes)
-        b[:m] = np.maximum(b[:m], 0.5)
-        lfc[np.arange(m), np.arange(m)] = -abs(knockdown)
-    prob_den = nb_size[None, :]
     data_parts, index_parts, row_nnz = [], [], []
-    for start in range(0, n, chunk):
-        g = group[start:start + chunk]
-        U = rng.normal(size=(g.size, r))
-        t = g >= 0
-        U[t] += delta[g[t]]
-        eta = rng.normal(0.0, 0.3, g.size)[:, None] + b[None, :] + U @ Gamma.T
-        eta[t] += lfc[g[t]]
-        np.clip(eta, -30, 12, out=eta)
-        np.exp(eta, out=eta)                                        # eta is now the mean
-        y = rng.negative_binomial(prob_den, prob_den / (prob_den + eta))
-        del eta
-        y[y.sum(axis=1) == 0, 0] = 1                                # no empty cells
-        rows, cols = np.nonzero(y)
-        data_parts.append(y[rows, cols].astype(np.int32))
-        index_parts.append(cols.astype(np.int32))
-        row_nnz.append(np.bincount(rows, minlength=g.size))
-        del y, rows, cols
+    group = None
+    for data, indices, nnz, group in iter_sparse_count_chunks(
+            n_ctrl, cells_per_pert, n_genes, r, n_perts=n_perts, confounding=confounding,
+            effect_frac=effect_frac, knockdown=knockdown, random_state=random_state,
+            chunk=chunk):
+        data_parts.append(data)
+        index_parts.append(indices)
+        row_nnz.append(nnz)
+    n = group.size
     # concatenate one array at a time so the peak is ~1.5x the result, not 2x
     data = np.concatenate(data_parts)
     data_parts.clear()

@@ -18,6 +18,19 @@ Configurations
     ``Y`` is passed as a sparse CSR matrix, the memory-lean input (the seed passes a
     dense DataFrame: 2.7 GB as int32 or float32, 5.5 GB as float64).
 
+``essential``
+    The Replogle K562 essential screen's shape: 309,915 cells (10,691 controls) x 8,563
+    genes x 2,021 perturbations (~148 cells each; ``--cells N`` scales the cells and
+    the perturbations, keeping the batch shape),
+    written chunk by chunk into a CSR ``.h5ad`` with h5py (``write_screen_h5ad``; never
+    dense, counts int32) at ``--data`` (default ``/tmp/causarray_essential.h5ad``,
+    reused when it exists), then analysed *from the file* by
+    ``gcate_lfc_batch(path, r=30, batch_size=15, n_ctrl=2000, max_cells=None, ...)``
+    (every treated cell, a 2,000-cell control pool; 135 batches) with a batch cache that
+    is kept (``--cache``; a rerun resumes).  ``--max-batches K`` runs the first K
+    batches of the full plan.  Reports wall time, time per batch, the peak RSS
+    (``VmHWM``) of the caller and (``--dask``) of each worker, and the file size.
+
 The counts are simulated chunk by chunk (``_common.simulate_sparse_counts``), so no
 configuration ever holds a dense cells x genes matrix; they are capped by
 ``prep_causarray_data`` and saved as an uncompressed ``.npz``.  Every run happens in a
@@ -48,6 +61,8 @@ Usage::
     python benchmarks/batch.py --config full --data /tmp/screen_full.npz --generate-only
     python benchmarks/batch.py --config full --data /tmp/screen_full.npz --max-batches 1
     python benchmarks/batch.py --config full --data /tmp/screen_full.npz --dask --upstream
+    python benchmarks/batch.py --config essential --max-batches 2      # writes the .h5ad once
+    python benchmarks/batch.py --config essential --max-batches 2 --dask --skip-serial
 
 ``--data FILE`` keeps the generated screen (and reuses it when it exists).
 Results: ``benchmarks/results/<name>.json`` (+ ``.md``); the name defaults to ``batch``
@@ -89,7 +104,14 @@ CONFIGS = {
     # the seed tutorial's screen: 200 perturbations, batch_size 15 -> 14 batches
     "full": dict(perts_per_batch=15, n_perts=200, n_cells=79865, n_ctrl=2000, n_genes=8563,
                  r=30, r_true=10, max_iters=30, max_cells=2000),
+    # the Replogle K562 essential screen's shape, written to and analysed from an .h5ad:
+    # 309,915 cells (10,691 non-targeting) x 8,563 genes, 2,021 perturbations of ~148
+    # cells; every treated cell (max_cells=None), a shared pool of n_ctrl controls
+    "essential": dict(perts_per_batch=15, n_perts=2021, n_cells=309915, ctrl_cells=10691,
+                      n_ctrl=2000, n_genes=8563, r=30, r_true=10, max_iters=30,
+                      max_cells=None),
 }
+ESSENTIAL_PERT_COL, ESSENTIAL_CTRL = "perturbation", "non-targeting"
 SEED_TIME_S = 149.2 * 60          # the seed's reported total on its hardware
 
 
@@ -146,6 +168,162 @@ def make_problem(path: Path, cfg: dict, n_batches: int | None) -> dict:
                 t_simulate_s=round(t_sim, 1), t_prep_s=round(t_prep, 1),
                 t_generate_total_s=round(time.perf_counter() - t0, 1))
     return info
+
+
+def write_screen_h5ad(path: Path, cfg: dict, n_cells: int | None = None,
+                     chunk: int = 2000) -> dict:
+    """Simulate a screen chunk by chunk straight into a sparse (CSR) ``.h5ad`` file.
+
+    ``obs`` (perturbation labels), ``var`` and ``uns`` are written by anndata; the
+    counts are then appended to ``X/data``, ``X/indices`` and ``X/indptr`` with h5py,
+    one chunk of ``chunk`` cells at a time (the only dense block), so the peak memory
+    does not depend on the number of cells.  ``n_cells`` scales the screen (controls
+    and perturbations in proportion, ~148 cells per perturbation kept, so batches keep
+    their shape).  Counts are int32, not capped (the pipeline
+    caps them when reading).
+    """
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    from _common import iter_sparse_count_chunks
+
+    t0 = time.perf_counter()
+    n_cells = int(n_cells or cfg["n_cells"])
+    scale = n_cells / cfg["n_cells"]
+    ctrl = int(round(cfg["ctrl_cells"] * scale))
+    # same batch shape at any size: the perturbations scale, their cells do not
+    sizes = split_cells(n_cells - ctrl, max(1, int(round(cfg["n_perts"] * scale))))
+    p = int(cfg["n_genes"])
+    group = np.repeat(np.arange(-1, sizes.size), np.concatenate([[ctrl], sizes]))
+    perts = np.asarray([f"P{k:04d}" for k in range(sizes.size)], dtype=object)
+    labels = np.where(group < 0, ESSENTIAL_CTRL, perts[np.maximum(group, 0)])
+    obs = pd.DataFrame({ESSENTIAL_PERT_COL: pd.Categorical(labels)},
+                       index=pd.Index([f"cell{i:07d}" for i in range(n_cells)]))
+    var = pd.DataFrame(index=pd.Index([f"GENE{j:05d}" for j in range(p)]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ad.AnnData(obs=obs, var=var, uns=dict(pert_col=ESSENTIAL_PERT_COL,
+                                          ctrl_label=ESSENTIAL_CTRL)).write_h5ad(path)
+    del obs
+    nnz = 0
+    with h5py.File(path, "r+") as f:
+        if "X" in f:
+            del f["X"]
+        g = f.create_group("X")
+        g.attrs["encoding-type"] = "csr_matrix"
+        g.attrs["encoding-version"] = "0.1.0"
+        g.attrs["shape"] = np.array([n_cells, p], dtype=np.int64)
+        d = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32,
+                             chunks=(1 << 18,))
+        ind = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32,
+                               chunks=(1 << 18,))
+        ip = g.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
+        ip[0] = 0
+        row = 0
+        for vals, cols, row_nnz, _ in iter_sparse_count_chunks(
+                ctrl, sizes, p, cfg.get("r_true", cfg["r"]), random_state=0, chunk=chunk):
+            k = vals.size
+            d.resize((nnz + k,))
+            ind.resize((nnz + k,))
+            d[nnz:nnz + k] = vals
+            ind[nnz:nnz + k] = cols
+            ip[row + 1:row + 1 + row_nnz.size] = nnz + np.cumsum(row_nnz)
+            nnz += k
+            row += row_nnz.size
+    return dict(n_cells=n_cells, n_genes=p, n_perts=int(sizes.size), n_control_cells=ctrl,
+                cells_per_pert_min=int(sizes.min()), cells_per_pert_max=int(sizes.max()),
+                nnz=int(nnz), density=round(nnz / (n_cells * p), 4),
+                file_mb=round(path.stat().st_size / 2**20, 1),
+                float64_csr_in_memory_mb=round((nnz * 12 + (n_cells + 1) * 8) / 2**20, 1),
+                t_write_s=round(time.perf_counter() - t0, 1))
+
+
+def essential_child(args) -> int:
+    """Analyse the ``.h5ad`` screen from the file (first ``--max-batches`` batches)."""
+    import causarray.batch as bm
+    from _common import hwm_rss_mb
+
+    cfg = json.loads(args.cfg)
+    out = dict(mode=args.mode)
+    if args.max_batches:
+        full_plan = bm.plan_batches
+        k = int(args.max_batches)
+        bm.plan_batches = lambda *a, **kw: full_plan(*a, **kw)[:k]     # first K of the plan
+    kw = dict(r=cfg["r"], pert_col=ESSENTIAL_PERT_COL, ctrl_label=ESSENTIAL_CTRL,
+              batch_size=cfg["perts_per_batch"], n_ctrl=cfg["n_ctrl"],
+              max_cells=cfg["max_cells"], family="nb", random_state=0, verbose=args.verbose,
+              gcate_kwargs=_gcate_kwargs(cfg), cache_path=args.cache, blas_threads=1)
+    out["rss_before_mb"] = round(current_rss_mb(), 1)
+    if args.mode == "serial":
+        with measure() as m:
+            df = bm.gcate_lfc_batch(args.data, **kw)
+    else:
+        from dask.distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            client.run(sys.path.insert, 0, str(Path(__file__).resolve().parent))
+            with measure() as m:
+                df = bm.gcate_lfc_batch(args.data, client=client, **kw)
+            peaks = client.run(_worker_peak_mb)
+            out["worker_peaks_rss_mb"] = [round(v, 1) for v in peaks.values()]
+    out["caller_vmhwm_mb"] = round(hwm_rss_mb(), 1)
+    batches = _cache_batch_info(args.cache)
+    t_b = [b["t_batch"] for b in batches]
+    out.update(wall_s=round(m.wall_s, 2), peak_rss_mb=round(m.peak_rss_mb, 1),
+               n_batches=int(df["batch"].nunique()), batch_s=t_b,
+               batch_gcate_s=[b["t_gcate"] for b in batches],
+               batch_read_s=[b.get("t_read") for b in batches],
+               batch_cells=[b["n_cells"] for b in batches],
+               mean_batch_s=round(float(np.mean(t_b)), 2) if t_b else None,
+               result_rows=len(df), cache_mb=round(os.path.getsize(args.cache) / 2**20, 2))
+    if args.mode == "serial":
+        out["outside_batches_s"] = round(m.wall_s - sum(t_b), 2)
+    Path(args.out).write_text(json.dumps(out))
+    return 0
+
+
+def run_essential(args, cfg: dict) -> int:
+    """``--config essential``: write the .h5ad once (if missing), then run from it."""
+    data = Path(args.data or "/tmp/causarray_essential.h5ad")
+    generation = None
+    if not data.exists():
+        with measure() as m:
+            generation = write_screen_h5ad(data, cfg, args.cells)
+        generation.update(generate_wall_s=round(m.wall_s, 1),
+                          generate_peak_rss_mb=round(m.peak_rss_mb, 1))
+        print(json.dumps(dict(generated=str(data), **generation)), flush=True)
+    if args.generate_only:
+        write_result(_result_name(args) + "_generate", dict(config=args.config, settings=cfg,
+                                                            rows=[generation or {}]))
+        return 0
+    rows = []
+    modes = ([] if args.skip_serial else ["serial"]) + (["dask"] if args.dask else [])
+    for mode in modes:
+        cache = Path(args.cache or f"{data}.{mode}.k{args.max_batches or 'all'}.cache.h5")
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+            out = fh.name
+        cmd = [sys.executable, __file__, "_essential", "--data", str(data), "--mode", mode,
+               "--workers", str(args.workers), "--cfg", json.dumps(cfg), "--out", out,
+               "--cache", str(cache)]
+        if args.max_batches:
+            cmd += ["--max-batches", str(args.max_batches)]
+        if not args.quiet:
+            cmd += ["--verbose"]
+        with measure() as m:
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=args.timeout)
+        if proc.returncode != 0:
+            rows.append(dict(mode=mode, status="failed", returncode=proc.returncode))
+            continue
+        res = json.loads(Path(out).read_text())
+        os.unlink(out)
+        res.update(process_wall_s=round(m.wall_s, 1), file_mb=round(data.stat().st_size / 2**20, 1),
+                   cache=str(cache))
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+    write_result(_result_name(args), dict(config=args.config, settings=cfg, data=str(data),
+                                          rows=rows, generation=generation))
+    return 0
 
 
 def problem_info(path: Path) -> dict:
@@ -452,6 +630,12 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--out", required=True)
     ch.add_argument("--max-batches", type=int, default=None)
     ch.add_argument("--verbose", action="store_true")
+    es = sub.add_parser("_essential")
+    for name in ("--data", "--mode", "--cfg", "--out", "--cache"):
+        es.add_argument(name, required=True)
+    es.add_argument("--workers", type=int, default=2)
+    es.add_argument("--max-batches", type=int, default=None)
+    es.add_argument("--verbose", action="store_true")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="small")
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16],
                     help="numbers of batches (small / tutorial; full has 14)")
@@ -462,9 +646,14 @@ def _parser() -> argparse.ArgumentParser:
     dk.add_argument("--no-dask", action="store_true", help="serial runs only")
     ap.add_argument("--skip-serial", action="store_true", help="with --dask: Dask runs only")
     ap.add_argument("--max-batches", type=int, default=None,
-                    help="full: run only the first K of the 14 batches and extrapolate")
+                    help="full / essential: run only the first K batches of the plan")
+    ap.add_argument("--cells", type=int, default=None,
+                    help="essential: total cells of the written screen (default 309,915)")
+    ap.add_argument("--cache", default=None,
+                    help="essential: batch cache (kept: a rerun resumes from it)")
     ap.add_argument("--data", default=None,
-                    help="full: .npz of the screen; generated there if missing, reused if not")
+                    help="full: .npz of the screen; essential: .h5ad (default "
+                         "/tmp/causarray_essential.h5ad); generated there if missing")
     ap.add_argument("--generate-only", action="store_true",
                     help="full: generate and save the screen, report time and peak RSS")
     ap.add_argument("--upstream", action="store_true",
@@ -483,6 +672,8 @@ def _result_name(args) -> str:
     if args.name:
         return args.name
     name = "batch" if args.config == "small" else f"batch_{args.config}"
+    if getattr(args, "cells", None):
+        name += f"_n{args.cells}"
     return name + (f"_k{args.max_batches}" if args.max_batches else "")
 
 
@@ -490,6 +681,10 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "_child":
         return child(args)
+    if args.cmd == "_essential":
+        return essential_child(args)
+    if args.config == "essential":
+        return run_essential(args, CONFIGS["essential"])
     full = args.config == "full"
     if not full and (args.max_batches or args.data or args.generate_only):
         raise SystemExit("--max-batches, --data and --generate-only apply to --config full")

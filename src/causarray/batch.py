@@ -31,9 +31,14 @@ Install the same causarray version (with the ``dask`` extra) on every machine, t
     >>> df = gcate_lfc_batch(Y, X, A, r, W_A=X_A, batch_size=15, client=client,
     ...                      cache_path="results.h5")
 
-The calling process keeps the input, sends each batch's rows (sparse stays sparse
-in transit) to a worker, and commits every returned batch to ``cache_path`` itself,
-so the cache lives on the caller's file system and no worker needs shared storage.
+With in-memory input the calling process keeps the input, sends each batch's rows
+(sparse stays sparse in transit) to a worker, and commits every returned batch to
+``cache_path`` itself, so the cache lives on the caller's file system and no worker
+needs shared storage.  With a file as input (``gcate_lfc_batch('/shared/screen.h5ad',
+r=..., client=client)``) the caller holds no counts: each job carries the file path,
+the batch's row numbers and the settings (:class:`causarray.ondisk.RowRef`), and the
+worker reads its rows itself, so the file must be readable at the same path on every
+worker (shared file system or a local copy per machine).
 At most (number of worker threads + 1) batches are in flight; a worker needs memory
 for one batch.  Killing the caller and rerunning with the same arguments resumes.
 """
@@ -107,6 +112,18 @@ class BatchPlan:
     n_treated_total: int
 
 
+def _as_treatments(A):
+    """``A`` as an ndarray, or kept as a CSC matrix when sparse (a screen's one-hot A)."""
+    if sp.issparse(A):
+        return A if A.format == "csc" else sp.csc_matrix(A)
+    return np.asarray(A)
+
+
+def _row_totals(A) -> np.ndarray:
+    """Per-cell number of perturbations (dense or sparse A)."""
+    return np.asarray(A.sum(axis=1)).ravel()
+
+
 def _check_count_arg(value, name: str, allow_none: bool) -> int | None:
     if value is None and allow_none:
         return None
@@ -130,7 +147,7 @@ def control_pool(A: np.ndarray, n_ctrl: int | None = 2000, random_state: int = 0
     Drawn without replacement with ``numpy.random.default_rng(random_state)`` and sorted.
     """
     n_ctrl = _check_count_arg(n_ctrl, "n_ctrl", allow_none=True)
-    ctrl = np.flatnonzero(np.asarray(A).sum(axis=1) == 0)
+    ctrl = np.flatnonzero(_row_totals(_as_treatments(A)) == 0)
     if ctrl.size == 0:
         raise ValueError("A has no control cells (all-zero rows); the batch pipeline compares "
                          "every perturbation with a shared pool of control cells")
@@ -161,14 +178,14 @@ def plan_batches(A, batch_size: int = 10, n_batches: int | None = None,
         Treatment chunks with ``numpy.array_split`` sizes (the first ``a mod B`` chunks
         one larger).
     """
-    A = np.asarray(A)
+    A = _as_treatments(A)
     a = A.shape[1]
     max_cells = _check_count_arg(max_cells, "max_cells", allow_none=True)
     B = number_of_batches(a, batch_size, n_batches)
     ctrl = control_pool(A, n_ctrl, random_state)
     plans = []
     for b, chunk in enumerate(np.array_split(np.arange(a), B)):
-        treated = np.flatnonzero(A[:, chunk].sum(axis=1) > 0)
+        treated = np.flatnonzero(_row_totals(A[:, chunk]) > 0)
         n_total = treated.size
         if max_cells is not None and treated.size > max_cells:
             rng = np.random.default_rng(random_state + b)
@@ -250,14 +267,14 @@ def layout_for_budget(A, n_genes: int, memory_budget: Any = "2GB", batch_size: i
     """
     budget = parse_memory(memory_budget)
     batch_size = _check_count_arg(batch_size, "batch_size", allow_none=False)
-    A = np.asarray(A)
+    A = _as_treatments(A)
     a = A.shape[1]
-    n_ctrl_all = int(np.count_nonzero(A.sum(axis=1) == 0))
-    per_pert = A.sum(axis=0)
+    n_ctrl_all = int(np.count_nonzero(_row_totals(A) == 0))
+    per_pert = np.asarray(A.sum(axis=0)).ravel()
     cap_cells = max(1, budget // max(1, int(n_genes) * int(bytes_per_entry)))
     for b in range(min(batch_size, a), 0, -1):
         chunks = np.array_split(np.arange(a), number_of_batches(a, b))
-        largest = max(int(np.count_nonzero(A[:, c].sum(axis=1) > 0)) for c in chunks)
+        largest = max(int(np.count_nonzero(_row_totals(A[:, c]) > 0)) for c in chunks)
         if n_ctrl_all + largest <= cap_cells:
             return dict(batch_size=b, n_ctrl=None, max_cells=None,
                         cells_per_batch=n_ctrl_all + largest)
@@ -279,8 +296,8 @@ def log_cells_left_out(A, plans: list[BatchPlan], n_ctrl, max_cells) -> tuple[in
     -------
     (controls left out, treated cells left out)
     """
-    A = np.asarray(A)
-    n_ctrl_all = int(np.count_nonzero(A.sum(axis=1) == 0))
+    A = _as_treatments(A)
+    n_ctrl_all = int(np.count_nonzero(_row_totals(A) == 0))
     ctrl_out = n_ctrl_all - int(plans[0].ctrl_idx.size) if plans else 0
     trt_total = sum(pl.n_treated_total for pl in plans)
     trt_out = trt_total - sum(int(pl.treated_idx.size) for pl in plans)
@@ -314,9 +331,18 @@ class _Inputs:
 
 
 def _prepare_inputs(Y, X, A, W_A=None) -> _Inputs:
-    Yv, genes = as_count_matrix(Y, "Y")
+    from .ondisk import H5Counts
+
+    if X is None or A is None:
+        raise ValueError("X and A are required with a count matrix Y; pass a path to an "
+                         ".h5ad file (or an AnnData opened with backed='r') as Y to build "
+                         "them from the file")
+    if isinstance(Y, H5Counts):          # validated by its streamed pass (ondisk.open_screen)
+        Yv, genes = Y, Y.gene_names
+    else:
+        Yv, genes = as_count_matrix(Y, "Y")
     p = Yv.shape[1]
-    Av, trt = check_treatment(A, Yv.shape)
+    Av, trt = _check_treatments(A, Yv.shape)
     Xv, _ = check_covariates(X, Yv.shape, "X")
     if Xv.shape[1] == 0:
         raise ValueError("X has no columns; pass the design returned by prep_causarray_data "
@@ -330,14 +356,51 @@ def _prepare_inputs(Y, X, A, W_A=None) -> _Inputs:
     return _Inputs(Yv, Xv, Av, W_Av, genes, trt)
 
 
+def _check_treatments(A, shape: tuple) -> tuple:
+    """:func:`check_treatment`, but a sparse A (or sparse-dtype DataFrame) stays sparse.
+
+    A screen's one-hot treatment matrix is n x a with one entry per perturbed cell;
+    dense it is 5 GB for 310k cells x 2,021 perturbations.  Sparse input is checked on
+    its stored values and returned as CSC (the batch pipeline slices its columns).
+    """
+    names = None
+    if isinstance(A, pd.DataFrame) and A.shape[1] and \
+            all(isinstance(dt, pd.SparseDtype) for dt in A.dtypes):
+        names = np.asarray([str(c) for c in A.columns], dtype=object)
+        A = A.sparse.to_coo()
+    if not sp.issparse(A):
+        return check_treatment(A, shape)
+    A = sp.csc_matrix(A, dtype=np.float64)
+    A.sum_duplicates()
+    if A.shape[0] != shape[0]:
+        raise ValueError(f"A has shape {A.shape} but Y has shape {tuple(shape)}: the numbers "
+                         "of rows (cells) must match")
+    if A.shape[1] == 0:
+        raise ValueError(f"A has shape {A.shape}: it has no treatment columns")
+    if not np.isfinite(A.data).all():
+        raise ValueError("A contains NaN or infinite values")
+    bad = (A.data != 0) & (A.data != 1)
+    if bad.any():
+        shown = ", ".join(f"{v:g}" for v in np.unique(A.data[bad])[:5])
+        raise ValueError(f"A must contain only 0/1 indicators; found other values: [{shown}]")
+    return A, names
+
+
 def _warn_multi_perturbation(A: np.ndarray) -> None:
-    m = int(np.count_nonzero(A.sum(axis=1) > 1))
+    m = int(np.count_nonzero(_row_totals(A) > 1))
     if m:
         warnings.warn(
             f"{m} cell(s) carry more than one perturbation; inside a batch such a cell is "
             "analysed as if it carried only that batch's perturbation(s), which contaminates "
             "the within-batch comparison. Remove those cells or use n_batches=1.",
             RuntimeWarning, stacklevel=3)
+
+
+def _digest_counts(Y) -> str:
+    """Cache digest of the counts (streamed for on-disk counts)."""
+    if hasattr(Y, "content_digest"):
+        return Y.content_digest()
+    return content_digest(Y)
 
 
 def _dense_rows(Y, rows: np.ndarray) -> np.ndarray:
@@ -558,6 +621,9 @@ def _fit_batch(job: _BatchJob) -> dict:
 
     t0 = time.perf_counter()
     n_cells = int(job.Y.shape[0])
+    if hasattr(job.Y, "read"):                     # on-disk input: this process reads it
+        job.Y = job.Y.read()
+    t_read = time.perf_counter() - t0
     Yb = job.Y.toarray() if sp.issparse(job.Y) else job.Y
     Yb = np.asarray(Yb, dtype=np.float64)
     job.Y = None                                   # the only dense copy is Yb from here on
@@ -620,7 +686,7 @@ def _fit_batch(job: _BatchJob) -> dict:
     U_ctrl = None if res_2 is None else np.array(res_2["U"][job.ctrl_pos], dtype=float)
     out = dict(batch=job.batch, frame=frame, expressed=np.flatnonzero(expressed),
                fitted=np.flatnonzero(fitted), U_ctrl=U_ctrl, n_cells=n_cells,
-               n_perts=int(job.A.shape[1]), t_gcate=t_gcate,
+               n_perts=int(job.A.shape[1]), t_gcate=t_gcate, t_read=t_read,
                t_batch=time.perf_counter() - t0)
     if nuisances is not None:
         out["nuisances"] = nuisances
@@ -638,10 +704,14 @@ def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_
     if U_ctrl_prev is not None:
         U_init = np.zeros((rows.size, U_ctrl_prev.shape[1]))
         U_init[ctrl_pos] = U_ctrl_prev
-    A_b = data.A[np.ix_(rows, plan.trt_idx)]
+    if sp.issparse(data.A):      # CSC: the chunk's columns, then the batch's rows
+        A_b = data.A[:, plan.trt_idx][rows].toarray()
+    else:
+        A_b = data.A[np.ix_(rows, plan.trt_idx)]
     lk = None if lfc_kwargs is None else _lfc_kwargs_rows(lfc_kwargs, rows, plan.trt_idx)
+    Y_b = data.Y.ref(rows) if hasattr(data.Y, "ref") else data.Y[rows]
     return _BatchJob(
-        batch=plan.batch, Y=data.Y[rows], X=data.X[rows], A=A_b,
+        batch=plan.batch, Y=Y_b, X=data.X[rows], A=A_b,
         W_A=None if data.W_A is None else data.W_A[rows], offset=_subset_offset(offset, rows),
         disp=disp, gene_names=data.gene_names, trt_names=[data.trt_names[k] for k in plan.trt_idx],
         r=r, family=family, gcate_kwargs=gcate_kwargs, lfc_kwargs=lk, U_init=U_init,
@@ -660,24 +730,44 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class _Progress:
-    """tqdm bar over batches with per-batch time, running average and ETA."""
+    """One tqdm bar over the whole screen.
+
+    The bar counts batches (restored ones count as done from the start); its postfix
+    shows the cells per second of this run (cells of the finished batches over the
+    wall time since the bar started, so parallel batches add up), the last batch's
+    time, the running average per batch and the ETA of the remaining batches.
+    """
 
     def __init__(self, total: int, done: int, verbose: bool, desc: str, width: int = 1):
         from tqdm.auto import tqdm
 
         self.total, self.done, self.width = total, done, max(1, width)
         self.times: list[float] = []
+        self.cells = 0
+        self.t_start = time.perf_counter()
         self.bar = tqdm(total=total, initial=done, desc=desc, unit="batch", disable=not verbose)
+
+    def rate(self) -> float:
+        """Cells per second of the batches finished by this run."""
+        wall = time.perf_counter() - self.t_start
+        return self.cells / wall if wall > 0 else 0.0
 
     def update(self, batch: int, n_perts: int, n_cells: int, t: float) -> None:
         self.times.append(t)
         self.done += 1
+        self.cells += int(n_cells)
+        wall = time.perf_counter() - self.t_start
         avg = float(np.mean(self.times))
-        eta = _fmt_duration(avg * (self.total - self.done) / self.width)
-        self.bar.set_postfix_str(f"last {t:.1f}s, avg {avg:.1f}s/batch, ETA {eta}")
+        # wall time per batch of this run already includes the parallel width
+        per_batch = wall / len(self.times) if len(self.times) >= self.width and wall > 0 \
+            else avg / self.width
+        eta = _fmt_duration(per_batch * (self.total - self.done))
+        rate = self.rate()
+        self.bar.set_postfix_str(f"{rate:,.0f} cells/s, last {t:.1f}s, avg {avg:.1f}s/batch, "
+                                 f"ETA {eta}")
         self.bar.update(1)
-        logger.info("Batch %d/%d: %d perts, %d cells, %.1fs (avg %.1fs/batch, ETA %s)",
-                    batch + 1, self.total, n_perts, n_cells, t, avg, eta)
+        logger.info("Batch %d/%d: %d perts, %d cells, %.1fs (%.0f cells/s, avg %.1fs/batch, "
+                    "ETA %s)", batch + 1, self.total, n_perts, n_cells, t, rate, avg, eta)
 
     def skip(self) -> None:
         self.done += 1
@@ -834,14 +924,16 @@ def _executor_width(executor) -> int:
     return os.cpu_count() or 2
 
 
-def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
+def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_size: int = 10,
                     n_batches: int | None = None, max_cells: int | None = 2000,
                     n_ctrl: int | None = 2000, family: str = "nb", offset=True,
                     warm_start_U: bool = False, cache_path=None, random_state: int = 0,
                     verbose: bool = False, gcate_kwargs: dict | None = None,
                     lfc_kwargs: dict | None = None, executor=None, client=None,
                     blas_threads: int | None = None, assignment: str = "randomized",
-                    save_nuisances: bool = False, **kwargs) -> pd.DataFrame:
+                    save_nuisances: bool = False, pert_col: str | None = None,
+                    ctrl_label=None, covariates=(), layer: str | None = None,
+                    drop_empty_cells: bool = False, **kwargs) -> pd.DataFrame:
     """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
@@ -852,8 +944,18 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
 
     Parameters
     ----------
-    Y, X, A, r : counts (dense, DataFrame or sparse), covariates with intercept,
-        0/1 treatments (DataFrame columns give the names), number of latent factors.
+    Y, X, A, r : counts (dense, DataFrame, sparse, or an on-disk
+        :class:`causarray.ondisk.H5Counts`), covariates with intercept, 0/1 treatments
+        (DataFrame columns give the names), number of latent factors.  ``Y`` may also be
+        the path of an ``.h5ad`` file or an AnnData opened with ``backed='r'``; then
+        ``X`` and ``A`` are left out and built from the file with ``pert_col``,
+        ``ctrl_label``, ``covariates``, ``layer`` and ``drop_empty_cells`` (as
+        :func:`causarray.preprocessing.from_anndata` and ``prep_causarray_data``;
+        ``W_A`` defaults to ``X_A``), and the counts stay on disk: whole-screen
+        statistics come from streamed row-block passes and each batch reads only its
+        own rows (sparse stays sparse), in whichever process fits it
+        (:func:`causarray.ondisk.open_screen`).  Results are identical to the same
+        screen read into memory.
     W_A : (n, d_A) propensity covariates (e.g. ``X_A`` of ``prep_causarray_data``).
     batch_size, n_batches, max_cells, n_ctrl, random_state : batch layout
         (:func:`plan_batches`); ``random_state`` seeds the subsampling only.
@@ -866,8 +968,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         the missing batches and returns exactly the uninterrupted result; a cache of
         different data or settings raises ``ValueError``; corrupt batches are
         recomputed with a ``RuntimeWarning``.  See :mod:`causarray.cache`.
-    verbose : tqdm bar over batches with per-batch time, average and ETA; quiet
-        otherwise.  ``verbose=True`` inside ``gcate_kwargs`` / ``lfc_kwargs`` also shows
+    verbose : one tqdm bar over the whole screen (batches done, cells per second,
+        per-batch time, ETA); quiet otherwise.  ``verbose=True`` inside ``gcate_kwargs`` / ``lfc_kwargs`` also shows
         the per-stage bars of fit_gcate / LFC (serial runs).
     gcate_kwargs, lfc_kwargs : keyword arguments of :func:`causarray.fit_gcate` /
         :func:`causarray.LFC`; they override ``**kwargs``, each of which goes to the
@@ -888,6 +990,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         the same ``blas_threads`` give identical results; pass 1 on a Dask cluster of
         single-threaded workers to avoid oversubscription (and 1 in a serial run that
         should match it).
+    pert_col, ctrl_label, covariates, layer, drop_empty_cells : how to read a screen
+        given as a file (see ``Y``); ignored for matrix input.
     save_nuisances : also write each computed batch's nuisances (outcome-model means
         ``Y_hat``, propensity scores, U, offsets, cell rows) to
         ``<cache_path stem>.nuisances.h5`` (:mod:`causarray.nuisances`), so that LFC can
@@ -940,6 +1044,8 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
         raise ValueError("lfc_kwargs may set outcome_init only to None (no warm start): "
                          "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit")
     blas_threads = _check_blas_threads(blas_threads)
+    Y, X, A, W_A = _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer,
+                                drop_empty_cells)
     data = _prepare_inputs(Y, X, A, W_A)
     plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
     log_cells_left_out(data.A, plans, n_ctrl, max_cells)
@@ -954,7 +1060,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
     cache = None
     if cache_path is not None:
         fp, items = fingerprint(dict(
-            causarray_version=__version__, Y=content_digest(data.Y),
+            causarray_version=__version__, Y=_digest_counts(data.Y),
             Y_shape=list(data.Y.shape), gene_names=content_digest(data.gene_names),
             A=content_digest(data.A), trt_names=content_digest(np.asarray(data.trt_names, object)),
             X=content_digest(data.X), W_A=content_digest(data.W_A), r=r, family=family,
@@ -983,6 +1089,7 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
             rec = BatchRecord(frame=res["frame"], arrays=arrays,
                               info=dict(n_cells=res["n_cells"], n_perts=res["n_perts"],
                                         t_gcate=round(res["t_gcate"], 3),
+                                        t_read=round(res.get("t_read", 0.0), 3),
                                         t_batch=round(res["t_batch"], 3)))
             if nuis_path is not None and "nuisances" in res:
                 from .nuisances import save_batch_nuisances
@@ -1018,6 +1125,20 @@ def gcate_lfc_batch(Y, X, A, r: int, W_A=None, batch_size: int = 10,
                           "cache_path to store them", RuntimeWarning, stacklevel=2)
     frames = [records[pl.batch].frame for pl in plans]
     return pd.concat(frames, ignore_index=True)
+
+
+def _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer, drop_empty_cells):
+    """``(Y, X, A, W_A)`` with a file / backed AnnData ``Y`` opened on disk."""
+    from .ondisk import is_file_input, open_screen
+
+    if not is_file_input(Y):
+        return Y, X, A, W_A
+    if X is not None or A is not None:
+        raise ValueError("with a file (or backed AnnData) as Y, X and A are built from it: "
+                         "leave them out and pass pert_col / ctrl_label / covariates")
+    Y, A, X, X_A = open_screen(Y, pert_col, ctrl_label, covariates, layer,
+                               drop_empty_cells=drop_empty_cells, sparse_treatments=True)
+    return Y, X, A, X_A if W_A is None else W_A
 
 
 def _run_parallel(executor, plans: list[BatchPlan], window: int, finish, make_job) -> None:

@@ -589,7 +589,9 @@ def _runner_settings(runner: Runner, settings: Mapping[str, Any], is_default: bo
 
 def _run(adata: Any, run: _Run, runner: Runner, ctrl_label: str,
          settings: Mapping[str, Any]) -> pd.DataFrame:
-    sub = adata[run.rows].copy()
+    view = adata[run.rows]
+    # a backed AnnData (counts on disk): the fake screen's control cells are read in
+    sub = view.to_memory() if getattr(adata, "isbacked", False) else view.copy()
     col = _free_column(sub.obs)
     sub.obs[col] = pd.Categorical(run.labels.astype(str))
     sub.uns["pert_col"], sub.uns["ctrl_label"] = col, ctrl_label

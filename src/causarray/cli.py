@@ -234,7 +234,9 @@ def _read_h5ad(path: Path):
     if not path.is_file():
         raise InputError(f"input is not a file: {path}")
     try:
-        return ad.read_h5ad(path)
+        # backed: obs / var / uns in memory, the counts stay on disk and every batch
+        # reads only its rows (causarray.ondisk)
+        return ad.read_h5ad(path, backed="r")
     except Exception as err:  # anndata/h5py raise many types for unreadable files
         raise InputError(f"cannot read {path} as .h5ad: {_one_line(err)}") from err
 

@@ -126,12 +126,22 @@ def validate_screen(adata: Any, pert_col: str | None = None, ctrl_label: Any = N
     from .preprocessing import _resolve_screen_keys, covariate_design
 
     pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
-    counts, name = _counts_of(adata, layer)
-    check_raw_counts(counts, name)
-    covariate_design(adata.obs, covariates)
-    from ._validation import row_sums
+    if getattr(adata, "isbacked", False):
+        # counts on disk: one streamed pass over row blocks (ondisk.scan_counts)
+        from .ondisk import backed_counts, check_counts_scan, scan_counts
 
-    empty = np.asarray(row_sums(counts)).ravel() == 0
+        name = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        scan = scan_counts(backed_counts(adata, layer))
+        check_counts_scan(scan, name, non_integer="raise")
+        covariate_design(adata.obs, covariates)
+        empty = scan.row_sums == 0
+    else:
+        counts, name = _counts_of(adata, layer)
+        check_raw_counts(counts, name)
+        covariate_design(adata.obs, covariates)
+        from ._validation import row_sums
+
+        empty = np.asarray(row_sums(counts)).ravel() == 0
     if empty.any() and not drop_empty_cells:
         shown = [str(c) for c in adata.obs_names[np.flatnonzero(empty)[:3]]]
         raise ValueError(f"{int(empty.sum())} cell(s) have zero total count, e.g. {shown}; "
@@ -413,7 +423,11 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     ----------
     adata : anndata.AnnData
         Raw counts (cells x genes) in ``X`` or ``layers[layer]``; perturbation labels in
-        ``obs[pert_col]``.
+        ``obs[pert_col]``.  An AnnData opened with ``anndata.read_h5ad(path,
+        backed='r')`` keeps its counts on disk: validation, size factors and library
+        sizes are computed in streamed row-block passes and each batch reads only its
+        own rows (:mod:`causarray.ondisk`); the results equal those of the same file read
+        into memory.
     pert_col : str, optional
         Label column (default ``adata.uns['pert_col']``).
     ctrl_label : optional
@@ -490,23 +504,36 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         if val is not None and int(val) < 1:
             raise ValueError(f"{name} must be a positive integer or None, got {val!r}")
     own = {"Y", "X", "A", "r", "W_A", "batch_size", "max_cells", "n_ctrl", "family",
-           "cache_path", "random_state", "verbose", "gcate_kwargs", "lfc_kwargs", "client"}
+           "cache_path", "random_state", "verbose", "gcate_kwargs", "lfc_kwargs", "client",
+           "pert_col", "ctrl_label", "covariates", "layer", "drop_empty_cells"}
     batch_names = parameter_names(gcate_lfc_batch) - own
     check_batch_keywords("lfc", kwargs, gcate_kwargs, lfc_kwargs, extra=batch_names)
     verbose = resolve_verbose(verbose)
+    backed = bool(getattr(adata, "isbacked", False))
     if copy:
+        if backed:
+            raise ValueError("copy=True needs an in-memory AnnData; with backed='r' the "
+                             "results are stored in adata.uns of the backed object (use "
+                             "copy=False)")
         adata = adata.copy()
     covariates = [covariates] if isinstance(covariates, str) else list(covariates)
     info = validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="dropping .* cells with zero total count")
-        Y, A, X, X_A = from_anndata(adata, info["pert_col"], info["ctrl_label"], covariates,
-                                    layer=layer, drop_empty_cells=drop_empty_cells)
+        if backed:      # counts stay on disk; each batch reads its rows (causarray.ondisk)
+            from .ondisk import open_screen
+
+            Y, A, X, X_A = open_screen(adata, info["pert_col"], info["ctrl_label"],
+                                       covariates, layer, drop_empty_cells=drop_empty_cells)
+        else:
+            Y, A, X, X_A = from_anndata(adata, info["pert_col"], info["ctrl_label"],
+                                        covariates, layer=layer,
+                                        drop_empty_cells=drop_empty_cells)
     kept = pd.Index(A.index)
     if len(kept) < adata.n_obs:
         logger.warning("dropped %d cell(s) with zero total count", adata.n_obs - len(kept))
     genes = [str(g) for g in adata.var_names]
-    Y_mat = Y.to_numpy() if isinstance(Y, pd.DataFrame) else Y      # ndarray or CSR
+    Y_mat = Y.to_numpy() if isinstance(Y, pd.DataFrame) else Y      # ndarray, CSR, H5Counts
     n, p = Y_mat.shape
 
     layout = dict(batch_size=int(batch_size), n_ctrl=n_ctrl, max_cells=max_cells)
@@ -551,7 +578,9 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
                         "factors beside %d observed columns", room, p, r_used, np.shape(X)[1])
             layout["batch_size"] = int(room)
 
-    if sp.issparse(Y_mat):   # a sparse-dtype frame: stays sparse, keeps the gene names
+    if backed:               # H5Counts: carries the gene names, read batch by batch
+        Y_named = Y_mat
+    elif sp.issparse(Y_mat):   # a sparse-dtype frame: stays sparse, keeps the gene names
         Y_named = pd.DataFrame.sparse.from_spmatrix(Y_mat, columns=genes)
     else:
         Y_named = pd.DataFrame(Y_mat, columns=genes, copy=False)
