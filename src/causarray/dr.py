@@ -749,6 +749,9 @@ def _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, family, disp_gl
     if gene_fold.shape != (p,):
         raise ValueError(f"W_gene_folds: the gene folds must have shape {(p,)}, "
                          f"got {gene_fold.shape}")
+    if not np.isin(gene_fold, np.arange(len(designs))).all():
+        raise ValueError(f"W_gene_folds: every gene's fold must be one of 0..{len(designs) - 1} "
+                         f"(one design per fold)")
     parts = []
     for f, W_f in enumerate(designs):
         cols = np.flatnonzero(gene_fold == f)
