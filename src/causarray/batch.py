@@ -665,6 +665,8 @@ def _fit_batch(job: _BatchJob) -> dict:
             if "W_gene_folds" not in kw and "U_gene_folds" in res_2:
                 kw["W_gene_folds"] = (res_2["gene_fold"],
                                       [np.hstack([job.X, U_f]) for U_f in res_2["U_gene_folds"]])
+            if "recenter_genes" not in kw and "unaffected" in res_2:
+                kw["recenter_genes"] = np.asarray(res_2["unaffected"], dtype=bool)
             if "shift_variance" not in kw and "shift_var" in res_2:
                 kw["shift_variance"] = res_2["shift_var"]
             if "outcome_init" not in kw:

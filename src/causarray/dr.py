@@ -803,7 +803,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         verbose: bool = False, random_state: int = 0, fdx_B: int = 1000, disp_glm=None,
         legacy_fdx_scaling: bool = False, outcome_init=None, nuisance_variance: bool = True,
         bias_correction: bool = True, recenter: bool = True, shift_variance=None,
-        W_gene_folds=None,
+        W_gene_folds=None, recenter_genes=None,
         ps_model: str = "logistic", eps_var=None, backend: str = "auto",
         **kwargs):
     """Doubly robust log fold changes of every gene under every treatment.
@@ -897,6 +897,11 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
             raise ValueError(f"outcome_init must have shape {(p, W.shape[1] + a)} "
                              f"(genes x [W | A] columns), got {outcome_init.shape}")
 
+    if recenter_genes is not None:
+        recenter_genes = np.asarray(recenter_genes)
+        if recenter_genes.shape != (p, a) or recenter_genes.dtype != bool:
+            raise ValueError(f"recenter_genes must be a boolean (genes x treatments) array of "
+                             f"shape {(p, a)}, got {recenter_genes.dtype} {recenter_genes.shape}")
     if shift_variance is not None:
         shift_variance = np.asarray(shift_variance, dtype=float)
         if shift_variance.shape != (p, a) or not np.all(np.isfinite(shift_variance)) \
@@ -942,8 +947,9 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         o = {key: res[key][k] for key in ("m0", "m1", "o0", "o1", "tau", "var", "df",
                                            "floor", "estimable")}
         tested = _apply_filters(o, n0, n1, thres_min, min_counts)
-        if recenter and tested.sum() >= 50:
-            o["tau"] = o["tau"] - normalization_shift(o["tau"][tested], o["var"][tested])
+        ref = tested if recenter_genes is None else tested & recenter_genes[:, k]
+        if recenter and ref.sum() >= 50:
+            o["tau"] = o["tau"] - normalization_shift(o["tau"][ref], o["var"][ref])
         var = o["var"] if shift_variance is None else o["var"] + shift_variance[:, k]
         floored = tested & (var < o["floor"])
         std_raw = np.where(tested, np.sqrt(var), np.inf)

@@ -730,10 +730,12 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     alpha = decision.alpha
     fold_U = None
     gene_fold = None
+    unaffected = None
     if pretreatment_u and r > 0 and assignment == "randomized":
         # genes moved by a perturbation beyond the confounder shift that is adjusted
         direct = beta_hat - shift[None, :] - Gamma1r @ alpha.T
-        keep = ~affected_genes(direct, se_hat, affected_z).any(axis=1)
+        unaffected = ~affected_genes(direct, se_hat, affected_z)
+        keep = unaffected.all(axis=1)
         logger.info("GCATE: factors re-estimated from %d of %d genes that no perturbation "
                     "moves (|z| <= %g)", int(keep.sum()), p, affected_z)
         U_stage1, B_X1, B_A1, G1 = U1r, coef_1[:, :d], beta_hat, Gamma1r
@@ -771,6 +773,8 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     res_2["shift_stat"] = decision.statistic
     res_2["shift_pvalue"] = decision.pvalue
     res_2["assignment"] = assignment
+    if unaffected is not None:
+        res_2["unaffected"] = unaffected
     if fold_U is not None:
         res_2["gene_fold"] = gene_fold
         res_2["U_gene_folds"] = np.stack(fold_U)
