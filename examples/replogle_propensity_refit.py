@@ -84,7 +84,8 @@ def main(cfg: dict, workdir: Path, random_state: int = 0) -> None:
     W = np.hstack([X[rows], nu["U"]])
     W_A = np.hstack([X_A[rows], nu["U"]])
     Y_hat = nu["Y_hat"].astype(float)
-    kw = dict(offset=nu["offset"], Y_hat=Y_hat)
+    kw = dict(offset=nu["offset"], Y_hat=Y_hat, shift_variance=nu["shift_variance"],
+              recenter_genes=nu["recenter_genes"])
     base, _ = ca.LFC(Yb, W, Ab, W_A, pi_hat=nu["pi_hat_raw"].astype(float), **kw)
     print(f"Focal batch {b}: {Yb.shape[0]:,} cells x {Yb.shape[1]:,} genes, "
           f"perturbations {nu['pert_names']}")

@@ -61,7 +61,8 @@ def test_saved_nuisances_reproduce_the_batch_results(problem, tmp_path):
         W = np.hstack([X[pl.cell_idx], nu["U"]])
         W_A = np.hstack([X_A[pl.cell_idx], nu["U"]])
         re, _ = LFC(Yb, W, Ab, W_A, offset=nu["offset"], Y_hat=nu["Y_hat"].astype(float),
-                    pi_hat=nu["pi_hat_raw"].astype(float), nuisance_variance=False)
+                    pi_hat=nu["pi_hat_raw"].astype(float), nuisance_variance=False,
+                    recenter_genes=nu["recenter_genes"], shift_variance=nu["shift_variance"])
         got = df[df["batch"] == pl.batch].set_index(["trt", "gene_names"])
         re = re.set_index(["trt", "gene_names"])
         both = got.loc[re.index]

@@ -681,7 +681,9 @@ def _fit_batch(job: _BatchJob) -> dict:
                     Y_hat=(y_hat.to_array() if hasattr(y_hat, "to_array")
                            else np.asarray(y_hat)).astype(np.float32),
                     pi_hat=est["pi_hat"], pi_hat_raw=est["pi_hat_raw"], offset=log_s, U=U,
-                    pert_names=names_fit, gene_names=list(job.gene_names[expressed]))
+                    pert_names=names_fit, gene_names=list(job.gene_names[expressed]),
+                    shift_variance=kw.get("shift_variance"),
+                    recenter_genes=kw.get("recenter_genes"))
             del est
         frame = batch_frame(df_fit, job.gene_names, job.trt_names, expressed, fitted,
                             job.batch)

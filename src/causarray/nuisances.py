@@ -14,7 +14,10 @@ cache, ``<cache_path without .h5>.nuisances.h5``, one group ``batch_NNNN`` per b
 ``cell_idx``   int64 (n_b,): rows of the batch's cells in the full matrix;
 ``offset``     float64 (n_b,): log size factors of the batch;
 ``U``          float64 (n_b, r): the batch's latent factors;
-``pert_names``, ``gene_names``: labels of the treatment and gene axes.
+``pert_names``, ``gene_names``: labels of the treatment and gene axes;
+``shift_variance`` float64 (p_b, a_b) and ``recenter_genes`` bool (p_b, a_b), when GCATE
+               gave them: pass them back to :func:`causarray.LFC` with the same names
+               to reproduce the batch's estimates (``None`` when absent).
 
 Budget about ``8 n_b p_b a_b`` bytes per batch before compression.
 """
@@ -51,6 +54,10 @@ def save_batch_nuisances(path, batch: int, nuis: dict) -> None:
         g.create_dataset("cell_idx", data=np.asarray(nuis["cell_idx"], dtype=np.int64))
         g.create_dataset("offset", data=np.asarray(nuis["offset"], dtype=np.float64))
         g.create_dataset("U", data=np.asarray(nuis["U"], dtype=np.float64))
+        # LFC inputs from GCATE beyond Y_hat / pi_hat (genes x treatments), when present
+        for key, dtype in (("shift_variance", np.float64), ("recenter_genes", bool)):
+            if nuis.get(key) is not None:
+                g.create_dataset(key, data=np.asarray(nuis[key], dtype=dtype))
         text = h5py.string_dtype()
         for key in ("pert_names", "gene_names"):
             g.create_dataset(key, data=np.asarray([str(v) for v in nuis[key]], dtype=object),
@@ -84,6 +91,8 @@ def load_nuisances(path, batch: int) -> dict:
                            f"(stored: {stored_batches(path)})")
         g = f[name]
         out = {key: g[key][()] for key in KEYS if key not in ("pert_names", "gene_names")}
+        for key in ("shift_variance", "recenter_genes"):
+            out[key] = g[key][()] if key in g else None
         for key in ("pert_names", "gene_names"):
             out[key] = [v.decode() if isinstance(v, bytes) else str(v) for v in g[key][()]]
     return out
