@@ -35,10 +35,8 @@ def test_saved_nuisances_reproduce_the_batch_results(problem, tmp_path):
     cache = tmp_path / "res.h5"
     # without the outcome-model variance term (which needs the GLM fit, not only Y_hat),
     # the stored nuisances determine every estimate
-    # and without the stage-2 shift variance (c1 = 0), which is not a stored nuisance
-    kw = {**RUN_KW, "gcate_kwargs": {**RUN_KW["gcate_kwargs"], "c1": 0}}
     df = gcate_lfc_batch(Y, X, A, R, W_A=X_A, cache_path=cache, save_nuisances=True,
-                         lfc_kwargs=dict(nuisance_variance=False), **kw)
+                         lfc_kwargs=dict(nuisance_variance=False), **RUN_KW)
     path = nuisance_path(cache)
     assert path == str(tmp_path / "res.nuisances.h5")
     plans = plan_batches(A.to_numpy(), RUN_KW["batch_size"], None, RUN_KW["max_cells"],
