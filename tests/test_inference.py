@@ -285,3 +285,86 @@ def test_fdx_memory_stays_near_one_bootstrap_matrix():
     tracemalloc.stop()
     # no n x p (centred eta) or second B x p copy: peak well below 2 x (B x p) floats
     assert peak < 1.5 * B * 500 * 8
+
+
+# ----------------------------------------------------------------------------------
+# on-target (cis) and trans families
+# ----------------------------------------------------------------------------------
+def _screen_pvalues(seed: int = 0, a: int = 6, p: int = 40):
+    rng = np.random.default_rng(seed)
+    trt = np.repeat([f"G{k}" for k in range(a)], p)
+    genes = np.tile([f"G{j}" for j in range(p)], a)
+    pv = rng.uniform(size=a * p)
+    pv[rng.choice(a * p, 15, replace=False)] = np.nan          # untested pairs
+    pv[trt == genes] = rng.uniform(0, 0.01, size=a)           # the knock-downs
+    return pv, trt, genes
+
+
+def test_family_bh_equals_statsmodels_per_family():
+    from causarray.inference import family_bh, on_target_pairs
+
+    pv, trt, genes = _screen_pvalues()
+    cis = on_target_pairs(trt, genes, "auto")
+    assert cis.sum() == 6 and np.all(trt[cis] == genes[cis])
+    padj = family_bh(pv, trt, cis)
+    ok = ~np.isnan(pv)
+    np.testing.assert_allclose(padj[cis], multipletests(pv[cis], method="fdr_bh")[1],
+                               rtol=1e-12)
+    for t in np.unique(trt):
+        rows = (trt == t) & ~cis & ok
+        np.testing.assert_allclose(padj[rows], multipletests(pv[rows], method="fdr_bh")[1],
+                                   rtol=1e-12)
+    assert np.all(np.isnan(padj[~ok]))
+    # no on-target family: one BH family per perturbation over all its genes
+    plain = family_bh(pv, trt, on_target_pairs(trt, genes, None))
+    for t in np.unique(trt):
+        rows = (trt == t) & ok
+        np.testing.assert_allclose(plain[rows], multipletests(pv[rows], method="fdr_bh")[1],
+                                   rtol=1e-12)
+
+
+def test_on_target_pairs_from_a_mapping():
+    from causarray.inference import on_target_pairs
+
+    trt = np.array(["HS2", "HS2", "MYC", "MYC", "MYC"])
+    genes = np.array(["HBE1", "MYC", "MYC", "HBG1", "HBE1"])
+    m = on_target_pairs(trt, genes, {"HS2": ("HBE1", "HBG1"), "MYC": ("MYC",)})
+    assert m.tolist() == [True, False, True, False, False]
+
+
+def test_on_target_family_keeps_a_lone_knockdown_and_fdr_on_nulls():
+    """A knock-down at p = 0.004 in a perturbation with no other effect: BH over its 100
+    genes misses it (0.4), the on-target family of 10 knock-downs calls it.  The trans
+    families keep FDR: over 200 screens of null trans pairs, each perturbation's family
+    makes a call with probability <= 0.05."""
+    from causarray.inference import family_bh, on_target_pairs
+
+    rng = np.random.default_rng(1)
+    a, p = 10, 100
+    trt = np.repeat([f"G{k}" for k in range(a)], p)
+    genes = np.tile([f"G{j}" for j in range(p)], a)
+    cis = on_target_pairs(trt, genes, "auto")
+    false_calls = 0
+    for _ in range(200):
+        pv = rng.uniform(size=a * p)
+        pv[cis] = 1e-6
+        pv[(trt == "G0") & cis] = 0.004
+        padj = family_bh(pv, trt, cis)
+        assert padj[(trt == "G0") & cis][0] < 0.05
+        plain = family_bh(pv, trt, np.zeros_like(cis))
+        assert plain[(trt == "G0") & cis][0] > 0.05
+        # every trans pair is null, so a family's FDR is P(any call) (BH: = 0.05)
+        false_calls += sum(np.any(padj[(trt == t) & ~cis] < 0.05) for t in np.unique(trt))
+    assert false_calls / (200 * a) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / (200 * a))
+
+
+@pytest.mark.parametrize("bad, exc, msg", [
+    ("cis", ValueError, r"targets must be 'auto', None or a mapping perturbation -> gene\(s\), got 'cis'"),
+    (3, TypeError, r"targets must be 'auto', None or a mapping perturbation -> gene\(s\), got int"),
+    ({"MYC": [1]}, TypeError, r"targets\['MYC'\] must be a gene name or a list of gene names"),
+])
+def test_check_targets_errors(bad, exc, msg):
+    from causarray._validation import check_targets
+
+    with pytest.raises(exc, match=msg):
+        check_targets(bad)

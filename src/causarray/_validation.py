@@ -590,3 +590,30 @@ def check_keywords(func_name: str, kwargs: Any, accepted: Any) -> None:
         if close:
             msg += f"; did you mean {close[0]!r}?"
         raise TypeError(msg)
+
+
+def check_targets(targets: Any) -> str | dict[str, tuple[str, ...]] | None:
+    """The ``targets`` option: which (perturbation, gene) pairs are on-target.
+
+    ``'auto'`` (a perturbation whose label is a measured gene's name targets that
+    gene), ``None`` / ``False`` (no on-target family: every pair is tested with its
+    perturbation's other genes), or a mapping ``{perturbation: gene or [genes]}``.
+    Returns ``'auto'``, ``None`` or a dict of string tuples.
+    """
+    if targets is None or targets is False:
+        return None
+    if isinstance(targets, str):
+        if targets != "auto":
+            raise ValueError(f"targets must be 'auto', None or a mapping perturbation -> "
+                             f"gene(s), got {targets!r}")
+        return "auto"
+    if not hasattr(targets, "items"):
+        raise TypeError("targets must be 'auto', None or a mapping perturbation -> gene(s), "
+                        f"got {type(targets).__name__}")
+    out: dict[str, tuple[str, ...]] = {}
+    for trt, genes in targets.items():
+        genes = (genes,) if isinstance(genes, str) else tuple(genes)
+        if not all(isinstance(g, str) for g in genes):
+            raise TypeError(f"targets[{trt!r}] must be a gene name or a list of gene names")
+        out[str(trt)] = genes
+    return out

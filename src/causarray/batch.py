@@ -64,11 +64,13 @@ from ._validation import (
     as_count_matrix,
     check_covariates,
     check_keywords,
+    check_targets,
     check_treatment,
     parameter_names,
 )
 from ._version import __version__
 from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerprint
+from .inference import adjust_target_families
 
 logger = logging.getLogger("causarray")
 
@@ -1048,6 +1050,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         raise ValueError("lfc_kwargs may set outcome_init only to None (no warm start): "
                          "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit")
     blas_threads = _check_blas_threads(blas_threads)
+    targets = check_targets(lk.get("targets", "auto"))
     Y, X, A, W_A = _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer,
                                 drop_empty_cells)
     data = _prepare_inputs(Y, X, A, W_A)
@@ -1128,7 +1131,8 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
                           f"cache and have no nuisances in {nuis_path!r}; rerun with a fresh "
                           "cache_path to store them", RuntimeWarning, stacklevel=2)
     frames = [records[pl.batch].frame for pl in plans]
-    return pd.concat(frames, ignore_index=True)
+    # the on-target family spans the screen: its BH is redone over all batches' rows
+    return adjust_target_families(pd.concat(frames, ignore_index=True), targets)
 
 
 def _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer, drop_empty_cells):

@@ -47,9 +47,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import LFC_COMPAT_KEYWORDS, check_keywords, parameter_names
+from ._validation import LFC_COMPAT_KEYWORDS, check_keywords, check_targets, parameter_names
 from .glm import fit_glm, groups_from_onehot, sym_outer, sym_unpack
-from .inference import multiple_testing
+from .inference import family_bh, multiple_testing, on_target_pairs
 from .preprocessing import size_factors_from_offset
 from .propensity import clip_bounds, clip_propensity, fit_propensity, make_folds
 
@@ -62,7 +62,7 @@ _AIPW_CHUNK_BYTES = 4 * 2**20     # one genes x cells working array of the AIPW 
 RESULT_COLUMNS = ["gene_names", "tau", "std", "log2fc", "log2fc_se", "stat", "rej", "pvalue",
                   "padj", "pvalue_emp_null_adj", "padj_emp_null_adj", "mean_control",
                   "mean_treated", "estimable", "n_treated", "n_control", "count_treated",
-                  "count_control", "var_floored", "std_raw"]
+                  "count_control", "var_floored", "std_raw", "on_target"]
 
 
 # ----------------------------------------------------------------------------------
@@ -803,7 +803,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         verbose: bool = False, random_state: int = 0, fdx_B: int = 1000, disp_glm=None,
         legacy_fdx_scaling: bool = False, outcome_init=None, nuisance_variance: bool = True,
         bias_correction: bool = True, recenter: bool = True, shift_variance=None,
-        W_gene_folds=None, recenter_genes=None,
+        W_gene_folds=None, recenter_genes=None, targets="auto",
         ps_model: str = "logistic", eps_var=None, backend: str = "auto",
         **kwargs):
     """Doubly robust log fold changes of every gene under every treatment.
@@ -846,6 +846,13 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         ``W`` holds ``U`` as if it were known; this term adds the error of its
         treatment-linked part (see ``docs/gcate.md``, stage 2).
     random_state : seed of the folds and the bootstrap.
+    targets : 'auto' (default), None, or a mapping perturbation -> target gene(s).  The
+        on-target pairs (a perturbation and the gene it targets; with 'auto', the gene
+        named like the perturbation's label) form one BH family across the perturbations
+        and every other pair one family per perturbation, so a knockdown is not judged
+        by how many other genes the perturbation moves (column ``on_target``; see
+        :func:`causarray.inference.family_bh` and ``docs/dr.md``).  None: one family
+        per perturbation over all its genes, as in 0.1.1.
     ps_model : propensity model, 'logistic' (default), 'random_forest_cv' or 'ensemble'
         (forest and logistic averaged, :mod:`causarray.propensity_forest`).
     eps_var : deprecated and ignored, as in 0.1.1 (FutureWarning when given).
@@ -871,6 +878,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
 
     check_backend(backend)
     check_ps_model(ps_model)
+    targets = check_targets(targets)
     warn_eps_var(eps_var)
     if "class_weight" in kwargs:                 # 0.1.1's deprecated spelling
         warnings.warn("class_weight is deprecated in LFC; use ps_class_weight (as in "
@@ -988,6 +996,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
             "n_control": np.full(p, n0, dtype=np.int64),
             "count_treated": res["c1"][k], "count_control": res["c0"][k],
             "var_floored": floored, "std_raw": std_raw,
+            "on_target": on_target_pairs(np.full(p, trt_names[k], dtype=object), gene_names,
+                                         targets),
         })
         if a > 1:
             frame["trt"] = trt_names[k]
@@ -1000,6 +1010,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
                       f"treatment {per}{more})",
                       RuntimeWarning, stacklevel=2)
     df_res = pd.concat(frames, ignore_index=True)
+    # the on-target pairs are BH-adjusted as one family, every other pair per treatment
+    trt_col = df_res["trt"].to_numpy() if a > 1 else np.full(p, trt_names[0], dtype=object)
+    df_res["padj"] = family_bh(df_res["pvalue"].to_numpy(), trt_col,
+                               df_res["on_target"].to_numpy())
     y_hat_out = Y_hat if Y_hat is not None and not isinstance(Y_hat, CounterfactualMeans) \
         else cm
     estimation = dict(pi_hat=pi, pi_hat_raw=pi_raw, ps_clip_bounds=(lower, upper),

@@ -34,6 +34,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 logger = logging.getLogger("causarray")
@@ -462,3 +463,93 @@ def multiple_testing(
         "padj_emp_null_adj": padj_emp,
         "rej": rej,
     }
+
+
+# ----------------------------------------------------------------------------------
+# on-target (cis) and trans hypothesis families
+# ----------------------------------------------------------------------------------
+def on_target_pairs(trt: Any, genes: Any, targets: str | dict | None) -> np.ndarray:
+    """Which rows of a result table are on-target pairs (a perturbation and its target).
+
+    Parameters
+    ----------
+    trt, genes : array_like
+        The perturbation and gene of every row.
+    targets : 'auto', None or dict
+        As returned by :func:`causarray._validation.check_targets`: ``'auto'`` marks
+        rows whose gene has the perturbation's label as its name; a dict maps each
+        perturbation to its target gene(s); None marks no row.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean, one entry per row.
+    """
+    trt = np.asarray(trt, dtype=object).astype(str)
+    genes = np.asarray(genes, dtype=object).astype(str)
+    if targets is None:
+        return np.zeros(trt.size, dtype=bool)
+    if targets == "auto":
+        return trt == genes
+    pairs = {(t, g) for t, gs in targets.items() for g in gs}
+    return np.fromiter(((t, g) in pairs for t, g in zip(trt, genes)), dtype=bool,
+                       count=trt.size)
+
+
+def family_bh(pvalue: Any, trt: Any, on_target: Any) -> np.ndarray:
+    """BH-adjusted p-values with on-target pairs as a family of their own.
+
+    A perturbation's effect on its own target gene is a hypothesis of another kind
+    than its effects elsewhere: it is expected (the knockdown is the design) and
+    there is one such pair per perturbation.  Mixing it into the perturbation's
+    genome-wide family lets the number of *other* discoveries decide whether the
+    knockdown is called.  So, as SCEPTRE separates positive-control from discovery
+    pairs, the families are (see ``docs/dr.md``):
+
+    * on-target pairs: one family across the whole screen;
+    * every other pair: one family per perturbation, as before.
+
+    Each family is adjusted by :func:`bh_adjust`, so FDR is controlled at the level
+    within each family (and at most twice the level over their union).
+
+    Parameters
+    ----------
+    pvalue, trt, on_target : array_like
+        p-values (NaN = not tested), perturbations and on-target flags of the rows.
+
+    Returns
+    -------
+    numpy.ndarray
+        Adjusted p-values, one per row.
+    """
+    pvalue = _as_float_array(pvalue, "pvalue")
+    trt = np.asarray(trt, dtype=object).astype(str)
+    on_target = np.asarray(on_target, dtype=bool)
+    out = np.full(pvalue.shape, np.nan)
+    if on_target.any():
+        out[on_target] = bh_adjust(pvalue[on_target])
+    trans = ~on_target
+    codes, _ = pd.factorize(trt[trans])
+    idx = np.flatnonzero(trans)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    for rows in np.split(idx[order], bounds):
+        if rows.size:
+            out[rows] = bh_adjust(pvalue[rows])
+    return out
+
+
+def adjust_target_families(table: pd.DataFrame, targets: str | dict | None,
+                           trt_col: str = "trt") -> pd.DataFrame:
+    """Set ``on_target`` and recompute ``padj`` of a result table by :func:`family_bh`.
+
+    Works on a whole screen's table (every perturbation's rows), so the on-target
+    family spans all batches.  Without a ``trt`` column the table is one
+    perturbation's (named ``trt_name`` in ``table.attrs`` if present).
+    """
+    trt = table[trt_col].to_numpy() if trt_col in table else \
+        np.full(len(table), str(table.attrs.get("trt_name", "")), dtype=object)
+    on_target = on_target_pairs(trt, table["gene_names"].to_numpy(), targets)
+    table["on_target"] = on_target
+    table["padj"] = family_bh(table["pvalue"].to_numpy(), trt, on_target)
+    return table
