@@ -526,7 +526,7 @@ def null_metrics(results: list[dict[str, Any]],
 
     ``names`` (one per run) adds ``calls_by_run``: name -> calls of that run.
     """
-    p_all, calls, n_pairs, errors, by_run = [], 0, 0, [], {}
+    p_all, calls, n_pairs, errors, by_run, t1_by_run = [], 0, 0, [], {}, {}
     for i, res in enumerate(results):
         if res["status"] != "ok":
             errors.append(res.get("error"))
@@ -535,17 +535,21 @@ def null_metrics(results: list[dict[str, Any]],
         padj = res["padj"][fake]
         c = int(np.sum(np.nan_to_num(padj, nan=1.0) < ALPHA))
         calls += c
+        pv = res["pvalue"][fake].ravel()
         if names is not None:
             by_run[names[i]] = c
+            fin = np.isfinite(pv)
+            t1_by_run[names[i]] = [int(np.sum(pv[fin] < ALPHA)), int(fin.sum())]
         n_pairs += padj.size
-        p_all.append(res["pvalue"][fake].ravel())
+        p_all.append(pv)
     p = np.concatenate(p_all) if p_all else np.array([])
     ok = np.isfinite(p)
     return {"calls": calls if p_all else None, "n_pairs": n_pairs,
             "n_p_nan": int((~ok).sum()),
             "type1": float(np.mean(p[ok] < ALPHA)) if ok.any() else None,
             "n_runs": len(results), "errors": errors[:3],
-            **({"calls_by_run": by_run} if names is not None else {})}
+            **({"calls_by_run": by_run, "type1_by_run": t1_by_run}
+               if names is not None else {})}
 
 
 # ======================================================================================
@@ -678,11 +682,22 @@ def summary_row(row: dict[str, Any], clean: set[str] | None = None) -> dict[str,
         "fake calls NT guide": fg.get("calls"), "type-I NT guide": t1(fg),
         "NT calls, clean guides": (None if clean is None or not fg.get("calls_by_run") else
                                    sum(c for g, c in fg["calls_by_run"].items() if g in clean)),
+        "type-I NT guide, clean guides": _clean_type1(fg, clean),
         "NT guides with calls": " ".join(f"{_short(g)}:{c}" for g, c in
                                          (fg.get("calls_by_run") or {}).items() if c) or None,
         "wall s (real)": row.get("wall_s"),
         "wall s (fakes)": round((fr.get("wall_s") or 0) + (fg.get("wall_s") or 0), 1),
     }
+
+
+def _clean_type1(fg: dict[str, Any], clean: set[str] | None) -> float | None:
+    """Type-I at p < 0.05 over the guides in ``clean`` (None without per-guide counts)."""
+    by = fg.get("type1_by_run")
+    if clean is None or not by:
+        return None
+    hits = sum(v[0] for g, v in by.items() if g in clean)
+    n = sum(v[1] for g, v in by.items() if g in clean)
+    return round(hits / n, 3) if n else None
 
 
 def _short(guide: str) -> str:
@@ -790,7 +805,8 @@ def markdown(result: dict[str, Any]) -> str:
              ("NT calls, clean guides: the NT-guide fake calls restricted to the guides on which "
              "neither the NB GLM nor Wilcoxon made any call (guides with calls by those two "
              "are listed by their last name token in the next column: such guides shift genes "
-             "under simple tests too, so they are not clean nulls)."),
+             "under simple tests too, so they are not clean nulls); type-I NT guide, clean "
+             "guides: the type-I rate over the same guides."),
              "", markdown_table([summary_row(r, clean_guides(rows, r["dataset"]))
                                  for r in rows]), "",
              "## Missed positive controls", "", *_miss_lines(rows), "",

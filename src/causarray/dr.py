@@ -334,7 +334,9 @@ def _block_sums(y: np.ndarray, mu0_raw: np.ndarray, e: np.ndarray, inv_s: np.nda
     sbb = np.einsum("ij,ij->i", phi_b, phi_b)
     soo = np.einsum("ij,ij->i", phi_o, phi_o)
     sbo = np.einsum("ij,ij->i", phi_b, phi_o)
-    out = dict(n=n, sy=y.sum(axis=1), sinv=float(inv_s.sum()))
+    wt1 = np.broadcast_to(np.asarray(wt, dtype=float), (n,))
+    out = dict(n=n, sy=y.sum(axis=1), sinv=float(inv_s.sum()), w1=float(wt1.sum()),
+               w2=float(np.dot(wt1, wt1)))
     if treated:
         out.update(s1=sb, s0=so, s11=sbb, s00=soo, s10=sbo)
     else:
@@ -372,6 +374,8 @@ class _ControlSums:
         d = np.subtract(y, np.minimum(mu0_raw, Y_HAT_CAP))
         d *= inv_s
         self.n, self.sinv = y.shape[1], float(inv_s.sum())
+        self.w1 = w0.sum(axis=0)                           # per treatment, for the df
+        self.w2 = (w0 * w0).sum(axis=0)
         self.sy = y.sum(axis=1)
         self.sq = q.sum(axis=1)
         self.sqq = np.einsum("ij,ij->i", q, q)
@@ -394,7 +398,8 @@ class _ControlSums:
     def sums(self, k: int, e: np.ndarray) -> dict:
         """The sums of :func:`_block_sums` for treatment k (``e``: (m,) factors)."""
         sqq, qdw = self.sqq, self.qdw[:, k]
-        out = dict(n=self.n, sy=self.sy, sinv=self.sinv, s1=e * self.sq,
+        out = dict(n=self.n, sy=self.sy, sinv=self.sinv, w1=float(self.w1[k]),
+                   w2=float(self.w2[k]), s1=e * self.sq,
                    s0=self.sq + self.dw[:, k], s11=e * e * sqq,
                    s00=sqq + 2.0 * qdw + self.ddw[:, k], s10=e * (sqq + qdw))
         if self.R is not None:
@@ -467,6 +472,36 @@ def _nuisance_term(tot: dict, info: _ChunkInformation, k: int, n_k: int,
     return zz + 2.0 * cross
 
 
+def weighted_df(b1: dict, b0: dict, eta_moments) -> np.ndarray:
+    """Satterthwaite degrees of freedom of the AIPW variance under unequal weights.
+
+    The variance estimate is a sum of the two arms' squared influence values, and in
+    arm g each cell's value carries its inverse-propensity weight w_i.  A weighted sum
+    of squares ``sum w_i^2 e_i^2`` of iid e_i has the variance of a chi-square with
+    ``nu = (sum w_i^2)^2 / sum w_i^4`` degrees of freedom (Kish's effective sample
+    size of the squared weights), so the arms' parts ``V_g`` combine as in Welch's
+    test::
+
+        df = (V_1 + V_0)^2 / (V_1^2 / (nu_1 - 1) + V_0^2 / (nu_0 - 1)).
+
+    With equal weights (a randomised design) ``nu_g = n_g`` and this is Welch's df; a
+    few cells of extreme propensity make it small, and the t reference then carries
+    the extra uncertainty of a variance estimated from few effective cells (see
+    ``docs/dr.md``).
+    """
+    parts = []
+    for b in (b1, b0):
+        s, s2 = eta_moments(b)
+        n = max(b["n"], 1)
+        V = np.maximum(s2 - s * s / n, 0.0)
+        nu = b["w1"] ** 2 / b["w2"] if b["w2"] > 0 else 0.0
+        parts.append((V, max(nu - 1.0, 1.0)))
+    (V1, nu1), (V0, nu0) = parts
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = (V1 + V0) ** 2 / (V1 ** 2 / nu1 + V0 ** 2 / nu0)
+    return np.where(np.isfinite(df), np.maximum(df, 2.0), np.inf)
+
+
 def _estimand_from_sums(b1: dict, b0: dict, thres_diff: float, usevar: str, n_params: int,
                         in_sample: bool, bias_correction: bool,
                         info: _ChunkInformation | None = None, k: int = 0) -> dict:
@@ -498,7 +533,7 @@ def _estimand_from_sums(b1: dict, b0: dict, thres_diff: float, usevar: str, n_pa
     with np.errstate(divide="ignore", invalid="ignore"):
         if usevar == "pooled":
             var = sample_var(es, es2, n_k) / n_k
-            df = np.full(var.shape, float(max(n_k - n_params, 2)))
+            df = np.minimum(float(max(n_k - n_params, 2)), weighted_df(b1, b0, eta_moments))
             if in_sample:
                 var *= n_k / max(n_k - n_params, 2)
         else:
