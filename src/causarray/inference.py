@@ -26,7 +26,8 @@ which has conditional variance ``Var(eta_j) / (n std_j^2) ≈ 1``.  The original
 implementation used ``z_bj = sum_i eta_ij g_i / std_j`` (no centring, no 1/n), whose
 standard deviation is ≈ n; its critical values are inflated by ≈ n and FDX never
 rejects (SPEC §9.3, §13 item 24).  That statistic is still reachable through
-``legacy_scaling=True`` for reproduction only.
+``legacy_fdx_scaling=True`` for reproduction only (the same name as in :func:`causarray.LFC`;
+``legacy_scaling`` is its deprecated alias).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from ._compat import renamed_keyword
 
 logger = logging.getLogger("causarray")
 
@@ -217,13 +220,15 @@ def bootstrap_abs_z(
     genes: np.ndarray,
     B: int = 1000,
     random_state: int | None = 0,
-    legacy_scaling: bool = False,
+    legacy_fdx_scaling: bool = False,
     chunk_floats: int = _BOOTSTRAP_CHUNK_FLOATS,
+    *,
+    legacy_scaling: bool | None = None,
 ) -> np.ndarray:
     """Multiplier-bootstrap statistics ``|z_bj|`` for the selected genes.
 
     ``z_bj = sum_i (eta_ij - mean_j eta) g_i / (n std_j)`` with ``g_b ~ N(0, I_n)``
-    (unit variance when ``std_j^2 = Var(eta_j)/n``), or, with ``legacy_scaling``,
+    (unit variance when ``std_j^2 = Var(eta_j)/n``), or, with ``legacy_fdx_scaling``,
     the original's ``sum_i eta_ij g_i / std_j``.
 
     The multipliers are drawn in chunks of at most ceil(B / 8) rows whose working
@@ -245,20 +250,24 @@ def bootstrap_abs_z(
         Number of bootstrap draws.
     random_state : int or None
         Seed of ``numpy.random.default_rng``.
-    legacy_scaling : bool
+    legacy_fdx_scaling : bool
         Use the original mis-scaled statistic (SPEC §9.3).
     chunk_floats : int
         Working-memory budget (floats) per chunk.
+    legacy_scaling : bool, optional
+        Deprecated alias of ``legacy_fdx_scaling`` (FutureWarning).
 
     Returns
     -------
     numpy.ndarray
         ``|z|`` of shape B x m.
     """
+    legacy = renamed_keyword(legacy_fdx_scaling, legacy_scaling, "legacy_scaling",
+                             "legacy_fdx_scaling")
     n_cells = eta.shape[0]
     rng = np.random.default_rng(random_state)
-    scale = 1.0 / std[genes] if legacy_scaling else 1.0 / (float(n) * std[genes])
-    eta_mean = None if legacy_scaling else eta.mean(axis=0)
+    scale = 1.0 / std[genes] if legacy else 1.0 / (float(n) * std[genes])
+    eta_mean = None if legacy else eta.mean(axis=0)
     out = np.empty((B, genes.size))
     # chunk rows: a bounded working set, and at most 1/8 of the B x m result
     rows = max(1, min(-(-B // 8), int(chunk_floats) // max(n_cells, eta.shape[1], 1)))
@@ -293,9 +302,11 @@ def fdx_control(
     c: float = 0.1,
     B: int = 1000,
     random_state: int | None = 0,
-    legacy_scaling: bool = False,
+    legacy_fdx_scaling: bool = False,
     tau: Any = None,
     min_diff: float = 0.1,
+    *,
+    legacy_scaling: bool | None = None,
 ) -> np.ndarray:
     """FDX control: P(FDP > c) <= alpha via step-down + augmentation (SPEC §9.3).
 
@@ -329,12 +340,14 @@ def fdx_control(
         Bootstrap draws.
     random_state : int or None
         Seed of the multipliers.
-    legacy_scaling : bool
+    legacy_fdx_scaling : bool
         Reproduce the original's mis-scaled bootstrap (rejects essentially nothing).
     tau : array_like, optional
         Effect estimates, (p,); needed only for rule 4.
     min_diff : float
         Threshold of rule 4.
+    legacy_scaling : bool, optional
+        Deprecated alias of ``legacy_fdx_scaling`` (FutureWarning).
 
     Returns
     -------
@@ -347,6 +360,8 @@ def fdx_control(
     if eta.dtype != np.float64:
         eta = eta.astype(np.float64)
     _check_fdx_inputs(stat, eta, std, n, alpha, c, B)
+    legacy = renamed_keyword(legacy_fdx_scaling, legacy_scaling, "legacy_scaling",
+                             "legacy_fdx_scaling")
     p = stat.size
     rej = np.zeros(p, dtype=int)
 
@@ -365,7 +380,7 @@ def fdx_control(
     if genes.size:
         # columns in ascending |stat| order, so that a running max gives, for
         # each step s, the max over the genes still remaining at that step
-        absz = bootstrap_abs_z(eta, std, n, genes[::-1], B, random_state, legacy_scaling)
+        absz = bootstrap_abs_z(eta, std, n, genes[::-1], B, random_state, legacy)
         np.maximum.accumulate(absz, axis=1, out=absz)
         crit = _lower_quantile_inplace(absz, 1.0 - alpha)[::-1]
         del absz
@@ -451,7 +466,7 @@ def multiple_testing(
         eta = np.asarray(eta)
         rej = fdx_control(
             stat, eta, std, eta.shape[0] if n is None else n, alpha=fdx_alpha, c=fdx_c,
-            B=fdx_B, random_state=random_state, legacy_scaling=legacy_fdx_scaling, tau=tau,
+            B=fdx_B, random_state=random_state, legacy_fdx_scaling=legacy_fdx_scaling, tau=tau,
         )
     else:
         rej = np.zeros(stat.size, dtype=int)
