@@ -21,7 +21,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 
 def _read_exports(stub: Path) -> tuple[dict[str, str], tuple[str, ...]]:
@@ -49,7 +49,7 @@ _EXPORTS, _PUBLIC_SUBMODULES = _read_exports(Path(__file__).with_suffix(".pyi"))
 _SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__)
                         if not m.name.startswith("_")) | frozenset(_PUBLIC_SUBMODULES)
 
-__all__ = [*_EXPORTS, *_PUBLIC_SUBMODULES]
+__all__ = list(_EXPORTS) + list(_PUBLIC_SUBMODULES)
 
 
 def __getattr__(name: str) -> Any:
