@@ -635,8 +635,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     c1 : stage-2 switch; ``0`` skips stage 2 (U is then orthogonal to [X | A]).
     renormalize : stage 2 also estimates a common log shift of all genes per perturbation
         (robustly, like the confounder shift) and folds it into the treated cells' size
-        factors in ``res_2['kwargs_glm']['size_factor']`` (off by default: ``LFC`` re-centres
-        each perturbation's LFCs itself, see ``docs/dr.md``).
+        factors in ``res_2['kwargs_glm']['size_factor']`` (on by default, together with
+        ``LFC(recenter=True)``, which re-centres each perturbation's LFCs; switch both off
+        for a perturbation that truly moves most genes one way, see ``docs/dr.md``).
     assignment : 'randomized' (default; CRISPR screens, guides assigned at random) or
         'observational' (case-control studies, any selection on cell state).  Decides
         which part of stage 2's treatment-linked shift is confounding (see
