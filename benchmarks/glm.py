@@ -1,6 +1,6 @@
 """Benchmark: the count-GLM engine against a per-gene statsmodels loop.
 
-Problem (issue 2): 4,000 cells x 2,000 genes simulated by ``causarray.simulate``,
+Problem (the tutorial batch's design at a smaller size): 4,000 cells x 2,000 genes simulated by ``causarray.simulate``,
 design = intercept + 15 one-hot perturbations, offsets = log size factors (SPEC §3),
 NB GLM with the dispersion estimated by the recipe of SPEC §4.1:
 Poisson fit -> method-of-moments alpha -> NB fit -> MoM alpha -> final NB fit.

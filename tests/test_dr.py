@@ -408,7 +408,8 @@ def test_papalexi_stat1_jak2_knockdown():
 
 
 # ----------------------------------------------------------------------------------
-# issue 14: effects stay effects (randomized assignment, the default)
+# effects stay effects under randomized assignment (the default): the factors, the
+# confounder shift and the propensity design must not absorb a perturbation's own effect
 # ----------------------------------------------------------------------------------
 def _naive_log_ratio(ad, trt: str, gene: str) -> float:
     """log ratio of library-size-normalised means, perturbation vs controls."""
@@ -426,7 +427,7 @@ def _naive_log_ratio(ad, trt: str, gene: str) -> float:
 @pytest.mark.parametrize("r", [1, 3, 5])
 def test_seed_call_keeps_schraivogel_targets_at_every_r(schraivogel, r):
     """The seed tutorial's call on all cells: the factors must not take the knock-downs.
-    Before issue 14: 13 / 12 / 11 of 14 targets, MYC 0.25 x naive at r = 3, HS2 -> HBE1
+    Before the randomized-assignment changes: 13 / 12 / 11 of 14 targets, MYC 0.25 x naive at r = 3, HS2 -> HBE1
     -2.45 +- 2.39 at r = 5.  CCNE2 (-0.59 +- 0.21, as the NB GLM) misses through BH."""
     from causarray import gcate_lfc_batch
 
@@ -468,7 +469,8 @@ def test_papalexi_programme_knockouts_are_not_taken_for_confounding():
 def test_no_confounding_factors_do_not_add_error():
     """The original's end-to-end design without confounding (n = 300, 30 genes, r = 2,
     half the genes affected by +-U(0.5, 1.5), random assignment): the LFC error with U
-    is at most 1.1 x the error without U (before issue 14: 2 x on this design)."""
+    is at most 1.1 x the error without U (2 x on this design when every shift was taken
+    for confounding)."""
     from causarray import gcate_lfc_batch
 
     mse = []

@@ -18,7 +18,8 @@ from causarray.glm import (
     nb_unit_deviance,
 )
 
-COEF_RTOL = 1e-5     # issue 2: <= 1e-5 relative on coefficients of converged genes
+COEF_RTOL = 1e-5     # the engine must reach statsmodels' MLE: <= 1e-5 relative on the
+                     # coefficients of converged genes
 SE_RTOL = 1e-5
 
 
