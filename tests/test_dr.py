@@ -23,7 +23,8 @@ def _xa(Y, X):
 
 
 def run_causarray(Y, X, A, r, max_iters=20, assignment="observational", **lfc_kwargs):
-    """The single-call path of SPEC §1: fit_gcate -> LFC(Y, [X|U], A, [X_A|U], offset).
+    """The single-call path of docs/math.md#pipeline:
+    fit_gcate -> LFC(Y, [X|U], A, [X_A|U], offset).
 
     The simulations' assignment depends on the confounders: ``'observational'``."""
     _, res_2 = fit_gcate(Y, X, A, r, kwargs_es_1=dict(max_iters=max_iters),
@@ -111,7 +112,8 @@ def test_reusing_nuisances_reproduces_estimates(small_run):
 
 def _reference_estimand(Y, W, A, s, pi, cm, k):
     """One treatment's tau (no bias correction) and variance (with the outcome-model term
-    and the floor), computed cell by cell from SPEC §8 and docs/dr.md §1."""
+    and the floor), computed cell by cell from docs/math.md#doubly-robust-lfc and
+    docs/dr.md (outcome-model estimation error)."""
     n = Y.shape[0]
     rows = np.flatnonzero((A.sum(axis=1) == 0) | (A[:, k] == 1))
     n_k = rows.size

@@ -1,4 +1,4 @@
-"""Multiple testing for the doubly robust log-fold changes (SPEC §8.7, §9).
+"""Multiple testing for the doubly robust log-fold changes (docs/math.md#multiple-testing).
 
 Array in, array out: every function here works on the statistics of **one**
 treatment (the family of tests is that treatment's genes) and knows nothing about
@@ -25,7 +25,7 @@ bootstrap mimics its null distribution with
 which has conditional variance ``Var(eta_j) / (n std_j^2) ≈ 1``.  The original
 implementation used ``z_bj = sum_i eta_ij g_i / std_j`` (no centring, no 1/n), whose
 standard deviation is ≈ n; its critical values are inflated by ≈ n and FDX never
-rejects (SPEC §9.3, §13 item 24).  That statistic is still reachable through
+rejects (docs/math.md#fdx-control).  That statistic is still reachable through
 ``legacy_fdx_scaling=True`` for reproduction only (the same name as in :func:`causarray.LFC`;
 ``legacy_scaling`` is its deprecated alias).
 """
@@ -161,7 +161,7 @@ def empirical_null(stat: Any) -> tuple[float, float]:
 
 
 def empirical_null_adjust(stat: Any, df: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """p-values against a location–scale empirical null (SPEC §9.2).
+    """p-values against a location–scale empirical null (docs/math.md#empirical-null).
 
     ``stat* = (stat - m) / sigma`` with ``m`` the median and ``sigma`` 1.4826 times
     the median absolute deviation of the non-NaN statistics; p-values from the same
@@ -251,7 +251,7 @@ def bootstrap_abs_z(
     random_state : int or None
         Seed of ``numpy.random.default_rng``.
     legacy_fdx_scaling : bool
-        Use the original mis-scaled statistic (SPEC §9.3).
+        Use the original mis-scaled statistic (docs/math.md#fdx-control).
     chunk_floats : int
         Working-memory budget (floats) per chunk.
     legacy_scaling : bool, optional
@@ -308,7 +308,8 @@ def fdx_control(
     *,
     legacy_scaling: bool | None = None,
 ) -> np.ndarray:
-    """FDX control: P(FDP > c) <= alpha via step-down + augmentation (SPEC §9.3).
+    """FDX control: P(FDP > c) <= alpha via step-down + augmentation
+    (docs/math.md#fdx-control).
 
     1. Tested genes: finite ``stat`` and ``1e-8 <= std < inf``.
     2. Multiplier bootstrap ``|z_bj|`` (see :func:`bootstrap_abs_z`).
@@ -426,7 +427,8 @@ def multiple_testing(
     random_state: int | None = 0,
     legacy_fdx_scaling: bool = False,
 ) -> dict[str, np.ndarray]:
-    """p-values, BH, empirical null and FDX decisions for one treatment (SPEC §9).
+    """p-values, BH, empirical null and FDX decisions for one treatment
+    (docs/math.md#multiple-testing).
 
     Parameters
     ----------
