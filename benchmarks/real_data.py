@@ -1,4 +1,5 @@
-"""Benchmark: positive and negative controls on the bundled real CRISPR screens (issue 14).
+"""Benchmark: positive and negative controls on the bundled real CRISPR screens
+(do known knock-downs come out as effects, and fake perturbations as nothing?).
 
 For each bundled screen (``causarray.datasets.load_dataset``) and each method this
 measures what a biologist checks first:

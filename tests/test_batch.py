@@ -1,4 +1,4 @@
-"""Tests of the screen-scale batch pipeline (causarray.batch, SPEC §10)."""
+"""Tests of the screen-scale batch pipeline (causarray.batch, docs/math.md#batch-pipeline)."""
 from __future__ import annotations
 
 import functools

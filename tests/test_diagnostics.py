@@ -1,4 +1,5 @@
-"""Diagnostics (SPEC §11): values against direct numpy / scipy / sklearn computations."""
+"""Diagnostics (docs/math.md#diagnostics): values against direct numpy / scipy / sklearn
+computations."""
 from __future__ import annotations
 
 import matplotlib

@@ -23,7 +23,8 @@ def _xa(Y, X):
 
 
 def run_causarray(Y, X, A, r, max_iters=20, assignment="observational", **lfc_kwargs):
-    """The single-call path of SPEC §1: fit_gcate -> LFC(Y, [X|U], A, [X_A|U], offset).
+    """The single-call path of docs/math.md#pipeline:
+    fit_gcate -> LFC(Y, [X|U], A, [X_A|U], offset).
 
     The simulations' assignment depends on the confounders: ``'observational'``."""
     _, res_2 = fit_gcate(Y, X, A, r, kwargs_es_1=dict(max_iters=max_iters),
@@ -111,7 +112,8 @@ def test_reusing_nuisances_reproduces_estimates(small_run):
 
 def _reference_estimand(Y, W, A, s, pi, cm, k):
     """One treatment's tau (no bias correction) and variance (with the outcome-model term
-    and the floor), computed cell by cell from SPEC §8 and docs/dr.md §1."""
+    and the floor), computed cell by cell from docs/math.md#doubly-robust-lfc and
+    docs/dr.md (outcome-model estimation error)."""
     n = Y.shape[0]
     rows = np.flatnonzero((A.sum(axis=1) == 0) | (A[:, k] == 1))
     n_k = rows.size
@@ -413,7 +415,8 @@ def test_papalexi_stat1_jak2_knockdown():
 
 
 # ----------------------------------------------------------------------------------
-# issue 14: effects stay effects (randomized assignment, the default)
+# effects stay effects under randomized assignment (the default): the factors, the
+# confounder shift and the propensity design must not absorb a perturbation's own effect
 # ----------------------------------------------------------------------------------
 def _naive_log_ratio(ad, trt: str, gene: str) -> float:
     """log ratio of library-size-normalised means, perturbation vs controls."""
@@ -431,9 +434,10 @@ def _naive_log_ratio(ad, trt: str, gene: str) -> float:
 @pytest.mark.parametrize("r", [1, 3, 5])
 def test_seed_call_keeps_schraivogel_targets_at_every_r(schraivogel, r):
     """The seed tutorial's call on all cells: the factors must not take the knock-downs.
-    Before issue 14: 13 / 12 / 11 of 14 targets, MYC 0.25 x naive at r = 3, HS2 -> HBE1
-    -2.45 +- 2.39 at r = 5.  CCNE2 (-0.59 +- 0.21, as the NB GLM) missed through BH within
-    its perturbation until on-target pairs became a family of their own."""
+    Before the randomized-assignment changes: 13 / 12 / 11 of 14 targets, MYC 0.25 x
+    naive at r = 3, HS2 -> HBE1 -2.45 +- 2.39 at r = 5.  CCNE2 (-0.59 +- 0.21, as the NB
+    GLM) missed through BH within its perturbation until on-target pairs became a family
+    of their own."""
     from causarray import gcate_lfc_batch
 
     Y, A, X, X_A = from_anndata(schraivogel, as_dataframe=True)
@@ -474,7 +478,8 @@ def test_papalexi_programme_knockouts_are_not_taken_for_confounding():
 def test_no_confounding_factors_do_not_add_error():
     """The original's end-to-end design without confounding (n = 300, 30 genes, r = 2,
     half the genes affected by +-U(0.5, 1.5), random assignment): the LFC error with U
-    is at most 1.1 x the error without U (before issue 14: 2 x on this design)."""
+    is at most 1.1 x the error without U (2 x on this design when every shift was taken
+    for confounding)."""
     from causarray import gcate_lfc_batch
 
     mse = []

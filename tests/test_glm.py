@@ -18,7 +18,8 @@ from causarray.glm import (
     nb_unit_deviance,
 )
 
-COEF_RTOL = 1e-5     # issue 2: <= 1e-5 relative on coefficients of converged genes
+COEF_RTOL = 1e-5     # the engine must reach statsmodels' MLE: <= 1e-5 relative on the
+                     # coefficients of converged genes
 SE_RTOL = 1e-5
 
 
@@ -57,14 +58,15 @@ def sm_fit(y, D, offset, alpha=None, start=None):
 
 
 def mom_alpha_numpy(y, mu, dof):
-    """SPEC §4.1 steps 3-4, written out for one gene."""
+    """The MoM dispersion of docs/math.md#nb-dispersion, written out for one gene."""
     a = np.sum(((y - mu) ** 2 - y) / np.maximum(mu ** 2, 1e-10)) / max(dof, 1)
     a = np.clip(a, 1e-8, 1e6) if np.isfinite(a) else 1e-8
     return float(np.clip(a, 1e-8, 100.0))
 
 
 def sm_recipe(y, D, offset):
-    """Dispersion recipe of SPEC §4.1 with statsmodels: Poisson -> MoM -> NB -> MoM -> NB."""
+    """Dispersion recipe (docs/math.md#nb-dispersion) with statsmodels:
+    Poisson -> MoM -> NB -> MoM -> NB."""
     dof = D.shape[0] - D.shape[1]
     pois = sm_fit(y, D, offset)
     a0 = mom_alpha_numpy(y, pois.mu, dof)

@@ -138,7 +138,8 @@ def test_bootstrap_is_unit_variance_and_chunking_invariant():
     z_small = bootstrap_abs_z(eta, std, 300, genes, B=2000, random_state=1, chunk_floats=1000)
     np.testing.assert_allclose(z_small, z, rtol=1e-10)
     # legacy statistic: variance ~ n Var(eta)/std^2 ~ n^2 (uncentred: sum of eta^2 / std^2)
-    z_old = bootstrap_abs_z(eta, std, 300, genes, B=500, random_state=1, legacy_scaling=True)
+    z_old = bootstrap_abs_z(eta, std, 300, genes, B=500, random_state=1,
+                            legacy_fdx_scaling=True)
     ratio = (z_old**2).mean(axis=0) / ((eta**2).sum(axis=0) / std**2)
     np.testing.assert_allclose(ratio.mean(), 1.0, atol=0.1)
 
@@ -169,10 +170,29 @@ def test_fdx_rejects_strong_effects_and_controls_fdx():
         power.append(rej[:30].mean())
         if seed < 3:  # the original's mis-scaled bootstrap rejects none of them
             legacy = fdx_control(stat, eta, std, eta.shape[0], B=200, random_state=seed,
-                                 legacy_scaling=True)
+                                 legacy_fdx_scaling=True)
             assert legacy.sum() == 0
     assert np.mean(power) >= 0.9
     assert exceed / n_seeds <= alpha + 0.075
+
+
+def test_legacy_scaling_is_a_deprecated_alias_of_legacy_fdx_scaling():
+    eta = simulate_eta(5, n=200, p=30, n_eff=10, delta=1.0)
+    _, std, stat = lfc_like(eta)
+    genes = np.arange(30)
+    z_new = bootstrap_abs_z(eta, std, 200, genes, B=50, random_state=2, legacy_fdx_scaling=True)
+    msg = "'legacy_scaling' is deprecated; use 'legacy_fdx_scaling'"
+    with pytest.warns(FutureWarning, match=msg):
+        z_old = bootstrap_abs_z(eta, std, 200, genes, B=50, random_state=2, legacy_scaling=True)
+    np.testing.assert_array_equal(z_old, z_new)
+    # the legacy statistic differs from the default one, so the alias really switches it
+    assert not np.allclose(z_new, bootstrap_abs_z(eta, std, 200, genes, B=50, random_state=2))
+    rej_new = fdx_control(stat, eta, std, 200, B=50, random_state=2, legacy_fdx_scaling=True)
+    with pytest.warns(FutureWarning, match="'legacy_scaling' is deprecated"):
+        rej_old = fdx_control(stat, eta, std, 200, B=50, random_state=2, legacy_scaling=True)
+    np.testing.assert_array_equal(rej_old, rej_new)
+    with pytest.raises(TypeError, match="pass 'legacy_fdx_scaling' only"):
+        fdx_control(stat, eta, std, 200, B=50, legacy_fdx_scaling=True, legacy_scaling=True)
 
 
 def test_fdx_augmentation_count_and_ties():

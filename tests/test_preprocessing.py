@@ -1,4 +1,5 @@
-"""Data preparation (SPEC §2), size factors (SPEC §3.1) and the AnnData entry points."""
+"""Data preparation (docs/math.md#data-preparation), size factors
+(docs/math.md#size-factors) and the AnnData entry points."""
 from __future__ import annotations
 
 import re
@@ -35,7 +36,7 @@ def nb_counts(n=300, p=150, seed=0, mean_range=(0.05, 20.0), return_depth=False)
 
 
 def reference_size_factors(Y, min_mean=2.0, min_genes=100):
-    """SPEC §3.1 written out literally, with loops, on a dense array."""
+    """docs/math.md#size-factors written out literally, with loops, on a dense array."""
     Y = np.asarray(Y, dtype=float)
     n, p = Y.shape
     gbar = Y.mean(axis=0)

@@ -4,95 +4,52 @@ Pipeline: counts -> :mod:`~causarray.preprocessing` -> :mod:`~causarray.glm` (co
 -> :mod:`~causarray.gcate` (latent confounders) -> :mod:`~causarray.dr` (doubly robust LFC)
 -> :mod:`~causarray.inference` (p-values, BH, empirical null, FDX) -> results.
 
-The public names below are imported on first use (PEP 562), so ``import causarray``
-stays light: a GCATE fit never loads scikit-learn, matplotlib or the Dask machinery.
+The public names are imported on first use (PEP 562), so ``import causarray`` stays
+light: a GCATE fit never loads scikit-learn, matplotlib or the Dask machinery.
+
+The one list of public names is the stub ``__init__.pyi`` beside this file (one
+``from .module import name as name`` line per name): type checkers and IDEs read it
+directly, and the lazy import map ``_EXPORTS``, ``__all__`` and ``dir(causarray)`` are
+derived from it here.  Every other submodule can be reached lazily too
+(``causarray.glm``, ...) but is not part of ``__all__``.
 """
 from __future__ import annotations
 
+import ast
 import importlib
-from typing import TYPE_CHECKING, Any
+import pkgutil
+from pathlib import Path
+from typing import Any
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
-#: public name -> module that defines it
-_EXPORTS: dict[str, str] = {
-    "prep_causarray_data": "preprocessing",
-    "comp_size_factor": "preprocessing",
-    "from_anndata": "preprocessing",
-    "subset_screen": "preprocessing",
-    "fit_glm": "glm_compat",
-    "fit_glm_fast": "glm_compat",
-    "fit_glm_ondisk": "glm_compat",
-    "reset_random_seeds": "utils",
-    "subsample_ctrl_cells": "utils",
-    "subsample_pert_cells": "utils",
-    "refit_propensity_scores": "propensity_refit",
-    "tune_penalty_factor": "propensity_refit",
-    "select_propensity_factors": "propensity_refit",
-    "load_nuisances": "nuisances",
-    "estimate_dispersion": "glm",
-    "fit_gcate": "gcate",
-    "estimate_r": "gcate",
-    "plot_r": "gcate",
-    "LFC": "dr",
-    "estimate_propensity_scores": "propensity",
-    "bh_adjust": "inference",
-    "simulate_screen": "simulate",
-    "fit_gcate_batch": "batch",
-    "gcate_lfc_batch": "batch",
-    "LFC_batch": "batch",
-    "summarize_propensity_scores": "diagnostics",
-    "plot_propensity_scores": "diagnostics",
-    "summarize_treatment_associations": "diagnostics",
-    "plot_treatment_associations": "diagnostics",
-    "align_test_mask": "diagnostics",
-    "calibration_check": "calibration",
-}
-_SUBMODULES = ("tl", "get", "pl", "report", "calibration", "diagnostics", "datasets",
-               "preprocessing", "glm", "gcate", "factor_model", "dr", "propensity", "inference",
-               "simulate", "batch", "cache", "cli", "glm_compat", "utils", "propensity_refit",
-               "propensity_forest", "nuisances")
 
-__all__ = [
-    "__version__",
-    "prep_causarray_data",
-    "comp_size_factor",
-    "from_anndata",
-    "subset_screen",
-    "fit_glm",
-    "fit_glm_fast",
-    "fit_glm_ondisk",
-    "reset_random_seeds",
-    "subsample_ctrl_cells",
-    "subsample_pert_cells",
-    "refit_propensity_scores",
-    "tune_penalty_factor",
-    "select_propensity_factors",
-    "load_nuisances",
-    "estimate_dispersion",
-    "fit_gcate",
-    "estimate_r",
-    "plot_r",
-    "LFC",
-    "estimate_propensity_scores",
-    "bh_adjust",
-    "simulate_screen",
-    "fit_gcate_batch",
-    "gcate_lfc_batch",
-    "LFC_batch",
-    "summarize_propensity_scores",
-    "plot_propensity_scores",
-    "summarize_treatment_associations",
-    "plot_treatment_associations",
-    "align_test_mask",
-    "calibration_check",
-    "calibration",
-    "diagnostics",
-    "report",
-    "tl",
-    "get",
-    "pl",
-]
+def _read_exports(stub: Path) -> tuple[dict[str, str], tuple[str, ...]]:
+    """``(name -> defining module, public submodules)`` from the re-exports of ``stub``."""
+    exports: dict[str, str] = {}
+    submodules: list[str] = []
+    for node in ast.parse(stub.read_text(encoding="utf-8")).body:
+        if not isinstance(node, ast.ImportFrom) or node.level != 1:
+            raise ValueError(f"{stub.name}:{node.lineno}: only 'from .module import name as "
+                             "name' lines are allowed")
+        for alias in node.names:
+            if alias.asname != alias.name:
+                raise ValueError(f"{stub.name}:{node.lineno}: write {alias.name!r} as "
+                                 f"'{alias.name} as {alias.name}' (an explicit re-export)")
+            if node.module is None:
+                submodules.append(alias.name)
+            else:
+                exports[alias.name] = node.module
+    return exports, tuple(submodules)
+
+
+#: public name -> module that defines it (from ``__init__.pyi``)
+_EXPORTS, _PUBLIC_SUBMODULES = _read_exports(Path(__file__).with_suffix(".pyi"))
+#: every submodule importable lazily as an attribute (public or not)
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__)
+                        if not m.name.startswith("_")) | frozenset(_PUBLIC_SUBMODULES)
+
+__all__ = list(_EXPORTS) + list(_PUBLIC_SUBMODULES)
 
 
 def __getattr__(name: str) -> Any:
@@ -107,32 +64,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
-
-
-if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
-    from . import calibration, diagnostics, pl, report, tl
-    from .batch import LFC_batch, fit_gcate_batch, gcate_lfc_batch
-    from .calibration import calibration_check
-    from .diagnostics import (
-        align_test_mask,
-        plot_propensity_scores,
-        plot_treatment_associations,
-        summarize_propensity_scores,
-        summarize_treatment_associations,
-    )
-    from .dr import LFC
-    from .gcate import estimate_r, fit_gcate, plot_r
-    from .glm import estimate_dispersion
-    from .glm_compat import fit_glm, fit_glm_fast, fit_glm_ondisk
-    from .inference import bh_adjust
-    from .nuisances import load_nuisances
-    from .preprocessing import comp_size_factor, from_anndata, prep_causarray_data, subset_screen
-    from .propensity import estimate_propensity_scores
-    from .propensity_refit import (
-        refit_propensity_scores,
-        select_propensity_factors,
-        tune_penalty_factor,
-    )
-    from .simulate import simulate_screen
-    from .utils import reset_random_seeds, subsample_ctrl_cells, subsample_pert_cells
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)

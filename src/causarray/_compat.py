@@ -54,3 +54,16 @@ def warn_eps_var(eps_var, stacklevel: int = 3) -> None:
         warnings.warn("eps_var is deprecated and ignored (as in causarray 0.1.1): the "
                       "Poisson variance floor replaces the additive constant "
                       "(column var_floored)", FutureWarning, stacklevel=stacklevel)
+
+
+def renamed_keyword(value, old_value, old: str, new: str, stacklevel: int = 3):
+    """Resolve a renamed keyword: ``new``'s value, or the deprecated ``old``'s with a FutureWarning.
+
+    ``old_value`` is None when the old name was not passed.  Passing both names is an error.
+    """
+    if old_value is None:
+        return value
+    if value:
+        raise TypeError(f"pass {new!r} only ({old!r} is its deprecated alias)")
+    warnings.warn(f"{old!r} is deprecated; use {new!r}", FutureWarning, stacklevel=stacklevel)
+    return old_value

@@ -154,9 +154,10 @@ def as_count_matrix(
     name : str
         Name used in error messages.
     non_integer : {'round', 'ignore', 'raise'}
-        What to do with non-integer entries: ``'round'`` (default, SPEC §6.2) rounds
-        them to the nearest integer (half to even) and emits a ``UserWarning`` stating
-        how many entries were rounded; ``'ignore'`` keeps them; ``'raise'`` raises.
+        What to do with non-integer entries (docs/math.md#non-integer-counts):
+        ``'round'`` (default) rounds them to the nearest integer (half to even) and
+        emits a ``UserWarning`` stating how many entries were rounded; ``'ignore'``
+        keeps them; ``'raise'`` raises.
 
     Returns
     -------

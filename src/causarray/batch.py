@@ -1,4 +1,5 @@
-"""Screen-scale pipeline: GCATE and doubly robust LFC over batches of perturbations (SPEC §10).
+"""Screen-scale pipeline: GCATE and doubly robust LFC over batches of perturbations
+(docs/math.md#batch-pipeline).
 
 A screen with hundreds of perturbations is split into batches of perturbations
 (``numpy.array_split`` semantics).  Every batch is analysed on the cells of its
@@ -162,7 +163,8 @@ def control_pool(A: np.ndarray, n_ctrl: int | None = 2000, random_state: int = 0
 def plan_batches(A, batch_size: int = 10, n_batches: int | None = None,
                  max_cells: int | None = 2000, n_ctrl: int | None = 2000,
                  random_state: int = 0) -> list[BatchPlan]:
-    """Split the treatments into batches and choose each batch's cells (SPEC §10.1).
+    """Split the treatments into batches and choose each batch's cells
+    (docs/math.md#batch-pipeline).
 
     Parameters
     ----------
@@ -420,7 +422,8 @@ def _subset_offset(offset, rows: np.ndarray):
 
 
 def shared_dispersion(Y, X: np.ndarray, ctrl_idx: np.ndarray, offset=True) -> np.ndarray:
-    """NB size per gene estimated once on the control pool (design X, SPEC §10.1 step 4).
+    """NB size per gene estimated once on the control pool (design X,
+    docs/math.md#which-cells-estimate-the-dispersion).
 
     Parameters
     ----------
@@ -843,7 +846,8 @@ def fit_gcate_batch(Y, X, A, r: int, batch_size: int = 10, n_batches: int | None
                     family: str = "nb", disp_glm=None, disp_family=None, offset=True,
                     warm_start_U: bool = False, skip_batches=None, random_state: int = 0,
                     verbose: bool = False, **kwargs) -> list[dict]:
-    """Fit GCATE on batches of perturbations sharing one control pool (SPEC §10.1).
+    """Fit GCATE on batches of perturbations sharing one control pool
+    (docs/math.md#batch-pipeline).
 
     Parameters
     ----------

@@ -1,4 +1,6 @@
-"""Diagnostics for the propensity model and for treatment–covariate association (SPEC §11).
+"""Diagnostics for the propensity model and for treatment–covariate association.
+
+Definitions: docs/math.md#diagnostics.
 
 Everything here is descriptive: nothing refits the outcome model or changes a
 p-value of a result table.

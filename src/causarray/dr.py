@@ -1,4 +1,4 @@
-"""Doubly robust (AIPW) estimation of causal log fold changes (SPEC §8).
+"""Doubly robust (AIPW) estimation of causal log fold changes (docs/math.md#doubly-robust-lfc).
 
 For treatment k the population is I_k = controls ∪ {cells with A_k = 1}.  With
 outcome-model counterfactual means mu0_ij, mu1_ijk (an NB GLM on ``[W | A]``),
@@ -138,7 +138,10 @@ class CounterfactualMeans:
         return np.minimum(m0, Y_HAT_CAP), np.minimum(m0 * e, Y_HAT_CAP)
 
     def to_array(self) -> np.ndarray:
-        """The full n x p x a x 2 tensor of SPEC §8.3 (memory heavy; for small problems)."""
+        """The full n x p x a x 2 tensor of counterfactual means (memory heavy; small problems).
+
+        See docs/math.md#outcome-model.
+        """
         p, n = self.mu0.shape
         a = self.effect.shape[2]
         out = np.empty((n, p, a, 2))

@@ -1,6 +1,6 @@
 """GCATE: latent confounder estimation with a NB / Poisson GLM factor model.
 
-Model (SPEC §6.1), for cell i and gene j::
+Model (docs/math.md#gcate-model), for cell i and gene j::
 
     log E[y_ij] = o_i + x_i' b_j + a_i' beta_j + u_i' gamma_j,    y_ij ~ NB(size r_j)
 
@@ -23,7 +23,7 @@ weighted by the standard errors.  Huber regression is the mean-shift outlier
 model ``min ||beta_hat - Gamma alpha - e||^2 + lambda ||e||_1``: the L1-penalised
 direct effects of the GCATE second stage.  The returned stage-2 confounders
 ``U = U_1 + A alpha`` carry that treatment-correlated component, which the doubly
-robust step must see (SPEC Decisions §3).  See ``docs/gcate.md``.
+robust step must see (docs/math.md#treatment-correlated-confounding).  See ``docs/gcate.md``.
 """
 from __future__ import annotations
 
@@ -145,9 +145,10 @@ def _check_inputs(Y, X, A, r: int, family: str):
 def _initial_glm(Y, X, A, log_s, family: str, disp_glm) -> GLMFit:
     """GLM on [X | A] with the NB size per gene: given, infinite (Poisson) or estimated.
 
-    With ``disp_glm=None`` and family 'nb' the size is the method-of-moments estimate of
-    SPEC §4.3 (the same fit as :func:`causarray.glm.estimate_dispersion`), whose final NB
-    fit doubles as the starting point of GCATE.
+    With ``disp_glm=None`` and family 'nb' the size is the method-of-moments estimate on
+    all cells and design [X | A] (docs/math.md#which-cells-estimate-the-dispersion; the
+    same fit as :func:`causarray.glm.estimate_dispersion`), whose final NB fit doubles as
+    the starting point of GCATE.
     """
     p = Y.shape[1]
     if family == "poisson":
@@ -194,7 +195,7 @@ def _rebalance(U: np.ndarray, Gamma: np.ndarray):
 # the factor model passes
 # ----------------------------------------------------------------------------------
 class _EarlyStopping:
-    """Relative-improvement early stopping (SPEC §6.4)."""
+    """Relative-improvement early stopping (docs/math.md#early-stopping)."""
 
     def __init__(self, max_iters=50, rel_tol=2e-4, patience=5, warmup=0, tolerance=0.0):
         self.max_iters, self.rel_tol, self.patience = int(max_iters), rel_tol, patience
@@ -635,8 +636,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     c1 : stage-2 switch; ``0`` skips stage 2 (U is then orthogonal to [X | A]).
     renormalize : stage 2 also estimates a common log shift of all genes per perturbation
         (robustly, like the confounder shift) and folds it into the treated cells' size
-        factors in ``res_2['kwargs_glm']['size_factor']`` (off by default: ``LFC`` re-centres
-        each perturbation's LFCs itself, see ``docs/dr.md``).
+        factors in ``res_2['kwargs_glm']['size_factor']`` (on by default, together with
+        ``LFC(recenter=True)``, which re-centres each perturbation's LFCs; switch both off
+        for a perturbation that truly moves most genes one way, see ``docs/dr.md``).
     assignment : 'randomized' (default; CRISPR screens, guides assigned at random) or
         'observational' (case-control studies, any selection on cell state).  Decides
         which part of stage 2's treatment-linked shift is confounding (see
@@ -814,7 +816,10 @@ def _result(X, A, U, coef, hist, n_iter, kw_glm, es, ls) -> dict:
 # choosing r: JIC
 # ----------------------------------------------------------------------------------
 def subsample_control_priority(A: np.ndarray, max_cells: int, random_state: int = 0) -> np.ndarray:
-    """Sorted row indices of a control-priority subsample of at most ``max_cells`` cells (SPEC §7.1)."""
+    """Sorted row indices of a control-priority subsample of at most ``max_cells`` cells.
+
+    See docs/math.md#control-priority-subsample.
+    """
     n = A.shape[0]
     if max_cells is None or n <= max_cells:
         return np.arange(n)
@@ -830,7 +835,7 @@ def subsample_control_priority(A: np.ndarray, max_cells: int, random_state: int 
 
 
 def jic_penalty(n: int, p: int, n_params: int) -> float:
-    """nu = n_params * log(min(n, p)) / min(n, p)  (SPEC §7.3)."""
+    """nu = n_params * log(min(n, p)) / min(n, p)  (docs/math.md#jic)."""
     m = min(n, p)
     return n_params * np.log(m) / m
 
@@ -941,7 +946,7 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
 
 
 def plot_r(df_r: pd.DataFrame, c: float = 1.0):
-    """Two-panel JIC figure (SPEC §7.4); the selected r (min JIC) is marked.
+    """Two-panel JIC figure (docs/math.md#jic); the selected r (min JIC) is marked.
 
     Left: deviance, c*nu (twin axis) and JIC against r.  Right: the successive decrease of
     the deviance and increase of c*nu; where they cross, extra factors stop paying off.

@@ -9,8 +9,8 @@ where ``x_i`` are dense covariates (the intercept included), ``g(i)`` is the
 perturbation group of cell i (no group for controls) and ``o_i`` an offset (log size
 factor).  Group indicators are disjoint, so the group block of the Fisher information
 ``G'WG`` is diagonal; each Newton step is solved through the Schur complement of that
-block (SPEC §5.2), which costs ``O(n p d^2)`` instead of ``O(n p (d + a)^2)`` and gives
-the exact IRLS solution.
+block (docs/math.md#schur-complement-for-one-hot-treatments), which costs ``O(n p d^2)``
+instead of ``O(n p (d + a)^2)`` and gives the exact IRLS solution.
 
 Two solvers share this module:
 
@@ -200,7 +200,7 @@ def _scores(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 
 def _mom_alpha(y: np.ndarray, mu: np.ndarray, dof: int) -> np.ndarray:
-    """Method-of-moments dispersion per gene (SPEC §4.1 step 3), before clipping to [1e-8, 100].
+    """Method-of-moments dispersion per gene (docs/math.md#nb-dispersion), before clipping.
 
     alpha_j = sum_i [(y - mu)^2 - y] / max(mu^2, 1e-10) / max(dof, 1); non-finite -> 1e-8.
     """
@@ -218,7 +218,10 @@ def _mom_alpha(y: np.ndarray, mu: np.ndarray, dof: int) -> np.ndarray:
 
 
 def _size_from_mom(alpha: np.ndarray, all_zero: np.ndarray) -> np.ndarray:
-    """SPEC §4.1 step 4: alpha clipped to [1e-8, 100], size = 1/alpha, 1 for all-zero genes."""
+    """alpha clipped to [1e-8, 100], size = 1/alpha, 1 for all-zero genes.
+
+    See docs/math.md#nb-dispersion.
+    """
     size = 1.0 / np.clip(alpha, 1e-8, 100.0)
     size[all_zero | ~np.isfinite(size)] = 1.0
     return size
@@ -747,7 +750,8 @@ def _group_mean_start(design: _Design, Y: np.ndarray):
 def _schur_chunk(design: _Design, Y: np.ndarray, alpha: np.ndarray | None,
                  init: np.ndarray | None, *, max_iter: int, tol: float, ridge: float,
                  compute_se: bool):
-    """Fit one row-sorted chunk with the Schur IRLS; alpha None = MoM recipe (SPEC §4.1)."""
+    """Fit one row-sorted chunk with the Schur IRLS; alpha None = MoM recipe
+    (docs/math.md#nb-dispersion)."""
     n, m = Y.shape
     d, a = design.d, design.n_groups
     all_zero = ~(Y > 0).any(axis=0)
@@ -1045,7 +1049,8 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
         the intercept); a non-one-hot ``A`` is appended to ``X``.
     family : 'nb' or 'poisson'.
     size : NB size per gene (p,) or scalar.  ``None`` with family 'nb' estimates it by
-        method of moments (Poisson fit -> MoM -> NB fit -> MoM -> NB fit, SPEC §4.1).
+        method of moments (Poisson fit -> MoM -> NB fit -> MoM -> NB fit,
+        docs/math.md#nb-dispersion).
     offset : (n,) per-cell offsets (log size factors).
     max_iter, tol : iteration cap and relative deviance tolerance of the final fit.
     ridge : relative damping added to the Hessian diagonal only (does not move the MLE).
@@ -1182,7 +1187,7 @@ def _iter_fitted_means(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
 
 def mom_size(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
              offset: np.ndarray) -> np.ndarray:
-    """Method-of-moments NB size per gene from fitted means (SPEC §4.1 steps 3-4).
+    """Method-of-moments NB size per gene from fitted means (docs/math.md#nb-dispersion).
 
     alpha_j = sum_i [(y - mu)^2 - y] / max(mu^2, 1e-10) / (n - q), clipped to [1e-8, 100];
     size = 1/alpha (1 for genes without counts).
@@ -1200,7 +1205,8 @@ def mom_size(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
 
 def estimate_dispersion(Y, X: np.ndarray, A: np.ndarray | None = None,
                         offset: np.ndarray | None = None, max_iter: int = 50) -> np.ndarray:
-    """NB size r_j per gene by the MoM recipe of SPEC §4.1 on design ``[X | A]``."""
+    """NB size r_j per gene by the MoM recipe on design ``[X | A]``
+    (docs/math.md#nb-dispersion)."""
     off = np.zeros(Y.shape[0]) if offset is None else np.asarray(offset, float)
     fit = fit_glm(Y, X, A, family="nb", size=None, offset=off, max_iter=max_iter,
                   compute_se=False)

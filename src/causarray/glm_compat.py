@@ -12,7 +12,7 @@ the object-returning engine.  Differences from 0.1.1, all deliberate:
 * no coefficient bounds and no regularised fallback (``shrinkage``, ``alpha`` are
   accepted and ignored): a gene whose MLE does not exist gets the engine's pinned
   coefficients instead of the original's all-zero row and swapped fallback means
-  (SPEC §13 pitfall 32);
+  (docs/math.md#outcome-model);
 * ``impute`` given as an array is used as the prediction covariates (the original
   overwrote it with the training covariates); ``offset_test`` is their offset.
 """

@@ -1,4 +1,4 @@
-"""Multiple testing for the doubly robust log-fold changes (SPEC §8.7, §9).
+"""Multiple testing for the doubly robust log-fold changes (docs/math.md#multiple-testing).
 
 Array in, array out: every function here works on the statistics of **one**
 treatment (the family of tests is that treatment's genes) and knows nothing about
@@ -25,8 +25,9 @@ bootstrap mimics its null distribution with
 which has conditional variance ``Var(eta_j) / (n std_j^2) ≈ 1``.  The original
 implementation used ``z_bj = sum_i eta_ij g_i / std_j`` (no centring, no 1/n), whose
 standard deviation is ≈ n; its critical values are inflated by ≈ n and FDX never
-rejects (SPEC §9.3, §13 item 24).  That statistic is still reachable through
-``legacy_scaling=True`` for reproduction only.
+rejects (docs/math.md#fdx-control).  That statistic is still reachable through
+``legacy_fdx_scaling=True`` for reproduction only (the same name as in :func:`causarray.LFC`;
+``legacy_scaling`` is its deprecated alias).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from ._compat import renamed_keyword
 
 logger = logging.getLogger("causarray")
 
@@ -159,7 +162,7 @@ def empirical_null(stat: Any) -> tuple[float, float]:
 
 
 def empirical_null_adjust(stat: Any, df: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """p-values against a location–scale empirical null (SPEC §9.2).
+    """p-values against a location–scale empirical null (docs/math.md#empirical-null).
 
     ``stat* = (stat - m) / sigma`` with ``m`` the median and ``sigma`` 1.4826 times
     the median absolute deviation of the non-NaN statistics; p-values from the same
@@ -218,13 +221,15 @@ def bootstrap_abs_z(
     genes: np.ndarray,
     B: int = 1000,
     random_state: int | None = 0,
-    legacy_scaling: bool = False,
+    legacy_fdx_scaling: bool = False,
     chunk_floats: int = _BOOTSTRAP_CHUNK_FLOATS,
+    *,
+    legacy_scaling: bool | None = None,
 ) -> np.ndarray:
     """Multiplier-bootstrap statistics ``|z_bj|`` for the selected genes.
 
     ``z_bj = sum_i (eta_ij - mean_j eta) g_i / (n std_j)`` with ``g_b ~ N(0, I_n)``
-    (unit variance when ``std_j^2 = Var(eta_j)/n``), or, with ``legacy_scaling``,
+    (unit variance when ``std_j^2 = Var(eta_j)/n``), or, with ``legacy_fdx_scaling``,
     the original's ``sum_i eta_ij g_i / std_j``.
 
     The multipliers are drawn in chunks of at most ceil(B / 8) rows whose working
@@ -246,20 +251,24 @@ def bootstrap_abs_z(
         Number of bootstrap draws.
     random_state : int or None
         Seed of ``numpy.random.default_rng``.
-    legacy_scaling : bool
-        Use the original mis-scaled statistic (SPEC §9.3).
+    legacy_fdx_scaling : bool
+        Use the original mis-scaled statistic (docs/math.md#fdx-control).
     chunk_floats : int
         Working-memory budget (floats) per chunk.
+    legacy_scaling : bool, optional
+        Deprecated alias of ``legacy_fdx_scaling`` (FutureWarning).
 
     Returns
     -------
     numpy.ndarray
         ``|z|`` of shape B x m.
     """
+    legacy = renamed_keyword(legacy_fdx_scaling, legacy_scaling, "legacy_scaling",
+                             "legacy_fdx_scaling")
     n_cells = eta.shape[0]
     rng = np.random.default_rng(random_state)
-    scale = 1.0 / std[genes] if legacy_scaling else 1.0 / (float(n) * std[genes])
-    eta_mean = None if legacy_scaling else eta.mean(axis=0)
+    scale = 1.0 / std[genes] if legacy else 1.0 / (float(n) * std[genes])
+    eta_mean = None if legacy else eta.mean(axis=0)
     out = np.empty((B, genes.size))
     # chunk rows: a bounded working set, and at most 1/8 of the B x m result
     rows = max(1, min(-(-B // 8), int(chunk_floats) // max(n_cells, eta.shape[1], 1)))
@@ -294,11 +303,14 @@ def fdx_control(
     c: float = 0.1,
     B: int = 1000,
     random_state: int | None = 0,
-    legacy_scaling: bool = False,
+    legacy_fdx_scaling: bool = False,
     tau: Any = None,
     min_diff: float = 0.1,
+    *,
+    legacy_scaling: bool | None = None,
 ) -> np.ndarray:
-    """FDX control: P(FDP > c) <= alpha via step-down + augmentation (SPEC §9.3).
+    """FDX control: P(FDP > c) <= alpha via step-down + augmentation
+    (docs/math.md#fdx-control).
 
     1. Tested genes: finite ``stat`` and ``1e-8 <= std < inf``.
     2. Multiplier bootstrap ``|z_bj|`` (see :func:`bootstrap_abs_z`).
@@ -330,12 +342,14 @@ def fdx_control(
         Bootstrap draws.
     random_state : int or None
         Seed of the multipliers.
-    legacy_scaling : bool
+    legacy_fdx_scaling : bool
         Reproduce the original's mis-scaled bootstrap (rejects essentially nothing).
     tau : array_like, optional
         Effect estimates, (p,); needed only for rule 4.
     min_diff : float
         Threshold of rule 4.
+    legacy_scaling : bool, optional
+        Deprecated alias of ``legacy_fdx_scaling`` (FutureWarning).
 
     Returns
     -------
@@ -348,6 +362,8 @@ def fdx_control(
     if eta.dtype != np.float64:
         eta = eta.astype(np.float64)
     _check_fdx_inputs(stat, eta, std, n, alpha, c, B)
+    legacy = renamed_keyword(legacy_fdx_scaling, legacy_scaling, "legacy_scaling",
+                             "legacy_fdx_scaling")
     p = stat.size
     rej = np.zeros(p, dtype=int)
 
@@ -366,7 +382,7 @@ def fdx_control(
     if genes.size:
         # columns in ascending |stat| order, so that a running max gives, for
         # each step s, the max over the genes still remaining at that step
-        absz = bootstrap_abs_z(eta, std, n, genes[::-1], B, random_state, legacy_scaling)
+        absz = bootstrap_abs_z(eta, std, n, genes[::-1], B, random_state, legacy)
         np.maximum.accumulate(absz, axis=1, out=absz)
         crit = _lower_quantile_inplace(absz, 1.0 - alpha)[::-1]
         del absz
@@ -412,7 +428,8 @@ def multiple_testing(
     random_state: int | None = 0,
     legacy_fdx_scaling: bool = False,
 ) -> dict[str, np.ndarray]:
-    """p-values, BH, empirical null and FDX decisions for one treatment (SPEC §9).
+    """p-values, BH, empirical null and FDX decisions for one treatment
+    (docs/math.md#multiple-testing).
 
     Parameters
     ----------
@@ -452,7 +469,7 @@ def multiple_testing(
         eta = np.asarray(eta)
         rej = fdx_control(
             stat, eta, std, eta.shape[0] if n is None else n, alpha=fdx_alpha, c=fdx_c,
-            B=fdx_B, random_state=random_state, legacy_scaling=legacy_fdx_scaling, tau=tau,
+            B=fdx_B, random_state=random_state, legacy_fdx_scaling=legacy_fdx_scaling, tau=tau,
         )
     else:
         rej = np.zeros(stat.size, dtype=int)

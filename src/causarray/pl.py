@@ -225,7 +225,7 @@ def _jic_table(data: Any, key: str) -> pd.DataFrame:
 
 
 def _draw_jic(ax_left: Any, ax_right: Any, df: pd.DataFrame, c: float) -> None:
-    """The two panels of ``plot_r`` (SPEC §7.4) on given axes."""
+    """The two panels of ``plot_r`` (docs/math.md#jic) on given axes."""
     r = df["r"].to_numpy()
     dev = df["deviance"].to_numpy(dtype=float)
     pen = c * df["nu"].to_numpy(dtype=float)

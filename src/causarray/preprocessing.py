@@ -3,10 +3,10 @@
 Functions
 ---------
 prep_causarray_data
-    Capped counts and the outcome / propensity designs (SPEC §2).
+    Capped counts and the outcome / propensity designs (docs/math.md#data-preparation).
 comp_size_factor
     Per-cell size factors: median of ratios on expressed genes, library size or
-    fixed scale (SPEC §3.1).
+    fixed scale (docs/math.md#size-factors).
 from_anndata
     Build ``(Y, A, X, X_A)`` from an AnnData screen (one label column per cell).
 subset_screen
@@ -45,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger("causarray")
 
-#: Percentile of the per-gene maxima used as the count cap (SPEC §2 step 1).
+#: Percentile of the per-gene maxima used as the count cap (docs/math.md#data-preparation).
 CAP_PERCENTILE = 99.9
 
 
@@ -155,7 +155,7 @@ def prep_causarray_data(
     X_A: Any = None,
     intercept: bool = True,
 ) -> tuple[Any, Any, np.ndarray, np.ndarray]:
-    """Prepare counts, treatments and designs for causarray (SPEC §2).
+    """Prepare counts, treatments and designs for causarray (docs/math.md#data-preparation).
 
     Steps, in order:
 
@@ -247,7 +247,8 @@ def prep_causarray_data(
 
 # ----------------------------------------------------------------------------- size factors
 def _expressed_gene_set(gene_means: np.ndarray, min_mean: float, min_genes: int) -> np.ndarray:
-    """Indices of the genes used for median-of-ratios size factors (SPEC §3.1 step 1).
+    """Indices of the genes used for median-of-ratios size factors
+    (docs/math.md#size-factors, step 1).
 
     S = {j : mean_j >= min_mean}; if |S| < min(min_genes, p), S = the ``min_genes``
     genes with the largest means (ties: lower index first); genes with mean 0 dropped.
@@ -308,9 +309,9 @@ def _log_median_of_ratios(
 ) -> np.ndarray:
     """L_i = median_{j in S, y_ij > 0} (log y_ij - G_j), G_j = mean_{y_ij > 0} log y_ij.
 
-    NaN for cells with no positive count in S (SPEC §3.1 steps 1-3).  Two passes over
-    row blocks (the geometric means, then the per-cell medians), so the working memory
-    is one block, not a copy of ``Y``.
+    NaN for cells with no positive count in S (docs/math.md#size-factors, steps 1-3).
+    Two passes over row blocks (the geometric means, then the per-cell medians), so the
+    working memory is one block, not a copy of ``Y``.
     """
     n = Y.shape[0]
     gene_means = (
@@ -338,7 +339,7 @@ def _log_median_of_ratios(
 
 
 def _fill_undefined_log_factors(L: np.ndarray, totals: np.ndarray) -> np.ndarray:
-    """Fallback for cells without counts in S (SPEC §3.1 step 4).
+    """Fallback for cells without counts in S (docs/math.md#size-factors, step 4).
 
     L_i = T_i + delta with T_i = log sum_j y_ij and delta = median over cells with a
     defined L of (L_i - T_i). Empty cells stay undefined.
@@ -362,7 +363,7 @@ def comp_size_factor(
     min_mean: float = 2.0,
     min_genes: int = 100,
 ) -> np.ndarray:
-    """Per-cell size factors s_i (SPEC §3.1).
+    """Per-cell size factors s_i (docs/math.md#size-factors).
 
     ``'geomeans'`` (default) — median of ratios on expressed genes:
 
@@ -375,7 +376,7 @@ def comp_size_factor(
        the median of (L_i - log sum_j y_ij) over cells with a defined L.
     5. s_i = exp(L_i - mean of the finite L); empty cells get s_i = 0.
 
-    ``min_mean=0`` uses all genes with a count (the V9 gene set) but keeps the fallback.
+    ``min_mean=0`` uses all genes with a count (the gene set of causarray 0.0.9) but keeps the fallback.
 
     ``'libsize'``: s_i = sum_j y_ij / geometric mean of the positive totals (0 for empty
     cells). ``'scale'``: s_i = sum_j y_ij / lib_size.

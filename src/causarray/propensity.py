@@ -1,4 +1,5 @@
-"""Propensity scores for one-vs-shared-controls comparisons (SPEC §8.2, §11).
+"""Propensity scores for one-vs-shared-controls comparisons
+(docs/math.md#propensity-scores).
 
 For treatment k the population is I_k = controls (all-zero rows of ``A``) ∪ cells
 with ``A_ik = 1`` (or ``mask[:, k]`` when a mask is given).  Over the eligible cells of
@@ -13,10 +14,10 @@ Notes
 * The L2 penalty is **not invariant to the scale of the columns** of ``W_A``.  The
   latent factors U have an arbitrary scale, so multiplying U by a constant changes
   the scores (a larger scale means a weaker effective penalty); C matters as well
-  (SPEC §13 item 35).  Nothing is standardised here; standardise ``W_A`` yourself if
+  (docs/math.md#propensity-scores).  Nothing is standardised here; standardise ``W_A`` yourself if
   you want a scale-free penalty.
 * ``class_weight=None`` gives calibrated scores (the default).  ``'balanced'`` (the
-  V9 default) centres the scores near 0.5 whatever the prevalence, which makes the
+  0.0.9 default) centres the scores near 0.5 whatever the prevalence, which makes the
   inverse weights of rare treatments far too small; use it only to reproduce old
   results.
 """
@@ -132,7 +133,7 @@ def eligible_cells(A: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
 # folds
 # ----------------------------------------------------------------------------------
 def make_folds(n: int, K: int, random_state: int | None = 0) -> np.ndarray:
-    """Fold ids for K-fold cross-fitting with shuffling (SPEC §8.4).
+    """Fold ids for K-fold cross-fitting with shuffling (docs/math.md#cross-fitting).
 
     Parameters
     ----------
@@ -228,7 +229,7 @@ def fit_propensity(
     verbose: bool = False,
     ps_model: str = "logistic",
 ) -> np.ndarray:
-    """Raw (unclipped) propensity scores, one-vs-shared-controls (SPEC §8.2).
+    """Raw (unclipped) propensity scores, one-vs-shared-controls (docs/math.md#propensity-scores).
 
     Parameters
     ----------
@@ -313,7 +314,8 @@ def fit_propensity(
 def clip_bounds(
     A: Any, mask: Any = None, ps_clip: Any = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-treatment clipping bounds for the scores entering AIPW (SPEC §8.2).
+    """Per-treatment clipping bounds for the scores entering AIPW
+    (docs/math.md#propensity-scores).
 
     Parameters
     ----------
@@ -442,7 +444,7 @@ def estimate_propensity_scores(
     verbose : bool
         Progress bar.
     class_weight : None, 'balanced' or dict
-        None gives calibrated scores; 'balanced' reproduces V9.
+        None gives calibrated scores; 'balanced' reproduces causarray 0.0.9.
     C : float
         Inverse L2 penalty strength.
 

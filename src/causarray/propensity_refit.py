@@ -1,4 +1,5 @@
-"""Treatment-specific propensity refits (SPEC §11; the 0.1.1 propensity-refit workflow).
+"""Treatment-specific propensity refits (the 0.1.1 propensity-refit workflow;
+docs/math.md#diagnostics).
 
 Some perturbations shift an observed covariate (library size, a latent factor) so much
 that the propensity model separates their cells from the controls; their inverse

@@ -13,8 +13,8 @@ Steps of :func:`lfc`:
    treatment matrix ``A`` (controls dropped), ``X = [1 | covariates]`` and
    ``X_A = [1 | covariates | log library size]``; the counts must be raw integers.
 2. ``r='auto'``: :func:`causarray.gcate.estimate_r` on a control-priority subsample
-   of at most ``max_cells`` (default 2,000) cells over a small grid; ``r`` is the
-   argmin of JIC.
+   of at most ``max_cells`` cells (2,000 when ``max_cells`` is None) over a small
+   grid; ``r`` is the argmin of JIC.
 3. :func:`causarray.batch.gcate_lfc_batch`: GCATE confounders (none with r = 0) and
    doubly robust log fold changes, batch by batch, cached in ``cache_path`` so a
    re-run resumes. By default every cell is used: each batch holds all control cells
