@@ -131,7 +131,7 @@ def test_r_selection_default_figure(jic):
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 3                          # two panels and the c·nu twin axis
     left, right = fig.axes[:2]
-    twin_left = [a for a in fig.axes[2:] if a.bbox.bounds == left.bbox.bounds][0]
+    twin_left = next(a for a in fig.axes[2:] if a.bbox.bounds == left.bbox.bounds)
     assert [ln.get_label() for ln in left.lines[:2]] == ["deviance", "JIC"]
     np.testing.assert_allclose(left.lines[1].get_ydata(), jic["deviance"] + 2.0 * jic["nu"])
     np.testing.assert_allclose(twin_left.lines[0].get_ydata(), 2.0 * jic["nu"])
@@ -193,7 +193,7 @@ def test_propensity_from_anndata_least_overlap_first():
 
 
 def test_propensity_from_matrix_with_ax():
-    adata, scores, labels = _adata_with_scores()
+    _, scores, labels = _adata_with_scores()
     A = pd.DataFrame({p: (labels == p).astype(float) for p in ["P1", "P2", "P3"]})
     fig, ax = plt.subplots()
     out = pl.propensity(A, scores, treatments=["P3"], ax=ax)
@@ -295,7 +295,7 @@ def test_treatment_associations_and_alias():
 
 def test_every_pl_function_draws_and_returns_what_it_documents(results, jic):
     """Each public pl name draws under Agg: Axes for one panel, Figure for several."""
-    adata, scores, labels = _adata_with_scores()
+    _, scores, labels = _adata_with_scores()
     A = pd.DataFrame({p: (labels == p).astype(float) for p in ["P1", "P2", "P3"]})
     summary = pd.DataFrame({"treatment": ["P1", "P2"], "covariate": ["z", "z"],
                             "spearman_rho": [0.1, -0.2], "padj": [0.5, 0.01]})
