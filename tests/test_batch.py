@@ -414,7 +414,8 @@ def test_replogle_tutorial_example_small(tmp_path):
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "Result shape : (6400, 22)" in out                    # 32 perts x 200 genes
+    # 32 perts x 200 genes; LFC's columns plus trt and batch
+    assert f"Result shape : (6400, {len(RESULT_COLUMNS) + 2})" in out
     hits = int(re.search(r"Perturbations with >= 1 hit: (\d+)", out).group(1))
     assert hits >= 28                     # every perturbation knocks down its target gene
     assert {"replogle_results.h5", "replogle-r.csv", "replogle_simulated.h5ad",

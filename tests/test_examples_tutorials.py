@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from causarray.dr import RESULT_COLUMNS
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
@@ -31,7 +33,8 @@ def _num(pattern: str, text: str) -> float:
 
 def test_perturbseq_tutorial_small(tmp_path):
     out = _run("perturbseq_tutorial.py", tmp_path)
-    assert "Result shape : (1800, 21)" in out                    # 6 perts x 300 genes
+    # 6 perts x 300 genes; LFC's columns plus trt
+    assert f"Result shape : (1800, {len(RESULT_COLUMNS) + 1})" in out
     assert _num(r"First pass: \d+ discoveries \(padj < 0.05\), FDP ([\d.]+)", out) < 0.2
     assert _num(r"First pass: .* power ([\d.]+)", out) > 0.3
     assert "select_propensity_factors:" in out and "Refit:" in out

@@ -5,12 +5,12 @@ Definitions: docs/math.md#diagnostics.
 Everything here is descriptive: nothing refits the outcome model or changes a
 p-value of a result table.
 
-* :func:`summarize_propensity_scores` / :func:`plot_propensity_scores` — for each
+* :func:`summarize_propensity_scores` — for each
   treatment k, the scores of its treated cells against those of the shared controls
   (cells of other treatments excluded): histogram overlap, AUC, Brier score, share of
   scores outside an overlap window or on the clipping bounds, and Kish effective
   sample sizes of the inverse-propensity weights.
-* :func:`summarize_treatment_associations` / :func:`plot_treatment_associations` —
+* :func:`summarize_treatment_associations` —
   Spearman correlation and standardised mean difference between each treatment
   indicator and each covariate (observed covariates and/or estimated confounders),
   with Benjamini–Hochberg adjustment over a stated family.
@@ -18,6 +18,11 @@ p-value of a result table.
   result table by label.
 
 :func:`estimate_propensity_scores` is re-exported from :mod:`causarray.propensity`.
+The figures of these tables are drawn by :mod:`causarray.pl` (:func:`causarray.pl.propensity`,
+:func:`causarray.pl.treatment_associations`); 0.1.1's ``plot_propensity_scores`` and
+``plot_treatment_associations`` are still importable from here (module ``__getattr__``:
+they are :mod:`causarray.pl`'s aliases, imported on first use so that this module does
+not load matplotlib).
 """
 from __future__ import annotations
 
@@ -38,8 +43,8 @@ __all__ = [
     "estimate_propensity_scores",
     "histogram_overlap",
     "kish_ess",
-    "plot_propensity_scores",
-    "plot_treatment_associations",
+    "plot_propensity_scores",       # noqa: F822 - from causarray.pl, see __getattr__
+    "plot_treatment_associations",  # noqa: F822 - from causarray.pl, see __getattr__
     "standardized_mean_difference",
     "summarize_propensity_scores",
     "summarize_treatment_associations",
@@ -231,96 +236,6 @@ def summarize_propensity_scores(
     return pd.DataFrame(rows)
 
 
-def plot_propensity_scores(
-    A: Any,
-    pi_hat: Any,
-    treatments: Sequence[Any] | None = None,
-    treatment_names: Sequence[Any] | None = None,
-    overlap_bounds: tuple[float, float] = (0.05, 0.95),
-    clip_bounds: tuple[float, float] | None = (0.01, 0.99),
-    bins: int = 40,
-    max_panels: int = 4,
-    axes: Any = None,
-):
-    """Histograms of treated vs control propensity scores, one panel per treatment.
-
-    Parameters
-    ----------
-    A, pi_hat, treatment_names, overlap_bounds, clip_bounds, bins
-        As for :func:`summarize_propensity_scores`.
-    treatments : sequence, optional
-        Treatments to draw (names or column positions); default the first
-        ``max_panels``.
-    max_panels : int
-        Most panels drawn when ``treatments`` is None.
-    axes : matplotlib Axes or sequence of Axes, optional
-        Where to draw (one per treatment); a new figure otherwise.
-
-    Returns
-    -------
-    fig : matplotlib.figure.Figure
-    axes : numpy.ndarray of matplotlib.axes.Axes
-        As in 0.1.1: the (rows x columns) grid of a new figure (panels beyond the
-        selected treatments hidden), or the ``axes`` passed in as an array; panel i of
-        ``axes.ravel()`` shows the i-th selected treatment.
-    summary : pandas.DataFrame
-        :func:`summarize_propensity_scores` for all treatments.
-    """
-    import matplotlib.pyplot as plt
-
-    summary = summarize_propensity_scores(A, pi_hat, treatment_names, overlap_bounds,
-                                          clip_bounds, bins)
-    A_arr, _ = _treatment_matrix(A)
-    pi = _scores_matrix(pi_hat, A_arr.shape)
-    names = list(summary["treatment"])
-    if treatments is None:
-        chosen = list(range(min(int(max_panels), len(names))))
-    else:
-        chosen = []
-        for t in treatments:
-            if isinstance(t, (int, np.integer)) and not isinstance(t, bool) and str(t) not in names:
-                if not 0 <= int(t) < len(names):
-                    raise ValueError(f"treatment position {t} out of range 0..{len(names) - 1}")
-                chosen.append(int(t))
-            elif str(t) in names:
-                chosen.append(names.index(str(t)))
-            else:
-                raise ValueError(f"unknown treatment {t!r}; available: {names[:20]}")
-    if not chosen:
-        raise ValueError("no treatment to plot")
-    if axes is None:
-        ncol = min(len(chosen), 4)
-        nrow = int(np.ceil(len(chosen) / ncol))
-        fig, ax_grid = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.8 * nrow), squeeze=False)
-        ax_list = list(ax_grid.ravel())
-        for extra in ax_list[len(chosen):]:
-            extra.set_visible(False)
-        ax_out = ax_grid
-    else:
-        ax_out = np.atleast_1d(np.asarray(axes, dtype=object))
-        ax_list = list(ax_out.ravel())
-        if len(ax_list) < len(chosen):
-            raise ValueError(f"{len(chosen)} treatments to draw but {len(ax_list)} axes given")
-        fig = ax_list[0].figure
-    control = ~np.any(A_arr != 0, axis=1)
-    edges = np.linspace(0.0, 1.0, int(bins) + 1)
-    for ax, k in zip(ax_list, chosen):
-        row = summary.iloc[k]
-        ax.hist(pi[control, k], bins=edges, density=True, histtype="step", color="#555555",
-                label="control")
-        ax.hist(pi[A_arr[:, k] == 1, k], bins=edges, density=True, histtype="step",
-                color="#d62728", label="treated")
-        for b in overlap_bounds:
-            ax.axvline(b, color="#1f77b4", ls="--", lw=0.8)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("propensity score")
-        ax.set_title(f"{row['treatment']}\noverlap {row['overlap_ratio']:.2f}, "
-                     f"ESS(T) {row['ess_treated_fraction']:.0%}", fontsize=9)
-    ax_list[0].set_ylabel("density")
-    ax_list[0].legend(fontsize=7, frameon=False)
-    return fig, ax_out, summary
-
-
 # ----------------------------------------------------------------------------------
 # treatment vs covariate association
 # ----------------------------------------------------------------------------------
@@ -426,92 +341,6 @@ def summarize_treatment_associations(
             "spearman_rho", "pvalue", "padj", "n_tests_in_family",
             "standardized_mean_difference"]
     return out[cols]
-
-
-def plot_treatment_associations(
-    summary: pd.DataFrame,
-    value: str = "spearman_rho",
-    treatments: Sequence[Any] | None = None,
-    covariates: Sequence[Any] | None = None,
-    alpha: float | None = None,
-    vmax: float | None = None,
-    ax: Any = None,
-):
-    """Heat map of a :func:`summarize_treatment_associations` table.
-
-    Parameters
-    ----------
-    summary : pandas.DataFrame
-        Output of :func:`summarize_treatment_associations`.
-    value : {'spearman_rho', 'standardized_mean_difference'}
-        Cell colour. The diverging scale is symmetric: fixed to ±1 for ρ; ±``vmax``
-        or ± the largest finite |value| for the SMD.
-    treatments, covariates : sequence, optional
-        Rows / columns to show (default all, in table order).
-    alpha : float, optional
-        Mark cells with ``padj <= alpha`` by '*'.
-    vmax : float, optional
-        Colour limit (both values; default ±1 for ρ, the largest finite |SMD| for the
-        SMD); must be a finite number > 0.
-    ax : matplotlib Axes, optional
-
-    Returns
-    -------
-    fig, ax
-    """
-    import matplotlib.pyplot as plt
-
-    if vmax is not None:
-        try:
-            vmax_f = float(vmax)
-        except (TypeError, ValueError):
-            raise TypeError(f"vmax must be None or a positive number, got {vmax!r}") from None
-        if not (np.isfinite(vmax_f) and vmax_f > 0):
-            raise ValueError(f"vmax must be None or a finite number > 0 (the colour scale "
-                             f"is [-vmax, vmax]), got {vmax!r}")
-    if value not in ("spearman_rho", "standardized_mean_difference"):
-        raise ValueError(f"value must be 'spearman_rho' or 'standardized_mean_difference', "
-                         f"got {value!r}")
-    missing = {"treatment", "covariate", value, "padj"} - set(summary.columns)
-    if missing:
-        raise ValueError(f"summary lacks column(s) {sorted(missing)}")
-    t_order = list(dict.fromkeys(summary["treatment"].astype(str))) if treatments is None \
-        else [str(t) for t in treatments]
-    z_order = list(dict.fromkeys(summary["covariate"].astype(str))) if covariates is None \
-        else [str(c) for c in covariates]
-    s = summary.assign(treatment=summary["treatment"].astype(str),
-                       covariate=summary["covariate"].astype(str))
-    grid = s.pivot(index="treatment", columns="covariate", values=value)
-    padj = s.pivot(index="treatment", columns="covariate", values="padj")
-    for label, have, what in ((t_order, grid.index, "treatment"),
-                              (z_order, grid.columns, "covariate")):
-        unknown = [x for x in label if x not in have]
-        if unknown:
-            raise ValueError(f"unknown {what}(s) {unknown[:10]}")
-    grid = grid.loc[t_order, z_order]
-    padj = padj.loc[t_order, z_order]
-    vals = grid.to_numpy(dtype=float)
-    if vmax is not None:
-        lim = float(vmax)
-    elif value == "spearman_rho":
-        lim = 1.0
-    else:
-        finite = np.abs(vals[np.isfinite(vals)])
-        lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(z_order), 1.0 + 0.35 * len(t_order)))
-    else:
-        fig = ax.figure
-    im = ax.imshow(np.ma.masked_invalid(vals), cmap="RdBu_r", vmin=-lim, vmax=lim,
-                   aspect="auto")
-    ax.set_xticks(range(len(z_order)), z_order, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(t_order)), t_order, fontsize=8)
-    if alpha is not None:
-        pv = padj.to_numpy(dtype=float)
-        for i, j in zip(*np.nonzero(np.nan_to_num(pv, nan=np.inf) <= alpha)):
-            ax.text(j, i, "*", ha="center", va="center", fontsize=10)
-    fig.colorbar(im, ax=ax, label=value.replace("_", " "))
-    return fig, ax
 
 
 # ----------------------------------------------------------------------------------
@@ -642,3 +471,15 @@ def align_test_mask(
         raise ValueError(f"{bad.size} result row(s) have no entry in test_mask (missing "
                          f"treatment-gene tests), e.g. {shown}")
     return out.to_numpy(dtype=bool)
+
+
+#: 0.1.1 names defined in :mod:`causarray.pl` (figures live there), reachable from here.
+_PLOT_ALIASES = ("plot_propensity_scores", "plot_treatment_associations")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PLOT_ALIASES:
+        from . import pl
+
+        return getattr(pl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

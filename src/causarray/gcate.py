@@ -945,54 +945,16 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     return df[["r", "deviance", "nu", "JIC", "time_s"]]
 
 
-def plot_r(df_r: pd.DataFrame, c: float = 1.0):
-    """Two-panel JIC figure (docs/math.md#jic); the selected r (min JIC) is marked.
-
-    Left: deviance, c*nu (twin axis) and JIC against r.  Right: the successive decrease of
-    the deviance and increase of c*nu; where they cross, extra factors stop paying off.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
-    import matplotlib.pyplot as plt
-
-    df = df_r.sort_values("r")
-    r = df["r"].to_numpy()
-    dev, nu = df["deviance"].to_numpy(), c * df["nu"].to_numpy()
-    jic = dev + nu
-    best = r[int(np.argmin(jic))]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(18, 6))
-    l1, = ax1.plot(r, dev, "o-", color="tab:blue", label="deviance")
-    l3, = ax1.plot(r, jic, "s-", color="tab:green", label="JIC = deviance + c·ν")
-    ax1b = ax1.twinx()
-    l2, = ax1b.plot(r, nu, "^--", color="tab:orange", label="c·ν")
-    ax1.axvline(best, color="grey", ls=":", lw=1)
-    ax1.annotate(f"selected r = {best}", xy=(best, jic.min()), xytext=(5, 10),
-                 textcoords="offset points")
-    ax1.set_xticks(r)
-    ax1.set_xlabel("number of latent factors r")
-    ax1.set_ylabel("deviance / JIC")
-    ax1b.set_ylabel("c·ν")
-    ax1.legend(handles=[l1, l2, l3], loc="best")
-    if r.size > 1:
-        # both curves on one axis: where they cross, extra factors stop paying off
-        ax2.plot(r[1:], -np.diff(dev), "o-", color="tab:blue", label="− Δ deviance")
-        ax2.plot(r[1:], np.diff(nu), "^--", color="tab:orange", label="c·Δν")
-        ax2.set_xticks(r[1:])
-        ax2.legend(loc="upper right")
-    ax2.set_xlabel("r")
-    ax2.set_title("gain in fit vs cost in complexity")
-    ax1.set_title("JIC")
-    fig.tight_layout()
-    return fig
-
-
 def __getattr__(name: str):
-    # 0.1.1 defined the batch driver in this module: ``from causarray.gcate import
-    # fit_gcate_batch`` keeps working without importing the batch machinery eagerly.
+    # 0.1.1 defined the batch driver and the JIC figure in this module: ``from
+    # causarray.gcate import fit_gcate_batch`` / ``plot_r`` keep working without importing
+    # the batch machinery or matplotlib eagerly (the figure is ``causarray.pl.plot_r``).
     if name == "fit_gcate_batch":
         from .batch import fit_gcate_batch
 
         return fit_gcate_batch
+    if name == "plot_r":
+        from .pl import plot_r
+
+        return plot_r
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,17 @@
-"""Plots of causarray results (``causarray.pl``).
+"""Figures of causarray (``causarray.pl``): the one home of every plot.
 
-Each function takes either an AnnData processed by :func:`causarray.tl.lfc` (results
-read from ``adata.uns[key]``) or the table itself, accepts ``ax=`` to draw into an
-existing Axes, and returns the Axes (:func:`volcano`, :func:`discoveries`) or the
-Figure (:func:`r_selection`, :func:`propensity`).
+As in ``scanpy.pl``, these functions only draw; the numbers they show are computed
+elsewhere (``tl``, ``report``, ``diagnostics``, ``calibration``).  Each takes an AnnData
+processed by :func:`causarray.tl.lfc` (read from ``adata.uns[key]``) or the table itself,
+accepts ``ax=`` to draw into existing Axes, and returns what it drew on: the Axes for a
+one-panel figure (:func:`volcano`, :func:`discoveries`, :func:`treatment_associations`,
+:func:`calibration_qq`), the Figure for a several-panel one (:func:`r_selection`,
+:func:`propensity`).
+
+The names of causarray 0.1.1 are thin aliases at the end of this module, with the
+original's signatures and return values: :func:`plot_r` (also ``causarray.plot_r`` and
+``causarray.gcate.plot_r``), :func:`plot_propensity_scores` and
+:func:`plot_treatment_associations` (also ``causarray.diagnostics.plot_*``).
 """
 from __future__ import annotations
 
@@ -13,9 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["calibration_qq", "discoveries", "discovery_counts", "place_labels", "propensity",
-           "r_selection",
-           "volcano"]
+__all__ = ["calibration_qq", "discoveries", "place_labels", "propensity", "r_selection",
+           "treatment_associations", "volcano"]
 
 SIG_COLOR = "#d62728"
 NS_COLOR = "#aaaaaa"
@@ -158,31 +165,11 @@ def place_labels(ax: Any, labels: Sequence[tuple[float, float, str]], fontsize: 
     return placed
 
 
-def discovery_counts(data: Any, alpha: float = 0.05, padj_col: str = "padj",
-                     key: str = "causarray") -> pd.Series:
-    """Number of discoveries (``padj < alpha``) per perturbation, largest first.
-
-    Perturbations without discoveries are included with 0.
-
-    Returns
-    -------
-    pandas.Series
-        Indexed by perturbation (``trt``; a single unnamed treatment is ``'treatment'``).
-    """
-    df = _results(data, key)
-    _need(df, [padj_col])
-    trt = df["trt"].astype(str) if "trt" in df.columns else pd.Series("treatment",
-                                                                       index=df.index)
-    sig = df[padj_col].to_numpy(dtype=float) < alpha
-    counts = pd.Series(sig.astype(int), index=df.index).groupby(trt.to_numpy()).sum()
-    counts.index.name = "trt"
-    counts.name = "n_discoveries"
-    return counts.sort_values(ascending=False, kind="mergesort")
-
-
 def discoveries(data: Any, alpha: float = 0.05, padj_col: str = "padj", top_n: int = 30,
                 ax: Any = None, key: str = "causarray", title: str | None = None):
     """Bar chart of the number of discoveries per perturbation (largest ``top_n``).
+
+    The counts are :func:`causarray.report.discovery_counts`.
 
     Parameters
     ----------
@@ -200,19 +187,24 @@ def discoveries(data: Any, alpha: float = 0.05, padj_col: str = "padj", top_n: i
     -------
     matplotlib.axes.Axes
     """
-    counts = discovery_counts(data, alpha, padj_col, key).head(int(top_n))
+    from matplotlib.ticker import MaxNLocator
+
+    from .report import discovery_counts
+
+    counts = discovery_counts(_results(data, key), alpha, padj_col).head(int(top_n))
     ax = _axes(ax, (max(4.0, 0.3 * len(counts) + 2.0), 4.0))
     ax.bar(np.arange(len(counts)), counts.to_numpy(), color=BAR_COLOR, edgecolor="none")
     ax.set_xticks(np.arange(len(counts)), [str(i) for i in counts.index], rotation=45,
                   ha="right", fontsize=8)
     ax.set_ylabel(f"genes with {padj_col} < {alpha:g}")
-    from matplotlib.ticker import MaxNLocator
-
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))     # counts: whole numbers
     ax.set_title(title or f"Discoveries per perturbation (top {len(counts)})")
     return ax
 
 
+# ----------------------------------------------------------------------------------
+# choice of r (JIC)
+# ----------------------------------------------------------------------------------
 def _jic_table(data: Any, key: str) -> pd.DataFrame:
     if isinstance(data, pd.DataFrame):
         df = data
@@ -225,30 +217,37 @@ def _jic_table(data: Any, key: str) -> pd.DataFrame:
 
 
 def _draw_jic(ax_left: Any, ax_right: Any, df: pd.DataFrame, c: float) -> None:
-    """The two panels of ``plot_r`` (docs/math.md#jic) on given axes."""
+    """The two panels of the JIC figure (docs/math.md#jic) on given axes.
+
+    Left: deviance and JIC = deviance + c·ν against r, c·ν on a twin axis, the selected
+    r (minimum JIC) marked.  Right (when given and there are two r or more): the decrease
+    of the deviance and the increase of c·ν from one r to the next on one scale; where
+    the curves cross, an extra factor stops paying for itself.
+    """
     r = df["r"].to_numpy()
     dev = df["deviance"].to_numpy(dtype=float)
     pen = c * df["nu"].to_numpy(dtype=float)
+    jic = dev + pen
+    best = int(np.argmin(jic))
     l1 = ax_left.plot(r, dev, "o-", color="C0", label="deviance")
-    l3 = ax_left.plot(r, dev + pen, "s-", color="C2", label="JIC")
+    l3 = ax_left.plot(r, jic, "s-", color="C2", label="JIC")
     twin = ax_left.twinx()
-    l2 = twin.plot(r, pen, "^--", color="C1", label=f"{c:g}·nu")
+    l2 = twin.plot(r, pen, "^--", color="C1", label=f"{c:g}·ν")
+    ax_left.axvline(r[best], color="grey", ls=":", lw=0.8)
+    ax_left.annotate(f"selected r = {r[best]}", xy=(r[best], jic[best]), xytext=(5, 10),
+                     textcoords="offset points", fontsize=8)
     ax_left.set_xticks(r)
     ax_left.set_xlabel("r (latent factors)")
     ax_left.set_ylabel("deviance / JIC")
-    twin.set_ylabel(f"{c:g}·nu")
+    twin.set_ylabel(f"{c:g}·ν")
     lines = l1 + l2 + l3
     leg = ax_left.legend(lines, [ln.get_label() for ln in lines], fontsize=8, frameon=False)
     for text, ln in zip(leg.get_texts(), lines):
         text.set_color(ln.get_color())
-    best = int(np.argmin(dev + pen))
-    ax_left.axvline(r[best], color="grey", ls=":", lw=0.8)
     ax_left.set_title(f"JIC: minimum at r = {r[best]}")
     if ax_right is not None and len(r) > 1:
         ax_right.plot(r[1:], -np.diff(dev), "o-", color="C0", label="-Δ deviance")
-        tw = ax_right.twinx()
-        tw.plot(r[1:], np.diff(pen), "^--", color="C1", label=f"{c:g}·Δnu")
-        tw.set_ylim(ax_right.get_ylim())
+        ax_right.plot(r[1:], np.diff(pen), "^--", color="C1", label=f"{c:g}·Δν")
         ax_right.set_xticks(r[1:])
         ax_right.set_xlabel("r")
         ax_right.set_title("gain in fit vs. added penalty")
@@ -256,18 +255,18 @@ def _draw_jic(ax_left: Any, ax_right: Any, df: pd.DataFrame, c: float) -> None:
 
 
 def r_selection(data: Any, c: float = 1.0, ax: Any = None, key: str = "causarray"):
-    """The JIC curve used to choose r (the figure of :func:`causarray.gcate.plot_r`).
+    """The JIC curve used to choose r (docs/math.md#jic).
 
     Parameters
     ----------
     data : AnnData or DataFrame
-        JIC table with columns ``r, deviance, nu`` (``adata.uns[key]['jic']``).
+        JIC table with columns ``r, deviance, nu`` (``adata.uns[key]['jic']``, or the
+        table of :func:`causarray.estimate_r`).
     c : float
         Penalty weight.
     ax : matplotlib Axes or a pair of Axes, optional
-        Without ``ax`` the two-panel figure of ``plot_r`` is returned. With one Axes the
-        left panel (deviance, c·nu on a twin axis, JIC) is drawn into it; with two
-        Axes both panels.
+        Without ``ax`` a new two-panel figure. With one Axes the left panel (deviance,
+        c·ν on a twin axis, JIC) is drawn into it; with two Axes both panels.
     key : str
 
     Returns
@@ -276,13 +275,117 @@ def r_selection(data: Any, c: float = 1.0, ax: Any = None, key: str = "causarray
     """
     df = _jic_table(data, key)
     if ax is None:
-        from .gcate import plot_r
+        import matplotlib.pyplot as plt
 
-        return plot_r(df, c=c)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        _draw_jic(axes[0], axes[1], df, c)
+        fig.tight_layout()
+        return fig
     axes = list(np.atleast_1d(ax).ravel()) if isinstance(ax, (list, tuple, np.ndarray)) \
         else [ax]
     _draw_jic(axes[0], axes[1] if len(axes) > 1 else None, df, c)
     return axes[0].figure
+
+
+# ----------------------------------------------------------------------------------
+# propensity overlap
+# ----------------------------------------------------------------------------------
+def _as_2d(values: Any) -> np.ndarray:
+    """An already validated matrix (dense, sparse or pandas) as a 2-D float array."""
+    if hasattr(values, "toarray"):
+        values = values.toarray()
+    arr = np.asarray(values.to_numpy() if hasattr(values, "to_numpy") else values, dtype=float)
+    return arr[:, None] if arr.ndim == 1 else arr
+
+
+def _chosen_panels(names: list[str], treatments: Sequence[Any] | None,
+                   max_panels: int) -> list[int]:
+    """Positions of the treatments to draw: names, or column positions not also names."""
+    if treatments is None:
+        return list(range(min(int(max_panels), len(names))))
+    chosen = []
+    for t in treatments:
+        if isinstance(t, (int, np.integer)) and not isinstance(t, bool) and str(t) not in names:
+            if not 0 <= int(t) < len(names):
+                raise ValueError(f"treatment position {t} out of range 0..{len(names) - 1}")
+            chosen.append(int(t))
+        elif str(t) in names:
+            chosen.append(names.index(str(t)))
+        else:
+            raise ValueError(f"unknown treatment {t!r}; available: {names[:20]}")
+    if not chosen:
+        raise ValueError("no treatment to plot")
+    return chosen
+
+
+def _propensity_panels(A: Any, pi_hat: Any, treatments: Sequence[Any] | None,
+                       treatment_names: Sequence[Any] | None,
+                       overlap_bounds: tuple[float, float],
+                       clip_bounds: tuple[float, float] | None, bins: int, max_panels: int,
+                       axes: Any) -> tuple[Any, np.ndarray, pd.DataFrame]:
+    """One histogram panel per chosen treatment: ``(fig, axes array, summary)``.
+
+    Panel k shows the scores of treatment k's cells against those of the shared controls
+    (docs/math.md#diagnostics), the ``overlap_bounds`` dashed, and the histogram overlap
+    and treated Kish ESS share of :func:`causarray.summarize_propensity_scores` in the
+    title.
+    """
+    import matplotlib.pyplot as plt
+
+    from .diagnostics import summarize_propensity_scores
+
+    summary = summarize_propensity_scores(A, pi_hat, treatment_names, overlap_bounds,
+                                          clip_bounds, bins)      # validates A and pi_hat
+    A_arr, pi = _as_2d(A), _as_2d(pi_hat)
+    chosen = _chosen_panels(list(summary["treatment"]), treatments, max_panels)
+    if axes is None:
+        ncol = min(len(chosen), 4)
+        nrow = int(np.ceil(len(chosen) / ncol))
+        fig, ax_grid = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.8 * nrow), squeeze=False)
+        ax_list = list(ax_grid.ravel())
+        for extra in ax_list[len(chosen):]:
+            extra.set_visible(False)
+        ax_out = ax_grid
+    else:
+        ax_out = np.atleast_1d(np.asarray(axes, dtype=object))
+        ax_list = list(ax_out.ravel())
+        if len(ax_list) < len(chosen):
+            raise ValueError(f"{len(chosen)} treatments to draw but {len(ax_list)} axes given")
+        fig = ax_list[0].figure
+    control = ~np.any(A_arr != 0, axis=1)
+    edges = np.linspace(0.0, 1.0, int(bins) + 1)
+    for ax, k in zip(ax_list, chosen):
+        row = summary.iloc[k]
+        ax.hist(pi[control, k], bins=edges, density=True, histtype="step", color="#555555",
+                label="control")
+        ax.hist(pi[A_arr[:, k] == 1, k], bins=edges, density=True, histtype="step",
+                color=SIG_COLOR, label="treated")
+        for b in overlap_bounds:
+            ax.axvline(b, color="#1f77b4", ls="--", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("propensity score")
+        ax.set_title(f"{row['treatment']}\noverlap {row['overlap_ratio']:.2f}, "
+                     f"ESS(T) {row['ess_treated_fraction']:.0%}", fontsize=9)
+    ax_list[0].set_ylabel("density")
+    ax_list[0].legend(fontsize=7, frameon=False)
+    return fig, ax_out, summary
+
+
+def _scores_from_adata(adata: Any, key: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """``(A, pi)`` of the cells that :func:`causarray.tl.lfc` scored (``obsm[key_propensity]``)."""
+    from .preprocessing import treatment_matrix
+
+    settings = _uns(adata, key)["settings"]
+    name = f"{key}_propensity"
+    if name not in adata.obsm:
+        raise ValueError(f"adata.obsm has no {name!r}; run tl.lfc(adata, propensity=True)")
+    scores = adata.obsm[name]
+    cols = [str(c) for c in scores.columns]
+    A_all = treatment_matrix(adata.obs[settings["pert_col"]].astype(str),
+                             settings["ctrl_label"], index=adata.obs_names)
+    pi = np.asarray(scores, dtype=float)
+    scored = np.isfinite(pi).all(axis=1)          # cells left out of the fit are NaN
+    return A_all.reindex(columns=cols, fill_value=0.0).iloc[scored], pi[scored]
 
 
 def propensity(data: Any, pi_hat: Any = None, treatments: Sequence[Any] | None = None,
@@ -309,38 +412,111 @@ def propensity(data: Any, pi_hat: Any = None, treatments: Sequence[Any] | None =
     -------
     matplotlib.figure.Figure
     """
-    from .diagnostics import plot_propensity_scores, summarize_propensity_scores
+    from .diagnostics import summarize_propensity_scores
 
     if order not in ("least_overlap", "first"):
         raise ValueError(f"order must be 'least_overlap' or 'first', got {order!r}")
     if hasattr(data, "obsm") and hasattr(data, "uns"):
-        from .preprocessing import treatment_matrix
-
-        settings = _uns(data, key)["settings"]
-        name = f"{key}_propensity"
-        if name not in data.obsm:
-            raise ValueError(f"adata.obsm has no {name!r}; run tl.lfc(adata, propensity=True)")
-        scores = data.obsm[name]
-        cols = [str(c) for c in scores.columns]
-        A_all = treatment_matrix(data.obs[settings["pert_col"]].astype(str),
-                                 settings["ctrl_label"], index=data.obs_names)
-        pi = np.asarray(scores, dtype=float)
-        scored = np.isfinite(pi).all(axis=1)          # cells left out of the fit are NaN
-        A = A_all.reindex(columns=cols, fill_value=0.0).iloc[scored]
-        pi = pi[scored]
+        A, pi = _scores_from_adata(data, key)
     else:
         if pi_hat is None:
             raise ValueError("pi_hat is required when data is a treatment matrix")
         A, pi = data, pi_hat
-    if treatments is None:
-        summary = summarize_propensity_scores(A, pi)
-        if order == "least_overlap":
-            summary = summary.sort_values("overlap_ratio", kind="mergesort")
+    if treatments is None and order == "least_overlap":
+        summary = summarize_propensity_scores(A, pi).sort_values("overlap_ratio",
+                                                                 kind="mergesort")
         treatments = list(summary["treatment"].head(int(max_panels)))
-    fig, _, _ = plot_propensity_scores(A, pi, treatments=treatments, axes=ax)
+    fig, _, _ = _propensity_panels(A, pi, treatments, None, (0.05, 0.95), (0.01, 0.99), 40,
+                                   max_panels, ax)
     return fig
 
 
+# ----------------------------------------------------------------------------------
+# treatment-covariate association
+# ----------------------------------------------------------------------------------
+def _check_vmax(vmax: Any) -> float | None:
+    if vmax is None:
+        return None
+    try:
+        vmax_f = float(vmax)
+    except (TypeError, ValueError):
+        raise TypeError(f"vmax must be None or a positive number, got {vmax!r}") from None
+    if not (np.isfinite(vmax_f) and vmax_f > 0):
+        raise ValueError(f"vmax must be None or a finite number > 0 (the colour scale "
+                         f"is [-vmax, vmax]), got {vmax!r}")
+    return vmax_f
+
+
+def treatment_associations(summary: pd.DataFrame, value: str = "spearman_rho",
+                           treatments: Sequence[Any] | None = None,
+                           covariates: Sequence[Any] | None = None,
+                           alpha: float | None = None, vmax: float | None = None,
+                           ax: Any = None):
+    """Heat map of treatment-covariate associations (docs/math.md#diagnostics).
+
+    Parameters
+    ----------
+    summary : pandas.DataFrame
+        Output of :func:`causarray.summarize_treatment_associations`.
+    value : {'spearman_rho', 'standardized_mean_difference'}
+        Cell colour. The diverging scale is symmetric: ±``vmax``; by default ±1 for ρ
+        and ± the largest finite |value| for the SMD.
+    treatments, covariates : sequence, optional
+        Rows / columns to show (default all, in table order).
+    alpha : float, optional
+        Mark cells with ``padj <= alpha`` by '*'.
+    vmax : float, optional
+        Colour limit; a finite number > 0.
+    ax : matplotlib Axes, optional
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    vmax_f = _check_vmax(vmax)
+    if value not in ("spearman_rho", "standardized_mean_difference"):
+        raise ValueError(f"value must be 'spearman_rho' or 'standardized_mean_difference', "
+                         f"got {value!r}")
+    missing = {"treatment", "covariate", value, "padj"} - set(summary.columns)
+    if missing:
+        raise ValueError(f"summary lacks column(s) {sorted(missing)}")
+    t_order = list(dict.fromkeys(summary["treatment"].astype(str))) if treatments is None \
+        else [str(t) for t in treatments]
+    z_order = list(dict.fromkeys(summary["covariate"].astype(str))) if covariates is None \
+        else [str(c) for c in covariates]
+    s = summary.assign(treatment=summary["treatment"].astype(str),
+                       covariate=summary["covariate"].astype(str))
+    grid = s.pivot(index="treatment", columns="covariate", values=value)
+    padj = s.pivot(index="treatment", columns="covariate", values="padj")
+    for label, have, what in ((t_order, grid.index, "treatment"),
+                              (z_order, grid.columns, "covariate")):
+        unknown = [x for x in label if x not in have]
+        if unknown:
+            raise ValueError(f"unknown {what}(s) {unknown[:10]}")
+    vals = grid.loc[t_order, z_order].to_numpy(dtype=float)
+    if vmax_f is not None:
+        lim = vmax_f
+    elif value == "spearman_rho":
+        lim = 1.0
+    else:
+        finite = np.abs(vals[np.isfinite(vals)])
+        lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    ax = _axes(ax, (1.0 + 0.5 * len(z_order), 1.0 + 0.35 * len(t_order)))
+    im = ax.imshow(np.ma.masked_invalid(vals), cmap="RdBu_r", vmin=-lim, vmax=lim,
+                   aspect="auto")
+    ax.set_xticks(range(len(z_order)), z_order, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(t_order)), t_order, fontsize=8)
+    if alpha is not None:
+        pv = padj.loc[t_order, z_order].to_numpy(dtype=float)
+        for i, j in zip(*np.nonzero(np.nan_to_num(pv, nan=np.inf) <= alpha)):
+            ax.text(j, i, "*", ha="center", va="center", fontsize=10)
+    ax.figure.colorbar(im, ax=ax, label=value.replace("_", " "))
+    return ax
+
+
+# ----------------------------------------------------------------------------------
+# calibration on fake perturbations
+# ----------------------------------------------------------------------------------
 def _uniform_qq_band(n: int, level: float, band: str, n_sim: int = 500,
                      random_state: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Expected uniform order statistics and a ``level`` band, all ascending in p.
@@ -444,3 +620,107 @@ def calibration_qq(result: Any, ax: Any = None, band: str = "pointwise", level: 
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+# ----------------------------------------------------------------------------------
+# names of causarray 0.1.1: thin aliases of the functions above (same figures), with
+# the original's signatures and return values.  ``causarray.plot_r`` /
+# ``causarray.gcate.plot_r`` and ``causarray.plot_propensity_scores`` /
+# ``causarray.diagnostics.plot_*`` resolve to these.
+# ----------------------------------------------------------------------------------
+def plot_r(df_r: pd.DataFrame, c: float = 1.0):
+    """The JIC figure of :func:`causarray.estimate_r`'s table (0.1.1's name for :func:`r_selection`).
+
+    Parameters
+    ----------
+    df_r : pandas.DataFrame
+        Columns ``r, deviance, nu``.
+    c : float
+        Penalty weight.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two panels, as :func:`r_selection` draws them.
+    """
+    return r_selection(df_r, c=c)
+
+
+def plot_propensity_scores(
+    A: Any,
+    pi_hat: Any,
+    treatments: Sequence[Any] | None = None,
+    treatment_names: Sequence[Any] | None = None,
+    overlap_bounds: tuple[float, float] = (0.05, 0.95),
+    bins: int = 40,
+    max_panels: int = 4,
+    axes: Any = None,
+    clip_bounds: tuple[float, float] | None = (0.01, 0.99),
+):
+    """Histograms of treated vs control propensity scores, one panel per treatment.
+
+    0.1.1's name and signature; the panels are those of :func:`propensity`.
+
+    Parameters
+    ----------
+    A, pi_hat, treatment_names, overlap_bounds, clip_bounds, bins
+        As for :func:`causarray.summarize_propensity_scores`.
+    treatments : sequence, optional
+        Treatments to draw (names or column positions); default the first
+        ``max_panels``.
+    max_panels : int
+        Most panels drawn when ``treatments`` is None.
+    axes : matplotlib Axes or sequence of Axes, optional
+        Where to draw (one per treatment); a new figure otherwise.
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+    axes : numpy.ndarray of matplotlib.axes.Axes
+        As in 0.1.1: the (rows x columns) grid of a new figure (panels beyond the
+        selected treatments hidden), or the ``axes`` passed in as an array; panel i of
+        ``axes.ravel()`` shows the i-th selected treatment.
+    summary : pandas.DataFrame
+        :func:`causarray.summarize_propensity_scores` for all treatments.
+    """
+    return _propensity_panels(A, pi_hat, treatments, treatment_names, overlap_bounds,
+                              clip_bounds, bins, max_panels, axes)
+
+
+def plot_treatment_associations(
+    summary: pd.DataFrame,
+    value: str = "spearman_rho",
+    treatments: Sequence[Any] | None = None,
+    covariates: Sequence[Any] | None = None,
+    alpha: float | None = None,
+    vmax: float | None = None,
+    ax: Any = None,
+):
+    """Heat map of a :func:`causarray.summarize_treatment_associations` table.
+
+    0.1.1's name and signature for :func:`treatment_associations` (same parameters).
+
+    Returns
+    -------
+    fig, ax : matplotlib Figure and Axes
+    """
+    ax = treatment_associations(summary, value, treatments, covariates, alpha, vmax, ax)
+    return ax.figure, ax
+
+
+def discovery_counts(data: Any, alpha: float = 0.05, padj_col: str = "padj",
+                     key: str = "causarray") -> pd.Series:
+    """Deprecated: use :func:`causarray.report.discovery_counts` (a table, not a figure).
+
+    Returns
+    -------
+    pandas.Series
+        Discoveries per perturbation, largest first.
+    """
+    import warnings
+
+    from .report import discovery_counts as _counts
+
+    warnings.warn("causarray.pl.discovery_counts is deprecated (pl draws figures); use "
+                  "causarray.report.discovery_counts", FutureWarning, stacklevel=2)
+    return _counts(_results(data, key), alpha, padj_col)

@@ -23,8 +23,8 @@ import pandas as pd
 
 from ._version import __version__
 
-__all__ = ["discovery_summary", "figure_png", "render_report", "top_hits", "top_perturbations",
-           "write_report"]
+__all__ = ["discovery_counts", "discovery_summary", "figure_png", "render_report", "top_hits",
+           "top_perturbations", "write_report"]
 
 _STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -127,6 +127,38 @@ def discovery_summary(results: pd.DataFrame, alpha: float = 0.05,
         out["n_significant_emp_null"] = int(
             (results["padj_emp_null_adj"].to_numpy(dtype=float) < alpha).sum())
     return out
+
+
+def discovery_counts(results: pd.DataFrame, alpha: float = 0.05,
+                     padj_col: str = "padj") -> pd.Series:
+    """Number of discoveries (``padj_col < alpha``) per perturbation, largest first.
+
+    The table behind :func:`causarray.pl.discoveries`. Perturbations without a discovery
+    are included with 0; ties are in name order.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        Result table (``padj_col``, optionally ``trt``).
+    alpha : float
+        Discovery threshold.
+    padj_col : str
+        Adjusted p-value column (``'padj'`` or ``'padj_emp_null_adj'``).
+
+    Returns
+    -------
+    pandas.Series
+        ``n_discoveries`` indexed by perturbation (``trt``; a single unnamed treatment
+        is ``'treatment'``).
+    """
+    if padj_col not in results.columns:
+        raise ValueError(f"result table lacks column(s) {[padj_col]}")
+    trt = _trt(results)
+    sig = results[padj_col].to_numpy(dtype=float) < alpha
+    counts = pd.Series(sig.astype(int), index=results.index).groupby(trt.to_numpy()).sum()
+    counts.index.name = "trt"
+    counts.name = "n_discoveries"
+    return counts.sort_values(ascending=False, kind="mergesort")
 
 
 def top_perturbations(results: pd.DataFrame, alpha: float = 0.05, padj_col: str = "padj",
