@@ -306,7 +306,9 @@ def check_treatment(
     n: int | tuple[int, ...],
     name: str = "A",
     ref_name: str = "Y",
-) -> tuple[np.ndarray, np.ndarray | None]:
+    *,
+    keep_sparse: bool = False,
+) -> tuple[np.ndarray | sp.csc_matrix, np.ndarray | None]:
     """Validate an n x a 0/1 treatment matrix.
 
     Parameters
@@ -318,10 +320,15 @@ def check_treatment(
         Number of cells, or the shape of the count matrix (then named in the error).
     name, ref_name : str
         Names used in error messages for ``A`` and for the count matrix.
+    keep_sparse : bool
+        A sparse ``A`` (or a DataFrame whose columns all have a sparse dtype) is checked
+        on its stored values and returned as float64 CSC instead of dense: a screen's
+        one-hot matrix is n x a with one entry per perturbed cell, 5 GB dense for 310k
+        cells x 2,021 perturbations.
 
     Returns
     -------
-    A : ndarray of float64, shape (n, a)
+    A : ndarray of float64, shape (n, a) (CSC with ``keep_sparse`` and sparse input)
     names : ndarray of str (object dtype), shape (a,), or None
 
     Raises
@@ -335,14 +342,32 @@ def check_treatment(
     if A is None:
         raise TypeError(f"{name} (the treatment matrix) is required; got None")
     n_rows, ref = _reference(n, ref_name)
+    if keep_sparse:
+        sparse_names = None
+        if isinstance(A, pd.DataFrame) and A.shape[1] and \
+                all(isinstance(dt, pd.SparseDtype) for dt in A.dtypes):
+            sparse_names = _names_of(A.columns)
+            A = A.sparse.to_coo()
+        if sp.issparse(A):
+            A = sp.csc_matrix(A, dtype=np.float64)
+            A.sum_duplicates()
+            _check_treatment_values(A, A.data, n_rows, ref, name)
+            return A, sparse_names
     values, names = _to_2d_float(A, name, "treatments")
-    if values.shape[0] != n_rows:
+    _check_treatment_values(values, values, n_rows, ref, name)
+    return values, names
+
+
+def _check_treatment_values(A: Any, values: np.ndarray, n_rows: int, ref: str,
+                            name: str) -> None:
+    """Rows, columns and 0/1 entries of a treatment matrix (``values``: its entries)."""
+    if A.shape[0] != n_rows:
         raise ValueError(
-            f"{name} has shape {values.shape} but {ref}: the numbers of rows (cells) "
+            f"{name} has shape {A.shape} but {ref}: the numbers of rows (cells) "
             "must match"
         )
-    if values.shape[1] == 0:
-        raise ValueError(f"{name} has shape {values.shape}: it has no treatment columns")
+    if A.shape[1] == 0:
+        raise ValueError(f"{name} has shape {A.shape}: it has no treatment columns")
     if not np.isfinite(values).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     bad = ~((values == 0) | (values == 1))
@@ -353,7 +378,6 @@ def check_treatment(
         raise ValueError(
             f"{name} must contain only 0/1 indicators; found other values: [{shown}{more}]"
         )
-    return values, names
 
 
 def check_covariates(
@@ -618,3 +642,657 @@ def check_targets(targets: Any) -> str | dict[str, tuple[str, ...]] | None:
             raise TypeError(f"targets[{trt!r}] must be a gene name or a list of gene names")
         out[str(trt)] = genes
     return out
+
+
+# ----------------------------------------------------------------------------- options
+#: Count families of the GLM and factor model (negative binomial, Poisson).
+FAMILIES = ("nb", "poisson")
+#: How treatments were assigned: at random (CRISPR screens) or observed (case-control).
+ASSIGNMENTS = ("randomized", "observational")
+
+
+def _or_list(choices: Sequence[str]) -> str:
+    """``'a' or 'b'`` / ``'a', 'b' or 'c'`` for an error message."""
+    quoted = [repr(c) for c in choices]
+    if len(quoted) == 1:
+        return quoted[0]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str], *, sep: str = ", got") -> Any:
+    """Raise unless ``value`` is one of the strings ``choices``.
+
+    Parameters
+    ----------
+    name : str
+        Option name shown in the message.
+    value : object
+    choices : sequence of str
+    sep : str
+        Text between the list of choices and the value (``", got"`` or ``"; got"``).
+
+    Returns
+    -------
+    value, unchanged.
+
+    Raises
+    ------
+    ValueError
+        ``"<name> must be 'a', 'b' or 'c', got <value>"``.
+    """
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(f"{name} must be {_or_list(choices)}{sep} {value!r}")
+    return value
+
+
+def check_one_of(name: str, value: Any, choices: tuple) -> Any:
+    """Like :func:`check_choice`, worded ``"<name> must be one of (...), got <value>"``."""
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_family(family: Any) -> str:
+    """The count family: ``'nb'`` (negative binomial) or ``'poisson'``."""
+    return check_choice("family", family, FAMILIES)
+
+
+def check_assignment(assignment: Any) -> str:
+    """How treatments were assigned: ``'randomized'`` or ``'observational'``."""
+    if not (isinstance(assignment, str) and assignment in ASSIGNMENTS):
+        raise ValueError("assignment must be 'randomized' (CRISPR screens) or 'observational' "
+                         f"(case-control studies), got {assignment!r}")
+    return assignment
+
+
+def _is_int(value: Any) -> bool:
+    """A Python or NumPy integer that is not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    """An integer >= 1 (a Python or NumPy integer, not a bool), or None if allowed.
+
+    Raises
+    ------
+    ValueError
+        ``"<name> must be a positive integer[ or None], got <value>"``.
+    """
+    if value is None and allow_none:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def check_nonnegative_int(name: str, value: Any) -> int:
+    """An integer >= 0 (not a bool): ``"<name> must be a non-negative integer, got ..."``."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def check_r(r: Any, *, allow_auto: bool = False) -> int | str:
+    """The number of latent factors: an integer >= 0, or ``'auto'`` where allowed.
+
+    Raises
+    ------
+    ValueError
+        ``"r must be a non-negative integer (0: no latent factors), got ..."``, or with
+        ``allow_auto`` ``"r must be 'auto' or a non-negative integer, got ..."``.
+    """
+    if allow_auto:
+        if isinstance(r, str) and r == "auto":
+            return r
+        if isinstance(r, str) or not _is_int(r) or r < 0:
+            raise ValueError(f"r must be 'auto' or a non-negative integer, got {r!r}")
+        return int(r)
+    if not _is_int(r) or r < 0:
+        raise ValueError(f"r must be a non-negative integer (0: no latent factors), got {r!r}")
+    return int(r)
+
+
+
+def check_r_grid(r_max: Any) -> list[int]:
+    """Candidate numbers of factors: ``1..r_max`` for a scalar, else the positive entries.
+
+    Returns
+    -------
+    list of int, sorted and unique.
+
+    Raises
+    ------
+    ValueError
+        No positive candidate.
+    """
+    grid = sorted({int(r) for r in (range(1, int(r_max) + 1) if np.isscalar(r_max) else r_max)
+                   if int(r) > 0})
+    if not grid:
+        raise ValueError("r_max must contain at least one positive number of factors")
+    return grid
+
+def check_open_unit(name: str, value: Any) -> float:
+    """A number strictly inside (0, 1): ``"<name> must be in (0, 1), got ..."``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = np.nan
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    return v
+
+
+
+def check_positive(name: str, value: Any) -> None:
+    """A number > 0: ``"<name> must be positive; got ..."``."""
+    if not value > 0:
+        raise ValueError(f"{name} must be positive; got {value!r}")
+
+
+def check_at_least(name: str, value: Any, low: int, *, integer: bool = False,
+                   allow_none: bool = False) -> None:
+    """A number >= ``low`` (compared as ``int(value)`` with ``integer``), or None if allowed.
+
+    Raises
+    ------
+    ValueError
+        ``"<name> must be >= <low>[ or None]; got <value>"``.
+    """
+    if value is None and allow_none:
+        return
+    if not (int(value) if integer else value) >= low:
+        raise ValueError(f"{name} must be >= {low}{' or None' if allow_none else ''}; "
+                         f"got {value!r}")
+
+# ----------------------------------------------------------------------------- shapes
+def check_matrix_2d(M: Any, name: str, what: str) -> None:
+    """Raise unless ``M.ndim == 2``: ``"<name> must be 2-D (cells x <what>), got shape ..."``."""
+    if M.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (cells x {what}), got shape {M.shape}")
+
+
+def check_rows(M: Any, n: int, name: str) -> None:
+    """Raise unless ``M`` has ``n`` rows (one per cell of ``Y``)."""
+    if M.shape[0] != n:
+        raise ValueError(f"{name} has {M.shape[0]} rows but Y has {n} cells")
+
+
+def check_rows_2d(M: Any, n: int, name: str) -> None:
+    """Raise unless ``M`` is 2-D with ``n`` rows and finite (one row per cell)."""
+    if M.ndim != 2 or M.shape[0] != n:
+        raise ValueError(f"{name} must be 2-D with {n} rows (one per cell), got shape {M.shape}")
+    check_finite(M, name)
+
+
+def check_offset(off: np.ndarray, n: int) -> None:
+    """Raise unless the per-cell offset has one entry per cell."""
+    if off.shape[0] != n:
+        raise ValueError(f"offset has length {off.shape[0]} but Y has {n} cells")
+
+
+def check_shape(name: str, arr: np.ndarray, shape: tuple, what: str = "") -> None:
+    """Raise unless ``arr.shape == shape``: ``"<name> must have shape <shape><what>, got ..."``."""
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}{what}, got {arr.shape}")
+
+
+def check_finite(M: Any, name: str) -> None:
+    """Raise if ``M`` (an array, or a sparse matrix's stored values) has NaN or inf."""
+    values = M.data if sp.issparse(M) else M
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_size_factors(s: np.ndarray, n: int) -> None:
+    """Raise unless there is one finite, positive size factor per cell."""
+    if s.shape[0] != n or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError("size factors must be finite, positive and one per cell "
+                         "(a cell with no counts has size factor 0: remove empty cells)")
+
+
+def check_mask_shape(mask: np.ndarray, shape: tuple) -> None:
+    """Raise unless a genes-to-test mask has the shape of ``A``."""
+    if mask.shape != shape:
+        raise ValueError(f"mask must have the shape of A {shape}, got {mask.shape}")
+
+
+
+def check_nb_alpha(alpha: np.ndarray) -> None:
+    """Raise unless NB dispersions ``alpha = 1 / size`` are finite and >= 0 (0: Poisson)."""
+    if np.any(alpha < 0) or not np.all(np.isfinite(alpha)):
+        raise ValueError("size must be positive (np.inf for Poisson)")
+
+
+def check_nb_size(size: np.ndarray) -> None:
+    """Raise unless given NB sizes (one per gene) are finite and positive."""
+    if not np.all(np.isfinite(size)) or np.any(size <= 0):
+        raise ValueError("disp_glm must be positive and finite (one NB size per gene)")
+
+# ----------------------------------------------------------------------------- stage rules
+def check_count_flags(all_finite: bool, any_negative: bool, name: str = "Y") -> None:
+    """Raise for counts with NaN/inf or negative entries (flags from one scan)."""
+    if not all_finite:
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if any_negative:
+        raise ValueError(f"{name} contains negative counts")
+
+
+def check_count_values(Y: np.ndarray | sp.spmatrix, name: str = "Y") -> None:
+    """Raise if a dense or sparse count matrix has NaN/inf or negative entries."""
+    data = Y.data if sp.issparse(Y) else Y
+    finite = bool(np.all(np.isfinite(data)))
+    check_count_flags(finite, finite and bool(np.any(data < 0)), name)
+
+
+def check_genes_expressed(nnz_gene: np.ndarray) -> None:
+    """Raise if a gene has no non-zero count (``nnz_gene``: non-zeros per column of Y)."""
+    if np.any(nnz_gene == 0):
+        bad = np.flatnonzero(nnz_gene == 0)
+        raise ValueError(f"Y has {bad.size} gene(s) with no counts (e.g. columns "
+                         f"{bad[:5].tolist()}); remove genes with no counts before fitting")
+
+
+def check_treatments_have_cells(A: np.ndarray) -> None:
+    """Raise if a treatment column of ``A`` has no treated cell."""
+    empty_trt = np.flatnonzero(np.all(A == 0, axis=0))
+    if empty_trt.size:
+        raise ValueError(f"treatment column(s) {empty_trt.tolist()} of A have no cells")
+
+
+def check_r_estimable(r: int, n: int, p: int, q: int) -> None:
+    """Raise if ``r`` latent factors cannot be estimated from n cells x p genes.
+
+    With ``q`` observed columns at most ``min(n, p) - q - 1`` factors are identifiable.
+    """
+    r_max = min(n, p) - q - 1
+    if r > 0 and r > r_max:
+        raise ValueError(f"r = {r} is too large: at most {r_max} latent factors can be "
+                         f"estimated from {n} cells x {p} genes with {q} observed columns")
+
+
+def check_design_rank(Z: np.ndarray) -> None:
+    """Raise if the observed design ``[X | A]`` is (nearly) singular.
+
+    Scale-free: every column is brought to unit root-mean-square, and the smallest
+    singular value must exceed 1e-3 times the largest.
+    """
+    n = Z.shape[0]
+    norms = np.sqrt(np.mean(Z * Z, axis=0))
+    sv = np.linalg.svd(Z / np.where(norms > 0, norms, 1.0), compute_uv=False) / np.sqrt(n)
+    if sv.min() < 1e-3 * sv.max():
+        raise ValueError("the observed design [X | A] is (nearly) singular: "
+                         "check for duplicated or constant columns besides the intercept")
+
+
+#: Why ``LFC`` needs 0/1 treatments (its message for a non-binary ``A``).
+_LFC_BINARY_REASON = (
+    ": LFC estimates the contrast of treated and control arms, so a continuous treatment "
+    "(dose, guide UMI) must be binarised first, e.g. (A > 0); fit_gcate accepts it "
+    "continuous")
+
+
+def check_zero_one(A: np.ndarray, *, for_lfc: bool = False) -> None:
+    """Raise unless every entry of ``A`` is 0 or 1.
+
+    ``for_lfc`` words the message for ``LFC`` (which explains why it needs 0/1).
+    """
+    if not np.all(np.isin(A, (0, 1))):
+        if for_lfc:
+            raise ValueError("A must contain only 0/1 treatment indicators" + _LFC_BINARY_REASON)
+        raise ValueError("A must be binary (0/1)")
+
+
+def check_counts_scan(scan: Any, name: str, non_integer: str) -> None:
+    """Raise for a count matrix's summary that is not raw counts.
+
+    Parameters
+    ----------
+    scan : object
+        With ``dtype``, ``n_bad`` (NaN/inf entries), ``n_neg`` (negative entries),
+        ``vmin`` (minimum) and ``n_frac`` (non-integer entries), e.g.
+        :class:`causarray.ondisk.CountScan`.
+    name : str
+        Name used in the message.
+    non_integer : {'raise', 'round'}
+        ``'raise'``: non-integer entries are an error; ``'round'``: a ``UserWarning``
+        says they were rounded.
+    """
+    if scan.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must hold numeric counts, got dtype {scan.dtype}")
+    if scan.n_bad:
+        raise ValueError(f"{name} contains {scan.n_bad} NaN or infinite values; causarray "
+                         "needs raw counts")
+    if scan.n_neg:
+        raise ValueError(f"{name} has negative values (minimum {scan.vmin:g}); causarray needs "
+                         "raw counts, not normalised or scaled data")
+    if scan.n_frac:
+        if non_integer == "raise":
+            raise ValueError(f"{name} does not hold raw counts: {scan.n_frac} non-integer "
+                             "entries (log-normalised data?); pass the layer with raw UMI "
+                             "counts")
+        warnings.warn(f"{name} contains {scan.n_frac} non-integer entries; they were rounded "
+                      "to the nearest integer", UserWarning, stacklevel=3)
+
+
+def check_raw_counts(counts: Any, name: str = "adata.X") -> None:
+    """Raise if a matrix does not hold raw counts (non-negative integers).
+
+    Parameters
+    ----------
+    counts : ndarray or scipy.sparse matrix
+        Cells x genes matrix.
+    name : str
+        Name used in the message.
+
+    Raises
+    ------
+    ValueError
+        NaN/inf, negative or non-integer entries (e.g. log-normalised data).
+    """
+    from types import SimpleNamespace
+
+    if counts is None:
+        raise ValueError(f"{name} is empty (None); pass the layer holding raw counts")
+    vals = counts.data if sp.issparse(counts) else np.asarray(counts)
+    scan = SimpleNamespace(dtype=vals.dtype, n_bad=0, n_neg=0, vmin=0.0, n_frac=0)
+    if vals.dtype.kind in "biuf":
+        if vals.dtype.kind == "f":
+            scan.n_bad = int(vals.size - np.count_nonzero(np.isfinite(vals)))
+        if not scan.n_bad and vals.size:
+            scan.vmin = float(np.min(vals))
+            scan.n_neg = int(scan.vmin < 0)
+        if not (scan.n_bad or scan.n_neg) and vals.dtype.kind == "f":
+            scan.n_frac = int(np.count_nonzero(vals != np.rint(vals)))
+    check_counts_scan(scan, name, non_integer="raise")
+
+
+# ----------------------------------------------------------------------------- AnnData keys
+def resolve_screen_keys(
+    adata: Any, pert_col: str | None, ctrl_label: Any | None
+) -> tuple[str, str, np.ndarray]:
+    """Perturbation column, control label and the labels (as str) of an AnnData screen.
+
+    ``pert_col`` / ``ctrl_label`` default to ``adata.uns['pert_col']`` /
+    ``adata.uns['ctrl_label']``.
+
+    Raises
+    ------
+    ValueError
+        No such obs column, missing labels, or a control label that does not occur
+        (the available labels are listed).
+    """
+    if pert_col is None:
+        if "pert_col" not in adata.uns:
+            raise ValueError(
+                "pert_col was not given and adata.uns has no 'pert_col' entry; pass "
+                "pert_col=<obs column holding the perturbation labels>"
+            )
+        pert_col = adata.uns["pert_col"]
+    pert_col = str(pert_col)
+    if pert_col not in adata.obs.columns:
+        raise ValueError(
+            f"obs has no column {pert_col!r}; available columns: {list(map(str, adata.obs.columns))}"
+        )
+    labels_raw = adata.obs[pert_col]
+    n_missing = int(labels_raw.isna().sum())
+    if n_missing:
+        raise ValueError(f"obs[{pert_col!r}] has {n_missing} missing labels")
+    labels = labels_raw.astype(str).to_numpy()
+    if ctrl_label is None:
+        if "ctrl_label" not in adata.uns:
+            raise ValueError(
+                "ctrl_label was not given and adata.uns has no 'ctrl_label' entry; pass "
+                "ctrl_label=<label of the control cells>"
+            )
+        ctrl_label = adata.uns["ctrl_label"]
+    ctrl_label = str(ctrl_label)
+    if not np.any(labels == ctrl_label):
+        available = sorted(set(labels))
+        shown = available[:20] + (["..."] if len(available) > 20 else [])
+        raise ValueError(
+            f"control label {ctrl_label!r} not found in obs[{pert_col!r}]; available "
+            f"labels: {shown}"
+        )
+    return pert_col, ctrl_label, labels
+
+
+def check_file(path: Any) -> None:
+    """Raise unless ``path`` (a ``pathlib.Path``) is an existing file."""
+    if not path.is_file():
+        raise ValueError(f"input file not found: {path}")
+
+
+def check_layer(layer: str, available: Sequence[str]) -> None:
+    """Raise unless ``layer`` is one of the AnnData's layers ``available``."""
+    if layer not in available:
+        raise ValueError(f"adata has no layer {layer!r}; available layers: {list(available)}")
+
+
+def check_x_present(counts: Any) -> None:
+    """Raise if ``adata.X`` is absent (None) and no layer was named."""
+    if counts is None:
+        raise ValueError("adata.X is empty (None); pass layer=<name of the counts layer>")
+
+
+def check_has_perturbed(any_perturbed: bool, pert_col: str, ctrl_label: str) -> None:
+    """Raise if every cell carries the control label."""
+    if not any_perturbed:
+        raise ValueError(f"obs[{pert_col!r}] holds only the control label {ctrl_label!r}; "
+                         "there are no perturbed cells")
+
+
+def check_cells_nonempty(empty: np.ndarray, cell_names: Sequence[Any], n_shown: int = 5) -> None:
+    """Raise if a cell has zero total count (``empty``: boolean per cell)."""
+    if np.any(empty):
+        idx = np.flatnonzero(empty)
+        shown = [str(cell_names[i]) for i in idx[:n_shown]]
+        raise ValueError(f"{idx.size} cell(s) have zero total count, e.g. {shown}; remove "
+                         "them or pass drop_empty_cells=True")
+
+
+def check_obs_columns(obs: pd.DataFrame, columns: Sequence[str]) -> None:
+    """Raise if a covariate column is not in ``obs`` or has missing values."""
+    missing = [c for c in columns if c not in obs.columns]
+    if missing:
+        raise ValueError(
+            f"covariate column(s) {missing} not in obs; available columns: "
+            f"{list(map(str, obs.columns))}"
+        )
+    for col in columns:
+        n_missing = int(obs[col].isna().sum())
+        if n_missing:
+            raise ValueError(f"covariate {col!r} has {n_missing} missing values")
+
+
+# ----------------------------------------------------------------------------- sizes
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(value: Any, name: str = "memory_budget") -> int:
+    """Bytes of a memory size given as a number of bytes or a string like ``'2GB'``.
+
+    Parameters
+    ----------
+    value : int, float or str
+        ``'512MB'``, ``'2GB'``, ``'1.5GiB'`` (decimal and binary units), or bytes.
+    name : str
+        Name used in the message.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        Not a positive size.
+    """
+    import re
+
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        size = float(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"{name} must be a size such as '2GB' or '512MB', got {value!r}")
+        size = float(m.group(1)) * _UNITS[unit]
+    else:
+        raise ValueError(f"{name} must be a size such as '2GB' or '512MB', got {value!r}")
+    if not np.isfinite(size) or size <= 0:
+        raise ValueError(f"{name} must be a positive size, got {value!r}")
+    return int(size)
+
+
+# ----------------------------------------------------------------------------- propensity
+def check_ps_treatments(A: Any) -> tuple[np.ndarray, list[str]]:
+    """A as an n x a float 0/1 array and the treatment names."""
+    names = None
+    if hasattr(A, "columns"):  # pandas DataFrame
+        names = [str(c) for c in A.columns]
+    elif hasattr(A, "name") and hasattr(A, "index") and A.name is not None:  # Series
+        names = [str(A.name)]
+    if hasattr(A, "toarray"):
+        A = A.toarray()
+    try:
+        arr = np.asarray(A, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"A must be a numeric 0/1 matrix, got {type(A).__name__}") from err
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"A must be 2-D (cells x treatments), got shape {arr.shape}")
+    if not np.all(np.isin(arr, (0.0, 1.0))):
+        raise ValueError("A must be binary (0/1)")
+    if names is None:
+        names = [str(k) for k in range(arr.shape[1])]
+    return arr, names
+
+
+def check_ps_design(W_A: Any, n: int) -> np.ndarray:
+    """W_A as an n x d finite float array (the propensity models' covariates)."""
+    if hasattr(W_A, "toarray"):
+        W_A = W_A.toarray()
+    try:
+        W = np.asarray(W_A, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"W_A must be numeric, got {type(W_A).__name__}") from err
+    if W.ndim == 1:
+        W = W[:, None]
+    if W.ndim != 2 or W.shape[0] != n:
+        raise ValueError(f"W_A must be an n x d matrix with n = {n} rows, got shape {W.shape}")
+    if not np.all(np.isfinite(W)):
+        raise ValueError("W_A must be finite")
+    return W
+
+
+def check_ps_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """A boolean (or 0/1) n x a mask of the cells eligible per treatment, or None."""
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.ndim == 1 and shape[1] == 1:
+        m = m[:, None]
+    if m.shape != shape:
+        raise ValueError(f"mask has shape {m.shape}, expected the shape of A {shape}")
+    if m.dtype != bool:
+        if not np.all(np.isin(m, (0, 1))):
+            raise ValueError("mask must be boolean")
+        m = m.astype(bool)
+    return m
+
+
+def check_class_weight(class_weight: Any) -> None:
+    """``class_weight`` of the propensity models: None, 'balanced' or {0: w0, 1: w1}."""
+    if class_weight is None or class_weight == "balanced":
+        return
+    if isinstance(class_weight, dict):
+        if set(class_weight) - {0, 1}:
+            raise ValueError("class_weight dict keys must be 0 and 1")
+        if any(not np.isfinite(w) or w <= 0 for w in class_weight.values()):
+            raise ValueError("class_weight dict values must be positive")
+        return
+    raise ValueError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
+
+def check_ps_clip_auto(ps_clip: str) -> None:
+    """A string ``ps_clip`` must be ``'auto'``."""
+    if ps_clip != "auto":
+        raise ValueError(f"ps_clip must be 'auto', a (lower, upper) pair or None, "
+                         f"got {ps_clip!r}")
+
+
+def check_ps_clip_bounds(ps_clip: Any, a: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ps_clip = (lower, upper)``: scalars or length-a arrays, 0 <= lower < upper <= 1.
+
+    Returns
+    -------
+    lower, upper : ndarray, shape (a,)
+    """
+    try:
+        lo, hi = ps_clip
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"ps_clip must be 'auto', a (lower, upper) pair or None, "
+                        f"got {ps_clip!r}") from err
+    try:
+        lower = np.broadcast_to(np.asarray(lo, dtype=float), (a,)).copy()
+        upper = np.broadcast_to(np.asarray(hi, dtype=float), (a,)).copy()
+    except ValueError as err:
+        raise ValueError(f"ps_clip bounds must be scalars or arrays of length {a}") from err
+    if not (np.all(lower >= 0) and np.all(upper <= 1) and np.all(lower < upper)):
+        raise ValueError("ps_clip bounds must satisfy 0 <= lower < upper <= 1")
+    return lower, upper
+
+
+def check_arms(y: np.ndarray, name: str, where: str = "") -> None:
+    """Raise unless the 0/1 labels ``y`` of treatment ``name`` hold both arms.
+
+    ``where`` names the training set in the message.
+    """
+    if not np.any(y == 1):
+        raise ValueError(f"treatment {name!r} has no treated cells{where}")
+    if not np.any(y == 0):
+        raise ValueError(f"treatment {name!r} has no control cells{where}")
+
+
+def check_auto_clip_arms(n_trt: np.ndarray, n_elig: np.ndarray, names: Sequence[str]) -> None:
+    """``ps_clip='auto'`` needs treated and control cells among each treatment's eligible."""
+    for k in range(len(n_trt)):
+        if n_trt[k] == 0 or n_trt[k] == n_elig[k]:
+            raise ValueError(f"treatment {names[k]!r} needs both treated and control "
+                             f"cells for ps_clip='auto'")
+
+
+def check_fold_count(K: Any) -> None:
+    """A number of folds: an integral value >= 1."""
+    if int(K) != K or K < 1:
+        raise ValueError(f"K must be a positive integer, got {K}")
+
+
+def check_fold_range(K: Any, n: int) -> None:
+    """A number of folds: an integer (not a bool) between 1 and the number of cells n."""
+    if not _is_int(K) or not 1 <= K <= n:
+        raise ValueError(f"K must be an integer between 1 and n = {n}, got {K!r}")
+
+
+def check_fold_ids(fold_ids: np.ndarray, folds: Any, n: int) -> None:
+    """Raise unless there is one fold id per cell."""
+    if fold_ids.shape != (n,):
+        raise ValueError(f"folds must have one id per cell (n = {n}), got shape "
+                         f"{np.shape(folds)}")
+
+
+def check_positive_number(name: str, value: Any) -> None:
+    """A finite number > 0: ``"<name> must be a positive number, got ..."``."""
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value}")
+
+
+def check_clipped_scores(pi: np.ndarray) -> None:
+    """Raise unless clipped propensity scores lie strictly inside (0, 1)."""
+    bad = ~(np.isfinite(pi) & (pi > 0) & (pi < 1))
+    if np.any(bad):
+        cols = np.flatnonzero(bad.any(axis=0)).tolist()
+        raise ValueError(f"propensity scores must lie strictly inside (0, 1) after "
+                         f"clipping; {int(bad.sum())} do not (treatment columns {cols})")

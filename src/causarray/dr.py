@@ -47,7 +47,20 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import LFC_COMPAT_KEYWORDS, check_keywords, check_targets, parameter_names
+from ._validation import (
+    LFC_COMPAT_KEYWORDS,
+    check_choice,
+    check_count_values,
+    check_family,
+    check_keywords,
+    check_mask_shape,
+    check_matrix_2d,
+    check_rows_2d,
+    check_shape,
+    check_targets,
+    check_zero_one,
+    parameter_names,
+)
 from .glm import fit_glm, groups_from_onehot, sym_outer, sym_unpack
 from .inference import family_bh, multiple_testing, on_target_pairs
 from .preprocessing import size_factors_from_offset
@@ -191,13 +204,8 @@ def _prepare(Y, W, A, W_A, mask):
     trt_names = [str(c) for c in A.columns] if isinstance(A, pd.DataFrame) else None
     Y = Y.to_numpy(dtype=float) if isinstance(Y, pd.DataFrame) else Y
     Y = Y.tocsr().astype(float) if sp.issparse(Y) else np.asarray(Y, dtype=float)
-    if Y.ndim != 2:
-        raise ValueError(f"Y must be 2-D (cells x genes), got shape {Y.shape}")
-    data = Y.data if sp.issparse(Y) else Y
-    if not np.all(np.isfinite(data)):
-        raise ValueError("Y contains NaN or infinite values")
-    if np.any(data < 0):
-        raise ValueError("Y contains negative counts")
+    check_matrix_2d(Y, "Y", "genes")
+    check_count_values(Y)
     n, p = Y.shape
     A = np.asarray(A, dtype=float)
     if A.ndim == 1:
@@ -205,20 +213,12 @@ def _prepare(Y, W, A, W_A, mask):
     W = np.asarray(W, dtype=float)
     W_A = W if W_A is None else np.asarray(W_A, dtype=float)
     for M, name in ((W, "W"), (A, "A"), (W_A, "W_A")):
-        if M.ndim != 2 or M.shape[0] != n:
-            raise ValueError(f"{name} must be 2-D with {n} rows (one per cell), got shape {M.shape}")
-        if not np.all(np.isfinite(M)):
-            raise ValueError(f"{name} contains NaN or infinite values")
-    if not np.all(np.isin(A, (0, 1))):
-        raise ValueError("A must contain only 0/1 treatment indicators: LFC estimates the "
-                         "contrast of treated and control arms, so a continuous treatment "
-                         "(dose, guide UMI) must be binarised first, e.g. (A > 0); fit_gcate "
-                         "accepts it continuous")
+        check_rows_2d(M, n, name)
+    check_zero_one(A, for_lfc=True)
     a = A.shape[1]
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
-        if mask.shape != A.shape:
-            raise ValueError(f"mask must have the shape of A {A.shape}, got {mask.shape}")
+        check_mask_shape(mask, A.shape)
     gene_names = gene_names or [f"gene_{j}" for j in range(p)]
     trt_names = trt_names or [str(k) for k in range(a)]
     return Y, W, A, W_A, mask, gene_names, trt_names
@@ -923,10 +923,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
                       "causarray 0.1.1, it is used as ps_class_weight)", FutureWarning,
                       stacklevel=2)
         ps_class_weight = kwargs.pop("class_weight")
-    if family not in ("nb", "poisson"):
-        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
-    if usevar not in ("pooled", "unequal"):
-        raise ValueError(f"usevar must be 'pooled' or 'unequal', got {usevar!r}")
+    check_family(family)
+    check_choice("usevar", usevar, ("pooled", "unequal"))
     if "clip_pseudo_outcomes" in kwargs:
         raise TypeError("clip_pseudo_outcomes was removed: AIPW pseudo-outcomes are never clipped")
     check_keywords("LFC", kwargs, LFC_COMPAT_KEYWORDS | parameter_names(LFC))
@@ -939,9 +937,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     fold = make_folds(n, K, random_state)
     if outcome_init is not None:
         outcome_init = np.asarray(outcome_init, dtype=float)
-        if outcome_init.shape != (p, W.shape[1] + a):
-            raise ValueError(f"outcome_init must have shape {(p, W.shape[1] + a)} "
-                             f"(genes x [W | A] columns), got {outcome_init.shape}")
+        check_shape("outcome_init", outcome_init, (p, W.shape[1] + a),
+                    " (genes x [W | A] columns)")
 
     if recenter_genes is not None:
         recenter_genes = np.asarray(recenter_genes)

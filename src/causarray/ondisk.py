@@ -35,6 +35,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._validation import (
+    check_cells_nonempty,
+    check_counts_scan,
+    check_file,
+    check_has_perturbed,
+    check_layer,
+    check_x_present,
+)
+
 __all__ = ["H5Counts", "RowRef", "is_file_input", "open_screen", "scan_counts"]
 
 #: Target number of stored entries per streamed row block (about 64 MB of float64 + index).
@@ -443,8 +452,7 @@ def _open_backed(source: Any):
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"input file not found: {path}")
+        check_file(path)
         return ad.read_h5ad(path, backed="r")
     return source
 
@@ -462,35 +470,11 @@ def backed_counts(adata: Any, layer: str | None = None) -> H5Counts:
     with h5py.File(path, "r") as f:
         if key not in f:
             if layer is not None:
-                layers = list(f["layers"].keys()) if "layers" in f else []
-                raise ValueError(f"adata has no layer {layer!r}; available layers: {layers}")
-            raise ValueError("adata.X is empty (None); pass layer=<name of the counts layer>")
+                check_layer(layer, list(f["layers"].keys()) if "layers" in f else [])
+            check_x_present(None)
     M = H5Counts(path, key)
     M.gene_names = np.asarray([str(g) for g in adata.var_names], dtype=object)
     return M
-
-
-def check_counts_scan(scan: CountScan, name: str, non_integer: str) -> None:
-    """Raise for NaN/inf or negative stored values; non-integers per ``non_integer``.
-
-    ``non_integer='raise'`` uses the wording of ``tl.check_raw_counts``; ``'round'`` the
-    warning of ``as_count_matrix``.
-    """
-    if scan.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must hold numeric counts, got dtype {scan.dtype}")
-    if scan.n_bad:
-        raise ValueError(f"{name} contains {scan.n_bad} NaN or infinite values; causarray "
-                         "needs raw counts")
-    if scan.n_neg:
-        raise ValueError(f"{name} has negative values (minimum {scan.vmin:g}); causarray needs "
-                         "raw counts, not normalised or scaled data")
-    if scan.n_frac:
-        if non_integer == "raise":
-            raise ValueError(f"{name} does not hold raw counts: {scan.n_frac} non-integer "
-                             "entries (log-normalised data?); pass the layer with raw UMI "
-                             "counts")
-        warnings.warn(f"{name} contains {scan.n_frac} non-integer entries; they were rounded "
-                      "to the nearest integer", UserWarning, stacklevel=3)
 
 
 def _sparse_treatments(labels: np.ndarray, ctrl_label: str, index: Any) -> pd.DataFrame:
@@ -551,9 +535,7 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     adata = _open_backed(source)
     pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
     M = backed_counts(adata, layer)
-    if not np.any(labels != ctrl_label):
-        raise ValueError(f"obs[{pert_col!r}] holds only the control label {ctrl_label!r}; "
-                         "there are no perturbed cells")
+    check_has_perturbed(bool(np.any(labels != ctrl_label)), pert_col, ctrl_label)
     A = None if sparse_treatments else \
         treatment_matrix(labels, ctrl_label, index=adata.obs_names)
     Xcov = covariate_design(adata.obs, covariates)
@@ -563,10 +545,7 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     empty = scan.row_sums == 0
     if empty.any():
         if not drop_empty_cells:
-            idx = np.flatnonzero(empty)
-            shown = [str(adata.obs_names[i]) for i in idx[:5]]
-            raise ValueError(f"{idx.size} cell(s) have zero total count, e.g. {shown}; remove "
-                             "them or pass drop_empty_cells=True")
+            check_cells_nonempty(empty, adata.obs_names)
         warnings.warn(f"dropping {int(empty.sum())} cells with zero total count", UserWarning,
                       stacklevel=2)
         keep = ~empty
