@@ -726,6 +726,17 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> in
     return int(value)
 
 
+def check_all_at_least_one(**sizes: Any) -> None:
+    """Raise unless every keyword's value is >= 1 (sizes of a simulated design)."""
+    if any(v < 1 for v in sizes.values()):
+        raise ValueError(f"{_and_list(list(sizes))} must all be >= 1")
+
+
+def _and_list(names: Sequence[str]) -> str:
+    """``a, b and c`` for an error message."""
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+
+
 def check_nonnegative_int(name: str, value: Any) -> int:
     """An integer >= 0 (not a bool): ``"<name> must be a non-negative integer, got ..."``."""
     if not _is_int(value) or value < 0:
@@ -829,6 +840,12 @@ def check_offset(off: np.ndarray, n: int) -> None:
     """Raise unless the per-cell offset has one entry per cell."""
     if off.shape[0] != n:
         raise ValueError(f"offset has length {off.shape[0]} but Y has {n} cells")
+
+
+def check_row_indices(idx: np.ndarray, what: str) -> None:
+    """Raise unless ``idx`` is a 1-D array of integer row indices (empty is fine)."""
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError(f"{what} must be a 1-D array of integer row indices")
 
 
 def check_shape(name: str, arr: np.ndarray, shape: tuple, what: str = "") -> None:
@@ -1091,6 +1108,14 @@ def check_cells_nonempty(empty: np.ndarray, cell_names: Sequence[Any], n_shown: 
                          "them or pass drop_empty_cells=True")
 
 
+def check_copy_in_memory(backed: bool) -> None:
+    """``copy=True`` needs an in-memory AnnData (a backed one stores results in place)."""
+    if backed:
+        raise ValueError("copy=True needs an in-memory AnnData; with backed='r' the "
+                         "results are stored in adata.uns of the backed object (use "
+                         "copy=False)")
+
+
 def check_obs_columns(obs: pd.DataFrame, columns: Sequence[str]) -> None:
     """Raise if a covariate column is not in ``obs`` or has missing values."""
     missing = [c for c in columns if c not in obs.columns]
@@ -1296,3 +1321,225 @@ def check_clipped_scores(pi: np.ndarray) -> None:
         cols = np.flatnonzero(bad.any(axis=0)).tolist()
         raise ValueError(f"propensity scores must lie strictly inside (0, 1) after "
                          f"clipping; {int(bad.sum())} do not (treatment columns {cols})")
+
+
+def check_not_both(new_given: bool, old: str, new: str) -> None:
+    """A renamed keyword: raise when both the new name and its deprecated ``old`` are given."""
+    if new_given:
+        raise TypeError(f"pass {new!r} only ({old!r} is its deprecated alias)")
+
+
+def check_clip(clip):
+    """``clip`` of the propensity helpers: None, 'auto' or (lower, upper), 0 <= lower < upper <= 1."""
+    if clip is None or (isinstance(clip, str) and clip == "auto"):
+        return clip
+    msg = ("clip must be None or a pair (lower, upper) with 0 <= lower < upper <= 1 "
+           f"(or 'auto'), got {clip!r}")
+    if isinstance(clip, (str, bytes)):
+        raise ValueError(msg)
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise ValueError(msg) from None
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(msg)
+    return clip
+
+
+def check_nuisance_cache_path(cache_path: Any) -> None:
+    """``save_nuisances=True`` writes beside the result cache, so it needs ``cache_path``."""
+    if cache_path is None:
+        raise ValueError("save_nuisances=True requires cache_path (the nuisances are "
+                         "written beside the result cache)")
+
+
+# ----------------------------------------------------------------------------- inference
+def as_float_array(x: Any, name: str) -> np.ndarray:
+    """``x`` as a float ndarray; ``TypeError`` naming ``name`` when it is not numeric."""
+    try:
+        arr = np.asarray(x, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be numeric, got {type(x).__name__}") from err
+    return arr
+
+
+def check_1d(arr: np.ndarray, name: str) -> None:
+    """Raise unless ``arr`` is 1-D."""
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+
+
+def check_same_shape(name: str, arr: np.ndarray, shape: tuple) -> None:
+    """Raise unless ``arr.shape == shape``: ``"<name> has shape ..., expected ..."``."""
+    if arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
+
+
+def check_df(df: np.ndarray) -> None:
+    """Degrees of freedom must be positive (NaN marks an undefined df)."""
+    if np.any(df[~np.isnan(df)] <= 0):
+        raise ValueError("df must be positive (NaN marks an undefined df)")
+
+
+def check_df_shape(pvalue: np.ndarray, df: Any, shape: tuple) -> None:
+    """``df`` must broadcast to the statistics without changing their shape."""
+    if pvalue.shape != shape:
+        raise ValueError(f"df has shape {np.shape(df)}, expected {shape} or a scalar")
+
+
+def check_pvalues(vals: np.ndarray) -> None:
+    """Non-NaN p-values must lie in [0, 1]."""
+    if np.any((vals < 0) | (vals > 1)):
+        raise ValueError("pvalues must lie in [0, 1] (NaN marks a test not performed)")
+
+
+def check_eta_finite(tested: np.ndarray, finite_cols: np.ndarray) -> None:
+    """Influence values must be finite for every tested gene."""
+    if np.any(tested & ~finite_cols):
+        raise ValueError("eta must be finite for every tested gene")
+
+
+def check_fdx_needs(eta: Any, std: Any) -> None:
+    """FDX control needs the influence values ``eta`` and the standard errors ``std``."""
+    if eta is None or std is None:
+        raise ValueError("fdx=True needs eta and std")
+
+
+def check_fdx_inputs(
+    stat: np.ndarray, eta: np.ndarray, std: np.ndarray, n: int, alpha: float, c: float, B: int
+) -> None:
+    """Shapes and tuning constants of :func:`causarray.inference.fdx_control`."""
+    check_1d(stat, "stat")
+    check_same_shape("std", std, stat.shape)
+    if eta.ndim != 2 or eta.shape[1] != stat.size:
+        raise ValueError(f"eta must be n x p with p = {stat.size}, got shape {eta.shape}")
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if not 0 <= c < 1:
+        raise ValueError(f"c must lie in [0, 1), got {c}")
+    if int(B) != B or B < 1:
+        raise ValueError(f"B must be a positive integer, got {B}")
+
+
+# ----------------------------------------------------------------------------- LFC options
+def check_counterfactual_shape(mu0_shape: tuple, a_hat: int, n: int, p: int, a: int) -> None:
+    """Given counterfactual means (genes x cells, a treatments) must match the data."""
+    if mu0_shape != (p, n) or a_hat != a:
+        raise ValueError(f"Y_hat holds predictions for {mu0_shape[1]} cells x "
+                         f"{mu0_shape[0]} genes x {a_hat} treatments, "
+                         f"expected {n} x {p} x {a}")
+
+
+def check_counterfactual_array(arr: np.ndarray, n: int, p: int, a: int) -> None:
+    """An array ``Y_hat`` must be n x p x a x 2 (control, treated means)."""
+    if arr.shape != (n, p, a, 2):
+        raise ValueError(f"Y_hat must be a CounterfactualMeans or an array of shape {(n, p, a, 2)}")
+
+
+def check_gene_fold_shape(gene_fold: np.ndarray, p: int) -> None:
+    """``W_gene_folds``: one fold id per gene."""
+    if gene_fold.shape != (p,):
+        raise ValueError(f"W_gene_folds: the gene folds must have shape {(p,)}, "
+                         f"got {gene_fold.shape}")
+
+
+def check_gene_fold_ids(gene_fold: np.ndarray, n_designs: int) -> None:
+    """``W_gene_folds``: every gene's fold indexes one of the designs."""
+    if not np.isin(gene_fold, np.arange(n_designs)).all():
+        raise ValueError(f"W_gene_folds: every gene's fold must be one of 0..{n_designs - 1} "
+                         f"(one design per fold)")
+
+
+def check_gene_fold_design(W_f: np.ndarray, f: int, n: int) -> None:
+    """``W_gene_folds``: each fold's design has one row per cell."""
+    if W_f.shape[0] != n:
+        raise ValueError(f"W_gene_folds: design {f} has {W_f.shape[0]} rows, expected {n}")
+
+
+def check_removed_keywords(kwargs: Any) -> None:
+    """``TypeError`` for keywords of ``LFC`` that were removed (not merely renamed)."""
+    if "clip_pseudo_outcomes" in kwargs:
+        raise TypeError("clip_pseudo_outcomes was removed: AIPW pseudo-outcomes are never clipped")
+
+
+def check_recenter_genes(recenter_genes: np.ndarray, p: int, a: int) -> None:
+    """A boolean genes x treatments array."""
+    if recenter_genes.shape != (p, a) or recenter_genes.dtype != bool:
+        raise ValueError(f"recenter_genes must be a boolean (genes x treatments) array of "
+                         f"shape {(p, a)}, got {recenter_genes.dtype} {recenter_genes.shape}")
+
+
+def check_shift_variance(shift_variance: np.ndarray, p: int, a: int) -> None:
+    """A finite, non-negative genes x treatments array."""
+    if shift_variance.shape != (p, a) or not np.all(np.isfinite(shift_variance)) \
+            or (shift_variance < 0).any():
+        raise ValueError(f"shift_variance must be a finite, non-negative (genes x "
+                         f"treatments) array of shape {(p, a)}, got shape "
+                         f"{shift_variance.shape}")
+
+
+# ----------------------------------------------------------------------------- batch pipeline
+def check_control_pool(n_ctrl_cells: int) -> None:
+    """The batch pipeline needs control cells (all-zero rows of A) to share."""
+    if n_ctrl_cells == 0:
+        raise ValueError("A has no control cells (all-zero rows); the batch pipeline compares "
+                         "every perturbation with a shared pool of control cells")
+
+
+def check_design_given(X: Any, A: Any) -> None:
+    """With a count matrix (not a file) as Y, X and A must be given."""
+    if X is None or A is None:
+        raise ValueError("X and A are required with a count matrix Y; pass a path to an "
+                         ".h5ad file (or an AnnData opened with backed='r') as Y to build "
+                         "them from the file")
+
+
+def check_no_design_with_file(X: Any, A: Any) -> None:
+    """With a file (or backed AnnData) as Y, X and A are built from it."""
+    if X is not None or A is not None:
+        raise ValueError("with a file (or backed AnnData) as Y, X and A are built from it: "
+                         "leave them out and pass pert_col / ctrl_label / covariates")
+
+
+def check_design_columns(X: np.ndarray) -> None:
+    """The covariate design must have columns (at least the intercept)."""
+    if X.shape[1] == 0:
+        raise ValueError("X has no columns; pass the design returned by prep_causarray_data "
+                         "(it includes the intercept)")
+
+
+def check_unique_treatment_names(names: Sequence[str]) -> None:
+    """Treatment names (columns of A) must be unique."""
+    if len(set(names)) != len(names):
+        raise ValueError("treatment names (columns of A) must be unique")
+
+
+def check_control_size_factors(s: np.ndarray) -> None:
+    """Every control cell needs counts (a positive size factor)."""
+    if np.any(s <= 0):
+        raise ValueError("a control cell has no counts (size factor 0); remove empty cells")
+
+
+def check_executor_client(executor: Any, client: Any) -> None:
+    """At most one of ``executor`` and ``client``."""
+    if executor is not None and client is not None:
+        raise ValueError("pass either executor or client, not both")
+
+
+def check_lfc_kwargs(lfc_kwargs: Any, reserved: Sequence[str]) -> None:
+    """``lfc_kwargs`` of the batch pipeline: not the per-batch inputs, no warm start."""
+    bad = [k for k in reserved if k in lfc_kwargs]
+    if bad:
+        raise ValueError(f"lfc_kwargs may not set {bad}: gcate_lfc_batch builds them per batch")
+    if lfc_kwargs.get("outcome_init", None) is not None:
+        raise ValueError("lfc_kwargs may set outcome_init only to None (no warm start): "
+                         "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit")
+
+
+def check_warm_start(warm_start_U: bool, executor: Any) -> None:
+    """``warm_start_U`` chains the batches, so they cannot run on an executor."""
+    if warm_start_U and executor is not None:
+        raise ValueError("warm_start_U=True makes every batch depend on the previous one; "
+                         "it cannot run on an executor or client")

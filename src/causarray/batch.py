@@ -64,14 +64,23 @@ from ._validation import (
     LFC_COMPAT_KEYWORDS,
     as_count_matrix,
     check_assignment,
+    check_control_pool,
+    check_control_size_factors,
     check_covariates,
+    check_design_columns,
+    check_design_given,
+    check_executor_client,
     check_family,
     check_keywords,
+    check_lfc_kwargs,
     check_nb_size,
+    check_no_design_with_file,
     check_positive_int,
     check_r,
     check_targets,
     check_treatment,
+    check_unique_treatment_names,
+    check_warm_start,
     parameter_names,
     parse_memory,
 )
@@ -148,9 +157,7 @@ def control_pool(A: np.ndarray, n_ctrl: int | None = 2000, random_state: int = 0
     """
     n_ctrl = check_positive_int("n_ctrl", n_ctrl, allow_none=True)
     ctrl = np.flatnonzero(_row_totals(_as_treatments(A)) == 0)
-    if ctrl.size == 0:
-        raise ValueError("A has no control cells (all-zero rows); the batch pipeline compares "
-                         "every perturbation with a shared pool of control cells")
+    check_control_pool(ctrl.size)
     if n_ctrl is not None and ctrl.size > n_ctrl:
         rng = np.random.default_rng(random_state)
         ctrl = np.sort(rng.choice(ctrl, size=n_ctrl, replace=False))
@@ -296,10 +303,7 @@ class _Inputs:
 def _prepare_inputs(Y, X, A, W_A=None) -> _Inputs:
     from .ondisk import H5Counts
 
-    if X is None or A is None:
-        raise ValueError("X and A are required with a count matrix Y; pass a path to an "
-                         ".h5ad file (or an AnnData opened with backed='r') as Y to build "
-                         "them from the file")
+    check_design_given(X, A)
     if isinstance(Y, H5Counts):          # validated by its streamed pass (ondisk.open_screen)
         Yv, genes = Y, Y.gene_names
     else:
@@ -307,15 +311,12 @@ def _prepare_inputs(Y, X, A, W_A=None) -> _Inputs:
     p = Yv.shape[1]
     Av, trt = check_treatment(A, Yv.shape, keep_sparse=True)
     Xv, _ = check_covariates(X, Yv.shape, "X")
-    if Xv.shape[1] == 0:
-        raise ValueError("X has no columns; pass the design returned by prep_causarray_data "
-                         "(it includes the intercept)")
+    check_design_columns(Xv)
     W_Av = None if W_A is None else check_covariates(W_A, Yv.shape, "W_A")[0]
     genes = np.asarray([str(g) for g in genes] if genes is not None
                        else [f"gene_{j}" for j in range(p)], dtype=object)
     trt = [str(t) for t in trt] if trt is not None else [str(k) for k in range(Av.shape[1])]
-    if len(set(trt)) != len(trt):
-        raise ValueError("treatment names (columns of A) must be unique")
+    check_unique_treatment_names(trt)
     return _Inputs(Yv, Xv, Av, W_Av, genes, trt)
 
 
@@ -372,8 +373,7 @@ def shared_dispersion(Y, X: np.ndarray, ctrl_idx: np.ndarray, offset=True) -> np
     Yc = _dense_rows(Y, ctrl_idx)
     if offset is True:
         s = np.asarray(comp_size_factor(Yc), dtype=float)
-        if np.any(s <= 0):
-            raise ValueError("a control cell has no counts (size factor 0); remove empty cells")
+        check_control_size_factors(s)
         off = np.log(s)
     elif offset is False or offset is None:
         off = None
@@ -944,8 +944,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         from .nuisances import nuisance_path
 
         nuis_path = nuisance_path(cache_path)      # ValueError without cache_path
-    if executor is not None and client is not None:
-        raise ValueError("pass either executor or client, not both")
+    check_executor_client(executor, client)
     g_names, l_names = check_batch_keywords("gcate_lfc_batch", kwargs, gcate_kwargs,
                                             lfc_kwargs)
     # a keyword of **kwargs goes to whichever of fit_gcate / LFC accepts it (or both)
@@ -958,17 +957,12 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
                     "covariates X only (W_A, e.g. library size, is measured after the "
                     "perturbation); pass assignment='observational' to use W_A")
     disp_glm = gk.pop("disp_glm", None)
-    bad = [k for k in _LFC_RESERVED if k in lk]
-    if bad:
-        raise ValueError(f"lfc_kwargs may not set {bad}: gcate_lfc_batch builds them per batch")
+    check_lfc_kwargs(lk, _LFC_RESERVED)
     lk.pop("family", None)
     gk.pop("family", None)
     for key in ("ps_model", "eps_var", "ps_clip", "ps_class_weight", "usevar"):
         if key in kwargs and key not in (gcate_kwargs or {}):
             gk.pop(key, None)                      # LFC-only options given to both stages
-    if lk.get("outcome_init", None) is not None:
-        raise ValueError("lfc_kwargs may set outcome_init only to None (no warm start): "
-                         "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit")
     blas_threads = _check_blas_threads(blas_threads)
     targets = check_targets(lk.get("targets", "auto"))
     Y, X, A, W_A = _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer,
@@ -979,9 +973,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     _warn_multi_perturbation(data.A)
     if client is not None:
         executor = client.get_executor(pure=False)
-    if warm_start_U and executor is not None:
-        raise ValueError("warm_start_U=True makes every batch depend on the previous one; "
-                         "it cannot run on an executor or client")
+    check_warm_start(warm_start_U, executor)
 
     records: dict[int, BatchRecord] = {}
     cache = None
@@ -1061,9 +1053,7 @@ def _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer, drop_emp
 
     if not is_file_input(Y):
         return Y, X, A, W_A
-    if X is not None or A is not None:
-        raise ValueError("with a file (or backed AnnData) as Y, X and A are built from it: "
-                         "leave them out and pass pert_col / ctrl_label / covariates")
+    check_no_design_with_file(X, A)
     Y, A, X, X_A = open_screen(Y, pert_col, ctrl_label, covariates, layer,
                                drop_empty_cells=drop_empty_cells, sparse_treatments=True)
     return Y, X, A, X_A if W_A is None else W_A

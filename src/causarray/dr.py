@@ -51,12 +51,20 @@ from ._validation import (
     LFC_COMPAT_KEYWORDS,
     check_choice,
     check_count_values,
+    check_counterfactual_array,
+    check_counterfactual_shape,
     check_family,
+    check_gene_fold_design,
+    check_gene_fold_ids,
+    check_gene_fold_shape,
     check_keywords,
     check_mask_shape,
     check_matrix_2d,
+    check_recenter_genes,
+    check_removed_keywords,
     check_rows_2d,
     check_shape,
+    check_shift_variance,
     check_targets,
     check_zero_one,
     parameter_names,
@@ -284,14 +292,10 @@ def fit_outcome_model(Y, W: np.ndarray, A: np.ndarray, log_s: np.ndarray, fold: 
 
 def _coerce_Y_hat(Y_hat, n: int, p: int, a: int) -> CounterfactualMeans:
     if isinstance(Y_hat, CounterfactualMeans):
-        if Y_hat.mu0.shape != (p, n) or Y_hat.effect.shape[2] != a:
-            raise ValueError(f"Y_hat holds predictions for {Y_hat.mu0.shape[1]} cells x "
-                             f"{Y_hat.mu0.shape[0]} genes x {Y_hat.effect.shape[2]} treatments, "
-                             f"expected {n} x {p} x {a}")
+        check_counterfactual_shape(Y_hat.mu0.shape, Y_hat.effect.shape[2], n, p, a)
         return Y_hat
     arr = np.asarray(Y_hat, float)
-    if arr.shape != (n, p, a, 2):
-        raise ValueError(f"Y_hat must be a CounterfactualMeans or an array of shape {(n, p, a, 2)}")
+    check_counterfactual_array(arr, n, p, a)
     with np.errstate(divide="ignore", invalid="ignore"):
         eff = np.log(arr[:, :, :, 1]) - np.log(arr[:, :, :, 0])
     # per-cell effects are stored as n folds of one cell each
@@ -784,20 +788,15 @@ def _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, family, disp_gl
     n, p = Y.shape
     a = A.shape[1]
     gene_fold = np.asarray(gene_fold)
-    if gene_fold.shape != (p,):
-        raise ValueError(f"W_gene_folds: the gene folds must have shape {(p,)}, "
-                         f"got {gene_fold.shape}")
-    if not np.isin(gene_fold, np.arange(len(designs))).all():
-        raise ValueError(f"W_gene_folds: every gene's fold must be one of 0..{len(designs) - 1} "
-                         f"(one design per fold)")
+    check_gene_fold_shape(gene_fold, p)
+    check_gene_fold_ids(gene_fold, len(designs))
     parts = []
     for f, W_f in enumerate(designs):
         cols = np.flatnonzero(gene_fold == f)
         if cols.size == 0:
             continue
         W_f = np.asarray(W_f, dtype=float)
-        if W_f.shape[0] != n:
-            raise ValueError(f"W_gene_folds: design {f} has {W_f.shape[0]} rows, expected {n}")
+        check_gene_fold_design(W_f, f, n)
         Y_f = Y[:, cols]
         disp_f = np.asarray(disp_glm, dtype=float)[cols] if np.ndim(disp_glm) == 1 else disp_glm
         init_f = None
@@ -925,8 +924,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         ps_class_weight = kwargs.pop("class_weight")
     check_family(family)
     check_choice("usevar", usevar, ("pooled", "unequal"))
-    if "clip_pseudo_outcomes" in kwargs:
-        raise TypeError("clip_pseudo_outcomes was removed: AIPW pseudo-outcomes are never clipped")
+    check_removed_keywords(kwargs)
     check_keywords("LFC", kwargs, LFC_COMPAT_KEYWORDS | parameter_names(LFC))
     Y, W, A, W_A, mask, gene_names, trt_names = _prepare(Y, W, A, W_A, mask)
     n, p = Y.shape
@@ -942,16 +940,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
 
     if recenter_genes is not None:
         recenter_genes = np.asarray(recenter_genes)
-        if recenter_genes.shape != (p, a) or recenter_genes.dtype != bool:
-            raise ValueError(f"recenter_genes must be a boolean (genes x treatments) array of "
-                             f"shape {(p, a)}, got {recenter_genes.dtype} {recenter_genes.shape}")
+        check_recenter_genes(recenter_genes, p, a)
     if shift_variance is not None:
         shift_variance = np.asarray(shift_variance, dtype=float)
-        if shift_variance.shape != (p, a) or not np.all(np.isfinite(shift_variance)) \
-                or (shift_variance < 0).any():
-            raise ValueError(f"shift_variance must be a finite, non-negative (genes x "
-                             f"treatments) array of shape {(p, a)}, got shape "
-                             f"{shift_variance.shape}")
+        check_shift_variance(shift_variance, p, a)
 
     if pi_hat is None:
         logger.info("fitting propensity models")

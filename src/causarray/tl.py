@@ -45,6 +45,7 @@ import scipy.sparse as sp
 
 from ._validation import (
     check_cells_nonempty,
+    check_copy_in_memory,
     check_family,
     check_has_perturbed,
     check_layer,
@@ -466,10 +467,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     verbose = resolve_verbose(verbose)
     backed = bool(getattr(adata, "isbacked", False))
     if copy:
-        if backed:
-            raise ValueError("copy=True needs an in-memory AnnData; with backed='r' the "
-                             "results are stored in adata.uns of the backed object (use "
-                             "copy=False)")
+        check_copy_in_memory(backed)
         adata = adata.copy()
     covariates = [covariates] if isinstance(covariates, str) else list(covariates)
     info = validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)
