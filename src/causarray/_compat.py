@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import warnings
 
-from ._validation import check_clip, check_not_both, check_one_of  # noqa: F401  (check_clip: its old home)
+# check_clip lived here; it is re-exported for the modules that import it from _compat
+from ._validation import check_clip, check_not_both, check_one_of  # noqa: F401
 
 BACKENDS = ("auto", "fast", "original")
 PS_MODELS = ("logistic", "ensemble", "random_forest_cv")

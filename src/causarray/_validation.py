@@ -1049,7 +1049,8 @@ def resolve_screen_keys(
     pert_col = str(pert_col)
     if pert_col not in adata.obs.columns:
         raise ValueError(
-            f"obs has no column {pert_col!r}; available columns: {list(map(str, adata.obs.columns))}"
+            f"obs has no column {pert_col!r}; available columns: "
+            f"{list(map(str, adata.obs.columns))}"
         )
     labels_raw = adata.obs[pert_col]
     n_missing = int(labels_raw.isna().sum())
@@ -1330,7 +1331,8 @@ def check_not_both(new_given: bool, old: str, new: str) -> None:
 
 
 def check_clip(clip):
-    """``clip`` of the propensity helpers: None, 'auto' or (lower, upper), 0 <= lower < upper <= 1."""
+    """``clip`` of the propensity helpers: None, 'auto' or (lower, upper), 0 <= lower < upper <= 1.
+    """
     if clip is None or (isinstance(clip, str) and clip == "auto"):
         return clip
     msg = ("clip must be None or a pair (lower, upper) with 0 <= lower < upper <= 1 "
@@ -1543,3 +1545,95 @@ def check_warm_start(warm_start_U: bool, executor: Any) -> None:
     if warm_start_U and executor is not None:
         raise ValueError("warm_start_U=True makes every batch depend on the previous one; "
                          "it cannot run on an executor or client")
+
+
+# ----------------------------------------------------------------------------- calibration
+def check_uns_key(adata: Any, uns_key: str, obsm_key: str) -> None:
+    """Guide counts in ``obsm[obsm_key]`` without column names need ``uns['grna_names']``."""
+    if uns_key not in adata.uns:
+        raise ValueError(f"obsm[{obsm_key!r}] holds guide counts without names; store the "
+                         "guide names in uns['grna_names'] (one per column)")
+
+
+def check_guide_names(n_names: int, n_cols: int, key: str) -> None:
+    """One guide name per column of the guide-count matrix."""
+    if n_names != n_cols:
+        raise ValueError(f"uns['grna_names'] has {n_names} names but obsm[{key!r}] has "
+                         f"{n_cols} columns")
+
+
+def check_guide_targets(n_targets: int, n_cols: int, tkey: str, key: str) -> None:
+    """One guide target per column of the guide-count matrix."""
+    if n_targets != n_cols:
+        raise ValueError(f"uns[{tkey!r}] has {n_targets} entries but obsm[{key!r}] "
+                         f"has {n_cols} columns")
+
+
+def check_guide_matrix(values: Any, key: str) -> None:
+    """The guide counts ``obsm[key]`` must be a cells x guides matrix."""
+    if values.ndim != 2:
+        raise ValueError(f"obsm[{key!r}] must be a cells x guides matrix")
+
+
+def check_guide_key(adata: Any, guide_key: Any) -> None:
+    """``guide_key`` must name an obs column or an obsm key of ``adata``."""
+    if not isinstance(guide_key, str):
+        raise ValueError(f"guide_key must be an obs column, an obsm key, None or False, "
+                         f"got {guide_key!r}")
+    if guide_key not in adata.obsm and guide_key not in adata.obs.columns:
+        raise ValueError(f"guide_key {guide_key!r} is neither an obs column nor an obsm key; "
+                         f"obs columns: {list(map(str, adata.obs.columns))}, obsm keys: "
+                         f"{list(map(str, adata.obsm.keys()))}")
+
+
+def check_excluded_guides(excluded: Sequence[str], guides: Any) -> None:
+    """``exclude_guides`` needs guide identities and must name guides of the controls."""
+    if guides is None:
+        raise ValueError("exclude_guides was given but adata has no guide identities; "
+                         "pass guide_key=<obs column or obsm key>")
+    seen = {str(g) for g in guides if g is not None}
+    unknown = [g for g in excluded if g not in seen]
+    if unknown:
+        raise ValueError(f"exclude_guides: {unknown} are not guides of the control cells; "
+                         f"known guides: {sorted(seen)[:10]}{' ...' if len(seen) > 10 else ''}")
+
+
+def check_fake_budget(n_fake: int, fake_size: int, usable: int, n_ctrl: int, keep: int) -> None:
+    """``n_fake`` fakes of ``fake_size`` cells must fit in the usable control cells."""
+    if n_fake * fake_size > usable:
+        raise ValueError(
+            f"n_fake={n_fake} fake perturbations of fake_size={fake_size} cells need "
+            f"{n_fake * fake_size} control cells, but only {usable} of the {n_ctrl} "
+            f"control cells can be used (at least {keep} stay in the control arm); "
+            "lower n_fake or fake_size")
+
+
+def check_fake_controls(size: int, n_ctrl: int, n_fake: int, min_cells: int,
+                        keep_fraction: float) -> None:
+    """Automatic fakes need at least ``min_cells`` cells each."""
+    import math
+
+    if size < min_cells:
+        need = int(math.ceil(n_fake * min_cells / (1.0 - keep_fraction)))
+        raise ValueError(
+            f"too few control cells for the calibration check: {n_ctrl} control cells, but "
+            f"n_fake={n_fake} fake perturbations of at least {min_cells} cells with half "
+            f"of the controls kept as the control arm need {need}; lower n_fake")
+
+
+def check_run_settings(store: Any, key: str) -> None:
+    """``adata.uns[key]`` must hold the settings of a ``tl.lfc`` run."""
+    from collections.abc import Mapping
+
+    if not isinstance(store, Mapping) or not isinstance(store.get("settings"), Mapping):
+        raise ValueError(f"adata.uns[{key!r}] holds no run settings; run causarray.tl.lfc(adata) "
+                         "first or pass the settings to calibration_check yourself")
+
+
+def check_runner_result(res: Any) -> None:
+    """A calibration runner must return a table with ``trt``, ``pvalue`` and ``padj``."""
+    if not isinstance(res, pd.DataFrame):
+        raise TypeError(f"the runner must return a pandas DataFrame, got {type(res).__name__}")
+    missing = [c for c in ("trt", "pvalue", "padj") if c not in res.columns]
+    if missing:
+        raise ValueError(f"the runner's result table lacks column(s) {missing}")
