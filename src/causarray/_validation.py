@@ -1637,3 +1637,217 @@ def check_runner_result(res: Any) -> None:
     missing = [c for c in ("trt", "pvalue", "padj") if c not in res.columns]
     if missing:
         raise ValueError(f"the runner's result table lacks column(s) {missing}")
+
+
+# ----------------------------------------------------------------------------- propensity refits
+#: Overlap metrics a refit trigger / target may name (propensity_refit.METRICS).
+REFIT_METRICS = ("auc", "overlap_ratio", "ess_treated_fraction", "ess_control_fraction")
+
+
+def refit_treatments(A: Any, treatment_names: Sequence | None) -> tuple[np.ndarray, list]:
+    """A as an n x a 0/1 float array and unique treatment names (given or from A)."""
+    arr = A.to_numpy() if isinstance(A, pd.DataFrame) else np.asarray(A)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or not np.all(np.isin(arr, (0, 1))):
+        raise ValueError("A must be a 1-D or 2-D matrix of 0/1 treatment indicators")
+    if treatment_names is None:
+        treatment_names = list(A.columns) if isinstance(A, pd.DataFrame) \
+            else list(range(arr.shape[1]))
+    names = list(treatment_names)
+    if len(names) != arr.shape[1]:
+        raise ValueError(f"treatment_names has {len(names)} entries for {arr.shape[1]} "
+                         "treatments")
+    if len(set(map(str, names))) != len(names):
+        raise ValueError("treatment_names must be unique")
+    return arr.astype(float), names
+
+
+def refit_covariates(X_A: Any, n: int,
+                     covariate_names: Sequence | None) -> tuple[np.ndarray, list]:
+    """X_A as an n x d finite float array and unique covariate names."""
+    arr = X_A.to_numpy() if isinstance(X_A, pd.DataFrame) else np.asarray(X_A)
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise ValueError(f"X_A must be 2-D with {n} rows (the rows of A), got shape "
+                         f"{arr.shape}")
+    try:
+        arr = arr.astype(float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError("X_A must contain numeric covariates") from exc
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("X_A contains NaN or infinite values")
+    if covariate_names is None:
+        covariate_names = list(X_A.columns) if isinstance(X_A, pd.DataFrame) \
+            else [f"covariate_{j + 1}" for j in range(arr.shape[1])]
+    names = list(covariate_names)
+    if len(names) != arr.shape[1]:
+        raise ValueError(f"covariate_names has {len(names)} entries for {arr.shape[1]} "
+                         "columns of X_A")
+    if len(set(map(str, names))) != len(names):
+        raise ValueError("covariate_names must be unique")
+    return arr, names
+
+
+def refit_resolver(names: list, size: int, what: str):
+    """A function mapping a name (or a position) of ``names`` to its position."""
+    lookup = {name: j for j, name in enumerate(names)}
+    lookup_str = {str(name): j for j, name in enumerate(names)}
+
+    def resolve(value) -> int:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (int, np.integer)):
+            if value in lookup:
+                return lookup[value]
+            if str(value) in lookup_str:
+                return lookup_str[str(value)]
+        elif value in lookup:
+            return lookup[value]
+        elif 0 <= int(value) < size:
+            return int(value)
+        raise ValueError(f"Unknown {what}: {value!r}")
+
+    return resolve
+
+
+def refit_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """A boolean mask of the shape of A (a 1-D mask is one column), or None."""
+    if mask is None:
+        return None
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim == 1:
+        m = m[:, None]
+    check_mask_shape(m, shape)
+    return m
+
+
+def parse_condition(condition: str) -> tuple[str, str]:
+    """``'<metric>_lt'`` / ``'<metric>_gt'`` as (metric, 'lt' or 'gt')."""
+    if not isinstance(condition, str) or condition[-3:] not in ("_lt", "_gt"):
+        raise ValueError(f"condition {condition!r} must be '<metric>_lt' or '<metric>_gt'")
+    name = condition[:-3]
+    if name not in REFIT_METRICS:
+        raise ValueError(f"condition {condition!r} names no metric; metrics are "
+                         f"{list(REFIT_METRICS)}")
+    return name, condition[-2:]
+
+
+def check_conditions(*conds: Any) -> None:
+    """Trigger / target conditions: non-empty mappings of known metric conditions."""
+    from collections.abc import Mapping
+
+    for cond in conds:
+        if not isinstance(cond, Mapping) or not cond:
+            raise ValueError("trigger / target must be non-empty mappings like "
+                             "{'auc_gt': 0.9}")
+        for c in cond:
+            parse_condition(c)
+
+
+def check_refit_mappings(drop_by_treatment: Any, penalty_factors_by_treatment: Any,
+                         ps_model: str) -> None:
+    """``drop_by_treatment`` / ``penalty_factors_by_treatment`` are mappings; penalties
+    need the logistic model (an L2 penalty)."""
+    from collections.abc import Mapping
+
+    if not isinstance(drop_by_treatment, Mapping):
+        raise ValueError("drop_by_treatment must be a mapping {treatment: covariates}")
+    if not isinstance(penalty_factors_by_treatment, Mapping):
+        raise ValueError("penalty_factors_by_treatment must be a mapping "
+                         "{treatment: {covariate: factor}}")
+    if penalty_factors_by_treatment and ps_model != "logistic":
+        raise ValueError("penalty_factors_by_treatment is supported only for logistic models "
+                         f"(an L2 penalty), got ps_model={ps_model!r}")
+
+
+def refit_drops_and_factors(drop_by_treatment: Any, penalty_factors_by_treatment: Any,
+                            t_of: Any, c_of: Any, t_names: list,
+                            c_names: list) -> tuple[dict[int, set], dict[int, dict]]:
+    """Dropped covariates and penalty factors (>= 1) per treatment position.
+
+    ``t_of`` / ``c_of`` map a treatment / covariate name to its position
+    (:func:`refit_resolver`).  Raises for repeated treatments, duplicate covariates,
+    non-numeric or < 1 factors, and covariates both dropped and penalized.
+    """
+    from collections.abc import Mapping
+
+    drops: dict[int, set] = {}
+    for t, covs in drop_by_treatment.items():
+        j = t_of(t)
+        if j in drops:
+            raise ValueError(f"treatment {t_names[j]!r} is given more than once")
+        covs = [covs] if isinstance(covs, (str, bytes, int, np.integer)) else list(covs)
+        idx = [c_of(c) for c in covs]
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"duplicate dropped covariates for treatment {t_names[j]!r}")
+        drops[j] = set(idx)
+    factors: dict[int, dict] = {}
+    for t, fs in penalty_factors_by_treatment.items():
+        j = t_of(t)
+        if j in factors:
+            raise ValueError(f"treatment {t_names[j]!r} is given more than once")
+        if not isinstance(fs, Mapping):
+            raise ValueError(f"penalty factors of treatment {t_names[j]!r} must be a mapping "
+                             "{covariate: factor}")
+        res: dict[int, float] = {}
+        for c, f in fs.items():
+            k = c_of(c)
+            try:
+                f = float(f)
+            except (TypeError, ValueError):
+                raise ValueError(f"penalty factor of {c_names[k]!r} must be a number, "
+                                 f"got {f!r}") from None
+            if not np.isfinite(f) or f < 1:
+                raise ValueError(f"penalty factors must be finite numbers at least 1, got {f} "
+                                 f"for {c_names[k]!r}")
+            if k in res:
+                raise ValueError(f"duplicate penalty factor for covariate {c_names[k]!r}")
+            res[k] = f
+        factors[j] = res
+    for j in set(drops) & set(factors):
+        both = drops[j] & set(factors[j])
+        if both:
+            raise ValueError(f"covariates {[c_names[k] for k in sorted(both)]} are both "
+                             f"dropped and penalized for treatment {t_names[j]!r}")
+    return drops, factors
+
+
+def check_refit_pi_hat(pi: np.ndarray, shape: tuple) -> None:
+    """Given scores must have the shape of A and be probabilities."""
+    if pi.shape != shape:
+        raise ValueError(f"pi_hat must have the shape of A {shape}, got {pi.shape}")
+    if not np.all(np.isfinite(pi)) or np.any((pi < 0) | (pi > 1)):
+        raise ValueError("pi_hat must hold probabilities in [0, 1]")
+
+
+def check_pi_hat_shape(pi: np.ndarray, shape: tuple) -> None:
+    """Given scores must have the shape of A."""
+    if pi.shape != shape:
+        raise ValueError(f"pi_hat must have the shape of A {shape}, got {pi.shape}")
+
+
+def check_kept_covariates(kept: Sequence[int], treatment: Any) -> None:
+    """Dropping must leave a treatment at least one covariate."""
+    if not kept:
+        raise ValueError(f"dropping removes every covariate of treatment {treatment!r}")
+
+
+def check_bracket(bracket: Any) -> tuple[float, float]:
+    """A penalty-factor bracket ``(low, high)`` with ``1 <= low < high < inf``."""
+    try:
+        low, high = (float(b) for b in bracket)
+    except (TypeError, ValueError):
+        raise ValueError(f"bracket must be a pair (low, high), got {bracket!r}") from None
+    if not 1.0 <= low < high or not np.isfinite(high):
+        raise ValueError(f"bracket must satisfy 1 <= low < high < inf, got {bracket!r}")
+    return low, high
+
+
+def check_tol(tol: Any) -> None:
+    """A positive tolerance."""
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+
+
+def check_unique_candidates(cand: Sequence[int]) -> None:
+    """Candidate covariates must be unique."""
+    if len(set(cand)) != len(cand):
+        raise ValueError("candidates must be unique")
