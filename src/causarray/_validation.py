@@ -1851,3 +1851,190 @@ def check_unique_candidates(cand: Sequence[int]) -> None:
     """Candidate covariates must be unique."""
     if len(set(cand)) != len(cand):
         raise ValueError("candidates must be unique")
+
+
+# ----------------------------------------------------------------------------- glm_compat
+def check_offset_rows(off: np.ndarray, n: int) -> None:
+    """One offset per row of Y (``fit_glm`` of the 0.1.1 interface)."""
+    if off.shape[0] != n:
+        raise ValueError(f"offset has length {off.shape[0]} but Y has {n} rows")
+
+
+def check_impute_needs_A(impute: Any) -> None:
+    """Counterfactual predictions (``impute``) need the treatments A."""
+    if impute is not False:
+        raise ValueError("impute needs treatments A (predictions with each treatment on/off)")
+
+
+def check_impute_design(X_test: np.ndarray, impute: Any, d: int) -> None:
+    """An ``impute`` design has the d columns of X."""
+    if X_test.ndim != 2 or X_test.shape[1] != d:
+        raise ValueError(f"impute must be True or an array with {d} columns, got shape "
+                         f"{np.shape(impute)}")
+
+
+def check_offset_test(off_t: np.ndarray | None, offset_test: Any, m: int) -> None:
+    """One offset per row of the ``impute`` design."""
+    if off_t is not None and off_t.shape[0] != m:
+        if offset_test is None:
+            raise ValueError("impute has different rows from X: pass offset_test")
+        raise ValueError("offset_test must have one entry per row of impute")
+
+
+def check_obs_column(name: str, column: Any, obs: pd.DataFrame) -> None:
+    """``column`` (the option ``name``) must be a column of ``obs``."""
+    if column not in obs:
+        raise ValueError(f"{name} {column!r} is not a column of obs "
+                         f"(columns: {list(obs.columns)[:10]})")
+
+
+def check_label_occurs(name: str, label: Any, labels: np.ndarray, column: str) -> None:
+    """``label`` (the option ``name``) must occur in ``obs[column]`` (as str)."""
+    if not np.any(labels == str(label)):
+        raise ValueError(f"{name} {label!r} does not occur in obs[{column!r}]")
+
+
+def check_gene_indices(genes: np.ndarray | None, n_vars: int) -> None:
+    """Gene positions: a non-empty 1-D array in [0, n_vars), or None."""
+    if genes is not None and (genes.ndim != 1 or genes.size == 0 or genes.min() < 0
+                              or genes.max() >= n_vars):
+        raise ValueError(f"gene_indices must be a non-empty 1-D array of indices in "
+                         f"[0, {n_vars})")
+
+
+def check_covariate_columns(covs: Sequence[str], obs: pd.DataFrame) -> None:
+    """Covariate columns must be columns of ``obs``."""
+    missing = [c for c in covs if c not in obs]
+    if missing:
+        raise ValueError(f"covariate_columns {missing} are not columns of obs")
+
+
+def check_both_groups(A: np.ndarray) -> None:
+    """A single 0/1 treatment column must hold both control and perturbed cells."""
+    if A.min() == A.max():
+        raise ValueError("fit_glm_ondisk needs both control and perturbed cells after "
+                         "dropping empty cells")
+
+
+# ----------------------------------------------------------------------------- diagnostics
+def check_scores(pi: np.ndarray, shape: tuple) -> None:
+    """Propensity scores of the shape of A, finite and in [0, 1]."""
+    if pi.shape != shape:
+        raise ValueError(f"pi_hat has shape {pi.shape}, expected the shape of A {shape}")
+    if not np.all(np.isfinite(pi)) or np.any((pi < 0) | (pi > 1)):
+        raise ValueError("pi_hat must hold finite scores in [0, 1]")
+
+
+def check_names(names: Sequence[str], n: int, what: str, unique: bool = True) -> None:
+    """``n`` labels, unique unless ``unique`` is False."""
+    if len(names) != n:
+        raise ValueError(f"{what} has {len(names)} entries, expected {n}")
+    dup = pd.Index(names)
+    if unique and dup.has_duplicates:
+        raise ValueError(f"{what} must be unique; duplicated: "
+                         f"{list(dup[dup.duplicated()].unique()[:5])}")
+
+
+def check_unit_bounds(name: str, bounds: Any) -> tuple[float, float]:
+    """A pair ``(low, high)`` with ``0 <= low < high <= 1``."""
+    lo, hi = bounds
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"{name} must satisfy 0 <= low < high <= 1, got {bounds}")
+    return lo, hi
+
+
+def check_has_controls(control: np.ndarray) -> None:
+    """A must have control cells (all-zero rows)."""
+    if not control.any():
+        raise ValueError("A has no control cells (rows with all zeros)")
+
+
+def check_has_treated(treated: np.ndarray, name: Any) -> None:
+    """Treatment ``name`` must have treated cells."""
+    if not treated.any():
+        raise ValueError(f"treatment {name!r} has no treated cells")
+
+
+def check_association_covariates(Z: np.ndarray, n: int) -> None:
+    """Covariates to associate with the treatments: a finite n x m matrix."""
+    if Z.ndim != 2 or Z.shape[0] != n:
+        raise ValueError(f"Z must be an n x m matrix with n = {n} rows, got shape {Z.shape}")
+    if not np.all(np.isfinite(Z)):
+        raise ValueError("Z must be finite")
+
+
+def check_bool_mask(values: np.ndarray) -> np.ndarray:
+    """A test mask as booleans: bool, or numbers that are all 0 or 1."""
+    v = np.asarray(values)
+    if v.dtype == bool:
+        return v
+    if v.dtype.kind in "iuf" and np.all(np.isin(v, (0, 1))):
+        return v.astype(bool)
+    raise TypeError("test_mask must be boolean (True/False or 0/1)")
+
+
+def check_labels(values: Any, what: str) -> None:
+    """Reject missing labels (None / NaN), which would otherwise match the string 'None'."""
+    bad = [v for v in values if v is None or (isinstance(v, float) and np.isnan(v))]
+    if bad:
+        raise ValueError(f"{what} labels must not be missing (None or NaN; {len(bad)} found)")
+
+
+def check_unique_labels(labels: Sequence[str], what: str) -> None:
+    """Labels of a test mask must be unique."""
+    s = pd.Index(labels)
+    if s.has_duplicates:
+        extra = " (duplicate treatment-gene tests)" if what == "(treatment, gene)" else ""
+        raise ValueError(f"duplicated {what} labels in test_mask{extra}: "
+                         f"{list(s[s.duplicated()].unique()[:5])}")
+
+
+def check_results_column(results: pd.DataFrame, column: str) -> None:
+    """The result table must have ``column``."""
+    if column not in results.columns:
+        raise ValueError(f"results has no column {column!r}")
+
+
+def check_mask_multiindex(test_mask: pd.Series) -> None:
+    """A Series test mask is indexed by (treatment, gene)."""
+    if not isinstance(test_mask.index, pd.MultiIndex) or test_mask.index.nlevels != 2:
+        raise ValueError("a Series test_mask needs a 2-level (treatment, gene) MultiIndex")
+
+
+def check_mask_labels_given(treatment_names: Any, gene_names: Any) -> None:
+    """An array test mask needs its row and column labels."""
+    if treatment_names is None or gene_names is None:
+        raise ValueError("an array test_mask needs treatment_names and gene_names")
+
+
+def check_test_mask_shape(vals: np.ndarray, n_trt: int, n_genes: int) -> None:
+    """An array test mask is treatments x genes."""
+    if vals.shape != (n_trt, n_genes):
+        raise ValueError(f"test_mask has shape {vals.shape}, expected "
+                         f"({n_trt}, {n_genes}) treatments x genes")
+
+
+def check_treatment_column(results: pd.DataFrame, treatment_col: str, n_trt: int) -> None:
+    """Without a treatment column in the results, the mask may hold one treatment only."""
+    if treatment_col not in results.columns and n_trt != 1:
+        raise ValueError(f"results has no column {treatment_col!r} but test_mask holds "
+                         f"{n_trt} treatments")
+
+
+def check_unique_result_rows(row_keys: Sequence[str]) -> None:
+    """Result rows must be unique (treatment, gene) pairs (keys joined by NUL)."""
+    dup = pd.Index(row_keys)
+    if dup.has_duplicates:
+        shown = [tuple(k.split("\x00")) for k in dup[dup.duplicated()].unique()[:5]]
+        raise ValueError(f"results has duplicated (treatment, gene) rows (duplicate "
+                         f"treatment-gene tests), e.g. {shown}: the mask cannot be aligned "
+                         "unambiguously")
+
+
+def check_mask_covers_results(out: pd.Series, trts: np.ndarray, genes: np.ndarray) -> None:
+    """Every result row must have an entry in the test mask (``out``: NaN where none)."""
+    if out.isna().any():
+        bad = np.flatnonzero(out.isna().to_numpy())
+        shown = [(str(trts[i]), str(genes[i])) for i in bad[:5]]
+        raise ValueError(f"{bad.size} result row(s) have no entry in test_mask (missing "
+                         f"treatment-gene tests), e.g. {shown}")
