@@ -2038,3 +2038,50 @@ def check_mask_covers_results(out: pd.Series, trts: np.ndarray, genes: np.ndarra
         shown = [(str(trts[i]), str(genes[i])) for i in bad[:5]]
         raise ValueError(f"{bad.size} result row(s) have no entry in test_mask (missing "
                          f"treatment-gene tests), e.g. {shown}")
+
+
+# ----------------------------------------------------------------------------- files
+def check_h5_key(f: Any, path: str, key: str) -> None:
+    """The HDF5 file must hold a matrix at ``key``."""
+    if key not in f:
+        raise ValueError(f"{path} has no matrix {key!r}")
+
+
+def check_h5_dense(node: Any) -> None:
+    """A dense HDF5 dataset of counts must be 2-D."""
+    if node.ndim != 2:
+        raise ValueError(f"{node.name} is a {node.ndim}-D dataset, not a cells x genes "
+                         "matrix")
+
+
+def check_h5_sparse(node: Any, shape: Any) -> None:
+    """An HDF5 group of counts must be a CSR/CSC matrix (data, indices, indptr, shape)."""
+    if shape is None or not {"data", "indices", "indptr"} <= set(node.keys()):
+        raise ValueError(f"{node.name} is neither a dense matrix nor a CSR/CSC sparse matrix")
+
+
+def check_h5_row_major(fmt: str, path: str, key: str) -> None:
+    """Rows are read lazily, so a sparse matrix on disk must be CSR, not CSC."""
+    if fmt == "csc":
+        raise ValueError(f"{path}:{key} is stored column-wise (CSC); rows cannot "
+                         "be read lazily. Rewrite it as CSR, e.g. adata.X = "
+                         "adata.X.tocsr(); adata.write_h5ad(path)")
+
+
+def check_cache_path(path: Any) -> None:
+    """``cache_path`` names a file (a ``pathlib.Path``), not a directory."""
+    if path.is_dir():
+        raise ValueError(f"cache_path {str(path)!r} is a directory; pass a file path "
+                         "such as 'results.h5'")
+
+
+def check_cache_format(is_cache: bool, path: Any) -> None:
+    """A file read as a batch cache must carry the cache's format tag."""
+    if not is_cache:
+        raise ValueError(f"{str(path)!r} is not a causarray batch cache")
+
+
+def check_cache_batches(n_batches: int, path: Any) -> None:
+    """A batch cache read as a result must hold at least one batch."""
+    if not n_batches:
+        raise ValueError(f"{str(path)!r} holds no batches")

@@ -39,6 +39,10 @@ from ._validation import (
     check_cells_nonempty,
     check_counts_scan,
     check_file,
+    check_h5_dense,
+    check_h5_key,
+    check_h5_row_major,
+    check_h5_sparse,
     check_has_perturbed,
     check_layer,
     check_x_present,
@@ -66,16 +70,13 @@ def _group_kind(node: Any) -> tuple[str, tuple[int, int]]:
     import h5py
 
     if isinstance(node, h5py.Dataset):
-        if node.ndim != 2:
-            raise ValueError(f"{node.name} is a {node.ndim}-D dataset, not a cells x genes "
-                             "matrix")
+        check_h5_dense(node)
         return "dense", (int(node.shape[0]), int(node.shape[1]))
     attrs = node.attrs
     enc = attrs.get("encoding-type", attrs.get("h5sparse_format", ""))
     enc = enc.decode() if isinstance(enc, bytes) else str(enc)
     shape = attrs.get("shape", attrs.get("h5sparse_shape"))
-    if shape is None or not {"data", "indices", "indptr"} <= set(node.keys()):
-        raise ValueError(f"{node.name} is neither a dense matrix nor a CSR/CSC sparse matrix")
+    check_h5_sparse(node, shape)
     kind = "csc" if enc.startswith("csc") else "csr"
     return kind, (int(shape[0]), int(shape[1]))
 
@@ -118,15 +119,11 @@ class H5Counts:
 
         self.path = str(self.path)
         with h5py.File(self.path, "r") as f:
-            if self.key not in f:
-                raise ValueError(f"{self.path} has no matrix {self.key!r}")
+            check_h5_key(f, self.path, self.key)
             self.format, self.file_shape = _group_kind(f[self.key])
             node = f[self.key]
             dt = node["data"].dtype if self.format != "dense" else node.dtype
-        if self.format == "csc":
-            raise ValueError(f"{self.path}:{self.key} is stored column-wise (CSC); rows cannot "
-                             "be read lazily. Rewrite it as CSR, e.g. adata.X = "
-                             "adata.X.tocsr(); adata.write_h5ad(path)")
+        check_h5_row_major(self.format, self.path, self.key)
         self.dtype = np.dtype(dt)
         if self.row_map is not None:
             self.row_map = np.asarray(self.row_map, dtype=np.int64)
