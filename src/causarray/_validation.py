@@ -1,8 +1,18 @@
-"""Input checks shared by every stage of causarray.
+"""Every input rule of causarray, one function per rule.
+
+The stages (``gcate``, ``glm``, ``dr``, ``propensity``, ``batch``, ``tl``, ...) do not
+raise ``ValueError`` / ``TypeError`` on an input themselves: they call the rule here, so
+that a rule is written once and its message is the same wherever it applies
+(``tests/test_validation.py`` scans the other modules for stray raises, with a short,
+commented allow-list of raises that are not input rules).
 
 Each check either returns the input in a canonical form (dense ``numpy.ndarray`` or
-``scipy.sparse.csr_matrix``) together with the names carried by a ``pandas`` object,
-or raises a ``ValueError`` / ``TypeError`` whose message names the problem.
+``scipy.sparse.csr_matrix``, an ``int`` for integer options, ...) or raises a
+``ValueError`` / ``TypeError`` whose message names the problem (and the option, so that
+the CLI can name its flag).  Sections: counts, designs and treatments, options, shapes,
+stage rules (counts, GCATE's design), AnnData keys, sizes, propensity scores,
+inference, LFC options, the batch pipeline, calibration, propensity refits,
+``glm_compat``, diagnostics and files.
 
 Conventions
 -----------
@@ -20,17 +30,19 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = [
+__all__ = [  # the general checks; the stage-specific rules are imported by name
     "as_count_matrix",
     "check_covariates",
+    "check_family",
     "check_min_cells_per_treatment",
     "check_no_empty_cells",
     "check_no_empty_genes",
+    "check_positive_int",
+    "check_r",
     "check_treatment",
     "col_sums",
     "row_sums",
 ]
-
 #: Entries per row block when scanning large dense matrices (bounds temporaries).
 _BLOCK_ENTRIES = 1 << 22
 #: How many offending indices / names an error message lists.
