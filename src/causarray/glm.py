@@ -47,8 +47,14 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln, xlogy
 
-from ._validation import (check_family, check_matrix_2d, check_nb_alpha, check_offset,
-                          check_rows, check_shape)
+from ._validation import (
+    check_family,
+    check_matrix_2d,
+    check_nb_alpha,
+    check_offset,
+    check_rows,
+    check_shape,
+)
 
 logger = logging.getLogger("causarray")
 

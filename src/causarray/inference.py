@@ -39,17 +39,17 @@ import pandas as pd
 from scipy import stats
 
 from ._compat import renamed_keyword
+from ._validation import as_float_array as _as_float_array
 from ._validation import (
-    as_float_array as _as_float_array,
     check_1d,
     check_df,
     check_df_shape,
     check_eta_finite,
-    check_fdx_inputs as _check_fdx_inputs,
     check_fdx_needs,
     check_pvalues,
     check_same_shape,
 )
+from ._validation import check_fdx_inputs as _check_fdx_inputs
 
 logger = logging.getLogger("causarray")
 

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 from ._validation import (
     check_arms,
     check_auto_clip_arms,
-    check_class_weight as _check_class_weight,
     check_clipped_scores,
     check_fold_count,
     check_fold_ids,
@@ -44,19 +43,15 @@ from ._validation import (
     check_positive_number,
     check_ps_clip_auto,
     check_ps_clip_bounds,
-    check_ps_mask as _check_mask,
-    check_ps_treatments as _treatment_matrix,
-    check_ps_design as _design_matrix,
 )
+from ._validation import check_class_weight as _check_class_weight
+from ._validation import check_ps_design as _design_matrix
+from ._validation import check_ps_mask as _check_mask
+from ._validation import check_ps_treatments as _treatment_matrix
 
 logger = logging.getLogger("causarray")
 
 AUTO_CLIP_MAX = 0.01  # 'auto' bounds: min(0.01, prevalence / 10) from each side
-
-
-# ----------------------------------------------------------------------------------
-# input checks
-# ----------------------------------------------------------------------------------
 
 
 def eligible_cells(A: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
