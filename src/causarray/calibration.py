@@ -71,6 +71,7 @@ from ._validation import (
     check_run_settings,
     check_runner_result,
     check_uns_key,
+    resolve_screen_keys,
 )
 
 logger = logging.getLogger("causarray")
@@ -722,11 +723,9 @@ def calibration_check(adata: Any, *, pert_col: str | None = None, ctrl_label: An
         Unknown label column or control label, too few control cells for ``n_fake``
         fakes, an unknown ``guide_key``, ``alpha`` outside (0, 1).
     """
-    from .preprocessing import _resolve_screen_keys
-
     n_fake = check_positive_int("n_fake", n_fake)
     alpha = check_open_unit("alpha", alpha)
-    pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
+    pert_col, ctrl_label, labels = resolve_screen_keys(adata, pert_col, ctrl_label)
     is_ctrl = labels == ctrl_label
     ctrl_rows = np.flatnonzero(is_ctrl)
     n_ctrl = int(ctrl_rows.size)

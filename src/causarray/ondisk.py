@@ -520,17 +520,16 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     then the library sizes, row and column sums and digest of the capped counts.  The
     obs table and gene names are read into memory, the counts never are.
     """
-    from ._validation import check_covariates, check_treatment
+    from ._validation import check_covariates, check_treatment, resolve_screen_keys
     from .preprocessing import (
         CAP_PERCENTILE,
-        _resolve_screen_keys,
         covariate_design,
         standardized_log2_library_size,
         treatment_matrix,
     )
 
     adata = _open_backed(source)
-    pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
+    pert_col, ctrl_label, labels = resolve_screen_keys(adata, pert_col, ctrl_label)
     M = backed_counts(adata, layer)
     check_has_perturbed(bool(np.any(labels != ctrl_label)), pert_col, ctrl_label)
     A = None if sparse_treatments else \
