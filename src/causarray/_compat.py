@@ -13,39 +13,21 @@ from __future__ import annotations
 
 import warnings
 
+# check_clip lived here; it is re-exported for the modules that import it from _compat
+from ._validation import check_clip, check_not_both, check_one_of  # noqa: F401
+
 BACKENDS = ("auto", "fast", "original")
 PS_MODELS = ("logistic", "ensemble", "random_forest_cv")
 
 
 def check_backend(backend: str) -> str:
     """Validate ``backend`` ('auto', 'fast' or 'original'); all run the same exact GLM."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+    return check_one_of("backend", backend, BACKENDS)
 
 
 def check_ps_model(ps_model: str) -> str:
     """Validate ``ps_model`` ('logistic', 'ensemble' or 'random_forest_cv')."""
-    if not isinstance(ps_model, str) or ps_model not in PS_MODELS:
-        raise ValueError(f"ps_model must be one of {PS_MODELS}, got {ps_model!r}")
-    return ps_model
-
-
-def check_clip(clip):
-    """``clip`` of the propensity helpers: None, 'auto' or (lower, upper), 0 <= lower < upper <= 1."""
-    if clip is None or (isinstance(clip, str) and clip == "auto"):
-        return clip
-    msg = ("clip must be None or a pair (lower, upper) with 0 <= lower < upper <= 1 "
-           f"(or 'auto'), got {clip!r}")
-    if isinstance(clip, (str, bytes)):
-        raise ValueError(msg)
-    try:
-        lo, hi = (float(v) for v in clip)
-    except (TypeError, ValueError):
-        raise ValueError(msg) from None
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(msg)
-    return clip
+    return check_one_of("ps_model", ps_model, PS_MODELS)
 
 
 def warn_eps_var(eps_var, stacklevel: int = 3) -> None:
@@ -63,7 +45,6 @@ def renamed_keyword(value, old_value, old: str, new: str, stacklevel: int = 3):
     """
     if old_value is None:
         return value
-    if value:
-        raise TypeError(f"pass {new!r} only ({old!r} is its deprecated alias)")
+    check_not_both(bool(value), old, new)
     warnings.warn(f"{old!r} is deprecated; use {new!r}", FutureWarning, stacklevel=stacklevel)
     return old_value

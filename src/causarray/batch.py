@@ -63,11 +63,26 @@ from ._validation import (
     GCATE_COMPAT_KEYWORDS,
     LFC_COMPAT_KEYWORDS,
     as_count_matrix,
+    check_assignment,
+    check_control_pool,
+    check_control_size_factors,
     check_covariates,
+    check_design_columns,
+    check_design_given,
+    check_executor_client,
+    check_family,
     check_keywords,
+    check_lfc_kwargs,
+    check_nb_size,
+    check_no_design_with_file,
+    check_positive_int,
+    check_r,
     check_targets,
     check_treatment,
+    check_unique_treatment_names,
+    check_warm_start,
     parameter_names,
+    parse_memory,
 )
 from ._version import __version__
 from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerprint
@@ -127,19 +142,10 @@ def _row_totals(A) -> np.ndarray:
     return np.asarray(A.sum(axis=1)).ravel()
 
 
-def _check_count_arg(value, name: str, allow_none: bool) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
-                         f"got {value!r}")
-    return int(value)
-
-
 def number_of_batches(a: int, batch_size: int = 10, n_batches: int | None = None) -> int:
     """B = ceil(a / batch_size) unless ``n_batches`` is given, clamped to [1, a]."""
-    batch_size = _check_count_arg(batch_size, "batch_size", allow_none=False)
-    n_batches = _check_count_arg(n_batches, "n_batches", allow_none=True)
+    batch_size = check_positive_int("batch_size", batch_size, allow_none=False)
+    n_batches = check_positive_int("n_batches", n_batches, allow_none=True)
     B = math.ceil(a / batch_size) if n_batches is None else n_batches
     return int(min(max(B, 1), a))
 
@@ -149,11 +155,9 @@ def control_pool(A: np.ndarray, n_ctrl: int | None = 2000, random_state: int = 0
 
     Drawn without replacement with ``numpy.random.default_rng(random_state)`` and sorted.
     """
-    n_ctrl = _check_count_arg(n_ctrl, "n_ctrl", allow_none=True)
+    n_ctrl = check_positive_int("n_ctrl", n_ctrl, allow_none=True)
     ctrl = np.flatnonzero(_row_totals(_as_treatments(A)) == 0)
-    if ctrl.size == 0:
-        raise ValueError("A has no control cells (all-zero rows); the batch pipeline compares "
-                         "every perturbation with a shared pool of control cells")
+    check_control_pool(ctrl.size)
     if n_ctrl is not None and ctrl.size > n_ctrl:
         rng = np.random.default_rng(random_state)
         ctrl = np.sort(rng.choice(ctrl, size=n_ctrl, replace=False))
@@ -184,7 +188,7 @@ def plan_batches(A, batch_size: int = 10, n_batches: int | None = None,
     """
     A = _as_treatments(A)
     a = A.shape[1]
-    max_cells = _check_count_arg(max_cells, "max_cells", allow_none=True)
+    max_cells = check_positive_int("max_cells", max_cells, allow_none=True)
     B = number_of_batches(a, batch_size, n_batches)
     ctrl = control_pool(A, n_ctrl, random_state)
     plans = []
@@ -204,44 +208,6 @@ def plan_batches(A, batch_size: int = 10, n_batches: int | None = None,
 #: 4,000 cells x 8,563 genes peaks 1.1 GB above its input, about 32 bytes per entry).
 BYTES_PER_ENTRY = 48
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_memory(value: Any, name: str = "memory_budget") -> int:
-    """Bytes of a memory size given as a number of bytes or a string like ``'2GB'``.
-
-    Parameters
-    ----------
-    value : int, float or str
-        ``'512MB'``, ``'2GB'``, ``'1.5GiB'`` (decimal and binary units), or bytes.
-    name : str
-        Name used in the message.
-
-    Returns
-    -------
-    int
-
-    Raises
-    ------
-    ValueError
-        Not a positive size.
-    """
-    import re
-
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
-        size = float(value)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
-        unit = m.group(2).upper() if m else None
-        if m is None or unit not in _UNITS:
-            raise ValueError(f"{name} must be a size such as '2GB' or '512MB', got {value!r}")
-        size = float(m.group(1)) * _UNITS[unit]
-    else:
-        raise ValueError(f"{name} must be a size such as '2GB' or '512MB', got {value!r}")
-    if not np.isfinite(size) or size <= 0:
-        raise ValueError(f"{name} must be a positive size, got {value!r}")
-    return int(size)
 
 
 def layout_for_budget(A, n_genes: int, memory_budget: Any = "2GB", batch_size: int = 15,
@@ -270,7 +236,7 @@ def layout_for_budget(A, n_genes: int, memory_budget: Any = "2GB", batch_size: i
         every cell), and ``cells_per_batch``, the largest batch's cell count.
     """
     budget = parse_memory(memory_budget)
-    batch_size = _check_count_arg(batch_size, "batch_size", allow_none=False)
+    batch_size = check_positive_int("batch_size", batch_size, allow_none=False)
     A = _as_treatments(A)
     a = A.shape[1]
     n_ctrl_all = int(np.count_nonzero(_row_totals(A) == 0))
@@ -337,57 +303,21 @@ class _Inputs:
 def _prepare_inputs(Y, X, A, W_A=None) -> _Inputs:
     from .ondisk import H5Counts
 
-    if X is None or A is None:
-        raise ValueError("X and A are required with a count matrix Y; pass a path to an "
-                         ".h5ad file (or an AnnData opened with backed='r') as Y to build "
-                         "them from the file")
+    check_design_given(X, A)
     if isinstance(Y, H5Counts):          # validated by its streamed pass (ondisk.open_screen)
         Yv, genes = Y, Y.gene_names
     else:
         Yv, genes = as_count_matrix(Y, "Y")
     p = Yv.shape[1]
-    Av, trt = _check_treatments(A, Yv.shape)
+    Av, trt = check_treatment(A, Yv.shape, keep_sparse=True)
     Xv, _ = check_covariates(X, Yv.shape, "X")
-    if Xv.shape[1] == 0:
-        raise ValueError("X has no columns; pass the design returned by prep_causarray_data "
-                         "(it includes the intercept)")
+    check_design_columns(Xv)
     W_Av = None if W_A is None else check_covariates(W_A, Yv.shape, "W_A")[0]
     genes = np.asarray([str(g) for g in genes] if genes is not None
                        else [f"gene_{j}" for j in range(p)], dtype=object)
     trt = [str(t) for t in trt] if trt is not None else [str(k) for k in range(Av.shape[1])]
-    if len(set(trt)) != len(trt):
-        raise ValueError("treatment names (columns of A) must be unique")
+    check_unique_treatment_names(trt)
     return _Inputs(Yv, Xv, Av, W_Av, genes, trt)
-
-
-def _check_treatments(A, shape: tuple) -> tuple:
-    """:func:`check_treatment`, but a sparse A (or sparse-dtype DataFrame) stays sparse.
-
-    A screen's one-hot treatment matrix is n x a with one entry per perturbed cell;
-    dense it is 5 GB for 310k cells x 2,021 perturbations.  Sparse input is checked on
-    its stored values and returned as CSC (the batch pipeline slices its columns).
-    """
-    names = None
-    if isinstance(A, pd.DataFrame) and A.shape[1] and \
-            all(isinstance(dt, pd.SparseDtype) for dt in A.dtypes):
-        names = np.asarray([str(c) for c in A.columns], dtype=object)
-        A = A.sparse.to_coo()
-    if not sp.issparse(A):
-        return check_treatment(A, shape)
-    A = sp.csc_matrix(A, dtype=np.float64)
-    A.sum_duplicates()
-    if A.shape[0] != shape[0]:
-        raise ValueError(f"A has shape {A.shape} but Y has shape {tuple(shape)}: the numbers "
-                         "of rows (cells) must match")
-    if A.shape[1] == 0:
-        raise ValueError(f"A has shape {A.shape}: it has no treatment columns")
-    if not np.isfinite(A.data).all():
-        raise ValueError("A contains NaN or infinite values")
-    bad = (A.data != 0) & (A.data != 1)
-    if bad.any():
-        shown = ", ".join(f"{v:g}" for v in np.unique(A.data[bad])[:5])
-        raise ValueError(f"A must contain only 0/1 indicators; found other values: [{shown}]")
-    return A, names
 
 
 def _warn_multi_perturbation(A: np.ndarray) -> None:
@@ -443,8 +373,7 @@ def shared_dispersion(Y, X: np.ndarray, ctrl_idx: np.ndarray, offset=True) -> np
     Yc = _dense_rows(Y, ctrl_idx)
     if offset is True:
         s = np.asarray(comp_size_factor(Yc), dtype=float)
-        if np.any(s <= 0):
-            raise ValueError("a control cell has no counts (size factor 0); remove empty cells")
+        check_control_size_factors(s)
         off = np.log(s)
     elif offset is False or offset is None:
         off = None
@@ -489,10 +418,7 @@ def caller_blas_threads() -> int | None:
 def _check_blas_threads(value) -> int | None:
     if value is None:
         return caller_blas_threads()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < 1:
-        raise ValueError(f"blas_threads must be a positive integer or None, got {value!r}")
-    return int(value)
+    return check_positive_int("blas_threads", value, allow_none=True)
 
 
 def _lfc_kwargs_rows(lk: dict, rows: np.ndarray, trt_idx: np.ndarray) -> dict:
@@ -790,24 +716,17 @@ class _Progress:
 # public API
 # ----------------------------------------------------------------------------------
 def _resolve_dispersion(data: _Inputs, ctrl_idx, family, disp_glm, offset):
-    if family not in ("nb", "poisson"):
-        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    check_family(family)
     if family == "poisson":
         return None
     p = data.Y.shape[1]
     if disp_glm is not None:
         disp = np.broadcast_to(np.asarray(disp_glm, dtype=float), (p,)).copy()
-        if not np.all(np.isfinite(disp)) or np.any(disp <= 0):
-            raise ValueError("disp_glm must be positive and finite (one NB size per gene)")
+        check_nb_size(disp)
         return disp
     logger.info("Pre-estimating dispersion on %d control cells", len(ctrl_idx))
     return shared_dispersion(data.Y, data.X, ctrl_idx, offset)
 
-
-def _check_r(r) -> int:
-    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 0:
-        raise ValueError(f"r must be a non-negative integer (0: no latent factors), got {r!r}")
-    return int(r)
 
 
 def check_batch_keywords(func_name: str, kwargs, gcate_kwargs, lfc_kwargs,
@@ -877,7 +796,7 @@ def fit_gcate_batch(Y, X, A, r: int, batch_size: int = 10, n_batches: int | None
         batch, the columns GCATE was fitted on), ``res_1``, ``res_2``, ``disp_glm``
         (the shared dispersion, all genes), ``t_batch``, ``skipped``.
     """
-    r = _check_r(r)
+    r = check_r(r)
     check_keywords("fit_gcate_batch", kwargs, _gcate_names())
     data = _prepare_inputs(Y, X, A)
     plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
@@ -1018,41 +937,32 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         a batch's cells are non-estimable rows (``tau``, ``std``, ``stat``, p-values
         NaN, ``estimable`` False).
     """
-    r = _check_r(r)
-    if family not in ("nb", "poisson"):
-        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    r = check_r(r)
+    check_family(family)
     nuis_path = None
     if save_nuisances:
         from .nuisances import nuisance_path
 
         nuis_path = nuisance_path(cache_path)      # ValueError without cache_path
-    if executor is not None and client is not None:
-        raise ValueError("pass either executor or client, not both")
+    check_executor_client(executor, client)
     g_names, l_names = check_batch_keywords("gcate_lfc_batch", kwargs, gcate_kwargs,
                                             lfc_kwargs)
     # a keyword of **kwargs goes to whichever of fit_gcate / LFC accepts it (or both)
     gk = {**{k: v for k, v in kwargs.items() if k in g_names}, **(gcate_kwargs or {})}
     lk = {**{k: v for k, v in kwargs.items() if k in l_names}, **(lfc_kwargs or {})}
     gk.setdefault("assignment", assignment)
-    if gk["assignment"] not in ("randomized", "observational"):
-        raise ValueError("assignment must be 'randomized' (CRISPR screens) or 'observational' "
-                         f"(case-control studies), got {gk['assignment']!r}")
+    check_assignment(gk["assignment"])
     if gk["assignment"] == "randomized" and W_A is not None:
         logger.info("assignment='randomized': the propensity models use the observed "
                     "covariates X only (W_A, e.g. library size, is measured after the "
                     "perturbation); pass assignment='observational' to use W_A")
     disp_glm = gk.pop("disp_glm", None)
-    bad = [k for k in _LFC_RESERVED if k in lk]
-    if bad:
-        raise ValueError(f"lfc_kwargs may not set {bad}: gcate_lfc_batch builds them per batch")
+    check_lfc_kwargs(lk, _LFC_RESERVED)
     lk.pop("family", None)
     gk.pop("family", None)
     for key in ("ps_model", "eps_var", "ps_clip", "ps_class_weight", "usevar"):
         if key in kwargs and key not in (gcate_kwargs or {}):
             gk.pop(key, None)                      # LFC-only options given to both stages
-    if lk.get("outcome_init", None) is not None:
-        raise ValueError("lfc_kwargs may set outcome_init only to None (no warm start): "
-                         "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit")
     blas_threads = _check_blas_threads(blas_threads)
     targets = check_targets(lk.get("targets", "auto"))
     Y, X, A, W_A = _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer,
@@ -1063,9 +973,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     _warn_multi_perturbation(data.A)
     if client is not None:
         executor = client.get_executor(pure=False)
-    if warm_start_U and executor is not None:
-        raise ValueError("warm_start_U=True makes every batch depend on the previous one; "
-                         "it cannot run on an executor or client")
+    check_warm_start(warm_start_U, executor)
 
     records: dict[int, BatchRecord] = {}
     cache = None
@@ -1145,9 +1053,7 @@ def _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer, drop_emp
 
     if not is_file_input(Y):
         return Y, X, A, W_A
-    if X is not None or A is not None:
-        raise ValueError("with a file (or backed AnnData) as Y, X and A are built from it: "
-                         "leave them out and pass pert_col / ctrl_label / covariates")
+    check_no_design_with_file(X, A)
     Y, A, X, X_A = open_screen(Y, pert_col, ctrl_label, covariates, layer,
                                drop_empty_cells=drop_empty_cells, sparse_treatments=True)
     return Y, X, A, X_A if W_A is None else W_A

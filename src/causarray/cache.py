@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._validation import check_cache_batches, check_cache_format, check_cache_path
 from ._version import __version__
 
 logger = logging.getLogger("causarray")
@@ -380,9 +381,7 @@ class BatchCache:
 
     def __init__(self, path, fingerprint: str, items: Mapping | None = None):
         self.path = Path(os.fspath(path))
-        if self.path.is_dir():
-            raise ValueError(f"cache_path {str(self.path)!r} is a directory; pass a file path "
-                             "such as 'results.h5'")
+        check_cache_path(self.path)
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self.fingerprint = fingerprint
         self.items = dict(items or {})
@@ -541,11 +540,9 @@ def read_cache(path) -> pd.DataFrame:
         All batches, in batch order (verified against their checksums).
     """
     with _h5_open(path, "r") as f:
-        if f.attrs.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} is not a causarray batch cache")
+        check_cache_format(f.attrs.get("format") == FORMAT, path)
         names = sorted((n for n in f.keys() if _BATCH_RE.match(n)),
                        key=lambda n: int(_BATCH_RE.match(n).group(1)))
         frames = [read_record(f[n]).frame for n in names]
-    if not frames:
-        raise ValueError(f"{str(path)!r} holds no batches")
+    check_cache_batches(len(frames), path)
     return pd.concat(frames, ignore_index=True)

@@ -57,6 +57,23 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
+from ._validation import (
+    check_choice,
+    check_excluded_guides,
+    check_fake_budget,
+    check_fake_controls,
+    check_guide_key,
+    check_guide_matrix,
+    check_guide_names,
+    check_guide_targets,
+    check_open_unit,
+    check_positive_int,
+    check_run_settings,
+    check_runner_result,
+    check_uns_key,
+    resolve_screen_keys,
+)
+
 logger = logging.getLogger("causarray")
 
 __all__ = ["CalibrationResult", "calibration_check", "calibration_html", "control_guides",
@@ -252,10 +269,6 @@ def _summarise(fakes: pd.DataFrame, alpha: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------
 # input
 # ----------------------------------------------------------------------------------
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _guide_names_from_uns(adata: Any, key: str,
@@ -264,22 +277,16 @@ def _guide_names_from_uns(adata: Any, key: str,
     if isinstance(mat, pd.DataFrame):
         names = np.asarray([str(c) for c in mat.columns], dtype=object)
     else:
-        if "grna_names" not in adata.uns:
-            raise ValueError(f"obsm[{key!r}] holds guide counts without names; store the "
-                             "guide names in uns['grna_names'] (one per column)")
+        check_uns_key(adata, "grna_names", key)
         names = np.asarray([str(v) for v in np.asarray(adata.uns["grna_names"]).ravel()],
                            dtype=object)
-    if names.size != n_cols:
-        raise ValueError(f"uns['grna_names'] has {names.size} names but obsm[{key!r}] has "
-                         f"{n_cols} columns")
+    check_guide_names(names.size, n_cols, key)
     targets = None
     for tkey in ("grna_target", "grna_group"):
         if tkey in adata.uns:
             targets = np.asarray([str(v) for v in np.asarray(adata.uns[tkey]).ravel()],
                                  dtype=object)
-            if targets.size != n_cols:
-                raise ValueError(f"uns[{tkey!r}] has {targets.size} entries but obsm[{key!r}] "
-                                 f"has {n_cols} columns")
+            check_guide_targets(targets.size, n_cols, tkey, key)
             break
     return names, targets
 
@@ -291,8 +298,7 @@ def _guides_from_counts(adata: Any, key: str, rows: np.ndarray,
     values = mat.to_numpy() if isinstance(mat, pd.DataFrame) else mat
     values = values[rows]
     values = values.tocsr() if sp.issparse(values) else np.asarray(values)
-    if values.ndim != 2:
-        raise ValueError(f"obsm[{key!r}] must be a cells x guides matrix")
+    check_guide_matrix(values, key)
     names, targets = _guide_names_from_uns(adata, key, values.shape[1])
     notes: list[str] = []
     if targets is not None and np.any(targets == ctrl_label):
@@ -360,22 +366,16 @@ def control_guides(adata: Any, ctrl_rows: np.ndarray, ctrl_label: str,
             if not found:
                 return None, None, []
             guide_key = found[0]
-    if not isinstance(guide_key, str):
-        raise ValueError(f"guide_key must be an obs column, an obsm key, None or False, "
-                         f"got {guide_key!r}")
+    check_guide_key(adata, guide_key)
     if guide_key in adata.obsm:
         guides, notes = _guides_from_counts(adata, guide_key, ctrl_rows, ctrl_label)
         return guides, f"obsm[{guide_key!r}]", notes
-    if guide_key in adata.obs.columns:
-        col = adata.obs[guide_key].iloc[ctrl_rows]
-        missing = col.isna().to_numpy()
-        guides = np.where(missing, None, col.astype(str).to_numpy()).astype(object)
-        notes = ([f"{int(missing.sum())} control cell(s) without a guide in "
-                  f"obs[{guide_key!r}] are left out of the guide fakes"] if missing.any() else [])
-        return guides, f"obs[{guide_key!r}]", notes
-    raise ValueError(f"guide_key {guide_key!r} is neither an obs column nor an obsm key; "
-                     f"obs columns: {list(map(str, adata.obs.columns))}, obsm keys: "
-                     f"{list(map(str, adata.obsm.keys()))}")
+    col = adata.obs[guide_key].iloc[ctrl_rows]      # an obs column (check_guide_key)
+    missing = col.isna().to_numpy()
+    guides = np.where(missing, None, col.astype(str).to_numpy()).astype(object)
+    notes = ([f"{int(missing.sum())} control cell(s) without a guide in "
+              f"obs[{guide_key!r}] are left out of the guide fakes"] if missing.any() else [])
+    return guides, f"obs[{guide_key!r}]", notes
 
 
 # ----------------------------------------------------------------------------------
@@ -450,22 +450,12 @@ def _fake_size(n_ctrl: int, n_fake: int, fake_size: int | None, median_real: flo
     keep = int(math.ceil(n_ctrl * MIN_CONTROL_FRACTION))
     usable = n_ctrl - keep
     if fake_size is not None:
-        fake_size = _positive_int(fake_size, "fake_size")
-        if n_fake * fake_size > usable:
-            raise ValueError(
-                f"n_fake={n_fake} fake perturbations of fake_size={fake_size} cells need "
-                f"{n_fake * fake_size} control cells, but only {usable} of the {n_ctrl} "
-                f"control cells can be used (at least {keep} stay in the control arm); "
-                "lower n_fake or fake_size")
+        fake_size = check_positive_int("fake_size", fake_size)
+        check_fake_budget(n_fake, fake_size, usable, n_ctrl, keep)
         return fake_size
     cap = usable // n_fake
     size = cap if median_real is None else min(int(round(median_real)), cap)
-    if size < MIN_FAKE_CELLS:
-        need = int(math.ceil(n_fake * MIN_FAKE_CELLS / (1.0 - MIN_CONTROL_FRACTION)))
-        raise ValueError(
-            f"too few control cells for the calibration check: {n_ctrl} control cells, but "
-            f"n_fake={n_fake} fake perturbations of at least {MIN_FAKE_CELLS} cells with half "
-            f"of the controls kept as the control arm need {need}; lower n_fake")
+    check_fake_controls(size, n_ctrl, n_fake, MIN_FAKE_CELLS, MIN_CONTROL_FRACTION)
     return size
 
 
@@ -495,9 +485,7 @@ def wants_calibration(mode: str | bool, n_control: int,
         return mode
     if mode == "auto":
         return int(n_control) >= int(min_controls)
-    if mode in ("on", "off"):
-        return mode == "on"
-    raise ValueError(f"calibration must be 'auto', 'on' or 'off', got {mode!r}")
+    return check_choice("calibration", mode, ("auto", "on", "off")) == "on"
 
 
 def run_settings(adata: Any, key: str = "causarray", runner: Runner | None = None) -> dict:
@@ -532,9 +520,7 @@ def run_settings(adata: Any, key: str = "causarray", runner: Runner | None = Non
     import inspect
 
     store = getattr(adata, "uns", {}).get(key)
-    if not isinstance(store, Mapping) or not isinstance(store.get("settings"), Mapping):
-        raise ValueError(f"adata.uns[{key!r}] holds no run settings; run causarray.tl.lfc(adata) "
-                         "first or pass the settings to calibration_check yourself")
+    check_run_settings(store, key)
     stored = dict(store["settings"])
     params = inspect.signature(_default_runner() if runner is None else runner).parameters
     skip = {"pert_col", "ctrl_label", "cache_path", "r_grid", "client", "key_added"}
@@ -599,11 +585,7 @@ def _run(adata: Any, run: _Run, runner: Runner, ctrl_label: str,
         # untested fake pairs are counted in the result (n_tested); no warning per run
         warnings.filterwarnings("ignore", message=r".*not estimable", category=RuntimeWarning)
         res = runner(sub, pert_col=col, ctrl_label=ctrl_label, **settings)
-    if not isinstance(res, pd.DataFrame):
-        raise TypeError(f"the runner must return a pandas DataFrame, got {type(res).__name__}")
-    missing = [c for c in ("trt", "pvalue", "padj") if c not in res.columns]
-    if missing:
-        raise ValueError(f"the runner's result table lacks column(s) {missing}")
+    check_runner_result(res)
     return res
 
 
@@ -741,13 +723,9 @@ def calibration_check(adata: Any, *, pert_col: str | None = None, ctrl_label: An
         Unknown label column or control label, too few control cells for ``n_fake``
         fakes, an unknown ``guide_key``, ``alpha`` outside (0, 1).
     """
-    from .preprocessing import _resolve_screen_keys
-
-    n_fake = _positive_int(n_fake, "n_fake")
-    if not (isinstance(alpha, (int, float)) and 0.0 < float(alpha) < 1.0):
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    alpha = float(alpha)
-    pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
+    n_fake = check_positive_int("n_fake", n_fake)
+    alpha = check_open_unit("alpha", alpha)
+    pert_col, ctrl_label, labels = resolve_screen_keys(adata, pert_col, ctrl_label)
     is_ctrl = labels == ctrl_label
     ctrl_rows = np.flatnonzero(is_ctrl)
     n_ctrl = int(ctrl_rows.size)
@@ -758,14 +736,7 @@ def calibration_check(adata: Any, *, pert_col: str | None = None, ctrl_label: An
     excluded = [str(g) for g in ([exclude_guides] if isinstance(exclude_guides, str)
                                  else exclude_guides)]
     if excluded:
-        if guides is None:
-            raise ValueError("exclude_guides was given but adata has no guide identities; "
-                             "pass guide_key=<obs column or obsm key>")
-        seen = {str(g) for g in guides if g is not None}
-        unknown = [g for g in excluded if g not in seen]
-        if unknown:
-            raise ValueError(f"exclude_guides: {unknown} are not guides of the control cells; "
-                             f"known guides: {sorted(seen)[:10]}{' ...' if len(seen) > 10 else ''}")
+        check_excluded_guides(excluded, guides)
         drop = np.array([g is not None and str(g) in excluded for g in guides])
         guides = np.where(drop, None, guides).astype(object)
         notes.append(f"{int(drop.sum())} control cell(s) of the excluded guide(s) "

@@ -33,6 +33,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._validation import (
+    check_association_covariates,
+    check_choice,
+    check_has_controls,
+    check_has_treated,
+    check_mask_covers_results,
+    check_mask_labels_given,
+    check_mask_multiindex,
+    check_names,
+    check_results_column,
+    check_scores,
+    check_test_mask_shape,
+    check_treatment_column,
+    check_unique_result_rows,
+    check_unit_bounds,
+)
+from ._validation import check_bool_mask as _as_bool
+from ._validation import check_labels as _check_labels
+from ._validation import check_unique_labels as _check_unique
 from .inference import bh_adjust
 from .propensity import _treatment_matrix, estimate_propensity_scores
 
@@ -129,22 +148,14 @@ def _scores_matrix(pi_hat: Any, shape: tuple[int, int]) -> np.ndarray:
     pi = np.asarray(pi_hat.to_numpy() if hasattr(pi_hat, "to_numpy") else pi_hat, dtype=float)
     if pi.ndim == 1:
         pi = pi[:, None]
-    if pi.shape != shape:
-        raise ValueError(f"pi_hat has shape {pi.shape}, expected the shape of A {shape}")
-    if not np.all(np.isfinite(pi)) or np.any((pi < 0) | (pi > 1)):
-        raise ValueError("pi_hat must hold finite scores in [0, 1]")
+    check_scores(pi, shape)
     return pi
 
 
 def _names(given: Sequence[Any] | None, default: list[str], what: str,
            unique: bool = True) -> list[str]:
     names = default if given is None else [str(t) for t in given]
-    if len(names) != len(default):
-        raise ValueError(f"{what} has {len(names)} entries, expected {len(default)}")
-    dup = pd.Index(names)
-    if unique and dup.has_duplicates:
-        raise ValueError(f"{what} must be unique; duplicated: "
-                         f"{list(dup[dup.duplicated()].unique()[:5])}")
+    check_names(names, len(default), what, unique)
     return names
 
 
@@ -198,19 +209,15 @@ def summarize_propensity_scores(
     n, a = A_arr.shape
     names = _names(treatment_names, default_names, "treatment_names")
     pi = _scores_matrix(pi_hat, (n, a))
-    lo, hi = overlap_bounds
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(f"overlap_bounds must satisfy 0 <= low < high <= 1, got {overlap_bounds}")
-    if clip_bounds is not None and not 0 <= clip_bounds[0] < clip_bounds[1] <= 1:
-        raise ValueError(f"clip_bounds must satisfy 0 <= low < high <= 1, got {clip_bounds}")
+    lo, hi = check_unit_bounds("overlap_bounds", overlap_bounds)
+    if clip_bounds is not None:
+        check_unit_bounds("clip_bounds", clip_bounds)
     control = ~np.any(A_arr != 0, axis=1)
-    if not control.any():
-        raise ValueError("A has no control cells (rows with all zeros)")
+    check_has_controls(control)
     rows = []
     for k, name in enumerate(names):
         treated = A_arr[:, k] == 1
-        if not treated.any():
-            raise ValueError(f"treatment {name!r} has no treated cells")
+        check_has_treated(treated, name)
         p1, p0 = pi[treated, k], pi[control, k]
         pop = np.concatenate([p1, p0])
         y = np.concatenate([np.ones(p1.size), np.zeros(p0.size)])
@@ -279,8 +286,7 @@ def summarize_treatment_associations(
     """
     from scipy.stats import spearmanr
 
-    if bh_scope not in ("global", "per_treatment"):
-        raise ValueError(f"bh_scope must be 'global' or 'per_treatment', got {bh_scope!r}")
+    check_choice("bh_scope", bh_scope, ("global", "per_treatment"))
     A_arr, default_t = _treatment_matrix(A)
     n, a = A_arr.shape
     t_names = _names(treatment_names, default_t, "treatment_names")
@@ -292,10 +298,7 @@ def summarize_treatment_associations(
         if Z_arr.ndim == 1:
             Z_arr = Z_arr[:, None]
         default_z = [f"Z{j}" for j in range(Z_arr.shape[1])] if Z_arr.ndim == 2 else []
-    if Z_arr.ndim != 2 or Z_arr.shape[0] != n:
-        raise ValueError(f"Z must be an n x m matrix with n = {n} rows, got shape {Z_arr.shape}")
-    if not np.all(np.isfinite(Z_arr)):
-        raise ValueError("Z must be finite")
+    check_association_covariates(Z_arr, n)
     m = Z_arr.shape[1]
     z_names = _names(covariate_names, default_z, "covariate_names")
     if covariate_types is None or isinstance(covariate_types, str):
@@ -303,14 +306,12 @@ def summarize_treatment_associations(
     else:
         z_types = _names(covariate_types, ["covariate"] * m, "covariate_types", unique=False)
     control = ~np.any(A_arr != 0, axis=1)
-    if not control.any():
-        raise ValueError("A has no control cells (rows with all zeros)")
+    check_has_controls(control)
 
     rows = []
     for k in range(a):
         treated = A_arr[:, k] == 1
-        if not treated.any():
-            raise ValueError(f"treatment {t_names[k]!r} has no treated cells")
+        check_has_treated(treated, t_names[k])
         pop = control | treated
         ind = A_arr[pop, k]
         for j in range(m):
@@ -346,28 +347,6 @@ def summarize_treatment_associations(
 # ----------------------------------------------------------------------------------
 # test masks
 # ----------------------------------------------------------------------------------
-def _as_bool(values: np.ndarray) -> np.ndarray:
-    v = np.asarray(values)
-    if v.dtype == bool:
-        return v
-    if v.dtype.kind in "iuf" and np.all(np.isin(v, (0, 1))):
-        return v.astype(bool)
-    raise TypeError("test_mask must be boolean (True/False or 0/1)")
-
-
-def _check_labels(values: Any, what: str) -> None:
-    """Reject missing labels (None / NaN), which would otherwise match the string 'None'."""
-    bad = [v for v in values if v is None or (isinstance(v, float) and np.isnan(v))]
-    if bad:
-        raise ValueError(f"{what} labels must not be missing (None or NaN; {len(bad)} found)")
-
-
-def _check_unique(labels: Sequence[str], what: str) -> None:
-    s = pd.Index(labels)
-    if s.has_duplicates:
-        extra = " (duplicate treatment-gene tests)" if what == "(treatment, gene)" else ""
-        raise ValueError(f"duplicated {what} labels in test_mask{extra}: "
-                         f"{list(s[s.duplicated()].unique()[:5])}")
 
 
 def align_test_mask(
@@ -410,11 +389,9 @@ def align_test_mask(
         duplicated (treatment, gene) rows in ``results``, or a result row whose
         (treatment, gene) pair is not in the mask.
     """
-    if gene_col not in results.columns:
-        raise ValueError(f"results has no column {gene_col!r}")
+    check_results_column(results, gene_col)
     if isinstance(test_mask, pd.Series):
-        if not isinstance(test_mask.index, pd.MultiIndex) or test_mask.index.nlevels != 2:
-            raise ValueError("a Series test_mask needs a 2-level (treatment, gene) MultiIndex")
+        check_mask_multiindex(test_mask)
         vals = _as_bool(test_mask.to_numpy())
         _check_labels(test_mask.index.get_level_values(0), "test_mask treatment")
         _check_labels(test_mask.index.get_level_values(1), "test_mask gene")
@@ -430,8 +407,7 @@ def align_test_mask(
             g_labels = [str(g) for g in test_mask.columns]
             vals = _as_bool(test_mask.to_numpy())
         else:
-            if treatment_names is None or gene_names is None:
-                raise ValueError("an array test_mask needs treatment_names and gene_names")
+            check_mask_labels_given(treatment_names, gene_names)
             vals = _as_bool(test_mask)
             _check_labels(treatment_names, "treatment_names")
             _check_labels(gene_names, "gene_names")
@@ -439,9 +415,7 @@ def align_test_mask(
                 vals = vals[None, :]
             t_labels = [str(t) for t in treatment_names]
             g_labels = [str(g) for g in gene_names]
-            if vals.shape != (len(t_labels), len(g_labels)):
-                raise ValueError(f"test_mask has shape {vals.shape}, expected "
-                                 f"({len(t_labels)}, {len(g_labels)}) treatments x genes")
+            check_test_mask_shape(vals, len(t_labels), len(g_labels))
         _check_unique(t_labels, "treatment")
         _check_unique(g_labels, "gene")
         keys = [f"{t}\x00{g}" for t in t_labels for g in g_labels]
@@ -449,27 +423,16 @@ def align_test_mask(
 
     _check_labels(results[gene_col], f"results[{gene_col!r}]")
     genes = results[gene_col].astype(str).to_numpy()
+    check_treatment_column(results, treatment_col, len(t_labels))
     if treatment_col in results.columns:
         _check_labels(results[treatment_col], f"results[{treatment_col!r}]")
         trts = results[treatment_col].astype(str).to_numpy()
-    elif len(t_labels) == 1:
-        trts = np.full(len(results), t_labels[0], dtype=object)
     else:
-        raise ValueError(f"results has no column {treatment_col!r} but test_mask holds "
-                         f"{len(t_labels)} treatments")
+        trts = np.full(len(results), t_labels[0], dtype=object)
     row_keys = [f"{t}\x00{g}" for t, g in zip(trts, genes)]
-    dup = pd.Index(row_keys)
-    if dup.has_duplicates:
-        shown = [tuple(k.split("\x00")) for k in dup[dup.duplicated()].unique()[:5]]
-        raise ValueError(f"results has duplicated (treatment, gene) rows (duplicate "
-                         f"treatment-gene tests), e.g. {shown}: the mask cannot be aligned "
-                         "unambiguously")
+    check_unique_result_rows(row_keys)
     out = lookup.reindex(row_keys)
-    if out.isna().any():
-        bad = np.flatnonzero(out.isna().to_numpy())
-        shown = [(str(trts[i]), str(genes[i])) for i in bad[:5]]
-        raise ValueError(f"{bad.size} result row(s) have no entry in test_mask (missing "
-                         f"treatment-gene tests), e.g. {shown}")
+    check_mask_covers_results(out, trts, genes)
     return out.to_numpy(dtype=bool)
 
 

@@ -47,7 +47,28 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import LFC_COMPAT_KEYWORDS, check_keywords, check_targets, parameter_names
+from ._validation import (
+    LFC_COMPAT_KEYWORDS,
+    check_choice,
+    check_count_values,
+    check_counterfactual_array,
+    check_counterfactual_shape,
+    check_family,
+    check_gene_fold_design,
+    check_gene_fold_ids,
+    check_gene_fold_shape,
+    check_keywords,
+    check_mask_shape,
+    check_matrix_2d,
+    check_recenter_genes,
+    check_removed_keywords,
+    check_rows_2d,
+    check_shape,
+    check_shift_variance,
+    check_targets,
+    check_zero_one,
+    parameter_names,
+)
 from .glm import fit_glm, groups_from_onehot, sym_outer, sym_unpack
 from .inference import family_bh, multiple_testing, on_target_pairs
 from .preprocessing import size_factors_from_offset
@@ -191,13 +212,8 @@ def _prepare(Y, W, A, W_A, mask):
     trt_names = [str(c) for c in A.columns] if isinstance(A, pd.DataFrame) else None
     Y = Y.to_numpy(dtype=float) if isinstance(Y, pd.DataFrame) else Y
     Y = Y.tocsr().astype(float) if sp.issparse(Y) else np.asarray(Y, dtype=float)
-    if Y.ndim != 2:
-        raise ValueError(f"Y must be 2-D (cells x genes), got shape {Y.shape}")
-    data = Y.data if sp.issparse(Y) else Y
-    if not np.all(np.isfinite(data)):
-        raise ValueError("Y contains NaN or infinite values")
-    if np.any(data < 0):
-        raise ValueError("Y contains negative counts")
+    check_matrix_2d(Y, "Y", "genes")
+    check_count_values(Y)
     n, p = Y.shape
     A = np.asarray(A, dtype=float)
     if A.ndim == 1:
@@ -205,20 +221,12 @@ def _prepare(Y, W, A, W_A, mask):
     W = np.asarray(W, dtype=float)
     W_A = W if W_A is None else np.asarray(W_A, dtype=float)
     for M, name in ((W, "W"), (A, "A"), (W_A, "W_A")):
-        if M.ndim != 2 or M.shape[0] != n:
-            raise ValueError(f"{name} must be 2-D with {n} rows (one per cell), got shape {M.shape}")
-        if not np.all(np.isfinite(M)):
-            raise ValueError(f"{name} contains NaN or infinite values")
-    if not np.all(np.isin(A, (0, 1))):
-        raise ValueError("A must contain only 0/1 treatment indicators: LFC estimates the "
-                         "contrast of treated and control arms, so a continuous treatment "
-                         "(dose, guide UMI) must be binarised first, e.g. (A > 0); fit_gcate "
-                         "accepts it continuous")
+        check_rows_2d(M, n, name)
+    check_zero_one(A, for_lfc=True)
     a = A.shape[1]
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
-        if mask.shape != A.shape:
-            raise ValueError(f"mask must have the shape of A {A.shape}, got {mask.shape}")
+        check_mask_shape(mask, A.shape)
     gene_names = gene_names or [f"gene_{j}" for j in range(p)]
     trt_names = trt_names or [str(k) for k in range(a)]
     return Y, W, A, W_A, mask, gene_names, trt_names
@@ -284,14 +292,10 @@ def fit_outcome_model(Y, W: np.ndarray, A: np.ndarray, log_s: np.ndarray, fold: 
 
 def _coerce_Y_hat(Y_hat, n: int, p: int, a: int) -> CounterfactualMeans:
     if isinstance(Y_hat, CounterfactualMeans):
-        if Y_hat.mu0.shape != (p, n) or Y_hat.effect.shape[2] != a:
-            raise ValueError(f"Y_hat holds predictions for {Y_hat.mu0.shape[1]} cells x "
-                             f"{Y_hat.mu0.shape[0]} genes x {Y_hat.effect.shape[2]} treatments, "
-                             f"expected {n} x {p} x {a}")
+        check_counterfactual_shape(Y_hat.mu0.shape, Y_hat.effect.shape[2], n, p, a)
         return Y_hat
     arr = np.asarray(Y_hat, float)
-    if arr.shape != (n, p, a, 2):
-        raise ValueError(f"Y_hat must be a CounterfactualMeans or an array of shape {(n, p, a, 2)}")
+    check_counterfactual_array(arr, n, p, a)
     with np.errstate(divide="ignore", invalid="ignore"):
         eff = np.log(arr[:, :, :, 1]) - np.log(arr[:, :, :, 0])
     # per-cell effects are stored as n folds of one cell each
@@ -784,20 +788,15 @@ def _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, family, disp_gl
     n, p = Y.shape
     a = A.shape[1]
     gene_fold = np.asarray(gene_fold)
-    if gene_fold.shape != (p,):
-        raise ValueError(f"W_gene_folds: the gene folds must have shape {(p,)}, "
-                         f"got {gene_fold.shape}")
-    if not np.isin(gene_fold, np.arange(len(designs))).all():
-        raise ValueError(f"W_gene_folds: every gene's fold must be one of 0..{len(designs) - 1} "
-                         f"(one design per fold)")
+    check_gene_fold_shape(gene_fold, p)
+    check_gene_fold_ids(gene_fold, len(designs))
     parts = []
     for f, W_f in enumerate(designs):
         cols = np.flatnonzero(gene_fold == f)
         if cols.size == 0:
             continue
         W_f = np.asarray(W_f, dtype=float)
-        if W_f.shape[0] != n:
-            raise ValueError(f"W_gene_folds: design {f} has {W_f.shape[0]} rows, expected {n}")
+        check_gene_fold_design(W_f, f, n)
         Y_f = Y[:, cols]
         disp_f = np.asarray(disp_glm, dtype=float)[cols] if np.ndim(disp_glm) == 1 else disp_glm
         init_f = None
@@ -923,12 +922,9 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
                       "causarray 0.1.1, it is used as ps_class_weight)", FutureWarning,
                       stacklevel=2)
         ps_class_weight = kwargs.pop("class_weight")
-    if family not in ("nb", "poisson"):
-        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
-    if usevar not in ("pooled", "unequal"):
-        raise ValueError(f"usevar must be 'pooled' or 'unequal', got {usevar!r}")
-    if "clip_pseudo_outcomes" in kwargs:
-        raise TypeError("clip_pseudo_outcomes was removed: AIPW pseudo-outcomes are never clipped")
+    check_family(family)
+    check_choice("usevar", usevar, ("pooled", "unequal"))
+    check_removed_keywords(kwargs)
     check_keywords("LFC", kwargs, LFC_COMPAT_KEYWORDS | parameter_names(LFC))
     Y, W, A, W_A, mask, gene_names, trt_names = _prepare(Y, W, A, W_A, mask)
     n, p = Y.shape
@@ -939,22 +935,15 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     fold = make_folds(n, K, random_state)
     if outcome_init is not None:
         outcome_init = np.asarray(outcome_init, dtype=float)
-        if outcome_init.shape != (p, W.shape[1] + a):
-            raise ValueError(f"outcome_init must have shape {(p, W.shape[1] + a)} "
-                             f"(genes x [W | A] columns), got {outcome_init.shape}")
+        check_shape("outcome_init", outcome_init, (p, W.shape[1] + a),
+                    " (genes x [W | A] columns)")
 
     if recenter_genes is not None:
         recenter_genes = np.asarray(recenter_genes)
-        if recenter_genes.shape != (p, a) or recenter_genes.dtype != bool:
-            raise ValueError(f"recenter_genes must be a boolean (genes x treatments) array of "
-                             f"shape {(p, a)}, got {recenter_genes.dtype} {recenter_genes.shape}")
+        check_recenter_genes(recenter_genes, p, a)
     if shift_variance is not None:
         shift_variance = np.asarray(shift_variance, dtype=float)
-        if shift_variance.shape != (p, a) or not np.all(np.isfinite(shift_variance)) \
-                or (shift_variance < 0).any():
-            raise ValueError(f"shift_variance must be a finite, non-negative (genes x "
-                             f"treatments) array of shape {(p, a)}, got shape "
-                             f"{shift_variance.shape}")
+        check_shift_variance(shift_variance, p, a)
 
     if pi_hat is None:
         logger.info("fitting propensity models")

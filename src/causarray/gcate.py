@@ -39,7 +39,21 @@ from ._validation import (
     GCATE_COMPAT_KEYWORDS,
     _count_dense_issues,
     _row_blocks,
+    check_assignment,
+    check_count_flags,
+    check_design_rank,
+    check_family,
+    check_finite,
+    check_genes_expressed,
     check_keywords,
+    check_matrix_2d,
+    check_open_unit,
+    check_r,
+    check_r_estimable,
+    check_r_grid,
+    check_rows,
+    check_shape,
+    check_treatments_have_cells,
     parameter_names,
 )
 from .factor_model import deviance_residual_svd, fisher_pass, loglik_constants
@@ -89,28 +103,20 @@ def _check_inputs(Y, X, A, r: int, family: str):
 
     Y is scanned in row blocks (no temporary of its size); integer counts keep their dtype.
     """
-    if family not in ("nb", "poisson"):
-        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    check_family(family)
     Y = _as_matrix(Y, "Y")
     X = _as_matrix(X, "X")
     A = _as_matrix(A, "A")
-    if Y.ndim != 2:
-        raise ValueError(f"Y must be 2-D (cells x genes), got shape {Y.shape}")
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (cells x covariates), got shape {X.shape}")
+    check_matrix_2d(Y, "Y", "genes")
+    check_matrix_2d(X, "X", "covariates")
     if A.ndim == 1:
         A = A[:, None]
     n, p = Y.shape
-    for M, name in ((X, "X"), (A, "A")):
-        if M.shape[0] != n:
-            raise ValueError(f"{name} has {M.shape[0]} rows but Y has {n} cells")
+    check_rows(X, n, "X")
+    check_rows(A, n, "A")
     finite, negative, fractional, nnz_gene = _scan_counts(Y)
-    if not finite:
-        raise ValueError("Y contains NaN or infinite values")
-    if negative:
-        raise ValueError("Y contains negative counts")
-    if not np.all(np.isfinite(A)):
-        raise ValueError("A contains NaN or infinite values")
+    check_count_flags(finite, negative)
+    check_finite(A, "A")
     if fractional:
         import warnings
         warnings.warn("Y contains non-integer values; rounding to the nearest integer",
@@ -120,25 +126,12 @@ def _check_inputs(Y, X, A, r: int, family: str):
             Y.data = np.round(Y.data)
         else:
             Y = np.round(Y)
-    if np.any(nnz_gene == 0):
-        bad = np.flatnonzero(nnz_gene == 0)
-        raise ValueError(f"Y has {bad.size} gene(s) with no counts (e.g. columns {bad[:5].tolist()}); "
-                         "remove genes with no counts before fitting")
-    empty_trt = np.flatnonzero(np.all(A == 0, axis=0))
-    if empty_trt.size:
-        raise ValueError(f"treatment column(s) {empty_trt.tolist()} of A have no cells")
-    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)) or r < 0:
-        raise ValueError(f"r must be a non-negative integer, got {r!r}")
+    check_genes_expressed(nnz_gene)
+    check_treatments_have_cells(A)
+    check_r(r)
     Z = np.hstack([X, A])
-    if r > 0 and r > min(n, p) - Z.shape[1] - 1:
-        raise ValueError(f"r = {r} is too large: at most {min(n, p) - Z.shape[1] - 1} latent factors "
-                         f"can be estimated from {n} cells x {p} genes with {Z.shape[1]} observed columns")
-    # scale-free: every column to unit root-mean-square before the singular values
-    norms = np.sqrt(np.mean(Z * Z, axis=0))
-    sv = np.linalg.svd(Z / np.where(norms > 0, norms, 1.0), compute_uv=False) / np.sqrt(n)
-    if sv.min() < 1e-3 * sv.max():
-        raise ValueError("the observed design [X | A] is (nearly) singular: "
-                         "check for duplicated or constant columns besides the intercept")
+    check_r_estimable(r, n, p, Z.shape[1])
+    check_design_rank(Z)
     return Y, X, A
 
 
@@ -678,11 +671,8 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         stage-1 treatment coefficients).
     """
     check_keywords("fit_gcate", kwargs, GCATE_COMPAT_KEYWORDS | parameter_names(fit_gcate))
-    if assignment not in ("randomized", "observational"):
-        raise ValueError("assignment must be 'randomized' (CRISPR screens) or 'observational' "
-                         f"(case-control studies), got {assignment!r}")
-    if not 0.0 < float(shift_level) < 1.0:
-        raise ValueError(f"shift_level must be in (0, 1), got {shift_level!r}")
+    check_assignment(assignment)
+    check_open_unit("shift_level", shift_level)
     from ._compat import check_backend
 
     check_backend(backend)
@@ -703,8 +693,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
 
     if A_init is not None:
         A_init = np.asarray(A_init, float)
-        if A_init.shape != (n, d + a + r):
-            raise ValueError(f"A_init must have shape {(n, d + a + r)}, got {A_init.shape}")
+        check_shape("A_init", A_init, (n, d + a + r))
         U0 = _project_out(A_init[:, d + a:], Q)
     else:
         U0 = _project_out(_initial_factors(Y, X, A, log_s, fit0, r, random_state), Q)
@@ -890,10 +879,7 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     Asub = A_arr[rows]
     keep_trt = Asub.sum(axis=0) > 0
     Asub = Asub[:, keep_trt]
-    grid = sorted({int(r) for r in (range(1, int(r_max) + 1) if np.isscalar(r_max) else r_max)
-                   if int(r) > 0})
-    if not grid:
-        raise ValueError("r_max must contain at least one positive number of factors")
+    grid = check_r_grid(r_max)
     Ysub, Xsub, Asub = _check_inputs(Ysub, Xsub, Asub, max(grid), family)
     if sp.issparse(Ysub):
         Ysub = Ysub.tocsc()

@@ -47,6 +47,15 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln, xlogy
 
+from ._validation import (
+    check_family,
+    check_matrix_2d,
+    check_nb_alpha,
+    check_offset,
+    check_rows,
+    check_shape,
+)
+
 logger = logging.getLogger("causarray")
 
 ETA_MIN, ETA_MAX = -30.0, 20.0
@@ -58,7 +67,6 @@ _FIT_CHUNK_BYTES = 4 * 2**20  # the engine's own chunks: keeps its temporaries c
 _COEF_TOL = 1e-6              # max |coefficient step| for convergence
 _MAX_HALVING = 8
 _MAX_NEWTON_STEP = 5.0        # largest change of one coefficient in one Newton step
-_FAMILIES = ("nb", "poisson")
 
 
 # ----------------------------------------------------------------------------------
@@ -1028,8 +1036,7 @@ def _as_counts(Y):
     if sp.issparse(Y):
         return Y
     Y = np.asarray(Y)
-    if Y.ndim != 2:
-        raise ValueError(f"Y must be 2-D (cells x genes), got shape {Y.shape}")
+    check_matrix_2d(Y, "Y", "genes")
     return Y
 
 
@@ -1077,25 +1084,20 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
     ``tol`` / ``ridge`` are not used (each set's Newton iteration stops when its step
     is below 1e-6, or is predicted to be below 1e-8 by quadratic convergence).
     """
-    if family not in _FAMILIES:
-        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
+    check_family(family)
     Y = _as_counts(Y)
     X = np.asarray(X, dtype=float)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (cells x covariates), got shape {X.shape}")
+    check_matrix_2d(X, "X", "covariates")
     n, p = Y.shape
-    if X.shape[0] != n:
-        raise ValueError(f"X has {X.shape[0]} rows but Y has {n} cells")
+    check_rows(X, n, "X")
     groups = groups_from_onehot(A)
     n_groups = 0
     if A is not None:
         A = np.asarray(A, dtype=float)
         if A.ndim == 1:
             A = A[:, None]
-        if A.ndim != 2:
-            raise ValueError(f"A must be 2-D (cells x treatments), got shape {A.shape}")
-        if A.shape[0] != n:
-            raise ValueError(f"A has {A.shape[0]} rows but Y has {n} cells")
+        check_matrix_2d(A, "A", "treatments")
+        check_rows(A, n, "A")
         if groups is None:
             X = np.hstack([X, A])
         else:
@@ -1103,12 +1105,10 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
     d = X.shape[1]
     q = d + n_groups
     off = np.zeros(n) if offset is None else np.asarray(offset, dtype=float).ravel()
-    if off.shape[0] != n:
-        raise ValueError(f"offset has length {off.shape[0]} but Y has {n} cells")
+    check_offset(off, n)
     if init is not None:
         init = np.asarray(init, dtype=float)
-        if init.shape != (p, q):
-            raise ValueError(f"init must have shape {(p, q)}, got {init.shape}")
+        check_shape("init", init, (p, q))
 
     estimate = family == "nb" and size is None and estimate_size is not False
     if family == "poisson":
@@ -1117,8 +1117,7 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
         alpha_all = np.broadcast_to(_alpha_from_size(size), (p,)).astype(float)
     else:
         alpha_all = np.zeros(p)
-    if np.any(alpha_all < 0) or not np.all(np.isfinite(alpha_all)):
-        raise ValueError("size must be positive (np.inf for Poisson)")
+    check_nb_alpha(alpha_all)
 
     design = _Design.build(X, groups, n_groups, off)
     if sp.issparse(Y):

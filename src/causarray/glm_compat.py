@@ -25,6 +25,20 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ._validation import (
+    check_both_groups,
+    check_choice,
+    check_covariate_columns,
+    check_gene_indices,
+    check_impute_design,
+    check_impute_needs_A,
+    check_label_occurs,
+    check_matrix_2d,
+    check_obs_column,
+    check_offset_rows,
+    check_offset_test,
+    check_positive_int,
+)
 from .glm import ETA_MAX, ETA_MIN, _alpha_from_size, deviance_residuals
 from .glm import fit_glm as _engine
 from .preprocessing import comp_size_factor
@@ -38,8 +52,7 @@ def _offsets(Y, offset) -> np.ndarray | None:
     if offset is True:
         return np.log(comp_size_factor(Y))
     off = np.asarray(offset, dtype=float).ravel()
-    if off.shape[0] != Y.shape[0]:
-        raise ValueError(f"offset has length {off.shape[0]} but Y has {Y.shape[0]} rows")
+    check_offset_rows(off, Y.shape[0])
     return off
 
 
@@ -97,16 +110,14 @@ def fit_glm(Y, X, A=None, family: str = "gaussian", disp_family: str = "poisson"
     offsets : (n,) offsets or None.
     resid_deviance : (n, p) signed deviance residuals (``y - mu`` for 'gaussian').
     """
-    if family not in ("gaussian", "poisson", "nb"):
-        raise ValueError(f"family must be 'gaussian', 'poisson' or 'nb', got {family!r}")
+    check_choice("family", family, ("gaussian", "poisson", "nb"))
     X = np.asarray(X, dtype=float)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (cells x covariates), got shape {X.shape}")
+    check_matrix_2d(X, "X", "covariates")
     if A is not None:
         A = np.asarray(A, dtype=float)
         A = A[:, None] if A.ndim == 1 else A
-    elif impute is not False:
-        raise ValueError("impute needs treatments A (predictions with each treatment on/off)")
+    else:
+        check_impute_needs_A(impute)
     if shrinkage:
         logger.info("fit_glm: shrinkage is accepted for compatibility; the exact MLE is used")
     off = _offsets(Y, offset)
@@ -148,14 +159,9 @@ def fit_glm(Y, X, A=None, family: str = "gaussian", disp_family: str = "poisson"
         Yhat = mu
     else:
         X_test = X if impute is True else np.asarray(impute, dtype=float)
-        if X_test.ndim != 2 or X_test.shape[1] != d:
-            raise ValueError(f"impute must be True or an array with {d} columns, got shape "
-                             f"{np.shape(impute)}")
+        check_impute_design(X_test, impute, d)
         off_t = off if offset_test is None else np.asarray(offset_test, float).ravel()
-        if off_t is not None and off_t.shape[0] != X_test.shape[0]:
-            if offset_test is None:
-                raise ValueError("impute has different rows from X: pass offset_test")
-            raise ValueError("offset_test must have one entry per row of impute")
+        check_offset_test(off_t, offset_test, X_test.shape[0])
         m = X_test.shape[0]
         base = np.hstack([X_test, np.zeros((m, a))])
         y0 = _predict(B, base, off_t, family)
@@ -223,36 +229,24 @@ def fit_glm_ondisk(path: str, perturbation_col: str = "perturbation",
     """
     import anndata as ad
 
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size)
     adata = ad.read_h5ad(path, backed="r")
     try:
         obs = adata.obs
-        if perturbation_col not in obs:
-            raise ValueError(f"perturbation_col {perturbation_col!r} is not a column of obs "
-                             f"(columns: {list(obs.columns)[:10]})")
+        check_obs_column("perturbation_col", perturbation_col, obs)
         labels = obs[perturbation_col].astype(str).to_numpy()
         ctrl = str(control_label)
-        if not np.any(labels == ctrl):
-            raise ValueError(f"control_label {control_label!r} does not occur in "
-                             f"obs[{perturbation_col!r}]")
+        check_label_occurs("control_label", control_label, labels, perturbation_col)
         if target_label is not None:
-            if not np.any(labels == str(target_label)):
-                raise ValueError(f"target_label {target_label!r} does not occur in "
-                                 f"obs[{perturbation_col!r}]")
+            check_label_occurs("target_label", target_label, labels, perturbation_col)
             keep = np.isin(labels, [ctrl, str(target_label)])
         else:
             keep = np.ones(labels.size, bool)
         n_vars = adata.n_vars
         genes = None if gene_indices is None else np.asarray(gene_indices, dtype=np.int64)
-        if genes is not None and (genes.ndim != 1 or genes.size == 0 or genes.min() < 0
-                                  or genes.max() >= n_vars):
-            raise ValueError(f"gene_indices must be a non-empty 1-D array of indices in "
-                             f"[0, {n_vars})")
+        check_gene_indices(genes, n_vars)
         covs = list(covariate_columns or [])
-        missing = [c for c in covs if c not in obs]
-        if missing:
-            raise ValueError(f"covariate_columns {missing} are not columns of obs")
+        check_covariate_columns(covs, obs)
         blocks = []
         for start in range(0, adata.n_obs, int(chunk_size)):
             stop = min(adata.n_obs, start + int(chunk_size))
@@ -273,9 +267,7 @@ def fit_glm_ondisk(path: str, perturbation_col: str = "perturbation",
                       "the selected genes", RuntimeWarning, stacklevel=2)
         Y, Z, cells = Y[~empty], Z[~empty], cells[~empty]
     A = (labels[cells] != ctrl).astype(float)[:, None]
-    if A.min() == A.max():
-        raise ValueError("fit_glm_ondisk needs both control and perturbed cells after "
-                         "dropping empty cells")
+    check_both_groups(A)
     X = np.hstack([np.ones((cells.size, 1)), Z])
     offsets = np.log(comp_size_factor(Y))
     B, Yhat, disp, _, resid = fit_glm(Y, X, A, family="nb", offset=offsets,

@@ -39,6 +39,17 @@ import pandas as pd
 from scipy import stats
 
 from ._compat import renamed_keyword
+from ._validation import as_float_array as _as_float_array
+from ._validation import (
+    check_1d,
+    check_df,
+    check_df_shape,
+    check_eta_finite,
+    check_fdx_needs,
+    check_pvalues,
+    check_same_shape,
+)
+from ._validation import check_fdx_inputs as _check_fdx_inputs
 
 logger = logging.getLogger("causarray")
 
@@ -50,12 +61,6 @@ _BOOTSTRAP_CHUNK_FLOATS = 2**21  # working floats per bootstrap chunk (16 MiB)
 # ----------------------------------------------------------------------------------
 # p-values
 # ----------------------------------------------------------------------------------
-def _as_float_array(x: Any, name: str) -> np.ndarray:
-    try:
-        arr = np.asarray(x, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be numeric, got {type(x).__name__}") from err
-    return arr
 
 
 def t_pvalues(stat: Any, df: Any = None) -> np.ndarray:
@@ -85,8 +90,7 @@ def t_pvalues(stat: Any, df: Any = None) -> np.ndarray:
     if df is None:
         return 2.0 * stats.norm.sf(abs_stat)
     df = _as_float_array(df, "df")
-    if np.any(df[~np.isnan(df)] <= 0):
-        raise ValueError("df must be positive (NaN marks an undefined df)")
+    check_df(df)
     abs_stat, df = np.broadcast_arrays(abs_stat, df)
     normal = np.isinf(df)
     safe_df = np.where(normal | np.isnan(df), 1.0, df)
@@ -123,8 +127,7 @@ def bh_adjust(pvalues: Any) -> np.ndarray:
     vals = p[ok]
     if vals.size == 0:
         return out
-    if np.any((vals < 0) | (vals > 1)):
-        raise ValueError("pvalues must lie in [0, 1] (NaN marks a test not performed)")
+    check_pvalues(vals)
     m = vals.size
     order = np.argsort(vals, kind="mergesort")
     scaled = vals[order] * m / np.arange(1, m + 1)
@@ -195,23 +198,6 @@ def empirical_null_adjust(stat: Any, df: Any = None) -> tuple[np.ndarray, np.nda
 # ----------------------------------------------------------------------------------
 # FDX control
 # ----------------------------------------------------------------------------------
-def _check_fdx_inputs(
-    stat: np.ndarray, eta: np.ndarray, std: np.ndarray, n: int, alpha: float, c: float, B: int
-) -> None:
-    if stat.ndim != 1:
-        raise ValueError(f"stat must be 1-D, got shape {stat.shape}")
-    if std.shape != stat.shape:
-        raise ValueError(f"std has shape {std.shape}, expected {stat.shape}")
-    if eta.ndim != 2 or eta.shape[1] != stat.size:
-        raise ValueError(f"eta must be n x p with p = {stat.size}, got shape {eta.shape}")
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-    if not 0 <= c < 1:
-        raise ValueError(f"c must lie in [0, 1), got {c}")
-    if int(B) != B or B < 1:
-        raise ValueError(f"B must be a positive integer, got {B}")
 
 
 def bootstrap_abs_z(
@@ -370,8 +356,7 @@ def fdx_control(
     with np.errstate(invalid="ignore"):
         tested = np.isfinite(stat) & np.isfinite(std) & (std >= FDX_MIN_STD)
     finite_cols = np.isfinite(eta).all(axis=0)
-    if np.any(tested & ~finite_cols):
-        raise ValueError("eta must be finite for every tested gene")
+    check_eta_finite(tested, finite_cols)
     if not finite_cols.all():  # untested genes may carry NaN influence values
         eta = np.where(finite_cols, eta, 0.0)
     abs_stat = np.where(tested, np.abs(np.nan_to_num(stat)), 0.0)
@@ -394,8 +379,7 @@ def fdx_control(
 
     if tau is not None:
         tau = _as_float_array(tau, "tau")
-        if tau.shape != stat.shape:
-            raise ValueError(f"tau has shape {tau.shape}, expected {stat.shape}")
+        check_same_shape("tau", tau, stat.shape)
         with np.errstate(invalid="ignore"):
             tiny = (std < FDX_MIN_STD) & (np.abs(tau) > min_diff)
         rej[tiny] = 1
@@ -456,16 +440,13 @@ def multiple_testing(
         arrays) and ``rej`` (0/1 int array), each of length p.
     """
     stat = _as_float_array(stat, "stat")
-    if stat.ndim != 1:
-        raise ValueError(f"stat must be 1-D, got shape {stat.shape}")
+    check_1d(stat, "stat")
     pvalue = t_pvalues(stat, df)
-    if pvalue.shape != stat.shape:
-        raise ValueError(f"df has shape {np.shape(df)}, expected {stat.shape} or a scalar")
+    check_df_shape(pvalue, df, stat.shape)
     padj = bh_adjust(pvalue)
     p_emp, padj_emp = empirical_null_adjust(stat, df)
     if fdx:
-        if eta is None or std is None:
-            raise ValueError("fdx=True needs eta and std")
+        check_fdx_needs(eta, std)
         eta = np.asarray(eta)
         rej = fdx_control(
             stat, eta, std, eta.shape[0] if n is None else n, alpha=fdx_alpha, c=fdx_c,

@@ -27,15 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ._validation import check_nuisance_cache_path
+
 KEYS = ("Y_hat", "pi_hat", "pi_hat_raw", "cell_idx", "offset", "U", "pert_names",
         "gene_names")
 
 
 def nuisance_path(cache_path) -> str:
     """The nuisance file beside ``cache_path`` (``x.h5`` -> ``x.nuisances.h5``)."""
-    if cache_path is None:
-        raise ValueError("save_nuisances=True requires cache_path (the nuisances are "
-                         "written beside the result cache)")
+    check_nuisance_cache_path(cache_path)
     return f"{str(cache_path).removesuffix('.h5')}.nuisances.h5"
 
 

@@ -35,6 +35,19 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._validation import (
+    check_cells_nonempty,
+    check_counts_scan,
+    check_file,
+    check_h5_dense,
+    check_h5_key,
+    check_h5_row_major,
+    check_h5_sparse,
+    check_has_perturbed,
+    check_layer,
+    check_x_present,
+)
+
 __all__ = ["H5Counts", "RowRef", "is_file_input", "open_screen", "scan_counts"]
 
 #: Target number of stored entries per streamed row block (about 64 MB of float64 + index).
@@ -57,16 +70,13 @@ def _group_kind(node: Any) -> tuple[str, tuple[int, int]]:
     import h5py
 
     if isinstance(node, h5py.Dataset):
-        if node.ndim != 2:
-            raise ValueError(f"{node.name} is a {node.ndim}-D dataset, not a cells x genes "
-                             "matrix")
+        check_h5_dense(node)
         return "dense", (int(node.shape[0]), int(node.shape[1]))
     attrs = node.attrs
     enc = attrs.get("encoding-type", attrs.get("h5sparse_format", ""))
     enc = enc.decode() if isinstance(enc, bytes) else str(enc)
     shape = attrs.get("shape", attrs.get("h5sparse_shape"))
-    if shape is None or not {"data", "indices", "indptr"} <= set(node.keys()):
-        raise ValueError(f"{node.name} is neither a dense matrix nor a CSR/CSC sparse matrix")
+    check_h5_sparse(node, shape)
     kind = "csc" if enc.startswith("csc") else "csr"
     return kind, (int(shape[0]), int(shape[1]))
 
@@ -109,15 +119,11 @@ class H5Counts:
 
         self.path = str(self.path)
         with h5py.File(self.path, "r") as f:
-            if self.key not in f:
-                raise ValueError(f"{self.path} has no matrix {self.key!r}")
+            check_h5_key(f, self.path, self.key)
             self.format, self.file_shape = _group_kind(f[self.key])
             node = f[self.key]
             dt = node["data"].dtype if self.format != "dense" else node.dtype
-        if self.format == "csc":
-            raise ValueError(f"{self.path}:{self.key} is stored column-wise (CSC); rows cannot "
-                             "be read lazily. Rewrite it as CSR, e.g. adata.X = "
-                             "adata.X.tocsr(); adata.write_h5ad(path)")
+        check_h5_row_major(self.format, self.path, self.key)
         self.dtype = np.dtype(dt)
         if self.row_map is not None:
             self.row_map = np.asarray(self.row_map, dtype=np.int64)
@@ -443,8 +449,7 @@ def _open_backed(source: Any):
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"input file not found: {path}")
+        check_file(path)
         return ad.read_h5ad(path, backed="r")
     return source
 
@@ -462,35 +467,11 @@ def backed_counts(adata: Any, layer: str | None = None) -> H5Counts:
     with h5py.File(path, "r") as f:
         if key not in f:
             if layer is not None:
-                layers = list(f["layers"].keys()) if "layers" in f else []
-                raise ValueError(f"adata has no layer {layer!r}; available layers: {layers}")
-            raise ValueError("adata.X is empty (None); pass layer=<name of the counts layer>")
+                check_layer(layer, list(f["layers"].keys()) if "layers" in f else [])
+            check_x_present(None)
     M = H5Counts(path, key)
     M.gene_names = np.asarray([str(g) for g in adata.var_names], dtype=object)
     return M
-
-
-def check_counts_scan(scan: CountScan, name: str, non_integer: str) -> None:
-    """Raise for NaN/inf or negative stored values; non-integers per ``non_integer``.
-
-    ``non_integer='raise'`` uses the wording of ``tl.check_raw_counts``; ``'round'`` the
-    warning of ``as_count_matrix``.
-    """
-    if scan.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must hold numeric counts, got dtype {scan.dtype}")
-    if scan.n_bad:
-        raise ValueError(f"{name} contains {scan.n_bad} NaN or infinite values; causarray "
-                         "needs raw counts")
-    if scan.n_neg:
-        raise ValueError(f"{name} has negative values (minimum {scan.vmin:g}); causarray needs "
-                         "raw counts, not normalised or scaled data")
-    if scan.n_frac:
-        if non_integer == "raise":
-            raise ValueError(f"{name} does not hold raw counts: {scan.n_frac} non-integer "
-                             "entries (log-normalised data?); pass the layer with raw UMI "
-                             "counts")
-        warnings.warn(f"{name} contains {scan.n_frac} non-integer entries; they were rounded "
-                      "to the nearest integer", UserWarning, stacklevel=3)
 
 
 def _sparse_treatments(labels: np.ndarray, ctrl_label: str, index: Any) -> pd.DataFrame:
@@ -539,21 +520,18 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     then the library sizes, row and column sums and digest of the capped counts.  The
     obs table and gene names are read into memory, the counts never are.
     """
-    from ._validation import check_covariates, check_treatment
+    from ._validation import check_covariates, check_treatment, resolve_screen_keys
     from .preprocessing import (
         CAP_PERCENTILE,
-        _resolve_screen_keys,
         covariate_design,
         standardized_log2_library_size,
         treatment_matrix,
     )
 
     adata = _open_backed(source)
-    pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
+    pert_col, ctrl_label, labels = resolve_screen_keys(adata, pert_col, ctrl_label)
     M = backed_counts(adata, layer)
-    if not np.any(labels != ctrl_label):
-        raise ValueError(f"obs[{pert_col!r}] holds only the control label {ctrl_label!r}; "
-                         "there are no perturbed cells")
+    check_has_perturbed(bool(np.any(labels != ctrl_label)), pert_col, ctrl_label)
     A = None if sparse_treatments else \
         treatment_matrix(labels, ctrl_label, index=adata.obs_names)
     Xcov = covariate_design(adata.obs, covariates)
@@ -563,10 +541,7 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     empty = scan.row_sums == 0
     if empty.any():
         if not drop_empty_cells:
-            idx = np.flatnonzero(empty)
-            shown = [str(adata.obs_names[i]) for i in idx[:5]]
-            raise ValueError(f"{idx.size} cell(s) have zero total count, e.g. {shown}; remove "
-                             "them or pass drop_empty_cells=True")
+            check_cells_nonempty(empty, adata.obs_names)
         warnings.warn(f"dropping {int(empty.sum())} cells with zero total count", UserWarning,
                       stacklevel=2)
         keep = ~empty

@@ -25,11 +25,21 @@ import scipy.sparse as sp
 
 from causarray._validation import (
     as_count_matrix,
+    check_at_least,
+    check_cells_nonempty,
+    check_choice,
     check_covariates,
+    check_has_perturbed,
+    check_layer,
     check_no_empty_cells,
+    check_obs_columns,
+    check_positive,
+    check_size_factors,
     check_treatment,
+    check_x_present,
     row_sums,
 )
+from causarray._validation import resolve_screen_keys as _resolve_screen_keys
 
 __all__ = [
     "cap_counts",
@@ -404,15 +414,11 @@ def comp_size_factor(
     ValueError
         Unknown ``method``, invalid tuning constants, or invalid counts.
     """
-    if method not in ("geomeans", "libsize", "scale"):
-        raise ValueError(
-            f"method must be 'geomeans', 'libsize' or 'scale'; got {method!r}"
-        )
+    check_choice("method", method, ("geomeans", "libsize", "scale"), sep="; got")
     Y, _ = as_count_matrix(counts, name="counts", non_integer="ignore")
     totals = row_sums(Y)
     if method == "scale":
-        if not lib_size > 0:
-            raise ValueError(f"lib_size must be positive; got {lib_size!r}")
+        check_positive("lib_size", lib_size)
         return totals / float(lib_size)
     if method == "libsize":
         positive = totals > 0
@@ -421,10 +427,8 @@ def comp_size_factor(
             geo_mean = np.exp(np.mean(np.log(totals[positive])))
             s[positive] = totals[positive] / geo_mean
         return s
-    if not min_mean >= 0:
-        raise ValueError(f"min_mean must be >= 0; got {min_mean!r}")
-    if int(min_genes) < 1:
-        raise ValueError(f"min_genes must be >= 1; got {min_genes!r}")
+    check_at_least("min_mean", min_mean, 0)
+    check_at_least("min_genes", min_genes, 1, integer=True)
     L = _fill_undefined_log_factors(_log_median_of_ratios(Y, min_mean, int(min_genes)), totals)
     finite = np.isfinite(L)
     s = np.zeros(L.size, dtype=np.float64)
@@ -434,43 +438,6 @@ def comp_size_factor(
 
 
 # ----------------------------------------------------------------------------- AnnData
-def _resolve_screen_keys(
-    adata: Any, pert_col: str | None, ctrl_label: Any | None
-) -> tuple[str, str, np.ndarray]:
-    """Perturbation column, control label and the labels (as str) of an AnnData screen."""
-    if pert_col is None:
-        if "pert_col" not in adata.uns:
-            raise ValueError(
-                "pert_col was not given and adata.uns has no 'pert_col' entry; pass "
-                "pert_col=<obs column holding the perturbation labels>"
-            )
-        pert_col = adata.uns["pert_col"]
-    pert_col = str(pert_col)
-    if pert_col not in adata.obs.columns:
-        raise ValueError(
-            f"obs has no column {pert_col!r}; available columns: {list(map(str, adata.obs.columns))}"
-        )
-    labels_raw = adata.obs[pert_col]
-    n_missing = int(labels_raw.isna().sum())
-    if n_missing:
-        raise ValueError(f"obs[{pert_col!r}] has {n_missing} missing labels")
-    labels = labels_raw.astype(str).to_numpy()
-    if ctrl_label is None:
-        if "ctrl_label" not in adata.uns:
-            raise ValueError(
-                "ctrl_label was not given and adata.uns has no 'ctrl_label' entry; pass "
-                "ctrl_label=<label of the control cells>"
-            )
-        ctrl_label = adata.uns["ctrl_label"]
-    ctrl_label = str(ctrl_label)
-    if not np.any(labels == ctrl_label):
-        available = sorted(set(labels))
-        shown = available[:20] + (["..."] if len(available) > 20 else [])
-        raise ValueError(
-            f"control label {ctrl_label!r} not found in obs[{pert_col!r}]; available "
-            f"labels: {shown}"
-        )
-    return pert_col, ctrl_label, labels
 
 
 def treatment_matrix(labels: Sequence[Any], ctrl_label: Any, index: Any = None) -> pd.DataFrame:
@@ -521,18 +488,10 @@ def covariate_design(obs: pd.DataFrame, covariates: str | Iterable[str] = ()) ->
     if isinstance(covariates, str):
         covariates = [covariates]
     covariates = list(covariates)
-    missing = [c for c in covariates if c not in obs.columns]
-    if missing:
-        raise ValueError(
-            f"covariate column(s) {missing} not in obs; available columns: "
-            f"{list(map(str, obs.columns))}"
-        )
+    check_obs_columns(obs, covariates)
     parts: list[pd.DataFrame] = []
     for col in covariates:
         series = obs[col]
-        n_missing = int(series.isna().sum())
-        if n_missing:
-            raise ValueError(f"covariate {col!r} has {n_missing} missing values")
         if pd.api.types.is_bool_dtype(series.dtype) or (
             pd.api.types.is_numeric_dtype(series.dtype)
             and not isinstance(series.dtype, pd.CategoricalDtype)
@@ -610,20 +569,12 @@ def from_anndata(
     if layer is None:
         counts = adata.X
     else:
-        if layer not in adata.layers:
-            raise ValueError(
-                f"adata has no layer {layer!r}; available layers: {list(adata.layers.keys())}"
-            )
+        check_layer(layer, adata.layers.keys())
         counts = adata.layers[layer]
-    if counts is None:
-        raise ValueError("adata.X is empty (None); pass layer=<name of the counts layer>")
+    check_x_present(counts)
 
     A = treatment_matrix(labels, ctrl_label, index=adata.obs_names)
-    if A.shape[1] == 0:
-        raise ValueError(
-            f"obs[{pert_col!r}] holds only the control label {ctrl_label!r}; there are no "
-            "perturbed cells"
-        )
+    check_has_perturbed(A.shape[1] > 0, pert_col, ctrl_label)
     Xcov = covariate_design(adata.obs, covariates)
 
     if sp.issparse(counts) and not isinstance(counts, sp.csr_matrix):
@@ -634,12 +585,7 @@ def from_anndata(
     empty = row_sums(counts) == 0
     if empty.any():
         if not drop_empty_cells:
-            idx = np.flatnonzero(empty)
-            shown = [str(adata.obs_names[i]) for i in idx[:5]]
-            raise ValueError(
-                f"{idx.size} cell(s) have zero total count, e.g. {shown}; remove them or "
-                "pass drop_empty_cells=True"
-            )
+            check_cells_nonempty(empty, adata.obs_names)
         warnings.warn(
             f"dropping {int(empty.sum())} cells with zero total count", UserWarning,
             stacklevel=2,
@@ -699,10 +645,8 @@ def subset_screen(
         A new object (not a view) with the kept cells in their original order; ``uns``
         is kept and unused categories of the label column are removed.
     """
-    if n_perts is not None and int(n_perts) < 1:
-        raise ValueError(f"n_perts must be >= 1 or None; got {n_perts!r}")
-    if n_ctrl is not None and int(n_ctrl) < 0:
-        raise ValueError(f"n_ctrl must be >= 0 or None; got {n_ctrl!r}")
+    check_at_least("n_perts", n_perts, 1, integer=True, allow_none=True)
+    check_at_least("n_ctrl", n_ctrl, 0, integer=True, allow_none=True)
     pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
     is_ctrl = labels == ctrl_label
     sizes = pd.Series(labels[~is_ctrl]).value_counts()
@@ -738,7 +682,5 @@ def size_factors_from_offset(Y, offset) -> np.ndarray:
         s = np.asarray(comp_size_factor(Y), dtype=float)
     else:
         s = np.exp(np.asarray(offset, dtype=float).ravel())
-    if s.shape[0] != n or not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise ValueError("size factors must be finite, positive and one per cell "
-                         "(a cell with no counts has size factor 0: remove empty cells)")
+    check_size_factors(s, n)
     return s

@@ -33,79 +33,25 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 from tqdm.auto import tqdm
 
+from ._validation import (
+    check_arms,
+    check_auto_clip_arms,
+    check_clipped_scores,
+    check_fold_count,
+    check_fold_ids,
+    check_fold_range,
+    check_positive_number,
+    check_ps_clip_auto,
+    check_ps_clip_bounds,
+)
+from ._validation import check_class_weight as _check_class_weight
+from ._validation import check_ps_design as _design_matrix
+from ._validation import check_ps_mask as _check_mask
+from ._validation import check_ps_treatments as _treatment_matrix
+
 logger = logging.getLogger("causarray")
 
 AUTO_CLIP_MAX = 0.01  # 'auto' bounds: min(0.01, prevalence / 10) from each side
-
-
-# ----------------------------------------------------------------------------------
-# input checks
-# ----------------------------------------------------------------------------------
-def _treatment_matrix(A: Any) -> tuple[np.ndarray, list[str]]:
-    """A as an n x a float 0/1 array and the treatment names."""
-    names = None
-    if hasattr(A, "columns"):  # pandas DataFrame
-        names = [str(c) for c in A.columns]
-    elif hasattr(A, "name") and hasattr(A, "index") and A.name is not None:  # Series
-        names = [str(A.name)]
-    if hasattr(A, "toarray"):
-        A = A.toarray()
-    try:
-        arr = np.asarray(A, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"A must be a numeric 0/1 matrix, got {type(A).__name__}") from err
-    if arr.ndim == 1:
-        arr = arr[:, None]
-    if arr.ndim != 2:
-        raise ValueError(f"A must be 2-D (cells x treatments), got shape {arr.shape}")
-    if not np.all(np.isin(arr, (0.0, 1.0))):
-        raise ValueError("A must be binary (0/1)")
-    if names is None:
-        names = [str(k) for k in range(arr.shape[1])]
-    return arr, names
-
-
-def _design_matrix(W_A: Any, n: int) -> np.ndarray:
-    if hasattr(W_A, "toarray"):
-        W_A = W_A.toarray()
-    try:
-        W = np.asarray(W_A, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"W_A must be numeric, got {type(W_A).__name__}") from err
-    if W.ndim == 1:
-        W = W[:, None]
-    if W.ndim != 2 or W.shape[0] != n:
-        raise ValueError(f"W_A must be an n x d matrix with n = {n} rows, got shape {W.shape}")
-    if not np.all(np.isfinite(W)):
-        raise ValueError("W_A must be finite")
-    return W
-
-
-def _check_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
-    if mask is None:
-        return None
-    m = np.asarray(mask)
-    if m.ndim == 1 and shape[1] == 1:
-        m = m[:, None]
-    if m.shape != shape:
-        raise ValueError(f"mask has shape {m.shape}, expected the shape of A {shape}")
-    if m.dtype != bool:
-        if not np.all(np.isin(m, (0, 1))):
-            raise ValueError("mask must be boolean")
-        m = m.astype(bool)
-    return m
-
-
-def _check_class_weight(class_weight: Any) -> None:
-    if class_weight is None or class_weight == "balanced":
-        return
-    if isinstance(class_weight, dict):
-        if set(class_weight) - {0, 1}:
-            raise ValueError("class_weight dict keys must be 0 and 1")
-        if any(not np.isfinite(w) or w <= 0 for w in class_weight.values()):
-            raise ValueError("class_weight dict values must be positive")
-        return
-    raise ValueError(f"class_weight must be None, 'balanced' or a dict, got {class_weight!r}")
 
 
 def eligible_cells(A: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -149,8 +95,7 @@ def make_folds(n: int, K: int, random_state: int | None = 0) -> np.ndarray:
     numpy.ndarray
         Integer fold id in ``0 .. min(K, n) - 1`` for each cell.
     """
-    if int(K) != K or K < 1:
-        raise ValueError(f"K must be a positive integer, got {K}")
+    check_fold_count(K)
     K = min(int(K), n)
     folds = np.zeros(n, dtype=int)
     if K == 1:
@@ -279,16 +224,13 @@ def fit_propensity(
     W = _design_matrix(W_A, n)
     mask_arr = _check_mask(mask, (n, a))
     _check_class_weight(class_weight)
-    if not (np.isfinite(C) and C > 0):
-        raise ValueError(f"C must be a positive number, got {C}")
+    check_positive_number("C", C)
     if folds is None:
         fold_ids = np.zeros(n, dtype=int)
         single = True
     else:
         fold_ids = np.asarray(folds).ravel()
-        if fold_ids.shape != (n,):
-            raise ValueError(f"folds must have one id per cell (n = {n}), got shape "
-                             f"{np.shape(folds)}")
+        check_fold_ids(fold_ids, folds, n)
         single = np.unique(fold_ids).size == 1
     elig = eligible_cells(A_arr, mask_arr)
 
@@ -299,10 +241,7 @@ def fit_propensity(
             train = elig[:, k] if single else elig[:, k] & ~test
             y = A_arr[train, k]
             where = "" if single else f" in the training set of fold {np.asarray(f).item()}"
-            if not np.any(y == 1):
-                raise ValueError(f"treatment {names[k]!r} has no treated cells{where}")
-            if not np.any(y == 0):
-                raise ValueError(f"treatment {names[k]!r} has no control cells{where}")
+            check_arms(y, names[k], where)
             pi[test, k] = _fit_model(ps_model, W[train], y.astype(int), W[test],
                                      class_weight, C, random_state, max_iter)
     return pi
@@ -341,33 +280,16 @@ def clip_bounds(
     if ps_clip is None:
         return np.zeros(a), np.ones(a)
     if isinstance(ps_clip, str):
-        if ps_clip != "auto":
-            raise ValueError(f"ps_clip must be 'auto', a (lower, upper) pair or None, "
-                             f"got {ps_clip!r}")
+        check_ps_clip_auto(ps_clip)
         elig = eligible_cells(A_arr, _check_mask(mask, (n, a)))
         n_elig = elig.sum(axis=0)
         n_trt = (elig & (A_arr == 1)).sum(axis=0)
-        for k in range(a):
-            if n_trt[k] == 0 or n_trt[k] == n_elig[k]:
-                raise ValueError(f"treatment {names[k]!r} needs both treated and control "
-                                 f"cells for ps_clip='auto'")
+        check_auto_clip_arms(n_trt, n_elig, names)
         pbar = n_trt / n_elig
         lower = np.minimum(AUTO_CLIP_MAX, pbar / 10.0)
         upper = 1.0 - np.minimum(AUTO_CLIP_MAX, (1.0 - pbar) / 10.0)
         return lower, upper
-    try:
-        lo, hi = ps_clip
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"ps_clip must be 'auto', a (lower, upper) pair or None, "
-                        f"got {ps_clip!r}") from err
-    try:
-        lower = np.broadcast_to(np.asarray(lo, dtype=float), (a,)).copy()
-        upper = np.broadcast_to(np.asarray(hi, dtype=float), (a,)).copy()
-    except ValueError as err:
-        raise ValueError(f"ps_clip bounds must be scalars or arrays of length {a}") from err
-    if not (np.all(lower >= 0) and np.all(upper <= 1) and np.all(lower < upper)):
-        raise ValueError("ps_clip bounds must satisfy 0 <= lower < upper <= 1")
-    return lower, upper
+    return check_ps_clip_bounds(ps_clip, a)
 
 
 def clip_propensity(pi: Any, lower: Any, upper: Any) -> np.ndarray:
@@ -394,11 +316,7 @@ def clip_propensity(pi: Any, lower: Any, upper: Any) -> np.ndarray:
     if p.ndim == 1:
         p = p[:, None]
     out = np.clip(p, np.asarray(lower, dtype=float), np.asarray(upper, dtype=float))
-    bad = ~(np.isfinite(out) & (out > 0) & (out < 1))
-    if np.any(bad):
-        cols = np.flatnonzero(bad.any(axis=0)).tolist()
-        raise ValueError(f"propensity scores must lie strictly inside (0, 1) after "
-                         f"clipping; {int(bad.sum())} do not (treatment columns {cols})")
+    check_clipped_scores(out)
     return out
 
 
@@ -458,8 +376,7 @@ def estimate_propensity_scores(
     check_clip(clip)
     A_arr, _ = _treatment_matrix(A)
     n = A_arr.shape[0]
-    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= K <= n:
-        raise ValueError(f"K must be an integer between 1 and n = {n}, got {K!r}")
+    check_fold_range(K, n)
     folds = None if K == 1 else make_folds(n, int(K), random_state)
     A_named = A if hasattr(A, "columns") else A_arr
     pi = fit_propensity(A_named, X_A, mask=mask, class_weight=class_weight, C=C,

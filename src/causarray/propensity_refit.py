@@ -27,12 +27,29 @@ its conditions holds, a target is met when all hold.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 
+from ._validation import (
+    REFIT_METRICS,
+    check_bracket,
+    check_choice,
+    check_kept_covariates,
+    check_pi_hat_shape,
+    check_refit_mappings,
+    check_refit_pi_hat,
+    check_tol,
+    check_unique_candidates,
+    refit_drops_and_factors,
+)
+from ._validation import check_conditions as _check_conditions
+from ._validation import parse_condition as _parse
+from ._validation import refit_covariates as _covariates
+from ._validation import refit_mask as _mask
+from ._validation import refit_resolver as _resolver
+from ._validation import refit_treatments as _treatments
 from .diagnostics import _auc, histogram_overlap, kish_ess, standardized_mean_difference
 from .propensity import estimate_propensity_scores
 
@@ -41,81 +58,12 @@ DEFAULT_TUNE_TARGET = {"auc_lt": 0.9}
 DEFAULT_SELECT_TRIGGER = {"ess_treated_fraction_lt": 0.5, "overlap_ratio_lt": 0.3,
                           "auc_gt": 0.9}
 DEFAULT_SELECT_TARGET = {"ess_treated_fraction_gt": 0.5, "overlap_ratio_gt": 0.3}
-METRICS = ("auc", "overlap_ratio", "ess_treated_fraction", "ess_control_fraction")
+METRICS = REFIT_METRICS          # their names are checked in _validation.parse_condition
 
 
 # ----------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------
-def _treatments(A: Any, treatment_names: Sequence | None) -> tuple[np.ndarray, list]:
-    arr = A.to_numpy() if isinstance(A, pd.DataFrame) else np.asarray(A)
-    if arr.ndim == 1:
-        arr = arr[:, None]
-    if arr.ndim != 2 or not np.all(np.isin(arr, (0, 1))):
-        raise ValueError("A must be a 1-D or 2-D matrix of 0/1 treatment indicators")
-    if treatment_names is None:
-        treatment_names = list(A.columns) if isinstance(A, pd.DataFrame) \
-            else list(range(arr.shape[1]))
-    names = list(treatment_names)
-    if len(names) != arr.shape[1]:
-        raise ValueError(f"treatment_names has {len(names)} entries for {arr.shape[1]} "
-                         "treatments")
-    if len(set(map(str, names))) != len(names):
-        raise ValueError("treatment_names must be unique")
-    return arr.astype(float), names
-
-
-def _covariates(X_A: Any, n: int, covariate_names: Sequence | None) -> tuple[np.ndarray, list]:
-    arr = X_A.to_numpy() if isinstance(X_A, pd.DataFrame) else np.asarray(X_A)
-    if arr.ndim != 2 or arr.shape[0] != n:
-        raise ValueError(f"X_A must be 2-D with {n} rows (the rows of A), got shape "
-                         f"{arr.shape}")
-    try:
-        arr = arr.astype(float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError("X_A must contain numeric covariates") from exc
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("X_A contains NaN or infinite values")
-    if covariate_names is None:
-        covariate_names = list(X_A.columns) if isinstance(X_A, pd.DataFrame) \
-            else [f"covariate_{j + 1}" for j in range(arr.shape[1])]
-    names = list(covariate_names)
-    if len(names) != arr.shape[1]:
-        raise ValueError(f"covariate_names has {len(names)} entries for {arr.shape[1]} "
-                         "columns of X_A")
-    if len(set(map(str, names))) != len(names):
-        raise ValueError("covariate_names must be unique")
-    return arr, names
-
-
-def _resolver(names: list, size: int, what: str):
-    lookup = {name: j for j, name in enumerate(names)}
-    lookup_str = {str(name): j for j, name in enumerate(names)}
-
-    def resolve(value) -> int:
-        if isinstance(value, (str, bytes)) or not isinstance(value, (int, np.integer)):
-            if value in lookup:
-                return lookup[value]
-            if str(value) in lookup_str:
-                return lookup_str[str(value)]
-        elif value in lookup:
-            return lookup[value]
-        elif 0 <= int(value) < size:
-            return int(value)
-        raise ValueError(f"Unknown {what}: {value!r}")
-
-    return resolve
-
-
-def _mask(mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
-    if mask is None:
-        return None
-    m = np.asarray(mask, dtype=bool)
-    if m.ndim == 1:
-        m = m[:, None]
-    if m.shape != shape:
-        raise ValueError(f"mask must have the shape of A {shape}, got {m.shape}")
-    return m
 
 
 def _eligible(A: np.ndarray, j: int, mask: np.ndarray | None) -> np.ndarray:
@@ -147,16 +95,6 @@ def arm_support(A: np.ndarray, pi: np.ndarray, j: int, mask: np.ndarray | None =
     }
 
 
-def _parse(condition: str) -> tuple[str, str]:
-    if not isinstance(condition, str) or condition[-3:] not in ("_lt", "_gt"):
-        raise ValueError(f"condition {condition!r} must be '<metric>_lt' or '<metric>_gt'")
-    name = condition[:-3]
-    if name not in METRICS:
-        raise ValueError(f"condition {condition!r} names no metric; metrics are "
-                         f"{list(METRICS)}")
-    return name, condition[-2:]
-
-
 def _holds(metrics: dict, condition: str, bound: float) -> bool:
     name, op = _parse(condition)
     v = metrics[name]
@@ -171,15 +109,6 @@ def meets(metrics: dict, target: Mapping) -> bool:
 def triggered(metrics: dict, trigger: Mapping) -> bool:
     """True when any condition of ``trigger`` holds."""
     return any(_holds(metrics, c, b) for c, b in trigger.items())
-
-
-def _check_conditions(*conds: Mapping) -> None:
-    for cond in conds:
-        if not isinstance(cond, Mapping) or not cond:
-            raise ValueError("trigger / target must be non-empty mappings like "
-                             "{'auc_gt': 0.9}")
-        for c in cond:
-            _parse(c)
 
 
 # ----------------------------------------------------------------------------------
@@ -226,68 +155,22 @@ def refit_propensity_scores(A, X_A, drop_by_treatment=None, pi_hat=None,
     drop_by_treatment = {} if drop_by_treatment is None else drop_by_treatment
     penalty_factors_by_treatment = {} if penalty_factors_by_treatment is None \
         else penalty_factors_by_treatment
-    if not isinstance(drop_by_treatment, Mapping):
-        raise ValueError("drop_by_treatment must be a mapping {treatment: covariates}")
-    if not isinstance(penalty_factors_by_treatment, Mapping):
-        raise ValueError("penalty_factors_by_treatment must be a mapping "
-                         "{treatment: {covariate: factor}}")
-    if penalty_factors_by_treatment and ps_model != "logistic":
-        raise ValueError("penalty_factors_by_treatment is supported only for logistic models "
-                         f"(an L2 penalty), got ps_model={ps_model!r}")
+    check_refit_mappings(drop_by_treatment, penalty_factors_by_treatment, ps_model)
     A_arr, t_names = _treatments(A, treatment_names)
     X, c_names = _covariates(X_A, A_arr.shape[0], covariate_names)
     n, a = A_arr.shape
     t_of = _resolver(t_names, a, "treatment")
     c_of = _resolver(c_names, X.shape[1], "covariate")
 
-    drops: dict[int, set] = {}
-    for t, covs in drop_by_treatment.items():
-        j = t_of(t)
-        if j in drops:
-            raise ValueError(f"treatment {t_names[j]!r} is given more than once")
-        covs = [covs] if isinstance(covs, (str, bytes, int, np.integer)) else list(covs)
-        idx = [c_of(c) for c in covs]
-        if len(set(idx)) != len(idx):
-            raise ValueError(f"duplicate dropped covariates for treatment {t_names[j]!r}")
-        drops[j] = set(idx)
-    factors: dict[int, dict] = {}
-    for t, fs in penalty_factors_by_treatment.items():
-        j = t_of(t)
-        if j in factors:
-            raise ValueError(f"treatment {t_names[j]!r} is given more than once")
-        if not isinstance(fs, Mapping):
-            raise ValueError(f"penalty factors of treatment {t_names[j]!r} must be a mapping "
-                             "{covariate: factor}")
-        res: dict[int, float] = {}
-        for c, f in fs.items():
-            k = c_of(c)
-            try:
-                f = float(f)
-            except (TypeError, ValueError):
-                raise ValueError(f"penalty factor of {c_names[k]!r} must be a number, "
-                                 f"got {f!r}") from None
-            if not np.isfinite(f) or f < 1:
-                raise ValueError(f"penalty factors must be finite numbers at least 1, got {f} "
-                                 f"for {c_names[k]!r}")
-            if k in res:
-                raise ValueError(f"duplicate penalty factor for covariate {c_names[k]!r}")
-            res[k] = f
-        factors[j] = res
-    for j in set(drops) & set(factors):
-        both = drops[j] & set(factors[j])
-        if both:
-            raise ValueError(f"covariates {[c_names[k] for k in sorted(both)]} are both "
-                             f"dropped and penalized for treatment {t_names[j]!r}")
+    drops, factors = refit_drops_and_factors(drop_by_treatment, penalty_factors_by_treatment,
+                                             t_of, c_of, t_names, c_names)
 
     if pi_hat is None:
         pi = np.empty((n, a))
         todo = list(range(a))
     else:
         pi = np.array(pi_hat, dtype=float, copy=True)
-        if pi.shape != (n, a):
-            raise ValueError(f"pi_hat must have the shape of A {(n, a)}, got {pi.shape}")
-        if not np.all(np.isfinite(pi)) or np.any((pi < 0) | (pi > 1)):
-            raise ValueError("pi_hat must hold probabilities in [0, 1]")
+        check_refit_pi_hat(pi, (n, a))
         todo = sorted(set(drops) | set(factors))
     m = _mask(mask, (n, a))
 
@@ -295,8 +178,7 @@ def refit_propensity_scores(A, X_A, drop_by_treatment=None, pi_hat=None,
     for j in todo:
         dropped = drops.get(j, set())
         kept = [k for k in range(X.shape[1]) if k not in dropped]
-        if not kept:
-            raise ValueError(f"dropping removes every covariate of treatment {t_names[j]!r}")
+        check_kept_covariates(kept, t_names[j])
         Xj = X[:, kept].copy()
         fj = factors.get(j, {})
         for pos, k in enumerate(kept):
@@ -360,16 +242,9 @@ def tune_penalty_factor(A, X_A, covariate, treatment_names=None, covariate_names
     trigger = dict(DEFAULT_TUNE_TRIGGER if trigger is None else trigger)
     target = dict(DEFAULT_TUNE_TARGET if target is None else target)
     _check_conditions(trigger, target)
-    if on_infeasible not in ("best", "none"):
-        raise ValueError(f"on_infeasible must be 'best' or 'none', got {on_infeasible!r}")
-    try:
-        low, high = (float(b) for b in bracket)
-    except (TypeError, ValueError):
-        raise ValueError(f"bracket must be a pair (low, high), got {bracket!r}") from None
-    if not 1.0 <= low < high or not np.isfinite(high):
-        raise ValueError(f"bracket must satisfy 1 <= low < high < inf, got {bracket!r}")
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol!r}")
+    check_choice("on_infeasible", on_infeasible, ("best", "none"))
+    low, high = check_bracket(bracket)
+    check_tol(tol)
     A_arr, t_names = _treatments(A, treatment_names)
     X, c_names = _covariates(X_A, A_arr.shape[0], covariate_names)
     cov = c_names[_resolver(c_names, X.shape[1], "covariate")(covariate)]
@@ -458,8 +333,7 @@ def select_propensity_factors(A, X_A, candidates=None, treatment_names=None,
     trigger = dict(DEFAULT_SELECT_TRIGGER if trigger is None else trigger)
     target = dict(DEFAULT_SELECT_TARGET if target is None else target)
     _check_conditions(trigger, target)
-    if on_infeasible not in ("best", "none"):
-        raise ValueError(f"on_infeasible must be 'best' or 'none', got {on_infeasible!r}")
+    check_choice("on_infeasible", on_infeasible, ("best", "none"))
     A_arr, t_names = _treatments(A, treatment_names)
     X, c_names = _covariates(X_A, A_arr.shape[0], covariate_names)
     c_of = _resolver(c_names, X.shape[1], "covariate")
@@ -468,15 +342,13 @@ def select_propensity_factors(A, X_A, candidates=None, treatment_names=None,
         cand = [k for k in range(X.shape[1]) if varying[k]]
     else:
         cand = [c_of(c) for c in ([candidates] if isinstance(candidates, str) else candidates)]
-        if len(set(cand)) != len(cand):
-            raise ValueError("candidates must be unique")
+        check_unique_candidates(cand)
     m = _mask(mask, A_arr.shape)
     fit = dict(K=K, ps_model=ps_model, mask=m, random_state=random_state,
                class_weight=class_weight, **kwargs)
     pi0 = estimate_propensity_scores(A_arr, X, **fit) if pi_hat is None \
         else np.asarray(pi_hat, dtype=float)
-    if pi0.shape != A_arr.shape:
-        raise ValueError(f"pi_hat must have the shape of A {A_arr.shape}, got {pi0.shape}")
+    check_pi_hat_shape(pi0, A_arr.shape)
 
     def rank(step: dict) -> tuple:
         return (np.nan_to_num(step["ess_treated_fraction"], nan=-1.0),

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._validation import check_all_at_least_one
+
 CTRL_LABEL = "non-targeting"
 PERT_COL = "perturbation"
 
@@ -62,8 +64,8 @@ def simulate_screen(n_ctrl: int = 2000, n_perts: int = 15, cells_per_pert: int =
     """
     import anndata as ad
 
-    if n_perts < 1 or n_ctrl < 1 or cells_per_pert < 1 or n_genes < 1:
-        raise ValueError("n_ctrl, n_perts, cells_per_pert and n_genes must all be >= 1")
+    check_all_at_least_one(n_ctrl=n_ctrl, n_perts=n_perts, cells_per_pert=cells_per_pert,
+                           n_genes=n_genes)
     rng = np.random.default_rng(random_state)
     n = n_ctrl + n_perts * cells_per_pert
     group = np.repeat(np.arange(-1, n_perts), [n_ctrl] + [cells_per_pert] * n_perts)

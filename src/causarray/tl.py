@@ -43,6 +43,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._validation import (
+    check_cells_nonempty,
+    check_copy_in_memory,
+    check_family,
+    check_has_perturbed,
+    check_layer,
+    check_positive_int,
+    check_r,
+    check_raw_counts,
+)
 from ._version import __version__
 
 logger = logging.getLogger("causarray")
@@ -59,45 +69,8 @@ R_CANDIDATES = (1, 2, 3, 5, 8, 10, 15, 20, 30)
 def _counts_of(adata: Any, layer: str | None):
     if layer is None:
         return adata.X, "adata.X"
-    if layer not in adata.layers:
-        raise ValueError(f"adata has no layer {layer!r}; available layers: "
-                         f"{list(adata.layers.keys())}")
+    check_layer(layer, adata.layers.keys())
     return adata.layers[layer], f"adata.layers[{layer!r}]"
-
-
-def check_raw_counts(counts: Any, name: str = "adata.X") -> None:
-    """Raise if a matrix does not hold raw counts (non-negative integers).
-
-    Parameters
-    ----------
-    counts : ndarray or scipy.sparse matrix
-        Cells x genes matrix.
-    name : str
-        Name used in the message.
-
-    Raises
-    ------
-    ValueError
-        NaN/inf, negative or non-integer entries (e.g. log-normalised data).
-    """
-    if counts is None:
-        raise ValueError(f"{name} is empty (None); pass the layer holding raw counts")
-    vals = counts.data if sp.issparse(counts) else np.asarray(counts)
-    if vals.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must hold numeric counts, got dtype {vals.dtype}")
-    if vals.dtype.kind == "f":
-        finite = np.isfinite(vals)
-        if not finite.all():
-            raise ValueError(f"{name} contains {int((~finite).sum())} NaN or infinite values; "
-                             "causarray needs raw counts")
-    if vals.size and np.min(vals) < 0:
-        raise ValueError(f"{name} has negative values (minimum {float(np.min(vals)):g}); "
-                         "causarray needs raw counts, not normalised or scaled data")
-    if vals.dtype.kind == "f":
-        n_frac = int(np.count_nonzero(vals != np.rint(vals)))
-        if n_frac:
-            raise ValueError(f"{name} does not hold raw counts: {n_frac} non-integer entries "
-                             "(log-normalised data?); pass the layer with raw UMI counts")
 
 
 def validate_screen(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
@@ -142,14 +115,10 @@ def validate_screen(adata: Any, pert_col: str | None = None, ctrl_label: Any = N
         from ._validation import row_sums
 
         empty = np.asarray(row_sums(counts)).ravel() == 0
-    if empty.any() and not drop_empty_cells:
-        shown = [str(c) for c in adata.obs_names[np.flatnonzero(empty)[:3]]]
-        raise ValueError(f"{int(empty.sum())} cell(s) have zero total count, e.g. {shown}; "
-                         "remove them or pass drop_empty_cells=True")
+    if not drop_empty_cells:
+        check_cells_nonempty(empty, adata.obs_names, n_shown=3)
     perts = sorted(set(labels[~empty].tolist()) - {ctrl_label})
-    if not perts:
-        raise ValueError(f"obs[{pert_col!r}] holds only the control label {ctrl_label!r}; "
-                         "there are no perturbed cells")
+    check_has_perturbed(bool(perts), pert_col, ctrl_label)
     return dict(pert_col=pert_col, ctrl_label=ctrl_label, n_cells=int(adata.n_obs),
                 n_genes=int(adata.n_vars), n_control=int(np.sum(labels == ctrl_label)),
                 perturbations=perts)
@@ -372,16 +341,6 @@ def _store_jic(cache_path: str | Path | None, fingerprint: dict, df_r: pd.DataFr
 R_SUBSAMPLE = 2000
 
 
-def _resolve_r(r: Any) -> int | str:
-    if isinstance(r, str):
-        if r != "auto":
-            raise ValueError(f"r must be 'auto' or a non-negative integer, got {r!r}")
-        return r
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
-        raise ValueError(f"r must be 'auto' or a non-negative integer, got {r!r}")
-    return int(r)
-
-
 def resolve_verbose(verbose: bool | None) -> bool:
     """Whether to show progress: ``verbose`` when given, else scanpy's verbosity.
 
@@ -495,14 +454,11 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     from .preprocessing import from_anndata
 
     t_start = time.perf_counter()
-    r_req = _resolve_r(r)
-    if family not in ("nb", "poisson"):
-        raise ValueError(f"family must be 'nb' or 'poisson', got {family!r}")
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    r_req = check_r(r, allow_auto=True)
+    check_family(family)
+    check_positive_int("batch_size", batch_size)
     for name, val in (("n_ctrl", n_ctrl), ("max_cells", max_cells)):
-        if val is not None and int(val) < 1:
-            raise ValueError(f"{name} must be a positive integer or None, got {val!r}")
+        check_positive_int(name, val, allow_none=True)
     own = {"Y", "X", "A", "r", "W_A", "batch_size", "max_cells", "n_ctrl", "family",
            "cache_path", "random_state", "verbose", "gcate_kwargs", "lfc_kwargs", "client",
            "pert_col", "ctrl_label", "covariates", "layer", "drop_empty_cells"}
@@ -511,10 +467,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     verbose = resolve_verbose(verbose)
     backed = bool(getattr(adata, "isbacked", False))
     if copy:
-        if backed:
-            raise ValueError("copy=True needs an in-memory AnnData; with backed='r' the "
-                             "results are stored in adata.uns of the backed object (use "
-                             "copy=False)")
+        check_copy_in_memory(backed)
         adata = adata.copy()
     covariates = [covariates] if isinstance(covariates, str) else list(covariates)
     info = validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)

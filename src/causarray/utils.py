@@ -13,6 +13,7 @@ import random
 
 import numpy as np
 
+from ._validation import check_nonnegative_int, check_positive_int, check_row_indices
 from .preprocessing import comp_size_factor, prep_causarray_data  # noqa: F401  (0.1.1 path)
 
 
@@ -23,8 +24,7 @@ def reset_random_seeds(seed: int) -> None:
     processes); this package's own randomness is seeded explicitly through
     ``random_state`` arguments and does not depend on these global generators.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_nonnegative_int("seed", seed)
     os.environ["PYTHONHASHSEED"] = str(int(seed))
     np.random.seed(int(seed) % 2**32)
     random.seed(int(seed))
@@ -32,12 +32,10 @@ def reset_random_seeds(seed: int) -> None:
 
 def _subsample(idx, size, random_state: int, what: str) -> np.ndarray:
     idx = np.asarray(idx)
-    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-        raise ValueError(f"{what} must be a 1-D array of integer row indices")
+    check_row_indices(idx, what)
     if size is None or idx.size <= size:
         return idx
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"the subsample size must be a positive integer or None, got {size!r}")
+    check_positive_int("the subsample size", size, allow_none=True)
     rng = np.random.default_rng(random_state)
     return np.sort(rng.choice(idx, size=int(size), replace=False))
 
