@@ -23,10 +23,23 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln
 
-from .glm import (ETA_MAX, ETA_MIN, GROUP_COEF_BOUND, _MAX_HALVING, _MAX_NEWTON_STEP, GLMFit, _Design,
-                  _covariance_diag, _group_sums,
-                  _kernel_sums, _newton_step, _newton_system, _step_size, _working_weights,
-                  sym_outer)
+from .engine import (
+    ETA_MAX,
+    ETA_MIN,
+    GROUP_COEF_BOUND,
+    MAX_HALVING,
+    MAX_NEWTON_STEP,
+    Design,
+    covariance_diag,
+    group_sums,
+    kernel_sums,
+    newton_step,
+    newton_system,
+    step_size,
+    sym_outer,
+    working_weights,
+)
+from .glm import GLMFit
 
 #: bytes of one n x chunk float64 temporary in the fused passes (about ten are alive)
 PASS_CHUNK_BYTES = 4 * 2**20
@@ -124,13 +137,13 @@ class PassResult:
 class _PassDesign:
     """A design's dense blocks in the working precision of one pass."""
 
-    design: _Design
+    design: Design
     XoG: np.ndarray          # [X | o | G] for the linear predictor
     XG: np.ndarray           # [X | G] for the scores
     dtype: type
 
     @classmethod
-    def of(cls, design: _Design, dtype: type) -> _PassDesign:
+    def of(cls, design: Design, dtype: type) -> _PassDesign:
         return cls(design, design.XoG.astype(dtype, copy=False),
                    design.XG.astype(dtype, copy=False), dtype)
 
@@ -148,7 +161,7 @@ class _PassDesign:
 
 def _kernel(y: np.ndarray, eta: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Per-gene log-likelihood kernel (float64); ``eta`` is overwritten."""
-    return _kernel_sums(y, eta, mu, alpha).astype(np.float64)
+    return kernel_sums(y, eta, mu, alpha).astype(np.float64)
 
 
 def _safeguarded_update(pd_: _PassDesign, y: np.ndarray, alpha: np.ndarray, B0: np.ndarray,
@@ -169,7 +182,7 @@ def _safeguarded_update(pd_: _PassDesign, y: np.ndarray, alpha: np.ndarray, B0: 
     bad = np.flatnonzero(~(np.isfinite(kern) & (kern >= kernel0 - slack)))
     n_halved = bad.size
     step = 1.0
-    for _ in range(_MAX_HALVING):
+    for _ in range(MAX_HALVING):
         if bad.size == 0:
             break
         step *= 0.5
@@ -202,7 +215,7 @@ def _cell_sums(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray, Gm: np.ndarray,
     H += t.astype(np.float32, copy=False) @ sym_outer(Gm).astype(np.float32)
 
 
-def fisher_pass(Y, design: _Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarray, *,
+def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarray, *,
                 loadings: slice | None = None, compute_se: bool = False,
                 ridge: float = 1e-10, chunk: int | None = None,
                 dtype: type = np.float32) -> PassResult:
@@ -250,22 +263,22 @@ def fisher_pass(Y, design: _Design, B: np.ndarray, C: np.ndarray, alpha: np.ndar
         cols = slice(start, stop)
         y = sorted_chunk(Y, design.order, start, stop).astype(dtype, copy=False)
         al = alpha[cols].astype(dtype)
-        pinned = _group_sums(design, y) == 0 if a else np.zeros((0, stop - start), bool)
+        pinned = group_sums(design, y) == 0 if a else np.zeros((0, stop - start), bool)
         B0, C0 = B[:, cols], C[:, cols]
         C0[pinned] = -GROUP_COEF_BOUND
         eta, mu = pd_.mean_at(B0, C0)
-        w, resid = _working_weights(y, mu, al)
+        w, resid = working_weights(y, mu, al)
         kernel0 = _kernel(y, eta, mu, al)
         del eta, mu
         grad = pd_.gradient(resid)
         del resid
-        system = _newton_system(design, w, pinned, ridge, single=True)
+        system = newton_system(design, w, pinned, ridge, single=True)
         del w
         if compute_se:
-            res.var_b[cols], res.var_c[:, cols] = _covariance_diag(system, pinned)
-        db, dc = _newton_step(system, grad, pinned)
+            res.var_b[cols], res.var_c[:, cols] = covariance_diag(system, pinned)
+        db, dc = newton_step(system, grad, pinned)
         del system
-        shrink = np.minimum(1.0, _MAX_NEWTON_STEP / np.maximum(_step_size(db, dc), 1e-300))
+        shrink = np.minimum(1.0, MAX_NEWTON_STEP / np.maximum(step_size(db, dc), 1e-300))
         db *= shrink[:, None]
         dc *= shrink
         Bt, Ct, mu, kern, n_halved = _safeguarded_update(pd_, y, al, B0, C0, db, dc, kernel0)
