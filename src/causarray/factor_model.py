@@ -27,15 +27,14 @@ from .engine import (
     ETA_MAX,
     ETA_MIN,
     GROUP_COEF_BOUND,
-    MAX_HALVING,
-    MAX_NEWTON_STEP,
     Design,
+    cap_step,
     covariance_diag,
     group_sums,
+    halve_steps,
     kernel_sums,
     newton_step,
     newton_system,
-    step_size,
     sym_outer,
     working_weights,
 )
@@ -168,37 +167,26 @@ def _safeguarded_update(pd_: _PassDesign, y: np.ndarray, alpha: np.ndarray, B0: 
                         C0: np.ndarray, db: np.ndarray, dc: np.ndarray, kernel0: np.ndarray):
     """Take the Newton step, halving it per gene until the log-likelihood does not drop.
 
-    Returns ``(B, C, mu, kernel, n_halved)`` at the accepted coefficients; a gene whose
-    step never helps keeps its old coefficients.  The tolerance of the comparison
-    follows the working precision.
+    Step halving on minus the log-likelihood kernel
+    (:func:`causarray.engine.newton.halve_steps`).  Returns ``(B, C, mu, kernel,
+    n_halved)`` at the accepted coefficients; a gene whose step never helps keeps its old
+    coefficients.  The tolerance of the comparison follows the working precision.
     """
-    Bt = B0 + db.T
-    Ct = np.clip(C0 + dc, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
-    eta, mu = pd_.mean_at(Bt, Ct)
-    kern = _kernel(y, eta, mu, alpha)
-    del eta
     eps = np.finfo(pd_.dtype).eps
     slack = 1e-10 + 10 * eps * np.sqrt(y.shape[0]) * (1.0 + np.abs(kernel0))
-    bad = np.flatnonzero(~(np.isfinite(kern) & (kern >= kernel0 - slack)))
-    n_halved = bad.size
-    step = 1.0
-    for _ in range(MAX_HALVING):
-        if bad.size == 0:
-            break
-        step *= 0.5
-        Bt[:, bad] = B0[:, bad] + step * db[bad].T
-        Ct[:, bad] = np.clip(C0[:, bad] + step * dc[:, bad], -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
-        eb, mb = pd_.mean_at(Bt[:, bad], Ct[:, bad])
-        kb = _kernel(y[:, bad], eb, mb, alpha[bad])
-        ok = np.isfinite(kb) & (kb >= kernel0[bad] - slack[bad])
-        acc = bad[ok]
-        mu[:, acc], kern[acc] = mb[:, ok], kb[ok]
-        bad = bad[~ok]
+
+    def objective(Bt, Ct, cols):
+        yc, ac = (y, alpha) if cols is None else (y[:, cols], alpha[cols])
+        eta, mu = pd_.mean_at(Bt, Ct)
+        return mu, -_kernel(yc, eta, mu, ac)
+
+    trial = halve_steps(objective, B0, C0, db, dc, -kernel0, slack)
+    kern = -trial.f
+    bad = np.flatnonzero(trial.stalled)
     if bad.size:                                    # no improvement: stay where we were
-        Bt[:, bad], Ct[:, bad] = B0[:, bad], C0[:, bad]
-        _, mu[:, bad] = pd_.mean_at(Bt[:, bad], Ct[:, bad])
+        _, trial.mu[:, bad] = pd_.mean_at(trial.B[:, bad], trial.C[:, bad])
         kern[bad] = kernel0[bad]
-    return Bt, Ct, mu, kern, n_halved
+    return trial.B, trial.C, trial.mu, kern, int(np.count_nonzero(trial.step < 1.0))
 
 
 def _cell_sums(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray, Gm: np.ndarray,
@@ -278,9 +266,7 @@ def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarr
             res.var_b[cols], res.var_c[:, cols] = covariance_diag(system, pinned)
         db, dc = newton_step(system, grad, pinned)
         del system
-        shrink = np.minimum(1.0, MAX_NEWTON_STEP / np.maximum(step_size(db, dc), 1e-300))
-        db *= shrink[:, None]
-        dc *= shrink
+        cap_step(db, dc)
         Bt, Ct, mu, kern, n_halved = _safeguarded_update(pd_, y, al, B0, C0, db, dc, kernel0)
         res.n_halved += n_halved
         B[:, cols], C[:, cols] = Bt, Ct

@@ -28,11 +28,13 @@ from .families import (
 )
 from .newton import (
     COEF_TOL,
-    MAX_HALVING,
-    MAX_NEWTON_STEP,
+    ActiveSet,
+    Halving,
     NewtonSystem,
+    cap_step,
     covariance_diag,
     gradient,
+    halve_steps,
     newton_step,
     newton_system,
     step_size,
@@ -49,156 +51,189 @@ def _evaluate(design: Design, y: np.ndarray, alpha: np.ndarray, B: np.ndarray,
 
 
 def irls_chunk(design: Design, Y: np.ndarray, alpha: np.ndarray, B: np.ndarray,
-                C: np.ndarray, pinned: np.ndarray, skip: np.ndarray, ylogy: np.ndarray,
-                max_iter: int, tol: float, ridge: float, compute_se: bool,
-                coef_tol: float = COEF_TOL, pinb: np.ndarray | None = None):
-    """Newton iteration with step halving for one chunk of genes (columns of row-sorted ``Y``).
+               C: np.ndarray, pinned: np.ndarray, skip: np.ndarray, ylogy: np.ndarray,
+               max_iter: int, tol: float, ridge: float, compute_se: bool,
+               coef_tol: float = COEF_TOL, pinb: np.ndarray | None = None):
+    """Maximum likelihood for one chunk of genes by Newton's method with step halving.
 
-    Each iteration: observed-information weights and scores at the current iterate (one
-    fused pass), the Schur-reduced Newton step, one evaluation of the deviance at the
-    trial point (halving the step for genes whose deviance rose).  A gene converges when
-    the relative deviance change of its last step is below ``tol`` and the next Newton
-    step, computed from the new score and the previous Hessian (so no new Gram matrix is
-    formed for the check), is below ``coef_tol``.  ``B`` (d x m) and ``C`` (a x m) are
-    updated in place; genes in ``skip`` are not fitted.  Groups in ``pinned`` (a x m) and
-    binary covariates in ``pinb`` (m x d) whose cells have no counts are held at
-    ``-GROUP_COEF_BOUND`` (their maximum-likelihood estimate is minus infinity).
+    Model: ``y_ij ~ NB(mu_ij, 1/alpha_j)`` (Poisson where ``alpha_j = 0``) with
+    ``log mu_ij = o_i + x_i' b_j + c_{j, g(i)}`` on the row-sorted ``design``; ``Y`` holds
+    the chunk's columns.  Each iteration, for the genes still active:
 
-    Returns converged, deviance, n_iter, var_b (m x d), var_c (a x m).
+    1. working weights and scores at the current iterate (one fused pass); the
+       Hessian is the observed information, or the Fisher information for a gene whose
+       last step needed halving, until a full step settles again;
+    2. convergence check: the relative deviance change of the last step is below
+       ``tol`` and the next Newton step -- from the new score and the *previous*
+       Hessian, so no Gram matrix is formed for it -- is below ``coef_tol``; that last
+       small step is taken too;
+    3. the Schur-reduced Newton system and its step, capped at ``MAX_NEWTON_STEP``;
+    4. step halving on the deviance (:func:`causarray.engine.newton.halve_steps`);
+    5. acceptance, convergence of a full step below ``coef_tol``, the Newton/Fisher
+       choice, and the active set.
+
+    ``B`` (d x m) and ``C`` (a x m) are updated in place; genes in ``skip`` are not
+    fitted.  Groups in ``pinned`` (a x m) and binary covariates in ``pinb`` (m x d) whose
+    cells have no counts are held at ``-GROUP_COEF_BOUND`` (their maximum-likelihood
+    estimate is minus infinity).
+
+    Returns converged, deviance, n_iter, var_b (m x d), var_c (a x m) (the variances
+    from the Fisher information at the solution, None unless ``compute_se``).
     """
     m = Y.shape[1]
-    C[pinned] = -GROUP_COEF_BOUND
-    if pinb is not None:
-        if pinb.any():
-            val = design.X[np.abs(design.X).argmax(axis=0), np.arange(design.d)]  # v of 0/v
-            B.T[pinb] = (-GROUP_COEF_BOUND / np.broadcast_to(val, pinb.shape))[pinb]
-        else:
-            pinb = None
+    pinb = _pin_coefficients(design, B, C, pinned, pinb)
     cst = deviance_constant(Y, alpha, ylogy)
     mu, dev = _evaluate(design, Y, alpha, B, C, cst)
     converged = np.zeros(m, bool)
     n_iter = np.zeros(m, int)
-    active = np.flatnonzero(~skip)
-    if active.size < m:
-        Ya, mua, ala = Y[:, active], mu[:, active], alpha[active]
-    else:
-        Ya, mua, ala = Y, mu, alpha
+    state = ActiveSet.start(np.flatnonzero(~skip), Y, mu, alpha, pinned, pinb)
     del mu
     single = design.d > 8
-    sys_prev = None
-    rel = np.full(active.size, np.inf)
-    # Newton with the observed information; per gene, Fisher scoring (expected
-    # information) after a step that needed halving, until a full step settles again:
-    # far from the optimum the observed curvature of the NB likelihood can vanish
-    fisher = np.zeros(active.size, bool)
     for it in range(max_iter + 1):
-        if active.size == 0:
+        if state.size == 0:
             break
-        pin = pinned[:, active]
-        pb = None if pinb is None else pinb[active]
-        if it < max_iter:
-            w, resid = working_weights(Ya, mua, ala, observed=~fisher)
-        else:                          # last pass: only the score, for the convergence check
-            w, resid = None, scores(Ya, mua, ala)
-        g = gradient(design, resid)
-        del resid
-        if sys_prev is not None:       # convergence check with the previous Hessian
-            dbc, dcc = newton_step(sys_prev, g, pin, pb)
-            done = (rel < tol) & (step_size(dbc, dcc) < coef_tol)
-            if done.any():
-                # take that last (tiny, quasi-Newton) step too: it cuts the error further
-                # at no cost; its deviance change is of the order of its square
-                converged[active[done]] = True
-                B[:, active[done]] += dbc[done].T
-                C[:, active[done]] = np.clip(C[:, active[done]] + dcc[:, done],
-                                             -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
-                keep = ~done
-                active, pin, g, rel = active[keep], pin[:, keep], g[keep], rel[keep]
-                fisher = fisher[keep]
-                pb = None if pb is None else pb[keep]
-                Ya, mua, ala = Ya[:, keep], mua[:, keep], ala[keep]
+        # 1. weights and scores (after the last step: the scores alone, for step 2)
+        last = it == max_iter
+        w, g = _weights_and_scores(design, state, scores_only=last)
+        # 2. convergence check with the previous Hessian
+        if state.system is not None:
+            keep = ~_converged_by_next_step(state, g, tol, coef_tol, B, C, converged)
+            state.system = None
+            if not keep.all():
+                state.keep(keep)
+                g = g[keep]
                 w = None if w is None else w[:, keep]
-                if active.size == 0:
-                    break
-        if it == max_iter:
+        if last or state.size == 0:
             break
-        sys_ = newton_system(design, w, pin, ridge, single=single, pinb=pb)
+        # 3. Newton system and capped step
+        system = newton_system(design, w, state.pinned, ridge, single=single, pinb=state.pinb)
         del w
-        db, dc = newton_step(sys_, g, pin, pb)
-        # trust region: no coefficient moves by more than MAX_NEWTON_STEP at once (far
-        # below its optimum a log-mean has almost no curvature and Newton overshoots)
-        big = step_size(db, dc)
-        shrink = np.minimum(1.0, MAX_NEWTON_STEP / np.maximum(big, 1e-300))
-        db *= shrink[:, None]
-        dc *= shrink
-        B0, C0 = B[:, active], C[:, active]
-        Bt = B0 + db.T
-        Ct = np.clip(C0 + dc, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
-        dev0 = dev[active]
-        # deviance = constant - 2 kernel: its rounding error scales with the constant
-        slack = 1e-10 + 1e-12 * np.abs(dev0) + 1e-13 * np.abs(cst[active])
-        mut, devt = _evaluate(design, Ya, ala, Bt, Ct, cst[active])
-        ok = np.isfinite(devt) & (devt <= dev0 + slack)
-        step = np.ones(active.size)
-        bad = np.flatnonzero(~ok)
-        for _h in range(MAX_HALVING):
-            if bad.size == 0:
-                break
-            step[bad] *= 0.5
-            Bt[:, bad] = B0[:, bad] + step[bad] * db[bad].T
-            Ct[:, bad] = np.clip(C0[:, bad] + step[bad] * dc[:, bad],
-                                 -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
-            mub, devb = _evaluate(design, Ya[:, bad], ala[bad], Bt[:, bad], Ct[:, bad],
-                                  cst[active[bad]])
-            okb = np.isfinite(devb) & (devb <= dev0[bad] + slack[bad])
-            acc = bad[okb]
-            mut[:, acc] = mub[:, okb]
-            devt[acc] = devb[okb]
-            bad = bad[~okb]
-        good = np.ones(active.size, bool)
-        good[bad] = False              # never improved: keep the previous iterate (stalled)
-        B[:, active[good]] = Bt[:, good]
-        C[:, active[good]] = Ct[:, good]
-        n_iter[active] += 1
-        dev[active[good]] = devt[good]
-        rel = np.abs(dev0 - devt) / (np.abs(devt) + 0.1)
-        size = step_size(db, dc)
-        # a full Newton step below the tolerance leaves an error of its square: converged;
-        # so is a gene whose tiny Newton step cannot lower the deviance beyond rounding
-        conv_now = (good & (rel < tol) & (step == 1.0) & (size < coef_tol)) | (
-            ~good & (size < 10 * coef_tol))
-        converged[active[conv_now]] = True
-        # a stalled Newton step is retried as a Fisher-scoring step from the same iterate
-        retry = ~good & ~fisher & ~conv_now
-        if retry.any():
-            mut[:, retry] = mua[:, retry]
-            rel[retry] = np.inf
-        fisher = np.where(step * shrink < 1.0, True, np.where(rel < 1e-3, False, fisher))
-        keep = (good | retry) & ~conv_now
-        if keep.all():
-            mua, sys_prev = mut, sys_
-        else:
-            active, rel, fisher = active[keep], rel[keep], fisher[keep]
-            Ya, mua, ala = Ya[:, keep], mut[:, keep], ala[keep]
-            sys_prev = NewtonSystem(sys_.S[keep], sys_.E[:, keep], sys_.Dr[:, keep])
-        del mut, sys_
-    del Ya, mua
+        db, dc = newton_step(system, g, state.pinned, state.pinb)
+        shrink = cap_step(db, dc)
+        # 4. step halving on the deviance
+        dev0 = dev[state.idx]
+        trial = _halve_on_deviance(design, state, B, C, db, dc, dev0, cst[state.idx])
+        # 5. accept, converge, choose Newton or Fisher, shrink the active set
+        n_iter[state.idx] += 1
+        _accept_step(state, trial, B, C, dev, dev0, step_size(db, dc), shrink, system,
+                     converged, tol, coef_tol)
+        del trial, system
+    del state
     var_b = var_c = None
     if compute_se:
-        fit = np.flatnonzero(~skip)
-        var_b = np.full((m, design.d), np.nan)
-        var_c = np.full((design.n_groups, m), np.nan)
-        if fit.size:
-            eta = design.linear_predictor(B[:, fit], C[:, fit])
-            mu = np.exp(eta, out=eta)
-            w = mu if not np.any(alpha[fit] > 0) else mu / (1.0 + alpha[fit] * mu)
-            pbf = None if pinb is None else pinb[fit]
-            sys_ = newton_system(design, w, pinned[:, fit], 1e-12, pinb=pbf)
-            del w, mu, eta
-            var_b[fit], var_c[:, fit] = covariance_diag(sys_, pinned[:, fit], pbf)
-        var_b[skip] = np.inf
-        var_c[:, skip] = np.inf
+        var_b, var_c = _irls_covariance(design, B, C, alpha, pinned, pinb, skip)
     return converged, dev, n_iter, var_b, var_c
+
+
+def _pin_coefficients(design: Design, B: np.ndarray, C: np.ndarray, pinned: np.ndarray,
+                      pinb: np.ndarray | None) -> np.ndarray | None:
+    """Hold pinned groups at ``-GROUP_COEF_BOUND`` and a pinned 0/v covariate where it adds
+    ``-GROUP_COEF_BOUND`` to its cells' log-means; returns ``pinb`` (None if nothing is
+    pinned among the covariates)."""
+    C[pinned] = -GROUP_COEF_BOUND
+    if pinb is None or not pinb.any():
+        return None
+    val = design.X[np.abs(design.X).argmax(axis=0), np.arange(design.d)]  # v of 0/v
+    B.T[pinb] = (-GROUP_COEF_BOUND / np.broadcast_to(val, pinb.shape))[pinb]
+    return pinb
+
+
+def _weights_and_scores(design: Design, state: ActiveSet, scores_only: bool):
+    """Working weights (n x k, None with ``scores_only``) and the gradient (k x (d + a))."""
+    if scores_only:
+        w, resid = None, scores(state.y, state.mu, state.alpha)
+    else:
+        w, resid = working_weights(state.y, state.mu, state.alpha, observed=~state.fisher)
+    return w, gradient(design, resid)
+
+
+def _converged_by_next_step(state: ActiveSet, g: np.ndarray, tol: float, coef_tol: float,
+                            B: np.ndarray, C: np.ndarray, converged: np.ndarray) -> np.ndarray:
+    """Genes whose last deviance change is below ``tol`` and whose next step, from the new
+    score ``g`` and the previous Hessian, is below ``coef_tol``.
+
+    That last (tiny, quasi-Newton) step is taken too: it cuts the error further at no
+    cost, and its deviance change is of the order of its square.  Marks the genes in
+    ``converged``; returns the mask over the active set.
+    """
+    dbc, dcc = newton_step(state.system, g, state.pinned, state.pinb)
+    done = (state.rel < tol) & (step_size(dbc, dcc) < coef_tol)
+    if done.any():
+        cols = state.idx[done]
+        converged[cols] = True
+        B[:, cols] += dbc[done].T
+        C[:, cols] = np.clip(C[:, cols] + dcc[:, done], -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
+    return done
+
+
+def _halve_on_deviance(design: Design, state: ActiveSet, B: np.ndarray, C: np.ndarray,
+                       db: np.ndarray, dc: np.ndarray, dev0: np.ndarray,
+                       cst: np.ndarray) -> Halving:
+    """Step halving of the active genes' step on their deviance (``cst - 2 kernel``).
+
+    The rounding error of the deviance scales with its constant part, hence the slack.
+    """
+    slack = 1e-10 + 1e-12 * np.abs(dev0) + 1e-13 * np.abs(cst)
+
+    def objective(Bt, Ct, cols):
+        if cols is None:
+            return _evaluate(design, state.y, state.alpha, Bt, Ct, cst)
+        return _evaluate(design, state.y[:, cols], state.alpha[cols], Bt, Ct, cst[cols])
+
+    return halve_steps(objective, B[:, state.idx], C[:, state.idx], db, dc, dev0, slack)
+
+
+def _accept_step(state: ActiveSet, trial: Halving, B: np.ndarray, C: np.ndarray,
+                 dev: np.ndarray, dev0: np.ndarray, size: np.ndarray, shrink: np.ndarray,
+                 system: NewtonSystem, converged: np.ndarray, tol: float,
+                 coef_tol: float) -> None:
+    """Move to the accepted point and update the active set.
+
+    A full Newton step below ``coef_tol`` with a deviance change below ``tol`` leaves an
+    error of its square: converged; so is a gene whose tiny step (below
+    ``10 coef_tol``) cannot lower the deviance beyond rounding.  A stalled Newton step is
+    retried once as a Fisher-scoring step from the same iterate; other stalled genes
+    leave, unconverged.  A gene uses Fisher scoring after a shortened step until its
+    relative deviance change drops below 1e-3.
+    """
+    good = ~trial.stalled
+    B[:, state.idx] = trial.B
+    C[:, state.idx] = trial.C
+    dev[state.idx[good]] = trial.f[good]
+    rel = np.abs(dev0 - trial.f) / (np.abs(trial.f) + 0.1)
+    conv_now = (good & (rel < tol) & (trial.step == 1.0) & (size < coef_tol)) | (
+        ~good & (size < 10 * coef_tol))
+    converged[state.idx[conv_now]] = True
+    retry = ~good & ~state.fisher & ~conv_now
+    mu = trial.mu
+    if retry.any():
+        mu[:, retry] = state.mu[:, retry]
+        rel[retry] = np.inf
+    state.fisher = np.where(trial.step * shrink < 1.0, True,
+                            np.where(rel < 1e-3, False, state.fisher))
+    state.mu, state.rel, state.system = mu, rel, system
+    state.keep((good | retry) & ~conv_now)
+
+
+def _irls_covariance(design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarray,
+                     pinned: np.ndarray, pinb: np.ndarray | None, skip: np.ndarray):
+    """Inverse-Fisher variances at the solution: var_b (m x d), var_c (a x m); inf for
+    skipped genes and pinned coefficients."""
+    m = B.shape[1]
+    fit = np.flatnonzero(~skip)
+    var_b = np.full((m, design.d), np.nan)
+    var_c = np.full((design.n_groups, m), np.nan)
+    if fit.size:
+        eta = design.linear_predictor(B[:, fit], C[:, fit])
+        mu = np.exp(eta, out=eta)
+        w = mu if not np.any(alpha[fit] > 0) else mu / (1.0 + alpha[fit] * mu)
+        pbf = None if pinb is None else pinb[fit]
+        sys_ = newton_system(design, w, pinned[:, fit], 1e-12, pinb=pbf)
+        del w, mu, eta
+        var_b[fit], var_c[:, fit] = covariance_diag(sys_, pinned[:, fit], pbf)
+    var_b[skip] = np.inf
+    var_c[:, skip] = np.inf
+    return var_b, var_c
 
 
 def _wls_start(design: Design, Y: np.ndarray, pinned: np.ndarray):

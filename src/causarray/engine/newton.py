@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import Design, sym_unpack
+from .families import GROUP_COEF_BOUND
 
 COEF_TOL = 1e-6              # max |coefficient step| for convergence
 MAX_HALVING = 8
@@ -146,3 +147,148 @@ def covariance_diag(sys_: NewtonSystem, pinned: np.ndarray, pinb: np.ndarray | N
     var_c[pinned] = np.inf
     return var_b, var_c
 
+
+
+# ----------------------------------------------------------------------------------
+# safeguards of a step: length cap, step halving, active set
+# ----------------------------------------------------------------------------------
+def cap_step(db: np.ndarray, dc: np.ndarray, max_step: float = MAX_NEWTON_STEP) -> np.ndarray:
+    """Scale every gene's step so that no coefficient moves by more than ``max_step``.
+
+    A trust region on the log scale: far below its optimum a log-mean has almost no
+    curvature and a plain Newton step overshoots.  ``db`` (m x d) and ``dc`` (a x m) are
+    scaled in place; returns the factors (m,), 1 where the step was short enough.
+    """
+    shrink = np.minimum(1.0, max_step / np.maximum(step_size(db, dc), 1e-300))
+    db *= shrink[:, None]
+    dc *= shrink
+    return shrink
+
+
+@dataclass
+class Halving:
+    """Outcome of :func:`halve_steps` for a chunk of k genes.
+
+    Attributes
+    ----------
+    B, C : (d, k), (a, k) accepted coefficients (the starting point where ``stalled``).
+    mu : (n, k) means at the accepted coefficients; for a stalled gene, at its last
+        rejected trial point.
+    f : (k,) objective at the accepted coefficients (last rejected trial where stalled).
+    step : (k,) accepted fraction of the step (1 = full step).
+    stalled : (k,) bool, True where no fraction of the step lowered the objective.
+    """
+
+    B: np.ndarray
+    C: np.ndarray
+    mu: np.ndarray
+    f: np.ndarray
+    step: np.ndarray
+    stalled: np.ndarray
+
+
+def halve_steps(objective, B0: np.ndarray, C0: np.ndarray, db: np.ndarray, dc: np.ndarray,
+                f0: np.ndarray, slack: np.ndarray, max_halving: int = MAX_HALVING) -> Halving:
+    """Per-gene step halving: the largest step ``2^-h (db, dc)`` that does not raise ``f``.
+
+    For every gene j the trial point is ``(B0_j + t db_j, clip(C0_j + t dc_j))`` with
+    ``t = 1, 1/2, ..., 2^-max_halving`` (group coefficients clipped to
+    ``+-GROUP_COEF_BOUND``); the first ``t`` whose objective is finite and at most
+    ``f0_j + slack_j`` is accepted (``slack`` absorbs the rounding error of ``f``).  Only
+    the genes still rejected are evaluated again.
+
+    Parameters
+    ----------
+    objective : callable ``(B, C, cols) -> (mu, f)``: means (n x k') and objective (k',)
+        at coefficients ``B`` (d x k'), ``C`` (a x k') for the genes ``cols`` of the
+        chunk (``None`` = all of them).  The objective is minimised (a deviance, or minus
+        a log-likelihood).
+    B0, C0 : (d, k), (a, k) starting coefficients.
+    db, dc : (k, d), (a, k) the step.
+    f0, slack : (k,) objective at the start and its tolerance.
+    max_halving : largest number of halvings.
+
+    Returns
+    -------
+    Halving
+    """
+    Bt = B0 + db.T
+    Ct = np.clip(C0 + dc, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
+    mu, f = objective(Bt, Ct, None)
+    step = np.ones(f.shape[0])
+    bad = np.flatnonzero(~(np.isfinite(f) & (f <= f0 + slack)))
+    for _ in range(max_halving):
+        if bad.size == 0:
+            break
+        step[bad] *= 0.5
+        Bt[:, bad] = B0[:, bad] + step[bad] * db[bad].T
+        Ct[:, bad] = np.clip(C0[:, bad] + step[bad] * dc[:, bad],
+                             -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
+        mub, fb = objective(Bt[:, bad], Ct[:, bad], bad)
+        ok = np.isfinite(fb) & (fb <= f0[bad] + slack[bad])
+        acc = bad[ok]
+        mu[:, acc] = mub[:, ok]
+        f[acc] = fb[ok]
+        bad = bad[~ok]
+    stalled = np.zeros(f.shape[0], bool)
+    stalled[bad] = True
+    if bad.size:                    # never improved: stay at the starting point
+        Bt[:, bad], Ct[:, bad] = B0[:, bad], C0[:, bad]
+    return Halving(Bt, Ct, mu, f, step, stalled)
+
+
+@dataclass
+class ActiveSet:
+    """The genes of a chunk that are still iterating, with the state each one carries.
+
+    Converged and stalled genes leave the set through :meth:`keep`, so that every later
+    pass works on the remaining columns only.
+
+    Attributes
+    ----------
+    idx : (k,) chunk columns of the active genes.
+    y, mu : (n, k) their counts and their means at the current iterate.
+    alpha : (k,) NB dispersions (0 = Poisson).
+    pinned : (a, k) groups held at ``-GROUP_COEF_BOUND``.
+    pinb : (k, d) covariates held at their bound, or None.
+    rel : (k,) relative deviance change of the last step (inf before the first step).
+    fisher : (k,) True where the next step is Fisher scoring instead of Newton.
+    system : the Newton system of the last step (its Hessian serves the convergence
+        check of the next iteration), or None.
+    """
+
+    idx: np.ndarray
+    y: np.ndarray
+    mu: np.ndarray
+    alpha: np.ndarray
+    pinned: np.ndarray
+    pinb: np.ndarray | None
+    rel: np.ndarray
+    fisher: np.ndarray
+    system: NewtonSystem | None = None
+
+    @classmethod
+    def start(cls, idx: np.ndarray, Y: np.ndarray, mu: np.ndarray, alpha: np.ndarray,
+              pinned: np.ndarray, pinb: np.ndarray | None) -> ActiveSet:
+        """The genes ``idx`` of a chunk (counts ``Y``, means ``mu``), before any step."""
+        if idx.size < Y.shape[1]:
+            Y, mu, alpha = Y[:, idx], mu[:, idx], alpha[idx]
+        return cls(idx, Y, mu, alpha, pinned[:, idx], None if pinb is None else pinb[idx],
+                   np.full(idx.size, np.inf), np.zeros(idx.size, bool))
+
+    @property
+    def size(self) -> int:
+        return self.idx.size
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep the genes where ``mask`` is True (nothing is copied when all stay)."""
+        if mask.all():
+            return
+        self.idx, self.rel, self.fisher = self.idx[mask], self.rel[mask], self.fisher[mask]
+        self.y, self.mu, self.alpha = self.y[:, mask], self.mu[:, mask], self.alpha[mask]
+        self.pinned = self.pinned[:, mask]
+        if self.pinb is not None:
+            self.pinb = self.pinb[mask]
+        if self.system is not None:
+            s = self.system
+            self.system = NewtonSystem(s.S[mask], s.E[:, mask], s.Dr[:, mask])
