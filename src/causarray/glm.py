@@ -243,8 +243,47 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
         raise ValueError("size must be positive (np.inf for Poisson)")
 
     design = Design.build(X, groups, n_groups, off)
+    coef, se, converged, dev, n_iter = _fit_by_chunks(
+        Y, design, alpha_all, estimate, init, family=family, max_iter=max_iter, tol=tol,
+        ridge=ridge, chunk_size=chunk_size, compute_se=compute_se)
+    size_out = np.where(alpha_all > 0, 1.0 / np.where(alpha_all > 0, alpha_all, 1), np.inf)
+    if family == "nb" and not converged.all():
+        logger.debug("fit_glm: %d of %d genes did not converge", int((~converged).sum()), p)
+    return GLMFit(coef=coef, se=se, size=size_out, converged=converged, deviance=dev,
+                  n_iter=n_iter, n_covariates=d, family=family)
+
+
+def _sorted_chunk(Y, design: Design, start: int, stop: int) -> np.ndarray:
+    """Columns ``start:stop`` of ``Y`` as dense float64, rows in the design's order.
+
+    A sparse ``Y`` must already be a CSC matrix with its rows sorted.
+    """
     if sp.issparse(Y):
-        Y = sp.csc_matrix(Y[design.order] if n_groups else Y)
+        return Y[:, start:stop].toarray().astype(float, copy=False)
+    if design.n_groups:
+        return np.asarray(Y[design.order, start:stop], dtype=float)
+    return np.array(Y[:, start:stop], dtype=float, order="C")
+
+
+def _fit_by_chunks(Y, design: Design, alpha: np.ndarray, estimate: bool,
+                   init: np.ndarray | None, *, family: str, max_iter: int, tol: float,
+                   ridge: float, chunk_size: int | None, compute_se: bool):
+    """Fit every gene, one chunk of genes at a time, with the solver the design calls for.
+
+    For each chunk: 1. its counts, dense, rows sorted by group; 2. the fit -- the
+    separable per-set solver for intercept + one-hot groups
+    (:func:`causarray.engine.saturated.saturated_chunk`), the Schur IRLS otherwise
+    (:func:`causarray.engine.irls.schur_chunk`); 3. coefficients and standard errors
+    back in the units and column order of ``[X | A]``.  ``alpha`` (p,) is the given
+    dispersion, overwritten with the estimated one when ``estimate``.
+
+    Returns coef (p x q), se (p x q), converged, deviance, n_iter.
+    """
+    n, p = Y.shape
+    d = design.d
+    q = d + design.n_groups
+    if sp.issparse(Y):
+        Y = sp.csc_matrix(Y[design.order] if design.n_groups else Y)
     coef = np.zeros((p, q))
     se = np.full((p, q), np.nan)
     converged = np.zeros(p, bool)
@@ -254,13 +293,8 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
     for start in range(0, p, step):
         stop = min(p, start + step)
         cols = slice(start, stop)
-        if sp.issparse(Y):
-            Yc = Y[:, start:stop].toarray().astype(float, copy=False)
-        elif n_groups:
-            Yc = np.asarray(Y[design.order, start:stop], dtype=float)
-        else:
-            Yc = np.array(Y[:, start:stop], dtype=float, order="C")
-        al = None if estimate else alpha_all[cols]
+        Yc = _sorted_chunk(Y, design, start, stop)
+        al = None if estimate else alpha[cols]
         ini = None if init is None else init[cols]
         if design.saturated:
             c, s_, al, conv, dv, it = saturated.saturated_chunk(
@@ -275,13 +309,9 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
             if compute_se:
                 se[cols, :d] = np.sqrt(np.maximum(var_b, 0)) / design.scales
                 se[cols, d:] = np.sqrt(np.maximum(var_c.T, 0))
-        alpha_all[cols] = al
+        alpha[cols] = al
         converged[cols], dev[cols], n_iter[cols] = conv, dv, it
-    size_out = np.where(alpha_all > 0, 1.0 / np.where(alpha_all > 0, alpha_all, 1), np.inf)
-    if family == "nb" and not converged.all():
-        logger.debug("fit_glm: %d of %d genes did not converge", int((~converged).sum()), p)
-    return GLMFit(coef=coef, se=se, size=size_out, converged=converged, deviance=dev,
-                  n_iter=n_iter, n_covariates=d, family=family)
+    return coef, se, converged, dev, n_iter
 
 
 def _iter_fitted_means(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
