@@ -249,12 +249,14 @@ def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarr
     for start in range(0, p, step):
         stop = min(p, start + step)
         cols = slice(start, stop)
+        # 1. the chunk's counts (rows sorted), pinned groups, means and kernel at the start
         y = sorted_chunk(Y, design.order, start, stop).astype(dtype, copy=False)
         al = alpha[cols].astype(dtype)
         pinned = group_sums(design, y) == 0 if a else np.zeros((0, stop - start), bool)
         B0, C0 = B[:, cols], C[:, cols]
         C0[pinned] = -GROUP_COEF_BOUND
         eta, mu = pd_.mean_at(B0, C0)
+        # 2. Fisher weights and scores (one fused pass), gradient and Newton system
         w, resid = working_weights(y, mu, al)
         kernel0 = _kernel(y, eta, mu, al)
         del eta, mu
@@ -264,6 +266,7 @@ def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarr
         del w
         if compute_se:
             res.var_b[cols], res.var_c[:, cols] = covariance_diag(system, pinned)
+        # 3. the step, capped, then halved until the log-likelihood does not drop
         db, dc = newton_step(system, grad, pinned)
         del system
         cap_step(db, dc)
@@ -271,6 +274,7 @@ def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarr
         res.n_halved += n_halved
         B[:, cols], C[:, cols] = Bt, Ct
         kernel[cols] = kern
+        # 4. fused: every cell's factor system at the new loadings
         if loadings is not None:
             _cell_sums(y, mu, al, Bt[loadings].T * gscale, res.H, res.g)
         del mu, y

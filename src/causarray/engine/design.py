@@ -96,6 +96,10 @@ class Design:
     def d(self) -> int:
         return self.X.shape[1]
 
+    def constant_columns(self) -> np.ndarray:
+        """Indices of the non-zero constant columns of ``X`` (an intercept)."""
+        return np.flatnonzero((np.ptp(self.X, axis=0) == 0) & (self.X[0] != 0))
+
     @property
     def slices(self) -> list[slice]:
         """Row slices of the groups (controls excluded)."""

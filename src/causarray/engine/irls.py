@@ -253,7 +253,7 @@ def _group_mean_start(design: Design, Y: np.ndarray):
 
     Returns None when ``X`` has no constant column or there are no control cells.
     """
-    const = np.flatnonzero((np.ptp(design.X, axis=0) == 0) & (design.X[0] != 0))
+    const = design.constant_columns()
     a = design.n_groups
     if const.size == 0 or design.bounds[a] == design.bounds[a + 1]:
         return None
@@ -274,43 +274,79 @@ def _group_mean_start(design: Design, Y: np.ndarray):
 def schur_chunk(design: Design, Y: np.ndarray, alpha: np.ndarray | None,
                  init: np.ndarray | None, *, max_iter: int, tol: float, ridge: float,
                  compute_se: bool):
-    """Fit one row-sorted chunk with the Schur IRLS; alpha None = MoM recipe
-    (docs/math.md#nb-dispersion)."""
-    n, m = Y.shape
-    d, a = design.d, design.n_groups
+    """Fit one row-sorted chunk of genes with the Schur IRLS.
+
+    Model: ``y_ij ~ NB(mu_ij, 1/alpha_j)``, ``log mu_ij = o_i + x_i' b_j + c_{j, g(i)}``.
+
+    1. coefficients without a finite MLE: genes without counts, groups and 0/v
+       covariates whose cells have no counts (pinned);
+    2. starting values: ``init``, else the closed-form Poisson MLE of intercept +
+       groups, else one weighted least-squares fit of ``log(y + 0.1)``;
+    3. with ``alpha`` None, the dispersion by the method-of-moments recipe
+       (docs/math.md#nb-dispersion): Poisson fit, MoM, NB fit, MoM;
+    4. the final fit at that dispersion (:func:`irls_chunk`).
+
+    Returns B (d x m, scaled units), C (a x m), alpha, converged, deviance, n_iter,
+    var_b, var_c.
+    """
+    # 1. pinned coefficients
     all_zero = ~(Y > 0).any(axis=0)
-    pinned = (group_sums(design, Y) == 0) & ~all_zero[None, :]
-    pinb = None
-    if design.bin_cols.size:
-        hit = (design.X[:, design.bin_cols] != 0).astype(float).T @ Y     # nb x m
-        pinb = np.zeros((m, d), bool)
-        pinb[:, design.bin_cols] = (hit == 0).T & ~all_zero[:, None]
+    pinned, pinb = _pinned_coefficients(design, Y, all_zero)
     ylogy = sum_ylogy(Y)
+    # 2. starting values
     if init is not None:
-        B = (init[:, :d] * design.scales).T.copy()
-        C = init[:, d:].T.copy()
+        B = (init[:, :design.d] * design.scales).T.copy()
+        C = init[:, design.d:].T.copy()
     else:
         start = _group_mean_start(design, Y)
         B, C = _wls_start(design, Y, pinned) if start is None else start
     _pin_all_zero(design, B, C, all_zero)
+    # 3. dispersion by the method of moments
     if alpha is None:
-        zeros = np.zeros(m)
-        irls_chunk(design, Y, zeros, B, C, pinned, all_zero, ylogy, min(max_iter, 5), 1e-6,
-                    ridge, False, pinb=pinb)
-        dof = n - d - a
-        mu = np.exp(design.linear_predictor(B, C))
-        alpha = np.clip(mom_alpha(Y, mu, dof), 1e-8, 100.0)
-        del mu
-        irls_chunk(design, Y, alpha, B, C, pinned, all_zero, ylogy, min(max_iter, 10), 1e-6,
-                    ridge, False, pinb=pinb)
-        mu = np.exp(design.linear_predictor(B, C))
-        size = size_from_mom(mom_alpha(Y, mu, dof), all_zero)
-        del mu
-        alpha = 1.0 / size
+        alpha = _mom_dispersion(design, Y, B, C, pinned, pinb, all_zero, ylogy, max_iter,
+                                ridge)
+    # 4. final fit
     conv, dev, n_iter, var_b, var_c = irls_chunk(
         design, Y, alpha, B, C, pinned, all_zero, ylogy, max_iter, tol, ridge, compute_se,
         pinb=pinb)
     return B, C, alpha, conv, dev, n_iter, var_b, var_c
+
+
+def _pinned_coefficients(design: Design, Y: np.ndarray, all_zero: np.ndarray):
+    """Groups (a x m) and 0/v covariates (m x d, None if the design has none) whose cells
+    have no counts, for genes with some counts: their MLE is minus infinity."""
+    m = Y.shape[1]
+    pinned = (group_sums(design, Y) == 0) & ~all_zero[None, :]
+    pinb = None
+    if design.bin_cols.size:
+        hit = (design.X[:, design.bin_cols] != 0).astype(float).T @ Y     # nb x m
+        pinb = np.zeros((m, design.d), bool)
+        pinb[:, design.bin_cols] = (hit == 0).T & ~all_zero[:, None]
+    return pinned, pinb
+
+
+def _mom_dispersion(design: Design, Y: np.ndarray, B: np.ndarray, C: np.ndarray,
+                    pinned: np.ndarray, pinb: np.ndarray | None, all_zero: np.ndarray,
+                    ylogy: np.ndarray, max_iter: int, ridge: float) -> np.ndarray:
+    """NB dispersion per gene by the MoM recipe (docs/math.md#nb-dispersion).
+
+    A Poisson fit (at most 5 iterations), the MoM dispersion at its means (clipped to
+    [1e-8, 100]), an NB fit at that dispersion (at most 10 iterations), the MoM
+    dispersion again.  ``B`` and ``C`` are updated in place (they warm-start the final
+    fit).
+    """
+    m = Y.shape[1]
+    dof = Y.shape[0] - design.d - design.n_groups
+    irls_chunk(design, Y, np.zeros(m), B, C, pinned, all_zero, ylogy, min(max_iter, 5), 1e-6,
+               ridge, False, pinb=pinb)
+    mu = np.exp(design.linear_predictor(B, C))
+    alpha = np.clip(mom_alpha(Y, mu, dof), 1e-8, 100.0)
+    del mu
+    irls_chunk(design, Y, alpha, B, C, pinned, all_zero, ylogy, min(max_iter, 10), 1e-6,
+               ridge, False, pinb=pinb)
+    mu = np.exp(design.linear_predictor(B, C))
+    size = size_from_mom(mom_alpha(Y, mu, dof), all_zero)
+    return 1.0 / size
 
 
 def _pin_all_zero(design: Design, B: np.ndarray, C: np.ndarray, all_zero: np.ndarray) -> None:
@@ -319,7 +355,7 @@ def _pin_all_zero(design: Design, B: np.ndarray, C: np.ndarray, all_zero: np.nda
         return
     B[:, all_zero] = 0.0
     C[:, all_zero] = -GROUP_COEF_BOUND
-    const = np.flatnonzero((np.ptp(design.X, axis=0) == 0) & (design.X[0] != 0))
+    const = design.constant_columns()
     if const.size:
         c0 = const[0]
         B[c0, all_zero] = (ETA_MIN - design.offset.max()) / design.X[0, c0]

@@ -108,61 +108,90 @@ def _set_newton(design: Design, Y: np.ndarray, s: np.ndarray, theta: np.ndarray,
     n_iter = np.zeros(m, int)
     lo = np.full((K, m), -np.inf)
     hi = np.full((K, m), np.inf)
-    slices = design.set_slices
     Ya, ala = (Y, alpha) if active.size == m else (Y[:, active], alpha[active])
     prev = np.full((K, active.size), np.inf)          # previous |step| (inf: none yet)
     for _ in range(max_iter):
         if active.size == 0:
             break
+        # 1. per-set score and observed information at the current log-means
         th = theta[:, active]
         fr = free[:, active]
-        mu = _set_means(design, s, th, st, fr)
-        t = np.multiply(mu, ala)
-        t += 1.0
-        np.reciprocal(t, out=t)
-        resid = np.subtract(Ya, mu)
-        resid *= t
-        np.multiply(mu, t, out=mu)                          # mu now holds w
-        del t
-        score = np.empty((K, active.size))
-        info = np.empty((K, active.size))
-        cross = np.empty((K, active.size))
-        for k, r in enumerate(slices):
-            resid[r].sum(axis=0, out=score[k])
-            mu[r].sum(axis=0, out=info[k])
-            cross[k] = np.einsum("ij,ij->j", mu[r], resid[r])
-        del mu, resid
-        # observed information: sum mu (1 + alpha y)/(1 + alpha mu)^2 = sum w + alpha sum w r
-        hess = info + ala * cross
-        hess = np.where(hess > 0, hess, info)
-        hess[~fr] = 1.0
-        step = np.clip(score / hess, -MAX_NEWTON_STEP, MAX_NEWTON_STEP)
-        lo_a, hi_a = lo[:, active], hi[:, active]
-        lo_a = np.where((score > 0) & fr, np.maximum(lo_a, th), lo_a)
-        hi_a = np.where((score < 0) & fr, np.minimum(hi_a, th), hi_a)
-        prop = th + step
-        outside = (prop < lo_a) | (prop > hi_a)
-        both = np.isfinite(lo_a) & np.isfinite(hi_a)
-        with np.errstate(invalid="ignore"):
-            prop = np.where(outside & both, 0.5 * (lo_a + hi_a), prop)
-        prop = np.where(fr, prop, th)
-        absstep = np.where(fr, np.abs(prop - th), 0.0)
-        newton = ~(outside & both)                    # a bisection step predicts nothing
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            nxt = np.where(absstep == 0, 0.0, absstep ** 3 / prev ** 2)
-        nxt = np.where((newton & np.isfinite(prev)) | ~fr, nxt, np.inf)
+        score, hess = _set_score_hessian(design, Ya, ala, _set_means(design, s, th, st, fr), fr)
+        # 2. the Newton step, or bisection where it leaves the bracket around the root
+        prop, absstep, newton, lo_a, hi_a = _bracketed_step(th, score, hess, fr,
+                                                            lo[:, active], hi[:, active])
         theta[:, active] = prop
         lo[:, active], hi[:, active] = lo_a, hi_a
         n_iter[active] += 1
+        # 3. convergence: a small step, or a small next step predicted by quadratic
+        #    convergence (|step|^3 / |previous step|^2, Newton steps only)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            nxt = np.where(absstep == 0, 0.0, absstep ** 3 / prev ** 2)
+        nxt = np.where((newton & np.isfinite(prev)) | ~fr, nxt, np.inf)
         done = (absstep.max(axis=0) < coef_tol) | (
             (absstep.max(axis=0) < 1e-3) & (nxt.max(axis=0) < 0.01 * coef_tol))
         converged[active[done]] = True
         prev = np.where(newton, absstep, np.inf)
+        # 4. converged genes leave the active set
         if done.any():
             keep = ~done
             active, prev = active[keep], prev[:, keep]
             Ya, ala = Ya[:, keep], ala[keep]
     return converged, n_iter
+
+
+def _set_score_hessian(design: Design, y: np.ndarray, alpha: np.ndarray, mu: np.ndarray,
+                       free: np.ndarray):
+    """Per-set score ``sum (y - mu)/(1 + alpha mu)`` and observed information (K x k).
+
+    The observed information ``sum mu (1 + alpha y)/(1 + alpha mu)^2`` is computed as
+    ``sum w + alpha sum w r`` (w the Fisher weight, r the score term); where it is not
+    positive the Fisher information ``sum w`` replaces it; 1 for pinned sets.  ``mu`` is
+    overwritten.
+    """
+    K, k = free.shape
+    t = np.multiply(mu, alpha)
+    t += 1.0
+    np.reciprocal(t, out=t)
+    resid = np.subtract(y, mu)
+    resid *= t
+    np.multiply(mu, t, out=mu)                          # mu now holds w
+    del t
+    score = np.empty((K, k))
+    info = np.empty((K, k))
+    cross = np.empty((K, k))
+    for j, r in enumerate(design.set_slices):
+        resid[r].sum(axis=0, out=score[j])
+        mu[r].sum(axis=0, out=info[j])
+        cross[j] = np.einsum("ij,ij->j", mu[r], resid[r])
+    del mu, resid
+    hess = info + alpha * cross
+    hess = np.where(hess > 0, hess, info)
+    hess[~free] = 1.0
+    return score, hess
+
+
+def _bracketed_step(th: np.ndarray, score: np.ndarray, hess: np.ndarray, free: np.ndarray,
+                    lo: np.ndarray, hi: np.ndarray):
+    """Newton proposal ``th + score / hess`` (clipped to +-MAX_NEWTON_STEP), replaced by the
+    bracket's midpoint where it leaves ``[lo, hi]`` and both ends are finite.
+
+    The score is decreasing in ``th``, so a positive score moves the lower end up to
+    ``th`` and a negative one the upper end down.  Returns the new log-means, |step|,
+    whether the step was a Newton step, and the updated bracket.
+    """
+    step = np.clip(score / hess, -MAX_NEWTON_STEP, MAX_NEWTON_STEP)
+    lo = np.where((score > 0) & free, np.maximum(lo, th), lo)
+    hi = np.where((score < 0) & free, np.minimum(hi, th), hi)
+    prop = th + step
+    outside = (prop < lo) | (prop > hi)
+    both = np.isfinite(lo) & np.isfinite(hi)
+    with np.errstate(invalid="ignore"):
+        prop = np.where(outside & both, 0.5 * (lo + hi), prop)
+    prop = np.where(free, prop, th)
+    absstep = np.where(free, np.abs(prop - th), 0.0)
+    newton = ~(outside & both)                    # a bisection step predicts nothing
+    return prop, absstep, newton, lo, hi
 
 
 def _set_mom(design: Design, Y: np.ndarray, s: np.ndarray, theta: np.ndarray,
