@@ -5,8 +5,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from causarray.engine import (GROUP_COEF_BOUND, MAX_HALVING, MAX_NEWTON_STEP, ActiveSet,
-                              NewtonSystem, cap_step, halve_steps, step_size)
+from causarray.engine import (
+    GROUP_COEF_BOUND,
+    MAX_HALVING,
+    MAX_NEWTON_STEP,
+    ActiveSet,
+    NewtonSystem,
+    cap_step,
+    halve_steps,
+    step_size,
+)
 
 ENGINE = Path(__file__).resolve().parents[1] / "src" / "causarray" / "engine"
 
