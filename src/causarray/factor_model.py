@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import gammaln
 
 from .engine import (
     ETA_MAX,
@@ -33,8 +32,10 @@ from .engine import (
     group_sums,
     halve_steps,
     kernel_sums,
+    loglik_constant_terms,
     newton_step,
     newton_system,
+    signed_root_deviance,
     sym_outer,
     working_weights,
 )
@@ -62,17 +63,6 @@ def sorted_chunk(Y, order: np.ndarray | None, start: int, stop: int) -> np.ndarr
 # ----------------------------------------------------------------------------------
 # log-likelihood constant
 # ----------------------------------------------------------------------------------
-def _loglik_constant_terms(v: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """``lgamma(v + r) - lgamma(r) - lgamma(v + 1) - v log r`` (``-lgamma(v + 1)`` where r = inf)."""
-    v, r = np.broadcast_arrays(np.asarray(v, float), np.asarray(r, float))
-    term = -gammaln(v + 1.0)
-    nb = np.isfinite(r)
-    if nb.any():
-        rn, vn = r[nb], v[nb]
-        term[nb] += gammaln(vn + rn) - gammaln(rn) - vn * np.log(rn)
-    return term
-
-
 def loglik_constants(Y, size: np.ndarray, chunk: int | None = None,
                      max_tabulated: int = 63) -> np.ndarray:
     """Per-gene sum of the log-likelihood terms that do not involve the mean.
@@ -98,11 +88,11 @@ def loglik_constants(Y, size: np.ndarray, chunk: int | None = None,
         small = v < K
         tally = np.bincount(cols[small] * K + v[small].astype(np.int64),
                             minlength=m * K).reshape(m, K)
-        out[start:stop] = (tally * _loglik_constant_terms(grid[None, :], r[:, None])).sum(axis=1)
+        out[start:stop] = (tally * loglik_constant_terms(grid[None, :], r[:, None])).sum(axis=1)
         if not small.all():
             big = ~small
             out[start:stop] += np.bincount(cols[big], minlength=m,
-                                           weights=_loglik_constant_terms(v[big], r[cols[big]]))
+                                           weights=loglik_constant_terms(v[big], r[cols[big]]))
     return out
 
 
@@ -284,39 +274,6 @@ def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarr
 # ----------------------------------------------------------------------------------
 # initial factors: randomized SVD of streamed deviance residuals
 # ----------------------------------------------------------------------------------
-def _signed_root_deviance(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Deviance residuals ``sign(y - mu) sqrt(d)`` of a chunk, with few temporaries.
-
-    ``d = 2 [y log(y / mu) + (y + r) log1p((mu - y) / (y + r))]`` for NB (r = 1/alpha),
-    ``2 [y log(y / mu) - (y - mu)]`` for Poisson (alpha = 0); ``mu`` is overwritten.
-    """
-    t1 = np.maximum(y, 1.0)
-    np.log(t1, out=t1)
-    t1 -= np.log(mu)
-    t1 *= y                                         # y log(y / mu), 0 at y = 0
-    diff = np.subtract(mu, y)                       # mu - y
-    nb = alpha > 0
-    with np.errstate(divide="ignore"):
-        r = np.where(nb, 1.0 / np.where(nb, alpha, 1.0), 0.0)
-    if nb.all():
-        yr = y + r
-        np.divide(diff, yr, out=mu)
-        np.log1p(mu, out=mu)
-        mu *= yr
-        t1 += mu
-    else:
-        yr = y + r
-        with np.errstate(invalid="ignore", divide="ignore"):
-            tail = np.log1p(diff / np.where(nb, yr, 1.0)) * yr
-        t1 += np.where(nb, tail, diff)
-    np.maximum(t1, 0.0, out=t1)
-    t1 *= 2.0
-    np.sqrt(t1, out=t1)
-    t1 *= np.sign(-diff)
-    t1[~np.isfinite(t1)] = 0.0
-    return t1
-
-
 def _residual_chunks(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None, offset: np.ndarray,
                      chunk: int):
     """Yield ``(cols, R_cols)``: the deviance residuals of ``fit``, one gene chunk at a time.
@@ -337,7 +294,7 @@ def _residual_chunks(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None, offset
         eta = D32 @ coef[cols].T
         np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
         y = sorted_chunk(Y, None, cols[0], cols[-1] + 1).astype(np.float32)
-        yield cols, _signed_root_deviance(y, np.exp(eta, out=eta),
+        yield cols, signed_root_deviance(y, np.exp(eta, out=eta),
                                           alpha[cols][None, :].astype(np.float32))
 
 

@@ -8,9 +8,12 @@ Model, for cell i and gene j::
 Poisson is the limit ``alpha_j = 0`` (``r_j = inf``); every function here takes the
 dispersion ``alpha`` (0 meaning Poisson) and handles both families elementwise.  The
 log-likelihood splits into a mean-dependent *kernel* (:func:`kernel_sums`) and a
-constant that depends on the counts and the size only (:func:`deviance_constant`,
+constant that depends on the counts and the size only (:func:`deviance_constant`;
+:func:`loglik_constant_terms`, summed over a count matrix by
 :func:`causarray.factor_model.loglik_constants`), so that a fit evaluates the constant
-once and the kernel at every trial point.
+once and the kernel at every trial point.  Residuals: :func:`deviance_residuals`
+(float64, any shape) and :func:`signed_root_deviance` (in place, for the streamed
+float32 passes).
 """
 from __future__ import annotations
 
@@ -185,3 +188,46 @@ def size_from_mom(alpha: np.ndarray, all_zero: np.ndarray) -> np.ndarray:
     size[all_zero | ~np.isfinite(size)] = 1.0
     return size
 
+
+def loglik_constant_terms(v: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``lgamma(v + r) - lgamma(r) - lgamma(v + 1) - v log r`` (``-lgamma(v + 1)`` where r = inf)."""
+    v, r = np.broadcast_arrays(np.asarray(v, float), np.asarray(r, float))
+    term = -gammaln(v + 1.0)
+    nb = np.isfinite(r)
+    if nb.any():
+        rn, vn = r[nb], v[nb]
+        term[nb] += gammaln(vn + rn) - gammaln(rn) - vn * np.log(rn)
+    return term
+
+
+def signed_root_deviance(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Deviance residuals ``sign(y - mu) sqrt(d)`` of a chunk, with few temporaries.
+
+    ``d = 2 [y log(y / mu) + (y + r) log1p((mu - y) / (y + r))]`` for NB (r = 1/alpha),
+    ``2 [y log(y / mu) - (y - mu)]`` for Poisson (alpha = 0); ``mu`` is overwritten.
+    """
+    t1 = np.maximum(y, 1.0)
+    np.log(t1, out=t1)
+    t1 -= np.log(mu)
+    t1 *= y                                         # y log(y / mu), 0 at y = 0
+    diff = np.subtract(mu, y)                       # mu - y
+    nb = alpha > 0
+    with np.errstate(divide="ignore"):
+        r = np.where(nb, 1.0 / np.where(nb, alpha, 1.0), 0.0)
+    if nb.all():
+        yr = y + r
+        np.divide(diff, yr, out=mu)
+        np.log1p(mu, out=mu)
+        mu *= yr
+        t1 += mu
+    else:
+        yr = y + r
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tail = np.log1p(diff / np.where(nb, yr, 1.0)) * yr
+        t1 += np.where(nb, tail, diff)
+    np.maximum(t1, 0.0, out=t1)
+    t1 *= 2.0
+    np.sqrt(t1, out=t1)
+    t1 *= np.sign(-diff)
+    t1[~np.isfinite(t1)] = 0.0
+    return t1
