@@ -103,12 +103,12 @@ class IterationLog:
     """Records the Newton steps of every IRLS run of the GLM engine (by run within a chunk)."""
 
     def __init__(self):
-        from causarray import glm
+        from causarray.engine import irls as engine_irls
 
-        self.glm = glm
+        self.glm = engine_irls
         self.runs: dict[int, list] = {}
-        self._irls = getattr(glm, "_irls_chunk", None)
-        self._chunk = getattr(glm, "_schur_chunk", None)
+        self._irls = getattr(engine_irls, "irls_chunk", None)
+        self._chunk = getattr(engine_irls, "schur_chunk", None)
         self._i = 0
 
     def __enter__(self):
@@ -128,12 +128,12 @@ class IterationLog:
             log._i += 1
             return out
 
-        self.glm._schur_chunk, self.glm._irls_chunk = chunk, irls
+        self.glm.schur_chunk, self.glm.irls_chunk = chunk, irls
         return self
 
     def __exit__(self, *exc):
         if self._irls is not None and self._chunk is not None:
-            self.glm._schur_chunk, self.glm._irls_chunk = self._chunk, self._irls
+            self.glm.schur_chunk, self.glm.irls_chunk = self._chunk, self._irls
 
     def summary(self) -> dict:
         names = {0: "poisson", 1: "nb_first", 2: "nb_final"}

@@ -15,6 +15,7 @@ TEXT = DOC.read_text(encoding="utf-8")
 TICKED = re.findall(r"`([^`\n]+)`", TEXT)
 FILE_SUFFIXES = {"py", "pyi", "md", "html", "h5", "h5ad", "csv", "png", "json"}
 MODULES = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
+SUBPACKAGES = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").exists())
 
 
 def _section(title: str) -> str:
@@ -75,23 +76,40 @@ def test_every_module_has_a_row_in_the_ownership_table():
 
 def _package_imports(module: str) -> tuple[set[str], set[str]]:
     """(imported at load, imported inside functions) among causarray's own modules."""
-    tree = ast.parse((PKG / f"{module}.py").read_text(encoding="utf-8"))
+    if module in SUBPACKAGES:       # a subpackage: the imports of all its modules
+        trees = [ast.parse(f.read_text(encoding="utf-8"))
+                 for f in sorted((PKG / module).glob("*.py"))]
+    else:
+        trees = [ast.parse((PKG / f"{module}.py").read_text(encoding="utf-8"))]
+    top, lazy = set(), set()
+    for tree in trees:
+        t, lz = _imports_of(tree, module in SUBPACKAGES)
+        top |= t
+        lazy |= lz
+    return top, lazy - top
+
+
+def _imports_of(tree: ast.Module, in_subpackage: bool) -> tuple[set[str], set[str]]:
     top, lazy = set(), set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
+        if in_subpackage and isinstance(node, ast.ImportFrom) and node.level == 1:
+            continue                # the subpackage's own modules
+        if in_subpackage and isinstance(node, ast.ImportFrom) and node.level == 2:
+            names = {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:
             names = {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("causarray."):
             names = {node.module.split(".")[1]}
         else:
             continue
         (top if node in tree.body else lazy).update(names - {"_version"})
-    return top, lazy - top
+    return top, lazy
 
 
 @pytest.mark.parametrize("row", _table_rows(_section("What imports what")),
                          ids=lambda row: row[0].strip("`"))
 def test_import_table_matches_the_code(row):
-    modules = set(MODULES) | {"datasets"}
+    modules = set(MODULES) | set(SUBPACKAGES)
     names = re.findall(r"`(\w+)`", row[0])
     documented_top = {m for m in re.findall(r"`(\w+)`", row[1]) if m in modules}
     documented_lazy = {m for m in re.findall(r"`(\w+)`", row[2]) if m in modules}

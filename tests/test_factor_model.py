@@ -4,8 +4,8 @@ import pytest
 import scipy.sparse as sp
 from scipy.special import gammaln
 
-from causarray.factor_model import (_signed_root_deviance, deviance_residual_svd, fisher_pass,
-                                    loglik_constants)
+from causarray.engine import signed_root_deviance
+from causarray.factor_model import deviance_residual_svd, fisher_pass, loglik_constants
 from causarray.gcate import _factor_design, _from_design, _to_design, fit_gcate
 from causarray.glm import (_alpha_from_size, deviance_residuals, fit_glm, glm_deviance_residuals,
                            groups_from_onehot, sym_unpack)
@@ -118,7 +118,7 @@ def test_signed_root_deviance_matches_glm():
     y = rng.poisson(mu).astype(float)
     alpha = rng.uniform(0.0, 2.0, 40)
     alpha[:5] = 0.0
-    np.testing.assert_allclose(_signed_root_deviance(y, mu.copy(), alpha[None, :]),
+    np.testing.assert_allclose(signed_root_deviance(y, mu.copy(), alpha[None, :]),
                                deviance_residuals(y, mu, alpha[None, :]), atol=1e-9)
 
 

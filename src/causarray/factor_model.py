@@ -21,12 +21,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import gammaln
 
-from .glm import (ETA_MAX, ETA_MIN, GROUP_COEF_BOUND, _MAX_HALVING, _MAX_NEWTON_STEP, GLMFit, _Design,
-                  _covariance_diag, _group_sums,
-                  _kernel_sums, _newton_step, _newton_system, _step_size, _working_weights,
-                  sym_outer)
+from .engine import (
+    ETA_MAX,
+    ETA_MIN,
+    GROUP_COEF_BOUND,
+    Design,
+    cap_step,
+    covariance_diag,
+    group_sums,
+    halve_steps,
+    kernel_sums,
+    loglik_constant_terms,
+    newton_step,
+    newton_system,
+    signed_root_deviance,
+    sym_outer,
+    working_weights,
+)
+from .glm import GLMFit
 
 #: bytes of one n x chunk float64 temporary in the fused passes (about ten are alive)
 PASS_CHUNK_BYTES = 4 * 2**20
@@ -50,17 +63,6 @@ def sorted_chunk(Y, order: np.ndarray | None, start: int, stop: int) -> np.ndarr
 # ----------------------------------------------------------------------------------
 # log-likelihood constant
 # ----------------------------------------------------------------------------------
-def _loglik_constant_terms(v: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """``lgamma(v + r) - lgamma(r) - lgamma(v + 1) - v log r`` (``-lgamma(v + 1)`` where r = inf)."""
-    v, r = np.broadcast_arrays(np.asarray(v, float), np.asarray(r, float))
-    term = -gammaln(v + 1.0)
-    nb = np.isfinite(r)
-    if nb.any():
-        rn, vn = r[nb], v[nb]
-        term[nb] += gammaln(vn + rn) - gammaln(rn) - vn * np.log(rn)
-    return term
-
-
 def loglik_constants(Y, size: np.ndarray, chunk: int | None = None,
                      max_tabulated: int = 63) -> np.ndarray:
     """Per-gene sum of the log-likelihood terms that do not involve the mean.
@@ -86,11 +88,11 @@ def loglik_constants(Y, size: np.ndarray, chunk: int | None = None,
         small = v < K
         tally = np.bincount(cols[small] * K + v[small].astype(np.int64),
                             minlength=m * K).reshape(m, K)
-        out[start:stop] = (tally * _loglik_constant_terms(grid[None, :], r[:, None])).sum(axis=1)
+        out[start:stop] = (tally * loglik_constant_terms(grid[None, :], r[:, None])).sum(axis=1)
         if not small.all():
             big = ~small
             out[start:stop] += np.bincount(cols[big], minlength=m,
-                                           weights=_loglik_constant_terms(v[big], r[cols[big]]))
+                                           weights=loglik_constant_terms(v[big], r[cols[big]]))
     return out
 
 
@@ -124,13 +126,13 @@ class PassResult:
 class _PassDesign:
     """A design's dense blocks in the working precision of one pass."""
 
-    design: _Design
+    design: Design
     XoG: np.ndarray          # [X | o | G] for the linear predictor
     XG: np.ndarray           # [X | G] for the scores
     dtype: type
 
     @classmethod
-    def of(cls, design: _Design, dtype: type) -> _PassDesign:
+    def of(cls, design: Design, dtype: type) -> _PassDesign:
         return cls(design, design.XoG.astype(dtype, copy=False),
                    design.XG.astype(dtype, copy=False), dtype)
 
@@ -148,44 +150,33 @@ class _PassDesign:
 
 def _kernel(y: np.ndarray, eta: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Per-gene log-likelihood kernel (float64); ``eta`` is overwritten."""
-    return _kernel_sums(y, eta, mu, alpha).astype(np.float64)
+    return kernel_sums(y, eta, mu, alpha).astype(np.float64)
 
 
 def _safeguarded_update(pd_: _PassDesign, y: np.ndarray, alpha: np.ndarray, B0: np.ndarray,
                         C0: np.ndarray, db: np.ndarray, dc: np.ndarray, kernel0: np.ndarray):
     """Take the Newton step, halving it per gene until the log-likelihood does not drop.
 
-    Returns ``(B, C, mu, kernel, n_halved)`` at the accepted coefficients; a gene whose
-    step never helps keeps its old coefficients.  The tolerance of the comparison
-    follows the working precision.
+    Step halving on minus the log-likelihood kernel
+    (:func:`causarray.engine.newton.halve_steps`).  Returns ``(B, C, mu, kernel,
+    n_halved)`` at the accepted coefficients; a gene whose step never helps keeps its old
+    coefficients.  The tolerance of the comparison follows the working precision.
     """
-    Bt = B0 + db.T
-    Ct = np.clip(C0 + dc, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
-    eta, mu = pd_.mean_at(Bt, Ct)
-    kern = _kernel(y, eta, mu, alpha)
-    del eta
     eps = np.finfo(pd_.dtype).eps
     slack = 1e-10 + 10 * eps * np.sqrt(y.shape[0]) * (1.0 + np.abs(kernel0))
-    bad = np.flatnonzero(~(np.isfinite(kern) & (kern >= kernel0 - slack)))
-    n_halved = bad.size
-    step = 1.0
-    for _ in range(_MAX_HALVING):
-        if bad.size == 0:
-            break
-        step *= 0.5
-        Bt[:, bad] = B0[:, bad] + step * db[bad].T
-        Ct[:, bad] = np.clip(C0[:, bad] + step * dc[:, bad], -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
-        eb, mb = pd_.mean_at(Bt[:, bad], Ct[:, bad])
-        kb = _kernel(y[:, bad], eb, mb, alpha[bad])
-        ok = np.isfinite(kb) & (kb >= kernel0[bad] - slack[bad])
-        acc = bad[ok]
-        mu[:, acc], kern[acc] = mb[:, ok], kb[ok]
-        bad = bad[~ok]
+
+    def objective(Bt, Ct, cols):
+        yc, ac = (y, alpha) if cols is None else (y[:, cols], alpha[cols])
+        eta, mu = pd_.mean_at(Bt, Ct)
+        return mu, -_kernel(yc, eta, mu, ac)
+
+    trial = halve_steps(objective, B0, C0, db, dc, -kernel0, slack)
+    kern = -trial.f
+    bad = np.flatnonzero(trial.stalled)
     if bad.size:                                    # no improvement: stay where we were
-        Bt[:, bad], Ct[:, bad] = B0[:, bad], C0[:, bad]
-        _, mu[:, bad] = pd_.mean_at(Bt[:, bad], Ct[:, bad])
+        _, trial.mu[:, bad] = pd_.mean_at(trial.B[:, bad], trial.C[:, bad])
         kern[bad] = kernel0[bad]
-    return Bt, Ct, mu, kern, n_halved
+    return trial.B, trial.C, trial.mu, kern, int(np.count_nonzero(trial.step < 1.0))
 
 
 def _cell_sums(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray, Gm: np.ndarray,
@@ -202,7 +193,7 @@ def _cell_sums(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray, Gm: np.ndarray,
     H += t.astype(np.float32, copy=False) @ sym_outer(Gm).astype(np.float32)
 
 
-def fisher_pass(Y, design: _Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarray, *,
+def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarray, *,
                 loadings: slice | None = None, compute_se: bool = False,
                 ridge: float = 1e-10, chunk: int | None = None,
                 dtype: type = np.float32) -> PassResult:
@@ -248,30 +239,32 @@ def fisher_pass(Y, design: _Design, B: np.ndarray, C: np.ndarray, alpha: np.ndar
     for start in range(0, p, step):
         stop = min(p, start + step)
         cols = slice(start, stop)
+        # 1. the chunk's counts (rows sorted), pinned groups, means and kernel at the start
         y = sorted_chunk(Y, design.order, start, stop).astype(dtype, copy=False)
         al = alpha[cols].astype(dtype)
-        pinned = _group_sums(design, y) == 0 if a else np.zeros((0, stop - start), bool)
+        pinned = group_sums(design, y) == 0 if a else np.zeros((0, stop - start), bool)
         B0, C0 = B[:, cols], C[:, cols]
         C0[pinned] = -GROUP_COEF_BOUND
         eta, mu = pd_.mean_at(B0, C0)
-        w, resid = _working_weights(y, mu, al)
+        # 2. Fisher weights and scores (one fused pass), gradient and Newton system
+        w, resid = working_weights(y, mu, al)
         kernel0 = _kernel(y, eta, mu, al)
         del eta, mu
         grad = pd_.gradient(resid)
         del resid
-        system = _newton_system(design, w, pinned, ridge, single=True)
+        system = newton_system(design, w, pinned, ridge, single=True)
         del w
         if compute_se:
-            res.var_b[cols], res.var_c[:, cols] = _covariance_diag(system, pinned)
-        db, dc = _newton_step(system, grad, pinned)
+            res.var_b[cols], res.var_c[:, cols] = covariance_diag(system, pinned)
+        # 3. the step, capped, then halved until the log-likelihood does not drop
+        db, dc = newton_step(system, grad, pinned)
         del system
-        shrink = np.minimum(1.0, _MAX_NEWTON_STEP / np.maximum(_step_size(db, dc), 1e-300))
-        db *= shrink[:, None]
-        dc *= shrink
+        cap_step(db, dc)
         Bt, Ct, mu, kern, n_halved = _safeguarded_update(pd_, y, al, B0, C0, db, dc, kernel0)
         res.n_halved += n_halved
         B[:, cols], C[:, cols] = Bt, Ct
         kernel[cols] = kern
+        # 4. fused: every cell's factor system at the new loadings
         if loadings is not None:
             _cell_sums(y, mu, al, Bt[loadings].T * gscale, res.H, res.g)
         del mu, y
@@ -281,39 +274,6 @@ def fisher_pass(Y, design: _Design, B: np.ndarray, C: np.ndarray, alpha: np.ndar
 # ----------------------------------------------------------------------------------
 # initial factors: randomized SVD of streamed deviance residuals
 # ----------------------------------------------------------------------------------
-def _signed_root_deviance(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Deviance residuals ``sign(y - mu) sqrt(d)`` of a chunk, with few temporaries.
-
-    ``d = 2 [y log(y / mu) + (y + r) log1p((mu - y) / (y + r))]`` for NB (r = 1/alpha),
-    ``2 [y log(y / mu) - (y - mu)]`` for Poisson (alpha = 0); ``mu`` is overwritten.
-    """
-    t1 = np.maximum(y, 1.0)
-    np.log(t1, out=t1)
-    t1 -= np.log(mu)
-    t1 *= y                                         # y log(y / mu), 0 at y = 0
-    diff = np.subtract(mu, y)                       # mu - y
-    nb = alpha > 0
-    with np.errstate(divide="ignore"):
-        r = np.where(nb, 1.0 / np.where(nb, alpha, 1.0), 0.0)
-    if nb.all():
-        yr = y + r
-        np.divide(diff, yr, out=mu)
-        np.log1p(mu, out=mu)
-        mu *= yr
-        t1 += mu
-    else:
-        yr = y + r
-        with np.errstate(invalid="ignore", divide="ignore"):
-            tail = np.log1p(diff / np.where(nb, yr, 1.0)) * yr
-        t1 += np.where(nb, tail, diff)
-    np.maximum(t1, 0.0, out=t1)
-    t1 *= 2.0
-    np.sqrt(t1, out=t1)
-    t1 *= np.sign(-diff)
-    t1[~np.isfinite(t1)] = 0.0
-    return t1
-
-
 def _residual_chunks(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None, offset: np.ndarray,
                      chunk: int):
     """Yield ``(cols, R_cols)``: the deviance residuals of ``fit``, one gene chunk at a time.
@@ -334,7 +294,7 @@ def _residual_chunks(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None, offset
         eta = D32 @ coef[cols].T
         np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
         y = sorted_chunk(Y, None, cols[0], cols[-1] + 1).astype(np.float32)
-        yield cols, _signed_root_deviance(y, np.exp(eta, out=eta),
+        yield cols, signed_root_deviance(y, np.exp(eta, out=eta),
                                           alpha[cols][None, :].astype(np.float32))
 
 

@@ -56,8 +56,9 @@ from ._validation import (
     check_treatments_have_cells,
     parameter_names,
 )
+from .engine import Design, alpha_from_size, groups_from_onehot, sym_unpack
 from .factor_model import deviance_residual_svd, fisher_pass, loglik_constants
-from .glm import GLMFit, _alpha_from_size, _Design, fit_glm, groups_from_onehot, sym_unpack
+from .glm import GLMFit, fit_glm
 from .preprocessing import size_factors_from_offset
 
 logger = logging.getLogger("causarray")
@@ -210,20 +211,20 @@ def _initial_factors(Y, X, A, log_s, fit0, r, random_state):
     return u
 
 
-def _factor_design(X: np.ndarray, U: np.ndarray, A: np.ndarray, groups, log_s) -> _Design:
+def _factor_design(X: np.ndarray, U: np.ndarray, A: np.ndarray, groups, log_s) -> Design:
     """GLM design of the gene step: dense ``[X | U]`` (plus ``A`` when it is not one-hot)."""
     if groups is None:
-        return _Design.build(np.hstack([X, U, A]), None, 0, log_s)
-    return _Design.build(np.hstack([X, U]), groups, A.shape[1], log_s)
+        return Design.build(np.hstack([X, U, A]), None, 0, log_s)
+    return Design.build(np.hstack([X, U]), groups, A.shape[1], log_s)
 
 
-def _to_design(coef: np.ndarray, design: _Design):
+def _to_design(coef: np.ndarray, design: Design):
     """(B, C) in the design's scaled units from ``coef`` with columns [X | U | A]."""
     q = design.d
     return (coef[:, :q].T * design.scales[:, None]).copy(), coef[:, q:].T.copy()
 
 
-def _from_design(B: np.ndarray, C: np.ndarray, design: _Design) -> np.ndarray:
+def _from_design(B: np.ndarray, C: np.ndarray, design: Design) -> np.ndarray:
     """``coef`` with columns [X | U | A] from the design's scaled (B, C)."""
     return np.hstack([(B / design.scales[:, None]).T, C.T])
 
@@ -288,7 +289,7 @@ def _alternate(Y, X, A, log_s, size, U, coef, Q, es: dict, verbose: bool, desc: 
 
     n, p = Y.shape
     d, r = X.shape[1], U.shape[1]
-    alpha = _alpha_from_size(size) * np.ones(p)
+    alpha = alpha_from_size(size) * np.ones(p)
     groups = groups_from_onehot(A)
     if const is None:
         const = float(loglik_constants(Y, size).sum())
@@ -737,7 +738,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
             # its own U; LFC's outcome GLM starts from them)
             start = np.hstack([coef_1[:, :d], Gamma1r, beta_hat])
             refit, _, _ = _gene_passes(Y, X, A, groups_from_onehot(A), log_s,
-                                       _alpha_from_size(size) * np.ones(p), U1r, start, 1)
+                                       alpha_from_size(size) * np.ones(p), U1r, start, 1)
             coef1 = np.hstack([refit[:, :d], refit[:, d + r:], refit[:, d:d + r]])
             beta_hat, Gamma1r = refit[:, d + r:], refit[:, d:d + r]
         if gene_folds and gene_folds > 1:
@@ -892,7 +893,7 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     log_s = np.log(s)
     fit0 = _initial_glm(Ysub, Xsub, Asub, log_s, family, disp_glm)
     size = fit0.size if family == "nb" else np.full(p, np.inf)
-    alpha = _alpha_from_size(size) * np.ones(p)
+    alpha = alpha_from_size(size) * np.ones(p)
     const = float(loglik_constants(Ysub, size).sum())
     from ._compat import check_backend
 

@@ -39,7 +39,7 @@ from ._validation import (
     check_offset_test,
     check_positive_int,
 )
-from .glm import ETA_MAX, ETA_MIN, _alpha_from_size, deviance_residuals
+from .engine import ETA_MAX, ETA_MIN, alpha_from_size, deviance_residuals
 from .glm import fit_glm as _engine
 from .preprocessing import comp_size_factor
 
@@ -152,7 +152,7 @@ def fit_glm(Y, X, A=None, family: str = "gaussian", disp_family: str = "poisson"
     if family == "gaussian":
         resid = Yd - mu
     else:
-        al = np.zeros(B.shape[0]) if family == "poisson" else _alpha_from_size(size)
+        al = np.zeros(B.shape[0]) if family == "poisson" else alpha_from_size(size)
         resid = deviance_residuals(Yd, mu, np.broadcast_to(al, (B.shape[0],))[None, :])
 
     if impute is False:
