@@ -642,6 +642,31 @@ RULES = [
         pd.Series([np.nan]), np.array(["t"]), np.array(["g"])), ValueError,
         "1 result row(s) have no entry in test_mask (missing treatment-gene tests), e.g. "
         "[('t', 'g')]"),
+    # plots
+    _rule(V.check_uns_entry, lambda: V.check_uns_entry(SimpleNamespace(uns={}), "causarray"),
+          ValueError, "adata.uns has no 'causarray' entry; run causarray.tl.lfc(adata) first"),
+    _rule(V.check_table_columns, lambda: V.check_table_columns(
+        pd.DataFrame({"padj": [0.1]}), ["trt", "padj", "covariate"], "summary"), ValueError,
+        "summary lacks column(s) ['trt', 'covariate']"),
+    _rule(V.check_jic_stored, lambda: V.check_jic_stored(None), ValueError,
+          "no JIC table stored: r was fixed; run tl.lfc with r='auto'"),
+    _rule(V.check_obsm_scores, lambda: V.check_obsm_scores(SimpleNamespace(obsm={}), "p"),
+          ValueError, "adata.obsm has no 'p'; run tl.lfc(adata, propensity=True)"),
+    _rule(V.check_pi_hat_given, lambda: V.check_pi_hat_given(None), ValueError,
+          "pi_hat is required when data is a treatment matrix"),
+    _rule(V.check_plot_treatments, lambda: V.check_plot_treatments(["a", "b"], [2]), ValueError,
+          "treatment position 2 out of range 0..1"),
+    _rule(V.check_enough_axes, lambda: V.check_enough_axes(3, 2), ValueError,
+          "3 treatments to draw but 2 axes given"),
+    _rule(V.check_known_labels, lambda: V.check_known_labels(["a", "z"], ["a"], "covariate"),
+          ValueError, "unknown covariate(s) ['z']"),
+    _rule(V.check_vmax, lambda: V.check_vmax(-1.0), ValueError,
+          "vmax must be None or a finite number > 0 (the colour scale is [-vmax, vmax]), "
+          "got -1.0"),
+    _rule(V.check_calibration_table, lambda: V.check_calibration_table(None), ValueError,
+          "result must be a CalibrationResult or a table with a 'pvalue' column"),
+    _rule(V.check_some_finite, lambda: V.check_some_finite(np.array([False])), ValueError,
+          "no finite p-values to plot"),
 ]
 
 
@@ -681,9 +706,24 @@ def test_every_rule_has_a_case():
     (lambda: V.check_open_unit("level", 0.25), 0.25),
     (lambda: V.check_r_grid(3), [1, 2, 3]),
     (lambda: V.check_bracket([1, 4]), (1.0, 4.0)),
+    (lambda: V.check_plot_treatments(["a", "1"], ["a", 1, 0]), [0, 1, 0]),  # a name wins
+    (lambda: V.check_vmax("2"), 2.0),
 ])
 def test_rules_return_the_canonical_value(value, expected):
     assert value() == expected
+
+
+def test_plot_rules_other_messages():
+    """The remaining messages of the plot rules with more than one."""
+    with pytest.raises(ValueError, match=re.escape(
+            "unknown treatment 'c'; available: ['a', 'b']")):
+        V.check_plot_treatments(["a", "b"], ["a", "c"])
+    with pytest.raises(ValueError, match="^no treatment to plot$"):
+        V.check_plot_treatments(["a"], [])
+    with pytest.raises(TypeError, match=re.escape(
+            "vmax must be None or a positive number, got 'big'")):
+        V.check_vmax("big")
+    assert V.check_vmax(None) is None
 
 
 def test_ps_clip_bounds_broadcast_per_treatment():
@@ -718,15 +758,6 @@ ALLOWED_RAISES = {
     # integrity of a stored batch (dtype, rows, checksum): BatchCache catches the error,
     # distrusts the record and refits the batch
     ("cache.py", "read_record"),
-    # PENDING, not exempt: plot options of diagnostics.plot_* and pl.*, left alone while
-    # the plots branch moves them into pl (their checks move here after that merge)
-    ("diagnostics.py", "plot_propensity_scores"),
-    ("diagnostics.py", "plot_treatment_associations"),
-    ("pl.py", "_uns"),
-    ("pl.py", "_need"),
-    ("pl.py", "_jic_table"),
-    ("pl.py", "propensity"),
-    ("pl.py", "calibration_qq"),
 }
 #: Modules not scanned: the rules' home, and the CLI, whose argparse layer maps errors to
 #: flags (InputError) rather than checking inputs itself.

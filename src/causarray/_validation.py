@@ -12,7 +12,7 @@ Each check either returns the input in a canonical form (dense ``numpy.ndarray``
 the CLI can name its flag).  Sections: counts, designs and treatments, options, shapes,
 stage rules (counts, GCATE's design), AnnData keys, sizes, propensity scores,
 inference, LFC options, the batch pipeline, calibration, propensity refits,
-``glm_compat``, diagnostics and files.
+``glm_compat``, diagnostics, plots and files.
 
 Conventions
 -----------
@@ -1646,9 +1646,7 @@ def check_runner_result(res: Any) -> None:
     """A calibration runner must return a table with ``trt``, ``pvalue`` and ``padj``."""
     if not isinstance(res, pd.DataFrame):
         raise TypeError(f"the runner must return a pandas DataFrame, got {type(res).__name__}")
-    missing = [c for c in ("trt", "pvalue", "padj") if c not in res.columns]
-    if missing:
-        raise ValueError(f"the runner's result table lacks column(s) {missing}")
+    check_table_columns(res, ("trt", "pvalue", "padj"), "the runner's result table")
 
 
 # ----------------------------------------------------------------------------- propensity refits
@@ -2050,6 +2048,121 @@ def check_mask_covers_results(out: pd.Series, trts: np.ndarray, genes: np.ndarra
         shown = [(str(trts[i]), str(genes[i])) for i in bad[:5]]
         raise ValueError(f"{bad.size} result row(s) have no entry in test_mask (missing "
                          f"treatment-gene tests), e.g. {shown}")
+
+
+# ----------------------------------------------------------------------------- plots
+def check_uns_entry(data: Any, key: str) -> Any:
+    """``data.uns[key]``, the record of a :func:`causarray.tl.lfc` run, which must exist.
+
+    Returns
+    -------
+    The entry ``data.uns[key]``.
+    """
+    uns = getattr(data, "uns", None)
+    if uns is None or key not in uns:
+        raise ValueError(f"adata.uns has no {key!r} entry; run causarray.tl.lfc(adata) first")
+    return uns[key]
+
+
+def check_table_columns(table: pd.DataFrame, columns: Sequence[str],
+                        what: str = "result table") -> None:
+    """``table`` must have every one of ``columns``; the missing ones are listed in order."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {missing}")
+
+
+def check_jic_stored(jic: Any) -> None:
+    """A stored JIC table (None when ``tl.lfc`` ran with a fixed r)."""
+    if jic is None:
+        raise ValueError("no JIC table stored: r was fixed; run tl.lfc with r='auto'")
+
+
+def check_obsm_scores(adata: Any, name: str) -> None:
+    """``adata.obsm[name]`` must hold the propensity scores of a ``tl.lfc`` run."""
+    if name not in adata.obsm:
+        raise ValueError(f"adata.obsm has no {name!r}; run tl.lfc(adata, propensity=True)")
+
+
+def check_pi_hat_given(pi_hat: Any) -> None:
+    """Scores ``pi_hat`` must come with a treatment matrix (they are not stored in it)."""
+    if pi_hat is None:
+        raise ValueError("pi_hat is required when data is a treatment matrix")
+
+
+def check_plot_treatments(names: Sequence[str], treatments: Sequence[Any]) -> list[int]:
+    """Positions of the treatments to draw, given by name or by column position.
+
+    An integer that is not also a treatment name is a column position in
+    ``0..len(names) - 1``; anything else must be a name (compared as ``str``).
+
+    Returns
+    -------
+    list of int, one per entry of ``treatments``, not empty.
+    """
+    names = list(names)
+    chosen = []
+    for t in treatments:
+        if _is_int(t) and str(t) not in names:
+            if not 0 <= int(t) < len(names):
+                raise ValueError(f"treatment position {t} out of range 0..{len(names) - 1}")
+            chosen.append(int(t))
+        elif str(t) in names:
+            chosen.append(names.index(str(t)))
+        else:
+            raise ValueError(f"unknown treatment {t!r}; available: {names[:20]}")
+    if not chosen:
+        raise ValueError("no treatment to plot")
+    return chosen
+
+
+def check_enough_axes(n_panels: int, n_axes: int) -> None:
+    """One Axes per panel to draw."""
+    if n_axes < n_panels:
+        raise ValueError(f"{n_panels} treatments to draw but {n_axes} axes given")
+
+
+def check_known_labels(labels: Sequence[str], available: Sequence[str], what: str) -> None:
+    """Row / column labels to show must be among ``available`` (the first ten unknown listed)."""
+    have = set(available)
+    unknown = [x for x in labels if x not in have]
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown[:10]}")
+
+
+def check_vmax(vmax: Any) -> float | None:
+    """A colour limit: None, or a finite number > 0 (the scale is [-vmax, vmax]).
+
+    Raises
+    ------
+    TypeError
+        Not a number.
+    ValueError
+        Not finite or not positive.
+    """
+    if vmax is None:
+        return None
+    try:
+        vmax_f = float(vmax)
+    except (TypeError, ValueError):
+        raise TypeError(f"vmax must be None or a positive number, got {vmax!r}") from None
+    if not (np.isfinite(vmax_f) and vmax_f > 0):
+        raise ValueError(f"vmax must be None or a finite number > 0 (the colour scale "
+                         f"is [-vmax, vmax]), got {vmax!r}")
+    return vmax_f
+
+
+def check_calibration_table(table: Any) -> pd.DataFrame:
+    """The p-value table of a calibration check (``CalibrationResult.pvalues`` or a frame)."""
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError("result must be a CalibrationResult or a table with a 'pvalue' column")
+    return table
+
+
+def check_some_finite(keep: np.ndarray) -> None:
+    """At least one finite p-value to plot (``keep`` marks the finite ones)."""
+    if not np.any(keep):
+        raise ValueError("no finite p-values to plot")
 
 
 # ----------------------------------------------------------------------------- files

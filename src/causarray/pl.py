@@ -21,6 +21,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._validation import (
+    check_calibration_table,
+    check_choice,
+    check_enough_axes,
+    check_jic_stored,
+    check_known_labels,
+    check_obsm_scores,
+    check_open_unit,
+    check_pi_hat_given,
+    check_plot_treatments,
+    check_some_finite,
+    check_table_columns,
+    check_uns_entry,
+    check_vmax,
+)
+
 __all__ = ["calibration_qq", "discoveries", "place_labels", "propensity", "r_selection",
            "treatment_associations", "volcano"]
 
@@ -29,23 +45,11 @@ NS_COLOR = "#aaaaaa"
 BAR_COLOR = "steelblue"
 
 
-def _uns(data: Any, key: str) -> dict:
-    uns = getattr(data, "uns", None)
-    if uns is None or key not in uns:
-        raise ValueError(f"adata.uns has no {key!r} entry; run causarray.tl.lfc(adata) first")
-    return uns[key]
-
-
 def _results(data: Any, key: str = "causarray") -> pd.DataFrame:
+    """The result table: ``data`` itself, or ``data.uns[key]['results']``."""
     if isinstance(data, pd.DataFrame):
         return data
-    return _uns(data, key)["results"]
-
-
-def _need(df: pd.DataFrame, cols: Sequence[str]) -> None:
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValueError(f"result table lacks column(s) {missing}")
+    return check_uns_entry(data, key)["results"]
 
 
 def _axes(ax: Any, figsize: tuple[float, float]):
@@ -86,9 +90,9 @@ def volcano(data: Any, alpha: float = 0.05, padj_col: str = "padj", x: str = "lo
     """
     df = _results(data, key)
     pcol = "pvalue_emp_null_adj" if padj_col == "padj_emp_null_adj" else "pvalue"
-    _need(df, [x, pcol, padj_col, "gene_names"])
+    check_table_columns(df, [x, pcol, padj_col, "gene_names"])
     if trt is not None:
-        _need(df, ["trt"])
+        check_table_columns(df, ["trt"])
         wanted = [trt] if isinstance(trt, str) else list(trt)
         df = df[df["trt"].astype(str).isin([str(t) for t in wanted])]
     df = df[np.isfinite(df[pcol].to_numpy(dtype=float)) & np.isfinite(df[x].to_numpy(dtype=float))]
@@ -209,10 +213,9 @@ def _jic_table(data: Any, key: str) -> pd.DataFrame:
     if isinstance(data, pd.DataFrame):
         df = data
     else:
-        df = _uns(data, key).get("jic")
-        if df is None:
-            raise ValueError("no JIC table stored: r was fixed; run tl.lfc with r='auto'")
-    _need(df, ["r", "deviance", "nu"])
+        df = check_uns_entry(data, key).get("jic")
+        check_jic_stored(df)
+    check_table_columns(df, ["r", "deviance", "nu"])
     return df.sort_values("r").reset_index(drop=True)
 
 
@@ -303,19 +306,7 @@ def _chosen_panels(names: list[str], treatments: Sequence[Any] | None,
     """Positions of the treatments to draw: names, or column positions not also names."""
     if treatments is None:
         return list(range(min(int(max_panels), len(names))))
-    chosen = []
-    for t in treatments:
-        if isinstance(t, (int, np.integer)) and not isinstance(t, bool) and str(t) not in names:
-            if not 0 <= int(t) < len(names):
-                raise ValueError(f"treatment position {t} out of range 0..{len(names) - 1}")
-            chosen.append(int(t))
-        elif str(t) in names:
-            chosen.append(names.index(str(t)))
-        else:
-            raise ValueError(f"unknown treatment {t!r}; available: {names[:20]}")
-    if not chosen:
-        raise ValueError("no treatment to plot")
-    return chosen
+    return check_plot_treatments(names, treatments)
 
 
 def _propensity_panels(A: Any, pi_hat: Any, treatments: Sequence[Any] | None,
@@ -349,8 +340,7 @@ def _propensity_panels(A: Any, pi_hat: Any, treatments: Sequence[Any] | None,
     else:
         ax_out = np.atleast_1d(np.asarray(axes, dtype=object))
         ax_list = list(ax_out.ravel())
-        if len(ax_list) < len(chosen):
-            raise ValueError(f"{len(chosen)} treatments to draw but {len(ax_list)} axes given")
+        check_enough_axes(len(chosen), len(ax_list))
         fig = ax_list[0].figure
     control = ~np.any(A_arr != 0, axis=1)
     edges = np.linspace(0.0, 1.0, int(bins) + 1)
@@ -375,10 +365,9 @@ def _scores_from_adata(adata: Any, key: str) -> tuple[pd.DataFrame, np.ndarray]:
     """``(A, pi)`` of the cells that :func:`causarray.tl.lfc` scored (``obsm[key_propensity]``)."""
     from .preprocessing import treatment_matrix
 
-    settings = _uns(adata, key)["settings"]
+    settings = check_uns_entry(adata, key)["settings"]
     name = f"{key}_propensity"
-    if name not in adata.obsm:
-        raise ValueError(f"adata.obsm has no {name!r}; run tl.lfc(adata, propensity=True)")
+    check_obsm_scores(adata, name)
     scores = adata.obsm[name]
     cols = [str(c) for c in scores.columns]
     A_all = treatment_matrix(adata.obs[settings["pert_col"]].astype(str),
@@ -414,13 +403,11 @@ def propensity(data: Any, pi_hat: Any = None, treatments: Sequence[Any] | None =
     """
     from .diagnostics import summarize_propensity_scores
 
-    if order not in ("least_overlap", "first"):
-        raise ValueError(f"order must be 'least_overlap' or 'first', got {order!r}")
+    check_choice("order", order, ("least_overlap", "first"))
     if hasattr(data, "obsm") and hasattr(data, "uns"):
         A, pi = _scores_from_adata(data, key)
     else:
-        if pi_hat is None:
-            raise ValueError("pi_hat is required when data is a treatment matrix")
+        check_pi_hat_given(pi_hat)
         A, pi = data, pi_hat
     if treatments is None and order == "least_overlap":
         summary = summarize_propensity_scores(A, pi).sort_values("overlap_ratio",
@@ -434,19 +421,6 @@ def propensity(data: Any, pi_hat: Any = None, treatments: Sequence[Any] | None =
 # ----------------------------------------------------------------------------------
 # treatment-covariate association
 # ----------------------------------------------------------------------------------
-def _check_vmax(vmax: Any) -> float | None:
-    if vmax is None:
-        return None
-    try:
-        vmax_f = float(vmax)
-    except (TypeError, ValueError):
-        raise TypeError(f"vmax must be None or a positive number, got {vmax!r}") from None
-    if not (np.isfinite(vmax_f) and vmax_f > 0):
-        raise ValueError(f"vmax must be None or a finite number > 0 (the colour scale "
-                         f"is [-vmax, vmax]), got {vmax!r}")
-    return vmax_f
-
-
 def treatment_associations(summary: pd.DataFrame, value: str = "spearman_rho",
                            treatments: Sequence[Any] | None = None,
                            covariates: Sequence[Any] | None = None,
@@ -473,13 +447,9 @@ def treatment_associations(summary: pd.DataFrame, value: str = "spearman_rho",
     -------
     matplotlib.axes.Axes
     """
-    vmax_f = _check_vmax(vmax)
-    if value not in ("spearman_rho", "standardized_mean_difference"):
-        raise ValueError(f"value must be 'spearman_rho' or 'standardized_mean_difference', "
-                         f"got {value!r}")
-    missing = {"treatment", "covariate", value, "padj"} - set(summary.columns)
-    if missing:
-        raise ValueError(f"summary lacks column(s) {sorted(missing)}")
+    vmax_f = check_vmax(vmax)
+    check_choice("value", value, ("spearman_rho", "standardized_mean_difference"))
+    check_table_columns(summary, sorted({"treatment", "covariate", value, "padj"}), "summary")
     t_order = list(dict.fromkeys(summary["treatment"].astype(str))) if treatments is None \
         else [str(t) for t in treatments]
     z_order = list(dict.fromkeys(summary["covariate"].astype(str))) if covariates is None \
@@ -488,11 +458,8 @@ def treatment_associations(summary: pd.DataFrame, value: str = "spearman_rho",
                        covariate=summary["covariate"].astype(str))
     grid = s.pivot(index="treatment", columns="covariate", values=value)
     padj = s.pivot(index="treatment", columns="covariate", values="padj")
-    for label, have, what in ((t_order, grid.index, "treatment"),
-                              (z_order, grid.columns, "covariate")):
-        unknown = [x for x in label if x not in have]
-        if unknown:
-            raise ValueError(f"unknown {what}(s) {unknown[:10]}")
+    check_known_labels(t_order, grid.index, "treatment")
+    check_known_labels(z_order, grid.columns, "covariate")
     vals = grid.loc[t_order, z_order].to_numpy(dtype=float)
     if vmax_f is not None:
         lim = vmax_f
@@ -573,18 +540,14 @@ def calibration_qq(result: Any, ax: Any = None, band: str = "pointwise", level: 
     -------
     matplotlib.axes.Axes
     """
-    if band not in ("pointwise", "simultaneous"):
-        raise ValueError(f"band must be 'pointwise' or 'simultaneous', got {band!r}")
-    if not 0.0 < float(level) < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
-    table = result if isinstance(result, pd.DataFrame) else getattr(result, "pvalues", None)
-    if not isinstance(table, pd.DataFrame):
-        raise ValueError("result must be a CalibrationResult or a table with a 'pvalue' column")
-    _need(table, ["pvalue"])
+    check_choice("band", band, ("pointwise", "simultaneous"))
+    check_open_unit("level", level)
+    table = check_calibration_table(
+        result if isinstance(result, pd.DataFrame) else getattr(result, "pvalues", None))
+    check_table_columns(table, ["pvalue"])
     p_all = table["pvalue"].to_numpy(dtype=float)
     keep = np.isfinite(p_all)
-    if not keep.any():
-        raise ValueError("no finite p-values to plot")
+    check_some_finite(keep)
     ax = _axes(ax, (4.6, 4.4))
     floor = np.finfo(float).tiny
     n = int(keep.sum())

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._validation import check_table_columns
 from ._version import __version__
 
 __all__ = ["discovery_counts", "discovery_summary", "figure_png", "render_report", "top_hits",
@@ -151,8 +152,7 @@ def discovery_counts(results: pd.DataFrame, alpha: float = 0.05,
         ``n_discoveries`` indexed by perturbation (``trt``; a single unnamed treatment
         is ``'treatment'``).
     """
-    if padj_col not in results.columns:
-        raise ValueError(f"result table lacks column(s) {[padj_col]}")
+    check_table_columns(results, [padj_col])
     trt = _trt(results)
     sig = results[padj_col].to_numpy(dtype=float) < alpha
     counts = pd.Series(sig.astype(int), index=results.index).groupby(trt.to_numpy()).sum()
