@@ -1116,7 +1116,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     fdx, fdx_alpha, fdx_c, fdx_B : FDX control by the multiplier bootstrap (correctly scaled).
     ps_clip : 'auto' (prevalence-aware), a (low, high) pair or None.
     ps_class_weight : None (calibrated scores) or 'balanced' (0.0.9 behaviour).
-    disp_glm : NB size per gene for the outcome model (estimated by MoM when None).
+    disp_glm : (p,) NB *size* theta_j per gene for the outcome model
+        (``Var(y) = mu + mu^2 / theta_j``), i.e. 1/dispersion -- pass ``1 / dispersions``
+        from DESeq2 or edgeR (the name is 0.1.1's); estimated by method of moments when
+        None (:func:`causarray.glm.estimate_nb_size`).
     outcome_init : (p, d + a) starting coefficients of the outcome GLM, columns in the
         order ``[W | A]`` (e.g. GCATE's for the same design, as ``gcate_lfc_batch``
         passes them).  Only a warm start: the fit and its dispersion recipe are

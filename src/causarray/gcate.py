@@ -691,7 +691,10 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     r : number of latent factors (>= 0; with 0 both stages are the GLM on [X | A] and U
         has no column).
     family : 'nb' or 'poisson'.
-    disp_glm : NB size per gene; estimated on [X | A] by method of moments when None.
+    disp_glm : (p,) NB *size* theta_j per gene (``Var(y) = mu + mu^2 / theta_j``), i.e.
+        1/dispersion -- pass ``1 / dispersions`` from DESeq2 or edgeR (the name is
+        0.1.1's); estimated on [X | A] by method of moments when None
+        (:func:`causarray.glm.estimate_nb_size`).
     disp_family : accepted for compatibility (unused).
     offset : True (median-of-ratios size factors), False/None (none) or an (n,) array of
         log size factors.
