@@ -22,8 +22,6 @@ ALLOWED: dict[str, str] = {
                  "batch/cache); split there",
     "report.py:render_report": "one HTML template filled top to bottom; being edited in "
                                "another branch",
-    "batch.py:gcate_lfc_batch": "file-input part being edited in another branch; the "
-                                "fingerprint and layout steps are split there",
 }
 
 
