@@ -22,6 +22,7 @@ from .dr import LFC as LFC
 from .gcate import estimate_r as estimate_r
 from .gcate import fit_gcate as fit_gcate
 from .glm import estimate_dispersion as estimate_dispersion
+from .glm import estimate_nb_size as estimate_nb_size
 from .glm_compat import fit_glm as fit_glm
 from .glm_compat import fit_glm_fast as fit_glm_fast
 from .glm_compat import fit_glm_ondisk as fit_glm_ondisk

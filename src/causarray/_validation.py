@@ -197,6 +197,38 @@ def as_count_matrix(
             f"{name} is an AnnData object; pass a matrix, or use "
             "causarray.preprocessing.from_anndata(adata) to build the inputs"
         )
+    Y, values, gene_names = _canonical_counts(Y, name)
+    n_bad, n_neg, vmin, n_frac = _count_issues(Y, values)
+    if n_bad:
+        raise ValueError(
+            f"{name} contains NaN or infinite values ({n_bad} entries); remove or impute "
+            "them before running causarray"
+        )
+    if n_neg:
+        raise ValueError(
+            f"{name} contains negative values ({n_neg} entries, minimum {vmin:g}); "
+            "counts must be non-negative"
+        )
+    if n_frac and non_integer != "ignore":
+        if non_integer == "raise":
+            raise ValueError(
+                f"{name} contains {n_frac} non-integer entries; raw integer counts are "
+                "required"
+            )
+        warnings.warn(
+            f"{name} contains {n_frac} non-integer entries; they were rounded to the "
+            "nearest integer",
+            UserWarning,
+            stacklevel=2,
+        )
+        Y = _rounded(Y)
+    return Y, gene_names
+
+
+def _canonical_counts(Y: Any, name: str):
+    """``(Y, stored values or None, gene names or None)``: a DataFrame's values and
+    column names, sparse as CSR (``values``: its stored entries), dense as an ndarray,
+    bool as int64; wrong dimensions, an empty matrix or a non-numeric dtype raise."""
     gene_names = None
     if isinstance(Y, pd.DataFrame):
         gene_names = _names_of(Y.columns)
@@ -220,57 +252,37 @@ def as_count_matrix(
         raise ValueError(
             f"{name} has shape {Y.shape}; it needs at least one cell and one gene"
         )
-    dtype = Y.dtype
-    if dtype == np.bool_:
+    if Y.dtype == np.bool_:
         Y = Y.astype(np.int64)
         values = Y.data if sp.issparse(Y) else None
-        dtype = Y.dtype
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-        raise TypeError(f"{name} must hold numeric counts; got dtype {dtype}")
+    if not (np.issubdtype(Y.dtype, np.integer) or np.issubdtype(Y.dtype, np.floating)):
+        raise TypeError(f"{name} must hold numeric counts; got dtype {Y.dtype}")
+    return Y, values, gene_names
 
-    # scan for NaN / inf, negatives, non-integers
+
+def _count_issues(Y, values) -> tuple[int, int, float, int]:
+    """``(non-finite, negative, minimum, non-integer)`` entries of a canonical count
+    matrix (``values``: a sparse matrix's stored entries, None for dense)."""
+    dtype = Y.dtype
     if np.issubdtype(dtype, np.floating):
         if values is not None:       # the stored values, scanned in blocks (a column view)
-            n_bad, n_neg, vmin, n_frac = _count_dense_issues(values.reshape(-1, 1))
-        else:
-            n_bad, n_neg, vmin, n_frac = _count_dense_issues(Y)
-    else:
-        n_bad = n_frac = 0
-        if np.issubdtype(dtype, np.signedinteger):
-            arr = values if values is not None else Y
-            n_neg = int(np.count_nonzero(arr < 0)) if arr.size else 0
-            vmin = float(arr.min()) if arr.size else 0.0
-        else:
-            n_neg, vmin = 0, 0.0
+            return _count_dense_issues(values.reshape(-1, 1))
+        return _count_dense_issues(Y)
+    n_neg, vmin = 0, 0.0
+    if np.issubdtype(dtype, np.signedinteger):
+        arr = values if values is not None else Y
+        n_neg = int(np.count_nonzero(arr < 0)) if arr.size else 0
+        vmin = float(arr.min()) if arr.size else 0.0
+    return 0, n_neg, vmin, 0
 
-    if n_bad:
-        raise ValueError(
-            f"{name} contains NaN or infinite values ({n_bad} entries); remove or impute "
-            "them before running causarray"
-        )
-    if n_neg:
-        raise ValueError(
-            f"{name} contains negative values ({n_neg} entries, minimum {vmin:g}); "
-            "counts must be non-negative"
-        )
-    if n_frac and non_integer != "ignore":
-        if non_integer == "raise":
-            raise ValueError(
-                f"{name} contains {n_frac} non-integer entries; raw integer counts are "
-                "required"
-            )
-        warnings.warn(
-            f"{name} contains {n_frac} non-integer entries; they were rounded to the "
-            "nearest integer",
-            UserWarning,
-            stacklevel=2,
-        )
-        if sp.issparse(Y):
-            Y = Y.copy()
-            np.rint(Y.data, out=Y.data)
-        else:
-            Y = np.rint(Y)
-    return Y, gene_names
+
+def _rounded(Y):
+    """A copy of ``Y`` with its entries rounded to the nearest integer (half to even)."""
+    if sp.issparse(Y):
+        Y = Y.copy()
+        np.rint(Y.data, out=Y.data)
+        return Y
+    return np.rint(Y)
 
 
 # ----------------------------------------------------------------------------- designs

@@ -853,6 +853,73 @@ def _executor_width(executor) -> int:
     return os.cpu_count() or 2
 
 
+def _route_keywords(kwargs: dict, gcate_kwargs: dict | None, lfc_kwargs: dict | None,
+                    assignment: str) -> tuple[dict, dict, Any]:
+    """``gcate_lfc_batch``'s keywords for ``fit_gcate`` and for ``LFC``, and ``disp_glm``.
+
+    A keyword of ``**kwargs`` goes to whichever of the two accepts it (or both);
+    ``gcate_kwargs`` / ``lfc_kwargs`` win.  ``family`` is the run's own, ``disp_glm`` is
+    resolved once for the screen, and LFC-only options given to both stages stay with
+    LFC.  Unknown or reserved keywords raise (as :func:`check_batch_keywords`).
+    """
+    g_names, l_names = check_batch_keywords("gcate_lfc_batch", kwargs, gcate_kwargs,
+                                            lfc_kwargs)
+    gk = {**{k: v for k, v in kwargs.items() if k in g_names}, **(gcate_kwargs or {})}
+    lk = {**{k: v for k, v in kwargs.items() if k in l_names}, **(lfc_kwargs or {})}
+    gk.setdefault("assignment", assignment)
+    check_assignment(gk["assignment"])
+    disp_glm = gk.pop("disp_glm", None)
+    check_lfc_kwargs(lk, _LFC_RESERVED)
+    lk.pop("family", None)
+    gk.pop("family", None)
+    for key in ("ps_model", "eps_var", "ps_clip", "ps_class_weight", "usevar"):
+        if key in kwargs and key not in (gcate_kwargs or {}):
+            gk.pop(key, None)                      # LFC-only options given to both stages
+    return gk, lk, disp_glm
+
+
+def _run_fingerprint(data: _Inputs, plans: list[BatchPlan], settings: dict, gk: dict,
+                     lk: dict):
+    """The cache fingerprint of a ``gcate_lfc_batch`` run: the package version, digests
+    of the inputs and of the batch layout, the run's ``settings`` and both stages'
+    keywords (``verbose`` left out: it changes no result)."""
+    return fingerprint(dict(
+        causarray_version=__version__, Y=_digest_counts(data.Y),
+        Y_shape=list(data.Y.shape), gene_names=content_digest(data.gene_names),
+        A=content_digest(data.A), trt_names=content_digest(np.asarray(data.trt_names, object)),
+        X=content_digest(data.X), W_A=content_digest(data.W_A), r=settings["r"],
+        family=settings["family"], offset=settings["offset"],
+        batch_size=settings["batch_size"], n_batches=settings["n_batches"],
+        max_cells=settings["max_cells"], n_ctrl=settings["n_ctrl"],
+        random_state=settings["random_state"], warm_start_U=settings["warm_start_U"],
+        layout=_layout_digest(plans), disp_glm=settings["disp_glm"], outcome_start="gcate",
+        gcate_kwargs={k: v for k, v in gk.items() if k != "verbose"},
+        lfc_kwargs={k: v for k, v in lk.items() if k != "verbose"}))
+
+
+def _warn_missing_nuisances(nuis_path, n_batches: int) -> None:
+    """Warn about batches restored from the cache without stored nuisances."""
+    from .nuisances import stored_batches
+
+    missing = sorted(set(range(n_batches)) - set(stored_batches(nuis_path)))
+    if missing:
+        warnings.warn(f"save_nuisances: batches {missing[:10]} were restored from the "
+                      f"cache and have no nuisances in {nuis_path!r}; rerun with a fresh "
+                      "cache_path to store them", RuntimeWarning, stacklevel=3)
+
+
+def _batch_record(res: dict, warm_start_U: bool) -> BatchRecord:
+    """The cache record of one finished batch: its result rows, its control rows of U
+    when the next batch warm-starts from them, and its sizes and timings."""
+    arrays = {"U_ctrl": res["U_ctrl"]} if warm_start_U and res["U_ctrl"] is not None \
+        else {}
+    return BatchRecord(frame=res["frame"], arrays=arrays,
+                       info=dict(n_cells=res["n_cells"], n_perts=res["n_perts"],
+                                 t_gcate=round(res["t_gcate"], 3),
+                                 t_read=round(res.get("t_read", 0.0), 3),
+                                 t_batch=round(res["t_batch"], 3)))
+
+
 def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_size: int = 10,
                     n_batches: int | None = None, max_cells: int | None = 2000,
                     n_ctrl: int | None = 2000, family: str = "nb", offset=True,
@@ -945,24 +1012,11 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
 
         nuis_path = nuisance_path(cache_path)      # ValueError without cache_path
     check_executor_client(executor, client)
-    g_names, l_names = check_batch_keywords("gcate_lfc_batch", kwargs, gcate_kwargs,
-                                            lfc_kwargs)
-    # a keyword of **kwargs goes to whichever of fit_gcate / LFC accepts it (or both)
-    gk = {**{k: v for k, v in kwargs.items() if k in g_names}, **(gcate_kwargs or {})}
-    lk = {**{k: v for k, v in kwargs.items() if k in l_names}, **(lfc_kwargs or {})}
-    gk.setdefault("assignment", assignment)
-    check_assignment(gk["assignment"])
+    gk, lk, disp_glm = _route_keywords(kwargs, gcate_kwargs, lfc_kwargs, assignment)
     if gk["assignment"] == "randomized" and W_A is not None:
         logger.info("assignment='randomized': the propensity models use the observed "
                     "covariates X only (W_A, e.g. library size, is measured after the "
                     "perturbation); pass assignment='observational' to use W_A")
-    disp_glm = gk.pop("disp_glm", None)
-    check_lfc_kwargs(lk, _LFC_RESERVED)
-    lk.pop("family", None)
-    gk.pop("family", None)
-    for key in ("ps_model", "eps_var", "ps_clip", "ps_class_weight", "usevar"):
-        if key in kwargs and key not in (gcate_kwargs or {}):
-            gk.pop(key, None)                      # LFC-only options given to both stages
     blas_threads = _check_blas_threads(blas_threads)
     targets = check_targets(lk.get("targets", "auto"))
     Y, X, A, W_A = _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer,
@@ -978,17 +1032,11 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     records: dict[int, BatchRecord] = {}
     cache = None
     if cache_path is not None:
-        fp, items = fingerprint(dict(
-            causarray_version=__version__, Y=_digest_counts(data.Y),
-            Y_shape=list(data.Y.shape), gene_names=content_digest(data.gene_names),
-            A=content_digest(data.A), trt_names=content_digest(np.asarray(data.trt_names, object)),
-            X=content_digest(data.X), W_A=content_digest(data.W_A), r=r, family=family,
-            offset=canonical(offset), batch_size=batch_size, n_batches=n_batches,
-            max_cells=max_cells, n_ctrl=n_ctrl, random_state=random_state,
-            warm_start_U=warm_start_U, layout=_layout_digest(plans),
-            disp_glm=canonical(disp_glm), outcome_start="gcate",
-            gcate_kwargs={k: v for k, v in gk.items() if k != "verbose"},
-            lfc_kwargs={k: v for k, v in lk.items() if k != "verbose"}))
+        fp, items = _run_fingerprint(data, plans, {
+            "r": r, "family": family, "offset": canonical(offset), "batch_size": batch_size,
+            "n_batches": n_batches, "max_cells": max_cells, "n_ctrl": n_ctrl,
+            "random_state": random_state, "warm_start_U": warm_start_U,
+            "disp_glm": canonical(disp_glm)}, gk, lk)
         cache = BatchCache(cache_path, fp, items)
         records = {b: rec for b, rec in cache.load().items() if b < len(plans)}
     todo = [pl for pl in plans if pl.batch not in records]
@@ -1003,13 +1051,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
                          width)
 
         def finish(res: dict) -> None:
-            arrays = {"U_ctrl": res["U_ctrl"]} if warm_start_U and res["U_ctrl"] is not None \
-                else {}
-            rec = BatchRecord(frame=res["frame"], arrays=arrays,
-                              info=dict(n_cells=res["n_cells"], n_perts=res["n_perts"],
-                                        t_gcate=round(res["t_gcate"], 3),
-                                        t_read=round(res.get("t_read", 0.0), 3),
-                                        t_batch=round(res["t_batch"], 3)))
+            rec = _batch_record(res, warm_start_U)
             if nuis_path is not None and "nuisances" in res:
                 from .nuisances import save_batch_nuisances
 
@@ -1035,13 +1077,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     if cache is not None and (todo or cache.needs_finalize(range(len(plans)))):
         cache.finalize(records)
     if nuis_path is not None:
-        from .nuisances import stored_batches
-
-        missing = sorted(set(range(len(plans))) - set(stored_batches(nuis_path)))
-        if missing:
-            warnings.warn(f"save_nuisances: batches {missing[:10]} were restored from the "
-                          f"cache and have no nuisances in {nuis_path!r}; rerun with a fresh "
-                          "cache_path to store them", RuntimeWarning, stacklevel=2)
+        _warn_missing_nuisances(nuis_path, len(plans))
     frames = [records[pl.batch].frame for pl in plans]
     # the on-target family spans the screen: its BH is redone over all batches' rows
     return adjust_target_families(pd.concat(frames, ignore_index=True), targets)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -307,26 +308,29 @@ def _coerce_Y_hat(Y_hat, n: int, p: int, a: int) -> CounterfactualMeans:
 # per-gene sums over blocks of cells
 # ----------------------------------------------------------------------------------
 def _group_sums(V: np.ndarray, grp, a: int) -> np.ndarray:
-    """Per-group row sums (a x m) of V (m x c) for the cells' groups ``grp`` (-1: none)."""
+    """Per-group row sums (a x m) of V (m x c) for the cells' groups ``grp``: None (no
+    group, all zero), one group for every cell, or one group per cell."""
     out = np.zeros((a, V.shape[0]))
+    if grp is None:
+        return out
     if isinstance(grp, (int, np.integer)):
-        if grp >= 0:
-            out[grp] = V.sum(axis=1)
+        out[grp] = V.sum(axis=1)
         return out
     onehot = (np.asarray(grp)[:, None] == np.arange(a)[None, :]).astype(float)
     return (V @ onehot).T
 
 
 def _block_sums(y: np.ndarray, mu0_raw: np.ndarray, e: np.ndarray, inv_s: np.ndarray,
-                wt: np.ndarray, treated: bool, R: np.ndarray | None = None,
-                W: np.ndarray | None = None, grp=-1, a: int = 0) -> dict:
+                wt: np.ndarray, *, treated: bool, R: np.ndarray | None = None,
+                W: np.ndarray | None = None, groups=None, a: int = 0) -> dict:
     """Per-gene sums over one block of cells of one treatment, cell by cell.
 
     A block holds only treated cells (``wt`` = 1/pi) or only untreated ones
     (``wt`` = 1/(1 - pi)).  ``y``, ``mu0_raw`` are genes x cells, ``e`` the factor
     exp(effect_k) ((m, 1) or (m, c)).  Returns the sums of phi(1), phi(0), their squares
     and product, of y and of 1/s; with ``R`` (GLM scores) and ``W`` also the sums that
-    enter the outcome-model variance term (``grp``: the cells' groups).
+    enter the outcome-model variance term (``groups``: the cells' treatment groups, see
+    :func:`_group_sums`).
     """
     mu_b = mu0_raw * e if treated else mu0_raw.copy()      # the arm of this block's cells
     np.minimum(mu_b, Y_HAT_CAP, out=mu_b)
@@ -351,13 +355,13 @@ def _block_sums(y: np.ndarray, mu0_raw: np.ndarray, e: np.ndarray, inv_s: np.nda
     if R is not None:
         bR, oR = phi_b * R, phi_o * R
         PbW, PoW = bR @ W, oR @ W
-        Pbg, Pog = _group_sums(bR, grp, a), _group_sums(oR, grp, a)
+        Pbg, Pog = _group_sums(bR, groups, a), _group_sums(oR, groups, a)
         if treated:
             out.update(r1W=pb @ W, r0W=phi_o @ W, r1s=pb.sum(axis=1),
                        P1W=PbW, P0W=PoW, P1g=Pbg, P0g=Pog)
         else:
             out.update(r1W=phi_o @ W, r0W=pb @ W, r1s=so, P1W=PoW, P0W=PbW, P1g=Pog, P0g=Pbg)
-        out.update(RW=R @ W, Rg=_group_sums(R, grp, a))
+        out.update(RW=R @ W, Rg=_group_sums(R, groups, a))
     return out
 
 
@@ -418,8 +422,9 @@ class _ControlSums:
         bad = (self.mu0_max * np.maximum(e, 1.0)) > Y_HAT_CAP
         if bad.any():
             direct = _block_sums(self.y[bad], self.mu0_raw[bad], e[bad, None], self.inv_s,
-                                 self.w0[:, k], False,
-                                 None if self.R is None else self.R[bad], self.W, -1, self.a)
+                                 self.w0[:, k], treated=False,
+                                 R=None if self.R is None else self.R[bad], W=self.W,
+                                 groups=None, a=self.a)
             for key, val in direct.items():
                 if isinstance(val, np.ndarray):
                     out[key] = out[key].copy()
@@ -509,10 +514,11 @@ def weighted_df(b1: dict, b0: dict, eta_moments) -> np.ndarray:
     return np.where(np.isfinite(df), np.maximum(df, 2.0), np.inf)
 
 
-def _estimand_from_sums(b1: dict, b0: dict, thres_diff: float, usevar: str, n_params: int,
-                        in_sample: bool, bias_correction: bool,
+def _estimand_from_sums(b1: dict, b0: dict, opts: _AIPWOptions,
                         info: _ChunkInformation | None = None, k: int = 0) -> dict:
     """Means, LFC, variance, df and floor of one treatment for a chunk of genes."""
+    thres_diff, usevar, n_params = opts.thres_diff, opts.usevar, opts.n_params
+    in_sample, bias_correction = opts.in_sample, opts.bias_correction
     tot = _add_sums(b1, b0)
     n1, n0 = b1["n"], b0["n"]
     n_k = n1 + n0
@@ -634,105 +640,178 @@ def _chunk_genes(n: int) -> int:
     return int(max(16, min(1024, _AIPW_CHUNK_BYTES // (8 * max(n, 1)))))
 
 
+@dataclass(frozen=True)
+class _AIPWOptions:
+    """How the AIPW estimands are formed; the same for every gene chunk and treatment.
+
+    thres_diff : floor of the arm means before the log.
+    usevar : 'pooled' or 'unequal' variance (see :func:`LFC`).
+    n_params : q, the outcome model's parameters per comparison (df and small-sample
+        factor n_k / (n_k - q)).
+    in_sample : the nuisances were fitted on the cells they are evaluated on (K = 1),
+        so the pooled variance gets the small-sample factor.
+    bias_correction : remove the second-order bias of the log of a ratio of means.
+    nuisance_variance : add the outcome-model term of the variance where it applies
+        (in-sample one-hot fits).
+    verbose : progress bar over the gene chunks.
+    """
+
+    thres_diff: float = 0.01
+    usevar: str = "pooled"
+    n_params: int = 1
+    in_sample: bool = True
+    bias_correction: bool = True
+    nuisance_variance: bool = True
+    verbose: bool = False
+
+
+class _SortedCells:
+    """The cells in the order of ``cm.order`` and, per treatment, its two arms as blocks.
+
+    Treatment k compares its treated cells with the untreated cells eligible for it
+    (``mask[:, k]``, or the controls when ``mask`` is None).  ``shared``: every treatment
+    uses the same contiguous block of controls (no mask, no cross-fitting), so their
+    sums are formed once per gene chunk (:class:`_ControlSums`).
+    """
+
+    def __init__(self, A: np.ndarray, s: np.ndarray, pi: np.ndarray,
+                 cm: CounterfactualMeans, mask):
+        order = cm.order
+        self.A, self.inv_s, self.pi = A[order], 1.0 / s[order], pi[order]
+        self.fold = cm.fold[order]
+        self.groups_unsorted = groups_from_onehot(A)
+        self.groups = None if self.groups_unsorted is None else self.groups_unsorted[order]
+        control = ~(self.A != 0).any(axis=1)
+        elig = mask[order] if mask is not None else control[:, None] | (self.A == 1)
+        self.sets = [(_as_block(np.flatnonzero(elig[:, k] & (self.A[:, k] == 1))),
+                      _as_block(np.flatnonzero(elig[:, k] & (self.A[:, k] != 1))))
+                     for k in range(A.shape[1])]
+        self.ctrl = _as_block(np.flatnonzero(control))
+        self.shared = (mask is None and cm.effect.shape[0] == 1
+                       and isinstance(self.ctrl, slice) and self.ctrl.stop - self.ctrl.start > 0)
+        self.masked = mask is not None
+
+
+class _OutcomeTerm:
+    """Per-chunk inputs of the outcome-model variance term (in-sample one-hot fits).
+
+    Holds the sorted design ``Ws`` and the treatment groups' blocks; the per-gene
+    information (:class:`OutcomeInformation`) is taken from ``cm.info`` or, the first
+    time, accumulated chunk by chunk (``need``) and stored back by the caller.
+    """
+
+    def __init__(self, W: np.ndarray, cells: _SortedCells, cm: CounterfactualMeans,
+                 p: int, a: int):
+        self.Ws = W[cm.order]
+        self.gslices = [_as_block(np.flatnonzero(cells.groups == k)) for k in range(a)]
+        self.need = cm.info is None
+        if self.need:
+            self.info = OutcomeInformation.empty(p, W.shape[1], a, cm.alpha,
+                                                 cells.groups_unsorted)
+            self.WWs = sym_outer(self.Ws)
+        else:
+            self.info, self.WWs = cm.info, None
+        self.alpha = self.info.alpha
+
+    @staticmethod
+    def applies(W, cells: _SortedCells, cm: CounterfactualMeans, nuisance_variance: bool):
+        return bool(nuisance_variance and W is not None and cells.groups is not None
+                    and cm.effect.shape[0] == 1 and (cm.info is not None or cm.alpha is not None))
+
+    def scores(self, y: np.ndarray, cm: CounterfactualMeans, cols: slice) -> np.ndarray:
+        """GLM scores of the chunk's genes (genes x cells); fills the information first
+        when it is needed."""
+        mufit = cm.mu0[cols].copy()
+        for k, sl in enumerate(self.gslices):
+            mufit[:, sl] *= np.exp(cm.effect[0, cols, k])[:, None]
+        np.minimum(mufit, Y_HAT_CAP, out=mufit)
+        if self.need:
+            return _chunk_information(y, mufit, self.alpha[cols], self.Ws, self.WWs,
+                                      self.gslices, self.info, cols)
+        return _glm_scores(y, mufit, self.alpha[cols])[1]
+
+
+_ESTIMAND_KEYS = ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor", "t1", "t0", "c1", "c0")
+
+
+def _arm_sums(y: np.ndarray, mu0_raw: np.ndarray, cm: CounterfactualMeans, cols: slice,
+              k: int, cells: _SortedCells, R, term: _OutcomeTerm | None,
+              controls: _ControlSums | None, a: int) -> tuple[dict, dict]:
+    """Per-gene sums of treatment k's treated arm and untreated arm for one gene chunk."""
+    trt, unt = cells.sets[k]
+
+    def part(rows):
+        return None if R is None else R[:, rows]
+
+    def design(rows):
+        return None if term is None else term.Ws[rows]
+
+    trt_groups = None
+    if term is not None:
+        trt_groups = cells.groups[trt] if cells.masked else k
+    b1 = _block_sums(y[:, trt], mu0_raw[:, trt], cm._factor(cols, k, cells.fold, trt),
+                     cells.inv_s[trt], 1.0 / cells.pi[trt, k], treated=True, R=part(trt),
+                     W=design(trt), groups=trt_groups, a=a)
+    if controls is not None:
+        return b1, controls.sums(k, np.exp(cm.effect[0, cols, k]))
+    b0 = _block_sums(y[:, unt], mu0_raw[:, unt], cm._factor(cols, k, cells.fold, unt),
+                     cells.inv_s[unt], 1.0 / (1.0 - cells.pi[unt, k]), treated=False,
+                     R=part(unt), W=design(unt),
+                     groups=None if term is None else cells.groups[unt], a=a)
+    return b1, b0
+
+
 def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: np.ndarray,
-                    cm: CounterfactualMeans, mask, thres_diff: float, usevar: str,
-                    n_params: int, in_sample: bool, bias_correction: bool,
-                    nuisance_variance: bool, verbose: bool = False) -> dict:
+                    cm: CounterfactualMeans, mask, opts: _AIPWOptions) -> dict:
     """Estimands of every treatment and gene: (a, p) arrays ``m0, m1, o0, o1, tau, var,
     df, floor, estimable, t1, t0`` and the raw arm count sums ``c1, c0``, plus ``n0, n1``
-    per treatment."""
+    per treatment.
+
+    Steps: (1) sort the cells and form each treatment's arms; (2) set up the
+    outcome-model variance term if it applies; (3) per gene chunk, the GLM scores, the
+    shared control sums, then per treatment the arm sums and the estimands from them.
+    """
     from tqdm.auto import tqdm
 
     n, p = Y.shape
     a = A.shape[1]
-    order = cm.order
-    A_s, inv_s = A[order], 1.0 / s[order]
-    pi_s = pi[order]
-    fold_s = cm.fold[order]
-    K_eff = cm.effect.shape[0]
-    groups = groups_from_onehot(A)
-    control_s = ~(A_s != 0).any(axis=1)
-    elig = (mask[order] if mask is not None
-            else control_s[:, None] | (A_s == 1))
-    sets = []
-    for k in range(a):
-        trt = _as_block(np.flatnonzero(elig[:, k] & (A_s[:, k] == 1)))
-        unt = _as_block(np.flatnonzero(elig[:, k] & (A_s[:, k] != 1)))
-        sets.append((trt, unt))
-    ctrl = _as_block(np.flatnonzero(control_s))
-    shared = (mask is None and K_eff == 1 and isinstance(ctrl, slice)
-              and ctrl.stop - ctrl.start > 0)
-
-    # outcome-model variance term: in-sample one-hot fits only
-    info = cm.info
-    use_info = (nuisance_variance and W is not None and groups is not None and K_eff == 1
-                and (info is not None or cm.alpha is not None))
-    need_info = use_info and info is None
-    Ws = W[order] if use_info else None
-    groups_s = groups[order] if groups is not None else None
-    if use_info:
-        gslices = [_as_block(np.flatnonzero(groups_s == k)) for k in range(a)]
-        if need_info:
-            info = OutcomeInformation.empty(p, W.shape[1], a, cm.alpha, groups)
-            WWs = sym_outer(Ws)
-        alpha = info.alpha
+    cells = _SortedCells(A, s, pi, cm, mask)                                     # (1)
+    term = (_OutcomeTerm(W, cells, cm, p, a)                                     # (2)
+            if _OutcomeTerm.applies(W, cells, cm, opts.nuisance_variance) else None)
+    ctrl = cells.ctrl
     Z = None
-    if shared:
-        w0_ctrl = 1.0 / (1.0 - pi_s[ctrl])                  # n_c x a
-        if use_info:
-            W_c = Ws[ctrl]
+    if cells.shared:
+        w0_ctrl = 1.0 / (1.0 - cells.pi[ctrl])                  # n_c x a
+        if term is not None:
+            W_c = term.Ws[ctrl]
             Z = (w0_ctrl[:, :, None] * W_c[:, None, :]).reshape(W_c.shape[0], -1)
 
-    keys = ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor", "t1", "t0", "c1", "c0")
-    out = {key: np.empty((a, p)) for key in keys}
+    out = {key: np.empty((a, p)) for key in _ESTIMAND_KEYS}
     out["estimable"] = np.empty((a, p), bool)
-    blocks = _GeneBlocks(Y, order)
+    blocks = _GeneBlocks(Y, cm.order)
     step = _chunk_genes(n)
-    for start in tqdm(range(0, p, step), desc="AIPW", disable=not verbose, leave=False):
-        cols = slice(start, min(p, start + step))
+    for start in tqdm(range(0, p, step), desc="AIPW", disable=not opts.verbose, leave=False):
+        cols = slice(start, min(p, start + step))                                # (3)
         y = blocks(cols)
         mu0_raw = cm.mu0[cols]
-        R = None
-        if use_info:
-            mufit = mu0_raw.copy()
-            for k, sl in enumerate(gslices):
-                mufit[:, sl] *= np.exp(cm.effect[0, cols, k])[:, None]
-            np.minimum(mufit, Y_HAT_CAP, out=mufit)
-            if need_info:
-                R = _chunk_information(y, mufit, alpha[cols], Ws, WWs, gslices, info, cols)
-            else:
-                R = _glm_scores(y, mufit, alpha[cols])[1]
-            del mufit
-            cinfo = _ChunkInformation.of(info, cols)
-        if shared:
-            cs = _ControlSums(y[:, ctrl], mu0_raw[:, ctrl], inv_s[ctrl], w0_ctrl,
-                              None if R is None else R[:, ctrl], Ws[ctrl] if use_info else None,
-                              Z, a)
+        R = cinfo = controls = None
+        if term is not None:
+            R = term.scores(y, cm, cols)
+            cinfo = _ChunkInformation.of(term.info, cols)
+        if cells.shared:
+            controls = _ControlSums(y[:, ctrl], mu0_raw[:, ctrl], cells.inv_s[ctrl], w0_ctrl,
+                                    None if R is None else R[:, ctrl],
+                                    None if term is None else term.Ws[ctrl], Z, a)
         for k in range(a):
-            trt, unt = sets[k]
-            e_t = cm._factor(cols, k, fold_s, trt)
-            b1 = _block_sums(y[:, trt], mu0_raw[:, trt], e_t, inv_s[trt], 1.0 / pi_s[trt, k],
-                             True, None if R is None else R[:, trt],
-                             Ws[trt] if use_info else None,
-                             (k if mask is None else groups_s[trt]) if use_info else -1, a)
-            if shared:
-                b0 = cs.sums(k, np.exp(cm.effect[0, cols, k]))
-            else:
-                e_u = cm._factor(cols, k, fold_s, unt)
-                b0 = _block_sums(y[:, unt], mu0_raw[:, unt], e_u, inv_s[unt],
-                                 1.0 / (1.0 - pi_s[unt, k]), False,
-                                 None if R is None else R[:, unt],
-                                 Ws[unt] if use_info else None,
-                                 groups_s[unt] if use_info else -1, a)
-            res = _estimand_from_sums(b1, b0, thres_diff, usevar, n_params, in_sample,
-                                      bias_correction, cinfo if use_info else None, k)
-            for key in keys:
+            b1, b0 = _arm_sums(y, mu0_raw, cm, cols, k, cells, R, term, controls, a)
+            res = _estimand_from_sums(b1, b0, opts, cinfo, k)
+            for key in _ESTIMAND_KEYS:
                 out[key][k, cols] = res[key]
             out["estimable"][k, cols] = res["estimable"]
-    out["n1"] = np.array([_block_size(trt, n) for trt, _ in sets])
-    out["n0"] = np.array([_block_size(unt, n) for _, unt in sets])
-    if need_info:
-        cm.info = info
+    out["n1"] = np.array([_block_size(trt, n) for trt, _ in cells.sets])
+    out["n0"] = np.array([_block_size(unt, n) for _, unt in cells.sets])
+    if term is not None and term.need:
+        cm.info = term.info
     return out
 
 
@@ -774,9 +853,8 @@ def _apply_filters(o: dict, n0: int, n1: int, thres_min, min_counts: int) -> np.
             & (np.maximum(o["o0"], o["o1"]) >= thr))
 
 
-def _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, family, disp_glm,
-                         outcome_init, mask, thres_diff, usevar, n_params, in_sample,
-                         bias_correction, nuisance_variance, verbose):
+def _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, mask, opts: _AIPWOptions, *,
+                         family: str, disp_glm, outcome_init):
     """Outcome models and AIPW sums with a design per fold of genes, stitched by gene.
 
     ``W_gene_folds = (gene_fold, [W_0, ..., W_{K-1}])``: genes with ``gene_fold == f`` are
@@ -804,11 +882,14 @@ def _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, family, disp_gl
             init_f = outcome_init[cols]
         cm_f = fit_outcome_model(Y_f, W_f, A, log_s, fold, family=family, disp_glm=disp_f,
                                  init=init_f)
-        res_f = _aipw_estimands(Y_f, A, W_f, s, pi, cm_f, mask, thres_diff, usevar, n_params,
-                                in_sample, bias_correction, nuisance_variance,
-                                verbose=verbose)
-        parts.append((cols, cm_f, res_f))
-    cols0, cm0, res0 = parts[0]
+        parts.append((cols, cm_f, _aipw_estimands(Y_f, A, W_f, s, pi, cm_f, mask, opts)))
+    return _stitch_gene_folds(parts, n, p, a)
+
+
+def _stitch_gene_folds(parts: list, n: int, p: int, a: int):
+    """One :class:`CounterfactualMeans` and one estimand dict from per-fold pieces
+    ``(genes, cm_f, res_f)``."""
+    cm0 = parts[0][1]
     mu0 = np.empty((p, n))
     effect = np.empty((cm0.effect.shape[0], p, a))
     alpha = None if cm0.alpha is None else np.empty(p)
@@ -828,6 +909,178 @@ def _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, family, disp_gl
     cm = CounterfactualMeans(mu0=mu0, effect=effect, fold=cm0.fold, order=cm0.order,
                              alpha=alpha)
     return cm, res
+
+
+@dataclass(frozen=True)
+class _TestingOptions:
+    """What :func:`LFC` does with each treatment's estimands: which genes are tested
+    (``thres_min``, ``min_counts``), re-centring, and the tests (FDX bootstrap)."""
+
+    thres_min: Any = "auto"
+    min_counts: int = 5
+    recenter: bool = True
+    fdx: bool = False
+    fdx_alpha: float = 0.05
+    fdx_c: float = 0.1
+    fdx_B: int = 1000
+    random_state: int = 0
+    legacy_fdx_scaling: bool = False
+
+
+def _check_lfc_options(kwargs: dict, *, backend: str, ps_model: str, targets, eps_var,
+                       ps_class_weight, family: str, usevar: str):
+    """Validate :func:`LFC`'s option values and extra keywords (``kwargs`` is edited:
+    0.1.1's ``class_weight`` is taken out).  Returns ``(targets, ps_class_weight)``."""
+    from ._compat import check_backend, check_ps_model, warn_eps_var
+
+    check_backend(backend)
+    check_ps_model(ps_model)
+    targets = check_targets(targets)
+    warn_eps_var(eps_var)
+    if "class_weight" in kwargs:                 # 0.1.1's deprecated spelling
+        warnings.warn("class_weight is deprecated in LFC; use ps_class_weight (as in "
+                      "causarray 0.1.1, it is used as ps_class_weight)", FutureWarning,
+                      stacklevel=3)
+        ps_class_weight = kwargs.pop("class_weight")
+    check_family(family)
+    check_choice("usevar", usevar, ("pooled", "unequal"))
+    check_removed_keywords(kwargs)
+    check_keywords("LFC", kwargs, LFC_COMPAT_KEYWORDS | parameter_names(LFC))
+    return targets, ps_class_weight
+
+
+def _check_lfc_arrays(p: int, a: int, d: int, outcome_init, recenter_genes, shift_variance):
+    """The optional per-gene arrays of :func:`LFC` as arrays of the right shapes."""
+    if outcome_init is not None:
+        outcome_init = np.asarray(outcome_init, dtype=float)
+        check_shape("outcome_init", outcome_init, (p, d + a),
+                    " (genes x [W | A] columns)")
+    if recenter_genes is not None:
+        recenter_genes = np.asarray(recenter_genes)
+        check_recenter_genes(recenter_genes, p, a)
+    if shift_variance is not None:
+        shift_variance = np.asarray(shift_variance, dtype=float)
+        check_shift_variance(shift_variance, p, a)
+    return outcome_init, recenter_genes, shift_variance
+
+
+def _propensities(A, W_A, mask, fold, K: int, pi_hat, *, ps_class_weight, random_state: int,
+                  ps_model: str, ps_clip):
+    """Raw propensity scores (fitted, cross-fitted with K > 1, or ``pi_hat``), the
+    clipping bounds and the clipped scores."""
+    n, a = A.shape
+    if pi_hat is None:
+        logger.info("fitting propensity models")
+        pi_raw = fit_propensity(A, W_A, mask=mask, class_weight=ps_class_weight,
+                                folds=fold if K > 1 else None, random_state=random_state,
+                                ps_model=ps_model)
+    else:
+        pi_raw = np.asarray(pi_hat, float).reshape(n, a)
+    lower, upper = clip_bounds(A, mask=mask, ps_clip=ps_clip)
+    return pi_raw, (lower, upper), clip_propensity(pi_raw, lower, upper)
+
+
+def _outcome_and_estimands(Y, W, A, s, pi, log_s, fold, mask, opts: _AIPWOptions, *, Y_hat,
+                           W_gene_folds, family: str, disp_glm, outcome_init):
+    """The outcome model (fitted, per gene fold, or ``Y_hat``) and the AIPW estimands."""
+    n, p = Y.shape
+    a = A.shape[1]
+    if W_gene_folds is not None and Y_hat is None:
+        return _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, mask, opts,
+                                    family=family, disp_glm=disp_glm,
+                                    outcome_init=outcome_init)
+    if Y_hat is None:
+        logger.info("fitting outcome models")
+        cm = fit_outcome_model(Y, W, A, log_s, fold, family=family, disp_glm=disp_glm,
+                               init=outcome_init)
+    else:
+        cm = _coerce_Y_hat(Y_hat, n, p, a)
+    logger.info("AIPW estimands")
+    return cm, _aipw_estimands(Y, A, W, s, pi, cm, mask, opts)
+
+
+def _treatment_statistics(o: dict, tested: np.ndarray, recenter_ref: np.ndarray,
+                          shift_var, recenter: bool) -> dict:
+    """One treatment's reported tau, std (Poisson floor applied), df and t statistic.
+
+    tau is re-centred by its precision-weighted median over ``recenter_ref`` (at least
+    50 genes); ``shift_var`` (or None) adds the confounder-shift variance.  Untested
+    genes get tau 0, std inf and NaN df / statistic here.
+    """
+    tau = o["tau"]
+    if recenter and recenter_ref.sum() >= 50:
+        tau = tau - normalization_shift(tau[recenter_ref], o["var"][recenter_ref])
+    var = o["var"] if shift_var is None else o["var"] + shift_var
+    floored = tested & (var < o["floor"])
+    std_raw = np.where(tested, np.sqrt(var), np.inf)
+    var = np.where(floored, o["floor"], var)
+    tau = np.where(tested, tau, 0.0)
+    std = np.where(tested, np.sqrt(var), np.inf)
+    df = np.where(tested, o["df"], np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stat = np.where(tested, tau / std, np.nan)
+    return {"tau": tau, "std": std, "std_raw": std_raw, "floored": floored, "df": df,
+            "stat": stat}
+
+
+def _treatment_frame(k: int, trt_name, gene_names, Y, A, s, pi, cm: CounterfactualMeans,
+                     res: dict, controls: np.ndarray, mask, recenter_genes, shift_variance,
+                     targets, topts: _TestingOptions) -> tuple[pd.DataFrame, int]:
+    """Result rows of treatment k (columns ``RESULT_COLUMNS``) and its number of
+    non-estimable genes."""
+    p = res["tau"].shape[1]
+    n1, n0 = int(res["n1"][k]), int(res["n0"][k])
+    if n1 < 2 or n0 < 2:
+        warnings.warn(f"treatment {trt_name!r} has {n1} treated and {n0} control cells; "
+                      "its variance is undefined", RuntimeWarning, stacklevel=3)
+    o = {key: res[key][k] for key in ("m0", "m1", "o0", "o1", "tau", "var", "df",
+                                       "floor", "estimable")}
+    tested = _apply_filters(o, n0, n1, topts.thres_min, topts.min_counts)
+    ref = tested if recenter_genes is None else tested & recenter_genes[:, k]
+    st = _treatment_statistics(o, tested, ref,
+                               None if shift_variance is None else shift_variance[:, k],
+                               topts.recenter)
+    eta = None
+    if topts.fdx:
+        rows = np.flatnonzero(mask[:, k]) if mask is not None else \
+            np.flatnonzero(controls | (A[:, k] == 1))
+        eta = _eta_matrix(Y, rows, A[rows, k] == 1, s, pi[:, k], cm, k, res["t1"][k],
+                          res["t0"][k])
+    tests = multiple_testing(st["stat"], st["df"], eta=eta, std=st["std"], n=n0 + n1,
+                             fdx=topts.fdx, fdx_alpha=topts.fdx_alpha, fdx_c=topts.fdx_c,
+                             fdx_B=topts.fdx_B, random_state=topts.random_state,
+                             legacy_fdx_scaling=topts.legacy_fdx_scaling, tau=st["tau"])
+    del eta
+    # untested pairs: no estimate (NaN), never an effect of 0 that sorts among results
+    tau_out = np.where(tested, st["tau"], np.nan)
+    std_out = np.where(tested, st["std"], np.nan)
+    frame = pd.DataFrame({
+        "gene_names": gene_names, "tau": tau_out, "std": std_out,
+        "log2fc": tau_out / np.log(2), "log2fc_se": std_out / np.log(2), "stat": st["stat"],
+        "rej": tests["rej"], "pvalue": tests["pvalue"], "padj": tests["padj"],
+        "pvalue_emp_null_adj": tests["pvalue_emp_null_adj"],
+        "padj_emp_null_adj": tests["padj_emp_null_adj"],
+        "mean_control": np.maximum(o["m0"], 0.0), "mean_treated": np.maximum(o["m1"], 0.0),
+        "estimable": tested,
+        "n_treated": np.full(p, n1, dtype=np.int64),
+        "n_control": np.full(p, n0, dtype=np.int64),
+        "count_treated": res["c1"][k], "count_control": res["c0"][k],
+        "var_floored": st["floored"], "std_raw": st["std_raw"],
+        "on_target": on_target_pairs(np.full(p, trt_name, dtype=object), gene_names,
+                                     targets),
+    })
+    return frame, int((~o["estimable"]).sum())
+
+
+def _warn_not_estimable(dropped: dict) -> None:
+    """One warning listing the non-estimable gene x treatment pairs per treatment."""
+    if dropped:
+        per = ", ".join(f"{t}: {m}" for t, m in list(dropped.items())[:10])
+        more = " ..." if len(dropped) > 10 else ""
+        warnings.warn(f"{sum(dropped.values())} gene x treatment pair(s) are not estimable "
+                      f"(reported as non-estimable: no usable counts in an arm; per "
+                      f"treatment {per}{more})",
+                      RuntimeWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------
@@ -863,7 +1116,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     fdx, fdx_alpha, fdx_c, fdx_B : FDX control by the multiplier bootstrap (correctly scaled).
     ps_clip : 'auto' (prevalence-aware), a (low, high) pair or None.
     ps_class_weight : None (calibrated scores) or 'balanced' (0.0.9 behaviour).
-    disp_glm : NB size per gene for the outcome model (estimated by MoM when None).
+    disp_glm : (p,) NB *size* theta_j per gene for the outcome model
+        (``Var(y) = mu + mu^2 / theta_j``), i.e. 1/dispersion -- pass ``1 / dispersions``
+        from DESeq2 or edgeR (the name is 0.1.1's); estimated by method of moments when
+        None (:func:`causarray.glm.estimate_nb_size`).
     outcome_init : (p, d + a) starting coefficients of the outcome GLM, columns in the
         order ``[W | A]`` (e.g. GCATE's for the same design, as ``gcate_lfc_batch``
         passes them).  Only a warm start: the fit and its dispersion recipe are
@@ -911,21 +1167,9 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         (:class:`CounterfactualMeans`, or the array passed as ``Y_hat``), ``offset``,
         ``size_factors``, ``ps_class_weight``.
     """
-    from ._compat import check_backend, check_ps_model, warn_eps_var
-
-    check_backend(backend)
-    check_ps_model(ps_model)
-    targets = check_targets(targets)
-    warn_eps_var(eps_var)
-    if "class_weight" in kwargs:                 # 0.1.1's deprecated spelling
-        warnings.warn("class_weight is deprecated in LFC; use ps_class_weight (as in "
-                      "causarray 0.1.1, it is used as ps_class_weight)", FutureWarning,
-                      stacklevel=2)
-        ps_class_weight = kwargs.pop("class_weight")
-    check_family(family)
-    check_choice("usevar", usevar, ("pooled", "unequal"))
-    check_removed_keywords(kwargs)
-    check_keywords("LFC", kwargs, LFC_COMPAT_KEYWORDS | parameter_names(LFC))
+    targets, ps_class_weight = _check_lfc_options(
+        kwargs, backend=backend, ps_model=ps_model, targets=targets, eps_var=eps_var,
+        ps_class_weight=ps_class_weight, family=family, usevar=usevar)
     Y, W, A, W_A, mask, gene_names, trt_names = _prepare(Y, W, A, W_A, mask)
     n, p = Y.shape
     a = A.shape[1]
@@ -933,111 +1177,38 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     s = size_factors_from_offset(Y, offset)
     log_s = np.log(s)
     fold = make_folds(n, K, random_state)
-    if outcome_init is not None:
-        outcome_init = np.asarray(outcome_init, dtype=float)
-        check_shape("outcome_init", outcome_init, (p, W.shape[1] + a),
-                    " (genes x [W | A] columns)")
-
-    if recenter_genes is not None:
-        recenter_genes = np.asarray(recenter_genes)
-        check_recenter_genes(recenter_genes, p, a)
-    if shift_variance is not None:
-        shift_variance = np.asarray(shift_variance, dtype=float)
-        check_shift_variance(shift_variance, p, a)
-
-    if pi_hat is None:
-        logger.info("fitting propensity models")
-        pi_raw = fit_propensity(A, W_A, mask=mask, class_weight=ps_class_weight,
-                                folds=fold if K > 1 else None, random_state=random_state,
-                                ps_model=ps_model)
-    else:
-        pi_raw = np.asarray(pi_hat, float).reshape(n, a)
-    lower, upper = clip_bounds(A, mask=mask, ps_clip=ps_clip)
-    pi = clip_propensity(pi_raw, lower, upper)
-
-    n_params = W.shape[1] + 1
-    if W_gene_folds is not None and Y_hat is None:
-        cm, res = _gene_fold_estimands(Y, A, W_gene_folds, s, pi, log_s, fold, family,
-                                       disp_glm, outcome_init, mask, thres_diff, usevar,
-                                       n_params, K == 1, bias_correction, nuisance_variance,
-                                       verbose)
-    else:
-        if Y_hat is None:
-            logger.info("fitting outcome models")
-            cm = fit_outcome_model(Y, W, A, log_s, fold, family=family, disp_glm=disp_glm,
-                                   init=outcome_init)
-        else:
-            cm = _coerce_Y_hat(Y_hat, n, p, a)
-        logger.info("AIPW estimands")
-        res = _aipw_estimands(Y, A, W, s, pi, cm, mask, thres_diff, usevar, n_params,
-                              K == 1, bias_correction, nuisance_variance, verbose=verbose)
+    outcome_init, recenter_genes, shift_variance = _check_lfc_arrays(
+        p, a, W.shape[1], outcome_init, recenter_genes, shift_variance)
+    # 1. propensity scores
+    pi_raw, (lower, upper), pi = _propensities(
+        A, W_A, mask, fold, K, pi_hat, ps_class_weight=ps_class_weight,
+        random_state=random_state, ps_model=ps_model, ps_clip=ps_clip)
+    # 2. outcome model and the AIPW estimands of every gene and treatment
+    opts = _AIPWOptions(thres_diff=thres_diff, usevar=usevar, n_params=W.shape[1] + 1,
+                        in_sample=K == 1, bias_correction=bias_correction,
+                        nuisance_variance=nuisance_variance, verbose=verbose)
+    cm, res = _outcome_and_estimands(Y, W, A, s, pi, log_s, fold, mask, opts, Y_hat=Y_hat,
+                                     W_gene_folds=W_gene_folds, family=family,
+                                     disp_glm=disp_glm, outcome_init=outcome_init)
+    # 3. per treatment: filters, re-centring, variance floor, tests
+    topts = _TestingOptions(thres_min=thres_min, min_counts=min_counts, recenter=recenter,
+                            fdx=fdx, fdx_alpha=fdx_alpha, fdx_c=fdx_c, fdx_B=fdx_B,
+                            random_state=random_state, legacy_fdx_scaling=legacy_fdx_scaling)
     controls = A.sum(axis=1) == 0
     frames = []
     dropped: dict = {}
     for k in range(a):
-        n1, n0 = int(res["n1"][k]), int(res["n0"][k])
-        if n1 < 2 or n0 < 2:
-            warnings.warn(f"treatment {trt_names[k]!r} has {n1} treated and {n0} control cells; "
-                          "its variance is undefined", RuntimeWarning, stacklevel=2)
-        o = {key: res[key][k] for key in ("m0", "m1", "o0", "o1", "tau", "var", "df",
-                                           "floor", "estimable")}
-        tested = _apply_filters(o, n0, n1, thres_min, min_counts)
-        ref = tested if recenter_genes is None else tested & recenter_genes[:, k]
-        if recenter and ref.sum() >= 50:
-            o["tau"] = o["tau"] - normalization_shift(o["tau"][ref], o["var"][ref])
-        var = o["var"] if shift_variance is None else o["var"] + shift_variance[:, k]
-        floored = tested & (var < o["floor"])
-        std_raw = np.where(tested, np.sqrt(var), np.inf)
-        var = np.where(floored, o["floor"], var)
-        tau = np.where(tested, o["tau"], 0.0)
-        std = np.where(tested, np.sqrt(var), np.inf)
-        df = np.where(tested, o["df"], np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            stat = np.where(tested, tau / std, np.nan)
-        n_drop = int((~o["estimable"]).sum())
+        frame, n_drop = _treatment_frame(k, trt_names[k], gene_names, Y, A, s, pi, cm, res,
+                                         controls, mask, recenter_genes, shift_variance,
+                                         targets, topts)
         if n_drop:
             dropped[trt_names[k]] = n_drop
-        eta = None
-        if fdx:
-            rows = np.flatnonzero(mask[:, k]) if mask is not None else \
-                np.flatnonzero(controls | (A[:, k] == 1))
-            eta = _eta_matrix(Y, rows, A[rows, k] == 1, s, pi[:, k], cm, k, res["t1"][k],
-                              res["t0"][k])
-        tests = multiple_testing(stat, df, eta=eta, std=std, n=n0 + n1, fdx=fdx,
-                                 fdx_alpha=fdx_alpha, fdx_c=fdx_c, fdx_B=fdx_B,
-                                 random_state=random_state, legacy_fdx_scaling=legacy_fdx_scaling,
-                                 tau=tau)
-        del eta
-        # untested pairs: no estimate (NaN), never an effect of 0 that sorts among results
-        tau_out = np.where(tested, tau, np.nan)
-        std_out = np.where(tested, std, np.nan)
-        frame = pd.DataFrame({
-            "gene_names": gene_names, "tau": tau_out, "std": std_out,
-            "log2fc": tau_out / np.log(2), "log2fc_se": std_out / np.log(2), "stat": stat,
-            "rej": tests["rej"], "pvalue": tests["pvalue"], "padj": tests["padj"],
-            "pvalue_emp_null_adj": tests["pvalue_emp_null_adj"],
-            "padj_emp_null_adj": tests["padj_emp_null_adj"],
-            "mean_control": np.maximum(o["m0"], 0.0), "mean_treated": np.maximum(o["m1"], 0.0),
-            "estimable": tested,
-            "n_treated": np.full(p, n1, dtype=np.int64),
-            "n_control": np.full(p, n0, dtype=np.int64),
-            "count_treated": res["c1"][k], "count_control": res["c0"][k],
-            "var_floored": floored, "std_raw": std_raw,
-            "on_target": on_target_pairs(np.full(p, trt_names[k], dtype=object), gene_names,
-                                         targets),
-        })
         if a > 1:
             frame["trt"] = trt_names[k]
         frames.append(frame)
-    if dropped:
-        per = ", ".join(f"{t}: {m}" for t, m in list(dropped.items())[:10])
-        more = " ..." if len(dropped) > 10 else ""
-        warnings.warn(f"{sum(dropped.values())} gene x treatment pair(s) are not estimable "
-                      f"(reported as non-estimable: no usable counts in an arm; per "
-                      f"treatment {per}{more})",
-                      RuntimeWarning, stacklevel=2)
+    _warn_not_estimable(dropped)
     df_res = pd.concat(frames, ignore_index=True)
-    # the on-target pairs are BH-adjusted as one family, every other pair per treatment
+    # 4. the on-target pairs are BH-adjusted as one family, every other pair per treatment
     trt_col = df_res["trt"].to_numpy() if a > 1 else np.full(p, trt_names[0], dtype=object)
     df_res["padj"] = family_bh(df_res["pvalue"].to_numpy(), trt_col,
                                df_res["on_target"].to_numpy())

@@ -600,6 +600,78 @@ def shift_variance(Gamma: np.ndarray, cov: np.ndarray) -> np.ndarray:
     return np.einsum("jr,krs,js->jk", Gamma, cov, Gamma)
 
 
+def _stage1_start(Y, X, A, log_s, fit0: GLMFit, r: int, Q: np.ndarray, A_init,
+                  random_state: int) -> np.ndarray:
+    """Stage 1's starting factors: from ``A_init`` (its last r columns) or the SVD
+    initialisation, projected off [X | A] and scaled to unit SD."""
+    n, d, a = X.shape[0], X.shape[1], A.shape[1]
+    if A_init is not None:
+        A_init = np.asarray(A_init, float)
+        check_shape("A_init", A_init, (n, d + a + r))
+        U0 = _project_out(A_init[:, d + a:], Q)
+    else:
+        U0 = _project_out(_initial_factors(Y, X, A, log_s, fit0, r, random_state), Q)
+    return U0 / np.maximum(U0.std(axis=0, keepdims=True), 1e-12)
+
+
+def _stage2_shift(beta_hat, se_hat, Gamma, A, *, skip: bool, renormalize: bool,
+                  assignment: str, shift_level: float):
+    """Stage 2: the common log shift per treatment, the raw confounder shift alpha_hat and
+    the decision on which part of it is adjusted (``skip``: ``c1 == 0``, nothing)."""
+    a, r = A.shape[1], Gamma.shape[1]
+    if skip:
+        alpha_hat = np.zeros((a, r))
+        decision = ShiftDecision(alpha_hat, np.zeros((a, r, r)), np.full(a, np.nan),
+                                 np.full(a, np.nan), np.zeros(a, bool))
+        return np.zeros(a), alpha_hat, decision
+    shift, alpha_hat, cov = _treatment_shift(beta_hat, se_hat, Gamma, renormalize=renormalize)
+    decision = decide_shifts(alpha_hat, cov, chance_imbalance_variance(A), assignment,
+                             shift_level)
+    return shift, alpha_hat, decision
+
+
+@dataclass(frozen=True)
+class _Stage1Fit:
+    """Stage 1's factors and coefficients, the input of the pretreatment refits."""
+
+    U: np.ndarray          # n x r (rebalanced)
+    B_X: np.ndarray        # p x d
+    B_A: np.ndarray        # p x a
+    Gamma: np.ndarray      # p x r
+
+
+def _refit_on_unaffected(data: tuple, stage1: _Stage1Fit, keep: np.ndarray):
+    """Factors re-estimated from the genes ``keep`` and one gene pass refitting every
+    gene's coefficients to them.  Returns ``(U, coef)``, coef as [B_X | B_A | Gamma]
+    (res_2 describes its own U; LFC's outcome GLM starts from these coefficients)."""
+    Y, X, A, log_s, size, Q = data
+    p, d, r = Y.shape[1], X.shape[1], stage1.U.shape[1]
+    U = _project_out(pretreatment_factors(Y, X, A, log_s, size, stage1.B_X, stage1.B_A,
+                                          stage1.Gamma, stage1.U, keep), Q)
+    start = np.hstack([stage1.B_X, stage1.Gamma, stage1.B_A])
+    refit, _, _ = _gene_passes(Y, X, A, groups_from_onehot(A), log_s,
+                               alpha_from_size(size) * np.ones(p), U, start, 1)
+    return U, np.hstack([refit[:, :d], refit[:, d + r:], refit[:, d:d + r]])
+
+
+def _gene_fold_factors(data: tuple, stage1: _Stage1Fit, keep: np.ndarray, alpha: np.ndarray,
+                       gene_folds: int, random_state: int):
+    """Each gene's fold and, per fold, factors estimated without its genes (shifted by
+    ``A @ alpha`` as the shared U).  Returns ``(gene_fold, [U_0, ...])``."""
+    Y, X, A, log_s, size, Q = data
+    p, r = Y.shape[1], stage1.U.shape[1]
+    gene_fold = np.random.default_rng(random_state).permutation(p) % gene_folds
+    fold_U = []
+    for f in range(gene_folds):
+        keep_f = keep & (gene_fold != f)
+        if keep_f.sum() < max(3 * r, 10):
+            keep_f = gene_fold != f
+        U_f = _project_out(pretreatment_factors(Y, X, A, log_s, size, stage1.B_X, stage1.B_A,
+                                                stage1.Gamma, stage1.U, keep_f), Q)
+        fold_U.append(winsorize_factors(U_f) + A @ alpha)
+    return gene_fold, fold_U
+
+
 def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=None,
               offset=True, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
               kwargs_es_2=None, c1=None, A_init=None, random_state: int = 0,
@@ -619,7 +691,10 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     r : number of latent factors (>= 0; with 0 both stages are the GLM on [X | A] and U
         has no column).
     family : 'nb' or 'poisson'.
-    disp_glm : NB size per gene; estimated on [X | A] by method of moments when None.
+    disp_glm : (p,) NB *size* theta_j per gene (``Var(y) = mu + mu^2 / theta_j``), i.e.
+        1/dispersion -- pass ``1 / dispersions`` from DESeq2 or edgeR (the name is
+        0.1.1's); estimated on [X | A] by method of moments when None
+        (:func:`causarray.glm.estimate_nb_size`).
     disp_family : accepted for compatibility (unused).
     offset : True (median-of-ratios size factors), False/None (none) or an (n,) array of
         log size factors.
@@ -678,7 +753,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
 
     check_backend(backend)
     Y, X, A = _check_inputs(Y, X, A, r, family)
-    n, p = Y.shape
+    p = Y.shape[1]
     d, a = X.shape[1], A.shape[1]
     s = size_factors_from_offset(Y, offset)
     log_s = np.log(s)
@@ -692,13 +767,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     Z = np.hstack([X, A])
     Q = _orth_basis(Z)
 
-    if A_init is not None:
-        A_init = np.asarray(A_init, float)
-        check_shape("A_init", A_init, (n, d + a + r))
-        U0 = _project_out(A_init[:, d + a:], Q)
-    else:
-        U0 = _project_out(_initial_factors(Y, X, A, log_s, fit0, r, random_state), Q)
-    U0 = U0 / np.maximum(U0.std(axis=0, keepdims=True), 1e-12)
+    U0 = _stage1_start(Y, X, A, log_s, fit0, r, Q, A_init, random_state)
     t0 = time.perf_counter()
     U1, coef_1, se_1, hist1, it1 = _alternate(Y, X, A, log_s, size, U0, _start_coef(fit0, d, r),
                                               Q, es1, verbose, "GCATE stage 1")
@@ -710,15 +779,10 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     res_1 = _result(X, A, U1r, coef1, hist1, it1, kw_glm, es1, kwargs_ls_1)
 
     beta_hat, se_hat = coef_1[:, d + r:], se_1[:, d + r:]
-    if c1 is not None and c1 == 0:
-        shift, alpha_hat = np.zeros(a), np.zeros((a, r))
-        decision = ShiftDecision(alpha_hat, np.zeros((a, r, r)), np.full(a, np.nan),
-                                 np.full(a, np.nan), np.zeros(a, bool))
-    else:
-        shift, alpha_hat, cov = _treatment_shift(beta_hat, se_hat, Gamma1r,
-                                                 renormalize=renormalize)
-        decision = decide_shifts(alpha_hat, cov, chance_imbalance_variance(A), assignment,
-                                 shift_level)
+    shift, alpha_hat, decision = _stage2_shift(beta_hat, se_hat, Gamma1r, A,
+                                               skip=c1 is not None and c1 == 0,
+                                               renormalize=renormalize,
+                                               assignment=assignment, shift_level=shift_level)
     alpha = decision.alpha
     fold_U = None
     gene_fold = None
@@ -730,27 +794,14 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         keep = unaffected.all(axis=1)
         logger.info("GCATE: factors re-estimated from %d of %d genes that no perturbation "
                     "moves (|z| <= %g)", int(keep.sum()), p, affected_z)
-        U_stage1, B_X1, B_A1, G1 = U1r, coef_1[:, :d], beta_hat, Gamma1r
+        stage1 = _Stage1Fit(U1r, coef_1[:, :d], beta_hat, Gamma1r)
+        data = (Y, X, A, log_s, size, Q)
         if keep.sum() >= max(3 * r, 10) and not keep.all():
-            U1r = _project_out(pretreatment_factors(Y, X, A, log_s, size, B_X1, B_A1, G1,
-                                                    U_stage1, keep), Q)
-            # one gene pass refits the coefficients to the new factors (res_2 describes
-            # its own U; LFC's outcome GLM starts from them)
-            start = np.hstack([coef_1[:, :d], Gamma1r, beta_hat])
-            refit, _, _ = _gene_passes(Y, X, A, groups_from_onehot(A), log_s,
-                                       alpha_from_size(size) * np.ones(p), U1r, start, 1)
-            coef1 = np.hstack([refit[:, :d], refit[:, d + r:], refit[:, d:d + r]])
-            beta_hat, Gamma1r = refit[:, d + r:], refit[:, d:d + r]
+            U1r, coef1 = _refit_on_unaffected(data, stage1, keep)
+            beta_hat, Gamma1r = coef1[:, d:d + a], coef1[:, d + a:]
         if gene_folds and gene_folds > 1:
-            gene_fold = np.random.default_rng(random_state).permutation(p) % int(gene_folds)
-            fold_U = []
-            for f in range(int(gene_folds)):
-                keep_f = keep & (gene_fold != f)
-                if keep_f.sum() < max(3 * r, 10):
-                    keep_f = gene_fold != f
-                U_f = _project_out(pretreatment_factors(Y, X, A, log_s, size, B_X1, B_A1, G1,
-                                                        U_stage1, keep_f), Q)
-                fold_U.append(winsorize_factors(U_f) + A @ alpha)
+            gene_fold, fold_U = _gene_fold_factors(data, stage1, keep, alpha, int(gene_folds),
+                                                   random_state)
     U2 = winsorize_factors(U1r) + A @ alpha
     coef2 = coef1.copy()
     coef2[:, d:d + a] = beta_hat - shift[None, :] - Gamma1r @ alpha.T
@@ -758,13 +809,10 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     s2 = s * np.exp(A @ shift)
     kw_glm2 = dict(family=family, disp_glm=size, size_factor=s2)
     res_2 = _result(X, A, U2, coef2, hist2, 0, kw_glm2, es2, kwargs_ls_2)
-    res_2["alpha"] = alpha
-    res_2["alpha_hat"] = alpha_hat
-    res_2["shift_cov"] = decision.cov
-    res_2["shift_var"] = shift_variance(Gamma1r, decision.cov)
-    res_2["shift_stat"] = decision.statistic
-    res_2["shift_pvalue"] = decision.pvalue
-    res_2["assignment"] = assignment
+    res_2.update(alpha=alpha, alpha_hat=alpha_hat, shift_cov=decision.cov,
+                 shift_var=shift_variance(Gamma1r, decision.cov),
+                 shift_stat=decision.statistic, shift_pvalue=decision.pvalue,
+                 assignment=assignment)
     if unaffected is not None:
         res_2["unaffected"] = unaffected
     if fold_U is not None:

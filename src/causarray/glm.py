@@ -55,7 +55,7 @@ from .engine.families import (
 
 __all__ = [
     "ETA_MAX", "ETA_MIN", "GROUP_COEF_BOUND", "GLMFit", "deviance_residuals",
-    "estimate_dispersion", "fit_glm", "glm_deviance_residuals", "groups_from_onehot",
+    "estimate_dispersion", "estimate_nb_size", "fit_glm", "glm_deviance_residuals", "groups_from_onehot",
     "mom_size", "nb_loglik", "nb_unit_deviance", "sym_outer", "sym_unpack",
 ]
 
@@ -354,14 +354,47 @@ def mom_size(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
     return size_from_mom(alpha, ~nonzero)
 
 
-def estimate_dispersion(Y, X: np.ndarray, A: np.ndarray | None = None,
-                        offset: np.ndarray | None = None, max_iter: int = 50) -> np.ndarray:
-    """NB size r_j per gene by the MoM recipe on design ``[X | A]``
-    (docs/math.md#nb-dispersion)."""
+def estimate_nb_size(Y, X: np.ndarray, A: np.ndarray | None = None,
+                     offset: np.ndarray | None = None, max_iter: int = 50) -> np.ndarray:
+    """NB *size* theta_j per gene by the MoM recipe on design ``[X | A]``
+    (docs/math.md#nb-dispersion).
+
+    The model is ``y_ij ~ NB(mu_ij, theta_j)`` with ``Var(y_ij) = mu_ij + mu_ij^2 /
+    theta_j``: theta is the *size* (``size`` of R's ``rnbinom``, ``n`` of
+    :func:`scipy.stats.nbinom`), the inverse of the *dispersion* ``alpha_j = 1/theta_j``
+    that DESeq2 and edgeR report.  A large theta means nearly Poisson.  Every
+    ``disp_glm`` argument of this package takes this size; to use DESeq2 dispersions
+    pass ``1 / dispersions``.
+
+    Parameters
+    ----------
+    Y : (n, p) counts, dense or scipy.sparse.
+    X : (n, d) covariates, intercept included.
+    A : (n, a) treatment indicators or None.
+    offset : (n,) log size factors or None.
+    max_iter : Newton iterations of each GLM fit of the recipe.
+
+    Returns
+    -------
+    numpy.ndarray
+        (p,) sizes theta_j in [0.01, 1e8] (1 for a gene without counts).
+    """
     off = np.zeros(Y.shape[0]) if offset is None else np.asarray(offset, float)
     fit = fit_glm(Y, X, A, family="nb", size=None, offset=off, max_iter=max_iter,
                   compute_se=False)
     return fit.size
+
+
+def estimate_dispersion(Y, X: np.ndarray, A: np.ndarray | None = None,
+                        offset: np.ndarray | None = None, max_iter: int = 50) -> np.ndarray:
+    """The NB *size* theta_j per gene -- despite its name, not the dispersion.
+
+    Kept under causarray 0.1.1's name for its callers; identical to
+    :func:`estimate_nb_size`, which new code should use.  The result is
+    ``theta_j = 1 / alpha_j`` with ``Var(y) = mu + mu^2 / theta_j``; a DESeq2 or edgeR
+    dispersion is ``1 / estimate_dispersion(...)``.
+    """
+    return estimate_nb_size(Y, X, A, offset=offset, max_iter=max_iter)
 
 
 def glm_deviance_residuals(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None = None,

@@ -90,7 +90,9 @@ def fit_glm(Y, X, A=None, family: str = "gaussian", disp_family: str = "poisson"
     A : (n,) or (n, a) treatments or None.
     family : 'gaussian' (default, as in 0.1.1), 'poisson' or 'nb'.
     disp_family : accepted (the NB size is estimated by method of moments).
-    disp_glm : (p,) NB sizes r_j; estimated when None and family is 'nb'.
+    disp_glm : (p,) NB *sizes* r_j (``Var(y) = mu + mu^2 / r_j``), i.e. 1/dispersion --
+        pass ``1 / dispersions`` from DESeq2 or edgeR; estimated when None and family is
+        'nb'.
     impute : False -> ``Yhat`` is the (n, p) fitted mean; True or an (m, d) covariate
         array -> ``Yhat = (Yhat_0, Yhat_1)``, each (m, p, a): predictions with every
         treatment off, and with treatment k on (at the training covariates, or at the

@@ -364,26 +364,41 @@ def fdx_control(
     # descending |stat| (stable: ties keep gene order)
     genes = genes[np.argsort(-abs_stat[genes], kind="mergesort")]
 
-    if genes.size:
-        # columns in ascending |stat| order, so that a running max gives, for
-        # each step s, the max over the genes still remaining at that step
-        absz = bootstrap_abs_z(eta, std, n, genes[::-1], B, random_state, legacy)
-        np.maximum.accumulate(absz, axis=1, out=absz)
-        crit = _lower_quantile_inplace(absz, 1.0 - alpha)[::-1]
-        del absz
+    if genes.size:                                                          # steps 2-3
+        crit = _step_down_critical_values(eta, std, n, genes, B, random_state, legacy, alpha)
         for s, j in enumerate(genes):
             q = crit[s]
             if q <= 0 or abs_stat[j] < q:
                 break
             rej[j] = 1
 
-    if tau is not None:
+    if tau is not None:                                                     # step 4
         tau = _as_float_array(tau, "tau")
         check_same_shape("tau", tau, stat.shape)
         with np.errstate(invalid="ignore"):
             tiny = (std < FDX_MIN_STD) & (np.abs(tau) > min_diff)
         rej[tiny] = 1
+    _augment(rej, genes, abs_stat, c)                                       # step 5
+    return rej
 
+
+def _step_down_critical_values(eta: np.ndarray, std: np.ndarray, n: int, genes: np.ndarray,
+                               B: int, random_state, legacy: bool,
+                               alpha: float) -> np.ndarray:
+    """Critical value of each step of the step-down: the (1 - alpha) lower quantile over
+    the bootstrap draws of the max ``|z|`` over ``genes[s:]`` (``genes`` in descending
+    ``|stat|`` order)."""
+    # columns in ascending |stat| order, so that a running max gives, for
+    # each step s, the max over the genes still remaining at that step
+    absz = bootstrap_abs_z(eta, std, n, genes[::-1], B, random_state, legacy)
+    np.maximum.accumulate(absz, axis=1, out=absz)
+    return _lower_quantile_inplace(absz, 1.0 - alpha)[::-1]
+
+
+def _augment(rej: np.ndarray, genes: np.ndarray, abs_stat: np.ndarray, c: float) -> None:
+    """Augmentation (in place): with k rejections, also reject the
+    ``floor(c k / (1 - c))`` non-rejected ``genes`` (descending ``|stat|`` order) with the
+    largest ``|stat|``; ties at the cut are all added."""
     k = int(rej.sum())
     n_add = int(np.floor(c * k / (1.0 - c) + 1e-12))
     if n_add > 0:
@@ -391,7 +406,6 @@ def fdx_control(
         if cand.size:
             cut = abs_stat[cand[min(n_add, cand.size) - 1]]
             rej[cand[abs_stat[cand] >= cut]] = 1
-    return rej
 
 
 # ----------------------------------------------------------------------------------

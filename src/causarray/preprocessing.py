@@ -514,6 +514,40 @@ def covariate_design(obs: pd.DataFrame, covariates: str | Iterable[str] = ()) ->
     return pd.concat(parts, axis=1)
 
 
+def _anndata_counts(adata: Any, layer: str | None):
+    """The counts of ``adata`` (``X`` or ``layers[layer]``) as an ndarray or a CSR matrix."""
+    if layer is None:
+        counts = adata.X
+    else:
+        check_layer(layer, adata.layers.keys())
+        counts = adata.layers[layer]
+    check_x_present(counts)
+    if sp.issparse(counts) and not isinstance(counts, sp.csr_matrix):
+        return sp.csr_matrix(counts)
+    return counts if sp.issparse(counts) else np.asarray(counts)
+
+
+def _without_empty_cells(counts, A: pd.DataFrame, Xcov: pd.DataFrame, obs_names,
+                         drop_empty_cells: bool):
+    """Cells with a zero total count raise, or with ``drop_empty_cells`` are dropped (with
+    a warning) from the counts, treatments, covariates and names; a treatment left
+    without a cell is dropped too.  Returns ``(counts, A, Xcov, obs_names)``."""
+    empty = row_sums(counts) == 0
+    if not empty.any():
+        return counts, A, Xcov, obs_names
+    if not drop_empty_cells:
+        check_cells_nonempty(empty, obs_names)
+    warnings.warn(
+        f"dropping {int(empty.sum())} cells with zero total count", UserWarning,
+        stacklevel=3,
+    )
+    keep = ~empty
+    A = A.loc[keep]
+    if (A.sum(axis=0) == 0).any():
+        A = A.loc[:, A.sum(axis=0) > 0]
+    return counts[keep], A, Xcov.loc[keep], obs_names[keep]
+
+
 def from_anndata(
     adata: Any,
     pert_col: str | None = None,
@@ -566,40 +600,12 @@ def from_anndata(
         ``drop_empty_cells``).
     """
     pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
-    if layer is None:
-        counts = adata.X
-    else:
-        check_layer(layer, adata.layers.keys())
-        counts = adata.layers[layer]
-    check_x_present(counts)
-
+    counts = _anndata_counts(adata, layer)
     A = treatment_matrix(labels, ctrl_label, index=adata.obs_names)
     check_has_perturbed(A.shape[1] > 0, pert_col, ctrl_label)
     Xcov = covariate_design(adata.obs, covariates)
-
-    if sp.issparse(counts) and not isinstance(counts, sp.csr_matrix):
-        counts = sp.csr_matrix(counts)
-    elif not sp.issparse(counts):
-        counts = np.asarray(counts)
-    keep = None
-    empty = row_sums(counts) == 0
-    if empty.any():
-        if not drop_empty_cells:
-            check_cells_nonempty(empty, adata.obs_names)
-        warnings.warn(
-            f"dropping {int(empty.sum())} cells with zero total count", UserWarning,
-            stacklevel=2,
-        )
-        keep = ~empty
-    obs_names = adata.obs_names
-    if keep is not None:
-        counts = counts[keep]
-        A = A.loc[keep]
-        Xcov = Xcov.loc[keep]
-        obs_names = obs_names[keep]
-        if (A.sum(axis=0) == 0).any():
-            A = A.loc[:, A.sum(axis=0) > 0]
-
+    counts, A, Xcov, obs_names = _without_empty_cells(counts, A, Xcov, adata.obs_names,
+                                                      drop_empty_cells)
     dense_out = (not sp.issparse(counts)) if as_dataframe is None else bool(as_dataframe)
     if dense_out:
         dense = counts.toarray() if sp.issparse(counts) else counts
