@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import hwm_rss_mb, write_result  # noqa: E402
+from _common import hwm_rss_mb, write_result
 
 PERT_COL, CTRL = "perturbation", "non-targeting"
 REF_PASS = Path("/work/shared/bench/ref_pass.py")
@@ -86,7 +86,7 @@ def cli_child(args) -> int:
     if res.exists():
         import pandas as pd
 
-        out["result_rows"] = int(len(pd.read_parquet(res, columns=["trt"])))
+        out["result_rows"] = len(pd.read_parquet(res, columns=["trt"]))
     Path(args.json).write_text(json.dumps(out))
     return 0
 
@@ -166,7 +166,7 @@ def batches_child(args) -> int:
 def _ref_pass() -> float | None:
     if not REF_PASS.exists():
         return None
-    out = subprocess.run([sys.executable, str(REF_PASS)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(REF_PASS)], capture_output=True, text=True, check=False)
     try:
         return float(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -179,7 +179,7 @@ def _child(cmd: list[str], env_src: str | None, timeout: float) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if env_src:
         env["PYTHONPATH"] = str(Path(env_src).resolve())
-    proc = subprocess.run(cmd + ["--json", out], env=env, timeout=timeout)
+    proc = subprocess.run(cmd + ["--json", out], env=env, timeout=timeout, check=False)
     if proc.returncode != 0:
         return dict(status="failed", returncode=proc.returncode)
     res = json.loads(Path(out).read_text())

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-import causarray as ca
 from causarray import pl, tl
 from causarray.diagnostics import (
     propensity_by_label,
