@@ -667,6 +667,22 @@ RULES = [
           "result must be a CalibrationResult or a table with a 'pvalue' column"),
     _rule(V.check_some_finite, lambda: V.check_some_finite(np.array([False])), ValueError,
           "no finite p-values to plot"),
+    # propensity per perturbation label
+    _rule(V.check_one_label_per_cell, lambda: V.check_one_label_per_cell(np.array([1, 2, 3])),
+          ValueError, "2 cell(s) carry more than one perturbation; per-label propensity "
+          "models need one label per cell"),
+    _rule(V.check_label_codes, lambda: V.check_label_codes(np.array([-1, 0, 3]), 2),
+          ValueError, "codes must lie in -1 .. 1 (one per treatment name)"),
+    _rule(V.check_propensity_design, lambda: V.check_propensity_design(np.ones((3, 2)), 3,
+                                                                      ["a"]),
+          ValueError, "design_names has 1 entries, W_A has 2 columns"),
+    _rule(V.check_has_label_controls, lambda: V.check_has_label_controls(0), ValueError,
+          "there are no control cells (code -1)"),
+    _rule(V.check_propensity_models, lambda: V.check_propensity_models(False, "causarray"),
+          ValueError, "adata holds no propensity models under 'causarray'; run "
+          "causarray.tl.lfc(adata, propensity=True)"),
+    _rule(V.check_treatments_known, lambda: V.check_treatments_known(["Z"], ["A", "B"]),
+          ValueError, "unknown treatment(s) ['Z']; available: ['A', 'B']"),
 ]
 
 

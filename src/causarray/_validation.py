@@ -2222,3 +2222,51 @@ def check_cache_batches(n_batches: int, path: Any) -> None:
     """A batch cache read as a result must hold at least one batch."""
     if not n_batches:
         raise ValueError(f"{str(path)!r} holds no batches")
+
+
+# ----------------------------------------------------------------------------------
+# propensity per perturbation label (front door without a cells x perturbations array)
+# ----------------------------------------------------------------------------------
+def check_one_label_per_cell(per_cell: np.ndarray) -> None:
+    """Per-label propensity models need at most one perturbation per cell."""
+    if per_cell.size and per_cell.max() > 1:
+        raise ValueError(f"{int(np.count_nonzero(per_cell > 1))} cell(s) carry more than one "
+                         "perturbation; per-label propensity models need one label per cell")
+
+
+def check_label_codes(codes: np.ndarray, a: int) -> None:
+    """Integer codes of the cells' perturbations: -1 (control) or 0 .. a - 1."""
+    if codes.dtype.kind not in "iu":
+        raise ValueError(f"codes must be integers (-1 for controls), got dtype {codes.dtype}")
+    if codes.size and (codes.min() < -1 or codes.max() >= a):
+        raise ValueError(f"codes must lie in -1 .. {a - 1} (one per treatment name)")
+
+
+def check_propensity_design(W: np.ndarray, n: int, names: Sequence[str]) -> None:
+    """The propensity design: n x d, with one name per column."""
+    if W.ndim != 2 or W.shape[0] != n:
+        raise ValueError(f"W_A must be an n x d matrix with n = {n} rows, got shape {W.shape}")
+    if len(names) != W.shape[1]:
+        raise ValueError(f"design_names has {len(names)} entries, W_A has {W.shape[1]} columns")
+
+
+def check_has_label_controls(n_controls: int) -> None:
+    """The shared control cells (code -1) must exist."""
+    if n_controls == 0:
+        raise ValueError("there are no control cells (code -1)")
+
+
+def check_propensity_models(present: bool, key: str) -> None:
+    """``tl.propensity_scores`` needs the models a ``tl.lfc(propensity=True)`` run stored."""
+    if not present:
+        raise ValueError(f"adata holds no propensity models under {key!r}; run "
+                         "causarray.tl.lfc(adata, propensity=True)")
+
+
+def check_treatments_known(chosen: Sequence[str], available: Sequence[str]) -> None:
+    """Treatments asked for must be among those with a stored model."""
+    have = set(available)
+    unknown = [t for t in chosen if t not in have]
+    if unknown:
+        raise ValueError(f"unknown treatment(s) {unknown[:5]}; available: "
+                         f"{list(available[:20])}")

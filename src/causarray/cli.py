@@ -334,7 +334,7 @@ def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool,
         store["jic"].to_csv(out / "jic.csv", index=False)
         written["jic_csv"] = out / "jic.csv"
         figures["jic"] = lambda: pl.r_selection(store["jic"])
-    if "causarray_propensity" in adata.obsm:
+    if pl.has_propensity(adata):
         figures["propensity"] = lambda: pl.propensity(adata)
     if calibration is not None:
         calibration.to_frame().to_csv(out / "calibration.csv", index=False)

@@ -476,14 +476,9 @@ def backed_counts(adata: Any, layer: str | None = None) -> H5Counts:
 
 def _sparse_treatments(labels: np.ndarray, ctrl_label: str, index: Any) -> pd.DataFrame:
     """One-hot treatments (controls dropped, columns sorted) as a sparse-dtype DataFrame."""
-    labels = np.asarray([str(v) for v in labels], dtype=object)
-    perts = sorted(set(labels.tolist()) - {str(ctrl_label)})
-    codes = pd.Categorical(labels, categories=perts).codes
-    rows = np.flatnonzero(codes >= 0)
-    A = sp.csc_matrix((np.ones(rows.size), (rows, codes[rows])),
-                      shape=(labels.size, len(perts)))
-    return pd.DataFrame.sparse.from_spmatrix(A, index=index,
-                                             columns=pd.Index(perts, dtype=object))
+    from .preprocessing import sparse_treatment_matrix
+
+    return sparse_treatment_matrix(labels, ctrl_label, index)
 
 
 def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None,

@@ -377,6 +377,38 @@ def _scores_from_adata(adata: Any, key: str) -> tuple[pd.DataFrame, np.ndarray]:
     return A_all.reindex(columns=cols, fill_value=0.0).iloc[scored], pi[scored]
 
 
+def has_propensity(adata: Any, key: str = "causarray") -> bool:
+    """Whether ``adata`` holds propensity scores of a :func:`causarray.tl.lfc` run.
+
+    Either the scores table ``obsm[key + '_propensity']`` (small screens) or the models
+    ``uns[key]['propensity_coef']`` with the design ``obsm[key + '_propensity_design']``.
+    """
+    obsm = getattr(adata, "obsm", None)
+    if obsm is None:
+        return False
+    if f"{key}_propensity" in obsm:
+        return True
+    store = getattr(adata, "uns", {}).get(key)
+    return isinstance(store, dict) and store.get("propensity_coef") is not None \
+        and f"{key}_propensity_design" in obsm
+
+
+def _drawn_scores(adata: Any, settings: dict, treatments: list[str],
+                  key: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Treatments and scores of the controls and the cells of ``treatments`` only."""
+    from .tl import propensity_scores
+
+    labels = adata.obs[settings["pert_col"]].astype(str).to_numpy()
+    ctrl = labels == str(settings["ctrl_label"])
+    cells = ctrl | np.isin(labels, treatments)
+    scores = propensity_scores(adata, treatments, key=key)
+    pi = scores.to_numpy()
+    cells &= np.isfinite(pi).all(axis=1)              # cells left out of the run are NaN
+    A = pd.DataFrame({t: (labels[cells] == t).astype(float) for t in treatments},
+                     index=adata.obs_names[cells])
+    return A, pi[cells]
+
+
 def propensity(data: Any, pi_hat: Any = None, treatments: Sequence[Any] | None = None,
                order: str = "least_overlap", max_panels: int = 4, ax: Any = None,
                key: str = "causarray"):
@@ -386,7 +418,9 @@ def propensity(data: Any, pi_hat: Any = None, treatments: Sequence[Any] | None =
     ----------
     data : AnnData or array_like
         An AnnData processed by :func:`causarray.tl.lfc` (scores from
-        ``adata.obsm[key + '_propensity']``), or the n x a treatment matrix ``A``.
+        ``adata.obsm[key + '_propensity']``, or on a large screen recomputed for the
+        drawn perturbations from the stored models, see :func:`has_propensity`), or
+        the n x a treatment matrix ``A``.
     pi_hat : array_like, optional
         n x a scores (required when ``data`` is ``A``).
     treatments : sequence, optional
@@ -405,7 +439,19 @@ def propensity(data: Any, pi_hat: Any = None, treatments: Sequence[Any] | None =
 
     check_choice("order", order, ("least_overlap", "first"))
     if hasattr(data, "obsm") and hasattr(data, "uns"):
-        A, pi = _scores_from_adata(data, key)
+        store = check_uns_entry(data, key)
+        if f"{key}_propensity" not in data.obsm and has_propensity(data, key):
+            # a large screen: no cells x perturbations table, scores of the drawn
+            # perturbations only, from the stored models (tl.propensity_scores)
+            if treatments is None:
+                summary = store["propensity"]
+                if order == "least_overlap":
+                    summary = summary.sort_values("overlap_ratio", kind="mergesort")
+                treatments = list(summary["treatment"].head(int(max_panels)))
+            A, pi = _drawn_scores(data, store["settings"], [str(t) for t in treatments], key)
+            treatments = list(A.columns)
+        else:
+            A, pi = _scores_from_adata(data, key)
     else:
         check_pi_hat_given(pi_hat)
         A, pi = data, pi_hat

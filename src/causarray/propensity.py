@@ -121,18 +121,23 @@ def _degenerate_score(y: np.ndarray, class_weight: Any) -> float:
     return n1 / (n1 + n0)
 
 
-def _fit_one(
+def logistic_model(
     W_train: np.ndarray,
     y_train: np.ndarray,
-    W_test: np.ndarray,
-    class_weight: Any,
-    C: float,
-    random_state: int | None,
-    max_iter: int,
-) -> np.ndarray:
-    """P(y = 1 | w) for the rows of W_test from one penalised logistic fit."""
+    class_weight: Any = None,
+    C: float = 1.0,
+    random_state: int | None = 0,
+    max_iter: int = 1000,
+) -> LogisticRegression | None:
+    """The penalised logistic regression of :func:`fit_propensity` on one training set.
+
+    ``P(y = 1 | w) = expit(w' beta)``, L2 penalty ``1 / (2C) |beta|^2`` on every
+    coefficient, no separate intercept (``W_train`` carries it).  Returns None when every
+    column of ``W_train`` is constant (the score is then the prevalence, see
+    :func:`_degenerate_score`).
+    """
     if np.all(np.ptp(W_train, axis=0) == 0):
-        return np.full(W_test.shape[0], _degenerate_score(y_train, class_weight))
+        return None
     model = LogisticRegression(
         C=C, fit_intercept=False, solver="lbfgs", class_weight=class_weight,
         random_state=random_state, max_iter=max_iter,
@@ -143,7 +148,28 @@ def _fit_one(
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         logger.warning("propensity logistic regression did not converge in %d iterations",
                        max_iter)
-    return model.predict_proba(W_test)[:, list(model.classes_).index(1)]
+    return model
+
+
+def model_scores(model: LogisticRegression, W: np.ndarray) -> np.ndarray:
+    """``P(y = 1 | w)`` of a fitted :func:`logistic_model` for the rows of ``W``."""
+    return model.predict_proba(W)[:, list(model.classes_).index(1)]
+
+
+def _fit_one(
+    W_train: np.ndarray,
+    y_train: np.ndarray,
+    W_test: np.ndarray,
+    class_weight: Any,
+    C: float,
+    random_state: int | None,
+    max_iter: int,
+) -> np.ndarray:
+    """P(y = 1 | w) for the rows of W_test from one penalised logistic fit."""
+    model = logistic_model(W_train, y_train, class_weight, C, random_state, max_iter)
+    if model is None:
+        return np.full(W_test.shape[0], _degenerate_score(y_train, class_weight))
+    return model_scores(model, W_test)
 
 
 def _fit_model(ps_model: str, W_train: np.ndarray, y_train: np.ndarray, W_test: np.ndarray,

@@ -434,7 +434,7 @@ def write_report(data: Any, path: str | Path, *, images: Mapping[str, bytes] | N
         images["jic"] = figure_png(pl.r_selection(jic))
     summary = store.get("propensity")
     if summary is not None and "propensity" not in images and not isinstance(data, pd.DataFrame) \
-            and f"{key}_propensity" in data.obsm:
+            and pl.has_propensity(data, key):
         images["propensity"] = figure_png(pl.propensity(data, key=key))
     text = render_report(results, images=images, settings=store.get("settings"), jic=jic,
                          propensity_summary=summary, alpha=alpha, padj_col=padj_col,

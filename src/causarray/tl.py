@@ -23,10 +23,20 @@ Steps of :func:`lfc`:
    batches run in parallel on the cluster.
 4. Propensity scores of every perturbation against the controls on the observed
    design ``X_A`` (a diagnostic of overlap; the doubly robust step itself also uses
-   the confounders).
+   the confounders), fitted one perturbation at a time on its own cells and the
+   controls (:func:`causarray.diagnostics.propensity_by_label`).
+
+No step holds a cells x perturbations array: the treatments stay a sparse one-hot
+matrix (one entry per perturbed cell), ``r='auto'`` and the batch layout use the
+treated-cell indicator and per-perturbation counts, and the propensity summary is
+built per perturbation.  With a backed AnnData the counts stay on disk as well.
 
 Everything is stored in ``adata.uns[key_added]`` (``results``, ``settings``,
-``jic``, ``propensity``) and the scores in ``adata.obsm[key_added + '_propensity']``.
+``jic``, ``propensity``, ``propensity_coef``); the propensity design in
+``adata.obsm[key_added + '_propensity_design']`` and, for screens of at most
+:data:`PROPENSITY_TABLE_MAX` cells x perturbations, the scores table in
+``adata.obsm[key_added + '_propensity']`` (otherwise recompute scores with
+:func:`propensity_scores`).
 """
 from __future__ import annotations
 
@@ -44,6 +54,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._validation import (
+    check_propensity_models,
+    check_treatments_known,
     check_cells_nonempty,
     check_copy_in_memory,
     check_family,
@@ -57,7 +69,7 @@ from ._version import __version__
 
 logger = logging.getLogger("causarray")
 
-__all__ = ["default_r_grid", "lfc", "select_r", "validate_screen"]
+__all__ = ["default_r_grid", "lfc", "propensity_scores", "select_r", "validate_screen"]
 
 #: Candidate numbers of latent factors for ``r='auto'`` (truncated by :func:`default_r_grid`).
 R_CANDIDATES = (1, 2, 3, 5, 8, 10, 15, 20, 30)
@@ -183,13 +195,13 @@ def select_r(Y: Any, X: Any, A: Any, r_grid: Sequence[int] | None = None, family
     """
     from .gcate import estimate_r, subsample_control_priority
 
-    A_arr = np.asarray(A.to_numpy() if hasattr(A, "to_numpy") else A, dtype=float)
-    if A_arr.ndim == 1:
-        A_arr = A_arr[:, None]
-    rows = subsample_control_priority(A_arr, max_cells, random_state)
+    A_sp = _treatments_csc(A)
+    # control priority needs only which cells are treated: an (n, 1) indicator, not n x a
+    treated = np.asarray(A_sp.sum(axis=1), dtype=float).reshape(-1, 1)
+    rows = subsample_control_priority(treated, max_cells, random_state)
     Ysub = Y.iloc[rows].to_numpy() if isinstance(Y, pd.DataFrame) else Y[rows]
-    Asub = A_arr[rows]
-    Asub = Asub[:, Asub.sum(axis=0) > 0]
+    Asub_sp = A_sp[rows]
+    Asub = Asub_sp[:, np.asarray(Asub_sp.sum(axis=0)).ravel() > 0].toarray()
     expressed = np.asarray((Ysub != 0).sum(axis=0)).ravel() > 0
     if not expressed.all():
         logger.info("choosing r: %d gene(s) without counts in the subsample are left out",
@@ -235,6 +247,22 @@ def select_r(Y: Any, X: Any, A: Any, r_grid: Sequence[int] | None = None, family
     return r, df_r
 
 
+def _treatments_csc(A: Any) -> sp.csc_matrix:
+    """A treatment matrix (sparse-dtype or dense DataFrame, sparse, array) as float CSC.
+
+    The front door keeps the one-hot treatments sparse: one entry per perturbed cell
+    instead of n x a floats (5 GB for 310k cells x 2,021 perturbations).
+    """
+    if isinstance(A, pd.DataFrame):
+        if A.shape[1] and all(isinstance(dt, pd.SparseDtype) for dt in A.dtypes):
+            return sp.csc_matrix(A.sparse.to_coo(), dtype=np.float64)
+        A = A.to_numpy(dtype=float)
+    if sp.issparse(A):
+        return sp.csc_matrix(A, dtype=np.float64)
+    A = np.asarray(A, dtype=float)
+    return sp.csc_matrix(A[:, None] if A.ndim == 1 else A)
+
+
 # ----------------------------------------------------------------------------------
 # fingerprints (resume checks of the JIC table)
 # ----------------------------------------------------------------------------------
@@ -243,8 +271,8 @@ def _data_fingerprint(Y: Any, genes: Sequence[str], A: pd.DataFrame, X: np.ndarr
     h = hashlib.sha1()
     col = np.asarray(Y.sum(axis=0), dtype=float).ravel()
     row = np.asarray(Y.sum(axis=1), dtype=float).ravel()
-    for arr in (col, row, np.asarray(X, float), np.asarray(X_A, float),
-                A.to_numpy(dtype=float).sum(axis=0)):
+    a_cols = np.asarray(_treatments_csc(A).sum(axis=0), dtype=float).ravel()
+    for arr in (col, row, np.asarray(X, float), np.asarray(X_A, float), a_cols):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update("\x00".join(list(map(str, genes)) + list(map(str, A.columns))).encode())
     return h.hexdigest()
@@ -340,6 +368,12 @@ def _store_jic(cache_path: str | Path | None, fingerprint: dict, df_r: pd.DataFr
 #: ``max_cells`` is None (every cell is still used for the estimates).
 R_SUBSAMPLE = 2000
 
+#: Largest cells x perturbations table of propensity scores stored in
+#: ``adata.obsm[key_added + '_propensity']`` (32 MB of float64); larger screens keep
+#: only the per-perturbation coefficients and the design (scores are recomputed on
+#: demand, see :func:`propensity_scores`).
+PROPENSITY_TABLE_MAX = 1 << 22
+
 
 def resolve_verbose(verbose: bool | None) -> bool:
     """Whether to show progress: ``verbose`` when given, else scanpy's verbosity.
@@ -360,6 +394,83 @@ def resolve_verbose(verbose: bool | None) -> bool:
         except (TypeError, ValueError):
             return False
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def _design_names(adata: Any, covariates: Sequence[str], d: int) -> list[str]:
+    from .preprocessing import covariate_design
+
+    names = ["intercept"]
+    if covariates:
+        names += [str(c) for c in covariate_design(adata.obs, covariates).columns]
+    names.append("log2_library_size")
+    return names if len(names) == d else [f"w{j}" for j in range(d)]
+
+
+def _propensity(adata: Any, A_csc: sp.csc_matrix, names: list[str], X_A: np.ndarray,
+                kept: pd.Index, covariates: Sequence[str], random_state: int,
+                key_added: str) -> dict:
+    """Observed-design propensity models, one perturbation at a time (no n x a array).
+
+    Stores the design ``X_A`` in ``adata.obsm[key_added + '_propensity_design']`` (NaN
+    rows: cells left out) and, for screens with at most :data:`PROPENSITY_TABLE_MAX`
+    cells x perturbations, the scores table in ``adata.obsm[key_added + '_propensity']``.
+    Returns the ``uns`` entries ``propensity`` (summary over the cells used) and
+    ``propensity_coef``.
+    """
+    from .diagnostics import propensity_by_label, treatment_codes
+
+    n, a = A_csc.shape
+    design = _design_names(adata, covariates, np.shape(X_A)[1])
+    fit = propensity_by_label(treatment_codes(A_csc), X_A, names, random_state=random_state,
+                              keep_table=n * a <= PROPENSITY_TABLE_MAX, design_names=design)
+    name = f"{key_added}_propensity"
+    if fit.table is not None:
+        scores = pd.DataFrame(fit.table, index=kept, columns=names)
+        adata.obsm[name] = scores.reindex(adata.obs_names)       # NaN: dropped cells
+    elif name in adata.obsm:                                     # a smaller earlier run's
+        del adata.obsm[name]
+    adata.obsm[f"{name}_design"] = pd.DataFrame(
+        X_A, index=kept, columns=design).reindex(adata.obs_names)
+    return dict(propensity=fit.summary, propensity_coef=fit.coef)
+
+
+def propensity_scores(adata: Any, treatments: Sequence[str] | None = None,
+                      key: str = "causarray") -> pd.DataFrame:
+    """Observed-design propensity scores of a :func:`lfc` run, recomputed from its models.
+
+    ``P(A_k = 1 | x) = expit(x' coef_k)`` with the coefficients in
+    ``adata.uns[key]['propensity_coef']`` and the design in
+    ``adata.obsm[key + '_propensity_design']``; equal (to rounding) to the scores
+    table that :func:`lfc` stores for small screens.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Processed by :func:`lfc` with ``propensity=True``.
+    treatments : sequence of str, optional
+        Perturbations (default all; cells x perturbations values, so choose a few on
+        a large screen).
+    key : str
+
+    Returns
+    -------
+    pandas.DataFrame
+        Cells x treatments scores; NaN for cells left out of the run.
+    """
+    from scipy.special import expit
+
+    store = adata.uns.get(key) if hasattr(adata, "uns") else None
+    name = f"{key}_propensity_design"
+    check_propensity_models(isinstance(store, dict) and store.get("propensity_coef") is not None
+                            and name in adata.obsm, key)
+    coef = store["propensity_coef"]
+    chosen = list(coef.index) if treatments is None else [str(t) for t in treatments]
+    check_treatments_known(chosen, list(coef.index))
+    design = adata.obsm[name]
+    W = np.asarray(design, dtype=float)
+    B = coef.loc[chosen].to_numpy(dtype=float)
+    return pd.DataFrame(expit(W @ B.T), index=getattr(design, "index", adata.obs_names),
+                        columns=pd.Index(chosen, dtype=object))
 
 
 def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
@@ -446,8 +557,12 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     anndata.AnnData or None
         The modified copy with ``copy=True``, else None.  ``adata.uns[key_added]``
         holds ``results`` (one row per (perturbation, gene): the columns of
-        :func:`causarray.LFC` plus ``trt`` and ``batch``), ``settings``, ``jic`` and
-        ``propensity``; the scores are in ``adata.obsm[key_added + '_propensity']``.
+        :func:`causarray.LFC` plus ``trt`` and ``batch``), ``settings``, ``jic``,
+        ``propensity`` (overlap summary over each comparison's cells) and
+        ``propensity_coef`` (the models' coefficients); the design is in
+        ``adata.obsm[key_added + '_propensity_design']`` and, when cells x
+        perturbations <= :data:`PROPENSITY_TABLE_MAX`, the scores in
+        ``adata.obsm[key_added + '_propensity']`` (else :func:`propensity_scores`).
     """
     from ._validation import parameter_names
     from .batch import check_batch_keywords, gcate_lfc_batch, layout_for_budget
@@ -473,15 +588,19 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     info = validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="dropping .* cells with zero total count")
+        # A: sparse one-hot treatments (never n x a dense)
         if backed:      # counts stay on disk; each batch reads its rows (causarray.ondisk)
             from .ondisk import open_screen
 
             Y, A, X, X_A = open_screen(adata, info["pert_col"], info["ctrl_label"],
-                                       covariates, layer, drop_empty_cells=drop_empty_cells)
+                                       covariates, layer, drop_empty_cells=drop_empty_cells,
+                                       sparse_treatments=True)
         else:
             Y, A, X, X_A = from_anndata(adata, info["pert_col"], info["ctrl_label"],
                                         covariates, layer=layer,
-                                        drop_empty_cells=drop_empty_cells)
+                                        drop_empty_cells=drop_empty_cells,
+                                        sparse_treatments=True)
+    A_csc = _treatments_csc(A)
     kept = pd.Index(A.index)
     if len(kept) < adata.n_obs:
         logger.warning("dropped %d cell(s) with zero total count", adata.n_obs - len(kept))
@@ -491,7 +610,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
 
     layout = dict(batch_size=int(batch_size), n_ctrl=n_ctrl, max_cells=max_cells)
     if n_ctrl is None and max_cells is None:
-        layout = layout_for_budget(A.to_numpy(), p, memory_budget, int(batch_size))
+        layout = layout_for_budget(A_csc, p, memory_budget, int(batch_size))
         logger.info("batches of up to %d perturbations, every cell (largest batch %d cells)",
                     layout["batch_size"], layout["cells_per_batch"])
 
@@ -512,7 +631,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         df_r = _load_cached_jic(cache_path, fingerprint)
         if df_r is None:
             logger.info("choosing r by JIC over %s on <= %s cells", grid, n_sub_cap)
-            _, df_r = select_r(Y_mat, X, A.to_numpy(), grid, family, n_sub_cap, random_state,
+            _, df_r = select_r(Y_mat, X, A_csc, grid, family, n_sub_cap, random_state,
                                max_iters, verbose=verbose,
                                known=_load_partial_jic(cache_path, fingerprint),
                                callback=_partial_jic_writer(cache_path, fingerprint))
@@ -550,13 +669,8 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
 
     store: dict[str, Any] = dict(results=results, jic=df_r)
     if propensity:
-        from .diagnostics import summarize_propensity_scores
-        from .propensity import estimate_propensity_scores
-
-        pi = estimate_propensity_scores(A, X_A, random_state=random_state)
-        scores = pd.DataFrame(pi, index=kept, columns=list(A.columns))
-        adata.obsm[f"{key_added}_propensity"] = scores.reindex(adata.obs_names)  # NaN: dropped
-        store["propensity"] = summarize_propensity_scores(A, pi)
+        store.update(_propensity(adata, A_csc, list(A.columns), X_A, kept, covariates,
+                                 random_state, key_added))
     store["settings"] = dict(
         pert_col=info["pert_col"], ctrl_label=info["ctrl_label"], covariates=covariates,
         layer=layer, r=r_used, r_requested=str(r_req), r_grid=grid, family=family,
