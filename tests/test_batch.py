@@ -422,3 +422,49 @@ def test_replogle_tutorial_example_small(tmp_path):
             "figure_3.png"} <= set(os.listdir(tmp_path))
     df_r = pd.read_csv(tmp_path / "replogle-r.csv")
     assert list(df_r.columns[:4]) == ["r", "deviance", "nu", "JIC"]
+
+
+# ----------------------------------------------------------------------------------
+# assembling a screen's table one batch at a time
+# ----------------------------------------------------------------------------------
+def _result_like(b: int, a: int, p: int, rng) -> pd.DataFrame:
+    n = a * p
+    return pd.DataFrame({
+        "gene_names": np.tile(np.array([f"g{j}" for j in range(p)], dtype=object), a),
+        "tau": rng.normal(size=n), "rej": rng.integers(0, 2, n),
+        "estimable": rng.random(n) < 0.9,
+        "trt": np.repeat(np.array([f"P{b}_{k}" if k else None for k in range(a)],
+                                  dtype=object), p),
+        "batch": np.full(n, b, dtype=np.int64)})
+
+
+def test_concat_batches_equals_pd_concat():
+    from causarray.batch import concat_batches
+
+    rng = np.random.default_rng(0)
+    frames = [_result_like(b, 3, 7, rng) for b in range(4)]
+    got = concat_batches(iter([f.copy() for f in frames]))
+    pd.testing.assert_frame_equal(got, pd.concat(frames, ignore_index=True))
+    # one string object per distinct value, shared across batches
+    g = got["gene_names"].to_numpy()
+    assert g[0] is g[21] and g[0] == "g0"
+
+
+def test_concat_batches_holds_about_one_table():
+    """Peak memory of the assembly stays near one table (pd.concat of a list holds two)."""
+    import tracemalloc
+
+    from causarray.batch import concat_batches
+
+    def frames():
+        rng = np.random.default_rng(1)
+        for b in range(8):
+            yield pd.DataFrame({f"x{c}": rng.normal(size=50_000) for c in range(6)})
+
+    table_bytes = 8 * 6 * 50_000 * 8
+    tracemalloc.start()
+    out = concat_batches(frames())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert out.shape == (400_000, 6)
+    assert peak < 1.5 * table_bytes, (peak, table_bytes)

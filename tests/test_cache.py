@@ -207,3 +207,23 @@ def test_read_cache_rejects_foreign_files(tmp_path):
         f.create_dataset("x", data=[1])
     with pytest.raises(ValueError, match="is not a causarray batch cache"):
         read_cache(path)
+
+
+def test_load_without_frames_reads_batches_back(tmp_path):
+    """``load(frames=False)`` verifies every record but keeps no frame; ``read_batch``
+    reads one back from its part file, and after ``finalize`` from the consolidated file."""
+    path = tmp_path / "c.h5"
+    c = _cache(path)
+    for b in range(3):
+        c.commit(b, _record(b))
+    c2 = _cache(path)
+    got = c2.load(frames=False)
+    assert sorted(got) == [0, 1, 2] and all(r.frame is None for r in got.values())
+    pd.testing.assert_frame_equal(c2.read_batch(1).frame, _record(1).frame)
+    c2.finalize(got)                                   # frames read back one at a time
+    assert not c2.parts_dir.exists()
+    pd.testing.assert_frame_equal(c2.read_batch(2).frame, _record(2).frame)
+    pd.testing.assert_frame_equal(read_cache(path), pd.concat(
+        [_record(b).frame for b in range(3)], ignore_index=True))
+    with pytest.raises(KeyError, match="batch 7 is not in the cache"):
+        c2.read_batch(7)

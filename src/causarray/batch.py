@@ -881,8 +881,10 @@ def _route_keywords(kwargs: dict, gcate_kwargs: dict | None, lfc_kwargs: dict | 
 def _run_fingerprint(data: _Inputs, plans: list[BatchPlan], settings: dict, gk: dict,
                      lk: dict):
     """The cache fingerprint of a ``gcate_lfc_batch`` run: the package version, digests
-    of the inputs and of the batch layout, the run's ``settings`` and both stages'
-    keywords (``verbose`` left out: it changes no result)."""
+    of the inputs and of the batch layout, the run's ``settings``, both stages'
+    keywords (``verbose`` left out: it changes no result) and the result columns."""
+    from .dr import RESULT_COLUMNS
+
     return fingerprint(dict(
         causarray_version=__version__, Y=_digest_counts(data.Y),
         Y_shape=list(data.Y.shape), gene_names=content_digest(data.gene_names),
@@ -893,6 +895,7 @@ def _run_fingerprint(data: _Inputs, plans: list[BatchPlan], settings: dict, gk: 
         max_cells=settings["max_cells"], n_ctrl=settings["n_ctrl"],
         random_state=settings["random_state"], warm_start_U=settings["warm_start_U"],
         layout=_layout_digest(plans), disp_glm=settings["disp_glm"], outcome_start="gcate",
+        result_columns=list(RESULT_COLUMNS),     # a cache of another table layout is stale
         gcate_kwargs={k: v for k, v in gk.items() if k != "verbose"},
         lfc_kwargs={k: v for k, v in lk.items() if k != "verbose"}))
 
@@ -1038,7 +1041,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
             "random_state": random_state, "warm_start_U": warm_start_U,
             "disp_glm": canonical(disp_glm)}, gk, lk)
         cache = BatchCache(cache_path, fp, items)
-        records = {b: rec for b, rec in cache.load().items() if b < len(plans)}
+        records = {b: rec for b, rec in cache.load(frames=False).items() if b < len(plans)}
     todo = [pl for pl in plans if pl.batch not in records]
 
     if todo:
@@ -1057,8 +1060,9 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
 
                 nuis = dict(res["nuisances"], cell_idx=plans[res["batch"]].cell_idx)
                 save_batch_nuisances(nuis_path, res["batch"], nuis)
-            if cache is not None:
+            if cache is not None:     # stored: keep only its info, read back at the end
                 cache.commit(res["batch"], rec)
+                rec = BatchRecord(frame=None, arrays=rec.arrays, info=rec.info)
             records[res["batch"]] = rec
             prog.update(res["batch"], res["n_perts"], res["n_cells"], res["t_batch"])
 
@@ -1078,9 +1082,58 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         cache.finalize(records)
     if nuis_path is not None:
         _warn_missing_nuisances(nuis_path, len(plans))
-    frames = [records[pl.batch].frame for pl in plans]
+    table = concat_batches(_stored_frames(plans, records, cache))
     # the on-target family spans the screen: its BH is redone over all batches' rows
-    return adjust_target_families(pd.concat(frames, ignore_index=True), targets)
+    return adjust_target_families(table, targets)
+
+
+def _stored_frames(plans, records: dict, cache):
+    """The batches' frames in plan order, each read back from the cache if it was not
+    kept in memory, and released from ``records`` as it is handed on."""
+    for pl in plans:
+        rec = records[pl.batch]
+        frame = rec.frame if rec.frame is not None else cache.read_batch(pl.batch).frame
+        rec.frame = None
+        yield frame
+
+
+def concat_batches(frames) -> pd.DataFrame:
+    """``pd.concat(frames, ignore_index=True)`` holding one batch frame at a time.
+
+    A whole screen's table (the essential screen: 17 million rows) is several GB;
+    concatenating a list of frames holds it twice, and the frames read back from the
+    cache make one Python string per row of each text column.  Here every column is
+    filled in place, the frames are consumed one by one, and the text columns
+    (``gene_names``, ``trt``) hold one shared string object per distinct value.  The
+    result equals ``pd.concat`` (same columns, dtypes, values and a RangeIndex).
+    """
+    columns: dict[str, list] = {}
+    order: list[str] | None = None
+    interned: dict = {}
+    for frame in frames:
+        if order is None:
+            order = list(frame.columns)
+        elif list(frame.columns) != order:       # as pd.concat would align them
+            raise RuntimeError("batch frames have different columns")
+        for c in order:
+            v = frame[c].to_numpy()
+            if v.dtype == object:
+                codes, uniq = pd.factorize(v, use_na_sentinel=True)
+                levels = np.array([interned.setdefault(u, u) for u in uniq] + [None],
+                                  dtype=object)
+                v = levels[codes]
+            elif v.base is not None:      # a view into the frame's 2-D block: own copy, so
+                v = v.copy()              # that each column's parts free on their own
+            columns.setdefault(c, []).append(v)
+        del frame
+    if order is None:
+        return pd.DataFrame()
+    out = {}
+    for c in order:                              # one column at a time: its parts freed
+        parts = columns.pop(c)
+        out[c] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        del parts
+    return pd.DataFrame(out, columns=order, copy=False)
 
 
 def _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer, drop_empty_cells):

@@ -159,15 +159,16 @@ class BatchRecord:
 
     Attributes
     ----------
-    frame : DataFrame
-        The batch's result rows (numeric, boolean and text columns).
+    frame : DataFrame or None
+        The batch's result rows (numeric, boolean and text columns); None in a record
+        loaded without frames (:meth:`BatchCache.load`).
     arrays : dict of ndarray
         Extra numeric arrays (e.g. the control rows of U for warm starts).
     info : dict
         JSON-able scalars (timings, cell counts).
     """
 
-    frame: pd.DataFrame
+    frame: pd.DataFrame | None
     arrays: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
@@ -385,6 +386,7 @@ class BatchCache:
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self.fingerprint = fingerprint
         self.items = dict(items or {})
+        self._where: dict[int, Path] = {}      # batch -> the file that holds it
 
     # -- helpers ---------------------------------------------------------------------
     def _mismatch(self, where: Path, stored: str | None, stored_items: dict) -> ValueError:
@@ -419,8 +421,11 @@ class BatchCache:
                       "its batches are not trusted and will be recomputed",
                       RuntimeWarning, stacklevel=4)
 
-    def _read_file(self, where: Path, only: int | None = None) -> dict[int, BatchRecord]:
-        """Verified records of one file; corrupt records are skipped with a warning."""
+    def _read_file(self, where: Path, only: int | None = None,
+                   frames: bool = True) -> dict[int, BatchRecord]:
+        """Verified records of one file; corrupt records are skipped with a warning.
+        With ``frames=False`` each record's frame is dropped once verified (read it again
+        with :meth:`read_batch`), so that one frame at a time is in memory."""
         out: dict[int, BatchRecord] = {}
         try:
             f = _h5_open(where, "r")
@@ -441,14 +446,24 @@ class BatchCache:
                 if only is not None and b != only:
                     continue
                 try:
-                    out[b] = read_record(f[name])
+                    rec = read_record(f[name])
                 except Exception as e:  # noqa: BLE001 - any read failure means "do not trust"
                     self._corrupt(where, f"batch {b}: {e}")
+                    continue
+                if not frames:
+                    rec.frame = None
+                out[b] = rec
+                self._where.setdefault(b, where)
         return out
 
     # -- public API ------------------------------------------------------------------
-    def load(self) -> dict[int, BatchRecord]:
+    def load(self, frames: bool = True) -> dict[int, BatchRecord]:
         """All verified finished batches, from ``path`` and ``<path>.parts``.
+
+        With ``frames=False`` the records come without their frames (``frame`` is None):
+        every record is still read and verified, one at a time, and :meth:`read_batch`
+        reads a frame back when it is needed, so a screen's results are never all in
+        memory at once.
 
         Raises
         ------
@@ -459,8 +474,9 @@ class BatchCache:
         _remove_stale_tmp(self.parts_dir, "batch_")
         records: dict[int, BatchRecord] = {}
         self._consolidated: set[int] = set()
+        self._where = {}
         if self.path.exists():
-            records.update(self._read_file(self.path))
+            records.update(self._read_file(self.path, frames=frames))
             self._consolidated = set(records)
         if self.parts_dir.is_dir():
             for f in sorted(self.parts_dir.iterdir()):
@@ -468,7 +484,7 @@ class BatchCache:
                 if not m:
                     continue
                 b = int(m.group(1))
-                got = self._read_file(f, only=b)
+                got = self._read_file(f, only=b, frames=frames)
                 if b not in got:
                     try:                     # untrusted: remove so it is rewritten cleanly
                         f.unlink()
@@ -477,6 +493,16 @@ class BatchCache:
                     continue
                 records.setdefault(b, got[b])
         return records
+
+    def read_batch(self, batch: int) -> BatchRecord:
+        """The verified record of one finished batch, read from where it is stored."""
+        where = self._where.get(batch)
+        if where is None:
+            raise KeyError(f"batch {batch} is not in the cache")
+        got = self._read_file(where, only=batch)
+        if batch not in got:
+            raise RuntimeError(f"batch {batch} of {str(where)!r} could not be read back")
+        return got[batch]
 
     def needs_finalize(self, batches) -> bool:
         """True unless ``path`` already holds exactly ``batches`` (verified) and no parts."""
@@ -491,14 +517,20 @@ class BatchCache:
             write_record(f, batch, record)
 
         atomic_h5_write(self.parts_dir / f"batch_{batch:04d}.h5", write)
+        self._where[batch] = self.parts_dir / f"batch_{batch:04d}.h5"
 
     def finalize(self, records: Mapping[int, BatchRecord]) -> None:
-        """Consolidate all batches into ``path`` (atomically), then drop ``<path>.parts``."""
+        """Consolidate all batches into ``path`` (atomically), then drop ``<path>.parts``.
+
+        A record without its frame (``frame`` None, see :meth:`load`) is read back from
+        where it is stored, one at a time."""
         def write(f):
             self._write_attrs(f)
             f.attrs["n_batches"] = len(records)
             for b in sorted(records):
-                write_record(f, b, records[b])
+                rec = records[b] if records[b].frame is not None else self.read_batch(b)
+                write_record(f, b, rec)
+                del rec
 
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -514,6 +546,8 @@ class BatchCache:
                 self.parts_dir.rmdir()
             except OSError:  # pragma: no cover - something else lives there
                 logger.warning("could not remove %s", self.parts_dir)
+        self._where = {b: self.path for b in records}
+        self._consolidated = set(records)
 
     def clear(self) -> None:
         """Delete ``path`` and ``<path>.parts`` (used by callers that start fresh)."""

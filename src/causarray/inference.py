@@ -495,17 +495,27 @@ def on_target_pairs(trt: Any, genes: Any, targets: str | dict | None) -> np.ndar
     Returns
     -------
     numpy.ndarray
-        Boolean, one entry per row.
+        Boolean, one entry per row.  Labels are compared as strings; the work is done
+        on the distinct labels (a screen's table has millions of rows and a few
+        thousand names).
     """
-    trt = np.asarray(trt, dtype=object).astype(str)
-    genes = np.asarray(genes, dtype=object).astype(str)
-    if targets is None:
-        return np.zeros(trt.size, dtype=bool)
+    t_codes, t_uniq = pd.factorize(np.asarray(trt, dtype=object))
+    g_codes, g_uniq = pd.factorize(np.asarray(genes, dtype=object))
+    if targets is None or t_codes.size == 0:
+        return np.zeros(t_codes.size, dtype=bool)
+    t_names = pd.Index([str(t) for t in t_uniq])
+    g_names = pd.Index([str(g) for g in g_uniq])
     if targets == "auto":
-        return trt == genes
-    pairs = {(t, g) for t, gs in targets.items() for g in gs}
-    return np.fromiter(((t, g) in pairs for t, g in zip(trt, genes)), dtype=bool,
-                       count=trt.size)
+        gene_as_trt = t_names.get_indexer(g_names)        # -1: no perturbation of that name
+        mapped = gene_as_trt[g_codes]
+        return (mapped >= 0) & (mapped == t_codes)
+    allowed = np.zeros((len(t_names), len(g_names)), dtype=bool)
+    for t, gs in targets.items():
+        k = t_names.get_indexer([str(t)])[0]
+        if k >= 0:
+            cols = g_names.get_indexer([str(g) for g in gs])
+            allowed[k, cols[cols >= 0]] = True
+    return allowed[t_codes, g_codes]
 
 
 def family_bh(pvalue: Any, trt: Any, on_target: Any) -> np.ndarray:
@@ -535,13 +545,12 @@ def family_bh(pvalue: Any, trt: Any, on_target: Any) -> np.ndarray:
         Adjusted p-values, one per row.
     """
     pvalue = _as_float_array(pvalue, "pvalue")
-    trt = np.asarray(trt, dtype=object).astype(str)
     on_target = np.asarray(on_target, dtype=bool)
     out = np.full(pvalue.shape, np.nan)
     if on_target.any():
         out[on_target] = bh_adjust(pvalue[on_target])
     trans = ~on_target
-    codes, _ = pd.factorize(trt[trans])
+    codes, _ = pd.factorize(np.asarray(trt, dtype=object)[trans])
     idx = np.flatnonzero(trans)
     order = np.argsort(codes, kind="stable")
     bounds = np.flatnonzero(np.diff(codes[order])) + 1
