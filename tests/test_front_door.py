@@ -351,3 +351,63 @@ def test_cli_memory_budget_is_checked_by_the_parser(capsys, tmp_path):
     assert code == EXIT_USAGE
     assert "argument --memory-budget: expected a size such as 2GB or 500MB, got 'lots'" in err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------
+# the JIC cache is keyed by the batch cache's content digest, not by sums alone
+# ----------------------------------------------------------------------------------
+def _same_sums_other_counts(screen):
+    """A copy of ``screen`` with two counts moved between two cells and two genes.
+
+    Cells 0 and n - 1 (always among the rows the content digest reads exactly) trade
+    one count of genes j and k: every row and column sum stays the same.
+    """
+    import scipy.sparse as sp
+
+    other = screen.copy()
+    Y = _dense(other.X)
+    last = Y.shape[0] - 1
+    j = int(np.flatnonzero((Y[0] > 0) & (Y[last] >= 0))[0])
+    k = int(np.flatnonzero((Y[last] > 0) & (np.arange(Y.shape[1]) != j))[0])
+    Y[0, j] -= 1
+    Y[0, k] += 1
+    Y[last, j] += 1
+    Y[last, k] -= 1
+    other.X = sp.csr_matrix(Y) if sp.issparse(screen.X) else Y
+    return other
+
+
+def _dense(M) -> np.ndarray:
+    return np.array(M.toarray() if hasattr(M, "toarray") else M, dtype=float)
+
+
+def test_same_sums_other_counts_do_not_share_a_cached_jic_table(screen, tmp_path, caplog):
+    other = _same_sums_other_counts(screen)
+    Y0, Y1 = _dense(screen.X), _dense(other.X)
+    assert not np.array_equal(Y0, Y1)
+    np.testing.assert_array_equal(Y0.sum(axis=0), Y1.sum(axis=0))
+    np.testing.assert_array_equal(Y0.sum(axis=1), Y1.sum(axis=1))
+
+    kw = dict(r_grid=[1], max_iters=2, propensity=False, n_ctrl=100, max_cells=200)
+    cache = tmp_path / "cache.h5"
+    tl.lfc(screen, copy=True, cache_path=cache, **kw)
+    for path in tmp_path.iterdir():          # keep only the JIC table: the batch cache
+        if ".jic." not in path.name:         # would refuse the other data by itself
+            if path.is_dir():
+                import shutil
+
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    caplog.set_level(logging.INFO, logger="causarray")
+    out = tl.lfc(other, copy=True, cache_path=cache, **kw)
+    assert "re-using the JIC table" not in caplog.text
+    assert "was computed with other settings; recomputing" in caplog.text
+    fresh = tl.lfc(other, copy=True, **kw).uns["causarray"]["jic"]
+    pd.testing.assert_frame_equal(out.uns["causarray"]["jic"].drop(columns="time_s"),
+                                  fresh.drop(columns="time_s"))
+    caplog.clear()                           # the same data does share it
+    tl.lfc(other, copy=True, cache_path=tmp_path / "again.h5", **kw)
+    (tmp_path / "again.h5").unlink()
+    tl.lfc(other, copy=True, cache_path=tmp_path / "again.h5", **kw)
+    assert "re-using the JIC table" in caplog.text

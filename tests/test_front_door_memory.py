@@ -194,3 +194,23 @@ def test_large_screen_scores_and_plot_come_from_the_models(monkeypatch):
     assert [t.split()[0] for t in titles] == list(worst["treatment"].head(2))
     with pytest.raises(ValueError, match=r"unknown treatment\(s\) \['nope'\]"):
         tl.propensity_scores(b, ["nope"])
+
+
+def test_jic_cache_key_of_backed_counts_is_the_batch_digest(tmp_path):
+    """On-disk counts are keyed by the digest the batch cache uses for them (their
+    streamed pass), which equals that of the same counts read into memory."""
+    from causarray.batch import _digest_counts
+    from causarray.ondisk import H5Counts
+
+    path = tmp_path / "s.h5ad"
+    _screen().write_h5ad(path)
+    mem, backed = ad.read_h5ad(path), ad.read_h5ad(path, backed="r")
+    s_mem = tl._read_screen(mem, None, None, [], None, False)
+    s_bk = tl._read_screen(backed, None, None, [], None, False)
+    assert isinstance(s_bk.Y, H5Counts)
+    assert _digest_counts(s_bk.Y) == _digest_counts(s_mem.Y)
+    keys = [tl._data_fingerprint(s.Y, s.genes, s.A, s.X, s.X_A) for s in (s_mem, s_bk)]
+    assert keys[0] == keys[1]
+    other = s_mem.Y.copy()
+    other[0, 0] += 1
+    assert tl._data_fingerprint(other, s_mem.genes, s_mem.A, s_mem.X, s_mem.X_A) != keys[0]

@@ -18,8 +18,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "causarray"
 
 # "module.py:function" -> why it is still longer than LIMIT lines of code
 ALLOWED: dict[str, str] = {
-    "tl.py:lfc": "front door being reshaped in another branch (issue 12: tl delegates to "
-                 "batch/cache); split there",
     "report.py:render_report": "one HTML template filled top to bottom; being edited in "
                                "another branch",
 }

@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,24 +47,38 @@ class InputError(Exception):
 # ----------------------------------------------------------------------------------
 # argument parsing
 # ----------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse ``type`` parsing an integer ``>= minimum``.
+
+    Parameters
+    ----------
+    minimum : int
+        Smallest value accepted.
+    what : str
+        What is expected, for the message (``'a positive integer'``): a non-integer or
+        a smaller value raises ``argparse.ArgumentTypeError("expected <what>, got
+        '<text>'")``, which argparse reports under the flag's name.
+
+    Returns
+    -------
+    callable
+        ``str -> int``.
+    """
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
+_positive_int = _int_at_least(1, "a positive integer")
+_nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
 def _r_value(text: str) -> int | str:

@@ -40,12 +40,12 @@ Everything is stored in ``adata.uns[key_added]`` (``results``, ``settings``,
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -268,14 +268,43 @@ def _treatments_csc(A: Any) -> sp.csc_matrix:
 # ----------------------------------------------------------------------------------
 def _data_fingerprint(Y: Any, genes: Sequence[str], A: pd.DataFrame, X: np.ndarray,
                       X_A: np.ndarray) -> str:
-    h = hashlib.sha1()
-    col = np.asarray(Y.sum(axis=0), dtype=float).ravel()
-    row = np.asarray(Y.sum(axis=1), dtype=float).ravel()
-    a_cols = np.asarray(_treatments_csc(A).sum(axis=0), dtype=float).ravel()
-    for arr in (col, row, np.asarray(X, float), np.asarray(X_A, float), a_cols):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    h.update("\x00".join(list(map(str, genes)) + list(map(str, A.columns))).encode())
-    return h.hexdigest()
+    """Digest of the data the JIC table of ``r='auto'`` is computed from.
+
+    The same digests as the batch cache of :func:`causarray.batch.gcate_lfc_batch`:
+    :func:`causarray.cache.content_digest` of the counts (for on-disk ``H5Counts`` the
+    digest of their streamed pass, as the batch cache uses), of the treatments, of
+    ``X``, ``X_A`` and of the gene and perturbation names, combined by
+    :func:`causarray.cache.fingerprint`.  Besides the shape and the row and column sums
+    it hashes the exact values of evenly spaced rows, so counts moved between cells and
+    genes of those rows without changing any sum give another digest.
+
+    Parameters
+    ----------
+    Y : ndarray, scipy.sparse matrix or causarray.ondisk.H5Counts
+        Counts, cells x genes.
+    genes : sequence of str
+        Gene names.
+    A : pandas.DataFrame
+        One-hot treatments (its columns are the perturbation names).
+    X, X_A : ndarray
+        Outcome and propensity designs.
+
+    Returns
+    -------
+    str
+        SHA-256 hex digest.
+    """
+    from .batch import _digest_counts
+    from .cache import content_digest, fingerprint
+
+    digest, _ = fingerprint(dict(
+        Y=_digest_counts(Y), Y_shape=list(Y.shape),
+        gene_names=content_digest(np.asarray([str(g) for g in genes], dtype=object)),
+        A=content_digest(_treatments_csc(A)),
+        trt_names=content_digest(np.asarray([str(c) for c in A.columns], dtype=object)),
+        X=content_digest(np.asarray(X, dtype=float)),
+        X_A=content_digest(np.asarray(X_A, dtype=float))))
+    return digest
 
 
 def _jic_paths(cache_path: str | Path) -> tuple[Path, Path]:
@@ -473,6 +502,255 @@ def propensity_scores(adata: Any, treatments: Sequence[str] | None = None,
                         columns=pd.Index(chosen, dtype=object))
 
 
+@dataclass
+class _Screen:
+    """The inputs of one :func:`lfc` run, as read from the AnnData.
+
+    ``Y`` is the cells x genes count matrix (ndarray, CSR or on-disk ``H5Counts``),
+    ``A`` the sparse one-hot treatments (a sparse-dtype DataFrame, controls dropped),
+    ``A_csc`` the same as CSC, ``X = [1 | covariates]``, ``X_A = [1 | covariates |
+    log library size]``, ``kept`` the cells used, ``genes`` the gene names and
+    ``info`` the result of :func:`validate_screen`.
+    """
+
+    Y: Any
+    A: pd.DataFrame
+    A_csc: sp.csc_matrix
+    X: np.ndarray
+    X_A: np.ndarray
+    kept: pd.Index
+    genes: list[str]
+    info: dict
+    covariates: list[str]
+    backed: bool
+
+
+def _check_lfc_args(r: int | str, family: str, batch_size: int, n_ctrl: int | None,
+                    max_cells: int | None, kwargs: dict, gcate_kwargs: dict | None,
+                    lfc_kwargs: dict | None) -> int | str:
+    """Check the options of :func:`lfc` before any data is read.
+
+    Parameters
+    ----------
+    r, family, batch_size, n_ctrl, max_cells, gcate_kwargs, lfc_kwargs
+        As for :func:`lfc`.
+    kwargs : dict
+        The extra keywords of :func:`lfc`; each must be a keyword of
+        :func:`causarray.batch.gcate_lfc_batch` that :func:`lfc` does not set itself.
+
+    Returns
+    -------
+    int or 'auto'
+        The requested number of latent factors.
+    """
+    from ._validation import parameter_names
+    from .batch import check_batch_keywords, gcate_lfc_batch
+
+    r_req = check_r(r, allow_auto=True)
+    check_family(family)
+    check_positive_int("batch_size", batch_size)
+    for name, val in (("n_ctrl", n_ctrl), ("max_cells", max_cells)):
+        check_positive_int(name, val, allow_none=True)
+    own = {"Y", "X", "A", "r", "W_A", "batch_size", "max_cells", "n_ctrl", "family",
+           "cache_path", "random_state", "verbose", "gcate_kwargs", "lfc_kwargs", "client",
+           "pert_col", "ctrl_label", "covariates", "layer", "drop_empty_cells"}
+    batch_names = parameter_names(gcate_lfc_batch) - own
+    check_batch_keywords("lfc", kwargs, gcate_kwargs, lfc_kwargs, extra=batch_names)
+    return r_req
+
+
+def _read_screen(adata: Any, pert_col: str | None, ctrl_label: Any,
+                 covariates: list[str], layer: str | None, drop_empty_cells: bool) -> _Screen:
+    """Validate ``adata`` and build the model inputs, keeping the treatments sparse.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        In memory, or backed (its counts then stay on disk, :mod:`causarray.ondisk`).
+    pert_col, ctrl_label, covariates, layer, drop_empty_cells
+        As for :func:`lfc`.
+
+    Returns
+    -------
+    _Screen
+        Counts ``Y``, one-hot treatments ``A`` (never n x a dense), ``X``, ``X_A``, the
+        cells kept and the gene names.
+    """
+    from .preprocessing import from_anndata
+
+    backed = bool(getattr(adata, "isbacked", False))
+    info = validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="dropping .* cells with zero total count")
+        if backed:      # counts stay on disk; each batch reads its rows (causarray.ondisk)
+            from .ondisk import open_screen
+
+            Y, A, X, X_A = open_screen(adata, info["pert_col"], info["ctrl_label"],
+                                       covariates, layer, drop_empty_cells=drop_empty_cells,
+                                       sparse_treatments=True)
+        else:
+            Y, A, X, X_A = from_anndata(adata, info["pert_col"], info["ctrl_label"],
+                                        covariates, layer=layer,
+                                        drop_empty_cells=drop_empty_cells,
+                                        sparse_treatments=True)
+    kept = pd.Index(A.index)
+    if len(kept) < adata.n_obs:
+        logger.warning("dropped %d cell(s) with zero total count", adata.n_obs - len(kept))
+    Y_mat = Y.to_numpy() if isinstance(Y, pd.DataFrame) else Y      # ndarray, CSR, H5Counts
+    return _Screen(Y=Y_mat, A=A, A_csc=_treatments_csc(A), X=X, X_A=X_A, kept=kept,
+                   genes=[str(g) for g in adata.var_names], info=info,
+                   covariates=covariates, backed=backed)
+
+
+def _batch_layout(A_csc: sp.csc_matrix, p: int, batch_size: int, n_ctrl: int | None,
+                  max_cells: int | None, memory_budget: int | str) -> dict:
+    """Perturbations per batch and cell caps of the batch run.
+
+    With ``n_ctrl`` and ``max_cells`` both None every cell is used and the number of
+    perturbations per batch (at most ``batch_size``) is chosen so that a batch fits
+    ``memory_budget`` (:func:`causarray.batch.layout_for_budget`); otherwise the caps
+    are used as given.
+
+    Returns
+    -------
+    dict
+        ``batch_size``, ``n_ctrl``, ``max_cells`` (and ``cells_per_batch`` when
+        formed from the memory budget).
+    """
+    from .batch import layout_for_budget
+
+    layout = dict(batch_size=int(batch_size), n_ctrl=n_ctrl, max_cells=max_cells)
+    if n_ctrl is None and max_cells is None:
+        layout = layout_for_budget(A_csc, p, memory_budget, int(batch_size))
+        logger.info("batches of up to %d perturbations, every cell (largest batch %d cells)",
+                    layout["batch_size"], layout["cells_per_batch"])
+    return layout
+
+
+def _jic_table(screen: _Screen, grid: list[int], family: str, n_sub_cap: int,
+               random_state: int, max_iters: int | None, cache_path: str | Path | None,
+               verbose: bool) -> pd.DataFrame:
+    """The JIC table of ``r='auto'``, re-used from (and stored in) the cache when given.
+
+    The cached table is keyed by :func:`_data_fingerprint` and every setting of the
+    choice (grid, family, subsample size, seed, epoch cap, package version); rows
+    finished by an interrupted run with the same key are re-used as well.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``r, deviance, nu, JIC, time_s`` (see :func:`select_r`).
+    """
+    fingerprint = dict(data=_data_fingerprint(screen.Y, screen.genes, screen.A, screen.X,
+                                              screen.X_A),
+                       grid=grid, family=family, max_cells=n_sub_cap,
+                       random_state=random_state, max_iters=max_iters, version=__version__)
+    df_r = _load_cached_jic(cache_path, fingerprint)
+    if df_r is None:
+        logger.info("choosing r by JIC over %s on <= %s cells", grid, n_sub_cap)
+        _, df_r = select_r(screen.Y, screen.X, screen.A_csc, grid, family, n_sub_cap,
+                           random_state, max_iters, verbose=verbose,
+                           known=_load_partial_jic(cache_path, fingerprint),
+                           callback=_partial_jic_writer(cache_path, fingerprint))
+        _store_jic(cache_path, fingerprint, df_r)
+        _drop_partial_jic(cache_path)
+    return df_r
+
+
+def _choose_r(screen: _Screen, r_req: int | str, r_grid: Sequence[int] | None, family: str,
+              max_cells: int | None, random_state: int, max_iters: int | None,
+              cache_path: str | Path | None,
+              verbose: bool) -> tuple[int, pd.DataFrame | None, list[int]]:
+    """The number of latent factors: ``r_req``, or argmin JIC when it is ``'auto'``.
+
+    ``'auto'`` evaluates JIC over ``r_grid`` (default :func:`default_r_grid`) on a
+    control-priority subsample of ``max_cells`` cells (:data:`R_SUBSAMPLE` when None);
+    when every JIC is NaN (no room for a factor) r = 0.
+
+    Returns
+    -------
+    r : int
+    df_r : pandas.DataFrame or None
+        The JIC table (None for a given r).
+    grid : list of int
+        The grid evaluated (empty for a given r).
+    """
+    if r_req != "auto":
+        return int(r_req), None, []
+    n, p = screen.Y.shape
+    n_sub_cap = R_SUBSAMPLE if max_cells is None else int(max_cells)
+    n_sub = min(n, n_sub_cap)
+    grid = sorted({int(v) for v in (r_grid if r_grid is not None
+                                    else default_r_grid(p, n_sub))})
+    df_r = _jic_table(screen, grid, family, n_sub_cap, random_state, max_iters, cache_path,
+                      verbose)
+    r_used = int(df_r.loc[df_r["JIC"].idxmin(), "r"]) if df_r["JIC"].notna().any() else 0
+    logger.info("r = %d (minimum JIC)", r_used)
+    return r_used, df_r, grid
+
+
+def _cap_batch_size(layout: dict, p: int, d: int, r: int) -> None:
+    """Cap the perturbations per batch so that each batch can fit ``r`` factors.
+
+    ``fit_gcate`` needs ``r + d + a_batch < min(n, p)`` with ``d`` observed covariate
+    columns and ``a_batch`` perturbations; ``layout['batch_size']`` is lowered in place
+    to ``p - d - r - 1`` when that is at least 1 and below it.
+    """
+    if r <= 0:
+        return
+    room = p - d - r - 1
+    if 1 <= room < layout["batch_size"]:
+        logger.info("batches of at most %d perturbations: %d genes leave room for r = %d "
+                    "factors beside %d observed columns", room, p, r, d)
+        layout["batch_size"] = int(room)
+
+
+def _named_counts(screen: _Screen) -> Any:
+    """The counts with their gene names, as :func:`causarray.batch.gcate_lfc_batch` takes them.
+
+    On-disk ``H5Counts`` already carry the names; a sparse matrix becomes a
+    sparse-dtype DataFrame (it stays sparse); a dense one a DataFrame without a copy.
+    """
+    if screen.backed:
+        return screen.Y
+    if sp.issparse(screen.Y):
+        return pd.DataFrame.sparse.from_spmatrix(screen.Y, columns=screen.genes)
+    return pd.DataFrame(screen.Y, columns=screen.genes, copy=False)
+
+
+def _gcate_options(gcate_kwargs: dict | None, max_iters: int | None) -> dict | None:
+    """``gcate_kwargs`` with the epoch cap ``max_iters`` set in both GCATE stages."""
+    gk = dict(gcate_kwargs or {})
+    if max_iters is not None:
+        for key in ("kwargs_es_1", "kwargs_es_2"):
+            gk[key] = {**gk.get(key, {}), "max_iters": int(max_iters)}
+    return gk or None
+
+
+def _lfc_settings(screen: _Screen, adata: Any, layout: dict, r_used: int, r_req: int | str,
+                  grid: list[int], opts: dict, t_start: float) -> dict:
+    """The ``settings`` entry of ``adata.uns[key_added]``: what the run used.
+
+    ``opts`` holds the options of :func:`lfc` that are stored as given (``layer``,
+    ``family``, ``memory_budget``, ``random_state``, ``max_iters``, ``cache_path``,
+    ``client``).
+    """
+    n, p = screen.Y.shape
+    cache_path = opts["cache_path"]
+    return dict(
+        pert_col=screen.info["pert_col"], ctrl_label=screen.info["ctrl_label"],
+        covariates=screen.covariates, layer=opts["layer"], r=r_used, r_requested=str(r_req),
+        r_grid=grid, family=opts["family"], batch_size=int(layout["batch_size"]),
+        n_ctrl=layout["n_ctrl"], max_cells=layout["max_cells"],
+        memory_budget=str(opts["memory_budget"]), random_state=int(opts["random_state"]),
+        max_iters=opts["max_iters"], cache_path=None if cache_path is None else str(cache_path),
+        dask=opts["client"] is not None, n_cells=int(n), n_cells_dropped=int(adata.n_obs - n),
+        n_genes=int(p), n_perturbations=int(screen.A.shape[1]),
+        n_control=screen.info["n_control"], causarray_version=__version__,
+        elapsed_s=round(time.perf_counter() - t_start, 3),
+    )
+
+
 def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         covariates: str | Iterable[str] = (), layer: str | None = None, r: int | str = "auto",
         family: str = "nb", batch_size: int = 15, n_ctrl: int | None = None,
@@ -564,124 +842,41 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         perturbations <= :data:`PROPENSITY_TABLE_MAX`, the scores in
         ``adata.obsm[key_added + '_propensity']`` (else :func:`propensity_scores`).
     """
-    from ._validation import parameter_names
-    from .batch import check_batch_keywords, gcate_lfc_batch, layout_for_budget
-    from .preprocessing import from_anndata
+    from .batch import gcate_lfc_batch
 
     t_start = time.perf_counter()
-    r_req = check_r(r, allow_auto=True)
-    check_family(family)
-    check_positive_int("batch_size", batch_size)
-    for name, val in (("n_ctrl", n_ctrl), ("max_cells", max_cells)):
-        check_positive_int(name, val, allow_none=True)
-    own = {"Y", "X", "A", "r", "W_A", "batch_size", "max_cells", "n_ctrl", "family",
-           "cache_path", "random_state", "verbose", "gcate_kwargs", "lfc_kwargs", "client",
-           "pert_col", "ctrl_label", "covariates", "layer", "drop_empty_cells"}
-    batch_names = parameter_names(gcate_lfc_batch) - own
-    check_batch_keywords("lfc", kwargs, gcate_kwargs, lfc_kwargs, extra=batch_names)
+    r_req = _check_lfc_args(r, family, batch_size, n_ctrl, max_cells, kwargs, gcate_kwargs,
+                            lfc_kwargs)
     verbose = resolve_verbose(verbose)
-    backed = bool(getattr(adata, "isbacked", False))
     if copy:
-        check_copy_in_memory(backed)
+        check_copy_in_memory(bool(getattr(adata, "isbacked", False)))
         adata = adata.copy()
     covariates = [covariates] if isinstance(covariates, str) else list(covariates)
-    info = validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="dropping .* cells with zero total count")
-        # A: sparse one-hot treatments (never n x a dense)
-        if backed:      # counts stay on disk; each batch reads its rows (causarray.ondisk)
-            from .ondisk import open_screen
+    screen = _read_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)
+    p = screen.Y.shape[1]
+    layout = _batch_layout(screen.A_csc, p, batch_size, n_ctrl, max_cells, memory_budget)
+    r_used, df_r, grid = _choose_r(screen, r_req, r_grid, family, max_cells, random_state,
+                                   max_iters, cache_path, verbose)
+    _cap_batch_size(layout, p, np.shape(screen.X)[1], r_used)
 
-            Y, A, X, X_A = open_screen(adata, info["pert_col"], info["ctrl_label"],
-                                       covariates, layer, drop_empty_cells=drop_empty_cells,
-                                       sparse_treatments=True)
-        else:
-            Y, A, X, X_A = from_anndata(adata, info["pert_col"], info["ctrl_label"],
-                                        covariates, layer=layer,
-                                        drop_empty_cells=drop_empty_cells,
-                                        sparse_treatments=True)
-    A_csc = _treatments_csc(A)
-    kept = pd.Index(A.index)
-    if len(kept) < adata.n_obs:
-        logger.warning("dropped %d cell(s) with zero total count", adata.n_obs - len(kept))
-    genes = [str(g) for g in adata.var_names]
-    Y_mat = Y.to_numpy() if isinstance(Y, pd.DataFrame) else Y      # ndarray, CSR, H5Counts
-    n, p = Y_mat.shape
-
-    layout = dict(batch_size=int(batch_size), n_ctrl=n_ctrl, max_cells=max_cells)
-    if n_ctrl is None and max_cells is None:
-        layout = layout_for_budget(A_csc, p, memory_budget, int(batch_size))
-        logger.info("batches of up to %d perturbations, every cell (largest batch %d cells)",
-                    layout["batch_size"], layout["cells_per_batch"])
-
-    gk = dict(gcate_kwargs or {})
-    if max_iters is not None:
-        for key in ("kwargs_es_1", "kwargs_es_2"):
-            gk[key] = {**gk.get(key, {}), "max_iters": int(max_iters)}
-
-    df_r = None
-    if r_req == "auto":
-        n_sub_cap = R_SUBSAMPLE if max_cells is None else int(max_cells)
-        n_sub = min(n, n_sub_cap)
-        grid = sorted({int(v) for v in (r_grid if r_grid is not None
-                                        else default_r_grid(p, n_sub))})
-        fingerprint = dict(data=_data_fingerprint(Y_mat, genes, A, X, X_A), grid=grid,
-                           family=family, max_cells=n_sub_cap, random_state=random_state,
-                           max_iters=max_iters, version=__version__)
-        df_r = _load_cached_jic(cache_path, fingerprint)
-        if df_r is None:
-            logger.info("choosing r by JIC over %s on <= %s cells", grid, n_sub_cap)
-            _, df_r = select_r(Y_mat, X, A_csc, grid, family, n_sub_cap, random_state,
-                               max_iters, verbose=verbose,
-                               known=_load_partial_jic(cache_path, fingerprint),
-                               callback=_partial_jic_writer(cache_path, fingerprint))
-            _store_jic(cache_path, fingerprint, df_r)
-            _drop_partial_jic(cache_path)
-        r_used = int(df_r.loc[df_r["JIC"].idxmin(), "r"]) if df_r["JIC"].notna().any() else 0
-        logger.info("r = %d (minimum JIC)", r_used)
-    else:
-        grid = []
-        r_used = int(r_req)
-    if r_used > 0:
-        # each batch fits r factors beside its own perturbations: r + d + a_batch < min(n, p)
-        room = p - np.shape(X)[1] - r_used - 1
-        if 1 <= room < layout["batch_size"]:
-            logger.info("batches of at most %d perturbations: %d genes leave room for r = %d "
-                        "factors beside %d observed columns", room, p, r_used, np.shape(X)[1])
-            layout["batch_size"] = int(room)
-
-    if backed:               # H5Counts: carries the gene names, read batch by batch
-        Y_named = Y_mat
-    elif sp.issparse(Y_mat):   # a sparse-dtype frame: stays sparse, keeps the gene names
-        Y_named = pd.DataFrame.sparse.from_spmatrix(Y_mat, columns=genes)
-    else:
-        Y_named = pd.DataFrame(Y_mat, columns=genes, copy=False)
     if cache_path is not None:
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-    results = gcate_lfc_batch(Y_named, X, A, r_used, W_A=X_A, batch_size=layout["batch_size"],
+    results = gcate_lfc_batch(_named_counts(screen), screen.X, screen.A, r_used,
+                              W_A=screen.X_A, batch_size=layout["batch_size"],
                               max_cells=layout["max_cells"], n_ctrl=layout["n_ctrl"],
                               family=family,
                               cache_path=None if cache_path is None else str(cache_path),
                               random_state=random_state, verbose=verbose,
-                              gcate_kwargs=gk or None, lfc_kwargs=lfc_kwargs,
-                              client=client, **kwargs)
-    results = results.reset_index(drop=True)
+                              gcate_kwargs=_gcate_options(gcate_kwargs, max_iters),
+                              lfc_kwargs=lfc_kwargs, client=client, **kwargs)
 
-    store: dict[str, Any] = dict(results=results, jic=df_r)
+    store: dict[str, Any] = dict(results=results.reset_index(drop=True), jic=df_r)
     if propensity:
-        store.update(_propensity(adata, A_csc, list(A.columns), X_A, kept, covariates,
-                                 random_state, key_added))
-    store["settings"] = dict(
-        pert_col=info["pert_col"], ctrl_label=info["ctrl_label"], covariates=covariates,
-        layer=layer, r=r_used, r_requested=str(r_req), r_grid=grid, family=family,
-        batch_size=int(layout["batch_size"]), n_ctrl=layout["n_ctrl"],
-        max_cells=layout["max_cells"], memory_budget=str(memory_budget),
-        random_state=int(random_state), max_iters=max_iters,
-        cache_path=None if cache_path is None else str(cache_path),
-        dask=client is not None, n_cells=int(n), n_cells_dropped=int(adata.n_obs - n),
-        n_genes=int(p),
-        n_perturbations=int(A.shape[1]), n_control=info["n_control"],
-        causarray_version=__version__, elapsed_s=round(time.perf_counter() - t_start, 3),
-    )
+        store.update(_propensity(adata, screen.A_csc, list(screen.A.columns), screen.X_A,
+                                 screen.kept, covariates, random_state, key_added))
+    opts = dict(layer=layer, family=family, memory_budget=memory_budget,
+                random_state=random_state, max_iters=max_iters, cache_path=cache_path,
+                client=client)
+    store["settings"] = _lfc_settings(screen, adata, layout, r_used, r_req, grid, opts, t_start)
     adata.uns[key_added] = store
     return adata if copy else None
