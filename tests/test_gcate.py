@@ -198,3 +198,18 @@ def test_non_integer_counts_warn_and_round(small):
     Y, X, A, _ = small
     with pytest.warns(UserWarning, match="non-integer"):
         fit_gcate(Y + 0.2, X, A, 1, kwargs_es_1=dict(max_iters=1))
+
+
+def test_gene_folds_auto_follows_the_factors_share_of_a_gene():
+    """'auto': 3 gene folds when r / p > 1 % (small panels), none on large ones."""
+    from causarray.gcate import resolve_gene_folds
+
+    assert resolve_gene_folds("auto", 26, 5) == 3        # Hill
+    assert resolve_gene_folds("auto", 299, 3) == 3       # Papalexi at r = 3
+    assert resolve_gene_folds("auto", 299, 1) == 0
+    assert resolve_gene_folds("auto", 8563, 30) == 0     # the tutorial's batches
+    assert resolve_gene_folds("auto", 50, 0) == 0
+    assert resolve_gene_folds(5, 8563, 30) == 5
+    for bad in ("three", -1, 2.5, True):
+        with pytest.raises(ValueError, match="gene_folds must be 'auto' or an integer >= 0"):
+            resolve_gene_folds(bad, 100, 2)

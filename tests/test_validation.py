@@ -683,6 +683,8 @@ RULES = [
           "causarray.tl.lfc(adata, propensity=True)"),
     _rule(V.check_treatments_known, lambda: V.check_treatments_known(["Z"], ["A", "B"]),
           ValueError, "unknown treatment(s) ['Z']; available: ['A', 'B']"),
+    _rule(V.check_gene_folds, lambda: V.check_gene_folds("x"), ValueError,
+          "gene_folds must be 'auto' or an integer >= 0, got 'x'"),
 ]
 
 
@@ -824,3 +826,4 @@ def test_scanner_finds_a_stray_rule(tmp_path):
                    "def g(y):\n    if y:\n        raise TypeError(f'{y}')\n"
                    "    raise RuntimeError('not an input rule')\n")
     assert _raises(mod) == [("K.f", 3), ("g", 7)]
+

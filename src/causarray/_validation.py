@@ -2270,3 +2270,15 @@ def check_treatments_known(chosen: Sequence[str], available: Sequence[str]) -> N
     if unknown:
         raise ValueError(f"unknown treatment(s) {unknown[:5]}; available: "
                          f"{list(available[:20])}")
+
+
+def check_gene_folds(gene_folds: Any) -> int | str:
+    """``fit_gcate(gene_folds=)``: 'auto' or an integer >= 0 (0 or 1: no gene folds)."""
+    if isinstance(gene_folds, str):
+        if gene_folds != "auto":
+            raise ValueError(f"gene_folds must be 'auto' or an integer >= 0, got {gene_folds!r}")
+        return gene_folds
+    if isinstance(gene_folds, bool) or not isinstance(gene_folds, (int, np.integer)) \
+            or gene_folds < 0:
+        raise ValueError(f"gene_folds must be 'auto' or an integer >= 0, got {gene_folds!r}")
+    return int(gene_folds)
