@@ -1049,6 +1049,16 @@ def check_raw_counts(counts: Any, name: str = "adata.X") -> None:
 
 
 # ----------------------------------------------------------------------------- AnnData keys
+def _given_or_uns(adata: Any, key: str, given: Any, hint: str) -> Any:
+    """``given``, or ``adata.uns[key]`` when it is None (an error naming both if absent)."""
+    if given is not None:
+        return given
+    if key not in adata.uns:
+        raise ValueError(f"{key} was not given and adata.uns has no {key!r} entry; pass "
+                         f"{key}={hint}")
+    return adata.uns[key]
+
+
 def resolve_screen_keys(
     adata: Any, pert_col: str | None, ctrl_label: Any | None
 ) -> tuple[str, str, np.ndarray]:
@@ -1063,14 +1073,8 @@ def resolve_screen_keys(
         No such obs column, missing labels, or a control label that does not occur
         (the available labels are listed).
     """
-    if pert_col is None:
-        if "pert_col" not in adata.uns:
-            raise ValueError(
-                "pert_col was not given and adata.uns has no 'pert_col' entry; pass "
-                "pert_col=<obs column holding the perturbation labels>"
-            )
-        pert_col = adata.uns["pert_col"]
-    pert_col = str(pert_col)
+    pert_col = str(_given_or_uns(adata, "pert_col", pert_col,
+                                 "<obs column holding the perturbation labels>"))
     if pert_col not in adata.obs.columns:
         raise ValueError(
             f"obs has no column {pert_col!r}; available columns: "
@@ -1081,14 +1085,8 @@ def resolve_screen_keys(
     if n_missing:
         raise ValueError(f"obs[{pert_col!r}] has {n_missing} missing labels")
     labels = labels_raw.astype(str).to_numpy()
-    if ctrl_label is None:
-        if "ctrl_label" not in adata.uns:
-            raise ValueError(
-                "ctrl_label was not given and adata.uns has no 'ctrl_label' entry; pass "
-                "ctrl_label=<label of the control cells>"
-            )
-        ctrl_label = adata.uns["ctrl_label"]
-    ctrl_label = str(ctrl_label)
+    ctrl_label = str(_given_or_uns(adata, "ctrl_label", ctrl_label,
+                                   "<label of the control cells>"))
     if not np.any(labels == ctrl_label):
         available = sorted(set(labels))
         shown = available[:20] + (["..."] if len(available) > 20 else [])
@@ -1197,6 +1195,17 @@ def parse_memory(value: Any, name: str = "memory_budget") -> int:
 
 
 # ----------------------------------------------------------------------------- propensity
+def _float_columns(M: Any, name: str, what: str) -> np.ndarray:
+    """``M`` (dense, sparse or pandas) as a float array, a vector as one column."""
+    if hasattr(M, "toarray"):
+        M = M.toarray()
+    try:
+        arr = np.asarray(M, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be {what}, got {type(M).__name__}") from err
+    return arr[:, None] if arr.ndim == 1 else arr
+
+
 def check_ps_treatments(A: Any) -> tuple[np.ndarray, list[str]]:
     """A as an n x a float 0/1 array and the treatment names."""
     names = None
@@ -1204,14 +1213,7 @@ def check_ps_treatments(A: Any) -> tuple[np.ndarray, list[str]]:
         names = [str(c) for c in A.columns]
     elif hasattr(A, "name") and hasattr(A, "index") and A.name is not None:  # Series
         names = [str(A.name)]
-    if hasattr(A, "toarray"):
-        A = A.toarray()
-    try:
-        arr = np.asarray(A, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"A must be a numeric 0/1 matrix, got {type(A).__name__}") from err
-    if arr.ndim == 1:
-        arr = arr[:, None]
+    arr = _float_columns(A, "A", "a numeric 0/1 matrix")
     if arr.ndim != 2:
         raise ValueError(f"A must be 2-D (cells x treatments), got shape {arr.shape}")
     if not np.all(np.isin(arr, (0.0, 1.0))):
@@ -1223,14 +1225,7 @@ def check_ps_treatments(A: Any) -> tuple[np.ndarray, list[str]]:
 
 def check_ps_design(W_A: Any, n: int) -> np.ndarray:
     """W_A as an n x d finite float array (the propensity models' covariates)."""
-    if hasattr(W_A, "toarray"):
-        W_A = W_A.toarray()
-    try:
-        W = np.asarray(W_A, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"W_A must be numeric, got {type(W_A).__name__}") from err
-    if W.ndim == 1:
-        W = W[:, None]
+    W = _float_columns(W_A, "W_A", "numeric")
     if W.ndim != 2 or W.shape[0] != n:
         raise ValueError(f"W_A must be an n x d matrix with n = {n} rows, got shape {W.shape}")
     if not np.all(np.isfinite(W)):
@@ -1666,6 +1661,16 @@ def check_runner_result(res: Any) -> None:
 REFIT_METRICS = ("auc", "overlap_ratio", "ess_treated_fraction", "ess_control_fraction")
 
 
+def _unique_names(names: Any, n: int, label: str, of: str) -> list:
+    """``names`` as a list of ``n`` distinct (as strings) labels."""
+    names = list(names)
+    if len(names) != n:
+        raise ValueError(f"{label} has {len(names)} entries for {n} {of}")
+    if len(set(map(str, names))) != len(names):
+        raise ValueError(f"{label} must be unique")
+    return names
+
+
 def refit_treatments(A: Any, treatment_names: Sequence | None) -> tuple[np.ndarray, list]:
     """A as an n x a 0/1 float array and unique treatment names (given or from A)."""
     arr = A.to_numpy() if isinstance(A, pd.DataFrame) else np.asarray(A)
@@ -1676,13 +1681,8 @@ def refit_treatments(A: Any, treatment_names: Sequence | None) -> tuple[np.ndarr
     if treatment_names is None:
         treatment_names = list(A.columns) if isinstance(A, pd.DataFrame) \
             else list(range(arr.shape[1]))
-    names = list(treatment_names)
-    if len(names) != arr.shape[1]:
-        raise ValueError(f"treatment_names has {len(names)} entries for {arr.shape[1]} "
-                         "treatments")
-    if len(set(map(str, names))) != len(names):
-        raise ValueError("treatment_names must be unique")
-    return arr.astype(float), names
+    return arr.astype(float), _unique_names(treatment_names, arr.shape[1], "treatment_names",
+                                            "treatments")
 
 
 def refit_covariates(X_A: Any, n: int,
@@ -1701,13 +1701,8 @@ def refit_covariates(X_A: Any, n: int,
     if covariate_names is None:
         covariate_names = list(X_A.columns) if isinstance(X_A, pd.DataFrame) \
             else [f"covariate_{j + 1}" for j in range(arr.shape[1])]
-    names = list(covariate_names)
-    if len(names) != arr.shape[1]:
-        raise ValueError(f"covariate_names has {len(names)} entries for {arr.shape[1]} "
-                         "columns of X_A")
-    if len(set(map(str, names))) != len(names):
-        raise ValueError("covariate_names must be unique")
-    return arr, names
+    return arr, _unique_names(covariate_names, arr.shape[1], "covariate_names",
+                              "columns of X_A")
 
 
 def refit_resolver(names: list, size: int, what: str):

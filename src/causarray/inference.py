@@ -560,16 +560,11 @@ def family_bh(pvalue: Any, trt: Any, on_target: Any) -> np.ndarray:
     return out
 
 
-def adjust_target_families(table: pd.DataFrame, targets: str | dict | None,
-                           trt_col: str = "trt") -> pd.DataFrame:
-    """Set ``on_target`` and recompute ``padj`` of a result table by :func:`family_bh`.
-
-    Works on a whole screen's table (every perturbation's rows), so the on-target
-    family spans all batches.  Without a ``trt`` column the table is one
-    perturbation's (named ``trt_name`` in ``table.attrs`` if present).
-    """
-    trt = table[trt_col].to_numpy() if trt_col in table else \
-        np.full(len(table), str(table.attrs.get("trt_name", "")), dtype=object)
+def adjust_target_families(table: pd.DataFrame, targets: str | dict | None) -> pd.DataFrame:
+    """Set ``on_target`` and recompute ``padj`` of a screen's result table (columns
+    ``trt``, ``gene_names``, ``pvalue``) by :func:`family_bh`, so that the on-target
+    family spans every perturbation of the table (all batches)."""
+    trt = table["trt"].to_numpy()
     on_target = on_target_pairs(trt, table["gene_names"].to_numpy(), targets)
     table["on_target"] = on_target
     table["padj"] = family_bh(table["pvalue"].to_numpy(), trt, on_target)
