@@ -254,6 +254,9 @@ def essential_child(args) -> int:
               max_cells=cfg["max_cells"], family="nb", random_state=0, verbose=args.verbose,
               gcate_kwargs=_gcate_kwargs(cfg), cache_path=args.cache, blas_threads=1)
     out["rss_before_mb"] = round(current_rss_mb(), 1)
+    if args.results:
+        kw["results_path"] = args.results
+        out["results"] = args.results
     if args.mode == "serial":
         with measure() as m:
             df = bm.gcate_lfc_batch(args.data, **kw)
@@ -268,15 +271,24 @@ def essential_child(args) -> int:
             peaks = client.run(_worker_peak_mb)
             out["worker_peaks_rss_mb"] = [round(v, 1) for v in peaks.values()]
     out["caller_vmhwm_mb"] = round(hwm_rss_mb(), 1)
+    if args.results:                 # the table is in the file (one row group per batch)
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(df).metadata
+        n_rows, n_batches = meta.num_rows, meta.num_row_groups
+        out["results_mb"] = round(os.path.getsize(args.results) / 2**20, 1)
+    else:
+        n_rows, n_batches = len(df), int(df["batch"].nunique())
+    del df
     batches = _cache_batch_info(args.cache)
     t_b = [b["t_batch"] for b in batches]
     out.update(wall_s=round(m.wall_s, 2), peak_rss_mb=round(m.peak_rss_mb, 1),
-               n_batches=int(df["batch"].nunique()), batch_s=t_b,
+               n_batches=n_batches, batch_s=t_b,
                batch_gcate_s=[b["t_gcate"] for b in batches],
                batch_read_s=[b.get("t_read") for b in batches],
                batch_cells=[b["n_cells"] for b in batches],
                mean_batch_s=round(float(np.mean(t_b)), 2) if t_b else None,
-               result_rows=len(df), cache_mb=round(os.path.getsize(args.cache) / 2**20, 2))
+               result_rows=n_rows, cache_mb=round(os.path.getsize(args.cache) / 2**20, 2))
     if args.mode == "serial":
         out["outside_batches_s"] = round(m.wall_s - sum(t_b), 2)
     Path(args.out).write_text(json.dumps(out))
@@ -308,6 +320,8 @@ def run_essential(args, cfg: dict) -> int:
                "--cache", str(cache)]
         if args.max_batches:
             cmd += ["--max-batches", str(args.max_batches)]
+        if args.results:
+            cmd += ["--results", str(args.results)]
         if not args.quiet:
             cmd += ["--verbose"]
         with measure() as m:
@@ -636,6 +650,7 @@ def _parser() -> argparse.ArgumentParser:
     es.add_argument("--workers", type=int, default=2)
     es.add_argument("--max-batches", type=int, default=None)
     es.add_argument("--verbose", action="store_true")
+    es.add_argument("--results", default=None)
     ap.add_argument("--config", choices=sorted(CONFIGS), default="small")
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16],
                     help="numbers of batches (small / tutorial; full has 14)")
@@ -651,6 +666,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="essential: total cells of the written screen (default 309,915)")
     ap.add_argument("--cache", default=None,
                     help="essential: batch cache (kept: a rerun resumes from it)")
+    ap.add_argument("--results", default=None,
+                    help="essential: write the table to this .parquet file one batch at a "
+                         "time (gcate_lfc_batch(results_path=...)) instead of returning it")
     ap.add_argument("--data", default=None,
                     help="full: .npz of the screen; essential: .h5ad (default "
                          "/tmp/causarray_essential.h5ad); generated there if missing")

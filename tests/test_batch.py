@@ -159,6 +159,43 @@ def test_result_table(problem, reference):
         assert row.tau < -1 and row.padj < 0.05
 
 
+def test_on_target_family_spans_the_batches(problem):
+    """Only the on-target family is redone over the screen; every other pair keeps its
+    perturbation's BH from its batch, which equals BH over the whole table."""
+    from causarray.inference import family_bh, on_target_pairs
+
+    Y, X, A, X_A = problem
+    targets = {name: (f"gene_{k}",) for k, name in enumerate(A.columns)}
+    df = _run(problem, lfc_kwargs=dict(targets=targets))
+    assert df["batch"].nunique() == 3
+    trt, genes = df["trt"].to_numpy(), df["gene_names"].to_numpy()
+    on = on_target_pairs(trt, genes, targets)
+    assert on.sum() == A.shape[1]
+    np.testing.assert_array_equal(df["on_target"].to_numpy(), on)
+    np.testing.assert_array_equal(df["padj"].to_numpy(),
+                                  family_bh(df["pvalue"].to_numpy(), trt, on))
+
+
+def test_results_path_writes_the_returned_table(problem, tmp_path):
+    """With results_path the table goes to Parquet one batch at a time: the same rows,
+    columns, dtypes and values (on-target family over all batches included), from a
+    fresh run and from a finished cache."""
+    Y, X, A, X_A = problem
+    targets = {name: (f"gene_{k}",) for k, name in enumerate(A.columns)}
+    kw = dict(lfc_kwargs=dict(targets=targets), cache_path=str(tmp_path / "c.h5"))
+    expected = _run(problem, lfc_kwargs=dict(targets=targets))
+    for _ in range(2):                         # computed, then read back from the cache
+        out = _run(problem, results_path=tmp_path / "res.parquet", **kw)
+        assert out == tmp_path / "res.parquet"
+        got = pd.read_parquet(out)
+        pd.testing.assert_frame_equal(got, expected)
+        assert got["on_target"].sum() == A.shape[1]
+    assert sorted(os.listdir(tmp_path)) == ["c.h5", "res.parquet"]   # no temporary left
+    one = pd.read_parquet(out, filters=[("trt", "==", A.columns[0])])
+    pd.testing.assert_frame_equal(one, expected[expected.trt == A.columns[0]]
+                                  .reset_index(drop=True))
+
+
 def test_outcome_glm_is_warm_started_from_gcate(problem, monkeypatch):
     """LFC gets GCATE's coefficients in [W | A] column order: at GCATE's dispersion the
     outcome GLM then converges in a step or two (a wrong order would not)."""
@@ -450,21 +487,72 @@ def test_concat_batches_equals_pd_concat():
     assert g[0] is g[21] and g[0] == "g0"
 
 
+def _float_frames(n_frames: int, rows: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    for _ in range(n_frames):
+        yield pd.DataFrame({f"x{c}": rng.normal(size=rows) for c in range(6)})
+
+
 def test_concat_batches_holds_about_one_table():
-    """Peak memory of the assembly stays near one table (pd.concat of a list holds two)."""
+    """Peak memory of the assembly stays near one table (pd.concat of a list holds two);
+    with the planned row count, one table plus a few frames: no column parts are kept."""
     import tracemalloc
 
     from causarray.batch import concat_batches
 
-    def frames():
-        rng = np.random.default_rng(1)
-        for b in range(8):
-            yield pd.DataFrame({f"x{c}": rng.normal(size=50_000) for c in range(6)})
+    table_bytes = 8 * 6 * 400_000
+    for n_rows, bound in ((None, 1.5), (400_000, 1.3)):
+        tracemalloc.start()
+        out = concat_batches(_float_frames(16, 25_000), n_rows)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert out.shape == (400_000, 6)
+        assert peak < bound * table_bytes, (n_rows, peak, table_bytes)
+    pd.testing.assert_frame_equal(out, pd.concat(list(_float_frames(16, 25_000)),
+                                                 ignore_index=True))
 
-    table_bytes = 8 * 6 * 50_000 * 8
-    tracemalloc.start()
-    out = concat_batches(frames())
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert out.shape == (400_000, 6)
-    assert peak < 1.5 * table_bytes, (peak, table_bytes)
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_concat_batches_planned_rss():
+    """Resident memory, which tracemalloc does not see: column parts that are freed stay
+    with the C allocator, so joining parts peaks near two tables (5.6 GB for the essential
+    screen's 2.6 GiB); filled in place, the peak is the table plus a few frames."""
+    code = """if True:
+        import sys, numpy as np, pandas as pd
+        sys.path.insert(0, %r)
+        from test_batch import _float_frames
+        from causarray.batch import concat_batches
+        def kb(key):
+            for line in open("/proc/self/status"):
+                if line.startswith(key):
+                    return int(line.split()[1])
+        before = kb("VmRSS:")
+        out = concat_batches(_float_frames(64, 100_000), 6_400_000)
+        print(kb("VmHWM:") - before)
+    """ % os.path.dirname(__file__)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table_kb = 8 * 6 * 6_400_000 / 1024
+    assert int(proc.stdout.split()[-1]) < 1.3 * table_kb
+
+
+def test_concat_batches_planned_rows():
+    from causarray.batch import concat_batches
+
+    rng = np.random.default_rng(0)
+    frames = [_result_like(b, 3, 7, rng) for b in range(4)]
+    got = concat_batches(iter([f.copy() for f in frames]), 84)
+    pd.testing.assert_frame_equal(got, pd.concat(frames, ignore_index=True))
+    g = got["gene_names"].to_numpy()
+    assert g[0] is g[21] and g[0] == "g0"
+    # a later frame with a wider dtype widens the column as pd.concat does
+    mixed = [f.copy() for f in frames]
+    mixed[2]["rej"] = mixed[2]["rej"].astype(float) + 0.5
+    pd.testing.assert_frame_equal(concat_batches(iter([f.copy() for f in mixed]), 84),
+                                  pd.concat(mixed, ignore_index=True))
+    with pytest.raises(RuntimeError, match="batch frames hold 84 rows, 85 were planned"):
+        concat_batches(iter([f.copy() for f in frames]), 85)
+    with pytest.raises(RuntimeError, match="batch frames hold more than the 80 rows planned"):
+        concat_batches(iter([f.copy() for f in frames]), 80)
+
+

@@ -295,29 +295,50 @@ def signal_runs():
         truth = ad.varm["true_lfc"][keep]
         p, a = truth.shape
         off = np.log(est["size_factors"])   # the oracle gets the true U, the same size factors
-        oracle = glm_wald_padj(Y, np.hstack([X, ad.obsm["U_true"]]), A, off)
-        out.append(dict(df=df, truth=truth, oracle=oracle, p=p, a=a))
+        U = ad.obsm["U_true"]
+        oracle = glm_wald_padj(Y, np.hstack([X, U]), A, off)
+        # the same doubly robust estimator and inference, given the true U
+        df_dr, _ = LFC(Y, np.hstack([X, U]), A, np.hstack([_xa(Y, X), U]), offset=off)
+        oracle_dr = np.nan_to_num(as_matrix(df_dr, "padj", p, a), nan=1.0)
+        out.append(dict(df=df, truth=truth, oracle=oracle, oracle_dr=oracle_dr, p=p, a=a))
     return out
+
+
+def fdr_matched_power(runs, key, level=0.05):
+    """Power of ``runs[i][key]`` at the largest BH level whose FDR (mean FDP over the
+    runs) is at most ``level``: an oracle's power at the FDR the method is held to."""
+    best = 0.0
+    for q in np.linspace(0.001, level, 50):
+        fp = np.array([fdp_power(run[key], run["truth"], q) for run in runs])
+        if fp[:, 0].mean() <= level:
+            best = max(best, fp[:, 1].mean())
+    return best
 
 
 @pytest.mark.slow
 def test_confounded_signal_fdr_and_power(signal_runs):
-    fdps, fdps10, powers, oracle_powers = [], [], [], []
+    fdps, fdps10, powers = [], [], []
     for run in signal_runs:
         padj = np.nan_to_num(as_matrix(run["df"], "padj", run["p"], run["a"]), nan=1.0)
         fdp, power = fdp_power(padj, run["truth"])
         fdps10.append(fdp_power(padj, run["truth"], q=0.1)[0])
-        _, opower = fdp_power(run["oracle"], run["truth"])
         fdps.append(fdp)
         powers.append(power)
-        oracle_powers.append(opower)
-    print("FDP", np.round(fdps, 3), "FDP at q = 0.1", np.round(fdps10, 3), "power", np.round(powers, 3), "oracle power", np.round(oracle_powers, 3))
-    # measured: FDR 0.049 (0.056 before the weighted df), power 0.897 x the oracle's; the
-    # oracle (NB GLM Wald tests given the true U) has FDR 0.070 here, so part of its power
-    # comes from being anti-conservative: the bound leaves room for that
+    glm_nominal = np.mean([fdp_power(run["oracle"], run["truth"]) for run in signal_runs], 0)
+    dr_oracle = np.mean([fdp_power(run["oracle_dr"], run["truth"]) for run in signal_runs], 0)
+    glm_matched = fdr_matched_power(signal_runs, "oracle")
+    print("FDP", np.round(fdps, 3), "FDP at q = 0.1", np.round(fdps10, 3),
+          "power", np.round(powers, 3), "mean", round(np.mean(powers), 4),
+          "| true-U oracles: DR (FDR, power)", np.round(dr_oracle, 4),
+          "NB GLM at q = 0.05", np.round(glm_nominal, 4),
+          "NB GLM at FDR 0.05", round(glm_matched, 4))
+    # measured: FDR 0.049, power 0.789; the same estimator given the true U 0.801 (0.985x);
+    # the NB GLM given the true U 0.879 at q = 0.05 but with FDR 0.070 there, so the fair
+    # comparison holds it to FDR 0.05 too (docs/dr.md, "Power against oracles")
     assert np.mean(fdps) <= 0.05
     assert np.mean(fdps10) <= 0.10
-    assert np.mean(powers) >= 0.85 * np.mean(oracle_powers)
+    assert np.mean(powers) >= 0.9 * dr_oracle[1]
+    assert np.mean(powers) >= 0.9 * glm_matched
 
 
 def test_lfc_estimates_track_truth(signal_runs):

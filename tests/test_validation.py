@@ -467,6 +467,16 @@ RULES = [
     _rule(V.check_h5_row_major, lambda: V.check_h5_row_major("csc", "f.h5", "X"), ValueError,
           "f.h5:X is stored column-wise (CSC); rows cannot be read lazily. Rewrite it as CSR, "
           "e.g. adata.X = adata.X.tocsr(); adata.write_h5ad(path)"),
+    _rule(V.check_results_path, lambda: V.check_results_path("out.csv"), ValueError,
+          "results_path must end in '.parquet', got 'out.csv'"),
+    _rule(V.check_results_path, lambda: V.check_results_path(3), TypeError,
+          "results_path must be a path (str or os.PathLike), got int"),
+    _rule(V.check_results_path, lambda: V.check_results_path("/no/such/dir/r.parquet"),
+          ValueError, "results_path '/no/such/dir/r.parquet': folder '/no/such/dir' does "
+          "not exist"),
+    _rule(V.check_results_path, lambda: V.check_results_path("/tmp/c.parquet",
+                                                             "/tmp/c.parquet"), ValueError,
+          "results_path '/tmp/c.parquet' is the cache_path; pass another file"),
     _rule(V.check_cache_path, lambda: V.check_cache_path(Path("/")), ValueError,
           "cache_path '/' is a directory; pass a file path such as 'results.h5'"),
     _rule(V.check_cache_format, lambda: V.check_cache_format(False, "r.h5"), ValueError,

@@ -22,8 +22,10 @@ Conventions
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -2205,6 +2207,25 @@ def check_cache_path(path: Any) -> None:
     if path.is_dir():
         raise ValueError(f"cache_path {str(path)!r} is a directory; pass a file path "
                          "such as 'results.h5'")
+
+
+def check_results_path(path: Any, cache_path: Any = None) -> Any:
+    """``results_path`` of ``gcate_lfc_batch``: None, or a new ``.parquet`` file in an
+    existing folder, not the cache itself.  Returns it as a ``pathlib.Path`` (or None)."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"results_path must be a path (str or os.PathLike), got "
+                        f"{type(path).__name__}")
+    out = Path(path)
+    if out.suffix != ".parquet":
+        raise ValueError(f"results_path must end in '.parquet', got {str(out)!r}")
+    if not out.parent.is_dir():
+        raise ValueError(f"results_path {str(out)!r}: folder {str(out.parent)!r} does not "
+                         "exist")
+    if cache_path is not None and out.resolve() == Path(cache_path).resolve():
+        raise ValueError(f"results_path {str(out)!r} is the cache_path; pass another file")
+    return out
 
 
 def check_cache_format(is_cache: bool, path: Any) -> None:

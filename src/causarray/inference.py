@@ -560,12 +560,32 @@ def family_bh(pvalue: Any, trt: Any, on_target: Any) -> np.ndarray:
     return out
 
 
-def adjust_target_families(table: pd.DataFrame, targets: str | dict | None) -> pd.DataFrame:
+def adjust_target_families(table: pd.DataFrame, targets: str | dict | None,
+                           trans_adjusted: bool = False,
+                           chunk_rows: int = 1 << 20) -> pd.DataFrame:
     """Set ``on_target`` and recompute ``padj`` of a screen's result table (columns
     ``trt``, ``gene_names``, ``pvalue``) by :func:`family_bh`, so that the on-target
-    family spans every perturbation of the table (all batches)."""
+    family spans every perturbation of the table (all batches).
+
+    ``trans_adjusted=True`` says that every other pair's ``padj`` is already its
+    per-perturbation BH with the same ``targets`` (each perturbation's rows come from
+    one ``LFC`` call, as in :func:`causarray.gcate_lfc_batch`): only the on-target
+    family is adjusted then.  The flags are computed ``chunk_rows`` rows at a time, so
+    a screen's table (17 million rows) gains no full-length temporaries but two.
+    """
     trt = table["trt"].to_numpy()
-    on_target = on_target_pairs(trt, table["gene_names"].to_numpy(), targets)
+    genes = table["gene_names"].to_numpy()
+    on_target = np.zeros(len(table), dtype=bool)
+    for start in range(0, len(table), chunk_rows):
+        stop = start + chunk_rows
+        on_target[start:stop] = on_target_pairs(trt[start:stop], genes[start:stop], targets)
     table["on_target"] = on_target
-    table["padj"] = family_bh(table["pvalue"].to_numpy(), trt, on_target)
+    pvalue = table["pvalue"].to_numpy()
+    if not trans_adjusted:
+        table["padj"] = family_bh(pvalue, trt, on_target)
+        return table
+    padj = table["padj"].to_numpy(dtype=float, copy=True)
+    if on_target.any():
+        padj[on_target] = bh_adjust(pvalue[on_target])
+    table["padj"] = padj
     return table
