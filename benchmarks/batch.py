@@ -28,8 +28,10 @@ Configurations
     ``gcate_lfc_batch(path, r=30, batch_size=15, n_ctrl=2000, max_cells=None, ...)``
     (every treated cell, a 2,000-cell control pool; 135 batches) with a batch cache that
     is kept (``--cache``; a rerun resumes).  ``--max-batches K`` runs the first K
-    batches of the full plan.  Reports wall time, time per batch, the peak RSS
-    (``VmHWM``) of the caller and (``--dask``) of each worker, and the file size.
+    batches of the full plan.  ``--results FILE.parquet`` passes ``results_path``: the
+    table is written one batch at a time instead of being returned (rerun on a finished
+    cache, this measures the assembly alone).  Reports wall time, time per batch, the
+    peak RSS (``VmHWM``) of the caller and (``--dask``) of each worker, and the file size.
 
 The counts are simulated chunk by chunk (``_common.simulate_sparse_counts``), so no
 configuration ever holds a dense cells x genes matrix; they are capped by
