@@ -23,8 +23,9 @@ perturbation, never dense):
     modes alternated ``--rounds`` times in one process (disk, memory, disk, memory, ...)
     so that both see the same machine load; the load average is recorded before each
     call.  Time per batch = building its job (in memory: slicing its rows out of the
-    CSR matrix) + fitting it (from disk: reading its rows first).  The results of the two
-    modes are compared exactly.
+    CSR matrix) + fitting it (from disk: reading its rows first), in wall and in CPU
+    seconds (one BLAS thread: CPU time is the batch's work, which the machine's load
+    does not inflate).  The results of the two modes are compared exactly.
 
 ``python /work/shared/bench/ref_pass.py`` (a float32 gradient pass over a tutorial
 batch) is timed just before, so that times can be read in passes.
@@ -104,15 +105,18 @@ def batches_child(args) -> int:
     make, run = bm._make_job, bm._run_batch
 
     def timed_make(data, plan, **kw):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         job = make(data, plan, **kw)
-        times[plan.batch] = dict(make_s=time.perf_counter() - t0, n_cells=int(plan.cell_idx.size))
+        times[plan.batch] = dict(make_s=time.perf_counter() - t0,
+                                 make_cpu_s=time.process_time() - c0,
+                                 n_cells=int(plan.cell_idx.size))
         return job
 
     def timed_run(job):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = run(job)
         times[job.batch]["fit_s"] = time.perf_counter() - t0
+        times[job.batch]["fit_cpu_s"] = time.process_time() - c0
         times[job.batch]["read_s"] = float(res.get("t_read", 0.0))
         return res
 
@@ -141,7 +145,8 @@ def batches_child(args) -> int:
             wall = time.perf_counter() - t0
             per = [dict(batch=b, **{k: round(v, 3) if isinstance(v, float) else v
                                     for k, v in t.items()},
-                        batch_s=round(t["make_s"] + t["fit_s"], 3))
+                        batch_s=round(t["make_s"] + t["fit_s"], 3),
+                        batch_cpu_s=round(t["make_cpu_s"] + t["fit_cpu_s"], 3))
                    for b, t in sorted(times.items())]
             calls.append(dict(round=i, mode=mode, load_avg_1min=round(load, 2),
                               wall_s=round(wall, 2),
@@ -199,16 +204,26 @@ def _summary_batches(res: dict) -> dict:
     all_d = [v for b in disk.values() for v in b]
     all_m = [v for b in memory.values() for v in b]
     # paired by round and batch: each disk batch over the memory batch run right after it
-    pairs = []
+    pairs, cpu_pairs = [], []
     calls = res["calls"]
     for c_d, c_m in zip(calls[0::2], calls[1::2]):
         for bd, bmm in zip(c_d["batches"], c_m["batches"]):
             pairs.append(bd["batch_s"] / bmm["batch_s"])
+            if "batch_cpu_s" in bd:
+                cpu_pairs.append(bd["batch_cpu_s"] / bmm["batch_cpu_s"])
+    cpu = {m: [b["batch_cpu_s"] for c in calls if c["mode"] == m for b in c["batches"]
+               if "batch_cpu_s" in b] for m in ("disk", "memory")}
     return dict(mean_batch_s_disk=round(float(np.mean(all_d)), 2),
                 mean_batch_s_memory=round(float(np.mean(all_m)), 2),
                 ratio_disk_over_memory=round(float(np.mean(all_d) / np.mean(all_m)), 3),
                 ratio_per_batch=per_batch,
                 paired_ratios=[round(v, 3) for v in pairs],
+                # CPU seconds of the (single-threaded) batch: what the machine's load
+                # does not inflate; the disk read's waiting shows in the wall times only
+                ratio_cpu_disk_over_memory=(round(float(np.mean(cpu["disk"])
+                                                        / np.mean(cpu["memory"])), 3)
+                                            if cpu["disk"] and cpu["memory"] else None),
+                paired_cpu_ratios=[round(v, 3) for v in cpu_pairs],
                 mean_read_s_disk=round(float(np.mean(
                     [b["read_s"] for c in calls if c["mode"] == "disk" for b in c["batches"]])), 3),
                 mean_make_s_memory=round(float(np.mean(

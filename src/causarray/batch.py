@@ -1215,9 +1215,9 @@ def concat_batches(frames, n_rows: int | None = None) -> pd.DataFrame:
     ``n_rows`` (the total, known from the batch plans) lets every column be allocated
     once and filled in place: the process then holds the table plus one frame.  Without
     it each column's parts are kept until the end and joined one column at a time; the
-    parts are freed, but the C allocator keeps most of that memory (measured on the
-    essential screen: peak RSS 5.6 GB for a 2.6 GiB table, against 2.9 GB filled in
-    place).
+    parts are freed, but the C allocator keeps most of that memory (measured with 135
+    copies of one essential-screen batch frame, 17.3 million rows, 2.6 GiB: peak RSS
+    5.6 GB joining parts, 2.9 GB filled in place).
     """
     columns: dict = {}
     order: list[str] | None = None
