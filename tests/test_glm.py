@@ -421,3 +421,27 @@ def test_bad_input_messages():
         fit_glm(Y[:, 0], X, A)
     with pytest.raises(ValueError, match="size must be positive"):
         fit_glm(Y, X, A, size=-1.0)
+
+
+# ----------------------------------------------------------------------------------
+# the MoM size at the means of a start (LFC's outcome GLM warm-started by GCATE)
+# ----------------------------------------------------------------------------------
+def test_size_at_init_is_the_mom_at_the_start_and_the_fit_its_mle():
+    """With ``size_at_init`` the sizes are the MoM at the start's means and the fit is
+    the NB MLE at those sizes; the recipe's sizes differ from them only by the noise of
+    the MoM itself (the start is an NB fit of the same model)."""
+    Y, X, A, off = simulate(n_cov=10, p=40, seed=3)       # d = 11 > 8: the Schur IRLS
+    start = fit_glm(Y, X, A, size=4.0, offset=off, compute_se=False)
+    fit = fit_glm(Y, X, A, offset=off, init=start.coef, size_at_init=True, compute_se=False)
+    np.testing.assert_allclose(fit.size, mom_size(Y, start, X, A, off), rtol=1e-12)
+    at = fit_glm(Y, X, A, size=fit.size, offset=off, compute_se=False)
+    ok = fit.converged & at.converged
+    assert ok.mean() > 0.9
+    np.testing.assert_allclose(fit.coef[ok], at.coef[ok], rtol=COEF_RTOL, atol=COEF_RTOL)
+    recipe = fit_glm(Y, X, A, offset=off, init=start.coef, compute_se=False)
+    ratio = np.log(fit.size / recipe.size)
+    assert abs(np.median(ratio)) < 0.05                    # same estimator, other means
+    # without a start there is nothing to take the means of: the recipe
+    cold = fit_glm(Y, X, A, offset=off, size_at_init=True, compute_se=False)
+    np.testing.assert_array_equal(cold.size, fit_glm(Y, X, A, offset=off,
+                                                     compute_se=False).size)

@@ -88,6 +88,7 @@ from ._validation import (
 )
 from ._version import __version__
 from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerprint
+from .engine.threads import chunk_threads, one_thread_blas
 from .inference import adjust_target_families, bh_adjust, on_target_pairs
 
 logger = logging.getLogger("causarray")
@@ -405,7 +406,7 @@ class _BatchJob:
     U_init: np.ndarray | None
     ctrl_pos: np.ndarray         # positions of the shared controls among the batch rows
     keep_fits: bool
-    blas_threads: int | None = None   # BLAS threads of the batch, whichever process runs it
+    blas_threads: int | None = None   # chunk threads of the batch, whichever process runs it
     save_nuisances: bool = False  # return LFC's nuisances (gcate_lfc_batch(save_nuisances))
 
 
@@ -497,6 +498,22 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
     return pd.DataFrame(out, columns=cols + ["trt", "batch"])
 
 
+def _lfc_from_gcate(kw: dict, res_2: dict, X: np.ndarray, a: int) -> None:
+    """LFC's keywords that come from the batch's GCATE fit, unless the caller gave them:
+    per-gene-fold designs, the genes to re-centre on, the shift's variance and the
+    outcome GLM's start (GCATE's NB fit, whose means also give the MoM sizes)."""
+    if "W_gene_folds" not in kw and "U_gene_folds" in res_2:
+        kw["W_gene_folds"] = (res_2["gene_fold"],
+                              [np.hstack([X, U_f]) for U_f in res_2["U_gene_folds"]])
+    if "recenter_genes" not in kw and "unaffected" in res_2:
+        kw["recenter_genes"] = np.asarray(res_2["unaffected"], dtype=bool)
+    if "shift_variance" not in kw and "shift_var" in res_2:
+        kw["shift_variance"] = res_2["shift_var"]
+    if "outcome_init" not in kw:
+        kw["outcome_init"] = outcome_start(res_2, X.shape[1], a)
+        kw.setdefault("outcome_size_at_init", True)
+
+
 def outcome_start(res_2: dict, d: int, a: int) -> np.ndarray | None:
     """GCATE's coefficients as a warm start of LFC's outcome GLM on ``[X | U | A]``.
 
@@ -532,18 +549,19 @@ def propensity_design(X: np.ndarray, W_A: np.ndarray | None, U: np.ndarray,
 
 
 def _run_batch(job: _BatchJob) -> dict:
-    """:func:`_fit_batch` under the job's BLAS thread count.
+    """:func:`_fit_batch` on the job's threads, with a one-thread BLAS.
 
     The summation order inside BLAS depends on its thread count, and the iterative fits
-    carry such rounding differences on; fixing the count per batch makes a batch's result
-    the same whether it runs serially, on threads, in worker processes or on Dask (whose
-    workers start with one BLAS thread).
+    carry such rounding differences on.  A batch therefore runs its BLAS on one thread and
+    spends its ``blas_threads`` on the gene chunks of its passes
+    (:mod:`causarray.engine.threads`), which also puts their elementwise work on every
+    core.  Its result is the same whether it runs serially, on threads, in worker
+    processes or on Dask (whose workers start with one BLAS thread), and on any number
+    of threads.
     """
     if job.blas_threads is None:
         return _fit_batch(job)
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=job.blas_threads, user_api="blas"):
+    with one_thread_blas(), chunk_threads(job.blas_threads):
         return _fit_batch(job)
 
 
@@ -595,15 +613,7 @@ def _fit_batch(job: _BatchJob) -> dict:
             kw = dict(verbose=False)
             kw.update(_lfc_kwargs_fit(job.lfc_kwargs, expressed, fitted))
             kw.update(family=job.family, offset=log_s)
-            if "W_gene_folds" not in kw and "U_gene_folds" in res_2:
-                kw["W_gene_folds"] = (res_2["gene_fold"],
-                                      [np.hstack([job.X, U_f]) for U_f in res_2["U_gene_folds"]])
-            if "recenter_genes" not in kw and "unaffected" in res_2:
-                kw["recenter_genes"] = np.asarray(res_2["unaffected"], dtype=bool)
-            if "shift_variance" not in kw and "shift_var" in res_2:
-                kw["shift_variance"] = res_2["shift_var"]
-            if "outcome_init" not in kw:
-                kw["outcome_init"] = outcome_start(res_2, job.X.shape[1], A_fit.shape[1])
+            _lfc_from_gcate(kw, res_2, job.X, A_fit.shape[1])
             Y_df = pd.DataFrame(Y_fit, columns=list(job.gene_names[expressed]), copy=False)
             A_df = pd.DataFrame(A_fit, columns=names_fit)
             df_fit, est = LFC(Y_df, W, A_df, W_A, **kw)
@@ -897,6 +907,7 @@ def _run_fingerprint(data: _Inputs, plans: list[BatchPlan], settings: dict, gk: 
         max_cells=settings["max_cells"], n_ctrl=settings["n_ctrl"],
         random_state=settings["random_state"], warm_start_U=settings["warm_start_U"],
         layout=_layout_digest(plans), disp_glm=settings["disp_glm"], outcome_start="gcate",
+        outcome_size="mom_at_start",
         result_columns=list(RESULT_COLUMNS),     # a cache of another table layout is stale
         gcate_kwargs={k: v for k, v in gk.items() if k != "verbose"},
         lfc_kwargs={k: v for k, v in lk.items() if k != "verbose"}))
@@ -986,11 +997,11 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         (process pools, ``dask.distributed.Client.get_executor()``, ...).
     client : a ``dask.distributed.Client``; shorthand for
         ``executor=client.get_executor(pure=False)``.
-    blas_threads : BLAS threads of every batch, in whichever process runs it (default:
-        this process's count at the call).  Serial, threaded, process and Dask runs with
-        the same ``blas_threads`` give identical results; pass 1 on a Dask cluster of
-        single-threaded workers to avoid oversubscription (and 1 in a serial run that
-        should match it).
+    blas_threads : threads of every batch, in whichever process runs it (default: this
+        process's BLAS thread count at the call).  A batch runs its BLAS on one thread and
+        its passes' gene chunks on these threads (:mod:`causarray.engine.threads`), so
+        serial, threaded, process and Dask runs give identical results with any value;
+        pass 1 on a Dask cluster of single-threaded workers to avoid oversubscription.
     pert_col, ctrl_label, covariates, layer, drop_empty_cells : how to read a screen
         given as a file (see ``Y``); ignored for matrix input.
     save_nuisances : also write each computed batch's nuisances (outcome-model means
@@ -1072,15 +1083,16 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
             prog.update(res["batch"], res["n_perts"], res["n_cells"], res["t_batch"])
             release_freed_memory()
 
-        try:
-            if executor is None:
-                for pl in todo:
-                    prev = records.get(pl.batch - 1) if warm_start_U else None
-                    U_prev = None if prev is None else prev.arrays.get("U_ctrl")
-                    finish(_run_batch(_make_job(data, pl, U_ctrl_prev=U_prev, **common)))
-            else:
-                _run_parallel(executor, todo, width + 1, finish,
-                              lambda pl: _make_job(data, pl, U_ctrl_prev=None, **common))
+        try:    # one-thread BLAS set here: batches on threads of this process share it
+            with one_thread_blas():
+                if executor is None:
+                    for pl in todo:
+                        prev = records.get(pl.batch - 1) if warm_start_U else None
+                        U_prev = None if prev is None else prev.arrays.get("U_ctrl")
+                        finish(_run_batch(_make_job(data, pl, U_ctrl_prev=U_prev, **common)))
+                else:
+                    _run_parallel(executor, todo, width + 1, finish,
+                                  lambda pl: _make_job(data, pl, U_ctrl_prev=None, **common))
         finally:
             prog.close()
 

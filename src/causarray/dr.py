@@ -70,6 +70,7 @@ from ._validation import (
     check_zero_one,
     parameter_names,
 )
+from .engine.threads import map_chunks
 from .glm import fit_glm, groups_from_onehot, sym_outer, sym_unpack
 from .inference import family_bh, multiple_testing, on_target_pairs
 from .preprocessing import size_factors_from_offset
@@ -254,12 +255,14 @@ class _GeneBlocks:
 # nuisance models
 # ----------------------------------------------------------------------------------
 def fit_outcome_model(Y, W: np.ndarray, A: np.ndarray, log_s: np.ndarray, fold: np.ndarray,
-                      family: str = "nb", disp_glm=None, init=None) -> CounterfactualMeans:
+                      family: str = "nb", disp_glm=None, init=None,
+                      size_at_init: bool = False) -> CounterfactualMeans:
     """Joint count GLM of Y on [W | A] per training fold; out-of-fold counterfactual means.
 
     ``init`` (p x (d + a), columns as ``[W | A]``) warm-starts the GLM when there are no
     folds; the fit (dispersion recipe included) is the same, only fewer Newton steps
-    are needed from a good start.
+    are needed from a good start.  ``size_at_init``: ``init`` is an NB fit of this
+    model and the MoM sizes are taken at its means (:func:`causarray.glm.fit_glm`).
     """
     n, p = Y.shape
     K = int(fold.max()) + 1
@@ -272,7 +275,8 @@ def fit_outcome_model(Y, W: np.ndarray, A: np.ndarray, log_s: np.ndarray, fold: 
     for f in range(K):
         train = fold != f if K > 1 else slice(None)
         fit = fit_glm(Y[train], W[train], A[train], family=family, size=disp_glm,
-                      offset=log_s[train], init=init if K == 1 else None, compute_se=False)
+                      offset=log_s[train], init=init if K == 1 else None, compute_se=False,
+                      size_at_init=size_at_init and K == 1)
         logger.debug("outcome GLM (fold %d): %d of %d genes converged, mean %.1f Newton steps",
                      f, int(fit.converged.sum()), p, float(np.mean(fit.n_iter)))
         B = fit.coef[:, :d]
@@ -790,8 +794,8 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
     out["estimable"] = np.empty((a, p), bool)
     blocks = _GeneBlocks(Y, cm.order)
     step = _chunk_genes(n)
-    for start in tqdm(range(0, p, step), desc="AIPW", disable=not opts.verbose, leave=False):
-        cols = slice(start, min(p, start + step))                                # (3)
+
+    def chunk(cols: slice) -> None:              # (3), writes the chunk's own columns
         y = blocks(cols)
         mu0_raw = cm.mu0[cols]
         R = cinfo = controls = None
@@ -808,6 +812,11 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
             for key in _ESTIMAND_KEYS:
                 out[key][k, cols] = res[key]
             out["estimable"][k, cols] = res["estimable"]
+
+    chunks = [slice(start, min(p, start + step)) for start in range(0, p, step)]
+    for _ in tqdm(map_chunks(chunk, chunks), total=len(chunks), desc="AIPW",
+                  disable=not opts.verbose, leave=False):
+        pass
     out["n1"] = np.array([_block_size(trt, n) for trt, _ in cells.sets])
     out["n0"] = np.array([_block_size(unt, n) for _, unt in cells.sets])
     if term is not None and term.need:
@@ -981,7 +990,8 @@ def _propensities(A, W_A, mask, fold, K: int, pi_hat, *, ps_class_weight, random
 
 
 def _outcome_and_estimands(Y, W, A, s, pi, log_s, fold, mask, opts: _AIPWOptions, *, Y_hat,
-                           W_gene_folds, family: str, disp_glm, outcome_init):
+                           W_gene_folds, family: str, disp_glm, outcome_init,
+                           size_at_init: bool = False):
     """The outcome model (fitted, per gene fold, or ``Y_hat``) and the AIPW estimands."""
     n, p = Y.shape
     a = A.shape[1]
@@ -992,7 +1002,7 @@ def _outcome_and_estimands(Y, W, A, s, pi, log_s, fold, mask, opts: _AIPWOptions
     if Y_hat is None:
         logger.info("fitting outcome models")
         cm = fit_outcome_model(Y, W, A, log_s, fold, family=family, disp_glm=disp_glm,
-                               init=outcome_init)
+                               init=outcome_init, size_at_init=size_at_init)
     else:
         cm = _coerce_Y_hat(Y_hat, n, p, a)
     logger.info("AIPW estimands")
@@ -1091,7 +1101,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         thres_min="auto", thres_diff: float = 0.01, min_counts: int = 5, fdx: bool = False,
         fdx_alpha: float = 0.05, fdx_c: float = 0.1, ps_clip="auto", ps_class_weight=None,
         verbose: bool = False, random_state: int = 0, fdx_B: int = 1000, disp_glm=None,
-        legacy_fdx_scaling: bool = False, outcome_init=None, nuisance_variance: bool = True,
+        legacy_fdx_scaling: bool = False, outcome_init=None,
+        outcome_size_at_init: bool = False, nuisance_variance: bool = True,
         bias_correction: bool = True, recenter: bool = True, shift_variance=None,
         W_gene_folds=None, recenter_genes=None, targets="auto",
         ps_model: str = "logistic", eps_var=None, backend: str = "auto",
@@ -1124,6 +1135,12 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         order ``[W | A]`` (e.g. GCATE's for the same design, as ``gcate_lfc_batch``
         passes them).  Only a warm start: the fit and its dispersion recipe are
         unchanged, it needs fewer Newton steps.  Ignored with cross-fitting.
+    outcome_size_at_init : with ``outcome_init`` an NB fit of the same model (GCATE's
+        coefficients for ``W = [X | U]``), estimate the NB sizes by method of moments at
+        its means instead of after the recipe's preliminary Poisson and NB fits, which
+        stand in for it (``docs/dr.md``, "Warm start").  ``gcate_lfc_batch`` sets it
+        with GCATE's start.  Not applied per gene fold (``W_gene_folds``): there the
+        factors differ from those of the start.
     nuisance_variance : add the delta-method variance of the outcome-model coefficients
         to the influence-function variance (K = 1, one-hot A).  It matters when treated and
         control cells overlap poorly in the confounders (see ``docs/dr.md``).
@@ -1189,7 +1206,8 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
                         nuisance_variance=nuisance_variance, verbose=verbose)
     cm, res = _outcome_and_estimands(Y, W, A, s, pi, log_s, fold, mask, opts, Y_hat=Y_hat,
                                      W_gene_folds=W_gene_folds, family=family,
-                                     disp_glm=disp_glm, outcome_init=outcome_init)
+                                     disp_glm=disp_glm, outcome_init=outcome_init,
+                                     size_at_init=bool(outcome_size_at_init))
     # 3. per treatment: filters, re-centring, variance floor, tests
     topts = _TestingOptions(thres_min=thres_min, min_counts=min_counts, recenter=recenter,
                             fdx=fdx, fdx_alpha=fdx_alpha, fdx_c=fdx_c, fdx_B=fdx_B,

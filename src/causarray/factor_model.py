@@ -39,6 +39,7 @@ from .engine import (
     sym_outer,
     working_weights,
 )
+from .engine.threads import map_chunks
 from .glm import GLMFit
 
 #: bytes of one n x chunk float64 temporary in the fused passes (about ten are alive)
@@ -179,24 +180,69 @@ def _safeguarded_update(pd_: _PassDesign, y: np.ndarray, alpha: np.ndarray, B0: 
     return trial.B, trial.C, trial.mu, kern, int(np.count_nonzero(trial.step < 1.0))
 
 
-def _cell_sums(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray, Gm: np.ndarray,
-               H: np.ndarray, g: np.ndarray) -> None:
-    """Add one chunk's Fisher information and score of every cell's factors to (H, g)."""
+def _cell_sums(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray, Gm: np.ndarray):
+    """One chunk's Fisher information (packed, float32) and score of every cell's factors."""
     t = np.multiply(mu, alpha)
     t += 1.0
     np.reciprocal(t, out=t)
     resid = np.subtract(y, mu)
     resid *= t
-    g += resid @ Gm.astype(resid.dtype)
+    g = resid @ Gm.astype(resid.dtype)
     del resid
     t *= mu                                         # Fisher weights mu / (1 + alpha mu)
-    H += t.astype(np.float32, copy=False) @ sym_outer(Gm).astype(np.float32)
+    return t.astype(np.float32, copy=False) @ sym_outer(Gm).astype(np.float32), g
+
+
+@dataclass
+class _ChunkStep:
+    """What the gene step of one chunk returns to :func:`fisher_pass`."""
+
+    cols: slice
+    kernel: np.ndarray
+    n_halved: int
+    var: tuple | None = None          # (var_b, var_c) at the starting coefficients
+    cell: tuple | None = None         # (H, g): the chunk's share of the cells' systems
+
+
+def _gene_step(Y, pd_: _PassDesign, B: np.ndarray, C: np.ndarray, alpha: np.ndarray,
+               cols: slice, loadings: slice | None, gscale, compute_se: bool,
+               ridge: float) -> _ChunkStep:
+    """One safeguarded Fisher-scoring step of the genes ``cols`` (B, C updated in place)."""
+    design, dtype = pd_.design, pd_.dtype
+    a = design.n_groups
+    # 1. the chunk's counts (rows sorted), pinned groups, means and kernel at the start
+    y = sorted_chunk(Y, design.order, cols.start, cols.stop).astype(dtype, copy=False)
+    al = alpha[cols].astype(dtype)
+    pinned = group_sums(design, y) == 0 if a else np.zeros((0, y.shape[1]), bool)
+    B0, C0 = B[:, cols], C[:, cols]
+    C0[pinned] = -GROUP_COEF_BOUND
+    eta, mu = pd_.mean_at(B0, C0)
+    # 2. Fisher weights and scores (one fused pass), gradient and Newton system
+    w, resid = working_weights(y, mu, al)
+    kernel0 = _kernel(y, eta, mu, al)
+    del eta, mu
+    grad = pd_.gradient(resid)
+    del resid
+    system = newton_system(design, w, pinned, ridge, single=True)
+    del w
+    var = covariance_diag(system, pinned) if compute_se else None
+    # 3. the step, capped, then halved until the log-likelihood does not drop
+    db, dc = newton_step(system, grad, pinned)
+    del system
+    cap_step(db, dc)
+    Bt, Ct, mu, kern, n_halved = _safeguarded_update(pd_, y, al, B0, C0, db, dc, kernel0)
+    B[:, cols], C[:, cols] = Bt, Ct
+    # 4. fused: the chunk's share of every cell's factor system at the new loadings
+    cell = None
+    if loadings is not None:
+        cell = _cell_sums(y, mu, al, Bt[loadings].T * gscale)
+    return _ChunkStep(cols, kern, n_halved, var, cell)
 
 
 def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarray, *,
                 loadings: slice | None = None, compute_se: bool = False,
                 ridge: float = 1e-10, chunk: int | None = None,
-                dtype: type = np.float32) -> PassResult:
+                dtype: type = np.float32, threads: int | None = None) -> PassResult:
     """One Fisher-scoring step of every gene's GLM, fused with the cells' factor sums.
 
     Parameters
@@ -216,6 +262,9 @@ def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarr
     dtype : working precision of the elementwise work and of the linear predictor
         (float32: half the memory traffic; the coefficients, the Newton systems and all
         sums over genes stay float64).
+    threads : threads over the gene chunks (default: the process's BLAS threads;
+        :mod:`causarray.engine.threads`).  The cells' sums are added in chunk order, so
+        the result does not depend on it.
 
     Returns
     -------
@@ -226,8 +275,8 @@ def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarr
     q = design.d
     step = chunk or pass_chunk_size(n)
     pd_ = _PassDesign.of(design, dtype)
-    kernel = np.empty(p)
-    res = PassResult(kernel=kernel)
+    res = PassResult(kernel=np.empty(p))
+    gscale = None
     if loadings is not None:
         r = loadings.stop - loadings.start
         res.H = np.zeros((n, r * (r + 1) // 2), dtype=np.float32)
@@ -236,38 +285,19 @@ def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarr
     if compute_se:
         res.var_b = np.empty((p, q))
         res.var_c = np.empty((a, p))
-    for start in range(0, p, step):
-        stop = min(p, start + step)
-        cols = slice(start, stop)
-        # 1. the chunk's counts (rows sorted), pinned groups, means and kernel at the start
-        y = sorted_chunk(Y, design.order, start, stop).astype(dtype, copy=False)
-        al = alpha[cols].astype(dtype)
-        pinned = group_sums(design, y) == 0 if a else np.zeros((0, stop - start), bool)
-        B0, C0 = B[:, cols], C[:, cols]
-        C0[pinned] = -GROUP_COEF_BOUND
-        eta, mu = pd_.mean_at(B0, C0)
-        # 2. Fisher weights and scores (one fused pass), gradient and Newton system
-        w, resid = working_weights(y, mu, al)
-        kernel0 = _kernel(y, eta, mu, al)
-        del eta, mu
-        grad = pd_.gradient(resid)
-        del resid
-        system = newton_system(design, w, pinned, ridge, single=True)
-        del w
-        if compute_se:
-            res.var_b[cols], res.var_c[:, cols] = covariance_diag(system, pinned)
-        # 3. the step, capped, then halved until the log-likelihood does not drop
-        db, dc = newton_step(system, grad, pinned)
-        del system
-        cap_step(db, dc)
-        Bt, Ct, mu, kern, n_halved = _safeguarded_update(pd_, y, al, B0, C0, db, dc, kernel0)
-        res.n_halved += n_halved
-        B[:, cols], C[:, cols] = Bt, Ct
-        kernel[cols] = kern
-        # 4. fused: every cell's factor system at the new loadings
-        if loadings is not None:
-            _cell_sums(y, mu, al, Bt[loadings].T * gscale, res.H, res.g)
-        del mu, y
+
+    def body(cols: slice) -> _ChunkStep:
+        return _gene_step(Y, pd_, B, C, alpha, cols, loadings, gscale, compute_se, ridge)
+
+    chunks = (slice(start, min(p, start + step)) for start in range(0, p, step))
+    for out in map_chunks(body, chunks, threads):
+        res.kernel[out.cols] = out.kernel
+        res.n_halved += out.n_halved
+        if out.var is not None:
+            res.var_b[out.cols], res.var_c[:, out.cols] = out.var
+        if out.cell is not None:
+            res.H += out.cell[0]
+            res.g += out.cell[1]
     return res
 
 

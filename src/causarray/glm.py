@@ -52,6 +52,7 @@ from .engine.families import (
     nb_unit_deviance,
     size_from_mom,
 )
+from .engine.threads import map_chunks
 
 __all__ = [
     "ETA_MAX", "ETA_MIN", "GROUP_COEF_BOUND", "GLMFit", "deviance_residuals",
@@ -166,7 +167,8 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
             size: np.ndarray | float | None = None, offset: np.ndarray | None = None,
             max_iter: int = 100, tol: float = 1e-8, ridge: float = 1e-10,
             init: np.ndarray | None = None, chunk_size: int | None = None,
-            estimate_size: bool | None = None, compute_se: bool = True) -> GLMFit:
+            estimate_size: bool | None = None, compute_se: bool = True,
+            size_at_init: bool = False) -> GLMFit:
     """Fit a log-link NB or Poisson GLM for every gene (column of ``Y``).
 
     Parameters
@@ -188,6 +190,12 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
     estimate_size : False to use NB with ``size`` as given even when it is None
         (then alpha = 0, i.e. Poisson).
     compute_se : False skips the standard errors (``se`` is NaN), saving one pass.
+    size_at_init : with ``size`` None and ``init`` given, the MoM size is taken at the
+        means of ``init`` -- which must then be an NB fit of the same model, such as
+        GCATE's coefficients for LFC's outcome GLM -- instead of after the recipe's
+        preliminary Poisson and NB fits; only the final NB fit is run.  The separable
+        solver (intercept + one-hot groups) always follows the recipe: its Poisson fit is
+        in closed form.
 
     Returns
     -------
@@ -244,7 +252,8 @@ def fit_glm(Y, X: np.ndarray, A: np.ndarray | None = None, *, family: str = "nb"
     design = Design.build(X, groups, n_groups, off)
     coef, se, converged, dev, n_iter = _fit_by_chunks(
         Y, design, alpha_all, estimate, init, family=family, max_iter=max_iter, tol=tol,
-        ridge=ridge, chunk_size=chunk_size, compute_se=compute_se)
+        ridge=ridge, chunk_size=chunk_size, compute_se=compute_se,
+        size_at_init=size_at_init)
     size_out = np.where(alpha_all > 0, 1.0 / np.where(alpha_all > 0, alpha_all, 1), np.inf)
     if family == "nb" and not converged.all():
         logger.debug("fit_glm: %d of %d genes did not converge", int((~converged).sum()), p)
@@ -266,7 +275,8 @@ def _sorted_chunk(Y, design: Design, start: int, stop: int) -> np.ndarray:
 
 def _fit_by_chunks(Y, design: Design, alpha: np.ndarray, estimate: bool,
                    init: np.ndarray | None, *, family: str, max_iter: int, tol: float,
-                   ridge: float, chunk_size: int | None, compute_se: bool):
+                   ridge: float, chunk_size: int | None, compute_se: bool,
+                   size_at_init: bool = False):
     """Fit every gene, one chunk of genes at a time, with the solver the design calls for.
 
     For each chunk: 1. its counts, dense, rows sorted by group; 2. the fit -- the
@@ -289,10 +299,9 @@ def _fit_by_chunks(Y, design: Design, alpha: np.ndarray, estimate: bool,
     dev = np.zeros(p)
     n_iter = np.zeros(p, int)
     step = _gene_chunk_size(n, chunk_size, _FIT_CHUNK_BYTES)
-    for start in range(0, p, step):
-        stop = min(p, start + step)
-        cols = slice(start, stop)
-        Yc = _sorted_chunk(Y, design, start, stop)
+
+    def fit_chunk(cols: slice) -> None:                  # writes the chunk's own columns
+        Yc = _sorted_chunk(Y, design, cols.start, cols.stop)
         al = None if estimate else alpha[cols]
         ini = None if init is None else init[cols]
         if design.saturated:
@@ -302,7 +311,7 @@ def _fit_by_chunks(Y, design: Design, alpha: np.ndarray, estimate: bool,
         else:
             B, C, al, conv, dv, it, var_b, var_c = irls.schur_chunk(
                 design, Yc, al, ini, max_iter=max_iter, tol=tol, ridge=ridge,
-                compute_se=compute_se)
+                compute_se=compute_se, size_at_init=size_at_init)
             coef[cols, :d] = B.T / design.scales
             coef[cols, d:] = C.T
             if compute_se:
@@ -310,6 +319,10 @@ def _fit_by_chunks(Y, design: Design, alpha: np.ndarray, estimate: bool,
                 se[cols, d:] = np.sqrt(np.maximum(var_c.T, 0))
         alpha[cols] = al
         converged[cols], dev[cols], n_iter[cols] = conv, dv, it
+
+    chunks = (slice(start, min(p, start + step)) for start in range(0, p, step))
+    for _ in map_chunks(fit_chunk, chunks):
+        pass
     return coef, se, converged, dev, n_iter
 
 

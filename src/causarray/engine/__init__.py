@@ -15,7 +15,9 @@ Modules, in the order a fit uses them:
 * :mod:`.irls` -- :func:`schur_chunk` / :func:`irls_chunk`, Newton iterations on any
   design, chunk by chunk;
 * :mod:`.saturated` -- :func:`saturated_chunk`, the separable solver for intercept +
-  one-hot groups.
+  one-hot groups;
+* :mod:`.threads` -- :func:`map_chunks`, the gene chunks of a pass on threads, each with
+  a one-thread BLAS, results taken in chunk order.
 
 The public entry points are :func:`causarray.glm.fit_glm` (GLMs) and
 :func:`causarray.factor_model.fisher_pass` (the GCATE factor model), both built from
@@ -62,14 +64,16 @@ from .newton import (
     step_size,
 )
 from .saturated import saturated_chunk
+from .threads import map_chunks, pass_threads
 
 __all__ = [
-    "COEF_TOL", "ETA_MAX", "ETA_MIN", "GROUP_COEF_BOUND", "MAX_HALVING", "MAX_NEWTON_STEP",
-    "MU_MAX", "MU_MIN", "ActiveSet", "Design", "Halving", "NewtonSystem", "alpha_from_size",
+    "ActiveSet", "COEF_TOL", "Design", "ETA_MAX", "ETA_MIN", "GROUP_COEF_BOUND", "Halving",
+    "MAX_HALVING", "MAX_NEWTON_STEP", "MU_MAX", "MU_MIN", "NewtonSystem", "alpha_from_size",
     "batched_inverse", "batched_solve", "cap_step", "column_scales", "covariance_diag",
     "deviance_constant", "deviance_residuals", "gradient", "gram", "group_sums",
-    "groups_from_onehot", "halve_steps", "irls_chunk", "kernel_sums", "loglik_constant_terms",
-    "mom_alpha", "nb_loglik", "nb_unit_deviance", "newton_step", "newton_system",
-    "saturated_chunk", "schur_chunk", "scores", "signed_root_deviance", "size_from_mom",
-    "step_size", "sum_ylogy", "sym_outer", "sym_unpack", "working_weights",
+    "groups_from_onehot", "halve_steps", "irls_chunk", "kernel_sums",
+    "loglik_constant_terms", "map_chunks", "mom_alpha", "nb_loglik", "nb_unit_deviance",
+    "newton_step", "newton_system", "pass_threads", "saturated_chunk", "schur_chunk",
+    "scores", "signed_root_deviance", "size_from_mom", "step_size", "sum_ylogy",
+    "sym_outer", "sym_unpack", "working_weights",
 ]

@@ -285,7 +285,7 @@ def _group_mean_start(design: Design, Y: np.ndarray):
 
 def schur_chunk(design: Design, Y: np.ndarray, alpha: np.ndarray | None,
                  init: np.ndarray | None, *, max_iter: int, tol: float, ridge: float,
-                 compute_se: bool):
+                 compute_se: bool, size_at_init: bool = False):
     """Fit one row-sorted chunk of genes with the Schur IRLS.
 
     Model: ``y_ij ~ NB(mu_ij, 1/alpha_j)``, ``log mu_ij = o_i + x_i' b_j + c_{j, g(i)}``.
@@ -295,7 +295,9 @@ def schur_chunk(design: Design, Y: np.ndarray, alpha: np.ndarray | None,
     2. starting values: ``init``, else the closed-form Poisson MLE of intercept +
        groups, else one weighted least-squares fit of ``log(y + 0.1)``;
     3. with ``alpha`` None, the dispersion by the method-of-moments recipe
-       (docs/math.md#nb-dispersion): Poisson fit, MoM, NB fit, MoM;
+       (docs/math.md#nb-dispersion): Poisson fit, MoM, NB fit, MoM -- or, with
+       ``size_at_init`` and ``init`` (an NB fit of the same model, such as GCATE's), the
+       MoM at the means of ``init``, which stand in for the recipe's NB fit;
     4. the final fit at that dispersion (:func:`irls_chunk`).
 
     Returns B (d x m, scaled units), C (a x m), alpha, converged, deviance, n_iter,
@@ -314,7 +316,10 @@ def schur_chunk(design: Design, Y: np.ndarray, alpha: np.ndarray | None,
         B, C = _wls_start(design, Y, pinned) if start is None else start
     _pin_all_zero(design, B, C, all_zero)
     # 3. dispersion by the method of moments
-    if alpha is None:
+    if alpha is None and size_at_init and init is not None:
+        _pin_coefficients(design, B, C, pinned, pinb)
+        alpha = _mom_at(design, Y, B, C, all_zero)
+    elif alpha is None:
         alpha = _mom_dispersion(design, Y, B, C, pinned, pinb, all_zero, ylogy, max_iter,
                                 ridge)
     # 4. final fit
@@ -356,9 +361,16 @@ def _mom_dispersion(design: Design, Y: np.ndarray, B: np.ndarray, C: np.ndarray,
     del mu
     irls_chunk(design, Y, alpha, B, C, pinned, all_zero, ylogy, min(max_iter, 10), 1e-6,
                ridge, False, pinb=pinb)
+    return _mom_at(design, Y, B, C, all_zero)
+
+
+def _mom_at(design: Design, Y: np.ndarray, B: np.ndarray, C: np.ndarray,
+            all_zero: np.ndarray) -> np.ndarray:
+    """The MoM dispersion ``1 / size`` (docs/math.md#nb-dispersion) at the means of
+    coefficients ``(B, C)``, with ``n - d - a`` degrees of freedom."""
+    dof = Y.shape[0] - design.d - design.n_groups
     mu = np.exp(design.linear_predictor(B, C))
-    size = size_from_mom(mom_alpha(Y, mu, dof), all_zero)
-    return 1.0 / size
+    return 1.0 / size_from_mom(mom_alpha(Y, mu, dof), all_zero)
 
 
 def _pin_all_zero(design: Design, B: np.ndarray, C: np.ndarray, all_zero: np.ndarray) -> None:
