@@ -312,11 +312,12 @@ def test_make_demo_installs_only_the_package(tmp_path):
 # ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_batches_are_independent_of_the_executor(monkeypatch):
-    """Each batch runs at the caller's BLAS thread count wherever it runs.
+    """Each batch runs its BLAS on one thread and its gene chunks on its threads.
 
     The worker processes start with one BLAS thread (as Dask's workers do) while this
     process uses two: without a fixed per-batch count the summation order inside BLAS
     differs and the iterative fits drift apart (~1e-7 here, up to 1e-4 on real screens).
+    The number of chunk threads (``blas_threads``) does not change a bit.
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -339,7 +340,8 @@ def test_batches_are_independent_of_the_executor(monkeypatch):
             procs = gcate_lfc_batch(Y, X, A, 2, executor=ex, **kw)
     with threadpool_limits(limits=1, user_api="blas"):     # the caller's count is fixed
         serial_1 = gcate_lfc_batch(Y, X, A, 2, blas_threads=2, **kw)
-    for other in (threads, procs, serial_1):
+    one_thread = gcate_lfc_batch(Y, X, A, 2, blas_threads=1, **kw)   # chunks: any count
+    for other in (threads, procs, serial_1, one_thread):
         pd.testing.assert_frame_equal(other, serial, check_exact=True)
 
 

@@ -88,7 +88,7 @@ from ._validation import (
 )
 from ._version import __version__
 from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerprint
-from .engine.threads import chunk_threads, one_thread_blas
+from .engine.threads import chunk_threads, one_thread_blas, pass_threads
 from .inference import adjust_target_families, bh_adjust, on_target_pairs
 
 logger = logging.getLogger("causarray")
@@ -737,7 +737,9 @@ def _resolve_dispersion(data: _Inputs, ctrl_idx, family, disp_glm, offset):
         check_nb_size(disp)
         return disp
     logger.info("Pre-estimating dispersion on %d control cells", len(ctrl_idx))
-    return shared_dispersion(data.Y, data.X, ctrl_idx, offset)
+    threads = pass_threads()          # like a batch: one-thread BLAS, chunks on threads
+    with one_thread_blas(), chunk_threads(threads):
+        return shared_dispersion(data.Y, data.X, ctrl_idx, offset)
 
 
 
