@@ -329,6 +329,12 @@ def _client(args: argparse.Namespace):
     return Client(cluster), cluster
 
 
+#: gzip level 1: half the time of the default level 9 for an 8 % larger file (a
+#: 257k-row table: 4.7 s against 9.8 s, most of the rest is formatting the numbers);
+#: mtime 0 makes the file depend on the table only
+CSV_GZIP = {"method": "gzip", "compresslevel": 1, "mtime": 0}
+
+
 def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool,
                    calibration: Any = None) -> dict[str, Path]:
     from . import pl
@@ -339,7 +345,7 @@ def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool,
     written: dict[str, Path] = {}
     results.to_parquet(out / "results.parquet", index=False)     # pyarrow is a dependency
     written["parquet"] = out / "results.parquet"
-    results.to_csv(out / "results.csv.gz", index=False)
+    results.to_csv(out / "results.csv.gz", index=False, compression=CSV_GZIP)
     written["csv"] = out / "results.csv.gz"
     images: dict[str, bytes] = {}
     figures = dict(volcano=lambda: pl.volcano(results, alpha).figure,
@@ -352,7 +358,8 @@ def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool,
         figures["propensity"] = lambda: pl.propensity(adata)
     if calibration is not None:
         calibration.to_frame().to_csv(out / "calibration.csv", index=False)
-        calibration.pvalues.to_csv(out / "calibration_pvalues.csv.gz", index=False)
+        calibration.pvalues.to_csv(out / "calibration_pvalues.csv.gz", index=False,
+                                   compression=CSV_GZIP)
         written["calibration"] = out / "calibration.csv"
         figures["calibration_qq"] = lambda: pl.calibration_qq(calibration).figure
     for name, make in figures.items():

@@ -304,28 +304,32 @@ def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarr
 # ----------------------------------------------------------------------------------
 # initial factors: randomized SVD of streamed deviance residuals
 # ----------------------------------------------------------------------------------
-def _residual_chunks(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None, offset: np.ndarray,
-                     chunk: int):
-    """Yield ``(cols, R_cols)``: the deviance residuals of ``fit``, one gene chunk at a time.
+class _Residuals:
+    """The deviance residuals of ``fit``, one gene chunk at a time: ``self(cols)``.
 
     Computed in float32 (they only seed the factor model); ``fit`` is a GLM on
     ``[X | A]`` whose coefficient columns follow ``[X | A]``.
     """
-    n, p = Y.shape
-    D = [np.asarray(X, float)]
-    if A is not None and fit.coef.shape[1] > np.shape(X)[1]:   # [X | A] (groups or dense A)
-        D.append(np.asarray(A, float).reshape(n, -1))
-    D.append(np.asarray(offset, float).reshape(n, 1))
-    D32 = np.hstack(D).astype(np.float32)
-    coef = np.hstack([fit.coef, np.ones((p, 1))]).astype(np.float32)
-    alpha = np.broadcast_to(np.where(np.isfinite(fit.size), 1.0 / fit.size, 0.0), (p,))
-    for start in range(0, p, chunk):
-        cols = np.arange(start, min(p, start + chunk))
-        eta = D32 @ coef[cols].T
+
+    def __init__(self, Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
+                 offset: np.ndarray, chunk: int):
+        n, p = Y.shape
+        D = [np.asarray(X, float)]
+        if A is not None and fit.coef.shape[1] > np.shape(X)[1]:   # [X | A] (groups or dense A)
+            D.append(np.asarray(A, float).reshape(n, -1))
+        D.append(np.asarray(offset, float).reshape(n, 1))
+        self.Y = Y
+        self.D32 = np.hstack(D).astype(np.float32)
+        self.coef = np.hstack([fit.coef, np.ones((p, 1))]).astype(np.float32)
+        self.alpha = np.broadcast_to(np.where(np.isfinite(fit.size), 1.0 / fit.size, 0.0), (p,))
+        self.chunks = [slice(start, min(p, start + chunk)) for start in range(0, p, chunk)]
+
+    def __call__(self, cols: slice) -> np.ndarray:
+        eta = self.D32 @ self.coef[cols].T
         np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
-        y = sorted_chunk(Y, None, cols[0], cols[-1] + 1).astype(np.float32)
-        yield cols, signed_root_deviance(y, np.exp(eta, out=eta),
-                                          alpha[cols][None, :].astype(np.float32))
+        y = sorted_chunk(self.Y, None, cols.start, cols.stop).astype(np.float32)
+        return signed_root_deviance(y, np.exp(eta, out=eta),
+                                    self.alpha[cols][None, :].astype(np.float32))
 
 
 def deviance_residual_svd(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
@@ -341,20 +345,26 @@ def deviance_residual_svd(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
     """
     n, p = Y.shape
     kk = min(k + oversample, n, p)
-    chunk = pass_chunk_size(n)
+    R = _Residuals(Y, fit, X, A, offset, pass_chunk_size(n))
     rng = np.random.default_rng(random_state)
     omega = rng.standard_normal((p, kk))
-    sketch = np.zeros((n, kk))
-    for cols, R in _residual_chunks(Y, fit, X, A, offset, chunk):
-        sketch += R @ omega[cols]
-    Q, _ = np.linalg.qr(sketch)
+
+    def range_sketch(product) -> np.ndarray:
+        """``sum_c product(cols_c, R_c)`` over the chunks, added in chunk order."""
+        total = np.zeros((n, kk))
+        for part in map_chunks(lambda cols: product(cols, R(cols)), R.chunks):
+            total += part
+        return total
+
+    Q, _ = np.linalg.qr(range_sketch(lambda cols, Rc: Rc @ omega[cols]))
     for _ in range(n_iter):
-        sketch[:] = 0.0
-        for _cols, R in _residual_chunks(Y, fit, X, A, offset, chunk):
-            sketch += R @ (R.T @ Q)
-        Q, _ = np.linalg.qr(sketch)
+        Q, _ = np.linalg.qr(range_sketch(lambda cols, Rc: Rc @ (Rc.T @ Q)))
     Bt = np.empty((p, kk))                                       # (Q' R)'
-    for cols, R in _residual_chunks(Y, fit, X, A, offset, chunk):
-        Bt[cols] = R.T @ Q
+
+    def project(cols: slice) -> None:
+        Bt[cols] = R(cols).T @ Q
+
+    for _ in map_chunks(project, R.chunks):
+        pass
     ub, s, _ = np.linalg.svd(Bt.T, full_matrices=False)
     return Q @ ub[:, :k], s[:k]
