@@ -14,6 +14,7 @@ perturbation, never dense):
     streamed validation and count passes, the batch layout, the propensity models of
     every perturbation, the figures and ``report.html``.  Reports the process's
     ``VmHWM`` (the run is serial: one process), wall time and the output's row count.
+    The runs have one BLAS thread unless ``--cli-threads N`` is given.
 
 ``batches``
     ``gcate_lfc_batch`` on the first ``--max-batches`` batches of the essential plan
@@ -178,10 +179,11 @@ def _ref_pass() -> float | None:
         return None
 
 
-def _child(cmd: list[str], env_src: str | None, timeout: float) -> dict:
+def _child(cmd: list[str], env_src: str | None, timeout: float, threads: int = 1) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = fh.name
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    n = str(threads)
+    env = dict(os.environ, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n)
     if env_src:
         env["PYTHONPATH"] = str(Path(env_src).resolve())
     proc = subprocess.run(cmd + ["--json", out], env=env, timeout=timeout, check=False)
@@ -252,6 +254,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="disk/memory alternations")
     ap.add_argument("--r", type=int, default=30)
     ap.add_argument("--max-iters", type=int, default=30)
+    ap.add_argument("--cli-threads", type=int, default=1,
+                    help="BLAS threads (OMP_NUM_THREADS) of each CLI run (default 1)")
     ap.add_argument("--skip-cli", action="store_true")
     ap.add_argument("--skip-batches", action="store_true")
     ap.add_argument("--batches-src", default="src",
@@ -288,8 +292,8 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="ondisk_cli_") as outdir:
                 load = os.getloadavg()[0]
                 res = _child([sys.executable, __file__, "_cli", "--src", path, "--outdir",
-                              outdir] + common, path, args.timeout)
-            res.update(label=label, load_avg_1min=round(load, 2))
+                              outdir] + common, path, args.timeout, args.cli_threads)
+            res.update(label=label, load_avg_1min=round(load, 2), threads=args.cli_threads)
             rows.append(res)
             print(json.dumps(res), flush=True)
     result["rows"] = rows
