@@ -88,6 +88,7 @@ from ._validation import (
 )
 from ._version import __version__
 from .cache import BatchCache, BatchRecord, canonical, content_digest, fingerprint
+from .engine.threads import blas_threads as process_blas_threads
 from .engine.threads import chunk_threads, one_thread_blas, pass_threads
 from .inference import adjust_target_families, bh_adjust, on_target_pairs
 
@@ -410,17 +411,9 @@ class _BatchJob:
     save_nuisances: bool = False  # return LFC's nuisances (gcate_lfc_batch(save_nuisances))
 
 
-def caller_blas_threads() -> int | None:
-    """The number of BLAS threads of this process (None when no BLAS is detected)."""
-    from threadpoolctl import threadpool_info
-
-    counts = [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"]
-    return max(counts) if counts else None
-
-
 def _check_blas_threads(value) -> int | None:
     if value is None:
-        return caller_blas_threads()
+        return process_blas_threads()
     return check_positive_int("blas_threads", value, allow_none=True)
 
 

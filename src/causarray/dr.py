@@ -70,7 +70,7 @@ from ._validation import (
     check_zero_one,
     parameter_names,
 )
-from .engine.threads import map_chunks
+from .engine.threads import gene_chunks, map_chunks
 from .glm import fit_glm, groups_from_onehot, sym_outer, sym_unpack
 from .inference import family_bh, multiple_testing, on_target_pairs
 from .preprocessing import size_factors_from_offset
@@ -813,7 +813,7 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
                 out[key][k, cols] = res[key]
             out["estimable"][k, cols] = res["estimable"]
 
-    chunks = [slice(start, min(p, start + step)) for start in range(0, p, step)]
+    chunks = gene_chunks(p, step)
     for _ in tqdm(map_chunks(chunk, chunks), total=len(chunks), desc="AIPW",
                   disable=not opts.verbose, leave=False):
         pass

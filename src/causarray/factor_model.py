@@ -39,7 +39,7 @@ from .engine import (
     sym_outer,
     working_weights,
 )
-from .engine.threads import map_chunks
+from .engine.threads import gene_chunks, map_chunks, run_chunks
 from .glm import GLMFit
 
 #: bytes of one n x chunk float64 temporary in the fused passes (about ten are alive)
@@ -289,8 +289,7 @@ def fisher_pass(Y, design: Design, B: np.ndarray, C: np.ndarray, alpha: np.ndarr
     def body(cols: slice) -> _ChunkStep:
         return _gene_step(Y, pd_, B, C, alpha, cols, loadings, gscale, compute_se, ridge)
 
-    chunks = (slice(start, min(p, start + step)) for start in range(0, p, step))
-    for out in map_chunks(body, chunks, threads):
+    for out in map_chunks(body, gene_chunks(p, step), threads):
         res.kernel[out.cols] = out.kernel
         res.n_halved += out.n_halved
         if out.var is not None:
@@ -322,7 +321,7 @@ class _Residuals:
         self.D32 = np.hstack(D).astype(np.float32)
         self.coef = np.hstack([fit.coef, np.ones((p, 1))]).astype(np.float32)
         self.alpha = np.broadcast_to(np.where(np.isfinite(fit.size), 1.0 / fit.size, 0.0), (p,))
-        self.chunks = [slice(start, min(p, start + chunk)) for start in range(0, p, chunk)]
+        self.chunks = gene_chunks(p, chunk)
 
     def __call__(self, cols: slice) -> np.ndarray:
         eta = self.D32 @ self.coef[cols].T
@@ -358,13 +357,12 @@ def deviance_residual_svd(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
 
     Q, _ = np.linalg.qr(range_sketch(lambda cols, Rc: Rc @ omega[cols]))
     for _ in range(n_iter):
-        Q, _ = np.linalg.qr(range_sketch(lambda cols, Rc: Rc @ (Rc.T @ Q)))
+        Q, _ = np.linalg.qr(range_sketch(lambda cols, Rc, Q=Q: Rc @ (Rc.T @ Q)))
     Bt = np.empty((p, kk))                                       # (Q' R)'
 
     def project(cols: slice) -> None:
         Bt[cols] = R(cols).T @ Q
 
-    for _ in map_chunks(project, R.chunks):
-        pass
+    run_chunks(project, R.chunks)
     ub, s, _ = np.linalg.svd(Bt.T, full_matrices=False)
     return Q @ ub[:, :k], s[:k]

@@ -52,7 +52,7 @@ from .engine.families import (
     nb_unit_deviance,
     size_from_mom,
 )
-from .engine.threads import map_chunks
+from .engine.threads import gene_chunks, run_chunks
 
 __all__ = [
     "ETA_MAX", "ETA_MIN", "GROUP_COEF_BOUND", "GLMFit", "deviance_residuals",
@@ -320,9 +320,7 @@ def _fit_by_chunks(Y, design: Design, alpha: np.ndarray, estimate: bool,
         alpha[cols] = al
         converged[cols], dev[cols], n_iter[cols] = conv, dv, it
 
-    chunks = (slice(start, min(p, start + step)) for start in range(0, p, step))
-    for _ in map_chunks(fit_chunk, chunks):
-        pass
+    run_chunks(fit_chunk, gene_chunks(p, step))
     return coef, se, converged, dev, n_iter
 
 

@@ -57,11 +57,17 @@ def one_thread_blas():
                 _BLAS_USERS[1] = None
 
 
-def _blas_threads() -> int:
+def blas_threads() -> int | None:
+    """The number of BLAS threads of this process (None when no BLAS is detected)."""
     from threadpoolctl import threadpool_info
 
     counts = [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"]
-    return max(1, max(counts)) if counts else 1
+    return max(counts) if counts else None
+
+
+def gene_chunks(p: int, step: int) -> list[slice]:
+    """``[0, step), [step, 2 step), ...`` up to ``p``: the gene chunks of a pass."""
+    return [slice(start, min(p, start + step)) for start in range(0, p, step)]
 
 
 def pass_threads() -> int:
@@ -69,7 +75,7 @@ def pass_threads() -> int:
     thread count of this process (as set by ``OMP_NUM_THREADS``, ``threadpoolctl`` or a
     Dask worker), 1 when no BLAS is detected."""
     set_ = _THREADS.get()
-    return _blas_threads() if set_ is None else set_
+    return max(1, blas_threads() or 1) if set_ is None else set_
 
 
 @contextmanager
@@ -102,3 +108,10 @@ def map_chunks(fn: Callable[[T], R], items: Iterable[T], threads: int | None = N
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def run_chunks(fn: Callable[[T], None], items: Iterable[T], threads: int | None = None
+               ) -> None:
+    """:func:`map_chunks` for chunk bodies that write their own part of an output."""
+    for _ in map_chunks(fn, items, threads):
+        pass
