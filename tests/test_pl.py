@@ -305,6 +305,9 @@ def test_every_pl_function_draws_and_returns_what_it_documents(results, jic):
              "propensity": (Figure, lambda: pl.propensity(A, scores)),
              "treatment_associations": (Axes, lambda: pl.treatment_associations(summary)),
              "calibration_qq": (Axes, lambda: pl.calibration_qq(results)),
+             "guide_assignment": (Figure, lambda: pl.guide_assignment(
+                 ([1, 2, 2, 3], pd.DataFrame({"target": ["a", "b"], "cells": [10, 3],
+                                              "tested": [True, False]})))),
              "place_labels": (list, lambda: pl.place_labels(plt.subplots()[1],
                                                             [(0.5, 0.5, "g")]))}
     assert set(calls) == set(pl.__all__)

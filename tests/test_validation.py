@@ -297,6 +297,50 @@ def _rule(func, call, exc, message):
 _T, _C = V.refit_resolver(["t"], 1, "treatment"), V.refit_resolver(["c"], 1, "covariate")
 
 RULES = [
+    # guides (high-MOI screens)
+    _rule(V.check_control, lambda: V.check_control("others"), ValueError,
+          "control must be 'non-targeting' (cells without any perturbation) or 'complement' "
+          "(cells without the perturbation: high MOI), got 'others'"),
+    _rule(V.check_no_mask_with_complement,
+          lambda: V.check_no_mask_with_complement(np.ones((2, 1), bool)), ValueError,
+          "lfc_kwargs['mask'] cannot be combined with control='complement', which sets each "
+          "perturbation's comparison cells itself"),
+    _rule(V.check_guide_source, lambda: V.check_guide_source(3), TypeError,
+          "guides must be 'feature_types', 'obsm:KEY', an AnnData of guide counts (cells x "
+          "guides) or the path of such an .h5ad file; got 3"),
+    _rule(V.check_guide_feature_types,
+          lambda: V.check_guide_feature_types(np.array(["Gene Expression"]),
+                                              "CRISPR Guide Capture"), ValueError,
+          "guides='feature_types': adata.var['feature_types'] has no 'CRISPR Guide Capture' "
+          "feature"),
+    _rule(V.check_obsm_key, lambda: V.check_obsm_key(_screen(), "grna"), ValueError,
+          "guides='obsm:grna': adata.obsm has no key 'grna'; available: []"),
+    _rule(V.check_guide_cells,
+          lambda: V.check_guide_cells(np.array(["c0", "c1"]), np.array(["c0", "c9"])),
+          ValueError, "guides: the guide matrix's cells do not match the expression cells: "
+          "1 of 2 expression cells are not in it (first: ['c9'])"),
+    _rule(V.check_guide_count_values,
+          lambda: V.check_guide_count_values(np.array([1.0, 2.5])), ValueError,
+          "guides: guide counts must be integer UMI counts; found non-integer values (pass "
+          "the raw guide UMI matrix)"),
+    _rule(V.check_guide_targets_complete,
+          lambda: V.check_guide_targets_complete(np.array(["g1"], dtype=object)), ValueError,
+          "guide_targets: 1 guide(s) have no target: ['g1']; give a guide-target table that "
+          "lists every guide"),
+    _rule(V.check_guide_target_table, lambda: V.check_guide_target_table(["name", "gene"]),
+          ValueError, "guide_targets: the table needs columns 'guide,target' (or 'grna_id,"
+          "grna_target', or Cell Ranger's 'id,target_gene_name'); got ['name', 'gene']"),
+    _rule(V.check_guide_threshold, lambda: V.check_guide_threshold(0), ValueError,
+          "guide_threshold must be a positive integer number of UMIs, got 0"),
+    _rule(V.check_nt_label, lambda: V.check_nt_label(""), ValueError,
+          "nt_label must be a non-empty string, got ''"),
+    _rule(V.check_nt_guides, lambda: V.check_nt_guides(0, "NT"), ValueError,
+          "nt_label: no guide targets 'NT', and the calibration needs non-targeting guides; "
+          "set nt_label to their target label, or switch the calibration off"),
+    _rule(V.check_pairs, lambda: V.check_pairs(pd.DataFrame({"target": ["t"]})), ValueError,
+          "pairs: the table needs columns 'target' and 'gene'; got ['target']"),
+    _rule(V.check_cis_inputs, lambda: V.check_cis_inputs(False, True), ValueError,
+          "pairs='cis' needs gene positions (var['chr'], var['tss'] or gene_positions=)"),
     # options
     _rule(V.check_choice, lambda: V.check_choice(
         "method", "m", ("geomeans", "libsize", "scale"), sep="; got"), ValueError,

@@ -675,6 +675,8 @@ def check_targets(targets: Any) -> str | dict[str, tuple[str, ...]] | None:
 FAMILIES = ("nb", "poisson")
 #: How treatments were assigned: at random (CRISPR screens) or observed (case-control).
 ASSIGNMENTS = ("randomized", "observational")
+#: Which cells a perturbation is compared with (``gcate_lfc_batch(control=...)``).
+CONTROLS = ("non-targeting", "complement")
 
 
 def _or_list(choices: Sequence[str]) -> str:
@@ -729,6 +731,24 @@ def check_assignment(assignment: Any) -> str:
         raise ValueError("assignment must be 'randomized' (CRISPR screens) or 'observational' "
                          f"(case-control studies), got {assignment!r}")
     return assignment
+
+
+def check_control(control: Any) -> str:
+    """Which cells each perturbation is compared with: ``'non-targeting'`` (cells with no
+    perturbation, the all-zero rows of A) or ``'complement'`` (every cell that does not
+    carry it: high-MOI screens)."""
+    if not (isinstance(control, str) and control in CONTROLS):
+        raise ValueError("control must be 'non-targeting' (cells without any perturbation) or "
+                         f"'complement' (cells without the perturbation: high MOI), got "
+                         f"{control!r}")
+    return control
+
+
+def check_no_mask_with_complement(mask: Any) -> None:
+    """``control='complement'`` builds each comparison's cells itself."""
+    if mask is not None:
+        raise ValueError("lfc_kwargs['mask'] cannot be combined with control='complement', "
+                         "which sets each perturbation's comparison cells itself")
 
 
 def _is_int(value: Any) -> bool:
@@ -2298,3 +2318,144 @@ def check_gene_folds(gene_folds: Any) -> int | str:
             or gene_folds < 0:
         raise ValueError(f"gene_folds must be 'auto' or an integer >= 0, got {gene_folds!r}")
     return int(gene_folds)
+
+
+# ----------------------------------------------------------------------------------
+# guides (high-MOI and multi-guide screens, causarray.guides)
+# ----------------------------------------------------------------------------------
+MOI_CHOICES = ("auto", "low", "high")
+PAIR_CHOICES = ("all", "cis")
+
+
+def check_guide_source(guides: Any) -> str:
+    """Where the guide counts are: ``'feature_types'``, ``'obsm'`` (``'obsm:KEY'``),
+    ``'path'`` (an ``.h5ad`` file) or ``'anndata'`` (an AnnData of cells x guides)."""
+    if isinstance(guides, str) and guides == "feature_types":
+        return "feature_types"
+    if isinstance(guides, str) and guides.startswith("obsm:") and len(guides) > 5:
+        return "obsm"
+    if isinstance(guides, (str, Path)) and str(guides).endswith(".h5ad"):
+        if not Path(guides).is_file():
+            raise ValueError(f"guides: no such file {str(guides)!r}")
+        return "path"
+    if hasattr(guides, "obs_names") and hasattr(guides, "X") and hasattr(guides, "var"):
+        return "anndata"
+    raise TypeError("guides must be 'feature_types', 'obsm:KEY', an AnnData of guide counts "
+                    f"(cells x guides) or the path of such an .h5ad file; got {guides!r}")
+
+
+def check_guide_feature_types(feature_types: np.ndarray, guide_type: str) -> np.ndarray:
+    """The columns of the expression AnnData that are guide-capture features."""
+    is_guide = np.asarray(feature_types, dtype=object) == guide_type
+    if not is_guide.any():
+        raise ValueError(f"guides='feature_types': adata.var['feature_types'] has no "
+                         f"{guide_type!r} feature")
+    return is_guide
+
+
+def check_obsm_key(adata: Any, key: str) -> str:
+    """An ``obsm`` key of ``adata`` holding the guide counts."""
+    if key not in adata.obsm:
+        raise ValueError(f"guides='obsm:{key}': adata.obsm has no key {key!r}; available: "
+                         f"{sorted(adata.obsm.keys())}")
+    return key
+
+
+def check_guide_cells(guide_cells: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Rows of the guide matrix for each expression cell (matched by name)."""
+    pos = pd.Index(guide_cells).get_indexer(cells)
+    missing = np.flatnonzero(pos < 0)
+    if missing.size:
+        raise ValueError(f"guides: the guide matrix's cells do not match the expression "
+                         f"cells: {missing.size} of {len(cells)} expression cells are not in "
+                         f"it (first: {[str(c) for c in cells[missing[:_N_PREVIEW]]]})")
+    return pos
+
+
+def check_guide_count_values(values: np.ndarray) -> None:
+    """Guide counts are non-negative integer UMI counts."""
+    v = np.asarray(values)
+    if v.size == 0:
+        return
+    if not np.issubdtype(v.dtype, np.number) or not np.all(np.isfinite(v)):
+        raise ValueError("guides: guide counts must be finite non-negative integer UMI counts")
+    if (v < 0).any():
+        raise ValueError(f"guides: guide counts must be non-negative; found {int((v < 0).sum())}"
+                         " negative value(s)")
+    if not np.all(v == np.round(v)):
+        raise ValueError("guides: guide counts must be integer UMI counts; found non-integer "
+                         "values (pass the raw guide UMI matrix)")
+
+
+def check_guide_targets_complete(missing: np.ndarray) -> None:
+    """Every guide has a target."""
+    if len(missing):
+        raise ValueError(f"guide_targets: {len(missing)} guide(s) have no target: "
+                         f"{[str(g) for g in missing[:_N_PREVIEW]]}; give a guide-target "
+                         "table that lists every guide")
+
+
+def check_guide_target_table(columns: list) -> tuple[str, str]:
+    """The guide and target columns of a guide-target table."""
+    cols = [str(c) for c in columns]
+    for guide_col, target_cols in (("guide", ("target",)), ("grna_id", ("grna_target",)),
+                                   ("id", ("target_gene_name", "target_gene_id"))):
+        if guide_col in cols:
+            for t in target_cols:
+                if t in cols:
+                    return guide_col, t
+    raise ValueError("guide_targets: the table needs columns 'guide,target' (or 'grna_id,"
+                     "grna_target', or Cell Ranger's 'id,target_gene_name'); got "
+                     f"{cols}")
+
+
+def check_guide_threshold(threshold: Any) -> int:
+    """A UMI threshold: an integer >= 1."""
+    if not _is_int(threshold) or threshold < 1:
+        raise ValueError("guide_threshold must be a positive integer number of UMIs, got "
+                         f"{threshold!r}")
+    return int(threshold)
+
+
+def check_nt_label(nt_label: Any) -> str:
+    """The target label of non-targeting guides: a non-empty string."""
+    if not isinstance(nt_label, str) or not nt_label:
+        raise ValueError(f"nt_label must be a non-empty string, got {nt_label!r}")
+    return nt_label
+
+
+def check_nt_guides(n_nt: int, nt_label: str) -> None:
+    """The calibration of a guide screen needs non-targeting guides."""
+    if n_nt == 0:
+        raise ValueError(f"nt_label: no guide targets {nt_label!r}, and the calibration "
+                         "needs non-targeting guides; set nt_label to their target label, or "
+                         "switch the calibration off")
+
+
+def check_pairs(pairs: Any) -> Any:
+    """Pairs to test: 'all', 'cis', a DataFrame with ``target, gene`` columns or the path
+    of such a CSV file."""
+    if isinstance(pairs, str) and pairs in PAIR_CHOICES:
+        return pairs
+    if isinstance(pairs, (str, Path)):
+        if not Path(pairs).is_file():
+            raise ValueError(f"pairs must be 'all', 'cis' or a CSV file of target,gene pairs;"
+                             f" no such file {str(pairs)!r}")
+        pairs = pd.read_csv(pairs)
+    if isinstance(pairs, pd.DataFrame):
+        if not {"target", "gene"} <= set(map(str, pairs.columns)):
+            raise ValueError("pairs: the table needs columns 'target' and 'gene'; got "
+                             f"{[str(c) for c in pairs.columns]}")
+        return pairs
+    raise TypeError(f"pairs must be 'all', 'cis' or a table of target,gene pairs; got "
+                    f"{pairs!r}")
+
+
+def check_cis_inputs(has_gene_pos: bool, has_target_pos: bool) -> None:
+    """``pairs='cis'`` needs gene and target positions."""
+    if not has_gene_pos or not has_target_pos:
+        what = [w for w, ok in (("gene positions (var['chr'], var['tss'] or gene_positions=)",
+                                 has_gene_pos),
+                                ("target positions (uns['target_table'] with target, chr, "
+                                 "start, end)", has_target_pos)) if not ok]
+        raise ValueError(f"pairs='cis' needs {' and '.join(what)}")

@@ -65,7 +65,9 @@ from ._validation import (
     LFC_COMPAT_KEYWORDS,
     as_count_matrix,
     check_assignment,
+    check_control,
     check_control_pool,
+    check_no_mask_with_complement,
     check_control_size_factors,
     check_covariates,
     check_design_columns,
@@ -154,13 +156,26 @@ def number_of_batches(a: int, batch_size: int = 10, n_batches: int | None = None
     return int(min(max(B, 1), a))
 
 
-def control_pool(A: np.ndarray, n_ctrl: int | None = 2000, random_state: int = 0) -> np.ndarray:
-    """The shared control subsample: all-zero rows of ``A``, at most ``n_ctrl`` of them.
+def pool_candidates(A, control: str = "non-targeting") -> np.ndarray:
+    """Rows the shared control pool is drawn from: the cells without any perturbation
+    (``'non-targeting'``), or every cell (``'complement'``: in a high-MOI screen a
+    perturbation's controls are the cells that do not carry it, a random subsample of
+    which is shared by all batches)."""
+    A = _as_treatments(A)
+    if control == "complement":
+        return np.arange(A.shape[0])
+    return np.flatnonzero(_row_totals(A) == 0)
+
+
+def control_pool(A: np.ndarray, n_ctrl: int | None = 2000, random_state: int = 0,
+                 control: str = "non-targeting") -> np.ndarray:
+    """The shared control subsample: rows of :func:`pool_candidates` (the all-zero rows of
+    ``A``, or every row with ``control='complement'``), at most ``n_ctrl`` of them.
 
     Drawn without replacement with ``numpy.random.default_rng(random_state)`` and sorted.
     """
     n_ctrl = check_positive_int("n_ctrl", n_ctrl, allow_none=True)
-    ctrl = np.flatnonzero(_row_totals(_as_treatments(A)) == 0)
+    ctrl = pool_candidates(A, control)
     check_control_pool(ctrl.size)
     if n_ctrl is not None and ctrl.size > n_ctrl:
         rng = np.random.default_rng(random_state)
@@ -170,7 +185,7 @@ def control_pool(A: np.ndarray, n_ctrl: int | None = 2000, random_state: int = 0
 
 def plan_batches(A, batch_size: int = 10, n_batches: int | None = None,
                  max_cells: int | None = 2000, n_ctrl: int | None = 2000,
-                 random_state: int = 0) -> list[BatchPlan]:
+                 random_state: int = 0, control: str = "non-targeting") -> list[BatchPlan]:
     """Split the treatments into batches and choose each batch's cells
     (docs/math.md#batch-pipeline).
 
@@ -183,6 +198,9 @@ def plan_batches(A, batch_size: int = 10, n_batches: int | None = None,
         ``random_state + b``); the control pool comes on top.  None: no cap.
     n_ctrl : size of the control pool shared by all batches (seed ``random_state``).
     random_state : seed of the subsampling.
+    control : 'non-targeting' (the pool is drawn from the cells without any
+        perturbation) or 'complement' (from every cell; a perturbation is then compared
+        with the pool's cells that do not carry it, see :func:`complement_mask`).
 
     Returns
     -------
@@ -194,7 +212,7 @@ def plan_batches(A, batch_size: int = 10, n_batches: int | None = None,
     a = A.shape[1]
     max_cells = check_positive_int("max_cells", max_cells, allow_none=True)
     B = number_of_batches(a, batch_size, n_batches)
-    ctrl = control_pool(A, n_ctrl, random_state)
+    ctrl = control_pool(A, n_ctrl, random_state, control)
     plans = []
     for b, chunk in enumerate(np.array_split(np.arange(a), B)):
         treated = np.flatnonzero(_row_totals(A[:, chunk]) > 0)
@@ -215,7 +233,8 @@ BYTES_PER_ENTRY = 48
 
 
 def layout_for_budget(A, n_genes: int, memory_budget: Any = "2GB", batch_size: int = 15,
-                      bytes_per_entry: int = BYTES_PER_ENTRY) -> dict:
+                      bytes_per_entry: int = BYTES_PER_ENTRY,
+                      control: str = "non-targeting") -> dict:
     """Batch layout that uses every cell while each batch fits a memory budget.
 
     A batch holds all control cells and every treated cell of its perturbations; its
@@ -232,6 +251,8 @@ def layout_for_budget(A, n_genes: int, memory_budget: Any = "2GB", batch_size: i
     batch_size : int
         Largest number of perturbations per batch.
     bytes_per_entry : int
+    control : 'non-targeting' or 'complement' (the pool is drawn from every cell; a
+        batch's cells are the pool plus its perturbations' carriers).
 
     Returns
     -------
@@ -243,9 +264,11 @@ def layout_for_budget(A, n_genes: int, memory_budget: Any = "2GB", batch_size: i
     batch_size = check_positive_int("batch_size", batch_size, allow_none=False)
     A = _as_treatments(A)
     a = A.shape[1]
-    n_ctrl_all = int(np.count_nonzero(_row_totals(A) == 0))
+    n_ctrl_all = int(pool_candidates(A, control).size)
     per_pert = np.asarray(A.sum(axis=0)).ravel()
     cap_cells = max(1, budget // max(1, int(n_genes) * int(bytes_per_entry)))
+    if control == "complement":
+        return _complement_layout(A, cap_cells, batch_size, memory_budget)
     for b in range(min(batch_size, a), 0, -1):
         chunks = np.array_split(np.arange(a), number_of_batches(a, b))
         largest = max(int(np.count_nonzero(_row_totals(A[:, c]) > 0)) for c in chunks)
@@ -263,7 +286,33 @@ def layout_for_budget(A, n_genes: int, memory_budget: Any = "2GB", batch_size: i
                 cells_per_batch=int(n_ctrl + min(largest, max_cells or largest)))
 
 
-def log_cells_left_out(A, plans: list[BatchPlan], n_ctrl, max_cells) -> tuple[int, int]:
+def _complement_layout(A, cap_cells: int, batch_size: int, memory_budget: Any) -> dict:
+    """:func:`layout_for_budget` for ``control='complement'`` (the pool is drawn from every
+    cell).  When every cell fits, each batch is the whole screen; otherwise the pool is
+    half of what fits and the rest holds the batch's carriers, with as many
+    perturbations per batch (at most ``batch_size``) as fit."""
+    n, a = A.shape
+    if n <= cap_cells:
+        return dict(batch_size=min(batch_size, a), n_ctrl=None, max_cells=None,
+                    cells_per_batch=int(n))
+    n_pool = max(1, cap_cells // 2)
+    room = cap_cells - n_pool
+    for b in range(min(batch_size, a), 0, -1):
+        chunks = np.array_split(np.arange(a), number_of_batches(a, b))
+        largest = max(int(np.count_nonzero(_row_totals(A[:, c]) > 0)) for c in chunks)
+        if largest <= room or b == 1:
+            break
+    max_cells = None if largest <= room else int(room)
+    logger.warning("memory_budget=%s: the %d cells do not fit one batch (about %d do); each "
+                   "batch compares its perturbations' carriers with a shared random pool of "
+                   "%d cells%s", memory_budget, n, cap_cells, n_pool,
+                   "" if max_cells is None else f" and at most {max_cells} carriers")
+    return dict(batch_size=int(b), n_ctrl=int(n_pool), max_cells=max_cells,
+                cells_per_batch=int(n_pool + min(largest, room)))
+
+
+def log_cells_left_out(A, plans: list[BatchPlan], n_ctrl, max_cells,
+                       control: str = "non-targeting") -> tuple[int, int]:
     """Log (warning) how many control and treated cells the caps leave out.
 
     Returns
@@ -271,7 +320,7 @@ def log_cells_left_out(A, plans: list[BatchPlan], n_ctrl, max_cells) -> tuple[in
     (controls left out, treated cells left out)
     """
     A = _as_treatments(A)
-    n_ctrl_all = int(np.count_nonzero(_row_totals(A) == 0))
+    n_ctrl_all = int(pool_candidates(A, control).size)
     ctrl_out = n_ctrl_all - int(plans[0].ctrl_idx.size) if plans else 0
     trt_total = sum(pl.n_treated_total for pl in plans)
     trt_out = trt_total - sum(int(pl.treated_idx.size) for pl in plans)
@@ -324,7 +373,9 @@ def _prepare_inputs(Y, X, A, W_A=None) -> _Inputs:
     return _Inputs(Yv, Xv, Av, W_Av, genes, trt)
 
 
-def _warn_multi_perturbation(A: np.ndarray) -> None:
+def _warn_multi_perturbation(A: np.ndarray, control: str = "non-targeting") -> None:
+    if control == "complement":      # several perturbations per cell is the design
+        return
     m = int(np.count_nonzero(_row_totals(A) > 1))
     if m:
         warnings.warn(
@@ -635,9 +686,21 @@ def _fit_batch(job: _BatchJob) -> dict:
     return out
 
 
+def complement_mask(A_b: np.ndarray, in_pool: np.ndarray) -> np.ndarray:
+    """Each perturbation's comparison cells in a ``control='complement'`` batch
+    (docs/math.md#high-moi): its carriers and the shared pool's cells without it.
+
+    The batch also holds the carriers of its other perturbations; they serve the factor
+    model and the outcome GLM, but they are not a random sample of the cells without
+    perturbation k (each was drawn for carrying another guide), so they stay out of
+    k's control arm.  With the whole screen as pool every cell is in every comparison.
+    """
+    return in_pool[:, None] | (np.asarray(A_b) != 0)
+
+
 def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_kwargs,
               lfc_kwargs, U_ctrl_prev, keep_fits, blas_threads=None,
-              save_nuisances=False) -> _BatchJob:
+              save_nuisances=False, control: str = "non-targeting") -> _BatchJob:
     rows = plan.cell_idx
     ctrl_pos = np.searchsorted(rows, plan.ctrl_idx)
     U_init = None
@@ -649,6 +712,10 @@ def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_
     else:
         A_b = data.A[np.ix_(rows, plan.trt_idx)]
     lk = None if lfc_kwargs is None else _lfc_kwargs_rows(lfc_kwargs, rows, plan.trt_idx)
+    if lk is not None and control == "complement":
+        in_pool = np.zeros(rows.size, bool)
+        in_pool[ctrl_pos] = True
+        lk["mask"] = complement_mask(A_b, in_pool)
     Y_b = data.Y.ref(rows) if hasattr(data.Y, "ref") else data.Y[rows]
     return _BatchJob(
         batch=plan.batch, Y=Y_b, X=data.X[rows], A=A_b,
@@ -885,6 +952,21 @@ def _route_keywords(kwargs: dict, gcate_kwargs: dict | None, lfc_kwargs: dict | 
     return gk, lk, disp_glm
 
 
+def _design(gk: dict, lk: dict, control: str, W_A) -> str:
+    """The run's design: ``control`` checked and handed to ``fit_gcate`` (in ``gk``),
+    no user mask beside ``'complement'``, and the propensity covariates it implies
+    logged."""
+    gk.setdefault("control", check_control(control))
+    control = check_control(gk["control"])
+    if control == "complement":
+        check_no_mask_with_complement(lk.get("mask"))
+    if gk["assignment"] == "randomized" and W_A is not None:
+        logger.info("assignment='randomized': the propensity models use the observed "
+                    "covariates X only (W_A, e.g. library size, is measured after the "
+                    "perturbation); pass assignment='observational' to use W_A")
+    return control
+
+
 def _run_fingerprint(data: _Inputs, plans: list[BatchPlan], settings: dict, gk: dict,
                      lk: dict):
     """The cache fingerprint of a ``gcate_lfc_batch`` run: the package version, digests
@@ -940,7 +1022,8 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
                     blas_threads: int | None = None, assignment: str = "randomized",
                     save_nuisances: bool = False, pert_col: str | None = None,
                     ctrl_label=None, covariates=(), layer: str | None = None,
-                    drop_empty_cells: bool = False, results_path=None, **kwargs):
+                    drop_empty_cells: bool = False, results_path=None,
+                    control: str = "non-targeting", **kwargs):
     """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
@@ -988,6 +1071,14 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         along the factors is the perturbation's effect) and the propensity models use
         ``X`` only; observational: the whole shift is adjusted and the propensity models
         use ``[W_A | U]``.  See ``docs/gcate.md``.
+    control : the cells each perturbation is compared with.  ``'non-targeting'``
+        (default): the cells without any perturbation (all-zero rows of ``A``), the
+        shared pool is drawn from them.  ``'complement'`` (high-MOI screens, where a
+        cell carries many guides and ``A`` has several ones per row): every cell that
+        does not carry the perturbation; the pool is a random sample of all cells
+        (``n_ctrl``; None: every cell) and perturbation k is compared on its carriers
+        and the pool's cells without it (:func:`complement_mask`).  The number of
+        guides per cell belongs in ``X`` then (``docs/math.md#high-moi``).
     executor : a :class:`concurrent.futures.Executor` running batches in parallel
         (process pools, ``dask.distributed.Client.get_executor()``, ...).
     client : a ``dask.distributed.Client``; shorthand for
@@ -1027,18 +1118,16 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     nuis_path = _nuisance_store(cache_path) if save_nuisances else None
     check_executor_client(executor, client)
     gk, lk, disp_glm = _route_keywords(kwargs, gcate_kwargs, lfc_kwargs, assignment)
-    if gk["assignment"] == "randomized" and W_A is not None:
-        logger.info("assignment='randomized': the propensity models use the observed "
-                    "covariates X only (W_A, e.g. library size, is measured after the "
-                    "perturbation); pass assignment='observational' to use W_A")
+    control = _design(gk, lk, control, W_A)
     blas_threads = _check_blas_threads(blas_threads)
     targets = check_targets(lk.get("targets", "auto"))
     Y, X, A, W_A = _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer,
                                 drop_empty_cells)
     data = _prepare_inputs(Y, X, A, W_A)
-    plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state)
-    log_cells_left_out(data.A, plans, n_ctrl, max_cells)
-    _warn_multi_perturbation(data.A)
+    plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state,
+                         control)
+    log_cells_left_out(data.A, plans, n_ctrl, max_cells, control)
+    _warn_multi_perturbation(data.A, control)
     if client is not None:
         executor = client.get_executor(pure=False)
     check_warm_start(warm_start_U, executor)
@@ -1059,7 +1148,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset)
         common = dict(r=r, family=family, offset=offset, disp=disp, gcate_kwargs=gk,
                       lfc_kwargs=lk, keep_fits=False, blas_threads=blas_threads,
-                      save_nuisances=bool(save_nuisances))
+                      save_nuisances=bool(save_nuisances), control=control)
         width = 1 if executor is None else _executor_width(executor)
         prog = _Progress(len(plans), len(plans) - len(todo), verbose, "GCATE+LFC batches",
                          width)

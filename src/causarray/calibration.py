@@ -94,7 +94,7 @@ GUIDE_OBS_CANDIDATES = ("guide_id", "guide", "guide_identity", "sgRNA", "gRNA", 
 #: ``'auto'`` runs the check when the screen has at least this many control cells.
 AUTO_MIN_CONTROLS = 1000
 #: Random / guide fake labels.
-KINDS = ("random", "guide")
+KINDS = ("random", "guide", "nt_guide")
 
 Runner = Callable[..., pd.DataFrame]
 
@@ -781,6 +781,57 @@ def calibration_check(adata: Any, *, pert_col: str | None = None, ctrl_label: An
         logger.info("calibration check: %s", note)
     return CalibrationResult(fakes=fakes, pvalues=pvalues, alpha=alpha, settings=check_settings,
                              notes=notes, **summary)
+
+
+def nt_guide_calibration(negatives: pd.DataFrame, guide_cells: Mapping[str, int] | None = None,
+                         alpha: float = 0.05) -> CalibrationResult:
+    """Calibration of a guide screen from its non-targeting guides' rows.
+
+    In a high-MOI run every non-targeting guide is tested against its complement on the
+    same genes with the same settings as the targets (:mod:`causarray.highmoi`), so
+    its rows are the screen's own null pairs: a calibrated analysis puts about 5 % of
+    their p-values below 0.05 and makes calls (``padj < alpha``) on at most about
+    ``alpha`` of the guides.  Summarised as :func:`calibration_check` summarises its
+    fake perturbations (``kind='nt_guide'``).
+
+    Parameters
+    ----------
+    negatives : the result rows of the non-targeting guides (``trt`` the guide).
+    guide_cells : guide -> cells assigned (``n_cells``), optional.
+    alpha : threshold on ``padj`` for a call.
+    """
+    rows, frames = [], []
+    guide_cells = dict(guide_cells or {})
+    for guide, part in negatives.groupby(negatives["trt"].astype(str), sort=True):
+        p = part["pvalue"].to_numpy(dtype=float)
+        q = part["padj"].to_numpy(dtype=float)
+        tested = np.isfinite(p)
+        rows.append(dict(
+            fake=guide, kind="nt_guide", guide=guide, run=0,
+            n_cells=guide_cells.get(guide, int(part["n_treated"].max())),
+            n_control=int(part["n_control"].max()),
+            n_cells_used=int(part["n_treated"].max()),
+            n_control_used=int(part["n_control"].max()), n_tested=int(tested.sum()),
+            n_p_below=int(np.sum(p[tested] < LEVEL)),
+            type_I=float(np.mean(p[tested] < LEVEL)) if tested.any() else np.nan,
+            n_calls=int(np.sum(q < alpha)),
+            min_padj=float(np.nanmin(q)) if np.isfinite(q).any() else np.nan))
+        frames.append(pd.DataFrame(dict(fake=guide, kind="nt_guide",
+                                        gene=part["gene_names"].astype(str).to_numpy(),
+                                        pvalue=p, padj=q)))
+    fakes = pd.DataFrame(rows)
+    pvalues = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["fake", "kind", "gene", "pvalue", "padj"])
+    if fakes.empty:
+        fakes = pd.DataFrame(columns=["fake", "kind", "guide", "run", "n_cells", "n_control",
+                                      "n_cells_used", "n_control_used", "n_tested",
+                                      "n_p_below", "type_I", "n_calls", "min_padj"])
+        fakes = fakes.astype({"n_tested": int, "n_p_below": int, "n_calls": int})
+    summary = _summarise(fakes, alpha)
+    return CalibrationResult(fakes=fakes, pvalues=pvalues, alpha=alpha,
+                             settings=dict(source="non-targeting guides against their "
+                                                  "complement", alpha=alpha),
+                             notes=[], **summary)
 
 
 # ----------------------------------------------------------------------------------

@@ -155,6 +155,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "(auto: on with >= 1,000 control cells)")
     g.add_argument("--alpha", type=float, default=0.05,
                    help="FDR level for the discovery counts in plots and report (default 0.05)")
+    if not demo:
+        _add_guide_options(p)
     d = p.add_argument_group("parallel (optional, needs dask[distributed])")
     x = d.add_mutually_exclusive_group()
     x.add_argument("--dask-scheduler", metavar="ADDRESS", default=None,
@@ -164,6 +166,46 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="discard the cache in the output folder instead of resuming from it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages")
+
+
+def _add_guide_options(p: argparse.ArgumentParser) -> None:
+    """The options of a screen given as guide counts (``tl.lfc(guides=...)``)."""
+    g = p.add_argument_group("guides (high-MOI and multi-guide screens; docs/usage.md)")
+    g.add_argument("--guides", default=None, metavar="SOURCE",
+                   help="guide UMI counts instead of labels: feature_types (Cell Ranger "
+                        "guide-capture features in the input), obsm:KEY (a cells x guides "
+                        "matrix in obsm), or a cells x guides .h5ad (targets in var['target'])")
+    g.add_argument("--guide-targets", default=None, metavar="CSV",
+                   help="guide,target table (or Cell Ranger's feature reference)")
+    g.add_argument("--nt-label", default="non-targeting",
+                   help="target label of the non-targeting guides (default non-targeting)")
+    g.add_argument("--guide-threshold", type=_positive_int, default=5,
+                   help="UMIs for a guide to be assigned to a cell (default 5)")
+    g.add_argument("--guide-assignment", choices=("threshold", "maximum", "mixture"),
+                   default="threshold", help="guide-to-cell assignment (default threshold)")
+    g.add_argument("--moi", choices=("auto", "low", "high"), default="auto",
+                   help="auto: high when the median cell carries two or more guides")
+    g.add_argument("--control", choices=("auto", "complement", "non-targeting"),
+                   default="auto", help="high MOI: compare each target with the cells "
+                                        "without its guides (complement, default) or without "
+                                        "any targeting guide")
+    g.add_argument("--pairs", default="all", metavar="all|cis|CSV",
+                   help="pairs to report: all (default), cis (genes within --cis-window of "
+                        "the target) or a target,gene CSV")
+    g.add_argument("--gene-positions", default=None, metavar="CSV",
+                   help="gene,chr,tss table for --pairs cis (default var['chr'], var['tss'])")
+    g.add_argument("--cis-window", type=_positive_int, default=500_000,
+                   help="bases between a target and a gene's TSS for --pairs cis")
+
+
+def _guide_kwargs(args: argparse.Namespace) -> dict:
+    """``tl.lfc``'s guide keywords from the command line (empty without --guides)."""
+    if getattr(args, "guides", None) is None:
+        return {}
+    return dict(guides=args.guides, guide_targets=args.guide_targets, nt_label=args.nt_label,
+                guide_threshold=args.guide_threshold, guide_assignment=args.guide_assignment,
+                moi=args.moi, control=args.control, pairs=args.pairs,
+                gene_positions=args.gene_positions, cis_window=args.cis_window)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,11 +315,23 @@ _FLAG_PHRASES = (
     ("or r=0", "or --r 0"),
     ("to start fresh, or pass a new cache_path",
      "to start fresh: re-run with --overwrite, or choose another --out"),
+    ("guides='feature_types'", "--guides feature_types"),
+    ("guides='obsm:", "--guides 'obsm:"),
+    ("guides:", "--guides:"),
+    ("guide_targets:", "--guide-targets:"),
+    ("guide_threshold", "--guide-threshold"),
+    ("nt_label", "--nt-label"),
+    ("pairs='cis' needs", "--pairs cis needs"),
+    ("or gene_positions=", "or --gene-positions"),
+    ("pairs must be", "--pairs must be"),
+    ("pairs:", "--pairs:"),
+    ("switch the calibration off", "pass --calibration off"),
 )
 #: Messages of ValueErrors raised by the computation that mean bad input (exit 3).
 _INPUT_PHRASES = ("r cannot be chosen automatically", "was written with different data",
                   "has no layer", "not in obs", "memory_budget must be",
-                  "is (nearly) singular", "is too large: at most")
+                  "is (nearly) singular", "is too large: at most", "guides", "guide_targets",
+                  "nt_label", "pairs")
 
 
 def _cli_message(text: str) -> str:
@@ -356,6 +410,12 @@ def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool,
         figures["jic"] = lambda: pl.r_selection(store["jic"])
     if pl.has_propensity(adata):
         figures["propensity"] = lambda: pl.propensity(adata)
+    if "targets" in store and "n_guides" in adata.obs:     # a screen given as guides
+        for name in ("guides", "targets", "negative_controls"):
+            if store.get(name) is not None:
+                store[name].to_csv(out / f"{name}.csv", index=False)
+                written[name] = out / f"{name}.csv"
+        figures["guide_assignment"] = lambda: pl.guide_assignment(adata)
     if calibration is not None:
         calibration.to_frame().to_csv(out / "calibration.csv", index=False)
         calibration.pvalues.to_csv(out / "calibration_pvalues.csv.gz", index=False,
@@ -371,9 +431,50 @@ def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool,
     return written
 
 
+def _screen_info(tl: Any, adata: Any, pert_col, ctrl_label, covariates, layer, drop_empty,
+                 guides: bool) -> dict:
+    """The screen's size (and, for a labelled screen, its checked labels)."""
+    if guides:      # the guides are read and checked by tl.lfc
+        return dict(pert_col=pert_col, ctrl_label=ctrl_label, n_cells=int(adata.n_obs),
+                    n_genes=int(adata.n_vars))
+    return tl.validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty)
+
+
+def _calibration(adata: Any, args: argparse.Namespace, client: Any) -> Any:
+    """The run's calibration: a high-MOI guide screen's non-targeting guides tested
+    against their complement (computed in the run), otherwise fake perturbations cut from
+    the control cells (``calibration_check``), as ``--calibration`` asks."""
+    from ._validation import check_nt_guides
+    from .calibration import (
+        calibration_check,
+        nt_guide_calibration,
+        run_settings,
+        wants_calibration,
+    )
+
+    mode = getattr(args, "calibration", "auto")
+    store = adata.uns["causarray"]
+    settings = store["settings"]
+    if settings.get("moi") == "high":
+        negatives = store.get("negative_controls")
+        if mode == "off":
+            return None
+        if negatives is None or not len(negatives):
+            if mode == "on":
+                check_nt_guides(0, settings["nt_label"])
+            return None
+        cells = dict(zip(store["guides"]["guide"], store["guides"]["cells"]))
+        return nt_guide_calibration(negatives, cells)
+    if not wants_calibration(mode, settings["n_control"]):
+        return None
+    logging.getLogger("causarray").info(
+        "calibration check on fake perturbations from %d control cells", settings["n_control"])
+    return calibration_check(adata, **run_settings(adata), client=client,
+                             verbose=not args.quiet)
+
+
 def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
     from . import tl
-    from .calibration import calibration_check, run_settings, wants_calibration
     from .report import discovery_summary
 
     _setup_logging(args.quiet)
@@ -388,8 +489,10 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
     covariates = getattr(args, "covariates", [])
     layer = getattr(args, "layer", None)
     drop_empty = getattr(args, "drop_empty_cells", False)
+    guide_kw = _guide_kwargs(args)
     try:
-        info = tl.validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty)
+        info = _screen_info(tl, adata, pert_col, ctrl_label, covariates, layer, drop_empty,
+                            bool(guide_kw))
     except ValueError as err:
         raise InputError(_cli_message(_one_line(err))) from err
     cache = out / "cache.h5"
@@ -400,8 +503,9 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
                     out / "cache.h5.jic.partial.csv", out / "cache.h5.jic.partial.json"):
             old.unlink(missing_ok=True)
         shutil.rmtree(parts, ignore_errors=True)
-    log.info("%s: %d cells x %d genes, %d perturbations, %d control cells", input_path,
-             info["n_cells"], info["n_genes"], len(info["perturbations"]), info["n_control"])
+    log.info("%s: %d cells x %d genes, %s", input_path, info["n_cells"], info["n_genes"],
+             f"guides from {guide_kw['guides']}" if guide_kw else
+             f"{len(info['perturbations'])} perturbations, {info['n_control']} control cells")
     if cache.exists() or parts.exists():
         log.info("resuming from the cache in %s", out)
     client, cluster = _client(args)
@@ -414,12 +518,8 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
                max_cells=args.max_cells, memory_budget=getattr(args, "memory_budget", "2GB"),
                cache_path=cache, client=client,
                random_state=args.seed, verbose=not args.quiet, r_grid=args.r_grid,
-               max_iters=args.max_iters, drop_empty_cells=drop_empty)
-        if wants_calibration(getattr(args, "calibration", "auto"), info["n_control"]):
-            log.info("calibration check on fake perturbations from %d control cells",
-                     info["n_control"])
-            calibration = calibration_check(adata, **run_settings(adata), client=client,
-                                            verbose=not args.quiet)
+               max_iters=args.max_iters, drop_empty_cells=drop_empty, **guide_kw)
+        calibration = _calibration(adata, args, client)
     except ValueError as err:
         msg = _one_line(err)
         if any(phrase in msg for phrase in _INPUT_PHRASES):

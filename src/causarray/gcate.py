@@ -41,6 +41,7 @@ from ._validation import (
     _count_dense_issues,
     _row_blocks,
     check_assignment,
+    check_control,
     check_count_flags,
     check_design_rank,
     check_family,
@@ -509,18 +510,23 @@ def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilo
     return shift, alpha, cov
 
 
-def chance_imbalance_variance(A: np.ndarray) -> np.ndarray:
+def chance_imbalance_variance(A: np.ndarray, control: str = "non-targeting") -> np.ndarray:
     """Variance of each factor's arm-mean difference under random assignment.
 
     With unit-variance factors and cells assigned to perturbation k or to the controls
     at random, the mean of a pre-treatment factor over the ``n_k`` treated cells minus
-    its mean over the ``n_0`` controls has variance ``1/n_k + 1/n_0``.
+    its mean over the ``n_0`` controls has variance ``1/n_k + 1/n_0``.  The controls are
+    the cells without any perturbation (``control='non-targeting'``), or every cell
+    without perturbation k (``'complement'``, high MOI: ``n_0 = n - n_k``).
     """
     A = np.asarray(A)
     n_k = (A != 0).sum(axis=0).astype(float)
-    n_0 = float((~(A != 0).any(axis=1)).sum())
+    if control == "complement":
+        n_0 = A.shape[0] - n_k
+    else:
+        n_0 = np.full(n_k.shape, float((~(A != 0).any(axis=1)).sum()))
     with np.errstate(divide="ignore"):
-        return 1.0 / np.maximum(n_k, 1.0) + 1.0 / max(n_0, 1.0)
+        return 1.0 / np.maximum(n_k, 1.0) + 1.0 / np.maximum(n_0, 1.0)
 
 
 @dataclass
@@ -616,7 +622,7 @@ def _stage1_start(Y, X, A, log_s, fit0: GLMFit, r: int, Q: np.ndarray, A_init,
 
 
 def _stage2_shift(beta_hat, se_hat, Gamma, A, *, skip: bool, renormalize: bool,
-                  assignment: str, shift_level: float):
+                  assignment: str, shift_level: float, control: str = "non-targeting"):
     """Stage 2: the common log shift per treatment, the raw confounder shift alpha_hat and
     the decision on which part of it is adjusted (``skip``: ``c1 == 0``, nothing)."""
     a, r = A.shape[1], Gamma.shape[1]
@@ -626,8 +632,8 @@ def _stage2_shift(beta_hat, se_hat, Gamma, A, *, skip: bool, renormalize: bool,
                                  np.full(a, np.nan), np.zeros(a, bool))
         return np.zeros(a), alpha_hat, decision
     shift, alpha_hat, cov = _treatment_shift(beta_hat, se_hat, Gamma, renormalize=renormalize)
-    decision = decide_shifts(alpha_hat, cov, chance_imbalance_variance(A), assignment,
-                             shift_level)
+    decision = decide_shifts(alpha_hat, cov, chance_imbalance_variance(A, control),
+                             assignment, shift_level)
     return shift, alpha_hat, decision
 
 
@@ -690,13 +696,24 @@ def _gene_fold_factors(data: tuple, stage1: _Stage1Fit, keep: np.ndarray, alpha:
     return gene_fold, fold_U
 
 
+def _check_options(assignment, control, shift_level, gene_folds, backend) -> None:
+    """The options of :func:`fit_gcate` that are checked before any data is read."""
+    from ._compat import check_backend
+
+    check_assignment(assignment)
+    check_control(control)
+    check_open_unit("shift_level", shift_level)
+    check_gene_folds(gene_folds)
+    check_backend(backend)
+
+
 def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=None,
               offset=True, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
               kwargs_es_2=None, c1=None, A_init=None, random_state: int = 0,
               verbose: bool = False, renormalize: bool = True, backend: str = "auto",
               assignment: str = "randomized", shift_level: float = 0.01,
               pretreatment_u: bool = True, affected_z: float = 3.0,
-              gene_folds: int | str = "auto", **kwargs):
+              gene_folds: int | str = "auto", control: str = "non-targeting", **kwargs):
     """Estimate r latent confounders with the two-stage GCATE factor model.
 
     Parameters
@@ -749,6 +766,9 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         larger panels, where a gene's own noise moves U by ~r/p of itself and the three
         extra factor fits and outcome models only cost time (one tutorial batch, 4,000 x
         8,563, r = 30: 256 s against 118 s without them, see :func:`resolve_gene_folds`).
+    control : the cells each perturbation's chance imbalance is judged against:
+        ``'non-targeting'`` (the all-zero rows of A) or ``'complement'`` (every cell
+        without the perturbation; high-MOI screens, where A has several ones per row).
     A_init : (n, d + a + r) initial [X | A | U]; replaces the SVD initialisation.
     random_state : seed of the randomized SVD.
     verbose : show progress bars.
@@ -770,12 +790,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         stage-1 treatment coefficients).
     """
     check_keywords("fit_gcate", kwargs, GCATE_COMPAT_KEYWORDS | parameter_names(fit_gcate))
-    check_assignment(assignment)
-    check_open_unit("shift_level", shift_level)
-    check_gene_folds(gene_folds)
-    from ._compat import check_backend
-
-    check_backend(backend)
+    _check_options(assignment, control, shift_level, gene_folds, backend)
     Y, X, A = _check_inputs(Y, X, A, r, family)
     p = Y.shape[1]
     d, a = X.shape[1], A.shape[1]
@@ -805,7 +820,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     beta_hat, se_hat = coef_1[:, d + r:], se_1[:, d + r:]
     shift, alpha_hat, decision = _stage2_shift(beta_hat, se_hat, Gamma1r, A,
                                                skip=c1 is not None and c1 == 0,
-                                               renormalize=renormalize,
+                                               renormalize=renormalize, control=control,
                                                assignment=assignment, shift_level=shift_level)
     alpha = decision.alpha
     fold_U = None

@@ -37,8 +37,8 @@ from ._validation import (
     check_vmax,
 )
 
-__all__ = ["calibration_qq", "discoveries", "place_labels", "propensity", "r_selection",
-           "treatment_associations", "volcano"]
+__all__ = ["calibration_qq", "discoveries", "guide_assignment", "place_labels", "propensity",
+           "r_selection", "treatment_associations", "volcano"]
 
 SIG_COLOR = "#d62728"
 NS_COLOR = "#aaaaaa"
@@ -555,6 +555,45 @@ def _uniform_qq_band(n: int, level: float, band: str, n_sim: int = 500,
     lower = stats.beta.ppf(a, i, n - i + 1.0)
     upper = stats.beta.ppf(1.0 - a, i, n - i + 1.0)
     return expected, lower, upper
+
+
+def guide_assignment(data: Any, key: str = "causarray"):
+    """Guide assignment of a guide screen: guides per cell and cells per target.
+
+    Parameters
+    ----------
+    data : AnnData processed by :func:`causarray.tl.lfc` with ``guides=`` (reads
+        ``obs['n_guides']`` and ``uns[key]['targets']``), or a pair
+        ``(guides per cell, targets table)``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two panels: histogram of the guides assigned per cell, histogram of the cells
+        carrying each target (untested targets, below the threshold, in grey).
+    """
+    import matplotlib.pyplot as plt
+
+    if isinstance(data, tuple):
+        n_guides, targets = data
+    else:
+        n_guides, targets = data.obs["n_guides"], check_uns_entry(data, key)["targets"]
+    n_guides = np.asarray(n_guides, dtype=int)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a1.hist(n_guides, bins=np.arange(n_guides.max() + 2) - 0.5, color=BAR_COLOR)
+    a1.set(xlabel="guides assigned per cell", ylabel="cells",
+           title=f"median {np.median(n_guides):g} guides per cell")
+    cells = np.asarray(targets["cells"], dtype=float)
+    tested = np.asarray(targets.get("tested", pd.Series(True, index=targets.index)), bool)
+    bins = np.histogram_bin_edges(cells, bins=30) if cells.size else 10
+    a2.hist([cells[tested], cells[~tested]], bins=bins, stacked=True,
+            color=[BAR_COLOR, NS_COLOR], label=["tested", "not tested"])
+    a2.set(xlabel="cells carrying the target", ylabel="targets",
+           title=f"{int(tested.sum())} of {cells.size} targets tested")
+    if (~tested).any():
+        a2.legend(frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 def calibration_qq(result: Any, ax: Any = None, band: str = "pointwise", level: float = 0.95,

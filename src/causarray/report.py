@@ -280,11 +280,36 @@ def _table(df: pd.DataFrame, float_format: str = "{:.3g}", sortable: bool = Fals
 # ----------------------------------------------------------------------------------
 # HTML
 # ----------------------------------------------------------------------------------
+def _guide_section(guides: Mapping[str, Any], png: bytes | None, top_n: int) -> str:
+    """The guide-assignment section of a screen given as guides: the design it ran
+    under (MOI, control arm, assignment rule), guides per cell and cells per target."""
+    st, targets = guides["settings"], guides["targets"]
+    tested = targets["tested"] if "tested" in targets else pd.Series(True, index=targets.index)
+    control = ("the cells without its guides (complement)" if st.get("control") == "complement"
+               else "the cells without any targeting guide")
+    parts = ["<h2 id='guides'>Guide assignment</h2>",
+             f"<p>{html.escape(str(st.get('moi')))} MOI screen: {st.get('n_guides')} guides "
+             f"({st.get('n_nt_guides')} non-targeting) assigned by the "
+             f"{html.escape(str(st.get('guide_assignment')))} rule (threshold "
+             f"{st.get('guide_threshold')} UMIs); each target is compared with "
+             f"{html.escape(control)}. {int(tested.sum())} of {len(targets)} targets tested "
+             f"(at least {st.get('min_target_cells')} cells). Covariates: "
+             f"{html.escape(', '.join(map(str, st.get('covariates', []))) or 'none')}.</p>"]
+    if png is not None:
+        parts.append(_img(png, "guide assignment",
+                          "Guides assigned per cell; cells carrying each target."))
+    fewest = targets.sort_values("cells", kind="mergesort").head(int(top_n))
+    parts.append("<p class='muted'>Targets with the fewest cells:</p>")
+    parts.append(_table(fewest))
+    return "\n".join(parts)
+
+
 def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None = None,
                   settings: Mapping[str, Any] | None = None, jic: pd.DataFrame | None = None,
                   propensity_summary: pd.DataFrame | None = None, alpha: float = 0.05,
                   padj_col: str = "padj", top_n: int = 20,
-                  title: str = "causarray report", calibration: Any = None) -> str:
+                  title: str = "causarray report", calibration: Any = None,
+                  guides: Mapping[str, Any] | None = None) -> str:
     """HTML text of the report.
 
     Parameters
@@ -304,6 +329,11 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
     alpha, padj_col, top_n
         Discovery threshold, adjusted p-value column, rows of the tables.
     title : str
+    calibration : CalibrationResult, optional
+        Its section (:func:`causarray.calibration.calibration_html`).
+    guides : mapping, optional
+        A guide screen's ``settings`` and ``targets`` table: the guide-assignment
+        section (with the ``'guide_assignment'`` image).
 
     Returns
     -------
@@ -375,6 +405,8 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
                                 "outside_overlap_fraction") if c in propensity_summary.columns]
             least = propensity_summary.sort_values("overlap_ratio", kind="mergesort")
             parts.append(_table(least[cols].head(int(top_n))))
+    if guides is not None:
+        parts.append(_guide_section(guides, images.get("guide_assignment"), top_n))
     if calibration is not None:
         from .calibration import calibration_html
 
@@ -436,9 +468,14 @@ def write_report(data: Any, path: str | Path, *, images: Mapping[str, bytes] | N
     if summary is not None and "propensity" not in images and not isinstance(data, pd.DataFrame) \
             and pl.has_propensity(data, key):
         images["propensity"] = figure_png(pl.propensity(data, key=key))
+    guides = None
+    if store.get("targets") is not None and "guide_threshold" in store.get("settings", {}):
+        guides = dict(settings=store["settings"], targets=store["targets"])
+        if "guide_assignment" not in images and "n_guides" in data.obs:
+            images["guide_assignment"] = figure_png(pl.guide_assignment(data, key=key))
     text = render_report(results, images=images, settings=store.get("settings"), jic=jic,
                          propensity_summary=summary, alpha=alpha, padj_col=padj_col,
-                         top_n=top_n, title=title, calibration=calibration)
+                         top_n=top_n, title=title, calibration=calibration, guides=guides)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")

@@ -1,6 +1,12 @@
-"""Perturb-seq screen simulator with ground truth.
+"""Perturb-seq screen simulators with ground truth.
 
-Generative model, for cell i in group g(i) (control or perturbation k) and gene j::
+``simulate_screen``: a low-MOI screen (each cell carries one perturbation or none).
+``simulate_highmoi_screen``: a high-MOI screen (each cell carries several gRNAs, as in
+enhancer screens such as Gasperini et al. 2019; model in its docstring): cells with
+more gRNAs differ in size and latent state, so a model that leaves the number of
+gRNAs out is confounded for every target.
+
+Low-MOI model, for cell i in group g(i) (control or perturbation k) and gene j::
 
     u_i      ~ N(delta_{g(i)}, I_r)                    latent confounders; delta_ctrl = 0,
                                                        delta_k ~ N(0, confounding^2 I_r)
@@ -14,6 +20,20 @@ log fold change of gene j under perturbation k is ``beta_jk`` (stored in
 ``varm['true_lfc']``).  Baseline log-means ``b_j`` follow a normal law centred
 well below zero, so most genes have < 1 count per cell with a tail of highly
 expressed genes, as in real droplet data.
+
+High-MOI model (``simulate_highmoi_screen``), for cell i and gene j::
+
+    m_i       ~ max(Poisson(moi), min_guides)          gRNAs per cell, drawn uniformly
+                                                       without replacement from the library
+    z_i       = N(0, libsize_sd^2) + moi_libsize (m_i - moi) / moi     log cell size
+    u_i       ~ N(moi_confounding (m_i - moi) / sqrt(moi) w, I_r)     latent state
+    log mu_ij = b_j + (1 + lambda_j) z_i + u_i' gamma_j + sum_{t carried by i} beta_jt
+    y_ij      ~ NB(mu_ij, size_j)
+
+``beta_jt`` is sparse: a non-null target knocks down one cis gene (within
+``cis_window`` of its TSS; TSS-targeting positive controls more strongly), null
+targets change nothing.  gRNA UMIs: NB(guide_umi_mean e^{z_i}, 2) + 1 for a carried
+gRNA, Poisson(ambient) otherwise.  Ground truth in ``uns['true_effects']``.
 """
 from __future__ import annotations
 
@@ -21,7 +41,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import check_all_at_least_one
+from ._validation import (
+    check_all_at_least_one,
+    check_at_least,
+    check_nonnegative_int,
+    check_positive,
+    check_r,
+)
 
 CTRL_LABEL = "non-targeting"
 PERT_COL = "perturbation"
@@ -129,3 +155,394 @@ def design_from_simulation(adata):
     A = (labels[:, None] == np.array(perts)[None, :]).astype(float)
     X = np.ones((Y.shape[0], 1))
     return Y, X, A
+
+
+# ----------------------------------------------------------------------------------
+# high-MOI screens
+# ----------------------------------------------------------------------------------
+#: Layout tag of a high-MOI simulation (``uns['layout']``).
+HIGHMOI_LAYOUT = "high-moi"
+#: Entries per block of cells when drawing the gRNAs (bounds the temporaries).
+_GUIDE_BLOCK_ENTRIES = 1 << 22
+#: Half-width (bp) of a target region around its centre.
+_TARGET_HALF_WIDTH = 250
+#: NB size of the UMI counts of a carried gRNA.
+_GUIDE_UMI_SIZE = 2.0
+
+
+def simulate_highmoi_screen(n_cells: int = 4000, n_genes: int = 300, n_targets: int = 60,
+                            guides_per_target: int = 2, n_nt_guides: int = 10,
+                            moi: float = 8.0, min_guides: int = 1, r: int = 3,
+                            null_frac: float = 0.5, n_positive: int = 5,
+                            effect_size: tuple[float, float] = (0.3, 1.0),
+                            positive_effect: tuple[float, float] = (1.5, 2.5),
+                            cis_window: int = 1_000_000, trans_frac: float = 0.0,
+                            libsize_sd: float = 0.3, moi_libsize: float = 0.3,
+                            moi_confounding: float = 0.5, size_slope_sd: float = 0.2,
+                            loading_sd: float = 0.4, baseline_mean: float = -1.0,
+                            baseline_sd: float = 1.5, cis_gene_min_log_mean: float = 0.5,
+                            size: float | tuple[float, float] = (2.0, 20.0),
+                            batch_sd: float = 0.1, guide_umi_mean: float = 30.0,
+                            ambient: float = 0.1, n_chromosomes: int = 10,
+                            chrom_length: int = 50_000_000, random_state: int = 0):
+    """Simulate a high-MOI CRISPRi screen (enhancer-screen-like) with ground truth.
+
+    Model, for cell i and gene j::
+
+        library   n_targets targets x guides_per_target gRNAs + n_nt_guides
+                  non-targeting gRNAs (G gRNAs in all)
+        m_i       ~ max(Poisson(moi), min_guides), at most G    number of gRNAs
+        gRNAs     m_i of the G, uniformly without replacement
+        z_i       = N(0, libsize_sd^2) + moi_libsize (m_i - moi) / moi      log cell size
+        u_i       ~ N(moi_confounding (m_i - moi) / sqrt(moi) w, I_r)     latent state,
+                  w a fixed random unit vector
+        batch_i   ~ Bernoulli(1/2); c_j ~ N(0, batch_sd^2) added in batch 2
+        b_j       ~ N(baseline_mean, baseline_sd^2); gamma_j ~ N(0, loading_sd^2 I_r);
+                  lambda_j ~ N(0, size_slope_sd^2)
+        log mu_ij = b_j + (1 + lambda_j) z_i + u_i' gamma_j + c_j 1{batch 2}
+                    + sum_{targets t carried by i} beta_jt
+        y_ij      ~ NB(mu_ij, size_j)
+
+    A target is carried when at least one of its gRNAs is (two gRNAs of one target act
+    once).  Cells with many gRNAs are larger and shifted in latent state, and carry each
+    target more often: leaving ``m_i`` out of a model confounds every target.
+
+    Effects.  Genes lie on ``n_chromosomes`` chromosomes (``var['chr']``, ``var['tss']``)
+    and every target is placed near an anchor gene: ``n_positive`` targets sit on their
+    (distinct) gene's TSS (``'tss'``, positive controls), the others within
+    ``cis_window`` bp of their gene's TSS (``'enhancer'``).  A share ``1 - null_frac`` of
+    all targets (rounded; the TSS targets first) is non-null: beta = -U(positive_effect)
+    on its anchor gene for a TSS target, -U(effect_size) for an enhancer (CRISPRi
+    knockdown).  With ``trans_frac`` > 0 each non-null target also changes a share
+    ``trans_frac`` of the other genes by +-U(effect_size).  Null targets change nothing;
+    ``null_frac=1`` is a complete null (the TSS targets too).  Anchor genes' baselines
+    are raised to at least ``cis_gene_min_log_mean`` (null and non-null alike) so that a
+    knockdown is observable.
+
+    gRNA UMI counts.  A carried gRNA has ``NB(guide_umi_mean exp(z_i), size 2) + 1``
+    UMIs, an uncarried one ``Poisson(ambient)`` ambient UMIs; a threshold of 5 UMIs
+    recovers the assignment with some error.
+
+    Parameters
+    ----------
+    n_cells, n_genes, n_targets, guides_per_target, n_nt_guides : layout of the screen.
+    moi, min_guides : Poisson mean and floor of the number of gRNAs per cell.
+    r : number of latent factors (0 for none).
+    null_frac : share of the targets without effect (0 to 1).
+    n_positive : number of TSS-targeting positive-control targets.
+    effect_size, positive_effect : ranges of the knockdown |beta| (natural log) of
+        enhancer and TSS targets.
+    cis_window : largest distance (bp) between an enhancer target and its gene's TSS.
+    trans_frac : share of the other genes each non-null target changes in trans.
+    libsize_sd, moi_libsize : SD of the log cell size; its slope in (m_i - moi) / moi.
+    moi_confounding : shift of the latent state per (m_i - moi) / sqrt(moi).
+    size_slope_sd : SD of the genes' extra response lambda_j to the cell size.
+    loading_sd, baseline_mean, baseline_sd : laws of gamma_j and b_j.
+    cis_gene_min_log_mean : floor of the anchor genes' baseline log means.
+    size : NB size, a scalar or a (low, high) range drawn log-uniformly per gene.
+    batch_sd : SD of the genes' batch-2 shifts.
+    guide_umi_mean, ambient : mean UMIs of a carried gRNA (cell of size 1); mean ambient
+        UMIs of an uncarried gRNA.
+    n_chromosomes, chrom_length : the simulated genome (TSS uniform on each chromosome).
+    random_state : seed.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``X`` raw counts (CSR, int64); ``obsm['grna_counts']`` (CSR int64, cells x gRNAs,
+        columns in ``uns['grna_names']`` order, targets in ``uns['grna_target']``);
+        ``obsm['grna_true']`` (CSR bool, the carried gRNAs); ``obsm['U_true']``;
+        ``obs['n_guides_true']``, ``obs['batch']``, ``obs['size_factor_true']``
+        (exp z_i); ``var['chr']``, ``var['tss']``, ``var['baseline_log_mean']``,
+        ``var['size_true']``, ``var['size_slope_true']``; ``varm['Gamma_true']``;
+        ``uns['target_table']`` (target, chr, start, end), ``uns['target_type']``
+        (target -> 'tss' | 'enhancer'), ``uns['true_effects']`` (target, gene, beta: every
+        nonzero beta), ``uns['positive_control_pairs']`` (target, gene: the TSS targets
+        with an effect), ``uns['targets']``, ``uns['ctrl_label']`` (``'non-targeting'``),
+        ``uns['layout']`` (``'high-moi'``), ``uns['moi_direction_true']`` (w),
+        ``uns['simulation']`` (the settings).
+    """
+    _check_highmoi_settings(n_cells=n_cells, n_genes=n_genes, n_targets=n_targets,
+                            guides_per_target=guides_per_target, n_nt_guides=n_nt_guides,
+                            moi=moi, min_guides=min_guides, r=r, null_frac=null_frac,
+                            n_positive=n_positive, cis_window=cis_window,
+                            trans_frac=trans_frac, guide_umi_mean=guide_umi_mean,
+                            ambient=ambient, n_chromosomes=n_chromosomes)
+    rng = np.random.default_rng(random_state)
+    targets, grnas, grna_target, guide_idx = _grna_library(n_targets, guides_per_target,
+                                                           n_nt_guides)
+    carried, m = _assign_guides(rng, n_cells, len(grnas), moi, min_guides)
+    z, U, w = _cell_state(rng, m, moi, r, libsize_sd, moi_libsize, moi_confounding)
+    batch = rng.integers(0, 2, n_cells)
+    chrom, tss = _genome(rng, n_genes, n_chromosomes, chrom_length)
+    anchor, is_tss, table = _place_targets(rng, chrom, tss, targets, n_positive, cis_window)
+    beta = _effect_matrix(rng, anchor, is_tss, null_frac, effect_size, positive_effect,
+                          trans_frac, n_genes)
+    genes = _gene_parameters(rng, n_genes, r, loading_sd, baseline_mean, baseline_sd,
+                             size_slope_sd, size, batch_sd)
+    if n_targets:
+        genes["b"][anchor] = np.maximum(genes["b"][anchor], cis_gene_min_log_mean)
+    carries = _carried_targets(carried, guide_idx, n_targets)
+    counts = _highmoi_counts(rng, genes, z, U, batch, carries, beta)
+    umis = _grna_umis(rng, carried, np.exp(z), guide_umi_mean, ambient)
+    settings = {"n_cells": n_cells, "n_genes": n_genes, "n_targets": n_targets,
+                "guides_per_target": guides_per_target, "n_nt_guides": n_nt_guides,
+                "moi": moi, "min_guides": min_guides, "r": r, "null_frac": null_frac,
+                "n_positive": n_positive, "effect_size": list(effect_size),
+                "positive_effect": list(positive_effect), "cis_window": cis_window,
+                "trans_frac": trans_frac, "libsize_sd": libsize_sd,
+                "moi_libsize": moi_libsize, "moi_confounding": moi_confounding,
+                "size_slope_sd": size_slope_sd, "guide_umi_mean": guide_umi_mean,
+                "ambient": ambient, "random_state": random_state}
+    adata = _highmoi_anndata(counts, genes, chrom, tss, z, U, batch, m)
+    adata.obsm["grna_counts"] = umis
+    adata.obsm["grna_true"] = carried
+    adata.uns.update(_highmoi_truth(targets, grnas, grna_target, table, is_tss, anchor,
+                                    beta, adata.var_names))
+    adata.uns["moi_direction_true"] = w
+    adata.uns["simulation"] = settings
+    return adata
+
+
+def _check_highmoi_settings(**s) -> None:
+    """Input rules of :func:`simulate_highmoi_screen` (the ``_validation`` helpers)."""
+    check_all_at_least_one(n_cells=s["n_cells"], n_genes=s["n_genes"],
+                           guides_per_target=s["guides_per_target"],
+                           n_chromosomes=s["n_chromosomes"])
+    for name in ("n_targets", "n_nt_guides", "min_guides", "n_positive"):
+        check_nonnegative_int(name, s[name])
+    check_all_at_least_one(**{"n_targets * guides_per_target + n_nt_guides":
+                              s["n_targets"] * s["guides_per_target"] + s["n_nt_guides"]})
+    check_r(s["r"])
+    for name in ("moi", "cis_window", "guide_umi_mean"):
+        check_positive(name, s[name])
+    check_at_least("ambient", s["ambient"], 0)
+    for name in ("null_frac", "trans_frac"):
+        check_at_least(name, s[name], 0)
+        check_at_least(f"1 - {name}", 1 - s[name], 0)
+    check_at_least("n_targets - n_positive", s["n_targets"] - s["n_positive"], 0)
+    check_at_least("n_genes - n_positive", s["n_genes"] - s["n_positive"], 0)
+
+
+def _grna_library(n_targets: int, guides_per_target: int, n_nt_guides: int):
+    """Target names, gRNA names, each gRNA's target label and target index (-1: NT).
+
+    Targets ``T00001 ...``, their gRNAs ``T00001_g1 ...`` in target order, then the
+    non-targeting gRNAs ``NT_g1 ...`` (label ``'non-targeting'``).
+    """
+    targets = [f"T{t + 1:05d}" for t in range(n_targets)]
+    grnas = [f"{t}_g{g + 1}" for t in targets for g in range(guides_per_target)]
+    grnas += [f"NT_g{g + 1}" for g in range(n_nt_guides)]
+    labels = [t for t in targets for _ in range(guides_per_target)] + [CTRL_LABEL] * n_nt_guides
+    index = np.concatenate([np.repeat(np.arange(n_targets), guides_per_target),
+                            np.full(n_nt_guides, -1)]).astype(np.int64)
+    return targets, grnas, labels, index
+
+
+def _assign_guides(rng: np.random.Generator, n_cells: int, n_guides: int, moi: float,
+                   min_guides: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Carried gRNAs (CSR bool, cells x gRNAs) and their number per cell.
+
+    m_i ~ Poisson(moi) clipped to [min_guides, n_guides]; the m_i gRNAs are the first
+    m_i of a random permutation of the library (uniform, without replacement), drawn in
+    blocks of cells.
+    """
+    m = np.clip(rng.poisson(moi, n_cells), min(min_guides, n_guides), n_guides)
+    rows, cols = [], []
+    step = max(1, _GUIDE_BLOCK_ENTRIES // n_guides)
+    for start in range(0, n_cells, step):
+        mb = m[start:start + step]
+        perm = rng.permuted(np.broadcast_to(np.arange(n_guides), (mb.size, n_guides)), axis=1)
+        r_, c_ = np.nonzero(np.arange(n_guides)[None, :] < mb[:, None])
+        rows.append(r_ + start)
+        cols.append(perm[r_, c_])
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    carried = sp.csr_matrix((np.ones(rows.size, dtype=bool), (rows, cols)),
+                            shape=(n_cells, n_guides))
+    carried.sort_indices()
+    return carried, m.astype(np.int64)
+
+
+def _cell_state(rng: np.random.Generator, m: np.ndarray, moi: float, r: int,
+                libsize_sd: float, moi_libsize: float, moi_confounding: float):
+    """Log cell sizes z (n,), latent factors U (n x r) and the direction w (r,).
+
+    z_i = N(0, libsize_sd^2) + moi_libsize (m_i - moi) / moi;
+    u_i = N(0, I_r) + moi_confounding (m_i - moi) / sqrt(moi) w, w a random unit vector.
+    """
+    n = m.size
+    z = rng.normal(0.0, libsize_sd, n) + moi_libsize * (m - moi) / moi
+    w = rng.normal(size=r)
+    w = w / np.linalg.norm(w) if r else w
+    U = rng.normal(size=(n, r)) + (moi_confounding * (m - moi) / np.sqrt(moi))[:, None] * w
+    return z, U, w
+
+
+def _genome(rng: np.random.Generator, n_genes: int, n_chromosomes: int,
+            chrom_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Genes' chromosomes (``'chr1' ...``) and TSS positions, in genomic order."""
+    chrom = rng.integers(0, n_chromosomes, n_genes)
+    tss = rng.integers(0, chrom_length, n_genes)
+    order = np.lexsort((tss, chrom))
+    names = np.array([f"chr{c + 1}" for c in range(n_chromosomes)], dtype=object)
+    return names[chrom[order]], tss[order].astype(np.int64)
+
+
+def _place_targets(rng: np.random.Generator, chrom: np.ndarray, tss: np.ndarray,
+                   targets: list[str], n_positive: int, cis_window: int):
+    """Anchor gene, TSS flag and position table (target, chr, start, end) of each target.
+
+    ``n_positive`` targets, chosen at random, sit on the TSS of distinct genes; the
+    others at a distance U(0.02, 1) x ``cis_window`` (either side) from a random gene's
+    TSS.  A region spans +-250 bp around its centre (start clipped at 0).
+    """
+    n_t, p = len(targets), tss.size
+    is_tss = np.zeros(n_t, dtype=bool)
+    is_tss[rng.choice(n_t, n_positive, replace=False)] = True
+    anchor = rng.integers(0, p, n_t)
+    anchor[is_tss] = rng.choice(p, n_positive, replace=False)
+    dist = rng.uniform(0.02, 1.0, n_t) * cis_window * rng.choice([-1.0, 1.0], n_t)
+    centre = tss[anchor] + np.where(is_tss, 0.0, dist)
+    centre = np.where(centre < 0, tss[anchor] + np.abs(dist), centre).astype(np.int64)
+    table = pd.DataFrame({"target": targets, "chr": chrom[anchor].astype(str),
+                          "start": np.maximum(centre - _TARGET_HALF_WIDTH, 0),
+                          "end": centre + _TARGET_HALF_WIDTH})
+    return anchor, is_tss, table
+
+
+def _effect_matrix(rng: np.random.Generator, anchor: np.ndarray, is_tss: np.ndarray,
+                   null_frac: float, effect_size: tuple[float, float],
+                   positive_effect: tuple[float, float], trans_frac: float,
+                   n_genes: int) -> sp.csr_matrix:
+    """Effects beta (CSR, targets x genes, natural log).
+
+    ``round((1 - null_frac) n_targets)`` targets are non-null, the TSS targets first and
+    then random enhancers; each knocks its anchor gene down by U(positive_effect) (TSS) or
+    U(effect_size) (enhancer), and changes ``round(trans_frac (n_genes - 1))`` other
+    random genes by +-U(effect_size).
+    """
+    n_t = anchor.size
+    n_nonnull = round(float(1.0 - null_frac) * n_t)
+    tss_idx = rng.permutation(np.flatnonzero(is_tss))
+    enh_idx = rng.permutation(np.flatnonzero(~is_tss))
+    nonnull = np.sort(np.concatenate([tss_idx, enh_idx])[:n_nonnull])
+    lo_hi = np.where(is_tss[nonnull, None], positive_effect, effect_size)
+    rows, cols = [nonnull], [anchor[nonnull]]
+    vals = [-rng.uniform(lo_hi[:, 0], lo_hi[:, 1]) if nonnull.size else np.zeros(0)]
+    n_trans = round(float(trans_frac) * (n_genes - 1))
+    for t in (nonnull if n_trans else []):
+        idx = rng.choice(np.delete(np.arange(n_genes), anchor[t]), n_trans, replace=False)
+        rows.append(np.full(n_trans, t))
+        cols.append(idx)
+        vals.append(rng.uniform(*effect_size, n_trans) * rng.choice([-1.0, 1.0], n_trans))
+    beta = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(n_t, n_genes))
+    beta.sort_indices()
+    return beta
+
+
+def _gene_parameters(rng: np.random.Generator, n_genes: int, r: int, loading_sd: float,
+                     baseline_mean: float, baseline_sd: float, size_slope_sd: float,
+                     size: float | tuple[float, float], batch_sd: float) -> dict:
+    """Per-gene laws: baseline ``b``, loadings ``Gamma``, size slope ``lam``, NB ``size``
+    (as in :func:`simulate_screen`) and batch-2 shift ``batch``."""
+    b = np.maximum(rng.normal(baseline_mean, baseline_sd, n_genes), -4.5)
+    Gamma = rng.normal(0.0, loading_sd, size=(n_genes, r))
+    lam = rng.normal(0.0, size_slope_sd, n_genes)
+    if np.isscalar(size):
+        sizes = np.full(n_genes, float(size))
+    else:
+        sizes = np.exp(rng.uniform(np.log(size[0]), np.log(size[1]), n_genes))
+    shift = rng.normal(0.0, batch_sd, n_genes)
+    return {"b": b, "Gamma": Gamma, "lam": lam, "size": sizes, "batch": shift}
+
+
+def _carried_targets(carried: sp.csr_matrix, guide_idx: np.ndarray,
+                     n_targets: int) -> sp.csr_matrix:
+    """Cells x targets 0/1 (CSR float): 1 where the cell carries any gRNA of the target."""
+    keep = np.flatnonzero(guide_idx >= 0)
+    to_target = sp.csr_matrix((np.ones(keep.size), (keep, guide_idx[keep])),
+                              shape=(carried.shape[1], n_targets))
+    hits = (carried.astype(np.float64) @ to_target).tocsr()
+    hits.data = np.ones_like(hits.data)
+    return hits
+
+
+def _highmoi_counts(rng: np.random.Generator, genes: dict, z: np.ndarray, U: np.ndarray,
+                    batch: np.ndarray, carries: sp.csr_matrix,
+                    beta: sp.csr_matrix) -> sp.csr_matrix:
+    """NB counts (CSR int64) of log mu = b + (1 + lam) z + U Gamma' + batch + carries beta."""
+    eta = genes["b"][None, :] + z[:, None] * (1.0 + genes["lam"])[None, :] + U @ genes["Gamma"].T
+    eta += batch[:, None] * genes["batch"][None, :]
+    eta += (carries @ beta).toarray()
+    mu = np.exp(np.clip(eta, -30, 12))
+    sizes = genes["size"][None, :]
+    counts = rng.negative_binomial(sizes, sizes / (sizes + mu))
+    return sp.csr_matrix(counts.astype(np.int64))
+
+
+def _grna_umis(rng: np.random.Generator, carried: sp.csr_matrix, size_factor: np.ndarray,
+               guide_umi_mean: float, ambient: float) -> sp.csr_matrix:
+    """gRNA UMI counts (CSR int64): NB(guide_umi_mean s_i, 2) + 1 where carried,
+    Poisson(ambient) elsewhere.
+
+    The ambient counts are drawn sparsely: a Poisson(ambient G) total per cell spread
+    uniformly over the G gRNAs (the same law as independent Poisson(ambient) entries),
+    then dropped where the gRNA is carried.
+    """
+    n, G = carried.shape
+    totals = rng.poisson(ambient * G, n)
+    amb = sp.csr_matrix((np.ones(totals.sum(), dtype=np.int64),
+                         (np.repeat(np.arange(n), totals), rng.integers(0, G, totals.sum()))),
+                        shape=(n, G))
+    amb.sum_duplicates()
+    amb = (amb - amb.multiply(carried.astype(np.int64))).tocsr()
+    rows, cols = carried.nonzero()
+    mean = guide_umi_mean * size_factor[rows]
+    hits = rng.negative_binomial(_GUIDE_UMI_SIZE, _GUIDE_UMI_SIZE / (_GUIDE_UMI_SIZE + mean)) + 1
+    umis = (amb + sp.csr_matrix((hits.astype(np.int64), (rows, cols)), shape=(n, G))).tocsr()
+    umis.eliminate_zeros()
+    umis.sort_indices()
+    return umis.astype(np.int64)
+
+
+def _highmoi_anndata(counts: sp.csr_matrix, genes: dict, chrom: np.ndarray, tss: np.ndarray,
+                     z: np.ndarray, U: np.ndarray, batch: np.ndarray, m: np.ndarray):
+    """The AnnData of a high-MOI simulation: counts, obs, var and the cells' truth."""
+    import anndata as ad
+
+    n, p = counts.shape
+    obs = pd.DataFrame({"n_guides_true": m,
+                        "batch": pd.Categorical(np.where(batch == 1, "batch2", "batch1"),
+                                                categories=["batch1", "batch2"]),
+                        "size_factor_true": np.exp(z)},
+                       index=[f"cell{i:06d}" for i in range(n)])
+    var = pd.DataFrame({"chr": chrom.astype(str), "tss": tss,
+                        "baseline_log_mean": genes["b"], "size_true": genes["size"],
+                        "size_slope_true": genes["lam"]},
+                       index=[f"GENE{j:05d}" for j in range(p)])
+    adata = ad.AnnData(X=counts, obs=obs, var=var)
+    adata.obsm["U_true"] = U
+    adata.varm["Gamma_true"] = genes["Gamma"]
+    return adata
+
+
+def _highmoi_truth(targets: list[str], grnas: list[str], grna_target: list[str],
+                   table: pd.DataFrame, is_tss: np.ndarray, anchor: np.ndarray,
+                   beta: sp.csr_matrix, gene_names: pd.Index) -> dict:
+    """The ``uns`` entries of a high-MOI simulation: library, targets and true effects."""
+    coo = beta.tocoo()
+    order = np.lexsort((coo.col, coo.row))
+    t_idx, g_idx = coo.row[order], coo.col[order]
+    names, genes = np.asarray(targets, dtype=object), np.asarray(gene_names, dtype=object)
+    effects = pd.DataFrame({"target": names[t_idx].astype(str),
+                            "gene": genes[g_idx].astype(str), "beta": coo.data[order]})
+    pos = np.flatnonzero(is_tss)
+    pos = pos[np.asarray(beta[pos, anchor[pos]]).ravel() != 0] if pos.size else pos
+    controls = pd.DataFrame({"target": names[pos].astype(str),
+                             "gene": genes[anchor[pos]].astype(str)})
+    return {"grna_names": list(grnas), "grna_target": list(grna_target),
+            "targets": list(targets), "target_table": table,
+            "target_type": {t: ("tss" if f else "enhancer") for t, f in zip(targets, is_tss)},
+            "true_effects": effects, "positive_control_pairs": controls,
+            "ctrl_label": CTRL_LABEL, "layout": HIGHMOI_LAYOUT}

@@ -553,7 +553,7 @@ def _check_lfc_args(r: int | str, family: str, batch_size: int, n_ctrl: int | No
         check_positive_int(name, val, allow_none=True)
     own = {"Y", "X", "A", "r", "W_A", "batch_size", "max_cells", "n_ctrl", "family",
            "cache_path", "random_state", "verbose", "gcate_kwargs", "lfc_kwargs", "client",
-           "pert_col", "ctrl_label", "covariates", "layer", "drop_empty_cells"}
+           "pert_col", "ctrl_label", "covariates", "layer", "drop_empty_cells", "control"}
     batch_names = parameter_names(gcate_lfc_batch) - own
     check_batch_keywords("lfc", kwargs, gcate_kwargs, lfc_kwargs, extra=batch_names)
     return r_req
@@ -603,7 +603,8 @@ def _read_screen(adata: Any, pert_col: str | None, ctrl_label: Any,
 
 
 def _batch_layout(A_csc: sp.csc_matrix, p: int, batch_size: int, n_ctrl: int | None,
-                  max_cells: int | None, memory_budget: int | str) -> dict:
+                  max_cells: int | None, memory_budget: int | str,
+                  control: str = "non-targeting") -> dict:
     """Perturbations per batch and cell caps of the batch run.
 
     With ``n_ctrl`` and ``max_cells`` both None every cell is used and the number of
@@ -621,7 +622,7 @@ def _batch_layout(A_csc: sp.csc_matrix, p: int, batch_size: int, n_ctrl: int | N
 
     layout = dict(batch_size=int(batch_size), n_ctrl=n_ctrl, max_cells=max_cells)
     if n_ctrl is None and max_cells is None:
-        layout = layout_for_budget(A_csc, p, memory_budget, int(batch_size))
+        layout = layout_for_budget(A_csc, p, memory_budget, int(batch_size), control=control)
         logger.info("batches of up to %d perturbations, every cell (largest batch %d cells)",
                     layout["batch_size"], layout["cells_per_batch"])
     return layout
@@ -751,6 +752,170 @@ def _lfc_settings(screen: _Screen, adata: Any, layout: dict, r_used: int, r_req:
     )
 
 
+@dataclass(frozen=True)
+class GuideOptions:
+    """How a screen given as guide counts is read and analysed (see :func:`lfc`)."""
+
+    guides: Any
+    guide_targets: Any = None
+    nt_label: str = "non-targeting"
+    guide_threshold: int = 5
+    guide_assignment: str = "threshold"
+    moi: str = "auto"
+    control: str = "auto"
+    pairs: Any = "all"
+    gene_positions: Any = None
+    cis_window: int = 500_000
+    moi_covariates: bool = True
+    min_target_cells: int = 7
+
+
+def _check_guide_options(g: GuideOptions) -> GuideOptions:
+    """Check every guide option before any data is read (names as the keywords)."""
+    from ._validation import (
+        MOI_CHOICES,
+        check_choice,
+        check_guide_threshold,
+        check_nt_label,
+        check_pairs,
+    )
+    from .guides import ASSIGNMENT_METHODS
+
+    check_guide_threshold(g.guide_threshold)
+    check_choice("guide_assignment", g.guide_assignment, ASSIGNMENT_METHODS)
+    check_choice("moi", g.moi, MOI_CHOICES)
+    check_choice("control", g.control, ("auto", "complement", "non-targeting"))
+    check_positive_int("cis_window", g.cis_window)
+    check_positive_int("min_target_cells", g.min_target_cells)
+    check_nt_label(g.nt_label)
+    return GuideOptions(**{**g.__dict__, "pairs": check_pairs(g.pairs)})
+
+
+def _guide_settings(g: GuideOptions, moi: str, control: str, ga, n_pairs: int | None) -> dict:
+    """The guide part of ``settings`` (what a re-run and the report show)."""
+    src = g.guides if isinstance(g.guides, str) else type(g.guides).__name__
+    return dict(guides=str(src), nt_label=g.nt_label, guide_threshold=int(g.guide_threshold),
+                guide_assignment=g.guide_assignment, moi=moi, control=control,
+                pairs=g.pairs if isinstance(g.pairs, str) else "table",
+                n_pairs_requested=n_pairs, cis_window=int(g.cis_window),
+                moi_covariates=bool(g.moi_covariates),
+                min_target_cells=int(g.min_target_cells), n_guides=int(ga.names.size),
+                n_nt_guides=int(ga.is_nt.sum()))
+
+
+def _lfc_low_moi(adata: Any, ga, g: GuideOptions, args: dict) -> Any:
+    """A low-MOI guide screen: one label per cell (its target, or the non-targeting
+    label), cells without a guide or with two or more perturbations left out, then the
+    label route on those cells; the stored results are those of the labels."""
+    from .guides import low_moi_labels
+
+    labels, dropped = low_moi_labels(ga, g.nt_label)
+    keep = np.array([lab is not None for lab in labels])
+    if (~keep).any():
+        logger.warning("low MOI: %d cell(s) left out (%s)", int((~keep).sum()),
+                       ", ".join(f"{v} {k}" for k, v in dropped.items() if v))
+    col = "causarray_target"
+    adata.obs[col] = pd.Categorical(np.where(keep, labels, None))
+    sub = adata[keep].copy() if not keep.all() else adata.copy()
+    guide_keys = set(GuideOptions.__dataclass_fields__)
+    run = {k: v for k, v in args.items()
+           if k not in guide_keys | {"adata", "copy", "kwargs", "pert_col", "ctrl_label"}}
+    run.update(args["kwargs"], pert_col=col, ctrl_label=g.nt_label, copy=False)
+    lfc(sub, **run)
+    key = args["key_added"]
+    adata.uns[key] = sub.uns[key]
+    for name in list(sub.obsm.keys()):
+        if name.startswith(key):
+            adata.obsm[name] = sub.obsm[name].reindex(adata.obs_names)
+    return sub
+
+
+def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: list[str],
+                       layer: str | None, drop_empty_cells: bool) -> tuple[_Screen, Any]:
+    """The counts and designs of a high-MOI screen, with the guide treatment columns.
+
+    The counts, ``X`` and ``X_A`` are read by :func:`_read_screen` through a temporary
+    label (a cell carries a targeting guide or not); the treatments are the targets'
+    pooled guides and the non-targeting guides (:func:`causarray.highmoi.treatment_columns`).
+    """
+    from .highmoi import treatment_columns
+
+    cols = treatment_columns(ga, g.min_target_cells)
+    tmp = "causarray_targeted"
+    n_t = adata.obs["n_targets"].to_numpy()
+    expr.obs[tmp] = np.where(n_t > 0, "targeted", g.nt_label)
+    try:
+        screen = _read_screen(expr, tmp, g.nt_label, covariates, layer, drop_empty_cells)
+    finally:
+        del expr.obs[tmp]
+    rows = adata.obs_names.get_indexer(screen.kept)
+    A_csc = sp.csc_matrix(cols.A[rows])
+    screen.A = pd.DataFrame.sparse.from_spmatrix(A_csc, index=screen.kept,
+                                                 columns=pd.Index(cols.names, dtype=object))
+    screen.A_csc = A_csc
+    screen.info = dict(screen.info, pert_col=None, ctrl_label=g.nt_label,
+                       perturbations=cols.targets,
+                       n_control=int(np.sum(n_t[rows] == 0)))
+    return screen, cols
+
+
+def _finish_guide_results(adata: Any, results: pd.DataFrame, cols, ga,
+                          g: GuideOptions) -> dict:
+    """Split the negative controls off, restrict the pairs and build the guide tables."""
+    from .calibration import nt_guide_calibration
+    from .highmoi import requested_pairs, restrict_pairs, split_negative_controls
+
+    table, negatives = split_negative_controls(results, cols.nt_guides)
+    pairs = requested_pairs(g.pairs, adata.var, adata.uns, g.gene_positions, g.cis_window)
+    table = restrict_pairs(table, pairs)
+    targets = ga.target_table()
+    targets["tested"] = ~targets["target"].isin(list(cols.untested))
+    out: dict[str, Any] = dict(results=table, guides=ga.guide_table(), targets=targets,
+                               negative_controls=negatives)
+    if len(negatives):
+        n_cells = dict(zip(ga.guide_table()["guide"], ga.guide_table()["cells"]))
+        out["calibration"] = nt_guide_calibration(negatives, n_cells).summary_frame()
+    out["_n_pairs"] = None if pairs is None else int(len(pairs))
+    return out
+
+
+def _guide_screen(adata: Any, g: GuideOptions, covariates: list[str], layer: str | None,
+                  drop_empty_cells: bool, args: dict):
+    """The guide route of :func:`lfc`: assign the guides, decide the MOI and the control
+    arm (logged in one line), then either run a low-MOI screen on its labels (returns
+    None: stored) or return the high-MOI screen ``(screen, columns, assignment,
+    control, lfc_kwargs)``."""
+    from .guides import guide_assignment, infer_moi
+    from .highmoi import MOI_COVARIATES, positive_control_map, write_cell_statistics
+
+    ga, gene_cols = guide_assignment(adata, g.guides, g.guide_targets, g.nt_label,
+                                     g.guide_assignment, g.guide_threshold,
+                                     args["random_state"])
+    cells = write_cell_statistics(adata.obs, ga)
+    moi = infer_moi(cells, adata.uns.get("layout")) if g.moi == "auto" else g.moi
+    control = ("complement" if g.control == "auto" else g.control) if moi == "high" \
+        else "non-targeting"
+    logger.info("design: %s MOI (median %.0f guides per cell), each target against %s, "
+                "assignment=%r", moi, float(np.median(cells["n_guides"])),
+                "the cells without its guides" if control == "complement"
+                else "the cells without a targeting guide",
+                args["kwargs"].get("assignment", "randomized"))
+    key = args["key_added"]
+    if moi == "low":
+        _lfc_low_moi(adata, ga, g, args)
+        adata.uns[key]["settings"].update(_guide_settings(g, moi, control, ga, None))
+        adata.uns[key].update(guides=ga.guide_table(), targets=ga.target_table())
+        return None
+    if g.moi_covariates:
+        covariates = covariates + [c for c in MOI_COVARIATES if c not in covariates]
+    expr = adata if gene_cols is None else adata[:, gene_cols]
+    screen, cols = _read_guide_screen(adata, expr, ga, g, covariates, layer, drop_empty_cells)
+    screen.genes = [str(v) for v in expr.var_names]
+    lfc_kwargs = dict(args["lfc_kwargs"] or {})
+    lfc_kwargs.setdefault("targets", positive_control_map(adata.uns) or "auto")
+    return screen, cols, ga, control, lfc_kwargs
+
+
 def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         covariates: str | Iterable[str] = (), layer: str | None = None, r: int | str = "auto",
         family: str = "nb", batch_size: int = 15, n_ctrl: int | None = None,
@@ -760,6 +925,10 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         max_iters: int | None = None, propensity: bool = True, key_added: str = "causarray",
         copy: bool = False, drop_empty_cells: bool = False,
         gcate_kwargs: dict | None = None, lfc_kwargs: dict | None = None,
+        guides: Any = None, guide_targets: Any = None, nt_label: str = "non-targeting",
+        guide_threshold: int = 5, guide_assignment: str = "threshold", moi: str = "auto",
+        control: str = "auto", pairs: Any = "all", gene_positions: Any = None,
+        cis_window: int = 500_000, moi_covariates: bool = True, min_target_cells: int = 7,
         **kwargs) -> Any:
     """Causal log fold changes of every gene under every perturbation of an AnnData screen.
 
@@ -826,6 +995,43 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         of raising.
     gcate_kwargs, lfc_kwargs : dict, optional
         Keyword arguments of :func:`causarray.fit_gcate` / :func:`causarray.LFC`.
+    guides : str or AnnData, optional
+        A screen given as guide UMI counts instead of labels (high-MOI and multi-guide
+        screens; ``docs/usage.md#guide-screens``): ``'feature_types'`` (Cell Ranger's
+        guide-capture features inside ``adata``), ``'obsm:KEY'`` (a cells x guides
+        matrix in ``obsm``, names in ``uns['KEY_names']`` or ``uns['grna_names']``,
+        targets in ``uns['grna_target']``), or a cells x guides AnnData (``var['target']``;
+        a MuData modality is one) or its ``.h5ad`` path.  Per cell ``n_guides``,
+        ``n_targets``, ``n_nt_guides``, ``guide_umis`` and the MOI covariates
+        ``log1p_n_guides``, ``log1p_guide_umis`` are written to ``obs``.
+    guide_targets : DataFrame or CSV path, optional
+        Guide -> target table (``guide,target`` or Cell Ranger's feature reference).
+    nt_label : str
+        Target label of the non-targeting guides.
+    guide_threshold, guide_assignment : int, str
+        Guide-to-cell assignment (:func:`causarray.guides.assign_guides`): 'threshold'
+        (UMIs >= ``guide_threshold``, default 5), 'maximum' or 'mixture'.
+    moi : {'auto', 'low', 'high'}
+        'auto': ``uns['layout']`` when the file states it ('high-moi' / 'low-moi'),
+        else high when the median cell carries two or more guides.  Low MOI keeps the
+        cells with one perturbation (or only non-targeting guides: the controls) and
+        runs the label analysis; high MOI tests every target against ``control``.
+    control : {'auto', 'complement', 'non-targeting'}
+        High MOI: the cells without the target's guides ('complement', the default) or
+        the cells without any targeting guide ('non-targeting').
+    pairs : 'all', 'cis' or a table / CSV of ``target, gene``
+        The pairs reported (high MOI).  'cis': genes whose TSS is within ``cis_window``
+        bases of the target (positions from ``var['chr']``/``var['tss']`` or
+        ``gene_positions``, and ``uns['target_table']``).  With a restriction, the
+        kept discovery pairs form one BH family and the positive-control pairs
+        (``uns['positive_control_pairs']``) another.
+    gene_positions : DataFrame or CSV path with ``gene, chr, tss``, optional
+    cis_window : int
+    moi_covariates : bool
+        Adjust for the MOI covariates in high MOI (switch off only to see why they are
+        needed).
+    min_target_cells : int
+        Targets carried by fewer cells are not tested (warned, ``targets['tested']``).
     **kwargs
         Passed to :func:`causarray.batch.gcate_lfc_batch`.  An unknown keyword (here or
         in ``gcate_kwargs`` / ``lfc_kwargs``) raises ``TypeError``.
@@ -844,17 +1050,33 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     """
     from .batch import gcate_lfc_batch
 
+    args = dict(locals())
     t_start = time.perf_counter()
     r_req = _check_lfc_args(r, family, batch_size, n_ctrl, max_cells, kwargs, gcate_kwargs,
                             lfc_kwargs)
+    gopt = None
+    if guides is not None:
+        gopt = _check_guide_options(GuideOptions(
+            guides, guide_targets, nt_label, guide_threshold, guide_assignment, moi, control,
+            pairs, gene_positions, cis_window, moi_covariates, min_target_cells))
     verbose = resolve_verbose(verbose)
     if copy:
         check_copy_in_memory(bool(getattr(adata, "isbacked", False)))
         adata = adata.copy()
     covariates = [covariates] if isinstance(covariates, str) else list(covariates)
-    screen = _read_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)
+    control_used, cols, ga = "non-targeting", None, None
+    if gopt is None:
+        screen = _read_screen(adata, pert_col, ctrl_label, covariates, layer,
+                              drop_empty_cells)
+    else:
+        guided = _guide_screen(adata, gopt, covariates, layer, drop_empty_cells, args)
+        if guided is None:              # low MOI: the label route has stored everything
+            return adata if copy else None
+        screen, cols, ga, control_used, lfc_kwargs = guided
+        propensity = False      # the per-label overlap summary assumes one label per cell
     p = screen.Y.shape[1]
-    layout = _batch_layout(screen.A_csc, p, batch_size, n_ctrl, max_cells, memory_budget)
+    layout = _batch_layout(screen.A_csc, p, batch_size, n_ctrl, max_cells, memory_budget,
+                           control_used)
     r_used, df_r, grid = _choose_r(screen, r_req, r_grid, family, max_cells, random_state,
                                    max_iters, cache_path, verbose)
     _cap_batch_size(layout, p, np.shape(screen.X)[1], r_used)
@@ -868,9 +1090,12 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
                               cache_path=None if cache_path is None else str(cache_path),
                               random_state=random_state, verbose=verbose,
                               gcate_kwargs=_gcate_options(gcate_kwargs, max_iters),
-                              lfc_kwargs=lfc_kwargs, client=client, **kwargs)
+                              lfc_kwargs=lfc_kwargs, client=client, control=control_used,
+                              **kwargs)
 
     store: dict[str, Any] = dict(results=results.reset_index(drop=True), jic=df_r)
+    if gopt is not None:
+        store.update(_finish_guide_results(adata, store["results"], cols, ga, gopt))
     if propensity:
         store.update(_propensity(adata, screen.A_csc, list(screen.A.columns), screen.X_A,
                                  screen.kept, covariates, random_state, key_added))
@@ -878,5 +1103,8 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
                 random_state=random_state, max_iters=max_iters, cache_path=cache_path,
                 client=client)
     store["settings"] = _lfc_settings(screen, adata, layout, r_used, r_req, grid, opts, t_start)
+    if gopt is not None:
+        store["settings"].update(_guide_settings(gopt, "high", control_used, ga,
+                                                 store.pop("_n_pairs")))
     adata.uns[key_added] = store
     return adata if copy else None
