@@ -194,8 +194,9 @@ def _add_guide_options(p: argparse.ArgumentParser) -> None:
                         "the target) or a target,gene CSV")
     g.add_argument("--gene-positions", default=None, metavar="CSV",
                    help="gene,chr,tss table for --pairs cis (default var['chr'], var['tss'])")
-    g.add_argument("--cis-window", type=_positive_int, default=500_000,
-                   help="bases between a target and a gene's TSS for --pairs cis")
+    g.add_argument("--cis-window", type=_positive_int, default=1_000_000,
+                   help="bases between a target and a gene's TSS for --pairs cis "
+                        "(default 1,000,000, Gasperini et al. 2019's window)")
 
 
 def _guide_kwargs(args: argparse.Namespace) -> dict:

@@ -765,7 +765,7 @@ class GuideOptions:
     control: str = "auto"
     pairs: Any = "all"
     gene_positions: Any = None
-    cis_window: int = 500_000
+    cis_window: int = 1_000_000
     moi_covariates: bool = True
     min_target_cells: int = 7
 
@@ -848,6 +848,9 @@ def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: l
         screen = _read_screen(expr, tmp, g.nt_label, covariates, layer, drop_empty_cells)
     finally:
         del expr.obs[tmp]
+    if g.moi_covariates:        # SCEPTRE's response library size: guide capture follows it
+        screen.X = np.hstack([screen.X, screen.X_A[:, -1:]])
+        screen.covariates = screen.covariates + ["log2_library_size"]
     rows = adata.obs_names.get_indexer(screen.kept)
     A_csc = sp.csc_matrix(cols.A[rows])
     screen.A = pd.DataFrame.sparse.from_spmatrix(A_csc, index=screen.kept,
@@ -928,7 +931,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         guides: Any = None, guide_targets: Any = None, nt_label: str = "non-targeting",
         guide_threshold: int = 5, guide_assignment: str = "threshold", moi: str = "auto",
         control: str = "auto", pairs: Any = "all", gene_positions: Any = None,
-        cis_window: int = 500_000, moi_covariates: bool = True, min_target_cells: int = 7,
+        cis_window: int = 1_000_000, moi_covariates: bool = True, min_target_cells: int = 7,
         **kwargs) -> Any:
     """Causal log fold changes of every gene under every perturbation of an AnnData screen.
 
@@ -1027,6 +1030,8 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         (``uns['positive_control_pairs']``) another.
     gene_positions : DataFrame or CSV path with ``gene, chr, tss``, optional
     cis_window : int
+        Bases between a target and a gene's TSS for ``pairs='cis'`` (default 1 Mb, the
+        window of Gasperini et al. 2019).
     moi_covariates : bool
         Adjust for the MOI covariates in high MOI (switch off only to see why they are
         needed).
