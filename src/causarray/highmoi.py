@@ -58,6 +58,29 @@ def write_cell_statistics(obs: pd.DataFrame, ga: GuideAssignment) -> pd.DataFram
     return cells
 
 
+def add_independent_columns(X: np.ndarray, extra: np.ndarray, names: list[str],
+                            tol: float = 1e-2) -> tuple[np.ndarray, list[str]]:
+    """``X`` with the columns of ``extra`` that are not (nearly) in its span, in order.
+
+    A column is kept when the norm of its residual on the columns kept so far is above
+    ``tol`` times its own centred norm (R² below 1 − tol²): with exactly ten UMIs per
+    guide, for instance, the guide UMIs are a function of the number of guides, and the
+    design would be singular.  Returns the design and the names of the columns kept.
+    """
+    kept: list[str] = []
+    for j, name in enumerate(names):
+        col = extra[:, j:j + 1]
+        coef, *_ = np.linalg.lstsq(X, col, rcond=None)
+        resid = col - X @ coef
+        scale = np.linalg.norm(col - col.mean())
+        if scale > 0 and np.linalg.norm(resid) > tol * scale:
+            X = np.hstack([X, col])
+            kept.append(name)
+        else:
+            logger.info("design: %s left out (collinear with the other covariates)", name)
+    return X, kept
+
+
 def treatment_columns(ga: GuideAssignment, min_cells: int = MIN_TARGET_CELLS,
                       negative_controls: bool = True) -> TreatmentColumns:
     """Step 1: the tested targets (at least ``min_cells`` carriers) and, with

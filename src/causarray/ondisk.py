@@ -483,9 +483,9 @@ def _sparse_treatments(labels: np.ndarray, ctrl_label: str, index: Any) -> pd.Da
 
 def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None,
                 covariates: Any = (), layer: str | None = None, *,
-                drop_empty_cells: bool = False,
-                sparse_treatments: bool = False) -> tuple[H5Counts, pd.DataFrame, np.ndarray,
-                                                          np.ndarray]:
+                drop_empty_cells: bool = False, sparse_treatments: bool = False,
+                treatments: pd.DataFrame | None = None) -> tuple[H5Counts, pd.DataFrame,
+                                                                 np.ndarray, np.ndarray]:
     """``(Y, A, X, X_A)`` of an on-disk screen, as ``from_anndata`` builds them in memory.
 
     Parameters
@@ -497,6 +497,9 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
         Return ``A`` as a sparse-dtype DataFrame (CSC inside) instead of a dense one:
         one stored entry per perturbed cell instead of n x a floats (5 GB for 310k cells
         x 2,021 perturbations).  :func:`causarray.batch.gcate_lfc_batch` keeps it sparse.
+    treatments : sparse-dtype DataFrame, optional
+        The treatment matrix instead of labels (as in ``from_anndata``; requires
+        ``sparse_treatments``).
 
     Returns
     -------
@@ -524,9 +527,10 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     )
 
     adata = _open_backed(source)
-    pert_col, ctrl_label, labels = resolve_screen_keys(adata, pert_col, ctrl_label)
     M = backed_counts(adata, layer)
-    check_has_perturbed(bool(np.any(labels != ctrl_label)), pert_col, ctrl_label)
+    if treatments is None:
+        pert_col, ctrl_label, labels = resolve_screen_keys(adata, pert_col, ctrl_label)
+        check_has_perturbed(bool(np.any(labels != ctrl_label)), pert_col, ctrl_label)
     A = None if sparse_treatments else \
         treatment_matrix(labels, ctrl_label, index=adata.obs_names)
     Xcov = covariate_design(adata.obs, covariates)
@@ -541,7 +545,11 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
                       stacklevel=2)
         keep = ~empty
         M.row_map = np.flatnonzero(keep)
-        labels, obs_names = labels[keep], adata.obs_names[keep]
+        obs_names = adata.obs_names[keep]
+        if treatments is not None:
+            treatments = treatments.iloc[M.row_map]
+        else:
+            labels = labels[keep]
         Xcov = Xcov.loc[keep]
         if A is not None:
             A = A.loc[keep]
@@ -550,7 +558,8 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     else:
         obs_names = adata.obs_names
     if A is None:
-        A = _sparse_treatments(labels, ctrl_label, obs_names)
+        A = treatments if treatments is not None else \
+            _sparse_treatments(labels, ctrl_label, obs_names)
     # the cap of prep_causarray_data: maxima of the rounded counts = rounded maxima
     gmax = np.rint(scan.gene_max) if M.rint else scan.gene_max
     M.cap = float(np.round(np.percentile(gmax, CAP_PERCENTILE)))

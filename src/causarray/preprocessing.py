@@ -152,6 +152,27 @@ def standardized_log2_library_size(
 
 
 # ----------------------------------------------------------------------------- prep
+def standardized_log_genes_detected(Y: Any) -> np.ndarray:
+    """Standardised log of the genes detected (non-zero counts) per cell.
+
+    SCEPTRE's ``response_n_nonzero``: with the library size it describes how much of a
+    cell's RNA was captured, which in a high-MOI screen also decides which of its guides
+    are detected (docs/math.md#high-moi).  ``Y`` is a dense or CSR matrix, or on-disk
+    counts with ``row_blocks`` (:class:`causarray.ondisk.H5Counts`, streamed).
+    """
+    if hasattr(Y, "row_blocks"):
+        nnz = np.zeros(Y.shape[0])
+        for a, b, block in Y.row_blocks():
+            nnz[a:b] = np.asarray((block != 0).sum(axis=1)).ravel()
+    elif sp.issparse(Y):
+        nnz = np.asarray((Y != 0).sum(axis=1), dtype=float).ravel()
+    else:
+        nnz = np.count_nonzero(np.asarray(Y), axis=1).astype(float)
+    ell = np.log(np.maximum(nnz, 1.0))
+    sd = float(np.std(ell, ddof=1)) if ell.size > 1 else 0.0
+    return (ell - ell.mean()) / sd if sd > 0 else np.zeros_like(ell)
+
+
 def _dataframe_like(values: np.ndarray | sp.csr_matrix, like: pd.DataFrame) -> pd.DataFrame:
     """Wrap ``values`` with the index and columns of ``like`` (sparse -> sparse frame)."""
     if sp.issparse(values):
@@ -589,6 +610,7 @@ def from_anndata(
     as_dataframe: bool | None = None,
     drop_empty_cells: bool = False,
     sparse_treatments: bool = False,
+    treatments: pd.DataFrame | None = None,
 ) -> tuple[Any, pd.DataFrame, np.ndarray, np.ndarray]:
     """Build causarray inputs ``(Y, A, X, X_A)`` from an AnnData screen.
 
@@ -618,6 +640,10 @@ def from_anndata(
     sparse_treatments : bool
         Return ``A`` as a sparse-dtype DataFrame (:func:`sparse_treatment_matrix`)
         instead of a dense one; :func:`causarray.batch.gcate_lfc_batch` keeps it sparse.
+    treatments : sparse-dtype DataFrame, optional
+        The treatment matrix itself (index ``obs_names``), instead of labels: a guide
+        screen's targets, several per cell (:mod:`causarray.highmoi`); ``pert_col`` and
+        ``ctrl_label`` are then not used.  Requires ``sparse_treatments``.
 
     Returns
     -------
@@ -634,15 +660,20 @@ def from_anndata(
         unknown layer or covariate, no perturbed cells, empty cells (unless
         ``drop_empty_cells``).
     """
-    pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
     counts = _anndata_counts(adata, layer)
-    make_A = sparse_treatment_matrix if sparse_treatments else treatment_matrix
-    A = make_A(labels, ctrl_label, index=adata.obs_names)
-    check_has_perturbed(A.shape[1] > 0, pert_col, ctrl_label)
+    if treatments is None:
+        pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
+        make_A = sparse_treatment_matrix if sparse_treatments else treatment_matrix
+        A = make_A(labels, ctrl_label, index=adata.obs_names)
+        check_has_perturbed(A.shape[1] > 0, pert_col, ctrl_label)
+    else:
+        A = treatments
     Xcov = covariate_design(adata.obs, covariates)
     rebuild = None
     if sparse_treatments:     # rebuilt from the kept labels: labels left empty drop out
         def rebuild(keep, names):
+            if treatments is not None:
+                return treatments.iloc[np.flatnonzero(keep)]
             return sparse_treatment_matrix(labels[keep], ctrl_label, index=names)
     counts, A, Xcov, obs_names = _without_empty_cells(counts, A, Xcov, adata.obs_names,
                                                       drop_empty_cells, rebuild)
@@ -657,7 +688,7 @@ def from_anndata(
     if sparse_treatments:
         # prep_causarray_data checks a dense A; the one-hot of labels is valid by
         # construction, so it gets the (n,) treated indicator and A stays sparse
-        treated = np.asarray(A.sparse.to_coo().sum(axis=1)).ravel()
+        treated = np.minimum(np.asarray(A.sparse.to_coo().sum(axis=1)).ravel(), 1.0)
         Y, _, X, X_A = prep_causarray_data(Y_in, treated, X0)
         return Y, A, X, X_A
     Y, A, X, X_A = prep_causarray_data(Y_in, A, X0)

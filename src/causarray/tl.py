@@ -85,6 +85,34 @@ def _counts_of(adata: Any, layer: str | None):
     return adata.layers[layer], f"adata.layers[{layer!r}]"
 
 
+def _empty_cells(adata: Any, covariates: Iterable[str], layer: str | None,
+                 drop_empty_cells: bool) -> np.ndarray:
+    """The checks of :func:`validate_screen` that do not concern labels: raw counts
+    (streamed for a backed AnnData), known covariates, and empty cells (which raise
+    unless ``drop_empty_cells``).  Returns the empty-cell mask."""
+    from .preprocessing import covariate_design
+
+    if getattr(adata, "isbacked", False):
+        # counts on disk: one streamed pass over row blocks (ondisk.scan_counts)
+        from .ondisk import backed_counts, check_counts_scan, scan_counts
+
+        name = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        scan = scan_counts(backed_counts(adata, layer))
+        check_counts_scan(scan, name, non_integer="raise")
+        covariate_design(adata.obs, covariates)
+        empty = scan.row_sums == 0
+    else:
+        from ._validation import row_sums
+
+        counts, name = _counts_of(adata, layer)
+        check_raw_counts(counts, name)
+        covariate_design(adata.obs, covariates)
+        empty = np.asarray(row_sums(counts)).ravel() == 0
+    if not drop_empty_cells:
+        check_cells_nonempty(empty, adata.obs_names, n_shown=3)
+    return empty
+
+
 def validate_screen(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
                     covariates: str | Iterable[str] = (), layer: str | None = None,
                     drop_empty_cells: bool = False) -> dict:
@@ -111,24 +139,7 @@ def validate_screen(adata: Any, pert_col: str | None = None, ctrl_label: Any = N
     from .preprocessing import _resolve_screen_keys, covariate_design
 
     pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
-    if getattr(adata, "isbacked", False):
-        # counts on disk: one streamed pass over row blocks (ondisk.scan_counts)
-        from .ondisk import backed_counts, check_counts_scan, scan_counts
-
-        name = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-        scan = scan_counts(backed_counts(adata, layer))
-        check_counts_scan(scan, name, non_integer="raise")
-        covariate_design(adata.obs, covariates)
-        empty = scan.row_sums == 0
-    else:
-        counts, name = _counts_of(adata, layer)
-        check_raw_counts(counts, name)
-        covariate_design(adata.obs, covariates)
-        from ._validation import row_sums
-
-        empty = np.asarray(row_sums(counts)).ravel() == 0
-    if not drop_empty_cells:
-        check_cells_nonempty(empty, adata.obs_names, n_shown=3)
+    empty = _empty_cells(adata, covariates, layer, drop_empty_cells)
     perts = sorted(set(labels[~empty].tolist()) - {ctrl_label})
     check_has_perturbed(bool(perts), pert_col, ctrl_label)
     return dict(pert_col=pert_col, ctrl_label=ctrl_label, n_cells=int(adata.n_obs),
@@ -560,7 +571,8 @@ def _check_lfc_args(r: int | str, family: str, batch_size: int, n_ctrl: int | No
 
 
 def _read_screen(adata: Any, pert_col: str | None, ctrl_label: Any,
-                 covariates: list[str], layer: str | None, drop_empty_cells: bool) -> _Screen:
+                 covariates: list[str], layer: str | None, drop_empty_cells: bool,
+                 treatments: pd.DataFrame | None = None) -> _Screen:
     """Validate ``adata`` and build the model inputs, keeping the treatments sparse.
 
     Parameters
@@ -569,6 +581,8 @@ def _read_screen(adata: Any, pert_col: str | None, ctrl_label: Any,
         In memory, or backed (its counts then stay on disk, :mod:`causarray.ondisk`).
     pert_col, ctrl_label, covariates, layer, drop_empty_cells
         As for :func:`lfc`.
+    treatments : sparse-dtype DataFrame, optional
+        The treatments themselves (a guide screen's targets) instead of labels.
 
     Returns
     -------
@@ -579,7 +593,15 @@ def _read_screen(adata: Any, pert_col: str | None, ctrl_label: Any,
     from .preprocessing import from_anndata
 
     backed = bool(getattr(adata, "isbacked", False))
-    info = validate_screen(adata, pert_col, ctrl_label, covariates, layer, drop_empty_cells)
+    if treatments is None:
+        info = validate_screen(adata, pert_col, ctrl_label, covariates, layer,
+                               drop_empty_cells)
+    else:
+        empty = _empty_cells(adata, covariates, layer, drop_empty_cells)
+        untreated = np.asarray(treatments.sparse.to_coo().sum(axis=1)).ravel() == 0
+        info = dict(pert_col=None, ctrl_label=ctrl_label, n_cells=int(adata.n_obs),
+                    n_genes=int(adata.n_vars), n_control=int(np.sum(untreated & ~empty)),
+                    perturbations=[str(c) for c in treatments.columns])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="dropping .* cells with zero total count")
         if backed:      # counts stay on disk; each batch reads its rows (causarray.ondisk)
@@ -587,12 +609,12 @@ def _read_screen(adata: Any, pert_col: str | None, ctrl_label: Any,
 
             Y, A, X, X_A = open_screen(adata, info["pert_col"], info["ctrl_label"],
                                        covariates, layer, drop_empty_cells=drop_empty_cells,
-                                       sparse_treatments=True)
+                                       sparse_treatments=True, treatments=treatments)
         else:
             Y, A, X, X_A = from_anndata(adata, info["pert_col"], info["ctrl_label"],
                                         covariates, layer=layer,
                                         drop_empty_cells=drop_empty_cells,
-                                        sparse_treatments=True)
+                                        sparse_treatments=True, treatments=treatments)
     kept = pd.Index(A.index)
     if len(kept) < adata.n_obs:
         logger.warning("dropped %d cell(s) with zero total count", adata.n_obs - len(kept))
@@ -834,31 +856,26 @@ def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: l
                        layer: str | None, drop_empty_cells: bool) -> tuple[_Screen, Any]:
     """The counts and designs of a high-MOI screen, with the guide treatment columns.
 
-    The counts, ``X`` and ``X_A`` are read by :func:`_read_screen` through a temporary
-    label (a cell carries a targeting guide or not); the treatments are the targets'
-    pooled guides and the non-targeting guides (:func:`causarray.highmoi.treatment_columns`).
+    The treatments are the targets' pooled guides and the non-targeting guides
+    (:func:`causarray.highmoi.treatment_columns`), read with the counts by
+    :func:`_read_screen`; ``X`` gains the capture covariates (library size and genes
+    detected, docs/math.md#high-moi) unless ``moi_covariates`` is off.
     """
-    from .highmoi import treatment_columns
+    from .highmoi import MOI_COVARIATES, add_independent_columns, treatment_columns
 
     cols = treatment_columns(ga, g.min_target_cells)
-    tmp = "causarray_targeted"
-    n_t = adata.obs["n_targets"].to_numpy()
-    expr.obs[tmp] = np.where(n_t > 0, "targeted", g.nt_label)
-    try:
-        screen = _read_screen(expr, tmp, g.nt_label, covariates, layer, drop_empty_cells)
-    finally:
-        del expr.obs[tmp]
-    if g.moi_covariates:        # SCEPTRE's response library size: guide capture follows it
-        screen.X = np.hstack([screen.X, screen.X_A[:, -1:]])
-        screen.covariates = screen.covariates + ["log2_library_size"]
-    rows = adata.obs_names.get_indexer(screen.kept)
-    A_csc = sp.csc_matrix(cols.A[rows])
-    screen.A = pd.DataFrame.sparse.from_spmatrix(A_csc, index=screen.kept,
-                                                 columns=pd.Index(cols.names, dtype=object))
-    screen.A_csc = A_csc
-    screen.info = dict(screen.info, pert_col=None, ctrl_label=g.nt_label,
-                       perturbations=cols.targets,
-                       n_control=int(np.sum(n_t[rows] == 0)))
+    T = pd.DataFrame.sparse.from_spmatrix(cols.A, index=expr.obs_names,
+                                          columns=pd.Index(cols.names, dtype=object))
+    screen = _read_screen(expr, None, g.nt_label, covariates, layer, drop_empty_cells, T)
+    if g.moi_covariates:   # the MOI and capture covariates, each unless collinear
+        from .preprocessing import standardized_log_genes_detected
+
+        obs = expr.obs.loc[screen.kept]
+        extra = np.column_stack([obs[c].to_numpy(float) for c in MOI_COVARIATES]
+                                + [screen.X_A[:, -1], standardized_log_genes_detected(screen.Y)])
+        screen.X, kept = add_independent_columns(
+            screen.X, extra, list(MOI_COVARIATES) + ["log2_library_size", "log_genes_detected"])
+        screen.covariates = screen.covariates + kept
     return screen, cols
 
 
@@ -889,7 +906,7 @@ def _guide_screen(adata: Any, g: GuideOptions, covariates: list[str], layer: str
     None: stored) or return the high-MOI screen ``(screen, columns, assignment,
     control, lfc_kwargs)``."""
     from .guides import guide_assignment, infer_moi
-    from .highmoi import MOI_COVARIATES, positive_control_map, write_cell_statistics
+    from .highmoi import positive_control_map, write_cell_statistics
 
     ga, gene_cols = guide_assignment(adata, g.guides, g.guide_targets, g.nt_label,
                                      g.guide_assignment, g.guide_threshold,
@@ -909,8 +926,6 @@ def _guide_screen(adata: Any, g: GuideOptions, covariates: list[str], layer: str
         adata.uns[key]["settings"].update(_guide_settings(g, moi, control, ga, None))
         adata.uns[key].update(guides=ga.guide_table(), targets=ga.target_table())
         return None
-    if g.moi_covariates:
-        covariates = covariates + [c for c in MOI_COVARIATES if c not in covariates]
     expr = adata if gene_cols is None else adata[:, gene_cols]
     screen, cols = _read_guide_screen(adata, expr, ga, g, covariates, layer, drop_empty_cells)
     screen.genes = [str(v) for v in expr.var_names]
