@@ -8,6 +8,13 @@
 #   then prints pysceptre's version. Use it with
 #   VENV_DIR/bin/python benchmarks/highmoi_peers.py pysceptre DATA_DIR OUT.csv
 #
+# Recorded (2026-12-06): the `fetch` snapshot of broadinstitute/pysceptre was unavailable, so
+#   SRC_DIR was the PyPI sdist pysceptre-0.6.0.tar.gz (sha256 604d641f056227b5d1749b6a0c7314aa
+#   5951aab0a86fa230220aa0a2769c076f) unpacked to /tmp/peers/pysceptre-src; the sdist carries no
+#   git commit. Resulting env: python 3.11.7, pysceptre 0.6.0, numpy 2.4.6, scipy 1.17.1,
+#   pandas 3.1.1, numba 0.68.1, statsmodels 0.15.0, threadpoolctl 3.8.0.
+#   A tree with a `.git-commit` file (e.g. written next to a `git archive` export) has it printed.
+#
 # SRC_DIR may also be the literal `pypi`, which installs pysceptre==$PYSCEPTRE_VERSION
 # (default 0.6.0) straight from PyPI instead of from a local tree.
 #
