@@ -334,11 +334,15 @@ RULES = [
           "guide_threshold must be a positive integer number of UMIs, got 0"),
     _rule(V.check_nt_label, lambda: V.check_nt_label(""), ValueError,
           "nt_label must be a non-empty string, got ''"),
+    _rule(V.check_nt_guide_tests, lambda: V.check_nt_guide_tests("yes"), ValueError,
+          "nt_guide_tests must be True, False or 'required', got 'yes'"),
     _rule(V.check_nt_guides, lambda: V.check_nt_guides(0, "NT"), ValueError,
           "nt_label: no guide targets 'NT', and the calibration needs non-targeting guides; "
           "set nt_label to their target label, or switch the calibration off"),
     _rule(V.check_pairs, lambda: V.check_pairs(pd.DataFrame({"target": ["t"]})), ValueError,
           "pairs: the table needs columns 'target' and 'gene'; got ['target']"),
+    _rule(V.check_test_targets, lambda: V.check_test_targets("A,Z", ["A", "B"]), ValueError,
+          "test_targets: 1 name(s) are not targets of the screen: ['Z']"),
     _rule(V.check_cis_inputs, lambda: V.check_cis_inputs(False, True), ValueError,
           "pairs='cis' needs gene positions (var['chr'], var['tss'] or gene_positions=)"),
     # options

@@ -2424,6 +2424,13 @@ def check_nt_label(nt_label: Any) -> str:
     return nt_label
 
 
+def check_nt_guide_tests(value: Any) -> Any:
+    """``nt_guide_tests``: True, False or 'required'."""
+    if not (isinstance(value, (bool, np.bool_)) or value == "required"):
+        raise ValueError(f"nt_guide_tests must be True, False or 'required', got {value!r}")
+    return value
+
+
 def check_nt_guides(n_nt: int, nt_label: str) -> None:
     """The calibration of a guide screen needs non-targeting guides."""
     if n_nt == 0:
@@ -2449,6 +2456,23 @@ def check_pairs(pairs: Any) -> Any:
         return pairs
     raise TypeError(f"pairs must be 'all', 'cis' or a table of target,gene pairs; got "
                     f"{pairs!r}")
+
+
+def check_test_targets(targets: Any, known: list[str]) -> list[str]:
+    """``test_targets``: a list of targets (or a file with one per line, or a CSV with a
+    ``target`` column), each a target of the screen."""
+    if isinstance(targets, (str, Path)) and Path(targets).is_file():
+        df = pd.read_csv(targets, dtype=str)
+        targets = df["target"] if "target" in df.columns else \
+            [df.columns[0]] + df.iloc[:, 0].tolist()
+    elif isinstance(targets, str):
+        targets = [t for t in targets.split(",") if t]
+    names = [str(t) for t in targets]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"test_targets: {len(unknown)} name(s) are not targets of the "
+                         f"screen: {unknown[:_N_PREVIEW]}")
+    return names
 
 
 def check_cis_inputs(has_gene_pos: bool, has_target_pos: bool) -> None:

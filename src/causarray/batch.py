@@ -960,6 +960,7 @@ def _design(gk: dict, lk: dict, control: str, W_A) -> str:
     control = check_control(gk["control"])
     if control == "complement":
         check_no_mask_with_complement(lk.get("mask"))
+        lk.setdefault("variance_floor", "nb")      # small arms: docs/math.md#high-moi
     if gk["assignment"] == "randomized" and W_A is not None:
         logger.info("assignment='randomized': the propensity models use the observed "
                     "covariates X only (W_A, e.g. library size, is measured after the "

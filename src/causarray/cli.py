@@ -194,6 +194,9 @@ def _add_guide_options(p: argparse.ArgumentParser) -> None:
                         "the target) or a target,gene CSV")
     g.add_argument("--gene-positions", default=None, metavar="CSV",
                    help="gene,chr,tss table for --pairs cis (default var['chr'], var['tss'])")
+    g.add_argument("--test-targets", default=None, metavar="NAMES|FILE",
+                   help="test only these targets (comma-separated, or a file with one per "
+                        "line or a 'target' column): a slice of a large screen")
     g.add_argument("--cis-window", type=_positive_int, default=1_000_000,
                    help="bases between a target and a gene's TSS for --pairs cis "
                         "(default 1,000,000, Gasperini et al. 2019's window)")
@@ -206,7 +209,10 @@ def _guide_kwargs(args: argparse.Namespace) -> dict:
     return dict(guides=args.guides, guide_targets=args.guide_targets, nt_label=args.nt_label,
                 guide_threshold=args.guide_threshold, guide_assignment=args.guide_assignment,
                 moi=args.moi, control=args.control, pairs=args.pairs,
-                gene_positions=args.gene_positions, cis_window=args.cis_window)
+                gene_positions=args.gene_positions, cis_window=args.cis_window,
+                test_targets=args.test_targets,
+                nt_guide_tests={"on": "required", "off": False}.get(
+                    getattr(args, "calibration", "auto"), True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,7 +289,7 @@ def _teardown_logging() -> None:
     logger.setLevel(logging.NOTSET)
 
 
-def _read_h5ad(path: Path):
+def _read_h5ad(path: Path, backed: bool = True):
     import anndata as ad
 
     if not path.exists():
@@ -293,7 +299,7 @@ def _read_h5ad(path: Path):
     try:
         # backed: obs / var / uns in memory, the counts stay on disk and every batch
         # reads only its rows (causarray.ondisk)
-        return ad.read_h5ad(path, backed="r")
+        return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as err:  # anndata/h5py raise many types for unreadable files
         raise InputError(f"cannot read {path} as .h5ad: {_one_line(err)}") from err
 
@@ -327,12 +333,13 @@ _FLAG_PHRASES = (
     ("pairs must be", "--pairs must be"),
     ("pairs:", "--pairs:"),
     ("switch the calibration off", "pass --calibration off"),
+    ("test_targets:", "--test-targets:"),
 )
 #: Messages of ValueErrors raised by the computation that mean bad input (exit 3).
 _INPUT_PHRASES = ("r cannot be chosen automatically", "was written with different data",
                   "has no layer", "not in obs", "memory_budget must be",
                   "is (nearly) singular", "is too large: at most", "guides", "guide_targets",
-                  "nt_label", "pairs")
+                  "nt_label", "pairs", "test_targets")
 
 
 def _cli_message(text: str) -> str:
@@ -484,7 +491,9 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
         _read_h5ad(input_path)         # raises the missing-file error, creates nothing
     _check_writable(out)               # before reading the input or any model fit
     if adata is None:
-        adata = _read_h5ad(input_path)
+        # guide features inside the counts: their columns are split off in memory
+        adata = _read_h5ad(input_path,
+                           backed=getattr(args, "guides", None) != "feature_types")
     pert_col = getattr(args, "pert_col", None)
     ctrl_label = getattr(args, "ctrl_label", None)
     covariates = getattr(args, "covariates", [])

@@ -519,8 +519,11 @@ def weighted_df(b1: dict, b0: dict, eta_moments) -> np.ndarray:
 
 
 def _estimand_from_sums(b1: dict, b0: dict, opts: _AIPWOptions,
-                        info: _ChunkInformation | None = None, k: int = 0) -> dict:
-    """Means, LFC, variance, df and floor of one treatment for a chunk of genes."""
+                        info: _ChunkInformation | None = None, k: int = 0,
+                        alpha: np.ndarray | None = None) -> dict:
+    """Means, LFC, variance, df and floor of one treatment for a chunk of genes
+    (``alpha``: the outcome model's NB dispersion of the chunk's genes, for the NB
+    floor)."""
     thres_diff, usevar, n_params = opts.thres_diff, opts.usevar, opts.n_params
     in_sample, bias_correction = opts.in_sample, opts.bias_correction
     tot = _add_sums(b1, b0)
@@ -562,6 +565,9 @@ def _estimand_from_sums(b1: dict, b0: dict, opts: _AIPWOptions,
             extra = _nuisance_term(tot, info, k, n_k, a1, a0, es)
             var = var + np.where(est, extra, 0.0)
         floor = (b1["sinv"] / max(n1, 1) ** 2) / t1 + (b0["sinv"] / max(n0, 1) ** 2) / t0
+        if opts.variance_floor == "nb" and alpha is not None:
+            # NB arm means: Var(y/s)/tau^2 = 1/(s tau) + alpha (docs/math.md#variance)
+            floor = floor + alpha * (1.0 / max(n1, 1) + 1.0 / max(n0, 1))
         tau = np.log(t1 / t0)
         if bias_correction:
             # second-order delta method: E log(m) ≈ log E(m) - Var(m) / (2 m^2)
@@ -657,6 +663,8 @@ class _AIPWOptions:
     bias_correction : remove the second-order bias of the log of a ratio of means.
     nuisance_variance : add the outcome-model term of the variance where it applies
         (in-sample one-hot fits).
+    variance_floor : 'poisson' (the variance is at least that of Poisson arm means) or
+        'nb' (of NB arm means with the outcome model's dispersion; small arms).
     verbose : progress bar over the gene chunks.
     """
 
@@ -666,6 +674,7 @@ class _AIPWOptions:
     in_sample: bool = True
     bias_correction: bool = True
     nuisance_variance: bool = True
+    variance_floor: str = "poisson"
     verbose: bool = False
 
 
@@ -808,7 +817,8 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
                                     None if term is None else term.Ws[ctrl], Z, a)
         for k in range(a):
             b1, b0 = _arm_sums(y, mu0_raw, cm, cols, k, cells, R, term, controls, a)
-            res = _estimand_from_sums(b1, b0, opts, cinfo, k)
+            res = _estimand_from_sums(b1, b0, opts, cinfo, k,
+                                      None if cm.alpha is None else cm.alpha[cols])
             for key in _ESTIMAND_KEYS:
                 out[key][k, cols] = res[key]
             out["estimable"][k, cols] = res["estimable"]
@@ -1106,7 +1116,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         bias_correction: bool = True, recenter: bool = True, shift_variance=None,
         W_gene_folds=None, recenter_genes=None, targets="auto",
         ps_model: str = "logistic", eps_var=None, backend: str = "auto",
-        **kwargs):
+        variance_floor: str = "poisson", **kwargs):
     """Doubly robust log fold changes of every gene under every treatment.
 
     Parameters
@@ -1168,6 +1178,12 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     eps_var : deprecated and ignored, as in 0.1.1 (FutureWarning when given).
     backend : 'auto', 'fast' or 'original' (0.1.1's GLM engines); validated, all run this
         package's exact GLM (see :mod:`causarray._compat`).
+    variance_floor : 'poisson' (default) or 'nb': the variance of each LFC is at least
+        that of the two arm means of Poisson counts, or of NB counts with the outcome
+        model's dispersion (``docs/math.md#variance``).  The influence-function variance
+        of a small arm (a non-targeting guide's hundred cells in a high-MOI screen) is
+        itself noisy, and on heavy-tailed genes often far too small;
+        ``gcate_lfc_batch(control='complement')`` uses 'nb'.
     **kwargs : only the keywords of causarray 0.1.1's ``LFC`` listed in
         :data:`causarray._validation.LFC_COMPAT_KEYWORDS` (kept in the returned
         ``estimation``); any other name raises ``TypeError``.
@@ -1203,7 +1219,10 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     # 2. outcome model and the AIPW estimands of every gene and treatment
     opts = _AIPWOptions(thres_diff=thres_diff, usevar=usevar, n_params=W.shape[1] + 1,
                         in_sample=K == 1, bias_correction=bias_correction,
-                        nuisance_variance=nuisance_variance, verbose=verbose)
+                        nuisance_variance=nuisance_variance,
+                        variance_floor=check_choice("variance_floor", variance_floor,
+                                                    ("poisson", "nb")),
+                        verbose=verbose)
     cm, res = _outcome_and_estimands(Y, W, A, s, pi, log_s, fold, mask, opts, Y_hat=Y_hat,
                                      W_gene_folds=W_gene_folds, family=family,
                                      disp_glm=disp_glm, outcome_init=outcome_init,

@@ -82,13 +82,19 @@ def add_independent_columns(X: np.ndarray, extra: np.ndarray, names: list[str],
 
 
 def treatment_columns(ga: GuideAssignment, min_cells: int = MIN_TARGET_CELLS,
-                      negative_controls: bool = True) -> TreatmentColumns:
-    """Step 1: the tested targets (at least ``min_cells`` carriers) and, with
-    ``negative_controls``, one column per non-targeting guide."""
+                      negative_controls: bool = True,
+                      only: list[str] | None = None) -> TreatmentColumns:
+    """Step 1: the tested targets (at least ``min_cells`` carriers; with ``only``, of
+    those targets alone: a slice of a large screen) and, with ``negative_controls``,
+    one column per non-targeting guide.  Targets outside ``only`` stay in the cells'
+    background (their guides count in the MOI covariates) and are not reported."""
     T = ga.target_matrix()
     cells = np.asarray((T != 0).sum(axis=0)).ravel()
     names = np.asarray(ga.target_names, dtype=object)
     keep = cells >= min_cells
+    if only is not None:
+        chosen = np.isin(names, list(only))
+        cells, names, keep, T = cells[chosen], names[chosen], keep[chosen], T[:, chosen]
     untested = {str(t): int(c) for t, c in zip(names[~keep], cells[~keep])}
     if untested:
         logger.warning("%d target(s) carried by fewer than %d cells are not tested: %s",
@@ -171,15 +177,22 @@ def positive_control_map(uns: Any) -> dict[str, list[str]] | None:
 
 
 def restrict_pairs(table: pd.DataFrame, pairs: pd.DataFrame | None) -> pd.DataFrame:
-    """Step 3b: keep the requested pairs (and every positive-control pair), then BH over
-    one family of discovery pairs and one of positive-control (``on_target``) pairs.
-    With ``pairs=None`` the table is returned as it is (one family per target)."""
-    if pairs is None:
-        return table
-    key = table["trt"].astype(str) + "\x00" + table["gene_names"].astype(str)
-    want = set(pairs["target"].astype(str) + "\x00" + pairs["gene"].astype(str))
-    keep = key.isin(want).to_numpy() | table["on_target"].to_numpy(bool)
-    out = table.loc[keep].reset_index(drop=True)
+    """Step 3b: keep the requested pairs (all with ``pairs=None``, and every
+    positive-control pair), then BH over one family of discovery pairs and one of
+    positive-control (``on_target``) pairs.
+
+    One discovery family across the targets, as SCEPTRE adjusts its discovery pairs: an
+    enhancer screen tests thousands of targets, most with no effect and the others with
+    one or a few, so per-target families (the low-MOI default) would let every target
+    make its own false call, and the FDR over the screen's calls would be far above q
+    (measured on the high-MOI simulations, ``docs/math.md#high-moi``).
+    """
+    out = table
+    if pairs is not None:
+        key = table["trt"].astype(str) + "\x00" + table["gene_names"].astype(str)
+        want = set(pairs["target"].astype(str) + "\x00" + pairs["gene"].astype(str))
+        keep = key.isin(want).to_numpy() | table["on_target"].to_numpy(bool)
+        out = table.loc[keep].reset_index(drop=True)
     fam = np.full(len(out), "discovery", dtype=object)
     out["padj"] = family_bh(out["pvalue"].to_numpy(float), fam,
                             out["on_target"].to_numpy(bool))

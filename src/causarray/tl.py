@@ -790,6 +790,8 @@ class GuideOptions:
     cis_window: int = 1_000_000
     moi_covariates: bool = True
     min_target_cells: int = 7
+    test_targets: Any = None
+    nt_guide_tests: bool = True
 
 
 def _check_guide_options(g: GuideOptions) -> GuideOptions:
@@ -798,6 +800,7 @@ def _check_guide_options(g: GuideOptions) -> GuideOptions:
         MOI_CHOICES,
         check_choice,
         check_guide_threshold,
+        check_nt_guide_tests,
         check_nt_label,
         check_pairs,
     )
@@ -810,6 +813,7 @@ def _check_guide_options(g: GuideOptions) -> GuideOptions:
     check_positive_int("cis_window", g.cis_window)
     check_positive_int("min_target_cells", g.min_target_cells)
     check_nt_label(g.nt_label)
+    check_nt_guide_tests(g.nt_guide_tests)
     return GuideOptions(**{**g.__dict__, "pairs": check_pairs(g.pairs)})
 
 
@@ -822,7 +826,8 @@ def _guide_settings(g: GuideOptions, moi: str, control: str, ga, n_pairs: int | 
                 n_pairs_requested=n_pairs, cis_window=int(g.cis_window),
                 moi_covariates=bool(g.moi_covariates),
                 min_target_cells=int(g.min_target_cells), n_guides=int(ga.names.size),
-                n_nt_guides=int(ga.is_nt.sum()))
+                n_nt_guides=int(ga.is_nt.sum()),
+                test_targets=None if g.test_targets is None else "slice")
 
 
 def _lfc_low_moi(adata: Any, ga, g: GuideOptions, args: dict) -> Any:
@@ -863,7 +868,13 @@ def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: l
     """
     from .highmoi import MOI_COVARIATES, add_independent_columns, treatment_columns
 
-    cols = treatment_columns(ga, g.min_target_cells)
+    only = None
+    if g.test_targets is not None:
+        from ._validation import check_test_targets
+
+        only = check_test_targets(g.test_targets, ga.target_names)
+    cols = treatment_columns(ga, g.min_target_cells, negative_controls=bool(g.nt_guide_tests),
+                             only=only)
     T = pd.DataFrame.sparse.from_spmatrix(cols.A, index=expr.obs_names,
                                           columns=pd.Index(cols.names, dtype=object))
     screen = _read_screen(expr, None, g.nt_label, covariates, layer, drop_empty_cells, T)
@@ -879,17 +890,16 @@ def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: l
     return screen, cols
 
 
-def _finish_guide_results(adata: Any, results: pd.DataFrame, cols, ga,
-                          g: GuideOptions) -> dict:
+def _finish_guide_results(results: pd.DataFrame, cols, ga,
+                          pairs: pd.DataFrame | None) -> dict:
     """Split the negative controls off, restrict the pairs and build the guide tables."""
     from .calibration import nt_guide_calibration
-    from .highmoi import requested_pairs, restrict_pairs, split_negative_controls
+    from .highmoi import restrict_pairs, split_negative_controls
 
     table, negatives = split_negative_controls(results, cols.nt_guides)
-    pairs = requested_pairs(g.pairs, adata.var, adata.uns, g.gene_positions, g.cis_window)
     table = restrict_pairs(table, pairs)
     targets = ga.target_table()
-    targets["tested"] = ~targets["target"].isin(list(cols.untested))
+    targets["tested"] = targets["target"].isin(cols.targets)
     out: dict[str, Any] = dict(results=table, guides=ga.guide_table(), targets=targets,
                                negative_controls=negatives)
     if len(negatives):
@@ -927,11 +937,18 @@ def _guide_screen(adata: Any, g: GuideOptions, covariates: list[str], layer: str
         adata.uns[key].update(guides=ga.guide_table(), targets=ga.target_table())
         return None
     expr = adata if gene_cols is None else adata[:, gene_cols]
+    if g.nt_guide_tests == "required":             # the calibration needs them
+        from ._validation import check_nt_guides
+
+        check_nt_guides(int(ga.is_nt.sum()), g.nt_label)
+    from .highmoi import requested_pairs
+
+    pairs = requested_pairs(g.pairs, expr.var, adata.uns, g.gene_positions, g.cis_window)
     screen, cols = _read_guide_screen(adata, expr, ga, g, covariates, layer, drop_empty_cells)
     screen.genes = [str(v) for v in expr.var_names]
     lfc_kwargs = dict(args["lfc_kwargs"] or {})
     lfc_kwargs.setdefault("targets", positive_control_map(adata.uns) or "auto")
-    return screen, cols, ga, control, lfc_kwargs
+    return screen, cols, ga, control, lfc_kwargs, pairs
 
 
 def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
@@ -947,7 +964,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         guide_threshold: int = 5, guide_assignment: str = "threshold", moi: str = "auto",
         control: str = "auto", pairs: Any = "all", gene_positions: Any = None,
         cis_window: int = 1_000_000, moi_covariates: bool = True, min_target_cells: int = 7,
-        **kwargs) -> Any:
+        test_targets: Any = None, nt_guide_tests: bool = True, **kwargs) -> Any:
     """Causal log fold changes of every gene under every perturbation of an AnnData screen.
 
     In scanpy's manner: every option is keyword-only; the results are stored in
@@ -1052,6 +1069,14 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         needed).
     min_target_cells : int
         Targets carried by fewer cells are not tested (warned, ``targets['tested']``).
+    test_targets : list of str, comma-separated str or file, optional
+        Test these targets only (a slice of a large screen; the others stay in the
+        cells' background).
+    nt_guide_tests : bool or 'required'
+        Test every non-targeting guide against its complement (the high-MOI
+        calibration; ``causarray run --calibration off`` switches it off); 'required'
+        also stops, before any fit, when the screen has no non-targeting guide
+        (``--calibration on``).
     **kwargs
         Passed to :func:`causarray.batch.gcate_lfc_batch`.  An unknown keyword (here or
         in ``gcate_kwargs`` / ``lfc_kwargs``) raises ``TypeError``.
@@ -1068,9 +1093,9 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         perturbations <= :data:`PROPENSITY_TABLE_MAX`, the scores in
         ``adata.obsm[key_added + '_propensity']`` (else :func:`propensity_scores`).
     """
+    args = dict(locals())
     from .batch import gcate_lfc_batch
 
-    args = dict(locals())
     t_start = time.perf_counter()
     r_req = _check_lfc_args(r, family, batch_size, n_ctrl, max_cells, kwargs, gcate_kwargs,
                             lfc_kwargs)
@@ -1078,7 +1103,8 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     if guides is not None:
         gopt = _check_guide_options(GuideOptions(
             guides, guide_targets, nt_label, guide_threshold, guide_assignment, moi, control,
-            pairs, gene_positions, cis_window, moi_covariates, min_target_cells))
+            pairs, gene_positions, cis_window, moi_covariates, min_target_cells,
+            test_targets, nt_guide_tests))
     verbose = resolve_verbose(verbose)
     if copy:
         check_copy_in_memory(bool(getattr(adata, "isbacked", False)))
@@ -1092,7 +1118,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         guided = _guide_screen(adata, gopt, covariates, layer, drop_empty_cells, args)
         if guided is None:              # low MOI: the label route has stored everything
             return adata if copy else None
-        screen, cols, ga, control_used, lfc_kwargs = guided
+        screen, cols, ga, control_used, lfc_kwargs, pairs = guided
         propensity = False      # the per-label overlap summary assumes one label per cell
     p = screen.Y.shape[1]
     layout = _batch_layout(screen.A_csc, p, batch_size, n_ctrl, max_cells, memory_budget,
@@ -1115,7 +1141,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
 
     store: dict[str, Any] = dict(results=results.reset_index(drop=True), jic=df_r)
     if gopt is not None:
-        store.update(_finish_guide_results(adata, store["results"], cols, ga, gopt))
+        store.update(_finish_guide_results(store["results"], cols, ga, pairs))
     if propensity:
         store.update(_propensity(adata, screen.A_csc, list(screen.A.columns), screen.X_A,
                                  screen.kept, covariates, random_state, key_added))
