@@ -625,16 +625,8 @@ def test_bad_guide_input_through_tl(toy):
     assert "causarray" not in toy.uns
 
 
-def _cli(capsys, argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("causarray: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+from test_cli import _error_line  # noqa: E402  (tests/ is on sys.path)
+from test_cli import _run as _cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
