@@ -190,7 +190,7 @@ def test_results_path_writes_the_returned_table(problem, tmp_path):
         got = pd.read_parquet(out)
         pd.testing.assert_frame_equal(got, expected)
         assert got["on_target"].sum() == A.shape[1]
-    assert sorted(os.listdir(tmp_path)) == ["c.h5", "res.parquet"]   # no temporary left
+    assert sorted(os.listdir(tmp_path)) == ["c.h5", "res.parquet", "res.shift.csv"]   # no temporary left
     one = pd.read_parquet(out, filters=[("trt", "==", A.columns[0])])
     pd.testing.assert_frame_equal(one, expected[expected.trt == A.columns[0]]
                                   .reset_index(drop=True))

@@ -96,6 +96,13 @@ from .inference import adjust_target_families, bh_adjust, on_target_pairs
 
 logger = logging.getLogger("causarray")
 
+#: What each assignment model makes of a perturbation's shift of the latent state.
+DESIGN_READING = {
+    "randomized": "a shift of the cells' latent state beyond chance is the perturbation's "
+                  "effect and is kept",
+    "observational": "the whole shift of the latent state is confounding and is removed",
+}
+
 # columns of a non-estimable row (genes without counts, treatments without cells)
 _NON_ESTIMABLE = {"tau": np.nan, "std": np.nan, "log2fc": np.nan, "log2fc_se": np.nan,
                   "std_raw": np.nan}
@@ -558,6 +565,77 @@ def _lfc_from_gcate(kw: dict, res_2: dict, X: np.ndarray, a: int) -> None:
         kw.setdefault("outcome_size_at_init", True)
 
 
+def shift_summary(res_2: dict, d: int) -> dict:
+    """Per perturbation of a batch: what GCATE's stage 2 made of its latent shift.
+
+    ``d2`` and ``pvalue``: the chance-imbalance statistic and its p-value (NaN under
+    ``'observational'``); ``adjusted``: the shift was removed as confounding;
+    ``tau_change``: the median over genes of ``|gamma_j' alpha_k|``, how far the
+    adjustment moved the LFCs (0 when nothing was adjusted); ``agreement``: the cosine
+    between the perturbation's raw shift and the batch's mean shift (factors are
+    comparable only within a batch), for :func:`design_warning`.  Not called for a fit
+    without factors (r = 0: no shift).
+    """
+    alpha = np.asarray(res_2["alpha"], float)
+    a, r = alpha.shape
+    Gamma = np.asarray(res_2["B_Gamma"], float)[:, d + a:]
+    raw = np.asarray(res_2["alpha_hat"], float)
+    mean = raw.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        agree = raw @ mean / (np.linalg.norm(raw, axis=1) * np.linalg.norm(mean))
+    return dict(d2=np.asarray(res_2["shift_stat"], float),
+                pvalue=np.asarray(res_2["shift_pvalue"], float),
+                adjusted=np.asarray(res_2["shift_adjusted"], bool),
+                tau_change=np.median(np.abs(Gamma @ alpha.T), axis=0) if r else np.zeros(a),
+                agreement=np.nan_to_num(agree) if r else np.zeros(a))
+
+
+#: A randomized screen is flagged when more than this share of perturbations shift the
+#: latent state beyond chance (1 % expected): see design_warning.
+DESIGN_WARNING_SHARE = 0.5
+
+
+def shift_table(plans: list[BatchPlan], records: dict, trt_names: list) -> pd.DataFrame:
+    """One row per perturbation: ``trt, batch, d2, pvalue, adjusted, tau_change,
+    agreement`` from the batches' stored shift summaries (rows of perturbations without
+    cells, or of batches fitted without factors, are NaN / False)."""
+    rows = []
+    for pl in plans:
+        arr = records[pl.batch].arrays if pl.batch in records else {}
+        fitted = np.asarray(arr.get("shift_trt", np.zeros(0, int)), int)
+        pos = {int(j): i for i, j in enumerate(fitted)}      # position within the batch
+        for j, k in enumerate(pl.trt_idx):
+            i = pos.get(j)
+            rows.append(dict(
+                trt=trt_names[k], batch=pl.batch,
+                **{c: (arr[f"shift_{c}"][i] if i is not None else np.nan)
+                   for c in ("d2", "pvalue", "tau_change", "agreement")},
+                adjusted=bool(arr["shift_adjusted"][i]) if i is not None else False))
+    return pd.DataFrame(rows, columns=["trt", "batch", "d2", "pvalue", "adjusted",
+                                       "tau_change", "agreement"])
+
+
+def design_warning(shift: pd.DataFrame, assignment: str, level: float = 0.01) -> str | None:
+    """The warning of a randomized run whose perturbations mostly shift the latent state
+    beyond chance: under random assignment 1 % would, so most of them means selection on
+    cell state, or controls that differ from every perturbed cell (then the shifts share
+    a direction, which the message says).  None when the screen looks randomized."""
+    if assignment != "randomized" or shift.empty or shift["pvalue"].isna().all():
+        return None
+    beyond = shift["pvalue"] < level
+    if float(beyond.mean()) <= DESIGN_WARNING_SHARE:
+        return None
+    agree = float(shift.loc[beyond, "agreement"].median())
+    how = "in a common direction" if agree > DESIGN_WARNING_SHARE else "each its own way"
+    return (f"{int(beyond.sum())} of {len(shift)} perturbations shift the cells' latent state "
+            f"beyond chance (p < {level:g}; {level:.0%} expected under random assignment), "
+            f"{how} (median agreement {agree:.2f}): under assignment='randomized' these "
+            "shifts are kept as effects. If the perturbed cells were selected on their "
+            "state, or the controls differ from every perturbed cell (unassigned cells "
+            "rather than non-targeting ones), rerun with assignment='observational' "
+            "(--assignment observational)")
+
+
 def outcome_start(res_2: dict, d: int, a: int) -> np.ndarray | None:
     """GCATE's coefficients as a warm start of LFC's outcome GLM on ``[X | U | A]``.
 
@@ -678,7 +756,9 @@ def _fit_batch(job: _BatchJob) -> dict:
     out = dict(batch=job.batch, frame=frame, expressed=np.flatnonzero(expressed),
                fitted=np.flatnonzero(fitted), U_ctrl=U_ctrl, n_cells=n_cells,
                n_perts=int(job.A.shape[1]), t_gcate=t_gcate, t_read=t_read,
-               t_batch=time.perf_counter() - t0)
+               t_batch=time.perf_counter() - t0,
+               shift=None if res_2 is None or "alpha_hat" not in res_2
+               else shift_summary(res_2, job.X.shape[1]))
     if nuisances is not None:
         out["nuisances"] = nuisances
     if job.keep_fits:
@@ -961,6 +1041,10 @@ def _design(gk: dict, lk: dict, control: str, W_A) -> str:
     if control == "complement":
         check_no_mask_with_complement(lk.get("mask"))
         lk.setdefault("variance_floor", "nb")      # small arms: docs/math.md#high-moi
+    logger.info("design: assignment=%r (%s); each perturbation against %s", gk["assignment"],
+                DESIGN_READING[gk["assignment"]],
+                "the cells without it" if control == "complement"
+                else "the cells without any perturbation")
     if gk["assignment"] == "randomized" and W_A is not None:
         logger.info("assignment='randomized': the propensity models use the observed "
                     "covariates X only (W_A, e.g. library size, is measured after the "
@@ -1007,6 +1091,9 @@ def _batch_record(res: dict, warm_start_U: bool) -> BatchRecord:
     when the next batch warm-starts from them, and its sizes and timings."""
     arrays = {"U_ctrl": res["U_ctrl"]} if warm_start_U and res["U_ctrl"] is not None \
         else {}
+    if res.get("shift") is not None:
+        arrays.update({f"shift_{k}": np.asarray(v) for k, v in res["shift"].items()})
+        arrays["shift_trt"] = np.asarray(res["fitted"], np.int64)
     return BatchRecord(frame=res["frame"], arrays=arrays,
                        info=dict(n_cells=res["n_cells"], n_perts=res["n_perts"],
                                  t_gcate=round(res["t_gcate"], 3),
@@ -1102,11 +1189,17 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         (:func:`write_screen_table`) instead of being returned, so the memory of a
         run does not grow with the screen (the essential screen's table is 2.6 GiB, a
         genome-wide screen's about 13 GB).  Read it with ``pd.read_parquet`` (its
-        ``filters=[("trt", "in", [...])]`` reads chosen perturbations only).
+        ``filters=[("trt", "in", [...])]`` reads chosen perturbations only); the
+        per-perturbation shift table (see Returns) goes to ``<results_path stem>.shift.csv``.
 
     Returns
     -------
     DataFrame, or pathlib.Path with ``results_path``
+        ``attrs['shift']`` holds one row per perturbation (:func:`shift_table`: the
+        chance-imbalance statistic of its latent shift, its p-value, whether it was
+        adjusted, how far that moved the LFCs) and ``attrs['design_warning']`` the
+        message of :func:`design_warning` (None when the design looks right; it is also
+        logged).
         One row per (treatment, gene): the columns of :func:`causarray.LFC`, then
         ``trt`` and ``batch``; batches in order, index reset.  Genes without counts in
         a batch's cells are non-estimable rows (``tau``, ``std``, ``stat``, p-values
@@ -1185,7 +1278,24 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         cache.finalize(records)
     if nuis_path is not None:
         _warn_missing_nuisances(nuis_path, len(plans))
-    return _screen_table(plans, records, cache, data.Y.shape[1], targets, results_path)
+    return _finish_screen(plans, records, cache, data, gk["assignment"], targets,
+                          results_path)
+
+
+def _finish_screen(plans, records: dict, cache, data: _Inputs, assignment: str, targets,
+                   results_path):
+    """The screen's table (or its Parquet path) with the shift table and the design
+    warning (logged; in ``attrs``, or beside ``results_path`` as ``.shift.csv``)."""
+    shift = shift_table(plans, records, data.trt_names)
+    message = design_warning(shift, assignment)
+    if message:
+        logger.warning(message)
+    out = _screen_table(plans, records, cache, data.Y.shape[1], targets, results_path)
+    if isinstance(out, pd.DataFrame):
+        out.attrs.update(shift=shift, design_warning=message)
+    else:
+        shift.to_csv(Path(results_path).with_suffix(".shift.csv"), index=False)
+    return out
 
 
 def _nuisance_store(cache_path):

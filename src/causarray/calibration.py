@@ -509,7 +509,8 @@ def run_settings(adata: Any, key: str = "causarray", runner: Runner | None = Non
     -------
     dict
         The stored settings that are keyword arguments of ``runner``, without
-        ``pert_col``, ``ctrl_label``, ``cache_path`` and ``r_grid``; ``r`` is the r used;
+        ``pert_col``, ``ctrl_label``, ``cache_path``, ``r_grid`` and the guide options
+        (:class:`causarray.tl.GuideOptions`); ``r`` is the r used;
         ``drop_empty_cells=True`` when the run dropped cells without counts.
 
     Raises
@@ -523,7 +524,11 @@ def run_settings(adata: Any, key: str = "causarray", runner: Runner | None = Non
     check_run_settings(store, key)
     stored = dict(store["settings"])
     params = inspect.signature(_default_runner() if runner is None else runner).parameters
-    skip = {"pert_col", "ctrl_label", "cache_path", "r_grid", "client", "key_added"}
+    from .tl import GuideOptions
+
+    # the fake screens are labelled cells: a guide screen's guide options do not apply
+    skip = {"pert_col", "ctrl_label", "cache_path", "r_grid", "client", "key_added"} \
+        | set(GuideOptions.__dataclass_fields__)
     out = {k: v for k, v in stored.items() if k in params and k not in skip}
     if "r" in params and "r" in stored:
         out["r"] = int(stored["r"])

@@ -153,6 +153,11 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--calibration", choices=("auto", "on", "off"), default="auto",
                    help="calibration check on fake perturbations cut from the control cells "
                         "(auto: on with >= 1,000 control cells)")
+    g.add_argument("--assignment", choices=("randomized", "observational"),
+                   default="randomized",
+                   help="the design: randomized (CRISPR screens, default: a perturbation's "
+                        "shift of the cells' latent state beyond chance is its effect) or "
+                        "observational (case-control studies: the shift is confounding)")
     g.add_argument("--alpha", type=float, default=0.05,
                    help="FDR level for the discovery counts in plots and report (default 0.05)")
     if not demo:
@@ -418,6 +423,9 @@ def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool,
         figures["jic"] = lambda: pl.r_selection(store["jic"])
     if pl.has_propensity(adata):
         figures["propensity"] = lambda: pl.propensity(adata)
+    if store.get("shift") is not None:
+        store["shift"].to_csv(out / "shift.csv", index=False)
+        written["shift"] = out / "shift.csv"
     if "targets" in store and "n_guides" in adata.obs:     # a screen given as guides
         for name in ("guides", "targets", "negative_controls"):
             if store.get(name) is not None:
@@ -528,7 +536,8 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
                max_cells=args.max_cells, memory_budget=getattr(args, "memory_budget", "2GB"),
                cache_path=cache, client=client,
                random_state=args.seed, verbose=not args.quiet, r_grid=args.r_grid,
-               max_iters=args.max_iters, drop_empty_cells=drop_empty, **guide_kw)
+               max_iters=args.max_iters, drop_empty_cells=drop_empty,
+               assignment=getattr(args, "assignment", "randomized"), **guide_kw)
         calibration = _calibration(adata, args, client)
     except ValueError as err:
         msg = _one_line(err)

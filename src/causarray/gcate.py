@@ -711,7 +711,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
               offset=True, kwargs_ls_1=None, kwargs_ls_2=None, kwargs_es_1=None,
               kwargs_es_2=None, c1=None, A_init=None, random_state: int = 0,
               verbose: bool = False, renormalize: bool = True, backend: str = "auto",
-              assignment: str = "randomized", shift_level: float = 0.01,
+              assignment: str = "observational", shift_level: float = 0.01,
               pretreatment_u: bool = True, affected_z: float = 3.0,
               gene_folds: int | str = "auto", control: str = "non-targeting", **kwargs):
     """Estimate r latent confounders with the two-stage GCATE factor model.
@@ -743,8 +743,10 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
         factors in ``res_2['kwargs_glm']['size_factor']`` (on by default, together with
         ``LFC(recenter=True)``, which re-centres each perturbation's LFCs; switch both off
         for a perturbation that truly moves most genes one way, see ``docs/dr.md``).
-    assignment : 'randomized' (default; CRISPR screens, guides assigned at random) or
-        'observational' (case-control studies, any selection on cell state).  Decides
+    assignment : 'observational' (default: the published GCATE estimator, every shift of
+        the confounders between treated and control cells is confounding; case-control
+        studies) or 'randomized' (CRISPR screens, guides assigned at random; the screen
+        doors ``gcate_lfc_batch``, ``tl.lfc`` and ``causarray run`` default to it).  Decides
         which part of stage 2's treatment-linked shift is confounding (see
         :func:`decide_shifts` and ``docs/gcate.md``): under randomisation only a shift
         within chance imbalance is adjusted, a larger one is the perturbation's effect.
@@ -791,6 +793,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     """
     check_keywords("fit_gcate", kwargs, GCATE_COMPAT_KEYWORDS | parameter_names(fit_gcate))
     _check_options(assignment, control, shift_level, gene_folds, backend)
+    logger.debug("fit_gcate: assignment=%r, control=%r", assignment, control)
     Y, X, A = _check_inputs(Y, X, A, r, family)
     p = Y.shape[1]
     d, a = X.shape[1], A.shape[1]
@@ -852,7 +855,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     res_2.update(alpha=alpha, alpha_hat=alpha_hat, shift_cov=decision.cov,
                  shift_var=shift_variance(Gamma1r, decision.cov),
                  shift_stat=decision.statistic, shift_pvalue=decision.pvalue,
-                 assignment=assignment)
+                 shift_adjusted=decision.supported, assignment=assignment)
     if unaffected is not None:
         res_2["unaffected"] = unaffected
     if fold_U is not None:

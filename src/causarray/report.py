@@ -280,6 +280,33 @@ def _table(df: pd.DataFrame, float_format: str = "{:.3g}", sortable: bool = Fals
 # ----------------------------------------------------------------------------------
 # HTML
 # ----------------------------------------------------------------------------------
+def _shift_section(shift: pd.DataFrame, assignment: str | None, warning: str | None,
+                   top_n: int) -> str:
+    """The design section: the assignment model, what it made of each perturbation's
+    shift of the latent state, the perturbations shifted beyond chance."""
+    beyond = shift[shift["pvalue"] < 0.01].sort_values("pvalue", kind="mergesort")
+    parts = ["<h2 id='design'>Design and latent shifts</h2>",
+             f"<p>assignment = <b>{html.escape(str(assignment))}</b>. "
+             + ("Randomized (a CRISPR screen): a perturbation that moves the cells' latent "
+                "state beyond what chance imbalance allows keeps that movement in its "
+                "effects; a smaller shift is removed as chance imbalance."
+                if assignment == "randomized" else
+                "Observational (a case-control study): every shift of the latent state "
+                "between the perturbed and the control cells is confounding and removed.")
+             + f" {int(shift['adjusted'].sum())} of {len(shift)} perturbations were "
+             "adjusted.</p>"]
+    if warning:
+        parts.append(f"<p><b>Warning:</b> {html.escape(warning)}</p>")
+    if len(beyond):
+        parts.append("<p class='muted'>Shifted beyond chance (p &lt; 0.01). Read as "
+                     "randomized: the perturbation changes the cells' state (a programme), "
+                     "kept in its effects. Read as observational: its cells were selected "
+                     "on that state, which would be removed. <code>tau_change</code>: "
+                     "median |change| of the LFCs by the adjustment.</p>")
+        parts.append(_table(beyond.head(int(top_n))))
+    return "\n".join(parts)
+
+
 def _guide_section(guides: Mapping[str, Any], png: bytes | None, top_n: int) -> str:
     """The guide-assignment section of a screen given as guides: the design it ran
     under (MOI, control arm, assignment rule), guides per cell and cells per target."""
@@ -309,7 +336,8 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
                   propensity_summary: pd.DataFrame | None = None, alpha: float = 0.05,
                   padj_col: str = "padj", top_n: int = 20,
                   title: str = "causarray report", calibration: Any = None,
-                  guides: Mapping[str, Any] | None = None) -> str:
+                  guides: Mapping[str, Any] | None = None, shift: pd.DataFrame | None = None,
+                  design_warning: str | None = None) -> str:
     """HTML text of the report.
 
     Parameters
@@ -334,6 +362,9 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
     guides : mapping, optional
         A guide screen's ``settings`` and ``targets`` table: the guide-assignment
         section (with the ``'guide_assignment'`` image).
+    shift, design_warning : DataFrame and str, optional
+        The run's per-perturbation latent shifts (``adata.uns[key]['shift']``) and the
+        design warning: the design section.
 
     Returns
     -------
@@ -405,6 +436,9 @@ def render_report(results: pd.DataFrame, *, images: Mapping[str, bytes] | None =
                                 "outside_overlap_fraction") if c in propensity_summary.columns]
             least = propensity_summary.sort_values("overlap_ratio", kind="mergesort")
             parts.append(_table(least[cols].head(int(top_n))))
+    if shift is not None:
+        parts.append(_shift_section(shift, (settings or {}).get("assignment"), design_warning,
+                                    top_n))
     if guides is not None:
         parts.append(_guide_section(guides, images.get("guide_assignment"), top_n))
     if calibration is not None:
@@ -475,7 +509,8 @@ def write_report(data: Any, path: str | Path, *, images: Mapping[str, bytes] | N
             images["guide_assignment"] = figure_png(pl.guide_assignment(data, key=key))
     text = render_report(results, images=images, settings=store.get("settings"), jic=jic,
                          propensity_summary=summary, alpha=alpha, padj_col=padj_col,
-                         top_n=top_n, title=title, calibration=calibration, guides=guides)
+                         top_n=top_n, title=title, calibration=calibration, guides=guides,
+                         shift=store.get("shift"), design_warning=store.get("design_warning"))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")

@@ -54,6 +54,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._validation import (
+    check_assignment,
     check_propensity_models,
     check_treatments_known,
     check_cells_nonempty,
@@ -564,7 +565,8 @@ def _check_lfc_args(r: int | str, family: str, batch_size: int, n_ctrl: int | No
         check_positive_int(name, val, allow_none=True)
     own = {"Y", "X", "A", "r", "W_A", "batch_size", "max_cells", "n_ctrl", "family",
            "cache_path", "random_state", "verbose", "gcate_kwargs", "lfc_kwargs", "client",
-           "pert_col", "ctrl_label", "covariates", "layer", "drop_empty_cells", "control"}
+           "pert_col", "ctrl_label", "covariates", "layer", "drop_empty_cells", "control",
+           "assignment"}
     batch_names = parameter_names(gcate_lfc_batch) - own
     check_batch_keywords("lfc", kwargs, gcate_kwargs, lfc_kwargs, extra=batch_names)
     return r_req
@@ -769,7 +771,8 @@ def _lfc_settings(screen: _Screen, adata: Any, layout: dict, r_used: int, r_req:
         max_iters=opts["max_iters"], cache_path=None if cache_path is None else str(cache_path),
         dask=opts["client"] is not None, n_cells=int(n), n_cells_dropped=int(adata.n_obs - n),
         n_genes=int(p), n_perturbations=int(screen.A.shape[1]),
-        n_control=screen.info["n_control"], causarray_version=__version__,
+        n_control=screen.info["n_control"], assignment=opts["assignment"],
+        causarray_version=__version__,
         elapsed_s=round(time.perf_counter() - t_start, 3),
     )
 
@@ -929,7 +932,7 @@ def _guide_screen(adata: Any, g: GuideOptions, covariates: list[str], layer: str
                 "assignment=%r", moi, float(np.median(cells["n_guides"])),
                 "the cells without its guides" if control == "complement"
                 else "the cells without a targeting guide",
-                args["kwargs"].get("assignment", "randomized"))
+                args["assignment"])
     key = args["key_added"]
     if moi == "low":
         _lfc_low_moi(adata, ga, g, args)
@@ -964,7 +967,8 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         guide_threshold: int = 5, guide_assignment: str = "threshold", moi: str = "auto",
         control: str = "auto", pairs: Any = "all", gene_positions: Any = None,
         cis_window: int = 1_000_000, moi_covariates: bool = True, min_target_cells: int = 7,
-        test_targets: Any = None, nt_guide_tests: bool = True, **kwargs) -> Any:
+        test_targets: Any = None, nt_guide_tests: bool = True,
+        assignment: str = "randomized", **kwargs) -> Any:
     """Causal log fold changes of every gene under every perturbation of an AnnData screen.
 
     In scanpy's manner: every option is keyword-only; the results are stored in
@@ -1072,6 +1076,12 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     test_targets : list of str, comma-separated str or file, optional
         Test these targets only (a slice of a large screen; the others stay in the
         cells' background).
+    assignment : {'randomized', 'observational'}
+        The design (``docs/gcate.md``): 'randomized' (CRISPR screens: a perturbation's
+        shift of the cells' latent state beyond chance is kept as its effect, the
+        propensity models use the observed design) or 'observational' (case-control
+        studies: the whole shift is confounding and is removed).  Stored in
+        ``settings`` and the cache fingerprint, and logged in one line.
     nt_guide_tests : bool or 'required'
         Test every non-targeting guide against its complement (the high-MOI
         calibration; ``causarray run --calibration off`` switches it off); 'required'
@@ -1099,6 +1109,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     t_start = time.perf_counter()
     r_req = _check_lfc_args(r, family, batch_size, n_ctrl, max_cells, kwargs, gcate_kwargs,
                             lfc_kwargs)
+    check_assignment(assignment)
     gopt = None
     if guides is not None:
         gopt = _check_guide_options(GuideOptions(
@@ -1137,9 +1148,12 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
                               random_state=random_state, verbose=verbose,
                               gcate_kwargs=_gcate_options(gcate_kwargs, max_iters),
                               lfc_kwargs=lfc_kwargs, client=client, control=control_used,
-                              **kwargs)
+                              assignment=assignment, **kwargs)
 
-    store: dict[str, Any] = dict(results=results.reset_index(drop=True), jic=df_r)
+    shift = results.attrs.pop("shift", None)
+    warning = results.attrs.pop("design_warning", None)
+    store: dict[str, Any] = dict(results=results.reset_index(drop=True), jic=df_r,
+                                 shift=shift, design_warning=warning)
     if gopt is not None:
         store.update(_finish_guide_results(store["results"], cols, ga, pairs))
     if propensity:
@@ -1147,7 +1161,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
                                  screen.kept, covariates, random_state, key_added))
     opts = dict(layer=layer, family=family, memory_budget=memory_budget,
                 random_state=random_state, max_iters=max_iters, cache_path=cache_path,
-                client=client)
+                client=client, assignment=assignment)
     store["settings"] = _lfc_settings(screen, adata, layout, r_used, r_req, grid, opts, t_start)
     if gopt is not None:
         store["settings"].update(_guide_settings(gopt, "high", control_used, ga,
