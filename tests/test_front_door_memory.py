@@ -145,7 +145,9 @@ def test_tl_lfc_allocates_no_cells_by_perturbations_array(monkeypatch):
 
     def stub(Y, X, A, *args, **kwargs):
         calls.append((A.shape, sp.issparse(A.sparse.to_coo())))
-        return frame.copy()
+        shift = pd.DataFrame(columns=["trt", "batch", "d2", "pvalue", "adjusted",
+                                      "tau_change", "agreement"])
+        return (frame.copy(), shift) if kwargs.get("return_shift") else frame.copy()
 
     monkeypatch.setattr(bm, "gcate_lfc_batch", stub)
     assert n * n_perts > tl.PROPENSITY_TABLE_MAX      # no scores table is kept

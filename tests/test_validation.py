@@ -343,6 +343,19 @@ RULES = [
           "pairs: the table needs columns 'target' and 'gene'; got ['target']"),
     _rule(V.check_test_targets, lambda: V.check_test_targets("A,Z", ["A", "B"]), ValueError,
           "test_targets: 1 name(s) are not targets of the screen: ['Z']"),
+    _rule(V.check_donor_design, lambda: V.check_donor_design(
+        pd.Series([1, 1, 1], index=["a", "b", "c"]),
+        pd.Series(["ctrl", "ctrl", "case"], index=["a", "b", "c"]), "ctrl", "donor",
+        "status"), ValueError,
+          "condition_key: each arm needs at least 2 donors; donors per condition: "
+          "{'ctrl': 2, 'case': 1}"),
+    _rule(V.check_donor_covariates_constant, lambda: V.check_donor_covariates_constant(
+        pd.Series([1, 2], index=["a", "b"]), "age", "donor"), ValueError,
+          "covariates: 'age' varies within 1 donor(s) of obs['donor'] (['b']); the donor "
+          "route takes donor-level covariates only"),
+    _rule(V.check_donor_route, lambda: V.check_donor_route("status", None, None), ValueError,
+          "the donor route needs condition_key, control_condition and donor_key; missing: "
+          "control_condition, donor_key"),
     _rule(V.check_cis_inputs, lambda: V.check_cis_inputs(False, True), ValueError,
           "pairs='cis' needs gene positions (var['chr'], var['tss'] or gene_positions=)"),
     # options

@@ -2483,3 +2483,45 @@ def check_cis_inputs(has_gene_pos: bool, has_target_pos: bool) -> None:
                                 ("target positions (uns['target_table'] with target, chr, "
                                  "start, end)", has_target_pos)) if not ok]
         raise ValueError(f"pairs='cis' needs {' and '.join(what)}")
+
+
+# ----------------------------------------------------------------------------------
+# case-control studies (causarray.pseudobulk)
+# ----------------------------------------------------------------------------------
+def check_donor_design(n_conditions: pd.Series, condition: pd.Series, control: str,
+                       donor_key: str, condition_key: str) -> None:
+    """Every donor in one condition; at least two donors in the control arm and in each
+    other condition (``n_conditions``, ``condition``: per donor)."""
+    both = n_conditions.index[n_conditions.to_numpy() > 1]
+    if len(both):
+        raise ValueError(f"donor_key: {len(both)} donor(s) of obs[{donor_key!r}] appear in "
+                         f"more than one condition of obs[{condition_key!r}] "
+                         f"({[str(d) for d in both[:_N_PREVIEW]]}); a donor must belong "
+                         "to one arm")
+    counts = condition.value_counts()
+    small = {str(c): int(n) for c, n in counts.items() if n < 2}
+    if control not in counts.index:
+        small[control] = 0
+    if small or len(counts) < 2:
+        raise ValueError(f"condition_key: each arm needs at least 2 donors; donors per "
+                         f"condition: {dict((str(c), int(n)) for c, n in counts.items())}")
+
+
+def check_donor_covariates_constant(n_values: pd.Series, covariate: str,
+                                    donor_key: str) -> None:
+    """A donor-level covariate takes one value per donor."""
+    varying = n_values.index[n_values.to_numpy() > 1]
+    if len(varying):
+        raise ValueError(f"covariates: {covariate!r} varies within {len(varying)} donor(s) "
+                         f"of obs[{donor_key!r}] ({[str(d) for d in varying[:_N_PREVIEW]]}); "
+                         "the donor route takes donor-level covariates only")
+
+
+def check_donor_route(condition_key: Any, control_condition: Any, donor_key: Any) -> None:
+    """The donor route needs the condition, its control value and the donor."""
+    given = {"condition_key": condition_key, "control_condition": control_condition,
+             "donor_key": donor_key}
+    missing = [k for k, v in given.items() if v is None]
+    if missing and len(missing) < 3:
+        raise ValueError(f"the donor route needs condition_key, control_condition and "
+                         f"donor_key; missing: {', '.join(missing)}")

@@ -1111,7 +1111,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
                     save_nuisances: bool = False, pert_col: str | None = None,
                     ctrl_label=None, covariates=(), layer: str | None = None,
                     drop_empty_cells: bool = False, results_path=None,
-                    control: str = "non-targeting", **kwargs):
+                    control: str = "non-targeting", return_shift: bool = False, **kwargs):
     """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
@@ -1195,11 +1195,10 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     Returns
     -------
     DataFrame, or pathlib.Path with ``results_path``
-        ``attrs['shift']`` holds one row per perturbation (:func:`shift_table`: the
-        chance-imbalance statistic of its latent shift, its p-value, whether it was
-        adjusted, how far that moved the LFCs) and ``attrs['design_warning']`` the
-        message of :func:`design_warning` (None when the design looks right; it is also
-        logged).
+        With ``return_shift``, a pair ``(table, shift)``: one row per perturbation
+        (:func:`shift_table`: the chance-imbalance statistic of its latent shift, its
+        p-value, whether it was adjusted, how far that moved the LFCs).  The message of
+        :func:`design_warning` is logged when the design looks wrong.
         One row per (treatment, gene): the columns of :func:`causarray.LFC`, then
         ``trt`` and ``batch``; batches in order, index reset.  Genes without counts in
         a batch's cells are non-estimable rows (``tau``, ``std``, ``stat``, p-values
@@ -1278,24 +1277,23 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         cache.finalize(records)
     if nuis_path is not None:
         _warn_missing_nuisances(nuis_path, len(plans))
-    return _finish_screen(plans, records, cache, data, gk["assignment"], targets,
-                          results_path)
+    out, shift = _finish_screen(plans, records, cache, data, gk["assignment"], targets,
+                                results_path)
+    return (out, shift) if return_shift else out
 
 
 def _finish_screen(plans, records: dict, cache, data: _Inputs, assignment: str, targets,
                    results_path):
-    """The screen's table (or its Parquet path) with the shift table and the design
-    warning (logged; in ``attrs``, or beside ``results_path`` as ``.shift.csv``)."""
+    """The screen's table (or its Parquet path, with the shift table beside it as
+    ``.shift.csv``) and the shift table; the design warning is logged."""
     shift = shift_table(plans, records, data.trt_names)
     message = design_warning(shift, assignment)
     if message:
         logger.warning(message)
     out = _screen_table(plans, records, cache, data.Y.shape[1], targets, results_path)
-    if isinstance(out, pd.DataFrame):
-        out.attrs.update(shift=shift, design_warning=message)
-    else:
+    if results_path is not None:
         shift.to_csv(Path(results_path).with_suffix(".shift.csv"), index=False)
-    return out
+    return out, shift
 
 
 def _nuisance_store(cache_path):

@@ -154,14 +154,25 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="calibration check on fake perturbations cut from the control cells "
                         "(auto: on with >= 1,000 control cells)")
     g.add_argument("--assignment", choices=("randomized", "observational"),
-                   default="randomized",
-                   help="the design: randomized (CRISPR screens, default: a perturbation's "
-                        "shift of the cells' latent state beyond chance is its effect) or "
-                        "observational (case-control studies: the shift is confounding)")
+                   default=None,
+                   help="the design: randomized (CRISPR screens; the default: a "
+                        "perturbation's shift of the cells' latent state beyond chance is "
+                        "its effect) or observational (case-control studies, the default "
+                        "of --donor-key: the shift is confounding)")
     g.add_argument("--alpha", type=float, default=0.05,
                    help="FDR level for the discovery counts in plots and report (default 0.05)")
     if not demo:
         _add_guide_options(p)
+        c = p.add_argument_group("case-control studies: the donor route (docs/usage.md)")
+        c.add_argument("--condition-key", default=None,
+                       help="obs column with the condition (disease status) of each cell")
+        c.add_argument("--control-condition", default=None,
+                       help="the control value of --condition-key (e.g. healthy)")
+        c.add_argument("--donor-key", default=None,
+                       help="obs column with the donor of each cell: counts are summed per "
+                            "donor and donors are the units (assignment observational)")
+        c.add_argument("--groupby", default=None,
+                       help="obs column (e.g. cell type): one donor analysis per group")
     d = p.add_argument_group("parallel (optional, needs dask[distributed])")
     x = d.add_mutually_exclusive_group()
     x.add_argument("--dask-scheduler", metavar="ADDRESS", default=None,
@@ -339,12 +350,22 @@ _FLAG_PHRASES = (
     ("pairs:", "--pairs:"),
     ("switch the calibration off", "pass --calibration off"),
     ("test_targets:", "--test-targets:"),
+    ("condition_key:", "--condition-key:"),
+    ("donor_key:", "--donor-key:"),
+    ("covariates:", "--covariates:"),
+    ("the donor route needs condition_key, control_condition and donor_key",
+     "the donor route needs --condition-key, --control-condition and --donor-key"),
+    ("control_condition ", "--control-condition "),
+    ("condition_key ", "--condition-key "),
+    ("donor_key ", "--donor-key "),
+    ("groupby ", "--groupby "),
 )
 #: Messages of ValueErrors raised by the computation that mean bad input (exit 3).
 _INPUT_PHRASES = ("r cannot be chosen automatically", "was written with different data",
                   "has no layer", "not in obs", "memory_budget must be",
                   "is (nearly) singular", "is too large: at most", "guides", "guide_targets",
-                  "nt_label", "pairs", "test_targets")
+                  "nt_label", "pairs", "test_targets", "condition_key", "donor_key",
+                  "control_condition", "donor route", "groupby", "covariates:")
 
 
 def _cli_message(text: str) -> str:
@@ -426,6 +447,12 @@ def _write_outputs(adata: Any, out: Path, alpha: float, quiet: bool,
     if store.get("shift") is not None:
         store["shift"].to_csv(out / "shift.csv", index=False)
         written["shift"] = out / "shift.csv"
+    if store.get("donors"):
+        import pandas as pd
+
+        pd.concat([t.assign(group=g) for g, t in store["donors"].items()]).to_csv(
+            out / "donors.csv")
+        written["donors"] = out / "donors.csv"
     if "targets" in store and "n_guides" in adata.obs:     # a screen given as guides
         for name in ("guides", "targets", "negative_controls"):
             if store.get(name) is not None:
@@ -471,6 +498,10 @@ def _calibration(adata: Any, args: argparse.Namespace, client: Any) -> Any:
     mode = getattr(args, "calibration", "auto")
     store = adata.uns["causarray"]
     settings = store["settings"]
+    if settings.get("route") == "donor":     # fake perturbations are cut from cells
+        logging.getLogger("causarray").info(
+            "calibration: not on the donor route (the donors are the units)")
+        return None
     if settings.get("moi") == "high":
         negatives = store.get("negative_controls")
         if mode == "off":
@@ -508,9 +539,12 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
     layer = getattr(args, "layer", None)
     drop_empty = getattr(args, "drop_empty_cells", False)
     guide_kw = _guide_kwargs(args)
+    donor_kw = {k: getattr(args, k, None) for k in
+                ("condition_key", "control_condition", "donor_key", "groupby")}
+    donor_kw = donor_kw if any(v is not None for v in donor_kw.values()) else {}
     try:
         info = _screen_info(tl, adata, pert_col, ctrl_label, covariates, layer, drop_empty,
-                            bool(guide_kw))
+                            bool(guide_kw) or bool(donor_kw))
     except ValueError as err:
         raise InputError(_cli_message(_one_line(err))) from err
     cache = out / "cache.h5"
@@ -523,6 +557,7 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
         shutil.rmtree(parts, ignore_errors=True)
     log.info("%s: %d cells x %d genes, %s", input_path, info["n_cells"], info["n_genes"],
              f"guides from {guide_kw['guides']}" if guide_kw else
+             f"donors in obs[{donor_kw['donor_key']!r}]" if donor_kw else
              f"{len(info['perturbations'])} perturbations, {info['n_control']} control cells")
     if cache.exists() or parts.exists():
         log.info("resuming from the cache in %s", out)
@@ -537,7 +572,7 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
                cache_path=cache, client=client,
                random_state=args.seed, verbose=not args.quiet, r_grid=args.r_grid,
                max_iters=args.max_iters, drop_empty_cells=drop_empty,
-               assignment=getattr(args, "assignment", "randomized"), **guide_kw)
+               assignment=getattr(args, "assignment", None), **guide_kw, **donor_kw)
         calibration = _calibration(adata, args, client)
     except ValueError as err:
         msg = _one_line(err)

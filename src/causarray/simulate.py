@@ -546,3 +546,214 @@ def _highmoi_truth(targets: list[str], grnas: list[str], grna_target: list[str],
             "target_type": {t: ("tss" if f else "enhancer") for t, f in zip(targets, is_tss)},
             "true_effects": effects, "positive_control_pairs": controls,
             "ctrl_label": CTRL_LABEL, "layout": HIGHMOI_LAYOUT}
+
+
+# ----------------------------------------------------------------------------------
+# case-control donor studies
+# ----------------------------------------------------------------------------------
+#: Entries (cells x genes) simulated densely at a time by :func:`simulate_case_control`.
+_CC_BLOCK_ENTRIES = 1 << 22
+
+
+def simulate_case_control(n_donors: tuple[int, int] = (15, 15),
+                          cells_per_donor: tuple[int, int] = (100, 300), n_genes: int = 500,
+                          n_cell_types: int = 1, effect_frac: float = 0.05,
+                          effect_size: tuple[float, float] = (0.5, 1.0), donor_sd: float = 0.3,
+                          trait_confounding: float = 0.0, null: bool = False,
+                          shuffle_labels: bool = False, trait_loading_sd: float = 0.5,
+                          covariate_sd: float = 0.2, baseline_mean: float = -1.0,
+                          baseline_sd: float = 1.5, cell_type_sd: float = 0.5,
+                          size: float | tuple[float, float] = (2.0, 20.0),
+                          libsize_sd: float = 0.3, depth_sd: float = 0.2,
+                          random_state: int = 0):
+    """Simulate a case-control single-cell study (cells nested in donors) with ground truth.
+
+    Model, for donor d, cell type k, gene j and cell i of donor d(i) and type k(i)::
+
+        t_d        ~ N(0, 1)                                 unrecorded donor trait
+        case_d     ~ Bernoulli(logistic(trait_confounding t_d)), conditioned on exactly
+                     n_donors = (controls, cases) donors per arm
+        sex_d      ~ Bernoulli(1/2) ('F'/'M');  age_d ~ N(60, 10^2)   recorded covariates
+        e_dkj      ~ N(0, donor_sd^2)                         donor x gene noise
+        log m_dkj  = b_jk + sex_d c_j + (age_d - 60)/10 a_j + t_d g_j + e_dkj
+                     + case_d beta_jk                         donor-level log mean
+        log s_i    = N(0, depth_sd^2) (one per donor) + N(0, libsize_sd^2)   cell size
+        y_ij       ~ NB(s_i m_{d(i)k(i)j}, size_j)
+
+    with ``b_jk = b_j + N(0, cell_type_sd^2)`` (``b_j ~ N(baseline_mean, baseline_sd^2)``
+    floored at -4.5), ``c_j, a_j ~ N(0, covariate_sd^2)``, ``g_j ~ N(0,
+    trait_loading_sd^2)`` and NB sizes log-uniform on ``size``.  Each donor has
+    ``U(cells_per_donor)`` cells (inclusive), typed by donor-specific proportions
+    ``Dirichlet(5, ..., 5)``.  For each cell type, ``round(effect_frac n_genes)`` random
+    genes have ``|beta_jk| ~ U(effect_size)`` with a random sign (natural log).
+
+    The donor noise ``e`` and trait ``t`` are shared by all cells of a donor, so cells are
+    not independent replicates: a cell-level test counts each donor difference hundreds
+    of times.  With ``trait_confounding`` > 0 cases have higher traits, and the trait
+    moves every gene: condition is confounded with a latent donor factor.
+
+    Parameters
+    ----------
+    n_donors : (controls, cases) numbers of donors.
+    cells_per_donor : (low, high) range of cells per donor.
+    n_genes, n_cell_types : genes and cell types.
+    effect_frac, effect_size : share of affected genes per cell type; range of |beta|.
+    donor_sd : SD of the donor x gene (x cell type) log-normal noise.
+    trait_confounding : slope of the case log-odds in the unrecorded trait (0: none).
+    null : if True no gene has an effect (beta = 0).
+    shuffle_labels : if True the condition labels are permuted across donors after the
+        counts are drawn (a null whose only differences are donor noise).
+    trait_loading_sd, covariate_sd : SDs of the genes' trait, sex and age loadings.
+    baseline_mean, baseline_sd, cell_type_sd : laws of the baseline log means.
+    size : NB size, a scalar or a (low, high) range drawn log-uniformly per gene.
+    libsize_sd, depth_sd : SDs of the log cell size within a donor and of the donor's
+        log sequencing depth.
+    random_state : seed.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``X`` raw counts (CSR int64, cells x genes); ``obs`` with ``donor`` (categorical,
+        ``'D001'`` ...), ``condition`` (``'control'``/``'case'``), ``cell_type``
+        (``'CT1'`` ...), ``sex``, ``age`` and ``size_factor_true``; ``var`` with
+        ``baseline_log_mean``, ``size_true``, ``trait_loading_true``;
+        ``uns['true_lfc']`` (DataFrame gene, cell_type, lfc: the true case-vs-control log
+        fold change, natural log, one row per gene and cell type; all 0 when ``null`` or
+        ``shuffle_labels``); ``uns['donor_trait']`` (DataFrame indexed by donor: ``trait``,
+        ``condition`` as recorded, ``condition_simulated`` before any shuffle);
+        ``uns['condition_key']`` ``'condition'``, ``uns['control_condition']``
+        ``'control'``, ``uns['donor_key']`` ``'donor'``; ``uns['simulation']`` (settings).
+    """
+    n_ctrl, n_case = (int(v) for v in n_donors)
+    lo, hi = (int(v) for v in cells_per_donor)
+    check_all_at_least_one(n_genes=n_genes, n_cell_types=n_cell_types, cells_per_donor=lo)
+    check_at_least("controls in n_donors", n_ctrl, 2, integer=True)
+    check_at_least("cases in n_donors", n_case, 2, integer=True)
+    check_at_least("cells_per_donor high - low", hi - lo, 0)
+    for name, value in (("effect_frac", effect_frac), ("1 - effect_frac", 1 - effect_frac),
+                        ("donor_sd", donor_sd), ("trait_loading_sd", trait_loading_sd),
+                        ("covariate_sd", covariate_sd), ("libsize_sd", libsize_sd),
+                        ("depth_sd", depth_sd), ("cell_type_sd", cell_type_sd)):
+        check_at_least(name, value, 0)
+    rng = np.random.default_rng(random_state)
+    trait, case = _cc_donors(rng, n_ctrl, n_case, trait_confounding)
+    D = trait.size
+    sex = rng.integers(0, 2, D)
+    age = rng.normal(60.0, 10.0, D)
+    genes = _cc_genes(rng, n_genes, n_cell_types, baseline_mean, baseline_sd, cell_type_sd,
+                      covariate_sd, trait_loading_sd, size)
+    beta = np.zeros((n_cell_types, n_genes))
+    if not null:
+        n_eff = round(effect_frac * n_genes)
+        for k in range(n_cell_types):
+            idx = rng.choice(n_genes, n_eff, replace=False)
+            beta[k, idx] = rng.uniform(*effect_size, n_eff) * rng.choice([-1.0, 1.0], n_eff)
+    # donor x type x gene log means
+    log_m = (genes["b"][None, :, :] + (sex[:, None] * genes["sex"])[:, None, :]
+             + (((age - 60.0) / 10.0)[:, None] * genes["age"])[:, None, :]
+             + (trait[:, None] * genes["trait"])[:, None, :]
+             + rng.normal(0.0, donor_sd, (D, n_cell_types, n_genes))
+             + case[:, None, None] * beta[None, :, :])
+    n_cells = rng.integers(lo, hi + 1, D)
+    donor = np.repeat(np.arange(D), n_cells)
+    props = rng.dirichlet(np.full(n_cell_types, 5.0), D)
+    ctype = (rng.random(donor.size)[:, None] > np.cumsum(props, axis=1)[donor, :-1]).sum(1)
+    log_s = rng.normal(0.0, depth_sd, D)[donor] + rng.normal(0.0, libsize_sd, donor.size)
+    counts = _cc_counts(rng, log_m, donor, ctype, log_s, genes["size"])
+    recorded = rng.permutation(case) if shuffle_labels else case
+    if shuffle_labels:
+        beta[:] = 0.0
+    settings = {"n_donors": [n_ctrl, n_case], "cells_per_donor": [lo, hi], "n_genes": n_genes,
+                "n_cell_types": n_cell_types, "effect_frac": effect_frac,
+                "effect_size": list(effect_size), "donor_sd": donor_sd,
+                "trait_confounding": trait_confounding, "null": null,
+                "shuffle_labels": shuffle_labels, "random_state": random_state}
+    return _cc_anndata(counts, genes, donor, ctype, log_s, recorded, case, sex, age, trait,
+                       beta, settings)
+
+
+def _cc_donors(rng: np.random.Generator, n_ctrl: int, n_case: int,
+               trait_confounding: float) -> tuple[np.ndarray, np.ndarray]:
+    """Traits and 0/1 case status of ``n_ctrl + n_case`` donors, in draw order.
+
+    Donors are drawn as t ~ N(0, 1), case ~ Bernoulli(logistic(trait_confounding t)) until
+    both arms are full; the first ``n_ctrl`` controls and ``n_case`` cases are kept, so
+    the traits follow their law conditional on the status.
+    """
+    ts, cs = [], []
+    n_c = n_t = 0
+    while n_c < n_ctrl or n_t < n_case:
+        t = rng.normal(size=4 * (n_ctrl + n_case))
+        c = rng.random(t.size) < 1.0 / (1.0 + np.exp(-trait_confounding * t))
+        ts.append(t)
+        cs.append(c)
+        n_c, n_t = n_c + int((~c).sum()), n_t + int(c.sum())
+    t, c = np.concatenate(ts), np.concatenate(cs)
+    keep = np.sort(np.concatenate([np.flatnonzero(~c)[:n_ctrl], np.flatnonzero(c)[:n_case]]))
+    return t[keep], c[keep].astype(np.float64)
+
+
+def _cc_genes(rng: np.random.Generator, n_genes: int, n_types: int, baseline_mean: float,
+              baseline_sd: float, cell_type_sd: float, covariate_sd: float,
+              trait_loading_sd: float, size: float | tuple[float, float]) -> dict:
+    """Per-gene laws: baselines ``b`` (types x genes), sex, age and trait loadings, NB size."""
+    b0 = np.maximum(rng.normal(baseline_mean, baseline_sd, n_genes), -4.5)
+    b = b0[None, :] + (rng.normal(0.0, cell_type_sd, (n_types, n_genes)) if n_types > 1
+                       else np.zeros((1, n_genes)))
+    if np.isscalar(size):
+        sizes = np.full(n_genes, float(size))
+    else:
+        sizes = np.exp(rng.uniform(np.log(size[0]), np.log(size[1]), n_genes))
+    return {"b0": b0, "b": b, "sex": rng.normal(0.0, covariate_sd, n_genes),
+            "age": rng.normal(0.0, covariate_sd, n_genes),
+            "trait": rng.normal(0.0, trait_loading_sd, n_genes), "size": sizes}
+
+
+def _cc_counts(rng: np.random.Generator, log_m: np.ndarray, donor: np.ndarray,
+               ctype: np.ndarray, log_s: np.ndarray, sizes: np.ndarray) -> sp.csr_matrix:
+    """NB counts (CSR int64) with mean exp(log_s_i + log_m[donor_i, type_i]), drawn in
+    blocks of cells so that no more than ``_CC_BLOCK_ENTRIES`` entries are dense."""
+    p = sizes.size
+    step = max(1, _CC_BLOCK_ENTRIES // p)
+    blocks = []
+    for a in range(0, donor.size, step):
+        eta = log_m[donor[a:a + step], ctype[a:a + step]] + log_s[a:a + step, None]
+        mu = np.exp(np.clip(eta, -30, 12))
+        y = rng.negative_binomial(sizes[None, :], sizes[None, :] / (sizes[None, :] + mu))
+        blocks.append(sp.csr_matrix(y.astype(np.int64)))
+    return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, p), dtype=np.int64)
+
+
+def _cc_anndata(counts: sp.csr_matrix, genes: dict, donor: np.ndarray, ctype: np.ndarray,
+                log_s: np.ndarray, recorded: np.ndarray, case: np.ndarray, sex: np.ndarray,
+                age: np.ndarray, trait: np.ndarray, beta: np.ndarray, settings: dict):
+    """The AnnData of a case-control simulation: counts, obs, var and the truth."""
+    import anndata as ad
+
+    D, (n_types, p) = trait.size, beta.shape
+    names = np.array([f"D{d + 1:03d}" for d in range(D)], dtype=object)
+    types = [f"CT{k + 1}" for k in range(n_types)]
+    label = np.array(["control", "case"], dtype=object)
+    obs = pd.DataFrame({
+        "donor": pd.Categorical(names[donor], categories=list(names)),
+        "condition": pd.Categorical(label[recorded.astype(int)[donor]],
+                                    categories=["control", "case"]),
+        "cell_type": pd.Categorical(np.array(types, dtype=object)[ctype], categories=types),
+        "sex": pd.Categorical(np.array(["F", "M"], dtype=object)[sex[donor]],
+                              categories=["F", "M"]),
+        "age": age[donor], "size_factor_true": np.exp(log_s)},
+        index=[f"cell{i:06d}" for i in range(donor.size)])
+    gene_names = [f"GENE{j:05d}" for j in range(p)]
+    var = pd.DataFrame({"baseline_log_mean": genes["b0"], "size_true": genes["size"],
+                        "trait_loading_true": genes["trait"]}, index=gene_names)
+    adata = ad.AnnData(X=counts, obs=obs, var=var)
+    adata.uns["true_lfc"] = pd.DataFrame({"gene": np.tile(gene_names, n_types),
+                                          "cell_type": np.repeat(types, p),
+                                          "lfc": beta.ravel()})
+    adata.uns["donor_trait"] = pd.DataFrame(
+        {"trait": trait, "condition": label[recorded.astype(int)].astype(str),
+         "condition_simulated": label[case.astype(int)].astype(str)},
+        index=pd.Index(names.astype(str), name="donor"))
+    adata.uns.update({"condition_key": "condition", "control_condition": "control",
+                      "donor_key": "donor", "simulation": settings})
+    return adata

@@ -55,6 +55,8 @@ import scipy.sparse as sp
 
 from ._validation import (
     check_assignment,
+    check_donor_route,
+    check_obs_column,
     check_propensity_models,
     check_treatments_known,
     check_cells_nonempty,
@@ -566,7 +568,7 @@ def _check_lfc_args(r: int | str, family: str, batch_size: int, n_ctrl: int | No
     own = {"Y", "X", "A", "r", "W_A", "batch_size", "max_cells", "n_ctrl", "family",
            "cache_path", "random_state", "verbose", "gcate_kwargs", "lfc_kwargs", "client",
            "pert_col", "ctrl_label", "covariates", "layer", "drop_empty_cells", "control",
-           "assignment"}
+           "assignment", "return_shift"}
     batch_names = parameter_names(gcate_lfc_batch) - own
     check_batch_keywords("lfc", kwargs, gcate_kwargs, lfc_kwargs, extra=batch_names)
     return r_req
@@ -954,6 +956,94 @@ def _guide_screen(adata: Any, g: GuideOptions, covariates: list[str], layer: str
     return screen, cols, ga, control, lfc_kwargs, pairs
 
 
+#: obs columns that name the donor (sample, individual) of a cell: a cell-level run on a
+#: screen whose labels are constant within one of them is warned about.
+DONOR_COLUMNS = ("donor", "donor_id", "individual", "patient", "patient_id", "subject",
+                 "subject_id", "sample", "sample_id")
+
+
+def _warn_cell_level_donors(obs: pd.DataFrame, pert_col: str) -> None:
+    """Warn when the labels are constant within the levels of a donor-like column: cells
+    of one donor are not independent, and a cell-level test counts every donor
+    difference once per cell."""
+    labels = obs[pert_col].astype(str)
+    for col in DONOR_COLUMNS:
+        if col not in obs.columns or col == pert_col:
+            continue
+        donors = obs[col].astype(str)
+        n_levels = donors.nunique()
+        if 4 <= n_levels <= len(obs) / 10 and \
+                int(pd.DataFrame({"d": donors, "l": labels}).groupby("d")["l"].nunique().max()) == 1:
+            message = (f"the labels of obs[{pert_col!r}] are constant within each of the "
+                       f"{n_levels} levels of obs[{col!r}]: cells of one donor are not "
+                       "independent and a cell-level test calls donor differences; use the "
+                       f"donor route: tl.lfc(adata, condition_key={pert_col!r}, "
+                       f"control_condition=..., donor_key={col!r}) or causarray run "
+                       f"--condition-key {pert_col} --control-condition ... --donor-key {col}")
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
+            return
+
+
+def _check_route(args: dict) -> GuideOptions | None:
+    """The design options of :func:`lfc` (``args``: its arguments), checked before any
+    data is read: the assignment, the donor route's keys, and the guide options (returned
+    as :class:`GuideOptions` when ``guides`` is given)."""
+    if args["assignment"] is not None:
+        check_assignment(args["assignment"])
+    check_donor_route(args["condition_key"], args["control_condition"], args["donor_key"])
+    if args["guides"] is None:
+        return None
+    return _check_guide_options(GuideOptions(
+        **{k: args[k] for k in GuideOptions.__dataclass_fields__}))
+
+
+def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
+    """The donor route: per group (or once), the donors' pseudobulk through the label
+    route; the groups' tables stacked (``group`` column) into ``adata.uns[key_added]``."""
+    from .pseudobulk import pseudobulk
+
+    key, groupby = args["key_added"], args["groupby"]
+    assignment = args["assignment"] or "observational"
+    groups: list = [None]
+    if groupby is not None:
+        check_obs_column("groupby", groupby, adata.obs)
+        groups = sorted(adata.obs[groupby].astype(str).unique())
+    skip = set(GuideOptions.__dataclass_fields__) | {
+        "adata", "copy", "kwargs", "condition_key", "control_condition", "donor_key",
+        "groupby", "pert_col", "ctrl_label", "covariates", "layer", "cache_path",
+        "assignment"}
+    run = {k: v for k, v in args.items() if k not in skip}
+    run.update(args["kwargs"], assignment=assignment, copy=False, layer=None)
+    logger.info("donor route: %s vs %s in obs[%r], donors obs[%r]%s, assignment=%r",
+                "other conditions", args["control_condition"], args["condition_key"],
+                args["donor_key"], "" if groupby is None else f", per obs[{groupby!r}]",
+                assignment)
+    tables, shifts, donors, settings = [], [], {}, None
+    for grp in groups:
+        cells = None if grp is None else \
+            np.flatnonzero(adata.obs[groupby].astype(str).to_numpy() == grp)
+        pb = pseudobulk(adata, args["condition_key"], args["control_condition"],
+                        args["donor_key"], covariates, args["layer"], cells)
+        cache = args["cache_path"]
+        lfc(pb, pert_col=args["condition_key"], ctrl_label=str(args["control_condition"]),
+            covariates=covariates,
+            cache_path=None if cache is None else f"{cache}.{grp or 'all'}.h5", **run)
+        st = pb.uns[key]
+        tables.append(st["results"] if grp is None else st["results"].assign(group=grp))
+        if st.get("shift") is not None:
+            shifts.append(st["shift"] if grp is None else st["shift"].assign(group=grp))
+        donors[grp or "all"] = pb.obs.copy()
+        settings = settings or dict(st["settings"])
+    settings.update(route="donor", condition_key=args["condition_key"],
+                    control_condition=str(args["control_condition"]),
+                    donor_key=args["donor_key"], groupby=groupby,
+                    n_donors=int(len(donors[groups[0] or "all"])), assignment=assignment)
+    adata.uns[key] = dict(results=pd.concat(tables, ignore_index=True), settings=settings,
+                          shift=pd.concat(shifts, ignore_index=True) if shifts else None,
+                          design_warning=None, jic=None, donors=donors)
+
+
 def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         covariates: str | Iterable[str] = (), layer: str | None = None, r: int | str = "auto",
         family: str = "nb", batch_size: int = 15, n_ctrl: int | None = None,
@@ -968,7 +1058,9 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         control: str = "auto", pairs: Any = "all", gene_positions: Any = None,
         cis_window: int = 1_000_000, moi_covariates: bool = True, min_target_cells: int = 7,
         test_targets: Any = None, nt_guide_tests: bool = True,
-        assignment: str = "randomized", **kwargs) -> Any:
+        assignment: str | None = None, condition_key: str | None = None,
+        control_condition: Any = None, donor_key: str | None = None,
+        groupby: str | None = None, **kwargs) -> Any:
     """Causal log fold changes of every gene under every perturbation of an AnnData screen.
 
     In scanpy's manner: every option is keyword-only; the results are stored in
@@ -1076,12 +1168,20 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     test_targets : list of str, comma-separated str or file, optional
         Test these targets only (a slice of a large screen; the others stay in the
         cells' background).
-    assignment : {'randomized', 'observational'}
+    assignment : {'randomized', 'observational'}, optional
         The design (``docs/gcate.md``): 'randomized' (CRISPR screens: a perturbation's
         shift of the cells' latent state beyond chance is kept as its effect, the
         propensity models use the observed design) or 'observational' (case-control
-        studies: the whole shift is confounding and is removed).  Stored in
-        ``settings`` and the cache fingerprint, and logged in one line.
+        studies: the whole shift is confounding and is removed).  Default: 'randomized',
+        and 'observational' on the donor route.  Stored in ``settings`` and the cache
+        fingerprint, and logged in one line.
+    condition_key, control_condition, donor_key, groupby : optional
+        The donor route of a case-control study (``docs/usage.md#case-control-studies``):
+        the condition column and its control value, the donor column, and optionally a
+        cell-type column.  Raw counts are summed per donor (per group), donor-level
+        ``covariates`` are carried, and the factor model and the doubly robust step run
+        on donors (:mod:`causarray.pseudobulk`); ``results`` gain a ``group`` column
+        with ``groupby``.
     nt_guide_tests : bool or 'required'
         Test every non-targeting guide against its complement (the high-MOI
         calibration; ``causarray run --calibration off`` switches it off); 'required'
@@ -1109,22 +1209,21 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     t_start = time.perf_counter()
     r_req = _check_lfc_args(r, family, batch_size, n_ctrl, max_cells, kwargs, gcate_kwargs,
                             lfc_kwargs)
-    check_assignment(assignment)
-    gopt = None
-    if guides is not None:
-        gopt = _check_guide_options(GuideOptions(
-            guides, guide_targets, nt_label, guide_threshold, guide_assignment, moi, control,
-            pairs, gene_positions, cis_window, moi_covariates, min_target_cells,
-            test_targets, nt_guide_tests))
+    gopt = _check_route(args)
     verbose = resolve_verbose(verbose)
     if copy:
         check_copy_in_memory(bool(getattr(adata, "isbacked", False)))
         adata = adata.copy()
     covariates = [covariates] if isinstance(covariates, str) else list(covariates)
+    if donor_key is not None:
+        _lfc_donors(adata, args, covariates)
+        return adata if copy else None
+    assignment = "randomized" if assignment is None else assignment
     control_used, cols, ga = "non-targeting", None, None
     if gopt is None:
         screen = _read_screen(adata, pert_col, ctrl_label, covariates, layer,
                               drop_empty_cells)
+        _warn_cell_level_donors(adata.obs, screen.info["pert_col"])
     else:
         guided = _guide_screen(adata, gopt, covariates, layer, drop_empty_cells, args)
         if guided is None:              # low MOI: the label route has stored everything
@@ -1140,7 +1239,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
 
     if cache_path is not None:
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-    results = gcate_lfc_batch(_named_counts(screen), screen.X, screen.A, r_used,
+    results, shift = gcate_lfc_batch(_named_counts(screen), screen.X, screen.A, r_used,
                               W_A=screen.X_A, batch_size=layout["batch_size"],
                               max_cells=layout["max_cells"], n_ctrl=layout["n_ctrl"],
                               family=family,
@@ -1148,12 +1247,12 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
                               random_state=random_state, verbose=verbose,
                               gcate_kwargs=_gcate_options(gcate_kwargs, max_iters),
                               lfc_kwargs=lfc_kwargs, client=client, control=control_used,
-                              assignment=assignment, **kwargs)
+                              assignment=assignment, return_shift=True, **kwargs)
 
-    shift = results.attrs.pop("shift", None)
-    warning = results.attrs.pop("design_warning", None)
+    from .batch import design_warning
+
     store: dict[str, Any] = dict(results=results.reset_index(drop=True), jic=df_r,
-                                 shift=shift, design_warning=warning)
+                                 shift=shift, design_warning=design_warning(shift, assignment))
     if gopt is not None:
         store.update(_finish_guide_results(store["results"], cols, ga, pairs))
     if propensity:

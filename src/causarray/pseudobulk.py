@@ -1,0 +1,111 @@
+"""Donor pseudobulk for case-control studies (docs/math.md#case-control).
+
+Cells of one donor are not independent replicates: they share the donor's genotype,
+environment, sampling and processing, so a test that treats cells as units counts every
+donor-to-donor difference hundreds of times and calls hundreds of genes on labels
+shuffled across donors (Squair et al. 2021).  The unit of a case-control comparison is
+the donor.  This module:
+
+1. checks the design (:func:`donor_table`): every donor in exactly one condition, at
+   least two donors per arm, donor-level covariates constant within each donor;
+2. sums each donor's raw counts (per group, e.g. cell type, when asked) into one
+   pseudobulk sample (:func:`aggregate_counts`), streamed in row blocks for counts on
+   disk;
+3. returns an AnnData of donors (:func:`pseudobulk`) that the label route of
+   :func:`causarray.tl.lfc` analyses like any screen, the condition as the treatment.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._validation import (
+    check_donor_covariates_constant,
+    check_donor_design,
+    check_label_occurs,
+    check_obs_column,
+    check_obs_columns,
+)
+
+
+def donor_table(obs: pd.DataFrame, condition_key: str, control_condition: Any,
+                donor_key: str, covariates: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per donor: its condition, number of cells and donor-level covariates.
+
+    Raises ``ValueError`` for a missing key or control value, a donor in both
+    conditions, fewer than two donors in an arm, or a covariate that varies within a
+    donor.
+    """
+    check_obs_column("condition_key", condition_key, obs)
+    check_obs_column("donor_key", donor_key, obs)
+    check_obs_columns(obs, list(covariates))
+    cond = obs[condition_key].astype(str)
+    check_label_occurs("control_condition", control_condition, cond.to_numpy(), condition_key)
+    donor = obs[donor_key].astype(str)
+    per_donor = pd.DataFrame({"donor": donor.to_numpy(), "condition": cond.to_numpy()})
+    n_cond = per_donor.groupby("donor", sort=True)["condition"].nunique()
+    first = per_donor.groupby("donor", sort=True)["condition"].first()
+    check_donor_design(n_cond, first, str(control_condition), donor_key, condition_key)
+    table = pd.DataFrame({condition_key: first,
+                          "n_cells": per_donor.groupby("donor", sort=True).size()})
+    for cov in covariates:
+        vals = pd.DataFrame({"donor": donor.to_numpy(), "v": obs[cov].to_numpy()})
+        check_donor_covariates_constant(vals.groupby("donor")["v"].nunique(dropna=False),
+                                        cov, donor_key)
+        table[cov] = vals.groupby("donor", sort=True)["v"].first()
+    table.index.name = donor_key
+    return table
+
+
+def aggregate_counts(counts: Any, codes: np.ndarray, n_groups: int) -> sp.csr_matrix:
+    """Sum the rows of ``counts`` (dense, sparse, or on-disk with ``row_blocks``) by
+    ``codes`` (one per row, ``-1`` = left out): an ``n_groups x genes`` CSR matrix."""
+    def indicator(c: np.ndarray) -> sp.csr_matrix:
+        keep = np.flatnonzero(c >= 0)
+        return sp.csr_matrix((np.ones(keep.size), (c[keep], keep)),
+                             shape=(n_groups, c.size))
+
+    if hasattr(counts, "row_blocks"):
+        out = sp.csr_matrix((n_groups, counts.shape[1]))
+        for a, b, block in counts.row_blocks(raw=True):
+            out = out + indicator(codes[a:b]) @ sp.csr_matrix(block)
+        return sp.csr_matrix(out)
+    M = counts if sp.issparse(counts) else sp.csr_matrix(np.asarray(counts))
+    return sp.csr_matrix(indicator(codes) @ M)
+
+
+def pseudobulk(adata: Any, condition_key: str, control_condition: Any, donor_key: str,
+               covariates: Sequence[str] = (), layer: str | None = None,
+               cells: np.ndarray | None = None):
+    """The donors of ``adata`` (or of its rows ``cells``) as an AnnData of summed counts.
+
+    ``obs``: the donor's condition, ``n_cells`` and donor-level ``covariates``;
+    ``uns['pert_col']`` / ``uns['ctrl_label']`` name the condition and its control, so
+    :func:`causarray.tl.lfc` runs on it as on a screen.
+    """
+    import anndata as ad
+
+    obs = adata.obs if cells is None else adata.obs.iloc[cells]
+    table = donor_table(obs, condition_key, control_condition, donor_key, covariates)
+    code_of = {d: i for i, d in enumerate(table.index)}
+    codes = np.full(adata.n_obs, -1, dtype=np.int64)
+    rows = np.arange(adata.n_obs) if cells is None else np.asarray(cells)
+    codes[rows] = [code_of[d] for d in obs[donor_key].astype(str)]
+    from .preprocessing import _anndata_counts
+
+    if getattr(adata, "isbacked", False):
+        from .ondisk import backed_counts
+
+        counts = backed_counts(adata, layer)
+    else:
+        counts = _anndata_counts(adata, layer)
+    Y = aggregate_counts(counts, codes, len(table))
+    Y.data = np.rint(Y.data)
+    pb = ad.AnnData(X=Y.astype(np.int64), obs=table.astype({condition_key: str}),
+                    var=pd.DataFrame(index=adata.var_names.copy()))
+    pb.obs_names = pb.obs_names.astype(str)
+    pb.uns.update(pert_col=condition_key, ctrl_label=str(control_condition))
+    return pb
