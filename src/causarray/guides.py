@@ -84,7 +84,7 @@ def _targets_from_uns(adata: Any, key: str, width: int) -> np.ndarray | None:
 
 
 def _targets_from_var(var: pd.DataFrame) -> np.ndarray | None:
-    for col in ("target", "target_gene_name", "grna_target", "gene_target"):
+    for col in ("target", "target_gene_name", "target_gene", "grna_target", "gene_target"):
         if col in var.columns:
             return np.asarray([str(t) for t in var[col]], dtype=object)
     return None
