@@ -200,7 +200,6 @@ def assign_guides(counts: sp.csr_matrix, method: str = "threshold", threshold: i
         return sp.csr_matrix(out, dtype=bool)
     if method == "mixture":
         return _mixture_assignment(counts.tocsc(), random_state)
-    n = counts.shape[0]
     top = np.asarray(counts.argmax(axis=1)).ravel()
     top_umi = np.asarray(counts.max(axis=1).todense()).ravel()
     total = np.asarray(counts.sum(axis=1)).ravel()

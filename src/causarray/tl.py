@@ -139,7 +139,7 @@ def validate_screen(adata: Any, pert_col: str | None = None, ctrl_label: Any = N
         Unknown column, control label, layer or covariate; no perturbed cells; data
         that are not raw counts; empty cells.
     """
-    from .preprocessing import _resolve_screen_keys, covariate_design
+    from .preprocessing import _resolve_screen_keys
 
     pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
     empty = _empty_cells(adata, covariates, layer, drop_empty_cells)
@@ -835,7 +835,7 @@ def _guide_settings(g: GuideOptions, moi: str, control: str, ga, n_pairs: int | 
                 test_targets=None if g.test_targets is None else "slice")
 
 
-def _lfc_low_moi(adata: Any, ga, g: GuideOptions, args: dict) -> Any:
+def _lfc_low_moi(adata: Any, ga, g: GuideOptions, args: dict) -> None:
     """A low-MOI guide screen: one label per cell (its target, or the non-targeting
     label), cells without a guide or with two or more perturbations left out, then the
     label route on those cells; the stored results are those of the labels."""
@@ -848,18 +848,19 @@ def _lfc_low_moi(adata: Any, ga, g: GuideOptions, args: dict) -> Any:
                        ", ".join(f"{v} {k}" for k, v in dropped.items() if v))
     col = "causarray_target"
     adata.obs[col] = pd.Categorical(np.where(keep, labels, None))
-    sub = adata[keep].copy() if not keep.all() else adata.copy()
+    sub = adata if keep.all() else adata[keep].copy()
     guide_keys = set(GuideOptions.__dataclass_fields__)
     run = {k: v for k, v in args.items()
            if k not in guide_keys | {"adata", "copy", "kwargs", "pert_col", "ctrl_label"}}
     run.update(args["kwargs"], pert_col=col, ctrl_label=g.nt_label, copy=False)
     lfc(sub, **run)
+    if sub is adata:
+        return
     key = args["key_added"]
     adata.uns[key] = sub.uns[key]
     for name in list(sub.obsm.keys()):
         if name.startswith(key):
             adata.obsm[name] = sub.obsm[name].reindex(adata.obs_names)
-    return sub
 
 
 def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: list[str],
