@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 import causarray as ca
 from causarray.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from causarray.pseudobulk import pseudobulk
+from causarray.pseudobulk import jackknife_tests, pseudobulk
 
 N_GENES, N_AFFECTED = 400, 20
 
@@ -70,6 +70,32 @@ def test_pseudobulk_sums_each_donors_counts():
                                       np.asarray(a.X[donors == d].sum(axis=0)).ravel())
     assert pb.obs["n_cells"].sum() == a.n_obs and set(pb.obs["condition"]) == {"case",
                                                                                "control"}
+
+
+def test_jackknife_tests_by_hand():
+    rng = np.random.default_rng(0)
+    res = pd.DataFrame({"gene_names": ["a", "b", "c"], "tau": [0.5, 0.1, 0.2],
+                        "std": [0.1, 0.1, 0.1], "estimable": [True, True, True],
+                        "on_target": [False, False, False], "trt": "case"})
+    reps = rng.normal(0.2, 0.1, (6, 3))
+    reps[2, 2] = np.nan                                   # gene c fails in one replicate
+    out = jackknife_tests(res, reps, n_covariates=1)
+    var = 5 / 6 * ((reps[:, :2] - reps[:, :2].mean(axis=0)) ** 2).sum(axis=0)
+    np.testing.assert_allclose(out["std"].to_numpy()[:2], np.sqrt(var), rtol=1e-12)
+    from scipy import stats
+
+    p = 2 * stats.t.sf(np.abs(res["tau"].to_numpy()[:2] / np.sqrt(var)), df=6 - 1 - 1)
+    np.testing.assert_allclose(out["pvalue"].to_numpy()[:2], p, rtol=1e-10)
+    assert np.isnan(out["pvalue"].iloc[2]) and (out["std_influence"] == 0.1).all()
+
+
+def test_the_donor_route_reports_jackknife_errors():
+    st = _donor_run(donor_study(6, donors=8), r=0)
+    assert st["settings"]["donor_variance"] == "jackknife"
+    assert "std_influence" in st["results"]
+    infl = _donor_run(donor_study(6, donors=8), r=0, donor_variance="influence")
+    assert "std_influence" not in infl["results"]
+    np.testing.assert_allclose(st["results"]["tau"], infl["results"]["tau"])
 
 
 @pytest.mark.slow

@@ -55,6 +55,7 @@ import scipy.sparse as sp
 
 from ._validation import (
     check_assignment,
+    check_choice,
     check_donor_route,
     check_obs_column,
     check_propensity_models,
@@ -993,10 +994,37 @@ def _check_route(args: dict) -> GuideOptions | None:
     if args["assignment"] is not None:
         check_assignment(args["assignment"])
     check_donor_route(args["condition_key"], args["control_condition"], args["donor_key"])
+    check_choice("donor_variance", args["donor_variance"], ("jackknife", "influence"))
     if args["guides"] is None:
         return None
     return _check_guide_options(GuideOptions(
         **{k: args[k] for k in GuideOptions.__dataclass_fields__}))
+
+
+def _donor_jackknife(pb: Any, st: dict, args: dict, covariates: list[str],
+                     run: dict) -> pd.DataFrame:
+    """The delete-one-donor jackknife of a donor run (:func:`causarray.pseudobulk.
+    jackknife_tests`): the same analysis, r fixed at the one used, once per donor left
+    out."""
+    from .pseudobulk import jackknife_tests
+
+    res = st["results"]
+    keys = res["trt"].astype(str) + "\x00" + res["gene_names"].astype(str) \
+        if "trt" in res else res["gene_names"].astype(str)
+    reps = np.full((pb.n_obs, len(res)), np.nan)
+    rerun = dict(run, r=int(st["settings"]["r"]), propensity=False, verbose=False)
+    for i in range(pb.n_obs):
+        sub = pb[np.arange(pb.n_obs) != i].copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lfc(sub, pert_col=args["condition_key"],
+                ctrl_label=str(args["control_condition"]), covariates=covariates,
+                cache_path=None, **{k: v for k, v in rerun.items() if k != "cache_path"})
+        r_i = sub.uns[args["key_added"]]["results"]
+        k_i = r_i["trt"].astype(str) + "\x00" + r_i["gene_names"].astype(str) \
+            if "trt" in r_i else r_i["gene_names"].astype(str)
+        reps[i] = pd.Series(r_i["tau"].to_numpy(), index=k_i).reindex(keys).to_numpy()
+    return jackknife_tests(res, reps, len(covariates))
 
 
 def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
@@ -1013,6 +1041,7 @@ def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
     skip = set(GuideOptions.__dataclass_fields__) | {
         "adata", "copy", "kwargs", "condition_key", "control_condition", "donor_key",
         "groupby", "pert_col", "ctrl_label", "covariates", "layer", "cache_path",
+        "donor_variance",
         "assignment"}
     run = {k: v for k, v in args.items() if k not in skip}
     run.update(args["kwargs"], assignment=assignment, copy=False, layer=None)
@@ -1031,6 +1060,8 @@ def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
             covariates=covariates,
             cache_path=None if cache is None else f"{cache}.{grp or 'all'}.h5", **run)
         st = pb.uns[key]
+        if args["donor_variance"] == "jackknife":
+            st["results"] = _donor_jackknife(pb, st, args, covariates, run)
         tables.append(st["results"] if grp is None else st["results"].assign(group=grp))
         if st.get("shift") is not None:
             shifts.append(st["shift"] if grp is None else st["shift"].assign(group=grp))
@@ -1039,7 +1070,8 @@ def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
     settings.update(route="donor", condition_key=args["condition_key"],
                     control_condition=str(args["control_condition"]),
                     donor_key=args["donor_key"], groupby=groupby,
-                    n_donors=int(len(donors[groups[0] or "all"])), assignment=assignment)
+                    n_donors=int(len(donors[groups[0] or "all"])), assignment=assignment,
+                    donor_variance=args["donor_variance"])
     adata.uns[key] = dict(results=pd.concat(tables, ignore_index=True), settings=settings,
                           shift=pd.concat(shifts, ignore_index=True) if shifts else None,
                           design_warning=None, jic=None, donors=donors)
@@ -1061,7 +1093,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         test_targets: Any = None, nt_guide_tests: bool = True,
         assignment: str | None = None, condition_key: str | None = None,
         control_condition: Any = None, donor_key: str | None = None,
-        groupby: str | None = None, **kwargs) -> Any:
+        groupby: str | None = None, donor_variance: str = "jackknife", **kwargs) -> Any:
     """Causal log fold changes of every gene under every perturbation of an AnnData screen.
 
     In scanpy's manner: every option is keyword-only; the results are stored in
@@ -1183,6 +1215,10 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         ``covariates`` are carried, and the factor model and the doubly robust step run
         on donors (:mod:`causarray.pseudobulk`); ``results`` gain a ``group`` column
         with ``groupby``.
+    donor_variance : {'jackknife', 'influence'}
+        The donor route's standard errors: the delete-one-donor jackknife (default; one
+        refit per donor, r fixed; ``std_influence`` keeps the other) or the
+        influence-function variance of the doubly robust estimate.
     nt_guide_tests : bool or 'required'
         Test every non-targeting guide against its complement (the high-MOI
         calibration; ``causarray run --calibration off`` switches it off); 'required'
