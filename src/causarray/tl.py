@@ -974,8 +974,8 @@ def _warn_cell_level_donors(obs: pd.DataFrame, pert_col: str) -> None:
             continue
         donors = obs[col].astype(str)
         n_levels = donors.nunique()
-        if 4 <= n_levels <= len(obs) / 10 and \
-                int(pd.DataFrame({"d": donors, "l": labels}).groupby("d")["l"].nunique().max()) == 1:
+        per_donor = pd.DataFrame({"d": donors, "l": labels}).groupby("d")["l"].nunique()
+        if 4 <= n_levels <= len(obs) / 10 and int(per_donor.max()) == 1:
             message = (f"the labels of obs[{pert_col!r}] are constant within each of the "
                        f"{n_levels} levels of obs[{col!r}]: cells of one donor are not "
                        "independent and a cell-level test calls donor differences; use the "
@@ -1008,9 +1008,12 @@ def _donor_jackknife(pb: Any, st: dict, args: dict, covariates: list[str],
     out."""
     from .pseudobulk import jackknife_tests
 
+    def row_keys(df: pd.DataFrame) -> pd.Series:
+        genes = df["gene_names"].astype(str)
+        return df["trt"].astype(str) + "\x00" + genes if "trt" in df else genes
+
     res = st["results"]
-    keys = res["trt"].astype(str) + "\x00" + res["gene_names"].astype(str) \
-        if "trt" in res else res["gene_names"].astype(str)
+    keys = row_keys(res)
     reps = np.full((pb.n_obs, len(res)), np.nan)
     rerun = dict(run, r=int(st["settings"]["r"]), propensity=False, verbose=False)
     for i in range(pb.n_obs):
@@ -1021,9 +1024,8 @@ def _donor_jackknife(pb: Any, st: dict, args: dict, covariates: list[str],
                 ctrl_label=str(args["control_condition"]), covariates=covariates,
                 cache_path=None, **{k: v for k, v in rerun.items() if k != "cache_path"})
         r_i = sub.uns[args["key_added"]]["results"]
-        k_i = r_i["trt"].astype(str) + "\x00" + r_i["gene_names"].astype(str) \
-            if "trt" in r_i else r_i["gene_names"].astype(str)
-        reps[i] = pd.Series(r_i["tau"].to_numpy(), index=k_i).reindex(keys).to_numpy()
+        tau_i = pd.Series(r_i["tau"].to_numpy(), index=row_keys(r_i))
+        reps[i] = tau_i.reindex(keys).to_numpy()
     return jackknife_tests(res, reps, len(covariates))
 
 
