@@ -22,9 +22,13 @@ Usage::
     python examples/case_control_tutorial.py --small     # CI size, ~5 s
     python examples/case_control_tutorial.py --full      # 85 donors x 22,911 genes, r = 4
 
+The same study also goes through the donor route (``tl.lfc(condition_key=,
+control_condition=, donor_key=)``), which aggregates the cells itself and reports
+delete-one-donor jackknife standard errors.
+
 Outputs in the working directory: ``case_control_pseudobulk.csv.gz`` (donor x gene
-counts), ``case_control_lfc.csv`` (with latent factors) and
-``case_control_lfc_no_factors.csv``.
+counts), ``case_control_lfc.csv`` (with latent factors),
+``case_control_lfc_no_factors.csv`` and ``case_control_lfc_donor_route.csv``.
 """
 from __future__ import annotations
 
@@ -144,6 +148,25 @@ def main(cfg: dict, workdir: Path, random_state: int = 0) -> None:
     print(f"Recorded covariates only: {n0} discoveries, FDP {fdp0:.3f}, power {pow0:.3f}")
     df.to_csv(workdir / "case_control_lfc.csv", index=False)
     df0.to_csv(workdir / "case_control_lfc_no_factors.csv", index=False)
+
+    # the same study through the donor route: cells in, donors as the units
+    import anndata as ad
+
+    cells = ad.AnnData(Yc.tocsr(), obs=pd.DataFrame({
+        "donor": donors.index[donor].astype(str),
+        "status": np.where(donors["case"].to_numpy()[donor] == 1, "case", "control"),
+        "sex": donors["sex"].to_numpy()[donor], "age": donors["age"].to_numpy()[donor]},
+        index=[f"cell{i}" for i in range(donor.size)]))
+    cells.var_names = [f"GENE{j:05d}" for j in range(Yc.shape[1])]
+    cells = cells[:, keep].copy()
+    t0 = time.perf_counter()
+    ca.tl.lfc(cells, condition_key="status", control_condition="control", donor_key="donor",
+              covariates=["sex", "age"], r=r, max_iters=cfg["max_iters"], verbose=False)
+    dr = cells.uns["causarray"]["results"]
+    n2, fdp2, pow2 = fdp_power(dr, truth)
+    print(f"Donor route (tl.lfc, jackknife SEs): {n2} discoveries, FDP {fdp2:.3f}, "
+          f"power {pow2:.3f} ({time.perf_counter() - t0:.1f} s)")
+    dr.to_csv(workdir / "case_control_lfc_donor_route.csv", index=False)
     print(f"Result shape : {df.shape}")
     print(f"Total wall time: {time.perf_counter() - t_start:.1f} s")
 

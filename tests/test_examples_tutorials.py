@@ -51,6 +51,11 @@ def test_case_control_tutorial_small(tmp_path):
     fdp_0 = _num(r"Recorded covariates only: \d+ discoveries, FDP ([\d.]+)", out)
     # the unrecorded donor trait confounds the analysis without latent factors
     assert fdp_f < 0.2 < fdp_0
+    # the donor route from the cells gives the same protection
+    fdp_d = _num(r"Donor route \(tl.lfc, jackknife SEs\): \d+ discoveries, FDP ([\d.]+)", out)
+    assert fdp_d < 0.2
+    donor = pd.read_csv(tmp_path / "case_control_lfc_donor_route.csv")
+    assert donor["n_treated"].iloc[0] + donor["n_control"].iloc[0] == 85
     pb = pd.read_csv(tmp_path / "case_control_pseudobulk.csv.gz", index_col=0)
     assert pb.shape[0] == 85
     res = pd.read_csv(tmp_path / "case_control_lfc.csv")
