@@ -349,6 +349,14 @@ def sceptre_covariate_matrix(
     return np.ascontiguousarray(X), names
 
 
+def _engine_pairs(pairs: pd.DataFrame, targets) -> pd.DataFrame:
+    """The distinct (gene, target) pairs of ``targets`` in sceptre's column names."""
+    return (pairs.loc[pairs["target"].isin(targets), ["gene", "target"]]
+            .drop_duplicates()
+            .rename(columns={"gene": "response_id", "target": "grna_target"})
+            .reset_index(drop=True))
+
+
 def run_pysceptre(
     directory,
     out_csv,
@@ -419,12 +427,7 @@ def run_pysceptre(
             raise KeyError(f"targets without gRNAs in meta.json: {missing[:5]}")
         # a target no cell carries cannot be tested; leave those pairs NaN
         dcells = {x: target_cells[x] for x in dtargets if len(target_cells[x]) > 0}
-        eng = (
-            disc.loc[disc["target"].isin(list(dcells)), ["gene", "target"]]
-            .drop_duplicates()
-            .rename(columns={"gene": "response_id", "target": "grna_target"})
-            .reset_index(drop=True)
-        )
+        eng = _engine_pairs(disc, list(dcells))
         if len(eng):
             r = run_discovery_analysis(
                 response,
@@ -448,12 +451,7 @@ def run_pysceptre(
         if missing:
             raise KeyError(f"negative pairs must name NT gRNA ids; not NT: {missing[:5]}")
         ok = [g for g in dict.fromkeys(neg["target"]) if len(ntc_cells[g]) > 0]
-        eng = (
-            neg.loc[neg["target"].isin(ok), ["gene", "target"]]
-            .drop_duplicates()
-            .rename(columns={"gene": "response_id", "target": "grna_target"})
-            .reset_index(drop=True)
-        )
+        eng = _engine_pairs(neg, ok)
         if len(eng):
             r = run_calibration_check(
                 response,

@@ -22,7 +22,7 @@ Numerics only: the AnnData front door (:func:`causarray.tl.lfc`) decides the des
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +229,8 @@ class GuideAssignment:
     nt_label: str
     method: str
     threshold: int
+    _target_matrix: sp.csc_matrix | None = field(default=None, init=False, repr=False,
+                                                 compare=False)
 
     @property
     def is_nt(self) -> np.ndarray:
@@ -250,8 +252,11 @@ class GuideAssignment:
         return sp.csc_matrix(M)
 
     def target_matrix(self) -> sp.csc_matrix:
-        """(n, t) 0/1 cells x targeting targets, a target's guides pooled."""
-        return self._pool(self.targets, self.target_names)
+        """(n, t) 0/1 cells x targeting targets, a target's guides pooled (computed once:
+        the cell, target and treatment tables all start from it)."""
+        if self._target_matrix is None:
+            self._target_matrix = self._pool(self.targets, self.target_names)
+        return self._target_matrix
 
     def nt_guide_matrix(self) -> sp.csc_matrix:
         """(n, g_nt) 0/1 cells x non-targeting guides (each its own column)."""

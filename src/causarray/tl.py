@@ -907,10 +907,11 @@ def _finish_guide_results(results: pd.DataFrame, cols, ga,
     table = restrict_pairs(table, pairs)
     targets = ga.target_table()
     targets["tested"] = targets["target"].isin(cols.targets)
-    out: dict[str, Any] = dict(results=table, guides=ga.guide_table(), targets=targets,
+    guides = ga.guide_table()
+    out: dict[str, Any] = dict(results=table, guides=guides, targets=targets,
                                negative_controls=negatives)
     if len(negatives):
-        n_cells = dict(zip(ga.guide_table()["guide"], ga.guide_table()["cells"]))
+        n_cells = dict(zip(guides["guide"], guides["cells"]))
         out["calibration"] = nt_guide_calibration(negatives, n_cells).summary_frame()
     out["_n_pairs"] = None if pairs is None else int(len(pairs))
     return out
