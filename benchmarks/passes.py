@@ -20,6 +20,15 @@ simulated once by ``benchmarks/batch.py --config full --generate-only``::
     python benchmarks/batch.py --config full --data /tmp/screen_full.npz --generate-only
     python benchmarks/passes.py --data /tmp/screen_full.npz --calls seed all_cells
 
+``--src LABEL=PATH`` (repeatable) runs every call once per source tree (``PATH`` first
+on the child's ``PYTHONPATH``; e.g. a ``git worktree`` of the commit before a change
+and ``src``), one after the other in the same run, so that before and after are timed
+in the same conditions::
+
+    git worktree add --detach /tmp/before <commit>
+    python benchmarks/passes.py --data /tmp/screen_full.npz --calls seed all_cells \
+        --src before=/tmp/before/src --src after=src --name passes_screen
+
 Writes ``benchmarks/results/passes.{json,md}`` (``--name`` to change), with the load
 average before and after each call.  Each row also splits the wall time with the batch
 cache's per-batch timings: ``gcate_in_ref_passes`` (the batches' ``fit_gcate``, with
@@ -97,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help=".npz of the screen (see the module doc)")
     ap.add_argument("--calls", nargs="+", choices=sorted(CALLS), default=["seed", "all_cells"])
     ap.add_argument("--name", default="passes")
+    ap.add_argument("--src", action="append", default=[], metavar="LABEL=PATH",
+                    help="source tree(s) to time (default: the installed package)")
     ap.add_argument("--_child", nargs=2, metavar=("CALL", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
@@ -105,16 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     from _common import code_version, write_result
 
     rows = []
-    for call in args.calls:
+    trees = [tuple(item.split("=", 1)) for item in args.src] or [("installed", "")]
+    for call, (label, src) in ((c, t) for c in args.calls for t in trees):
+        env = dict(os.environ)
+        if src:
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()),
+                                                 env.get("PYTHONPATH", "")])
         load0 = [round(x, 2) for x in os.getloadavg()]
         ref = ref_pass_seconds()
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
         subprocess.run([sys.executable, __file__, "--data", args.data, "--_child", call, out],
-                       check=True)
+                       check=True, env=env)
         res = json.loads(Path(out).read_text())
         os.unlink(out)
-        row = dict(call=call, **CALLS[call], ref_pass_s=ref, **res,
+        row = dict(call=call, src=label, **CALLS[call], ref_pass_s=ref, **res,
                    wall_in_ref_passes=round(res["wall_s"] / ref),
                    gcate_in_ref_passes=round(res["gcate_s"] / ref),
                    rest_in_ref_passes=round((res["wall_s"] - res["gcate_s"]) / ref),

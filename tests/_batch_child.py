@@ -7,6 +7,9 @@ MODE
         (sleeps) so the parent can SIGKILL the process while the run is unfinished.
     ``die-in-write``: after batch 0 is committed, write MARKER_PATH; while writing the
         next batch's file the process SIGKILLs itself half-way through the HDF5 write.
+    ``screen-hold``: ``hold`` with ``fit='screen'`` (the screen stage is stored first).
+    ``screen-die-in-save``: ``fit='screen'``; write MARKER_PATH, then SIGKILL itself
+        half-way through writing the screen stage's file, before any batch.
 
 Also imported by the tests for :func:`make_problem` and :data:`RUN_KW`, so parent and
 child analyse exactly the same screen with the same settings.
@@ -38,9 +41,31 @@ def make_problem(random_state: int = 0):
     return Y, X, A, X_A
 
 
+def _die_in_screen_save(marker: str):
+    """A stand-in for ``batch._save_screen_stage`` that dies half-way through its file."""
+    from pathlib import Path
+
+    def save(path, fp, stage):
+        tmp = Path(path).with_name(f"{Path(path).name}.tmp-{os.getpid()}.npz")
+        with open(tmp, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a file")
+            fh.flush()
+        with open(marker, "w") as fh:
+            fh.write("screen")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return save
+
+
 def main(cache_path: str, marker: str, mode: str) -> None:
+    import causarray.batch as batch_mod
     import causarray.cache as cache_mod
     from causarray.batch import gcate_lfc_batch
+
+    fit = "screen" if mode.startswith("screen-") else "auto"
+    mode = mode.removeprefix("screen-")
+    if mode == "die-in-save":
+        batch_mod._save_screen_stage = _die_in_screen_save(marker)
 
     state = {"commits": 0}
     orig_commit = cache_mod.BatchCache.commit
@@ -67,7 +92,7 @@ def main(cache_path: str, marker: str, mode: str) -> None:
 
     cache_mod.BatchCache.commit = commit
     Y, X, A, X_A = make_problem()
-    gcate_lfc_batch(Y, X, A, R, W_A=X_A, cache_path=cache_path, **RUN_KW)
+    gcate_lfc_batch(Y, X, A, R, W_A=X_A, cache_path=cache_path, fit=fit, **RUN_KW)
 
 
 if __name__ == "__main__":

@@ -58,9 +58,9 @@ class _Counter:
         self.batches = []
         orig = batch_mod._run_batch
 
-        def wrapped(job):
+        def wrapped(job, *shared):
             self.batches.append(job.batch)
-            return orig(job)
+            return orig(job, *shared)
 
         monkeypatch.setattr(batch_mod, "_run_batch", wrapped)
 

@@ -664,6 +664,8 @@ RULES = [
     _rule(V.check_lfc_kwargs, lambda: V.check_lfc_kwargs({"outcome_init": np.ones(1)}, ("Y",)),
           ValueError, "lfc_kwargs may set outcome_init only to None (no warm start): "
           "gcate_lfc_batch starts each batch's outcome GLM from its GCATE fit"),
+    _rule(V.check_factor_fit, lambda: V.check_factor_fit("screen", ["r > 0"]), ValueError,
+          "fit='screen' needs r > 0; use fit='per_batch' (or 'auto')"),
     _rule(V.check_warm_start, lambda: V.check_warm_start(True, object()), ValueError,
           "warm_start_U=True makes every batch depend on the previous one; it cannot run on an "
           "executor or client"),

@@ -1588,6 +1588,17 @@ def check_warm_start(warm_start_U: bool, executor: Any) -> None:
                          "it cannot run on an executor or client")
 
 
+def check_factor_fit(fit: Any, reasons: Sequence[str]) -> str:
+    """``fit`` of :func:`causarray.gcate_lfc_batch`: ``'auto'``, ``'screen'`` or
+    ``'per_batch'``; ``'screen'`` asked for where ``reasons`` (why the screen-level
+    estimator does not apply) is not empty raises, naming them."""
+    check_choice("fit", fit, ("auto", "screen", "per_batch"))
+    if fit == "screen" and reasons:
+        raise ValueError(f"fit='screen' needs {' and '.join(reasons)}; "
+                         "use fit='per_batch' (or 'auto')")
+    return fit
+
+
 # ----------------------------------------------------------------------------- calibration
 def check_uns_key(adata: Any, uns_key: str, obsm_key: str) -> None:
     """Guide counts in ``obsm[obsm_key]`` without column names need ``uns['grna_names']``."""

@@ -73,6 +73,7 @@ from ._validation import (
     check_design_columns,
     check_design_given,
     check_executor_client,
+    check_factor_fit,
     check_family,
     check_keywords,
     check_lfc_kwargs,
@@ -467,6 +468,7 @@ class _BatchJob:
     keep_fits: bool
     blas_threads: int | None = None   # chunk threads of the batch, whichever process runs it
     save_nuisances: bool = False  # return LFC's nuisances (gcate_lfc_batch(save_nuisances))
+    pool_pos: np.ndarray | None = None   # fit='screen': the controls' positions in the pool
 
 
 def _check_blas_threads(value) -> int | None:
@@ -670,7 +672,7 @@ def propensity_design(X: np.ndarray, W_A: np.ndarray | None, U: np.ndarray,
     return np.hstack([W_A, U]) if W_A is not None else np.hstack([X, U])
 
 
-def _run_batch(job: _BatchJob) -> dict:
+def _run_batch(job: _BatchJob, screen=None) -> dict:
     """:func:`_fit_batch` on the job's threads, with a one-thread BLAS.
 
     The summation order inside BLAS depends on its thread count, and the iterative fits
@@ -682,15 +684,37 @@ def _run_batch(job: _BatchJob) -> dict:
     of threads.
     """
     if job.blas_threads is None:
-        return _fit_batch(job)
+        return _fit_batch(job, screen)
     with one_thread_blas(), chunk_threads(job.blas_threads):
-        return _fit_batch(job)
+        return _fit_batch(job, screen)
 
 
-def _fit_batch(job: _BatchJob) -> dict:
-    """GCATE (and LFC unless ``job.lfc_kwargs`` is None) on one batch."""
-    from .dr import LFC
+def _batch_gcate(job: _BatchJob, Y_fit: np.ndarray, A_fit: np.ndarray, expressed: np.ndarray,
+                 screen) -> tuple[dict, dict]:
+    """The batch's GCATE fit: per batch (``fit_gcate``), or at the screen stage's
+    loadings (:func:`causarray.screen_stage.fit_gcate_at_loadings`) when ``screen``
+    is given."""
     from .gcate import fit_gcate
+
+    kw = dict(verbose=False, disp_family="poisson")
+    kw.update(job.gcate_kwargs)
+    if screen is not None:
+        from .screen_stage import fit_gcate_at_loadings, stage2_options
+
+        return fit_gcate_at_loadings(Y_fit, job.X, A_fit, screen, job.ctrl_pos, job.pool_pos,
+                                     offset=job.offset, opts=stage2_options(job.family, kw),
+                                     es=kw.get("kwargs_es_1"), ls=kw.get("kwargs_ls_2"))
+    kw.update(family=job.family, offset=job.offset,
+              disp_glm=None if job.disp is None else job.disp[expressed])
+    if job.U_init is not None:
+        kw["A_init"] = np.hstack([job.X, A_fit, job.U_init])
+    return fit_gcate(Y_fit, job.X, A_fit, job.r, **kw)
+
+
+def _fit_batch(job: _BatchJob, screen=None) -> dict:
+    """GCATE (and LFC unless ``job.lfc_kwargs`` is None) on one batch; ``screen``: the
+    screen stage whose loadings the batch's GCATE keeps (``fit='screen'``)."""
+    from .dr import LFC
 
     t0 = time.perf_counter()
     n_cells = int(job.Y.shape[0])
@@ -701,6 +725,8 @@ def _fit_batch(job: _BatchJob) -> dict:
     Yb = np.asarray(Yb, dtype=np.float64)
     job.Y = None                                   # the only dense copy is Yb from here on
     expressed = np.asarray(Yb.sum(axis=0) > 0)
+    if screen is not None:        # genes without counts in the pool have no control mean
+        expressed = np.asarray(screen.genes, bool).copy()
     fitted = np.asarray(job.A.sum(axis=0) > 0)
     if not fitted.all():
         missing = [job.trt_names[k] for k in np.flatnonzero(~fitted)]
@@ -715,13 +741,7 @@ def _fit_batch(job: _BatchJob) -> dict:
     names_fit = [job.trt_names[k] for k in np.flatnonzero(fitted)]
     res_1 = res_2 = None
     if fitted.any() and expressed.any():
-        kw = dict(verbose=False, disp_family="poisson")
-        kw.update(job.gcate_kwargs)
-        kw.update(family=job.family, offset=job.offset,
-                  disp_glm=None if job.disp is None else job.disp[expressed])
-        if job.U_init is not None:
-            kw["A_init"] = np.hstack([job.X, A_fit, job.U_init])
-        res_1, res_2 = fit_gcate(Y_fit, job.X, A_fit, job.r, **kw)
+        res_1, res_2 = _batch_gcate(job, Y_fit, A_fit, expressed, screen)
     t_gcate = time.perf_counter() - t0
 
     frame = nuisances = None
@@ -780,7 +800,8 @@ def complement_mask(A_b: np.ndarray, in_pool: np.ndarray) -> np.ndarray:
 
 def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_kwargs,
               lfc_kwargs, U_ctrl_prev, keep_fits, blas_threads=None,
-              save_nuisances=False, control: str = "non-targeting") -> _BatchJob:
+              save_nuisances=False, control: str = "non-targeting",
+              pool: np.ndarray | None = None) -> _BatchJob:
     rows = plan.cell_idx
     ctrl_pos = np.searchsorted(rows, plan.ctrl_idx)
     U_init = None
@@ -803,7 +824,8 @@ def _make_job(data: _Inputs, plan: BatchPlan, *, r, family, offset, disp, gcate_
         disp=disp, gene_names=data.gene_names, trt_names=[data.trt_names[k] for k in plan.trt_idx],
         r=r, family=family, gcate_kwargs=gcate_kwargs, lfc_kwargs=lk, U_init=U_init,
         ctrl_pos=ctrl_pos, keep_fits=keep_fits, blas_threads=blas_threads,
-        save_nuisances=save_nuisances)
+        save_nuisances=save_nuisances,
+        pool_pos=None if pool is None else np.searchsorted(pool, plan.ctrl_idx))
 
 
 # ----------------------------------------------------------------------------------
@@ -862,6 +884,111 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+# ----------------------------------------------------------------------------------
+# the screen stage (fit='screen')
+# ----------------------------------------------------------------------------------
+def screen_fit_obstacles(r: int, control: str, plans: list[BatchPlan], A) -> list[str]:
+    """Why the screen-level estimator (``fit='screen'``) does not apply to a run, as
+    phrases (empty when it does): it needs factors, one shared pool of cells without
+    perturbation, and at most one perturbation per cell (one-hot treatments)."""
+    reasons = []
+    if r == 0:
+        reasons.append("r > 0")
+    if control != "non-targeting":
+        reasons.append("control='non-targeting'")
+    elif any(not np.array_equal(pl.ctrl_idx, plans[0].ctrl_idx) for pl in plans[1:]):
+        reasons.append("one control pool shared by every batch")
+    if np.any(_row_totals(A) > 1):
+        reasons.append("one perturbation per cell")
+    return reasons
+
+
+def resolve_factor_fit(fit: str, obstacles: list[str], assignment: str, p: int, r: int,
+                       lk: dict | None = None) -> str:
+    """``'screen'`` or ``'per_batch'`` for ``gcate_lfc_batch(fit=)``, logged; with
+    ``'screen'`` the LFC keywords ``lk`` get ``outcome_steps=1`` unless they set it.
+
+    ``'auto'`` takes the screen-level estimator where it applies (no ``obstacles``),
+    the design is ``'randomized'`` and the panel is large (``p >= 100 r``, the gene-fold
+    boundary of :func:`causarray.gcate.resolve_gene_folds`), and the original per-batch
+    fit otherwise: on the confounded simulations under ``'observational'`` the
+    screen-level fit's FDR was higher (0.043-0.078 against 0.036-0.050), and on a small
+    panel (Schraivogel, 72 genes, r = 3) its knock-downs were weaker (effect / naive
+    0.81 against 0.89) while the per-batch fit costs little there
+    (``docs/math.md#screen-stage``).
+    """
+    from .gcate import GENE_FOLD_PANEL
+
+    check_factor_fit(fit, obstacles)
+    if fit == "auto":
+        large = p >= GENE_FOLD_PANEL * r
+        fit = "screen" if not obstacles and assignment == "randomized" and large \
+            else "per_batch"
+    logger.info("factor model: fit=%r%s", fit, f" ({', '.join(obstacles)} not met)"
+                if obstacles and fit == "per_batch" else "")
+    if fit == "screen" and lk is not None:
+        lk.setdefault("outcome_steps", 1)
+    return fit
+
+
+def _screen_store(cache_path) -> Path | None:
+    """The screen stage's file beside a batch cache (``<cache>.screen.npz``)."""
+    return None if cache_path is None else Path(f"{cache_path}.screen.npz")
+
+
+def _load_screen_stage(path: Path | None, fp: str):
+    """The stored screen stage of this run (same fingerprint), or None."""
+    from .screen_stage import ScreenStage
+
+    if path is None or not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != fp:
+                return None
+            return ScreenStage(**{k: z[k] for k in ScreenStage.__dataclass_fields__})
+    except (OSError, ValueError, KeyError) as err:
+        warnings.warn(f"screen stage {path} is unreadable ({err}); it is refitted",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _save_screen_stage(path: Path | None, fp: str, stage) -> None:
+    """Write the screen stage atomically (temporary file, then ``os.replace``)."""
+    if path is None:
+        return
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npz")
+    with open(tmp, "wb") as f:
+        np.savez(f, fingerprint=np.asarray(fp), **stage.arrays())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def screen_stage(data: _Inputs, pool: np.ndarray, r: int, family: str, disp, offset,
+                 gk: dict, cache_path=None, fp: str = ""):
+    """The run's :class:`causarray.screen_stage.ScreenStage`: read from beside the cache
+    when an earlier (killed) run of the same fingerprint stored it, else fitted on the
+    pool's counts (read once, dense) and stored there."""
+    from .screen_stage import fit_screen_stage
+
+    path = _screen_store(cache_path)
+    stage = _load_screen_stage(path, fp)
+    if stage is not None:
+        logger.info("screen stage restored from %s", path)
+        return stage
+    t0 = time.perf_counter()
+    threads = pass_threads()
+    with one_thread_blas(), chunk_threads(threads):
+        stage = fit_screen_stage(_dense_rows(data.Y, pool), data.X[pool], pool, r,
+                                 family=family, disp=disp, offset=_subset_offset(offset, pool),
+                                 gcate_kwargs=gk)
+    logger.info("screen stage: GCATE on the %d pool cells, %.1fs", len(pool),
+                time.perf_counter() - t0)
+    _save_screen_stage(path, fp, stage)
+    return stage
 
 
 # ----------------------------------------------------------------------------------
@@ -1068,6 +1195,7 @@ def _run_fingerprint(data: _Inputs, plans: list[BatchPlan], settings: dict, gk: 
         batch_size=settings["batch_size"], n_batches=settings["n_batches"],
         max_cells=settings["max_cells"], n_ctrl=settings["n_ctrl"],
         random_state=settings["random_state"], warm_start_U=settings["warm_start_U"],
+        fit=settings["fit"],
         layout=_layout_digest(plans), disp_glm=settings["disp_glm"], outcome_start="gcate",
         outcome_size="mom_at_start",
         result_columns=list(RESULT_COLUMNS),     # a cache of another table layout is stale
@@ -1111,7 +1239,8 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
                     save_nuisances: bool = False, pert_col: str | None = None,
                     ctrl_label=None, covariates=(), layer: str | None = None,
                     drop_empty_cells: bool = False, results_path=None,
-                    control: str = "non-targeting", return_shift: bool = False, **kwargs):
+                    control: str = "non-targeting", return_shift: bool = False,
+                    fit: str = "auto", **kwargs):
     """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
@@ -1178,6 +1307,15 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         pass 1 on a Dask cluster of single-threaded workers to avoid oversubscription.
     pert_col, ctrl_label, covariates, layer, drop_empty_cells : how to read a screen
         given as a file (see ``Y``); ignored for matrix input.
+    fit : how the factor model is fitted.  ``'screen'``: the shared control pool once
+        per screen (its loadings, covariate coefficients, factors and size factors),
+        then per batch only the treated cells' factors and the perturbations'
+        coefficients at those loadings (:mod:`causarray.screen_stage`,
+        ``docs/math.md#screen-stage``); stored beside ``cache_path`` as soon as it is
+        fitted, and sent once to each Dask worker with ``client``.  ``'per_batch'``:
+        the original's estimator, every batch's GCATE fitted on its own cells.
+        ``'auto'`` (default): ``'screen'`` where it applies (r > 0, one shared pool of
+        cells without perturbation, one perturbation per cell), else ``'per_batch'``.
     save_nuisances : also write each computed batch's nuisances (outcome-model means
         ``Y_hat``, propensity scores, U, offsets, cell rows) to
         ``<cache_path stem>.nuisances.h5`` (:mod:`causarray.nuisances`), so that LFC can
@@ -1219,6 +1357,8 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     data = _prepare_inputs(Y, X, A, W_A)
     plans = plan_batches(data.A, batch_size, n_batches, max_cells, n_ctrl, random_state,
                          control)
+    fit = resolve_factor_fit(fit, screen_fit_obstacles(r, control, plans, data.A),
+                             gk["assignment"], data.Y.shape[1], r, lk)
     log_cells_left_out(data.A, plans, n_ctrl, max_cells, control)
     _warn_multi_perturbation(data.A, control)
     if client is not None:
@@ -1227,8 +1367,9 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
 
     records: dict[int, BatchRecord] = {}
     cache = None
+    fp = ""
     if cache_path is not None:
-        fp, items = _run_fingerprint(data, plans, {
+        fp, items = _run_fingerprint(data, plans, {"fit": fit,
             "r": r, "family": family, "offset": canonical(offset), "batch_size": batch_size,
             "n_batches": n_batches, "max_cells": max_cells, "n_ctrl": n_ctrl,
             "random_state": random_state, "warm_start_U": warm_start_U,
@@ -1239,9 +1380,12 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
 
     if todo:
         disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset)
+        screen = None if fit == "per_batch" else screen_stage(
+            data, plans[0].ctrl_idx, r, family, disp, offset, gk, cache_path, fp)
         common = dict(r=r, family=family, offset=offset, disp=disp, gcate_kwargs=gk,
                       lfc_kwargs=lk, keep_fits=False, blas_threads=blas_threads,
-                      save_nuisances=bool(save_nuisances), control=control)
+                      save_nuisances=bool(save_nuisances), control=control,
+                      pool=None if screen is None else screen.pool)
         width = 1 if executor is None else _executor_width(executor)
         prog = _Progress(len(plans), len(plans) - len(todo), verbose, "GCATE+LFC batches",
                          width)
@@ -1260,16 +1404,9 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
             prog.update(res["batch"], res["n_perts"], res["n_cells"], res["t_batch"])
             release_freed_memory()
 
-        try:    # one-thread BLAS set here: batches on threads of this process share it
-            with one_thread_blas():
-                if executor is None:
-                    for pl in todo:
-                        prev = records.get(pl.batch - 1) if warm_start_U else None
-                        U_prev = None if prev is None else prev.arrays.get("U_ctrl")
-                        finish(_run_batch(_make_job(data, pl, U_ctrl_prev=U_prev, **common)))
-                else:
-                    _run_parallel(executor, todo, width + 1, finish,
-                                  lambda pl: _make_job(data, pl, U_ctrl_prev=None, **common))
+        try:
+            _run_batches(todo, data, common, screen, executor, client, width, finish,
+                         records if warm_start_U else None)
         finally:
             prog.close()
 
@@ -1280,6 +1417,25 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     out, shift = _finish_screen(plans, records, cache, data, gk["assignment"], targets,
                                 results_path)
     return (out, shift) if return_shift else out
+
+
+def _run_batches(todo: list[BatchPlan], data: _Inputs, common: dict, screen, executor, client,
+                 width: int, finish, warm_from: dict | None) -> None:
+    """Fit the batches ``todo``: serially (each warm-started from the previous batch's
+    record in ``warm_from``, when given) or on ``executor`` with ``width + 1`` in flight.
+    The screen stage goes once to each Dask worker (``client.scatter``), not per job.
+    BLAS is set to one thread here: batches on threads of this process share it."""
+    with one_thread_blas():
+        if executor is None:
+            for pl in todo:
+                prev = None if warm_from is None else warm_from.get(pl.batch - 1)
+                U_prev = None if prev is None else prev.arrays.get("U_ctrl")
+                finish(_run_batch(_make_job(data, pl, U_ctrl_prev=U_prev, **common), screen))
+            return
+        shared = screen if client is None or screen is None else \
+            client.scatter(screen, broadcast=True)
+        _run_parallel(executor, todo, width + 1, finish,
+                      lambda pl: _make_job(data, pl, U_ctrl_prev=None, **common), shared)
 
 
 def _finish_screen(plans, records: dict, cache, data: _Inputs, assignment: str, targets,
@@ -1487,15 +1643,17 @@ def _file_inputs(Y, X, A, W_A, pert_col, ctrl_label, covariates, layer, drop_emp
     return Y, X, A, X_A if W_A is None else W_A
 
 
-def _run_parallel(executor, plans: list[BatchPlan], window: int, finish, make_job) -> None:
-    """Keep at most ``window`` batches in flight; ``finish`` runs in this process."""
+def _run_parallel(executor, plans: list[BatchPlan], window: int, finish, make_job,
+                  shared=None) -> None:
+    """Keep at most ``window`` batches in flight; ``finish`` runs in this process;
+    ``shared`` (the screen stage, or its Dask future) goes with every job."""
     queue = list(plans)
     pending: dict = {}
 
     def submit_next() -> None:
         if queue:
             pl = queue.pop(0)
-            pending[executor.submit(_run_batch, make_job(pl))] = pl.batch
+            pending[executor.submit(_run_batch, make_job(pl), shared)] = pl.batch
 
     for _ in range(max(1, window)):
         submit_next()

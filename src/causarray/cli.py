@@ -159,6 +159,11 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "perturbation's shift of the cells' latent state beyond chance is "
                         "its effect) or observational (case-control studies, the default "
                         "of --donor-key: the shift is confounding)")
+    g.add_argument("--fit", choices=("auto", "screen", "per_batch"), default="auto",
+                   help="factor model: screen (the control pool once per screen, each "
+                        "batch at its loadings), per_batch (the original: every batch "
+                        "refits the pool), auto (default: screen for randomized screens of "
+                        ">= 100 r genes)")
     g.add_argument("--alpha", type=float, default=0.05,
                    help="FDR level for the discovery counts in plots and report (default 0.05)")
     if not demo:
@@ -572,7 +577,8 @@ def _run(args: argparse.Namespace, input_path: Path, adata: Any = None) -> int:
                cache_path=cache, client=client,
                random_state=args.seed, verbose=not args.quiet, r_grid=args.r_grid,
                max_iters=args.max_iters, drop_empty_cells=drop_empty,
-               assignment=getattr(args, "assignment", None), **guide_kw, **donor_kw)
+               assignment=getattr(args, "assignment", None), fit=getattr(args, "fit", "auto"),
+               **guide_kw, **donor_kw)
         calibration = _calibration(adata, args, client)
     except ValueError as err:
         msg = _one_line(err)

@@ -61,6 +61,7 @@ from ._validation import (
     check_keywords,
     check_mask_shape,
     check_matrix_2d,
+    check_positive_int,
     check_recenter_genes,
     check_removed_keywords,
     check_rows_2d,
@@ -256,13 +257,14 @@ class _GeneBlocks:
 # ----------------------------------------------------------------------------------
 def fit_outcome_model(Y, W: np.ndarray, A: np.ndarray, log_s: np.ndarray, fold: np.ndarray,
                       family: str = "nb", disp_glm=None, init=None,
-                      size_at_init: bool = False) -> CounterfactualMeans:
+                      size_at_init: bool = False, max_iter: int = 100) -> CounterfactualMeans:
     """Joint count GLM of Y on [W | A] per training fold; out-of-fold counterfactual means.
 
     ``init`` (p x (d + a), columns as ``[W | A]``) warm-starts the GLM when there are no
     folds; the fit (dispersion recipe included) is the same, only fewer Newton steps
     are needed from a good start.  ``size_at_init``: ``init`` is an NB fit of this
     model and the MoM sizes are taken at its means (:func:`causarray.glm.fit_glm`).
+    ``max_iter``: Newton steps of the (final) fit, see ``LFC(outcome_steps=)``.
     """
     n, p = Y.shape
     K = int(fold.max()) + 1
@@ -276,7 +278,8 @@ def fit_outcome_model(Y, W: np.ndarray, A: np.ndarray, log_s: np.ndarray, fold: 
         train = fold != f if K > 1 else slice(None)
         fit = fit_glm(Y[train], W[train], A[train], family=family, size=disp_glm,
                       offset=log_s[train], init=init if K == 1 else None, compute_se=False,
-                      size_at_init=size_at_init and K == 1)
+                      size_at_init=size_at_init and K == 1,
+                      max_iter=max_iter if K == 1 and init is not None else 100)
         logger.debug("outcome GLM (fold %d): %d of %d genes converged, mean %.1f Newton steps",
                      f, int(fit.converged.sum()), p, float(np.mean(fit.n_iter)))
         B = fit.coef[:, :d]
@@ -1001,7 +1004,7 @@ def _propensities(A, W_A, mask, fold, K: int, pi_hat, *, ps_class_weight, random
 
 def _outcome_and_estimands(Y, W, A, s, pi, log_s, fold, mask, opts: _AIPWOptions, *, Y_hat,
                            W_gene_folds, family: str, disp_glm, outcome_init,
-                           size_at_init: bool = False):
+                           size_at_init: bool = False, outcome_steps: int | None = None):
     """The outcome model (fitted, per gene fold, or ``Y_hat``) and the AIPW estimands."""
     n, p = Y.shape
     a = A.shape[1]
@@ -1012,7 +1015,8 @@ def _outcome_and_estimands(Y, W, A, s, pi, log_s, fold, mask, opts: _AIPWOptions
     if Y_hat is None:
         logger.info("fitting outcome models")
         cm = fit_outcome_model(Y, W, A, log_s, fold, family=family, disp_glm=disp_glm,
-                               init=outcome_init, size_at_init=size_at_init)
+                               init=outcome_init, size_at_init=size_at_init,
+                               max_iter=outcome_steps or 100)
     else:
         cm = _coerce_Y_hat(Y_hat, n, p, a)
     logger.info("AIPW estimands")
@@ -1116,7 +1120,7 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         bias_correction: bool = True, recenter: bool = True, shift_variance=None,
         W_gene_folds=None, recenter_genes=None, targets="auto",
         ps_model: str = "logistic", eps_var=None, backend: str = "auto",
-        variance_floor: str = "poisson", **kwargs):
+        variance_floor: str = "poisson", outcome_steps: int | None = None, **kwargs):
     """Doubly robust log fold changes of every gene under every treatment.
 
     Parameters
@@ -1151,6 +1155,11 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         stand in for it (``docs/dr.md``, "Warm start").  ``gcate_lfc_batch`` sets it
         with GCATE's start.  Not applied per gene fold (``W_gene_folds``): there the
         factors differ from those of the start.
+    outcome_steps : None (default: the outcome GLM to convergence) or k: at most k
+        Newton steps from ``outcome_init`` -- the k-step estimator, asymptotically the
+        fit itself when the start is consistent (``docs/math.md#screen-stage``;
+        ``gcate_lfc_batch(fit='screen')`` sets 1).  Ignored without ``outcome_init``,
+        with cross-fitting and per gene fold.
     nuisance_variance : add the delta-method variance of the outcome-model coefficients
         to the influence-function variance (K = 1, one-hot A).  It matters when treated and
         control cells overlap poorly in the confounders (see ``docs/dr.md``).
@@ -1226,7 +1235,9 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
     cm, res = _outcome_and_estimands(Y, W, A, s, pi, log_s, fold, mask, opts, Y_hat=Y_hat,
                                      W_gene_folds=W_gene_folds, family=family,
                                      disp_glm=disp_glm, outcome_init=outcome_init,
-                                     size_at_init=bool(outcome_size_at_init))
+                                     size_at_init=bool(outcome_size_at_init),
+                                     outcome_steps=check_positive_int(
+                                         "outcome_steps", outcome_steps, allow_none=True))
     # 3. per treatment: filters, re-centring, variance floor, tests
     topts = _TestingOptions(thres_min=thres_min, min_counts=min_counts, recenter=recenter,
                             fdx=fdx, fdx_alpha=fdx_alpha, fdx_c=fdx_c, fdx_B=fdx_B,

@@ -59,7 +59,13 @@ from ._validation import (
     parameter_names,
 )
 from .engine import Design, alpha_from_size, groups_from_onehot, sym_unpack
-from .factor_model import deviance_residual_svd, fisher_pass, loglik_constants
+from .engine.threads import gene_chunks, run_chunks
+from .factor_model import (
+    deviance_residual_svd,
+    fisher_pass,
+    group_treatment_coefs,
+    loglik_constants,
+)
 from .glm import GLMFit, fit_glm
 from .preprocessing import size_factors_from_offset
 
@@ -390,8 +396,8 @@ def pretreatment_factors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
     GG32 = (G[:, :, None] * G[:, None, :]).reshape(cols.size, r * r).astype(np.float32)
     eye = np.eye(r)
     step_rows = max(64, min(4096, (8 * 2**20) // (8 * max(cols.size, 1))))
-    for start in range(0, U.shape[0], step_rows):
-        rb = slice(start, min(U.shape[0], start + step_rows))
+
+    def fit_block(rb: slice) -> None:                  # writes its own rows of U
         block = Y[rb][:, cols]
         y = block.toarray() if sp.issparse(block) else np.asarray(block, dtype=float)
         base = log_s[rb, None] + X[rb] @ B_X[cols].T + A[rb] @ B_A[cols].T
@@ -410,6 +416,9 @@ def pretreatment_factors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
             step = (H_inv @ score[:, :, None])[:, :, 0]
             u = u + np.clip(step, -1.0, 1.0)
         U[rb] = u
+
+    # row blocks are independent: on the pass's threads (one-thread BLAS each)
+    run_chunks(fit_block, gene_chunks(U.shape[0], step_rows))
     return U
 
 
@@ -661,6 +670,26 @@ def _refit_on_unaffected(data: tuple, stage1: _Stage1Fit, keep: np.ndarray):
     return U, np.hstack([refit[:, :d], refit[:, d + r:], refit[:, d:d + r]])
 
 
+def onehot_groups(A: np.ndarray) -> np.ndarray:
+    """Group of each cell of a one-hot treatment matrix: its column, ``-1`` for a cell
+    without treatment (``ValueError``-free: callers check one-hotness first)."""
+    A = np.asarray(A)
+    return np.where(A.sum(axis=1) > 0, np.argmax(A, axis=1), -1)
+
+
+def _refit_treatments_on_unaffected(data: tuple, stage1: _Stage1Fit, keep: np.ndarray):
+    """:func:`_refit_on_unaffected` at fixed loadings: the factors re-estimated from the
+    genes ``keep``, then only the treatment coefficients refitted to them
+    (:func:`causarray.factor_model.group_treatment_coefs`; one-hot treatments)."""
+    Y, X, A, log_s, size, Q = data
+    U = _project_out(pretreatment_factors(Y, X, A, log_s, size, stage1.B_X, stage1.B_A,
+                                          stage1.Gamma, stage1.U, keep), Q)
+    base = log_s[:, None] + X @ stage1.B_X.T + U @ stage1.Gamma.T
+    beta, _ = group_treatment_coefs(Y, base, onehot_groups(A), A.shape[1],
+                                    alpha_from_size(size) * np.ones(Y.shape[1]))
+    return U, np.hstack([stage1.B_X, beta, stage1.Gamma])
+
+
 GENE_FOLD_PANEL = 100      # gene folds when p < GENE_FOLD_PANEL * r (r / p above 1 %)
 
 
@@ -694,6 +723,82 @@ def _gene_fold_factors(data: tuple, stage1: _Stage1Fit, keep: np.ndarray, alpha:
                                                 stage1.Gamma, stage1.U, keep_f), Q)
         fold_U.append(winsorize_factors(U_f) + A @ alpha)
     return gene_fold, fold_U
+
+
+@dataclass(frozen=True)
+class _Stage2Options:
+    """The options of :func:`fit_gcate` that stage 2 and the pretreatment refit use."""
+
+    family: str
+    es: dict
+    ls: dict | None
+    c1: float | None
+    renormalize: bool
+    control: str
+    assignment: str
+    shift_level: float
+    pretreatment_u: bool
+    affected_z: float
+    gene_folds: int | str
+    random_state: int
+
+
+def stage2_result(data: tuple, s: np.ndarray, U1r: np.ndarray, coef1: np.ndarray,
+                  se_hat: np.ndarray, hist1: list, opts: _Stage2Options,
+                  fixed_loadings: bool = False) -> dict:
+    """Stage 2 from a stage-1 fit: the treatment-linked shift, its decision, the
+    pretreatment factors and gene folds, as ``res_2`` of :func:`fit_gcate`.
+
+    ``data`` is ``(Y, X, A, log_s, size, Q)``; ``U1r`` the stage-1 factors and ``coef1``
+    their coefficients ``[B_X | B_A | Gamma]``, ``se_hat`` the standard errors of
+    ``B_A``.  Shared by the per-batch fit and the fit at a screen's loadings
+    (:mod:`causarray.screen_stage`); with ``fixed_loadings`` the pretreatment refit
+    keeps ``B_X`` and ``Gamma`` and re-estimates only the treatment coefficients.
+    """
+    Y, X, A, log_s, size, Q = data
+    p, d, a, r = Y.shape[1], X.shape[1], A.shape[1], U1r.shape[1]
+    beta_hat, Gamma1r = coef1[:, d:d + a], coef1[:, d + a:]
+    shift, alpha_hat, decision = _stage2_shift(beta_hat, se_hat, Gamma1r, A,
+                                               skip=opts.c1 is not None and opts.c1 == 0,
+                                               renormalize=opts.renormalize,
+                                               control=opts.control,
+                                               assignment=opts.assignment,
+                                               shift_level=opts.shift_level)
+    alpha = decision.alpha
+    fold_U = gene_fold = unaffected = None
+    if opts.pretreatment_u and r > 0 and opts.assignment == "randomized":
+        # genes moved by a perturbation beyond the confounder shift that is adjusted
+        direct = beta_hat - shift[None, :] - Gamma1r @ alpha.T
+        unaffected = ~affected_genes(direct, se_hat, opts.affected_z)
+        keep = unaffected.all(axis=1)
+        logger.info("GCATE: factors re-estimated from %d of %d genes that no perturbation "
+                    "moves (|z| <= %g)", int(keep.sum()), p, opts.affected_z)
+        stage1 = _Stage1Fit(U1r, coef1[:, :d], beta_hat, Gamma1r)
+        if keep.sum() >= max(3 * r, 10) and not keep.all():
+            refit = _refit_treatments_on_unaffected if fixed_loadings else _refit_on_unaffected
+            U1r, coef1 = refit(data, stage1, keep)
+            beta_hat, Gamma1r = coef1[:, d:d + a], coef1[:, d + a:]
+        n_folds = resolve_gene_folds(opts.gene_folds, p, r)
+        if n_folds > 1:
+            gene_fold, fold_U = _gene_fold_factors(data, stage1, keep, alpha, n_folds,
+                                                   opts.random_state)
+    U2 = winsorize_factors(U1r) + A @ alpha
+    coef2 = coef1.copy()
+    coef2[:, d:d + a] = beta_hat - shift[None, :] - Gamma1r @ alpha.T
+    kw_glm2 = dict(family=opts.family, disp_glm=size, size_factor=s * np.exp(A @ shift))
+    res_2 = _result(X, A, U2, coef2, [hist1[-1]], 0, kw_glm2, opts.es, opts.ls)
+    res_2.update(alpha=alpha, alpha_hat=alpha_hat, shift_cov=decision.cov,
+                 shift_var=shift_variance(Gamma1r, decision.cov),
+                 shift_stat=decision.statistic, shift_pvalue=decision.pvalue,
+                 shift_adjusted=decision.supported, assignment=opts.assignment)
+    if unaffected is not None:
+        res_2["unaffected"] = unaffected
+    if fold_U is not None:
+        res_2["gene_fold"] = gene_fold
+        res_2["U_gene_folds"] = np.stack(fold_U)
+    res_2["shift"] = shift
+    res_2["se_A"] = se_hat
+    return res_2
 
 
 def _check_options(assignment, control, shift_level, gene_folds, backend) -> None:
@@ -820,49 +925,12 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     kw_glm = dict(family=family, disp_glm=size, size_factor=s)
     res_1 = _result(X, A, U1r, coef1, hist1, it1, kw_glm, es1, kwargs_ls_1)
 
-    beta_hat, se_hat = coef_1[:, d + r:], se_1[:, d + r:]
-    shift, alpha_hat, decision = _stage2_shift(beta_hat, se_hat, Gamma1r, A,
-                                               skip=c1 is not None and c1 == 0,
-                                               renormalize=renormalize, control=control,
-                                               assignment=assignment, shift_level=shift_level)
-    alpha = decision.alpha
-    fold_U = None
-    gene_fold = None
-    unaffected = None
-    if pretreatment_u and r > 0 and assignment == "randomized":
-        # genes moved by a perturbation beyond the confounder shift that is adjusted
-        direct = beta_hat - shift[None, :] - Gamma1r @ alpha.T
-        unaffected = ~affected_genes(direct, se_hat, affected_z)
-        keep = unaffected.all(axis=1)
-        logger.info("GCATE: factors re-estimated from %d of %d genes that no perturbation "
-                    "moves (|z| <= %g)", int(keep.sum()), p, affected_z)
-        stage1 = _Stage1Fit(U1r, coef_1[:, :d], beta_hat, Gamma1r)
-        data = (Y, X, A, log_s, size, Q)
-        if keep.sum() >= max(3 * r, 10) and not keep.all():
-            U1r, coef1 = _refit_on_unaffected(data, stage1, keep)
-            beta_hat, Gamma1r = coef1[:, d:d + a], coef1[:, d + a:]
-        n_folds = resolve_gene_folds(gene_folds, p, r)
-        if n_folds > 1:
-            gene_fold, fold_U = _gene_fold_factors(data, stage1, keep, alpha, n_folds,
-                                                   random_state)
-    U2 = winsorize_factors(U1r) + A @ alpha
-    coef2 = coef1.copy()
-    coef2[:, d:d + a] = beta_hat - shift[None, :] - Gamma1r @ alpha.T
-    hist2 = [hist1[-1]]
-    s2 = s * np.exp(A @ shift)
-    kw_glm2 = dict(family=family, disp_glm=size, size_factor=s2)
-    res_2 = _result(X, A, U2, coef2, hist2, 0, kw_glm2, es2, kwargs_ls_2)
-    res_2.update(alpha=alpha, alpha_hat=alpha_hat, shift_cov=decision.cov,
-                 shift_var=shift_variance(Gamma1r, decision.cov),
-                 shift_stat=decision.statistic, shift_pvalue=decision.pvalue,
-                 shift_adjusted=decision.supported, assignment=assignment)
-    if unaffected is not None:
-        res_2["unaffected"] = unaffected
-    if fold_U is not None:
-        res_2["gene_fold"] = gene_fold
-        res_2["U_gene_folds"] = np.stack(fold_U)
-    res_2["shift"] = shift
-    res_2["se_A"] = se_hat
+    opts = _Stage2Options(family=family, es=es2, ls=kwargs_ls_2, c1=c1, renormalize=renormalize,
+                          control=control, assignment=assignment, shift_level=shift_level,
+                          pretreatment_u=pretreatment_u, affected_z=affected_z,
+                          gene_folds=gene_folds, random_state=random_state)
+    res_2 = stage2_result((Y, X, A, log_s, size, Q), s, U1r, coef1, se_1[:, d + r:], hist1,
+                          opts)
     return res_1, res_2
 
 
