@@ -900,7 +900,7 @@ def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: l
 def _finish_guide_results(results: pd.DataFrame, cols, ga,
                           pairs: pd.DataFrame | None) -> dict:
     """Split the negative controls off, restrict the pairs and build the guide tables."""
-    from .calibration import nt_guide_calibration
+    from .calibration_stats import nt_guide_calibration
     from .highmoi import restrict_pairs, split_negative_controls
 
     table, negatives = split_negative_controls(results, cols.nt_guides)
