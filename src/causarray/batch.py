@@ -107,8 +107,8 @@ DESIGN_READING = {
 _NON_ESTIMABLE = {"tau": np.nan, "std": np.nan, "log2fc": np.nan, "log2fc_se": np.nan,
                   "std_raw": np.nan}
 _TEMPLATE_DTYPES = {"rej": np.dtype(np.int64), "estimable": np.dtype(bool),
-                    "n_treated": np.dtype(np.int64), "n_control": np.dtype(np.int64),
-                    "var_floored": np.dtype(bool)}
+                    "tested": np.dtype(bool), "n_treated": np.dtype(np.int64),
+                    "n_control": np.dtype(np.int64), "var_floored": np.dtype(bool)}
 _LFC_RESERVED = ("Y_hat", "pi_hat", "offset", "W", "W_A", "A", "Y")
 
 
@@ -500,7 +500,7 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
     Rows of ``df_fit`` (LFC on the expressed genes and the treatments with cells,
     treatment-major) are placed in the full (treatment x gene) grid; the other rows are
     non-estimable: ``tau``, ``std``, ``std_raw``, ``log2fc``, ``log2fc_se``, ``stat`` and
-    p-values NaN, ``estimable`` and ``var_floored`` False, arm means and count sums 0 for
+    p-values NaN, ``estimable``, ``tested`` and ``var_floored`` False, arm means and count sums 0 for
     genes without counts (arm sizes those of the treatment) and NaN for treatments
     without cells (arm sizes 0).
     """
