@@ -117,7 +117,8 @@ class H5Counts:
     def __post_init__(self) -> None:
         import h5py
 
-        self.path = str(self.path)
+        # absolute: a job carries this path to workers that may run in another directory
+        self.path = os.path.abspath(os.fspath(self.path))
         with h5py.File(self.path, "r") as f:
             check_h5_key(f, self.path, self.key)
             self.format, self.file_shape = _group_kind(f[self.key])
