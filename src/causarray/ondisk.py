@@ -17,8 +17,8 @@ statistics (input validation, empty cells, per-gene maxima for ``q``, library si
 of the capped counts for ``X_A``, row / column sums for the cache fingerprint) come
 from one streamed pass over row blocks (:func:`scan_counts`; a second one only when
 empty cells are dropped), so the peak memory is one block, not the matrix, and the
-file is read once before the first batch.  The results of the batch pipeline are identical to those of the same screen
-read into memory.
+file is read once before the first batch.  The results of the batch pipeline are
+identical to those of the same screen read into memory.
 
 An :class:`H5Counts` pickles as its file path, group key and read settings only (no
 open file handle, no data), so an executor's worker can receive a :class:`RowRef`
