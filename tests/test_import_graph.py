@@ -152,9 +152,29 @@ def test_every_import_points_down_the_documented_order():
     assert not upward, f"imports not below the importing module: {upward}"
 
 
-@pytest.mark.parametrize("name", ["fit_gcate_batch", "plot_r"])
-def test_moved_names_resolve_at_their_0_1_1_address(name):
-    import causarray as ca
-    from causarray import gcate
+@pytest.mark.parametrize("module,name", [("gcate", "fit_gcate_batch"), ("gcate", "plot_r"),
+                                         ("diagnostics", "plot_propensity_scores"),
+                                         ("diagnostics", "plot_treatment_associations")])
+def test_moved_names_resolve_at_their_0_1_1_address(module, name):
+    import importlib
 
-    assert getattr(gcate, name) is getattr(ca, name)
+    import causarray as ca
+
+    assert getattr(importlib.import_module(f"causarray.{module}"), name) is getattr(ca, name)
+    with pytest.raises(AttributeError, match=f"module 'causarray.{module}' has no "
+                                             "attribute 'no_such_name'"):
+        getattr(importlib.import_module(f"causarray.{module}"), "no_such_name")
+
+
+def test_the_old_addresses_load_nothing_until_used():
+    """``import causarray.gcate`` loads neither the batch driver nor the figures."""
+    import subprocess
+    import sys
+
+    code = ("import sys, causarray.gcate as g\n"
+            "before = [m for m in ('causarray.batch', 'causarray.pl') if m in sys.modules]\n"
+            "g.plot_r\n"
+            "print(before, 'causarray.pl' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out == "[] True"
