@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import threading
 import time
@@ -36,6 +37,12 @@ import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
+REPO_ROOT = BENCH_DIR.parent
+
+#: an absolute path inside a text: a leading ``/`` not glued to a word, two components
+_ABS_PATH = re.compile(r"(?<![\w.~/:$-])/(?=[A-Za-z_])[\w.+@-]+(?:/[\w.+@-]*)+")
+#: absolute paths that name no machine: scratch files, the system's own interfaces
+_PORTABLE_ROOTS = ("/tmp/", "/proc/", "/dev/", "/usr/bin/")
 
 _KIB_PER_MIB = 1024.0
 
@@ -313,6 +320,30 @@ def _result_markdown(name: str, result: Mapping[str, Any], machine: Mapping[str,
     return "\n".join(parts) + "\n"
 
 
+def portable_path(path: str) -> str:
+    """``path`` as recorded in results: relative to the repository unless under /tmp.
+
+    A checkout's files become ``src/causarray``, another checkout beside it
+    ``../wt_base/src``; data outside the repository keep a path relative to it, which
+    says where they were without naming the machine (say how to make them in the
+    result's command or in docs/benchmarks.md).
+    """
+    if not path.startswith("/") or path.startswith(_PORTABLE_ROOTS):
+        return path
+    return os.path.relpath(path, REPO_ROOT)
+
+
+def portable(value: Any) -> Any:
+    """``value`` with every absolute path inside its strings made :func:`portable_path`."""
+    if isinstance(value, str):
+        return _ABS_PATH.sub(lambda m: portable_path(m.group(0)), value)
+    if isinstance(value, Mapping):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    return value
+
+
 def write_result(
     name: str, result: Mapping[str, Any], results_dir: str | os.PathLike | None = None
 ) -> Path:
@@ -333,18 +364,25 @@ def write_result(
     -------
     Path
         Path of the JSON file.
+
+    Notes
+    -----
+    Paths are recorded relative to the repository (:func:`portable`), so that the
+    committed results name no folder of the machine they ran on
+    (``tests/test_no_machine_paths.py``).
     """
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"result name must be a plain file stem, got {name!r}")
     out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    payload = {"name": name, **to_jsonable(dict(result)), "machine": machine}
+    result = portable(to_jsonable(dict(result)))
+    payload = {"name": name, **result, "machine": machine}
     json_path = out_dir / f"{name}.json"
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, json_path)
-    (out_dir / f"{name}.md").write_text(_result_markdown(name, to_jsonable(dict(result)), machine))
+    (out_dir / f"{name}.md").write_text(_result_markdown(name, result, machine))
     return json_path
 
 

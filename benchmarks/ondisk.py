@@ -28,8 +28,9 @@ perturbation, never dense):
     seconds (one BLAS thread: CPU time is the batch's work, which the machine's load
     does not inflate).  The results of the two modes are compared exactly.
 
-``python /work/shared/bench/ref_pass.py`` (a float32 gradient pass over a tutorial
-batch) is timed just before, so that times can be read in passes.
+``python ../shared/bench/ref_pass.py`` (the shared folder beside the repository; a
+float32 gradient pass over a tutorial batch) is timed just before, so that times can be
+read in passes.
 
 Usage::
 
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import hwm_rss_mb, write_result
 
 PERT_COL, CTRL = "perturbation", "non-targeting"
-REF_PASS = Path("/work/shared/bench/ref_pass.py")
+REF_PASS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "ref_pass.py"
 
 
 def _limit_batches(k: int) -> None:

@@ -193,12 +193,14 @@ def ensure_upstream_venv(
         check=True,
     ).stdout.strip()
     if record_path is not None:
+        from _common import portable_path
+
         record_path.parent.mkdir(parents=True, exist_ok=True)
         header = [
             f"# Environment of the original causarray {UPSTREAM_VERSION} (PyPI) used by benchmarks/upstream.py",
             "# written by ensure_upstream_venv(); the lines below are `pip freeze --all` of that venv",
             f"# date: {_dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec='seconds')}",
-            f"# python: {pyver} (venv created by {base})",
+            f"# python: {pyver} (venv created by {portable_path(str(base))})",
             f"# platform: {platform.platform()}",
             f"# install_s: {install_s:.1f} (venv creation + pip install, downloads included)",
             f"# pinned_to_previous_record: {bool(pins)}",

@@ -121,3 +121,12 @@ def test_import_table_matches_the_code(row):
         assert lazy == documented_lazy, (
             f"{name} imports {sorted(lazy)} lazily; docs/ARCHITECTURE.md says "
             f"{sorted(documented_lazy)}")
+
+
+def test_every_module_has_a_row_in_the_import_table():
+    listed = set()
+    for row in _table_rows(_section("What imports what")):
+        listed |= set(re.findall(r"`(\w+)`", row[0]))
+    expected = (set(MODULES) | set(SUBPACKAGES)) - {"_version"}
+    assert expected <= listed, f"modules without a row in 'What imports what': " \
+        f"{sorted(expected - listed)}"

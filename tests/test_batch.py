@@ -251,6 +251,8 @@ def test_gene_without_counts_in_one_batch_is_non_estimable(problem):
     assert len(late) == 4
     assert late[["tau", "std", "log2fc", "log2fc_se", "stat"]].isna().all().all()
     assert late.pvalue.isna().all() and late.padj.isna().all() and not late.estimable.any()
+    assert late.tested.dtype == bool and not late.tested.any()
+    assert (df.tested == df.pvalue.notna()).all()
     assert (late.mean_control == 0).all() and (late.mean_treated == 0).all()
     assert g[g.batch == 0].pvalue.notna().any()
     # the other genes of the affected batches are still tested

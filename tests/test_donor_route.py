@@ -87,6 +87,9 @@ def test_jackknife_tests_by_hand():
     p = 2 * stats.t.sf(np.abs(res["tau"].to_numpy()[:2] / np.sqrt(var)), df=6 - 1 - 1)
     np.testing.assert_allclose(out["pvalue"].to_numpy()[:2], p, rtol=1e-10)
     assert np.isnan(out["pvalue"].iloc[2]) and (out["std_influence"] == 0.1).all()
+    # gene c keeps its estimate (estimable) but got no test
+    assert out["estimable"].tolist() == [True, True, True]
+    assert out["tested"].tolist() == [True, True, False]
 
 
 def test_the_donor_route_reports_jackknife_errors():

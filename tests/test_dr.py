@@ -224,6 +224,10 @@ def test_all_zero_gene_is_not_estimable_with_warning():
         df, _ = LFC(Y, X, A)
     assert not df["estimable"].iloc[0] and np.isnan(df["pvalue"].iloc[0])
     assert "trt" not in df.columns
+    # tested: a finite p-value; only estimable pairs are tested
+    assert df["tested"].dtype == bool and not df["tested"].iloc[0]
+    assert (df["tested"] == np.isfinite(df["pvalue"])).all() and df["tested"].sum() > 30
+    assert not (df["tested"] & ~df["estimable"]).any()
 
 
 def test_threshold_floor_is_not_a_filter():

@@ -413,3 +413,28 @@ def test_same_sums_other_counts_do_not_share_a_cached_jic_table(screen, tmp_path
     (tmp_path / "again.h5").unlink()
     tl.lfc(other, copy=True, cache_path=tmp_path / "again.h5", **kw)
     assert "re-using the JIC table" in caplog.text
+
+
+def test_the_way_in_sums_the_counts_once_per_kind(monkeypatch):
+    """In memory tl.lfc's way in takes the raw row sums once (validation, empty cells)
+    and the capped ones once (library size): not once per stage."""
+    import scipy.sparse as sp
+
+    from causarray import _validation, preprocessing
+
+    adata = simulate_screen(n_ctrl=120, n_perts=2, cells_per_pert=40, n_genes=30, r=1,
+                            random_state=2)
+    adata.X = sp.csr_matrix(adata.X)
+    whole = []
+    orig = _validation.row_sums
+
+    def counting(Y):
+        if Y.shape == adata.shape:
+            whole.append(float(Y.sum()))
+        return orig(Y)
+
+    monkeypatch.setattr(_validation, "row_sums", counting)
+    monkeypatch.setattr(preprocessing, "row_sums", counting)
+    screen = tl._read_screen(adata, None, None, [], None, False)
+    capped_total = float(screen.Y.sum())
+    assert whole == [float(adata.X.sum()), capped_total]

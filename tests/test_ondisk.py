@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import pickle
 import re
+import warnings
 from concurrent.futures import Executor, ProcessPoolExecutor
 
 import anndata as ad
@@ -124,6 +125,72 @@ def test_rows_are_read_lazily(h5ad_file, monkeypatch):
     batch_cells = 200 + 2 * 60                               # controls + 2 perturbations
     assert len(df) and max(calls) <= batch_cells < n
     assert sum(c == batch_cells for c in calls) >= 2         # one read per batch (+ pool)
+
+
+def _rows_read(monkeypatch) -> list[int]:
+    """File rows of every read of the counts from now on (streamed blocks, row reads)."""
+    calls: list[int] = []
+    orig = H5Counts._read_sorted_file_rows
+
+    def counting(self, f, frows, raw=False):
+        calls.append(int(frows.size))
+        return orig(self, f, frows, raw=raw)
+
+    monkeypatch.setattr(H5Counts, "_read_sorted_file_rows", counting)
+    monkeypatch.setattr(ondisk, "_SCAN_CACHE", {})
+    return calls
+
+
+@pytest.mark.parametrize("drop_empty", [False, True])
+def test_the_way_in_reads_the_counts_once(tmp_path, monkeypatch, drop_empty):
+    """tl.lfc's validation and open_screen: one streamed pass over the file (two when
+    empty cells are dropped, which moves the rows of the digest)."""
+    from causarray import tl
+
+    a = _screen(seed=5)
+    if drop_empty:
+        X = a.X.tolil()
+        X[4, :] = 0
+        a.X = X.tocsr()
+    a.write_h5ad(tmp_path / "s.h5ad")
+    calls = _rows_read(monkeypatch)
+    monkeypatch.setattr(ondisk, "BLOCK_NNZ", 2000)          # several blocks
+    backed = ad.read_h5ad(tmp_path / "s.h5ad", backed="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        screen = tl._read_screen(backed, None, None, [], None, drop_empty)
+    n_kept = screen.Y.shape[0]
+    assert len(calls) > 3 and n_kept == a.n_obs - drop_empty
+    assert sum(calls) == a.n_obs + (n_kept if drop_empty else 0)
+
+
+@pytest.mark.parametrize("storage", ["csr", "dense"])
+@pytest.mark.parametrize("block_nnz", [300, 1 << 23])
+def test_one_pass_sums_and_digest_equal_a_second_pass(tmp_path, monkeypatch, storage,
+                                                      block_nnz):
+    """The capped counts' sums and digest taken in the scan equal, bit for bit, those of
+    a pass over the capped counts: a heavy tail (the cap binds on many entries, some in
+    the first block), a non-integer count (rounded), one block or many."""
+    rng = np.random.default_rng(7)
+    Y = rng.poisson(0.3, size=(300, 1000)).astype(np.float32)
+    Y[::10, 0] = 9_000                   # capped, from the first block on
+    Y[150, 1] = 100                      # raises the cap to about 109 halfway through
+    Y[17, 3] = 2.6
+    a = ad.AnnData(X=Y if storage == "dense" else sp.csr_matrix(Y))
+    a.write_h5ad(tmp_path / "t.h5ad")
+    monkeypatch.setattr(ondisk, "_SCAN_CACHE", {})
+    monkeypatch.setattr(ondisk, "BLOCK_NNZ", block_nnz)
+    M = H5Counts(str(tmp_path / "t.h5ad"), "X")
+    scan = ondisk.scan_counts(M)
+    M.rint = bool(scan.n_frac)
+    M.cap = float(np.round(np.percentile(np.rint(scan.gene_max), 99.9)))
+    assert scan.n_frac == 1 and 100 < M.cap < 9_000 and (Y > M.cap).sum() == 30
+    one, two = scan.capped.finish(M), ondisk._digest_pass(M)
+    assert one["digest"] == two["digest"]
+    np.testing.assert_array_equal(one["row_sums"], two["row_sums"])
+    np.testing.assert_array_equal(one["col_sums"], two["col_sums"])
+    capped = np.minimum(np.rint(Y), M.cap).astype(np.float64)
+    np.testing.assert_array_equal(one["row_sums"], capped.sum(axis=1))
 
 
 class _RecordingExecutor(Executor):

@@ -21,7 +21,11 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
+from . import _aliases
 from ._version import __version__ as __version__
+
+# 0.1.1's names at their old addresses (causarray.gcate.plot_r, ...): see _aliases.py
+_aliases.install(__name__)
 
 
 def _read_exports(stub: Path) -> tuple[dict[str, str], tuple[str, ...]]:

@@ -483,9 +483,11 @@ def check_no_empty_genes(
 
 
 def check_no_empty_cells(
-    Y: np.ndarray | sp.spmatrix,
+    Y: np.ndarray | sp.spmatrix | None,
     cell_names: Sequence[Any] | None = None,
     name: str = "Y",
+    *,
+    totals: np.ndarray | None = None,
 ) -> None:
     """Raise if any cell (row) has zero total count.
 
@@ -494,18 +496,21 @@ def check_no_empty_cells(
     Parameters
     ----------
     Y : ndarray or scipy.sparse matrix, shape (n, p)
-        Non-negative counts.
+        Non-negative counts (not read when ``totals`` is given).
     cell_names : sequence, optional
         Names used in the message instead of row indices.
     name : str
         Name used in the message.
+    totals : ndarray, shape (n,), optional
+        The row sums of ``Y`` (:func:`row_sums`) when the caller has them already, so
+        that the counts are not summed twice.
 
     Raises
     ------
     ValueError
         Naming how many cells are empty and the first few of them.
     """
-    empty = np.flatnonzero(row_sums(Y) == 0)
+    empty = np.flatnonzero((row_sums(Y) if totals is None else np.asarray(totals)) == 0)
     if empty.size:
         label = "names" if cell_names is not None else "row indices"
         raise ValueError(

@@ -35,11 +35,12 @@ Install the same causarray version (with the ``dask`` extra) on every machine, t
 With in-memory input the calling process keeps the input, sends each batch's rows
 (sparse stays sparse in transit) to a worker, and commits every returned batch to
 ``cache_path`` itself, so the cache lives on the caller's file system and no worker
-needs shared storage.  With a file as input (``gcate_lfc_batch('/shared/screen.h5ad',
-r=..., client=client)``) the caller holds no counts: each job carries the file path,
-the batch's row numbers and the settings (:class:`causarray.ondisk.RowRef`), and the
-worker reads its rows itself, so the file must be readable at the same path on every
-worker (shared file system or a local copy per machine).
+needs shared storage.  With a file as input
+(``gcate_lfc_batch('/path/to/shared/screen.h5ad', r=..., client=client)``) the caller
+holds no counts: each job carries the file path, the batch's row numbers and the
+settings (:class:`causarray.ondisk.RowRef`), and the worker reads its rows itself, so
+the file must be readable at the same path on every worker (shared file system or a
+local copy per machine); a relative path is made absolute before any job is shipped.
 At most (number of worker threads + 1) batches are in flight; a worker needs memory
 for one batch.  Killing the caller and rerunning with the same arguments resumes.
 """
@@ -108,8 +109,8 @@ DESIGN_READING = {
 _NON_ESTIMABLE = {"tau": np.nan, "std": np.nan, "log2fc": np.nan, "log2fc_se": np.nan,
                   "std_raw": np.nan}
 _TEMPLATE_DTYPES = {"rej": np.dtype(np.int64), "estimable": np.dtype(bool),
-                    "n_treated": np.dtype(np.int64), "n_control": np.dtype(np.int64),
-                    "var_floored": np.dtype(bool)}
+                    "tested": np.dtype(bool), "n_treated": np.dtype(np.int64),
+                    "n_control": np.dtype(np.int64), "var_floored": np.dtype(bool)}
 _LFC_RESERVED = ("Y_hat", "pi_hat", "offset", "W", "W_A", "A", "Y")
 
 
@@ -502,9 +503,9 @@ def batch_frame(df_fit: pd.DataFrame | None, gene_names: np.ndarray, trt_names: 
     Rows of ``df_fit`` (LFC on the expressed genes and the treatments with cells,
     treatment-major) are placed in the full (treatment x gene) grid; the other rows are
     non-estimable: ``tau``, ``std``, ``std_raw``, ``log2fc``, ``log2fc_se``, ``stat`` and
-    p-values NaN, ``estimable`` and ``var_floored`` False, arm means and count sums 0 for
-    genes without counts (arm sizes those of the treatment) and NaN for treatments
-    without cells (arm sizes 0).
+    p-values NaN, ``estimable``, ``tested`` and ``var_floored`` False, arm means and
+    count sums 0 for genes without counts (arm sizes those of the treatment) and NaN for
+    treatments without cells (arm sizes 0).
     """
     from .dr import RESULT_COLUMNS
 

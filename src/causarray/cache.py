@@ -54,7 +54,8 @@ from ._version import __version__
 logger = logging.getLogger("causarray")
 
 FORMAT = "causarray-batch-cache"
-FORMAT_VERSION = 1
+#: 2: result rows carry ``tested`` beside ``estimable`` (a cache of version 1 lacks it)
+FORMAT_VERSION = 2
 _BATCH_RE = re.compile(r"^batch_(\d{4,})$")
 _PART_RE = re.compile(r"^batch_(\d{4,})\.h5$")
 _TMP_RE = re.compile(r"\.tmp-(\d+)-[0-9a-f]+$")

@@ -20,9 +20,9 @@ p-value of a result table.
 :func:`estimate_propensity_scores` is re-exported from :mod:`causarray.propensity`.
 The figures of these tables are drawn by :mod:`causarray.pl` (:func:`causarray.pl.propensity`,
 :func:`causarray.pl.treatment_associations`); 0.1.1's ``plot_propensity_scores`` and
-``plot_treatment_associations`` are still importable from here (module ``__getattr__``:
-they are :mod:`causarray.pl`'s aliases, imported on first use so that this module does
-not load matplotlib).
+``plot_treatment_associations`` are still importable from here: they are
+:mod:`causarray.pl`'s functions, attached to this module by :mod:`causarray._aliases`
+(this module imports nothing above it).
 """
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ __all__ = [
     "estimate_propensity_scores",
     "histogram_overlap",
     "kish_ess",
-    "plot_propensity_scores",       # noqa: F822 - from causarray.pl, see __getattr__
-    "plot_treatment_associations",  # noqa: F822 - from causarray.pl, see __getattr__
+    "plot_propensity_scores",       # noqa: F822 - causarray.pl.*, attached by _aliases
+    "plot_treatment_associations",  # noqa: F822 - causarray.pl.*, attached by _aliases
     "propensity_by_label",
     "standardized_mean_difference",
     "summarize_propensity_scores",
@@ -622,14 +622,3 @@ def align_test_mask(
     check_mask_covers_results(out, trts, genes)
     return out.to_numpy(dtype=bool)
 
-
-#: 0.1.1 names defined in :mod:`causarray.pl` (figures live there), reachable from here.
-_PLOT_ALIASES = ("plot_propensity_scores", "plot_treatment_associations")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PLOT_ALIASES:
-        from . import pl
-
-        return getattr(pl, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -85,8 +85,8 @@ EFFECT_BOUND = 30.0               # and its treatment effects to +- this
 _AIPW_CHUNK_BYTES = 4 * 2**20     # one genes x cells working array of the AIPW loop
 RESULT_COLUMNS = ["gene_names", "tau", "std", "log2fc", "log2fc_se", "stat", "rej", "pvalue",
                   "padj", "pvalue_emp_null_adj", "padj_emp_null_adj", "mean_control",
-                  "mean_treated", "estimable", "n_treated", "n_control", "count_treated",
-                  "count_control", "var_floored", "std_raw", "on_target"]
+                  "mean_treated", "estimable", "tested", "n_treated", "n_control",
+                  "count_treated", "count_control", "var_floored", "std_raw", "on_target"]
 
 
 # ----------------------------------------------------------------------------------
@@ -1085,7 +1085,7 @@ def _treatment_frame(k: int, trt_name, gene_names, Y, A, s, pi, cm: Counterfactu
         "pvalue_emp_null_adj": tests["pvalue_emp_null_adj"],
         "padj_emp_null_adj": tests["padj_emp_null_adj"],
         "mean_control": np.maximum(o["m0"], 0.0), "mean_treated": np.maximum(o["m1"], 0.0),
-        "estimable": tested,
+        "estimable": tested, "tested": np.isfinite(tests["pvalue"]),
         "n_treated": np.full(p, n1, dtype=np.int64),
         "n_control": np.full(p, n0, dtype=np.int64),
         "count_treated": res["c1"][k], "count_control": res["c0"][k],

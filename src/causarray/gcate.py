@@ -1090,17 +1090,3 @@ def estimate_r(Y, X, A, r_max, c: float = 1.0, family: str = "nb", disp_glm=None
     df["JIC"] = df["deviance"] + c * df["nu"]
     return df[["r", "deviance", "nu", "JIC", "time_s"]]
 
-
-def __getattr__(name: str):
-    # 0.1.1 defined the batch driver and the JIC figure in this module: ``from
-    # causarray.gcate import fit_gcate_batch`` / ``plot_r`` keep working without importing
-    # the batch machinery or matplotlib eagerly (the figure is ``causarray.pl.plot_r``).
-    if name == "fit_gcate_batch":
-        from .batch import fit_gcate_batch
-
-        return fit_gcate_batch
-    if name == "plot_r":
-        from .pl import plot_r
-
-        return plot_r
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,9 +15,10 @@ densified here.
 counts and the same count cap ``q`` as ``prep_causarray_data``.  The whole-screen
 statistics (input validation, empty cells, per-gene maxima for ``q``, library sizes
 of the capped counts for ``X_A``, row / column sums for the cache fingerprint) come
-from two streamed passes over row blocks, so the peak memory is one block, not the
-matrix.  The results of the batch pipeline are identical to those of the same screen
-read into memory.
+from one streamed pass over row blocks (:func:`scan_counts`; a second one only when
+empty cells are dropped), so the peak memory is one block, not the matrix, and the
+file is read once before the first batch.  The results of the batch pipeline are
+identical to those of the same screen read into memory.
 
 An :class:`H5Counts` pickles as its file path, group key and read settings only (no
 open file handle, no data), so an executor's worker can receive a :class:`RowRef`
@@ -117,7 +118,8 @@ class H5Counts:
     def __post_init__(self) -> None:
         import h5py
 
-        self.path = str(self.path)
+        # absolute: a job carries this path to workers that may run in another directory
+        self.path = os.path.abspath(os.fspath(self.path))
         with h5py.File(self.path, "r") as f:
             check_h5_key(f, self.path, self.key)
             self.format, self.file_shape = _group_kind(f[self.key])
@@ -358,6 +360,78 @@ class CountScan:
     row_sums: np.ndarray       # raw row sums (float64)
     gene_max: np.ndarray       # per-gene maxima (float64, implicit zeros included)
     dtype: np.dtype
+    capped: _CappedSums | None = None   # what the digest of the capped counts needs
+
+
+class _CappedSums:
+    """The capped counts' row and column sums and sample rows, taken in the scan.
+
+    The cap q = round(99.9th percentile of the per-gene maxima of the rounded counts) is
+    known only after the last block, but it is at least the same percentile of the
+    maxima seen so far, which only grow: an entry at or below that running bound is
+    never capped.  So the scan sums the rounded counts and keeps the few entries above
+    the bound; :meth:`finish` subtracts their excess over q (``min(y, q) = y - (y - q)+``).
+    Counts are integers, so the float64 sums are exact and equal, bit for bit, the sums
+    of a second pass over the capped counts.  The rows sampled by the digest are kept
+    raw and capped in :meth:`finish`.
+    """
+
+    def __init__(self, n: int, p: int, floating: bool):
+        self.rs, self.cs, self.floating = np.zeros(n), np.zeros(p), floating
+        self.sample = np.unique(np.linspace(0, n - 1, _n_sample_rows()).astype(int))
+        self.rows: list[np.ndarray] = []       # raw sample rows, in order
+        self.big = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        self.bound = -np.inf
+
+    def add(self, a: int, b: int, block: Any, gene_max: np.ndarray) -> None:
+        """Account for the raw rows ``a:b`` (``gene_max``: maxima so far, this block in)."""
+        from ._validation import col_sums, row_sums
+        from .preprocessing import CAP_PERCENTILE
+
+        mine = self.sample[(self.sample >= a) & (self.sample < b)] - a
+        if mine.size:
+            self.rows.append(block[mine])
+        if sp.issparse(block):
+            vals = np.rint(block.data) if self.floating else block.data
+            rounded = sp.csr_matrix((vals, block.indices, block.indptr), shape=block.shape)
+        else:
+            rounded = np.rint(block) if self.floating else np.asarray(block)
+            vals = rounded.ravel()
+        self.rs[a:b] = row_sums(rounded)
+        self.cs += col_sums(rounded)
+        gmax = np.rint(gene_max) if self.floating else gene_max
+        self.bound = float(np.round(np.percentile(gmax, CAP_PERCENTILE)))
+        idx = np.flatnonzero(vals > self.bound)           # the few entries q may cap
+        if sp.issparse(block):
+            r, c = np.searchsorted(block.indptr, idx, side="right") - 1, block.indices[idx]
+        else:
+            r, c = np.divmod(idx, rounded.shape[1])
+        r0, c0, v0 = self.big
+        keep = v0 > self.bound
+        self.big = (np.concatenate([r0[keep], r.astype(np.int64) + a]),
+                    np.concatenate([c0[keep], c.astype(np.int64)]),
+                    np.concatenate([v0[keep], vals[idx].astype(np.float64)]))
+
+    def finish(self, M: H5Counts) -> dict:
+        """``col_sums``, ``row_sums`` and ``digest`` of ``M`` (capped at ``M.cap``)."""
+        rows, cols, vals = self.big
+        excess = np.maximum(vals - M.cap, 0.0)
+        rs = self.rs - np.bincount(rows, excess, minlength=self.rs.size)
+        cs = self.cs - np.bincount(cols, excess, minlength=self.cs.size)
+        sample = sp.vstack(self.rows, format="csr") if self.rows and \
+            sp.issparse(self.rows[0]) else np.vstack(self.rows)
+        if sp.issparse(sample):
+            sample = sp.csr_matrix((M._transform(sample.data.copy()), sample.indices,
+                                    sample.indptr), shape=sample.shape).toarray()
+        else:
+            sample = M._transform(np.array(sample))
+        return dict(col_sums=cs, row_sums=rs, digest=_digest(M.shape, cs, rs, sample))
+
+
+def _n_sample_rows() -> int:
+    from .cache import _N_SAMPLE_ROWS
+
+    return _N_SAMPLE_ROWS
 
 
 _SCAN_CACHE: dict[tuple, CountScan] = {}
@@ -367,7 +441,9 @@ def scan_counts(M: H5Counts) -> CountScan:
     """One streamed pass over the raw stored values of ``M`` (all file rows).
 
     Counts NaN/inf, negative and non-integer entries and accumulates the raw row sums
-    and the per-gene maxima.  Cached per process by (file, modification time, group).
+    and the per-gene maxima, and what the digest of the capped counts needs
+    (:class:`_CappedSums`), so that :func:`open_screen` reads the counts once.  Cached
+    per process by (file, modification time, group).
     """
     from ._validation import row_sums
 
@@ -381,6 +457,7 @@ def scan_counts(M: H5Counts) -> CountScan:
     rs = np.zeros(n)
     gmax = np.zeros(p)
     floating = raw.dtype.kind == "f"
+    capped = _CappedSums(n, p, floating) if raw.dtype.kind in "biuf" and n else None
     for a, b, block in raw.row_blocks(raw=True):
         vals = block.data if sp.issparse(block) else np.asarray(block).ravel()
         if floating:
@@ -399,39 +476,55 @@ def scan_counts(M: H5Counts) -> CountScan:
                 np.maximum.at(gmax, block.indices, vals.astype(np.float64))
         elif block.size:
             np.maximum(gmax, block.max(axis=0).astype(np.float64), out=gmax)
+        if capped is not None and not n_neg:
+            capped.add(a, b, block, gmax)
     scan = CountScan(n_bad, n_neg, float(vmin if np.isfinite(vmin) else 0.0), n_frac, rs,
-                     gmax, raw.dtype)
+                     gmax, raw.dtype, None if n_bad or n_neg else capped)
     _SCAN_CACHE.clear()
     _SCAN_CACHE[key] = scan
     return scan
 
 
 def _digest_pass(M: H5Counts) -> dict:
-    """Second streamed pass over the logical (rounded, capped) matrix.
+    """A streamed pass over the logical (rounded, capped) matrix.
+
+    Needed when the scan's sums do not apply (empty cells left out, or statistics of an
+    :class:`H5Counts` built by hand).
 
     Row and column sums (float64) and the cache digest with the recipe of
     :func:`causarray.cache.content_digest` (shape, rounded sums, up to 16 evenly
-    spaced rows).
+    spaced rows, taken from the blocks as they stream by: no read besides the pass).
     """
-    import hashlib
-
     from ._validation import col_sums, row_sums
-    from .cache import _N_SAMPLE_ROWS, _rounded_text
+    from .cache import _N_SAMPLE_ROWS
 
     n, p = M.shape
     cs, rs = np.zeros(p), np.zeros(n)
+    sample = np.unique(np.linspace(0, n - 1, _N_SAMPLE_ROWS).astype(int))
+    rows = []
     for a, b, block in M.row_blocks():
         cs += col_sums(block)
         rs[a:b] = row_sums(block)
+        mine = sample[(sample >= a) & (sample < b)] - a
+        if mine.size:
+            part = block[mine]
+            rows.append(part.toarray() if sp.issparse(part) else np.asarray(part))
+    block = np.vstack(rows) if rows else np.zeros((0, p))
+    return dict(col_sums=cs, row_sums=rs, digest=_digest((n, p), cs, rs, block))
+
+
+def _digest(shape: tuple[int, int], cs: np.ndarray, rs: np.ndarray, sample: Any) -> str:
+    """The recipe of :func:`causarray.cache.content_digest`: shape, sums, sample rows."""
+    import hashlib
+
+    from .cache import _rounded_text
+
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr((n, p)).encode())
+    h.update(repr(tuple(int(x) for x in shape)).encode())
     h.update(_rounded_text(cs))
     h.update(_rounded_text(rs))
-    sample = np.unique(np.linspace(0, n - 1, _N_SAMPLE_ROWS).astype(int))
-    block = M.read_rows(sample)
-    block = block.toarray() if sp.issparse(block) else np.asarray(block)
-    h.update(np.ascontiguousarray(block, dtype=np.float64).tobytes())
-    return dict(col_sums=cs, row_sums=rs, digest=h.hexdigest())
+    h.update(np.ascontiguousarray(sample, dtype=np.float64).tobytes())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------
@@ -514,9 +607,10 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
 
     Notes
     -----
-    Two streamed passes over row blocks: validation, raw row sums and per-gene maxima;
-    then the library sizes, row and column sums and digest of the capped counts.  The
-    obs table and gene names are read into memory, the counts never are.
+    One streamed pass over row blocks (:func:`scan_counts`): validation, raw row sums,
+    per-gene maxima, and the row and column sums (library sizes) and digest of the
+    capped counts; a second pass only when empty cells are dropped.  The obs table and
+    gene names are read into memory, the counts never are.
     """
     from ._validation import check_covariates, check_treatment, resolve_screen_keys
     from .preprocessing import (
@@ -563,7 +657,10 @@ def open_screen(source: Any, pert_col: str | None = None, ctrl_label: Any = None
     # the cap of prep_causarray_data: maxima of the rounded counts = rounded maxima
     gmax = np.rint(scan.gene_max) if M.rint else scan.gene_max
     M.cap = float(np.round(np.percentile(gmax, CAP_PERCENTILE)))
-    M.stats.update(_digest_pass(M))
+    # the capped counts' sums and digest: from the scan (one pass over the counts) unless
+    # empty cells were left out, which moves the sampled rows (then a second pass)
+    use_scan = scan.capped is not None and M.row_map is None
+    M.stats.update(scan.capped.finish(M) if use_scan else _digest_pass(M))
     n = M.shape[0]
     lib = standardized_log2_library_size(sp.csr_matrix(M.stats["row_sums"][:, None]),
                                          list(A.index))

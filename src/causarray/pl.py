@@ -193,7 +193,7 @@ def discoveries(data: Any, alpha: float = 0.05, padj_col: str = "padj", top_n: i
     """
     from matplotlib.ticker import MaxNLocator
 
-    from .report import discovery_counts
+    from .summaries import discovery_counts
 
     counts = discovery_counts(_results(data, key), alpha, padj_col).head(int(top_n))
     ax = _axes(ax, (max(4.0, 0.3 * len(counts) + 2.0), 4.0))
@@ -767,7 +767,7 @@ def discovery_counts(data: Any, alpha: float = 0.05, padj_col: str = "padj",
     """
     import warnings
 
-    from .report import discovery_counts as _counts
+    from .summaries import discovery_counts as _counts
 
     warnings.warn("causarray.pl.discovery_counts is deprecated (pl draws figures); use "
                   "causarray.report.discovery_counts", FutureWarning, stacklevel=2)

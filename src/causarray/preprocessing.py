@@ -137,8 +137,9 @@ def standardized_log2_library_size(
     ValueError
         If a cell has zero total count.
     """
-    check_no_empty_cells(Y, cell_names)
-    ell = np.log2(row_sums(Y))
+    totals = row_sums(Y)                  # one pass: the emptiness check reads these sums
+    check_no_empty_cells(Y, cell_names, totals=totals)
+    ell = np.log2(totals)
     sd = float(np.std(ell, ddof=1)) if ell.size > 1 else 0.0
     if not sd > 0:
         warnings.warn(
@@ -576,12 +577,13 @@ def _anndata_counts(adata: Any, layer: str | None):
 
 
 def _without_empty_cells(counts, A, Xcov: pd.DataFrame, obs_names,
-                         drop_empty_cells: bool, rebuild=None):
+                         drop_empty_cells: bool, rebuild=None, totals=None):
     """Cells with a zero total count raise, or with ``drop_empty_cells`` are dropped (with
     a warning) from the counts, treatments, covariates and names; a treatment left
     without a cell is dropped too (``rebuild(keep, names)``, when given, makes the
-    treatments of the kept cells instead).  Returns ``(counts, A, Xcov, obs_names)``."""
-    empty = row_sums(counts) == 0
+    treatments of the kept cells instead).  ``totals``: the counts' row sums, when the
+    caller has them.  Returns ``(counts, A, Xcov, obs_names)``."""
+    empty = (row_sums(counts) if totals is None else np.asarray(totals)) == 0
     if not empty.any():
         return counts, A, Xcov, obs_names
     if not drop_empty_cells:
@@ -611,6 +613,7 @@ def from_anndata(
     drop_empty_cells: bool = False,
     sparse_treatments: bool = False,
     treatments: pd.DataFrame | None = None,
+    row_totals: np.ndarray | None = None,
 ) -> tuple[Any, pd.DataFrame, np.ndarray, np.ndarray]:
     """Build causarray inputs ``(Y, A, X, X_A)`` from an AnnData screen.
 
@@ -644,6 +647,9 @@ def from_anndata(
         The treatment matrix itself (index ``obs_names``), instead of labels: a guide
         screen's targets, several per cell (:mod:`causarray.highmoi`); ``pert_col`` and
         ``ctrl_label`` are then not used.  Requires ``sparse_treatments``.
+    row_totals : ndarray, shape (n_obs,), optional
+        The row sums of the counts, when the caller has them (``tl.lfc`` takes them
+        while validating the screen): the counts are then not summed again here.
 
     Returns
     -------
@@ -676,7 +682,7 @@ def from_anndata(
                 return treatments.iloc[np.flatnonzero(keep)]
             return sparse_treatment_matrix(labels[keep], ctrl_label, index=names)
     counts, A, Xcov, obs_names = _without_empty_cells(counts, A, Xcov, adata.obs_names,
-                                                      drop_empty_cells, rebuild)
+                                                      drop_empty_cells, rebuild, row_totals)
     dense_out = (not sp.issparse(counts)) if as_dataframe is None else bool(as_dataframe)
     if dense_out:
         dense = counts.toarray() if sp.issparse(counts) else counts

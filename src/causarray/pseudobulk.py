@@ -90,7 +90,8 @@ def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray,
     statistic ``tau / sqrt(Var_J)`` is referred to a t with ``n - 1 - n_covariates``
     degrees of freedom; BH by family as :func:`causarray.inference.family_bh`, the
     empirical-null columns recomputed from the new statistics per treatment.  A row that
-    some replicate could not estimate is not tested.  The influence-function standard
+    some replicate could not estimate is not tested (``tested`` False, ``estimable`` as
+    the full fit left it).  The influence-function standard
     error is kept as ``std_influence``.
     """
     from .inference import empirical_null_adjust, family_bh, t_pvalues
@@ -108,6 +109,7 @@ def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray,
     stat = np.where(tested, out["tau"].to_numpy(float) / std, np.nan)
     out["std"], out["log2fc_se"], out["stat"] = std, std / np.log(2), stat
     out["pvalue"] = t_pvalues(stat, df)
+    out["tested"] = np.isfinite(out["pvalue"].to_numpy(float))
     trt = out["trt"].astype(str).to_numpy() if "trt" in out else np.zeros(len(out), object)
     out["padj"] = family_bh(out["pvalue"].to_numpy(), trt, out["on_target"].to_numpy(bool))
     for t in np.unique(trt):

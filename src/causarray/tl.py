@@ -93,7 +93,8 @@ def _empty_cells(adata: Any, covariates: Iterable[str], layer: str | None,
                  drop_empty_cells: bool) -> np.ndarray:
     """The checks of :func:`validate_screen` that do not concern labels: raw counts
     (streamed for a backed AnnData), known covariates, and empty cells (which raise
-    unless ``drop_empty_cells``).  Returns the empty-cell mask."""
+    unless ``drop_empty_cells``).  Returns the raw counts' row sums (0: an empty cell),
+    which :func:`_read_screen` passes on so that the counts are summed once."""
     from .preprocessing import covariate_design
 
     if getattr(adata, "isbacked", False):
@@ -104,17 +105,17 @@ def _empty_cells(adata: Any, covariates: Iterable[str], layer: str | None,
         scan = scan_counts(backed_counts(adata, layer))
         check_counts_scan(scan, name, non_integer="raise")
         covariate_design(adata.obs, covariates)
-        empty = scan.row_sums == 0
+        totals = scan.row_sums
     else:
         from ._validation import row_sums
 
         counts, name = _counts_of(adata, layer)
         check_raw_counts(counts, name)
         covariate_design(adata.obs, covariates)
-        empty = np.asarray(row_sums(counts)).ravel() == 0
+        totals = np.asarray(row_sums(counts)).ravel()
     if not drop_empty_cells:
-        check_cells_nonempty(empty, adata.obs_names, n_shown=3)
-    return empty
+        check_cells_nonempty(totals == 0, adata.obs_names, n_shown=3)
+    return totals
 
 
 def validate_screen(adata: Any, pert_col: str | None = None, ctrl_label: Any = None,
@@ -140,15 +141,23 @@ def validate_screen(adata: Any, pert_col: str | None = None, ctrl_label: Any = N
         Unknown column, control label, layer or covariate; no perturbed cells; data
         that are not raw counts; empty cells.
     """
+    return _validate_screen(adata, pert_col, ctrl_label, covariates, layer,
+                            drop_empty_cells)[0]
+
+
+def _validate_screen(adata: Any, pert_col: str | None, ctrl_label: Any,
+                     covariates: Iterable[str], layer: str | None,
+                     drop_empty_cells: bool) -> tuple[dict, np.ndarray]:
+    """:func:`validate_screen`'s dict and the raw counts' row sums it took."""
     from .preprocessing import _resolve_screen_keys
 
     pert_col, ctrl_label, labels = _resolve_screen_keys(adata, pert_col, ctrl_label)
-    empty = _empty_cells(adata, covariates, layer, drop_empty_cells)
-    perts = sorted(set(labels[~empty].tolist()) - {ctrl_label})
+    totals = _empty_cells(adata, covariates, layer, drop_empty_cells)
+    perts = sorted(set(labels[totals != 0].tolist()) - {ctrl_label})
     check_has_perturbed(bool(perts), pert_col, ctrl_label)
     return dict(pert_col=pert_col, ctrl_label=ctrl_label, n_cells=int(adata.n_obs),
                 n_genes=int(adata.n_vars), n_control=int(np.sum(labels == ctrl_label)),
-                perturbations=perts)
+                perturbations=perts), totals
 
 
 # ----------------------------------------------------------------------------------
@@ -599,13 +608,13 @@ def _read_screen(adata: Any, pert_col: str | None, ctrl_label: Any,
 
     backed = bool(getattr(adata, "isbacked", False))
     if treatments is None:
-        info = validate_screen(adata, pert_col, ctrl_label, covariates, layer,
-                               drop_empty_cells)
+        info, totals = _validate_screen(adata, pert_col, ctrl_label, covariates, layer,
+                                        drop_empty_cells)
     else:
-        empty = _empty_cells(adata, covariates, layer, drop_empty_cells)
+        totals = _empty_cells(adata, covariates, layer, drop_empty_cells)
         untreated = np.asarray(treatments.sparse.to_coo().sum(axis=1)).ravel() == 0
         info = dict(pert_col=None, ctrl_label=ctrl_label, n_cells=int(adata.n_obs),
-                    n_genes=int(adata.n_vars), n_control=int(np.sum(untreated & ~empty)),
+                    n_genes=int(adata.n_vars), n_control=int(np.sum(untreated & (totals != 0))),
                     perturbations=[str(c) for c in treatments.columns])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="dropping .* cells with zero total count")
@@ -619,7 +628,8 @@ def _read_screen(adata: Any, pert_col: str | None, ctrl_label: Any,
             Y, A, X, X_A = from_anndata(adata, info["pert_col"], info["ctrl_label"],
                                         covariates, layer=layer,
                                         drop_empty_cells=drop_empty_cells,
-                                        sparse_treatments=True, treatments=treatments)
+                                        sparse_treatments=True, treatments=treatments,
+                                        row_totals=totals)
     kept = pd.Index(A.index)
     if len(kept) < adata.n_obs:
         logger.warning("dropped %d cell(s) with zero total count", adata.n_obs - len(kept))
@@ -900,7 +910,7 @@ def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: l
 def _finish_guide_results(results: pd.DataFrame, cols, ga,
                           pairs: pd.DataFrame | None) -> dict:
     """Split the negative controls off, restrict the pairs and build the guide tables."""
-    from .calibration import nt_guide_calibration
+    from .calibration_stats import nt_guide_calibration
     from .highmoi import restrict_pairs, split_negative_controls
 
     table, negatives = split_negative_controls(results, cols.nt_guides)
