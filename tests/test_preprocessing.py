@@ -447,3 +447,26 @@ class TestSubsetScreen:
             subset_screen(ci_adata, n_ctrl=-1)
         with pytest.raises(ValueError, match="control label 'ctrl' not found"):
             subset_screen(ci_adata, ctrl_label="ctrl")
+
+
+def test_size_factors_against_a_reference_put_new_cells_on_its_scale():
+    """The reference's own cells get exactly comp_size_factor's factors; a new cell whose
+    counts are a reference cell's times 3 gets 3 times its factor; a cell with no count
+    in the reference genes falls back to its library size shifted as in the reference."""
+    from causarray.preprocessing import (
+        comp_size_factor,
+        size_factor_reference,
+        size_factors_against,
+    )
+
+    rng = np.random.default_rng(0)
+    Y = rng.poisson(rng.gamma(2.0, 2.0, size=(1, 300)) * rng.uniform(0.5, 2, (80, 1)))
+    s_ref, ref = size_factor_reference(Y)
+    np.testing.assert_array_equal(s_ref, comp_size_factor(Y))
+    np.testing.assert_array_equal(size_factors_against(Y, ref), s_ref)
+    new = np.vstack([3 * Y[:5], np.zeros((1, 300))])
+    new[5, np.setdiff1d(np.arange(300), ref.S)[:1]] = 7          # no count in S
+    s_new = size_factors_against(sp.csr_matrix(new), ref)
+    # log 3 added to every log ratio: the medians move by exactly log 3 (float64 rounding)
+    np.testing.assert_allclose(s_new[:5], 3 * s_ref[:5], rtol=1e-12)
+    assert s_new[5] == pytest.approx(np.exp(np.log(7.0) + ref.delta - ref.mean_L), rel=1e-12)

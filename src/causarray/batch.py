@@ -1336,7 +1336,8 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     DataFrame, or pathlib.Path with ``results_path``
         With ``return_shift``, a pair ``(table, shift)``: one row per perturbation
         (:func:`shift_table`: the chance-imbalance statistic of its latent shift, its
-        p-value, whether it was adjusted, how far that moved the LFCs).  The message of
+        p-value, whether it was adjusted, how far that moved the LFCs); ``shift.attrs
+        ['fit']`` is the factor model used (``'screen'`` or ``'per_batch'``).  The message of
         :func:`design_warning` is logged when the design looks wrong.
         One row per (treatment, gene): the columns of :func:`causarray.LFC`, then
         ``trt`` and ``batch``; batches in order, index reset.  Genes without counts in
@@ -1417,6 +1418,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         _warn_missing_nuisances(nuis_path, len(plans))
     out, shift = _finish_screen(plans, records, cache, data, gk["assignment"], targets,
                                 results_path)
+    shift.attrs["fit"] = fit                    # the factor model used, for the settings
     return (out, shift) if return_shift else out
 
 

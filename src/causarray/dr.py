@@ -71,7 +71,7 @@ from ._validation import (
     check_zero_one,
     parameter_names,
 )
-from .engine.threads import gene_chunks, map_chunks
+from .engine.threads import gene_chunks, map_chunks, run_chunks
 from .glm import fit_glm, groups_from_onehot, sym_outer, sym_unpack
 from .inference import family_bh, multiple_testing, on_target_pairs
 from .preprocessing import size_factors_from_offset
@@ -285,10 +285,7 @@ def fit_outcome_model(Y, W: np.ndarray, A: np.ndarray, log_s: np.ndarray, fold: 
         B = fit.coef[:, :d]
         effect[f] = fit.coef[:, d:d + a]
         if K == 1:
-            np.matmul(B, Ws.T, out=mu0)
-            mu0 += ls
-            np.clip(mu0, *LOG_MU_BOUNDS, out=mu0)
-            np.exp(mu0, out=mu0)
+            _fill_means(mu0, B, Ws, ls)
         else:
             test = np.flatnonzero(fold_s == f)
             mu0[:, test] = np.exp(np.clip(B @ Ws[test].T + ls[test], *LOG_MU_BOUNDS))
@@ -296,6 +293,19 @@ def fit_outcome_model(Y, W: np.ndarray, A: np.ndarray, log_s: np.ndarray, fold: 
     alpha = np.where(np.isfinite(size), 1.0 / np.where(np.isfinite(size), size, 1.0), 0.0)
     return CounterfactualMeans(mu0=mu0, effect=np.clip(effect, -EFFECT_BOUND, EFFECT_BOUND),
                                fold=fold, order=order, alpha=alpha)
+
+
+def _fill_means(mu0: np.ndarray, B: np.ndarray, Ws: np.ndarray, ls: np.ndarray) -> None:
+    """``mu0 = exp(clip(B Ws' + ls))`` (genes x cells) in place, gene chunks on the
+    pass's threads."""
+    def fill(cols: slice) -> None:                     # writes the chunk's own rows
+        blk = mu0[cols]
+        np.matmul(B[cols], Ws.T, out=blk)
+        blk += ls
+        np.clip(blk, *LOG_MU_BOUNDS, out=blk)
+        np.exp(blk, out=blk)
+
+    run_chunks(fill, gene_chunks(mu0.shape[0], _chunk_genes(mu0.shape[1])))
 
 
 def _coerce_Y_hat(Y_hat, n: int, p: int, a: int) -> CounterfactualMeans:

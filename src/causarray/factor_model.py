@@ -368,8 +368,9 @@ def deviance_residual_svd(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
     return Q @ ub[:, :k], s[:k]
 
 
-def group_treatment_coefs(Y, base: np.ndarray, group: np.ndarray, a: int, alpha: np.ndarray,
-                          n_steps: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def group_treatment_coefs(Y, base, group: np.ndarray, a: int, alpha: np.ndarray,
+                          n_steps: int = 4, start: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Each perturbation's log shift of each gene at fixed offsets (one-hot treatments).
 
     For the cells ``i`` of group ``k`` (``group[i] == k``; cells with ``group < 0`` are
@@ -377,27 +378,31 @@ def group_treatment_coefs(Y, base: np.ndarray, group: np.ndarray, a: int, alpha:
 
         log mu_ij = base_ij + beta_jk,    y_ij ~ NB(mu_ij, 1 / alpha_j)
 
-    has one parameter per (gene, group).  Its Fisher scoring starts at the Poisson
-    solution ``log(sum y / sum exp(base))`` (exact for Poisson) and takes ``n_steps``
-    steps, each capped at 1 in absolute value; ``beta`` is bounded by the engine's group
-    coefficient bound (a group without counts in a gene sits at the lower bound).
+    has one parameter per (gene, group).  Its Fisher scoring starts at ``start`` or at
+    the Poisson solution ``log(sum y / sum exp(base))`` (exact for Poisson) and takes
+    ``n_steps`` steps, each capped at 1 in absolute value; ``beta`` is bounded by the
+    engine's group coefficient bound (a group without counts in a gene sits at the lower
+    bound).  Groups run on the pass's threads, each forming only its own rows.
 
     Parameters
     ----------
-    Y : (n, p) counts (dense or sparse rows).
-    base : (n, p) fixed linear predictor (log size factor, covariates, factors).
+    Y : (n, p) counts (dense or sparse rows; anything whose ``Y[rows]`` gives them).
+    base : (n, p) fixed linear predictor (log size factor, covariates, factors), or a
+        function of row indices returning those rows of it.
     group : (n,) group of each cell, ``-1`` for cells that are not used.
     a : number of groups.
     alpha : (p,) NB dispersion ``1 / size`` (0 for Poisson).
+    start : (p, a) starting values (e.g. the previous round's estimates).
 
     Returns
     -------
     beta, information : (p, a) arrays
         The estimates and their Fisher information ``sum_i mu_ij / (1 + alpha_j mu_ij)``.
     """
-    p = base.shape[1]
+    p = alpha.shape[0]
     beta = np.zeros((p, a))
     info = np.zeros((p, a))
+    rows_of = base if callable(base) else (lambda rows: base[rows])
 
     def fit_group(k: int) -> None:                     # writes column k
         rows = np.flatnonzero(group == k)
@@ -405,9 +410,12 @@ def group_treatment_coefs(Y, base: np.ndarray, group: np.ndarray, a: int, alpha:
             return
         block = Y[rows]
         y = block.toarray() if sp.issparse(block) else np.asarray(block, dtype=float)
-        mu0 = np.exp(np.clip(base[rows], ETA_MIN, ETA_MAX))
-        with np.errstate(divide="ignore"):
-            b = np.log(y.sum(axis=0)) - np.log(mu0.sum(axis=0))
+        mu0 = np.exp(np.clip(rows_of(rows), ETA_MIN, ETA_MAX))
+        if start is None:
+            with np.errstate(divide="ignore"):
+                b = np.log(y.sum(axis=0)) - np.log(mu0.sum(axis=0))
+        else:
+            b = np.array(start[:, k], dtype=float)
         b = np.clip(b, -GROUP_COEF_BOUND, GROUP_COEF_BOUND)
         for _ in range(n_steps):                       # 1.-3. weights, score, capped step
             mu = mu0 * np.exp(b)

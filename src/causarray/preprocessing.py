@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -337,6 +338,29 @@ def _row_block_slices(n: int, width: int, budget: int = 4 * 2**20) -> list[slice
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
+def _log_geo_means(Y: np.ndarray | sp.csr_matrix, S: np.ndarray,
+                   blocks: list[slice]) -> np.ndarray:
+    """G_j = mean_{y_ij > 0} log y_ij for the genes S (docs/math.md#size-factors, step 2)."""
+    sum_log = np.zeros(S.size)
+    n_pos = np.zeros(S.size)
+    for sl in blocks:
+        _, pos, vals = _positive_entries(Y[sl], S)
+        sum_log += np.bincount(pos, weights=np.log(vals.astype(np.float64)), minlength=S.size)
+        n_pos += np.bincount(pos, minlength=S.size)
+    return sum_log / n_pos
+
+
+def _log_ratio_medians(Y: np.ndarray | sp.csr_matrix, S: np.ndarray, log_geo_means: np.ndarray,
+                       blocks: list[slice]) -> np.ndarray:
+    """L_i = median_{j in S, y_ij > 0} (log y_ij - G_j), NaN without such j (step 3)."""
+    L = np.empty(Y.shape[0])
+    for sl in blocks:
+        rows, pos, vals = _positive_entries(Y[sl], S)
+        ratios = np.log(vals.astype(np.float64)) - log_geo_means[pos]
+        L[sl] = _grouped_median(ratios, rows, sl.stop - sl.start)
+    return L
+
+
 def _log_median_of_ratios(
     Y: np.ndarray | sp.csr_matrix, min_mean: float, min_genes: int
 ) -> np.ndarray:
@@ -346,6 +370,11 @@ def _log_median_of_ratios(
     Two passes over row blocks (the geometric means, then the per-cell medians), so the
     working memory is one block, not a copy of ``Y``.
     """
+    return _log_median_of_ratios_with(Y, min_mean, min_genes)[0]
+
+
+def _log_median_of_ratios_with(Y, min_mean: float, min_genes: int):
+    """:func:`_log_median_of_ratios` and its reference ``(S, G)``."""
     n = Y.shape[0]
     gene_means = (
         np.asarray(Y.mean(axis=0, dtype=np.float64)).ravel()
@@ -354,21 +383,61 @@ def _log_median_of_ratios(
     )
     S = _expressed_gene_set(gene_means, min_mean, min_genes)
     if S.size == 0:
-        return np.full(n, np.nan)
+        return np.full(n, np.nan), S, np.zeros(0)
     blocks = _row_block_slices(n, S.size)
-    sum_log = np.zeros(S.size)
-    n_pos = np.zeros(S.size)
-    for sl in blocks:
-        _, pos, vals = _positive_entries(Y[sl], S)
-        sum_log += np.bincount(pos, weights=np.log(vals.astype(np.float64)), minlength=S.size)
-        n_pos += np.bincount(pos, minlength=S.size)
-    log_geo_means = sum_log / n_pos
-    L = np.empty(n)
-    for sl in blocks:
-        rows, pos, vals = _positive_entries(Y[sl], S)
-        ratios = np.log(vals.astype(np.float64)) - log_geo_means[pos]
-        L[sl] = _grouped_median(ratios, rows, sl.stop - sl.start)
-    return L
+    G = _log_geo_means(Y, S, blocks)
+    return _log_ratio_medians(Y, S, G, blocks), S, G
+
+
+@dataclass(frozen=True)
+class SizeFactorReference:
+    """What median-of-ratios size factors of some cells are relative to
+    (docs/math.md#size-factors): the genes ``S``, their log geometric means ``G``, the
+    fallback shift ``delta`` of step 4 and the mean ``mean_L`` of the reference cells'
+    log factors, which step 5 subtracts."""
+
+    S: np.ndarray
+    G: np.ndarray
+    delta: float
+    mean_L: float
+
+
+def size_factor_reference(counts: Any, min_mean: float = 2.0,
+                          min_genes: int = 100) -> tuple[np.ndarray, SizeFactorReference]:
+    """:func:`comp_size_factor` ('geomeans') of ``counts`` and its reference, so that
+    other cells' factors (:func:`size_factors_against`) are on the same scale: the
+    screen stage's control pool and every batch's treated cells
+    (docs/math.md#screen-stage)."""
+    Y, _ = as_count_matrix(counts, name="counts", non_integer="ignore")
+    totals = row_sums(Y)
+    L0, S, G = _log_median_of_ratios_with(Y, min_mean, int(min_genes))
+    L = _fill_undefined_log_factors(L0, totals)
+    finite, defined = np.isfinite(L), np.isfinite(L0)
+    with np.errstate(divide="ignore"):
+        T = np.log(totals)
+    delta = float(np.median(L0[defined] - T[defined])) if defined.any() else 0.0
+    mean_L = float(L[finite].mean()) if finite.any() else 0.0
+    s = np.zeros(L.size)
+    s[finite] = np.exp(L[finite] - mean_L)
+    return s, SizeFactorReference(S=S, G=G, delta=delta, mean_L=mean_L)
+
+
+def size_factors_against(counts: Any, ref: SizeFactorReference) -> np.ndarray:
+    """Median-of-ratios size factors of ``counts`` relative to ``ref``
+    (:func:`size_factor_reference`): steps 3-5 with the reference's genes, geometric
+    means, fallback shift and centring; 0 for empty cells."""
+    Y, _ = as_count_matrix(counts, name="counts", non_integer="ignore")
+    totals = row_sums(Y)
+    L = np.full(Y.shape[0], np.nan)
+    if ref.S.size:
+        L = _log_ratio_medians(Y, ref.S, ref.G, _row_block_slices(Y.shape[0], ref.S.size))
+    fill = ~np.isfinite(L) & (totals > 0)
+    with np.errstate(divide="ignore"):
+        L[fill] = np.log(totals[fill]) + ref.delta
+    s = np.zeros(L.size)
+    finite = np.isfinite(L)
+    s[finite] = np.exp(L[finite] - ref.mean_L)
+    return s
 
 
 def _fill_undefined_log_factors(L: np.ndarray, totals: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._validation import check_size_factors
 from .engine import alpha_from_size
 from .factor_model import group_treatment_coefs
 from .gcate import (
@@ -45,7 +46,11 @@ from .gcate import (
     pretreatment_factors,
     stage2_result,
 )
-from .preprocessing import size_factors_from_offset
+from .preprocessing import (
+    SizeFactorReference,
+    size_factor_reference,
+    size_factors_against,
+)
 
 logger = logging.getLogger("causarray")
 
@@ -69,6 +74,12 @@ class ScreenStage:
         cells' posterior means are divided by too.
     log_s : (m,) the pool's log size factors.
     size : (p_pool,) NB sizes (``inf`` for Poisson).
+    info_ctrl : (p_pool,) the pool's Fisher information of each gene's log mean,
+        ``sum_i mu_ij / (1 + mu_ij / size_j)`` at the fit.
+    ref_S, ref_G, ref_shift : the median-of-ratios reference of the pool's size factors
+        (genes, log geometric means, ``[delta, mean_L]``;
+        :class:`causarray.preprocessing.SizeFactorReference`) that the treated cells'
+        factors are computed against; empty with an ``offset`` other than True.
     """
 
     pool: np.ndarray
@@ -79,6 +90,17 @@ class ScreenStage:
     scale: np.ndarray
     log_s: np.ndarray
     size: np.ndarray
+    info_ctrl: np.ndarray
+    ref_S: np.ndarray
+    ref_G: np.ndarray
+    ref_shift: np.ndarray
+
+    def size_reference(self) -> SizeFactorReference | None:
+        """The pool's size-factor reference (None when the run's offset is not True)."""
+        if not np.all(np.isfinite(self.ref_shift)):
+            return None
+        return SizeFactorReference(S=self.ref_S, G=self.ref_G, delta=float(self.ref_shift[0]),
+                                   mean_L=float(self.ref_shift[1]))
 
     def arrays(self) -> dict:
         """The fields as a dict of arrays (the cache's record)."""
@@ -104,6 +126,10 @@ def fit_screen_stage(Y_pool, X_pool: np.ndarray, pool: np.ndarray, r: int, *, fa
     genes = np.asarray(Y_pool.sum(axis=0) > 0).ravel()
     kw = {k: v for k, v in gcate_kwargs.items()
           if k in ("kwargs_es_1", "kwargs_ls_1", "random_state", "A_init", "verbose")}
+    ref = None
+    if offset is True:        # comp_size_factor's factors, with the reference kept
+        s_pool, ref = size_factor_reference(Y_pool[:, genes])
+        offset = np.log(s_pool)
     res_1, _ = fit_gcate(Y_pool[:, genes], X_pool, np.zeros((len(pool), 0)), r,
                          family=family, offset=offset,
                          disp_glm=None if disp is None else np.asarray(disp)[genes],
@@ -120,8 +146,14 @@ def fit_screen_stage(Y_pool, X_pool: np.ndarray, pool: np.ndarray, r: int, *, fa
                              np.zeros((len(size), 0)), Gamma, np.asarray(res_1["U"], float),
                              np.ones(len(size), bool))
     scale = np.maximum(U.std(axis=0), 1e-12)
+    mu = np.exp(np.clip(log_s[:, None] + X_pool @ B_X.T + U @ Gamma.T, -30.0, 20.0))
+    info_ctrl = (mu / (1.0 + alpha_from_size(size) * mu)).sum(axis=0)
     return ScreenStage(pool=np.asarray(pool), genes=genes, B_X=B_X, Gamma=Gamma * scale,
-                       U=U / scale, scale=scale, log_s=log_s, size=size)
+                       U=U / scale, scale=scale, log_s=log_s, size=size, info_ctrl=info_ctrl,
+                       ref_S=np.zeros(0, np.int64) if ref is None else ref.S,
+                       ref_G=np.zeros(0) if ref is None else ref.G,
+                       ref_shift=np.full(2, np.nan) if ref is None
+                       else np.array([ref.delta, ref.mean_L]))
 
 
 def stage2_options(family: str, gcate_kwargs: dict) -> _Stage2Options:
@@ -137,13 +169,34 @@ def stage2_options(family: str, gcate_kwargs: dict) -> _Stage2Options:
                           random_state=get("random_state"))
 
 
-def _pool_scale_log_s(Y, offset, ctrl_pos: np.ndarray, pool_log_s: np.ndarray) -> np.ndarray:
+def _pool_scale_log_s(Y, offset, ctrl_pos: np.ndarray, treated: np.ndarray,
+                      stage: ScreenStage, pool_pos: np.ndarray) -> np.ndarray:
     """The batch's log size factors on the pool fit's scale: the controls keep theirs;
-    the treated cells' batch factors move by the controls' median difference."""
-    log_s = np.log(size_factors_from_offset(Y, offset))
-    log_s = log_s - np.median(log_s[ctrl_pos] - pool_log_s)
-    log_s[ctrl_pos] = pool_log_s
+    the treated cells' are median-of-ratios factors against the pool's reference
+    (``offset=True``), the given ones (an array) or 1 (False / None)."""
+    log_s = np.zeros(Y.shape[0])
+    log_s[ctrl_pos] = stage.log_s[pool_pos]
+    ref = stage.size_reference()
+    if offset is True and ref is not None:
+        s_t = np.concatenate([size_factors_against(Y[treated[i:i + 1024]], ref)
+                              for i in range(0, treated.size, 1024)] or [np.zeros(0)])
+        check_size_factors(s_t, treated.size)
+        log_s[treated] = np.log(s_t)
+    elif offset is not True and offset is not False and offset is not None:
+        log_s[treated] = np.asarray(offset, dtype=float).ravel()[treated]
     return log_s
+
+
+class _Rows:
+    """Rows ``idx`` of a matrix, read on demand: ``view[sel]`` is ``M[idx[sel]]`` (the
+    treated cells of a batch without a copy of all of them at once)."""
+
+    def __init__(self, M, idx: np.ndarray):
+        self.M, self.idx = M, np.asarray(idx)
+        self.shape = (self.idx.size, M.shape[1])
+
+    def __getitem__(self, sel):
+        return self.M[self.idx[sel]]
 
 
 def _centre_groups(U: np.ndarray, beta: np.ndarray, group: np.ndarray, Gamma: np.ndarray,
@@ -181,9 +234,10 @@ def fit_gcate_at_loadings(Y, X: np.ndarray, A: np.ndarray, stage: ScreenStage,
 
     Steps: 1. size factors on the pool's scale; 2. factors: the pool's for its cells,
     0 for treated cells; 3. ``rounds`` times: every (gene, perturbation) coefficient at
-    the current factors, then the treated cells' factors at the coefficients (Fisher
+    the current factors (4 Fisher-scoring steps from the Poisson solution, then 2 from
+    the previous round's), then the treated cells' factors at the coefficients (Fisher
     scoring, standard-normal prior), each group's mean factor moved into its
-    coefficients; 4. the coefficients' standard errors,
+    coefficients; 4. the coefficients' standard errors (2 more steps first),
     ``sqrt(1 / I_kj + 1 / I_Cj)`` (the treated cells' Fisher information and the
     controls', whose mean the coefficient is relative to); 5. stage 2.
     """
@@ -193,24 +247,30 @@ def fit_gcate_at_loadings(Y, X: np.ndarray, A: np.ndarray, stage: ScreenStage,
     alpha = alpha_from_size(size) * np.ones(p)
     group = onehot_groups(A)
     treated = np.flatnonzero(group >= 0)
-    log_s = _pool_scale_log_s(Y, offset, ctrl_pos, stage.log_s[pool_pos])      # 1.
+    log_s = _pool_scale_log_s(Y, offset, ctrl_pos, treated, stage, pool_pos)   # 1.
     U = np.zeros((n, Gamma.shape[1]))                                            # 2.
     U[ctrl_pos] = stage.U[pool_pos]
-    Yt, Xt, At, gt = Y[treated], X[treated], A[treated], group[treated]
-    fixed_t = log_s[treated, None] + Xt @ B_X.T
-    Ut = U[treated]
+    Yt, Xt, At, gt = _Rows(Y, treated), X[treated], A[treated], group[treated]
+    log_s_t, Ut = log_s[treated], U[treated]
     ref = U[ctrl_pos].mean(axis=0)
+
+    def eta_t(rows: np.ndarray) -> np.ndarray:      # the fixed part, for some treated rows
+        return log_s_t[rows, None] + Xt[rows] @ B_X.T + Ut[rows] @ Gamma.T
+
+    beta = None
     for _ in range(rounds):                                                      # 3.
-        beta, _ = group_treatment_coefs(Yt, fixed_t + Ut @ Gamma.T, gt, a, alpha)
-        Ut = pretreatment_factors(Yt, Xt, At, log_s[treated], size, B_X, beta, Gamma / scale,
+        beta, _ = group_treatment_coefs(Yt, eta_t, gt, a, alpha, start=beta,
+                                        n_steps=4 if beta is None else 2)
+        Ut = pretreatment_factors(Yt, Xt, At, log_s_t, size, B_X, beta, Gamma / scale,
                                   Ut * scale, np.ones(p, bool)) / scale
         _centre_groups(Ut, beta, gt, Gamma, ref)
-    beta, info = group_treatment_coefs(Yt, fixed_t + Ut @ Gamma.T, gt, a, alpha)
-    del fixed_t
+    beta, info = group_treatment_coefs(Yt, eta_t, gt, a, alpha, start=beta, n_steps=2)
     U[treated] = Ut
-    eta_c = log_s[ctrl_pos, None] + X[ctrl_pos] @ B_X.T + U[ctrl_pos] @ Gamma.T   # 4.
-    mu_c = np.exp(np.clip(eta_c, -30.0, 20.0))
-    info_c = (mu_c / (1.0 + alpha * mu_c)).sum(axis=0)
+    info_c = stage.info_ctrl                                                     # 4.
+    if pool_pos.size != stage.pool.size:      # a part of the pool: its own information
+        eta_c = log_s[ctrl_pos, None] + X[ctrl_pos] @ B_X.T + U[ctrl_pos] @ Gamma.T
+        mu_c = np.exp(np.clip(eta_c, -30.0, 20.0))
+        info_c = (mu_c / (1.0 + alpha * mu_c)).sum(axis=0)
     with np.errstate(divide="ignore"):
         se = np.sqrt(1.0 / info + 1.0 / info_c[:, None])
     coef1 = np.hstack([B_X, beta, Gamma])

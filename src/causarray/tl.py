@@ -771,7 +771,7 @@ def _lfc_settings(screen: _Screen, adata: Any, layout: dict, r_used: int, r_req:
 
     ``opts`` holds the options of :func:`lfc` that are stored as given (``layer``,
     ``family``, ``memory_budget``, ``random_state``, ``max_iters``, ``cache_path``,
-    ``client``).
+    ``client``), and ``fit``, the factor model ``gcate_lfc_batch`` used.
     """
     n, p = screen.Y.shape
     cache_path = opts["cache_path"]
@@ -785,7 +785,7 @@ def _lfc_settings(screen: _Screen, adata: Any, layout: dict, r_used: int, r_req:
         dask=opts["client"] is not None, n_cells=int(n), n_cells_dropped=int(adata.n_obs - n),
         n_genes=int(p), n_perturbations=int(screen.A.shape[1]),
         n_control=screen.info["n_control"], assignment=opts["assignment"],
-        causarray_version=__version__,
+        fit=opts.get("fit"), causarray_version=__version__,
         elapsed_s=round(time.perf_counter() - t_start, 3),
     )
 
@@ -1310,7 +1310,7 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
                                  screen.kept, covariates, random_state, key_added))
     opts = dict(layer=layer, family=family, memory_budget=memory_budget,
                 random_state=random_state, max_iters=max_iters, cache_path=cache_path,
-                client=client, assignment=assignment)
+                client=client, assignment=assignment, fit=shift.attrs.get("fit"))
     store["settings"] = _lfc_settings(screen, adata, layout, r_used, r_req, grid, opts, t_start)
     if gopt is not None:
         store["settings"].update(_guide_settings(gopt, "high", control_used, ga,
