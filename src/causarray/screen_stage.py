@@ -125,7 +125,7 @@ def fit_screen_stage(Y_pool, X_pool: np.ndarray, pool: np.ndarray, r: int, *, fa
     """
     genes = np.asarray(Y_pool.sum(axis=0) > 0).ravel()
     kw = {k: v for k, v in gcate_kwargs.items()
-          if k in ("kwargs_es_1", "kwargs_ls_1", "random_state", "A_init", "verbose")}
+          if k in ("kwargs_es_1", "kwargs_ls_1", "random_state", "verbose")}
     ref = None
     if offset is True:        # comp_size_factor's factors, with the reference kept
         s_pool, ref = size_factor_reference(Y_pool[:, genes])
@@ -236,8 +236,9 @@ def fit_gcate_at_loadings(Y, X: np.ndarray, A: np.ndarray, stage: ScreenStage,
     0 for treated cells; 3. ``rounds`` times: every (gene, perturbation) coefficient at
     the current factors (4 Fisher-scoring steps from the Poisson solution, then 2 from
     the previous round's), then the treated cells' factors at the coefficients (Fisher
-    scoring, standard-normal prior), each group's mean factor moved into its
-    coefficients; 4. the coefficients' standard errors (2 more steps first),
+    scoring, standard-normal prior; 2 steps, 4 in the last round), each group's mean
+    factor moved into its coefficients; 4. the coefficients' standard errors (2 more
+    steps first),
     ``sqrt(1 / I_kj + 1 / I_Cj)`` (the treated cells' Fisher information and the
     controls', whose mean the coefficient is relative to); 5. stage 2.
     """
@@ -258,11 +259,12 @@ def fit_gcate_at_loadings(Y, X: np.ndarray, A: np.ndarray, stage: ScreenStage,
         return log_s_t[rows, None] + Xt[rows] @ B_X.T + Ut[rows] @ Gamma.T
 
     beta = None
-    for _ in range(rounds):                                                      # 3.
+    for i in range(rounds):                                                      # 3.
         beta, _ = group_treatment_coefs(Yt, eta_t, gt, a, alpha, start=beta,
                                         n_steps=4 if beta is None else 2)
         Ut = pretreatment_factors(Yt, Xt, At, log_s_t, size, B_X, beta, Gamma / scale,
-                                  Ut * scale, np.ones(p, bool)) / scale
+                                  Ut * scale, np.ones(p, bool),
+                                  n_steps=4 if i == rounds - 1 else 2) / scale
         _centre_groups(Ut, beta, gt, Gamma, ref)
     beta, info = group_treatment_coefs(Yt, eta_t, gt, a, alpha, start=beta, n_steps=2)
     U[treated] = Ut
