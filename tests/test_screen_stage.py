@@ -95,7 +95,7 @@ def test_screen_fit_names_what_it_needs():
 def test_screen_fit_keeps_fdr_and_power_of_the_per_batch_fit():
     """Unconfounded randomized screens (1,000 genes, r = 5): the screen-level fit's FDP
     at q = 0.05 stays below 0.1 and its power within 0.03 of the per-batch fit's
-    (measured: FDP 0.034 / 0.048, power 0.824 / 0.808 against 0.823 / 0.807)."""
+    (measured: FDP 0.036 / 0.048, power 0.824 / 0.808 against 0.823 / 0.807)."""
     for seed in (0, 1):
         ad = simulate_screen(n_ctrl=1500, n_perts=20, cells_per_pert=150, n_genes=1000, r=5,
                              confounding=0.0, random_state=seed)
@@ -181,16 +181,25 @@ def test_kill_after_the_screen_stage_reuses_it(problem, reference, tmp_path, mon
     assert stages.n == 0 and counter.batches == [1, 2]
 
 
-def test_stored_screen_stage_of_other_settings_is_not_used(problem, tmp_path, monkeypatch):
-    cache = tmp_path / "res.h5"
-    _run(problem, cache_path=cache)
-    stages = _StageFits(monkeypatch)
-    other = _run(problem, cache_path=tmp_path / "other.h5", random_state=1)
-    assert stages.n == 1
-    os.replace(tmp_path / "res.h5.screen.npz", tmp_path / "other2.h5.screen.npz")
-    _run(problem, cache_path=tmp_path / "other2.h5", random_state=1)     # fingerprint differs
-    assert stages.n == 2
-    assert len(other) == len(_run(problem))
+def test_stored_screen_stage_is_kept_for_its_own_run_only(problem, reference, tmp_path):
+    """The stored stage is read back only under the fingerprint it was written with, and a
+    finished cache leaves no stage (nor temporaries of killed writes) beside it."""
+    from causarray.screen_stage import fit_screen_stage
+
+    Y, X, A, X_A = problem
+    pool = batch_mod.plan_batches(A.to_numpy(), 2, None, 100, 150, 0)[0].ctrl_idx
+    stage = fit_screen_stage(batch_mod._dense_rows(Y, pool), X[pool], pool, R, family="nb",
+                             disp=None, offset=True, gcate_kwargs={})
+    path = tmp_path / "c.h5.screen.npz"
+    batch_mod._save_screen_stage(path, "fingerprint-a", stage)
+    assert batch_mod._load_screen_stage(path, "fingerprint-b") is None
+    back = batch_mod._load_screen_stage(path, "fingerprint-a")
+    for key, value in stage.arrays().items():
+        np.testing.assert_array_equal(getattr(back, key), value)
+    (tmp_path / "c.h5.screen.npz.tmp-1.npz").write_bytes(b"half")
+    pd.testing.assert_frame_equal(_run(problem, cache_path=tmp_path / "c.h5"), reference,
+                                  check_exact=True)
+    assert sorted(os.listdir(tmp_path)) == ["c.h5"]
 
 
 @pytest.mark.slow

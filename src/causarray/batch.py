@@ -939,6 +939,13 @@ def _screen_store(cache_path) -> Path | None:
     return None if cache_path is None else Path(f"{cache_path}.screen.npz")
 
 
+def _remove_screen_store(cache_path) -> None:
+    """Delete the screen stage's file, and temporaries of killed writes, beside a cache."""
+    path = _screen_store(cache_path)
+    for f in path.parent.glob(f"{path.name}*"):
+        f.unlink(missing_ok=True)
+
+
 def _load_screen_stage(path: Path | None, fp: str):
     """The stored screen stage of this run (same fingerprint), or None."""
     from .screen_stage import ScreenStage
@@ -1414,6 +1421,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
 
     if cache is not None and (todo or cache.needs_finalize(range(len(plans)))):
         cache.finalize(records)
+        _remove_screen_store(cache_path)       # a finished cache needs no screen stage
     if nuis_path is not None:
         _warn_missing_nuisances(nuis_path, len(plans))
     out, shift = _finish_screen(plans, records, cache, data, gk["assignment"], targets,

@@ -422,11 +422,14 @@ def size_factor_reference(counts: Any, min_mean: float = 2.0,
     return s, SizeFactorReference(S=S, G=G, delta=delta, mean_L=mean_L)
 
 
-def size_factors_against(counts: Any, ref: SizeFactorReference) -> np.ndarray:
+def size_factors_against(counts: Any, ref: SizeFactorReference,
+                         validated: bool = False) -> np.ndarray:
     """Median-of-ratios size factors of ``counts`` relative to ``ref``
     (:func:`size_factor_reference`): steps 3-5 with the reference's genes, geometric
-    means, fallback shift and centring; 0 for empty cells."""
-    Y, _ = as_count_matrix(counts, name="counts", non_integer="ignore")
+    means, fallback shift and centring; 0 for empty cells.  ``validated``: ``counts`` is
+    an array or CSR matrix of counts already checked (a batch's rows), not checked again."""
+    Y = counts if validated else as_count_matrix(counts, name="counts",
+                                                 non_integer="ignore")[0]
     totals = row_sums(Y)
     L = np.full(Y.shape[0], np.nan)
     if ref.S.size:

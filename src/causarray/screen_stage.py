@@ -178,7 +178,7 @@ def _pool_scale_log_s(Y, offset, ctrl_pos: np.ndarray, treated: np.ndarray,
     log_s[ctrl_pos] = stage.log_s[pool_pos]
     ref = stage.size_reference()
     if offset is True and ref is not None:
-        s_t = np.concatenate([size_factors_against(Y[treated[i:i + 1024]], ref)
+        s_t = np.concatenate([size_factors_against(Y[treated[i:i + 1024]], ref, True)
                               for i in range(0, treated.size, 1024)] or [np.zeros(0)])
         check_size_factors(s_t, treated.size)
         log_s[treated] = np.log(s_t)
@@ -237,8 +237,8 @@ def fit_gcate_at_loadings(Y, X: np.ndarray, A: np.ndarray, stage: ScreenStage,
     the current factors (4 Fisher-scoring steps from the Poisson solution, then 2 from
     the previous round's), then the treated cells' factors at the coefficients (Fisher
     scoring, standard-normal prior; 2 steps, 4 in the last round), each group's mean
-    factor moved into its coefficients; 4. the coefficients' standard errors (2 more
-    steps first),
+    factor moved into its coefficients; 4. the coefficients' standard errors (one more
+    step first),
     ``sqrt(1 / I_kj + 1 / I_Cj)`` (the treated cells' Fisher information and the
     controls', whose mean the coefficient is relative to); 5. stage 2.
     """
@@ -266,7 +266,7 @@ def fit_gcate_at_loadings(Y, X: np.ndarray, A: np.ndarray, stage: ScreenStage,
                                   Ut * scale, np.ones(p, bool),
                                   n_steps=4 if i == rounds - 1 else 2) / scale
         _centre_groups(Ut, beta, gt, Gamma, ref)
-    beta, info = group_treatment_coefs(Yt, eta_t, gt, a, alpha, start=beta, n_steps=2)
+    beta, info = group_treatment_coefs(Yt, eta_t, gt, a, alpha, start=beta, n_steps=1)
     U[treated] = Ut
     info_c = stage.info_ctrl                                                     # 4.
     if pool_pos.size != stage.pool.size:      # a part of the pool: its own information
