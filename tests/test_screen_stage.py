@@ -64,6 +64,8 @@ def test_group_without_counts_sits_at_the_bound():
 def test_auto_takes_the_screen_stage_only_for_large_randomized_panels():
     assert resolve_factor_fit("auto", [], "randomized", 3000, 30) == "screen"
     assert resolve_factor_fit("auto", [], "randomized", 2999, 30) == "per_batch"
+    assert resolve_factor_fit("auto", [], "randomized", 1000, 3) == "screen"
+    assert resolve_factor_fit("auto", [], "randomized", 999, 3) == "per_batch"   # a panel
     assert resolve_factor_fit("auto", [], "observational", 3000, 30) == "per_batch"
     assert resolve_factor_fit("auto", ["r > 0"], "randomized", 3000, 0) == "per_batch"
     assert resolve_factor_fit("screen", [], "observational", 50, 30) == "screen"
@@ -216,11 +218,12 @@ def test_dask_with_the_screen_stage_equals_serial(problem, reference):
 def test_front_door_records_the_factor_model_it_used():
     import causarray as ca
 
-    ad = simulate_screen(n_ctrl=200, n_perts=4, cells_per_pert=40, n_genes=150, r=1,
+    ad = simulate_screen(n_ctrl=200, n_perts=4, cells_per_pert=40, n_genes=1000, r=1,
                          random_state=0)
-    ca.tl.lfc(ad, r=1, max_iters=3)                     # 150 genes >= 100 r: the screen stage
+    ca.tl.lfc(ad, r=1, max_iters=3)                     # 1,000 genes: the screen stage
     assert ad.uns["causarray"]["settings"]["fit"] == "screen"
-    ca.tl.lfc(ad, r=2, max_iters=3)                     # a small panel for r = 2
-    assert ad.uns["causarray"]["settings"]["fit"] == "per_batch"
+    small = ad[:, :999].copy()                          # a targeted panel
+    ca.tl.lfc(small, r=1, max_iters=3)
+    assert small.uns["causarray"]["settings"]["fit"] == "per_batch"
     ca.tl.lfc(ad, r=1, max_iters=3, fit="per_batch")
     assert ad.uns["causarray"]["settings"]["fit"] == "per_batch"

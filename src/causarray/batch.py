@@ -906,25 +906,32 @@ def screen_fit_obstacles(r: int, control: str, plans: list[BatchPlan], A) -> lis
     return reasons
 
 
+#: fewest genes for which fit='auto' fits the control pool once per screen (a
+#: transcriptome-scale panel; see resolve_factor_fit)
+SCREEN_STAGE_MIN_GENES = 1000
+
+
 def resolve_factor_fit(fit: str, obstacles: list[str], assignment: str, p: int, r: int,
                        lk: dict | None = None) -> str:
     """``'screen'`` or ``'per_batch'`` for ``gcate_lfc_batch(fit=)``, logged; with
     ``'screen'`` the LFC keywords ``lk`` get ``outcome_steps=1`` unless they set it.
 
     ``'auto'`` takes the screen-level estimator where it applies (no ``obstacles``),
-    the design is ``'randomized'`` and the panel is large (``p >= 100 r``, the gene-fold
-    boundary of :func:`causarray.gcate.resolve_gene_folds`), and the original per-batch
-    fit otherwise: on the confounded simulations under ``'observational'`` the
-    screen-level fit's FDR was higher (0.043-0.078 against 0.036-0.050), and on a small
-    panel (Schraivogel, 72 genes, r = 3) its knock-downs were weaker (effect / naive
-    0.81 against 0.89) while the per-batch fit costs little there
-    (``docs/math.md#screen-stage``).
+    the design is ``'randomized'`` and the panel is a transcriptome-scale one
+    (``p >= SCREEN_STAGE_MIN_GENES`` and ``p >= 100 r``, the gene-fold boundary of
+    :func:`causarray.gcate.resolve_gene_folds`), and the original per-batch fit
+    otherwise: on the confounded simulations under ``'observational'`` the screen-level
+    fit's FDR was higher (0.043-0.078 against 0.036-0.050), and on targeted panels,
+    whose genes are chosen around the perturbations, its calls were slightly weaker
+    (Schraivogel, 72 genes, r = 3: effect / naive 0.81 against 0.89; Papalexi, 299
+    genes, r = 1: 547 discoveries against 553, fake type-I 0.049 against 0.047) while
+    the per-batch fit costs little there (``docs/math.md#screen-stage``).
     """
     from .gcate import GENE_FOLD_PANEL
 
     check_factor_fit(fit, obstacles)
     if fit == "auto":
-        large = p >= GENE_FOLD_PANEL * r
+        large = p >= max(SCREEN_STAGE_MIN_GENES, GENE_FOLD_PANEL * r)
         fit = "screen" if not obstacles and assignment == "randomized" and large \
             else "per_batch"
     logger.info("factor model: fit=%r%s", fit, f" ({', '.join(obstacles)} not met)"
@@ -1211,6 +1218,18 @@ def _run_fingerprint(data: _Inputs, plans: list[BatchPlan], settings: dict, gk: 
         lfc_kwargs={k: v for k, v in lk.items() if k != "verbose"}))
 
 
+def _open_cache(cache_path, data: _Inputs, plans: list[BatchPlan], settings: dict, gk: dict,
+                lk: dict):
+    """``(cache, fingerprint, records)`` of a run: its :class:`BatchCache` and the batches
+    already stored there (``(None, "", {})`` without ``cache_path``)."""
+    if cache_path is None:
+        return None, "", {}
+    fp, items = _run_fingerprint(data, plans, settings, gk, lk)
+    cache = BatchCache(cache_path, fp, items)
+    records = {b: rec for b, rec in cache.load(frames=False).items() if b < len(plans)}
+    return cache, fp, records
+
+
 def _warn_missing_nuisances(nuis_path, n_batches: int) -> None:
     """Warn about batches restored from the cache without stored nuisances."""
     from .nuisances import stored_batches
@@ -1374,17 +1393,11 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         executor = client.get_executor(pure=False)
     check_warm_start(warm_start_U, executor)
 
-    records: dict[int, BatchRecord] = {}
-    cache = None
-    fp = ""
-    if cache_path is not None:
-        fp, items = _run_fingerprint(data, plans, {"fit": fit,
-            "r": r, "family": family, "offset": canonical(offset), "batch_size": batch_size,
-            "n_batches": n_batches, "max_cells": max_cells, "n_ctrl": n_ctrl,
-            "random_state": random_state, "warm_start_U": warm_start_U,
-            "disp_glm": canonical(disp_glm)}, gk, lk)
-        cache = BatchCache(cache_path, fp, items)
-        records = {b: rec for b, rec in cache.load(frames=False).items() if b < len(plans)}
+    cache, fp, records = _open_cache(cache_path, data, plans, {
+        "fit": fit, "r": r, "family": family, "offset": canonical(offset),
+        "batch_size": batch_size, "n_batches": n_batches, "max_cells": max_cells,
+        "n_ctrl": n_ctrl, "random_state": random_state, "warm_start_U": warm_start_U,
+        "disp_glm": canonical(disp_glm)}, gk, lk)
     todo = [pl for pl in plans if pl.batch not in records]
 
     if todo:

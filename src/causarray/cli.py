@@ -163,7 +163,7 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="factor model: screen (the control pool once per screen, each "
                         "batch at its loadings), per_batch (the original: every batch "
                         "refits the pool), auto (default: screen for randomized screens of "
-                        ">= 100 r genes)")
+                        ">= 1,000 and >= 100 r genes)")
     g.add_argument("--alpha", type=float, default=0.05,
                    help="FDR level for the discovery counts in plots and report (default 0.05)")
     if not demo:
