@@ -58,7 +58,7 @@ from ._validation import (
     check_treatments_have_cells,
     parameter_names,
 )
-from .engine import Design, alpha_from_size, groups_from_onehot, sym_outer, sym_unpack
+from .engine import Design, alpha_from_size, groups_from_onehot, sym_unpack
 from .engine.threads import gene_chunks, run_chunks
 from .factor_model import (
     deviance_residual_svd,
@@ -383,8 +383,7 @@ def pretreatment_factors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
     by ``n_steps`` Fisher-scoring steps (each coordinate's step capped at 1) from stage
     1's ``u_i``; the standard-normal prior is stage 1's.  The cells' information matrices
     are formed once, at the start, by one float32 GEMM per row block (the weights, cells x
-    genes, times the unique entries of the genes' ``gamma gamma'``, genes x r(r+1)/2) and
-    reused by every step.
+    genes, times the genes' ``gamma gamma'``, genes x r²) and reused by every step.
     """
     U = np.array(U, dtype=float, copy=True)
     r = U.shape[1]
@@ -394,7 +393,7 @@ def pretreatment_factors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
     nb_alpha = np.where(np.isfinite(size), 1.0 / np.where(np.isfinite(size), size, 1.0), 0.0)
     a_k = nb_alpha[cols]
     G = Gamma[cols]
-    GG32 = sym_outer(G).astype(np.float32)          # the r(r+1)/2 entries of gamma gamma'
+    GG32 = (G[:, :, None] * G[:, None, :]).reshape(cols.size, r * r).astype(np.float32)
     eye = np.eye(r)
     step_rows = max(64, min(4096, (8 * 2**20) // (8 * max(cols.size, 1))))
 
@@ -412,7 +411,7 @@ def pretreatment_factors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
                 # the Fisher information at the start, kept for every step (it changes
                 # slowly; its GEMM, cells x genes x r², is the expensive part), float32
                 w = (mu * t).astype(np.float32)
-                H = sym_unpack((w @ GG32).astype(np.float64), r) + eye
+                H = (w @ GG32).astype(np.float64).reshape(-1, r, r) + eye
                 H_inv = np.linalg.inv(H)
             step = (H_inv @ score[:, :, None])[:, :, 0]
             u = u + np.clip(step, -1.0, 1.0)
