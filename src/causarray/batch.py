@@ -415,7 +415,8 @@ def _subset_offset(offset, rows: np.ndarray):
     return np.asarray(offset, dtype=float).ravel()[rows]
 
 
-def shared_dispersion(Y, X: np.ndarray, ctrl_idx: np.ndarray, offset=True) -> np.ndarray:
+def shared_dispersion(Y, X: np.ndarray, ctrl_idx: np.ndarray, offset=True,
+                      pool_counts: np.ndarray | None = None) -> np.ndarray:
     """NB size per gene estimated once on the control pool (design X,
     docs/math.md#which-cells-estimate-the-dispersion).
 
@@ -426,6 +427,7 @@ def shared_dispersion(Y, X: np.ndarray, ctrl_idx: np.ndarray, offset=True) -> np
     ctrl_idx : rows of the control pool.
     offset : True (log ``comp_size_factor`` of the control rows), False/None (none) or
         an (n,) array of log size factors (subset to the controls).
+    pool_counts : the control rows of Y, dense, when the caller has read them already.
 
     Returns
     -------
@@ -434,7 +436,7 @@ def shared_dispersion(Y, X: np.ndarray, ctrl_idx: np.ndarray, offset=True) -> np
     from .glm import estimate_dispersion
     from .preprocessing import comp_size_factor
 
-    Yc = _dense_rows(Y, ctrl_idx)
+    Yc = _dense_rows(Y, ctrl_idx) if pool_counts is None else pool_counts
     if offset is True:
         s = np.asarray(comp_size_factor(Yc), dtype=float)
         check_control_size_factors(s)
@@ -725,9 +727,9 @@ def _fit_batch(job: _BatchJob, screen=None) -> dict:
     Yb = job.Y.toarray() if sp.issparse(job.Y) else job.Y
     Yb = np.asarray(Yb, dtype=np.float64)
     job.Y = None                                   # the only dense copy is Yb from here on
-    expressed = np.asarray(Yb.sum(axis=0) > 0)
-    if screen is not None:        # genes without counts in the pool have no control mean
-        expressed = np.asarray(screen.genes, bool).copy()
+    # with a screen stage, genes without counts in the pool have no control mean
+    expressed = (np.asarray(Yb.sum(axis=0) > 0) if screen is None
+                 else np.asarray(screen.genes, bool).copy())
     fitted = np.asarray(job.A.sum(axis=0) > 0)
     if not fitted.all():
         missing = [job.trt_names[k] for k in np.flatnonzero(~fitted)]
@@ -983,10 +985,11 @@ def _save_screen_stage(path: Path | None, fp: str, stage) -> None:
 
 
 def screen_stage(data: _Inputs, pool: np.ndarray, r: int, family: str, disp, offset,
-                 gk: dict, cache_path=None, fp: str = ""):
+                 gk: dict, cache_path=None, fp: str = "", pool_counts=None):
     """The run's :class:`causarray.screen_stage.ScreenStage`: read from beside the cache
     when an earlier (killed) run of the same fingerprint stored it, else fitted on the
-    pool's counts (read once, dense) and stored there."""
+    pool's counts (read once, dense; ``pool_counts`` when the caller has them) and
+    stored there."""
     from .screen_stage import fit_screen_stage
 
     path = _screen_store(cache_path)
@@ -997,7 +1000,8 @@ def screen_stage(data: _Inputs, pool: np.ndarray, r: int, family: str, disp, off
     t0 = time.perf_counter()
     threads = pass_threads()
     with one_thread_blas(), chunk_threads(threads):
-        stage = fit_screen_stage(_dense_rows(data.Y, pool), data.X[pool], pool, r,
+        Y_pool = _dense_rows(data.Y, pool) if pool_counts is None else pool_counts
+        stage = fit_screen_stage(Y_pool, data.X[pool], pool, r,
                                  family=family, disp=disp, offset=_subset_offset(offset, pool),
                                  gcate_kwargs=gk)
     logger.info("screen stage: GCATE on the %d pool cells, %.1fs", len(pool),
@@ -1009,7 +1013,7 @@ def screen_stage(data: _Inputs, pool: np.ndarray, r: int, family: str, disp, off
 # ----------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------
-def _resolve_dispersion(data: _Inputs, ctrl_idx, family, disp_glm, offset):
+def _resolve_dispersion(data: _Inputs, ctrl_idx, family, disp_glm, offset, pool_counts=None):
     check_family(family)
     if family == "poisson":
         return None
@@ -1021,7 +1025,7 @@ def _resolve_dispersion(data: _Inputs, ctrl_idx, family, disp_glm, offset):
     logger.info("Pre-estimating dispersion on %d control cells", len(ctrl_idx))
     threads = pass_threads()          # like a batch: one-thread BLAS, chunks on threads
     with one_thread_blas(), chunk_threads(threads):
-        return shared_dispersion(data.Y, data.X, ctrl_idx, offset)
+        return shared_dispersion(data.Y, data.X, ctrl_idx, offset, pool_counts)
 
 
 
@@ -1401,9 +1405,12 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     todo = [pl for pl in plans if pl.batch not in records]
 
     if todo:
-        disp = _resolve_dispersion(data, plans[0].ctrl_idx, family, disp_glm, offset)
+        pool = plans[0].ctrl_idx          # read once for the dispersion and the screen stage
+        pool_counts = None if fit == "per_batch" else _dense_rows(data.Y, pool)
+        disp = _resolve_dispersion(data, pool, family, disp_glm, offset, pool_counts)
         screen = None if fit == "per_batch" else screen_stage(
-            data, plans[0].ctrl_idx, r, family, disp, offset, gk, cache_path, fp)
+            data, pool, r, family, disp, offset, gk, cache_path, fp, pool_counts)
+        del pool_counts
         common = dict(r=r, family=family, offset=offset, disp=disp, gcate_kwargs=gk,
                       lfc_kwargs=lk, keep_fits=False, blas_threads=blas_threads,
                       save_nuisances=bool(save_nuisances), control=control,

@@ -901,7 +901,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     logger.debug("fit_gcate: assignment=%r, control=%r", assignment, control)
     Y, X, A = _check_inputs(Y, X, A, r, family)
     p = Y.shape[1]
-    d, a = X.shape[1], A.shape[1]
+    d = X.shape[1]
     s = size_factors_from_offset(Y, offset)
     log_s = np.log(s)
     fit0 = _initial_glm(Y, X, A, log_s, family, disp_glm)
