@@ -579,3 +579,130 @@ def test_weighted_df_is_welch_under_equal_weights_and_small_under_extreme_ones()
     nu1 = w.sum() ** 2 / np.sum(w * w)
     # df <= (V1 + V0)^2 / (V1^2 / max(nu1 - 1, 1)) = max(nu1 - 1, 1) (1 + V0 / V1)^2
     assert np.all(df_x < df) and np.all(df_x <= max(nu1 - 1, 1) * (1 + v0 / v1) ** 2 * (1 + 1e-12))
+
+
+# ----------------------------------------------------------------------------------
+# multi-hot treatments (high MOI): the outcome-model term and the degrees of freedom
+# ----------------------------------------------------------------------------------
+def _multihot_problem(seed=5, n=1500, p=60, a=3):
+    """Cells carrying several treatments (a Poisson number of them, as in high MOI), a
+    covariate that predicts how many, NB counts with effects of every treatment."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    prob = 1.0 / (1.0 + np.exp(-(-1.2 + 0.8 * x)))
+    A = (rng.random((n, a)) < prob[:, None]).astype(float)
+    assert (A.sum(axis=1) > 1).any()
+    W = np.column_stack([np.ones(n), x])
+    b = np.column_stack([rng.normal(0.0, 1.0, p), rng.normal(0.0, 0.3, p)])
+    eff = rng.normal(0.0, 0.3, (p, a))
+    mu = np.exp(W @ b.T + A @ eff.T)
+    Y = rng.negative_binomial(5.0, 5.0 / (5.0 + mu)).astype(float)
+    return Y, W, A
+
+
+def test_multihot_outcome_term_matches_a_cell_by_cell_reference():
+    """With multi-hot A and comparison sets (high MOI), each treatment's variance gains
+    the outcome-model term of the design [W | A_k] (docs/math.md#high-moi), computed
+    here from its definition: zeta_i = r_i x_i' I^-1 d tau / d(b, c_k) with x_i =
+    [w_i, a_ik], r_i the NB scores and I the Fisher information at the fitted means."""
+    Y, W, A = _multihot_problem()
+    n, p = Y.shape
+    mask = np.ones(A.shape, bool)
+    _, est = LFC(Y, W, A, W, offset=True, mask=mask)
+    cm, s, pi = est["Y_hat"], est["size_factors"], est["pi_hat"]
+    got, _ = LFC(Y, W, A, W, offset=est["offset"], mask=mask, Y_hat=cm,
+                 pi_hat=est["pi_hat_raw"], recenter=False, bias_correction=False,
+                 thres_min=0.0)
+    plain, _ = LFC(Y, W, A, W, offset=est["offset"], mask=mask, Y_hat=cm,
+                   pi_hat=est["pi_hat_raw"], recenter=False, bias_correction=False,
+                   thres_min=0.0, nuisance_variance=False)
+    mufit = np.minimum(np.exp(cm.log_mu0 + A @ cm.effect[0].T), 1e5)
+    alpha = cm.alpha
+    R = (Y - mufit) / (1 + alpha * mufit)
+    w = mufit / (1 + alpha * mufit)
+    inv_s = (1.0 / s)[:, None]
+    q = W.shape[1] + 1
+    for k in range(A.shape[1]):
+        mu0, mu1 = cm.arms(np.arange(n), slice(None), k)
+        z = A[:, k][:, None]
+        w1, w0 = z / pi[:, k][:, None], (1 - z) / (1 - pi[:, k][:, None])
+        phi1 = (mu1 + w1 * (Y - mu1)) * inv_s
+        phi0 = (mu0 + w0 * (Y - mu0)) * inv_s
+        t1, t0 = np.maximum(phi1.mean(axis=0), 0.01), np.maximum(phi0.mean(axis=0), 0.01)
+        eta = phi1 / t1 - phi0 / t0
+        var = eta.var(axis=0, ddof=1) / n * n / (n - q)
+        r1 = (1 - w1) * mu1 * inv_s / (n * t1)
+        r0 = (1 - w0) * mu0 * inv_s / (n * t0)
+        D = np.column_stack([W, A[:, k]])
+        grad = np.column_stack([(r1 - r0).T @ W, r1.sum(axis=0)])       # p x (q)
+        term = np.empty(p)
+        for j in range(p):
+            u = np.linalg.solve(D.T @ (w[:, j:j + 1] * D), grad[j])
+            zeta = R[:, j] * (D @ u)
+            term[j] = np.sum(zeta ** 2) + 2 * np.sum((eta[:, j] - eta[:, j].mean()) / n * zeta)
+        g = got.iloc[k * p:(k + 1) * p]
+        ok = g["estimable"].to_numpy()
+        assert ok.sum() > 40
+        np.testing.assert_allclose(g["tau"].to_numpy()[ok], np.log(t1 / t0)[ok], rtol=1e-9,
+                                   atol=1e-12)
+        floor = (inv_s[z[:, 0] == 1].sum() / (z == 1).sum() ** 2 / t1
+                 + inv_s[z[:, 0] == 0].sum() / (z == 0).sum() ** 2 / t0)
+        np.testing.assert_allclose(g["std"].to_numpy()[ok],
+                                   np.sqrt(np.maximum(var + term, floor))[ok], rtol=1e-7)
+        # without the term: the influence-function variance alone
+        np.testing.assert_allclose(plain["std"].to_numpy()[k * p:(k + 1) * p][ok],
+                                   np.sqrt(np.maximum(var, floor))[ok], rtol=1e-7)
+        # and the term matters: it moves most standard errors by far more than rtol
+        moved = np.abs(np.sqrt(var + term) / np.sqrt(var) - 1)[ok & (var > floor)]
+        assert np.median(moved) > 1e-3
+
+
+def test_fourth_moment_sums_give_the_central_moment():
+    """The power sums of a treated block give sum_i (eta_i - mean eta)^4 for any
+    (a1, a0), equal to numpy on the influence values themselves."""
+    from causarray.dr import _cross_power_sums, _eta_central4
+
+    rng = np.random.default_rng(2)
+    phi1 = rng.gamma(0.5, 2.0, (4, 300))
+    phi0 = phi1 * rng.uniform(0.5, 1.5, (4, 300))
+    b = dict(n=300, s1=phi1.sum(axis=1), s0=phi0.sum(axis=1),
+             s11=(phi1 * phi1).sum(axis=1), s00=(phi0 * phi0).sum(axis=1),
+             s10=(phi1 * phi0).sum(axis=1), power=_cross_power_sums(phi1, phi0))
+    a1, a0 = rng.uniform(0.5, 2.0, 4), rng.uniform(0.5, 2.0, 4)
+    eta = a1[:, None] * phi1 - a0[:, None] * phi0
+    ref = ((eta - eta.mean(axis=1, keepdims=True)) ** 4).sum(axis=1)
+    # the expansion cancels terms of size ~ sum eta^4: relative error ~ 1e-15 times that
+    np.testing.assert_allclose(_eta_central4(b, a1, a0), ref,
+                               rtol=1e-10 * (eta ** 4).sum(axis=1).max() / ref.min())
+    assert _eta_central4({k: v for k, v in b.items() if k != "power"}, a1, a0) is None
+
+
+def test_weighted_df_uses_the_fourth_moment_of_heavy_tailed_values():
+    """Satterthwaite df with a treated block's fourth moment: about Welch's for normal
+    influence values (never above it), far smaller for heavy-tailed ones, whose
+    variance estimate is much noisier than Kish's nu assumes."""
+    from causarray.dr import _cross_power_sums, weighted_df
+
+    rng = np.random.default_rng(3)
+
+    def block(e, power=True):
+        out = dict(n=e.shape[1], w1=float(e.shape[1]), w2=float(e.shape[1]),
+                   s1=e.sum(axis=1), s0=np.zeros(e.shape[0]), s11=(e * e).sum(axis=1),
+                   s00=np.zeros(e.shape[0]), s10=np.zeros(e.shape[0]))
+        if power:
+            out["power"] = _cross_power_sums(e, np.zeros_like(e))
+        return out
+
+    def moments(b):
+        return b["s1"], b["s11"]
+
+    ones = (np.ones(200), np.ones(200))
+    e0 = rng.normal(0, 0.2, (200, 3000))
+    normal = rng.normal(0, 1.0, (200, 400))
+    welch = weighted_df(block(normal, False), block(e0, False), moments)
+    df_n = weighted_df(block(normal), block(e0, False), moments, ones)
+    assert np.all(df_n <= welch * (1 + 1e-12))
+    assert 0.7 < np.median(df_n / welch) <= 1.0
+    heavy = rng.standard_t(3, (200, 400))
+    df_h = weighted_df(block(heavy), block(e0, False), moments, ones)
+    assert np.median(df_h) < 0.3 * np.median(welch)

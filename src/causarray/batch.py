@@ -1186,7 +1186,6 @@ def _design(gk: dict, lk: dict, control: str, W_A) -> str:
     control = check_control(gk["control"])
     if control == "complement":
         check_no_mask_with_complement(lk.get("mask"))
-        lk.setdefault("variance_floor", "nb")      # small arms: docs/math.md#high-moi
     logger.info("design: assignment=%r (%s); each perturbation against %s", gk["assignment"],
                 DESIGN_READING[gk["assignment"]],
                 "the cells without it" if control == "complement"

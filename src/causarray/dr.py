@@ -339,7 +339,8 @@ def _group_sums(V: np.ndarray, grp, a: int) -> np.ndarray:
 
 def _block_sums(y: np.ndarray, mu0_raw: np.ndarray, e: np.ndarray, inv_s: np.ndarray,
                 wt: np.ndarray, *, treated: bool, R: np.ndarray | None = None,
-                W: np.ndarray | None = None, groups=None, a: int = 0) -> dict:
+                W: np.ndarray | None = None, groups=None, a: int = 0,
+                fourth: bool = False) -> dict:
     """Per-gene sums over one block of cells of one treatment, cell by cell.
 
     A block holds only treated cells (``wt`` = 1/pi) or only untreated ones
@@ -347,7 +348,8 @@ def _block_sums(y: np.ndarray, mu0_raw: np.ndarray, e: np.ndarray, inv_s: np.nda
     exp(effect_k) ((m, 1) or (m, c)).  Returns the sums of phi(1), phi(0), their squares
     and product, of y and of 1/s; with ``R`` (GLM scores) and ``W`` also the sums that
     enter the outcome-model variance term (``groups``: the cells' treatment groups, see
-    :func:`_group_sums`).
+    :func:`_group_sums`); with ``fourth`` (a treated block) the third and fourth power
+    sums of :func:`_cross_power_sums`, for the degrees of freedom (:func:`weighted_df`).
     """
     mu_b = mu0_raw * e if treated else mu0_raw.copy()      # the arm of this block's cells
     np.minimum(mu_b, Y_HAT_CAP, out=mu_b)
@@ -367,6 +369,8 @@ def _block_sums(y: np.ndarray, mu0_raw: np.ndarray, e: np.ndarray, inv_s: np.nda
                w2=float(np.dot(wt1, wt1)))
     if treated:
         out.update(s1=sb, s0=so, s11=sbb, s00=soo, s10=sbo)
+        if fourth:
+            out["power"] = _cross_power_sums(phi_b, phi_o)
     else:
         out.update(s1=so, s0=sb, s11=soo, s00=sbb, s10=sbo)
     if R is not None:
@@ -380,6 +384,38 @@ def _block_sums(y: np.ndarray, mu0_raw: np.ndarray, e: np.ndarray, inv_s: np.nda
             out.update(r1W=phi_o @ W, r0W=pb @ W, r1s=so, P1W=PoW, P0W=PbW, P1g=Pog, P0g=Pbg)
         out.update(RW=R @ W, Rg=_group_sums(R, groups, a))
     return out
+
+
+def _cross_power_sums(phi1: np.ndarray, phi0: np.ndarray) -> np.ndarray:
+    """Per-gene sums ``sum_i phi1^j phi0^(m - j)`` for m = 3, 4 (rows: (3,0), (2,1),
+    (1,2), (0,3), (4,0), (3,1), (2,2), (1,3), (0,4)), from which the third and fourth
+    moments of eta = a1 phi1 - a0 phi0 follow for any a1, a0 (:func:`_eta_central4`)."""
+    p1 = [np.ones_like(phi1), phi1, phi1 * phi1]
+    p1 += [p1[2] * phi1, p1[2] * p1[2]]
+    p0 = [None, phi0, phi0 * phi0]
+    p0 += [p0[2] * phi0, p0[2] * p0[2]]
+    rows = []
+    for m in (3, 4):
+        for j in range(m, -1, -1):
+            rows.append(p1[j].sum(axis=1) if j == m else
+                        np.einsum("ij,ij->i", p1[j], p0[m - j]))
+    return np.stack(rows)
+
+
+def _eta_central4(b: dict, a1: np.ndarray, a0: np.ndarray) -> np.ndarray | None:
+    """``sum_i (eta_i - mean eta)^4`` over a block with :func:`_cross_power_sums`
+    (None when the block has none)."""
+    P = b.get("power")
+    if P is None or b["n"] < 2:
+        return None
+    n = b["n"]
+    S1 = b["s1"] * a1 - b["s0"] * a0
+    S2 = b["s11"] * a1 * a1 - 2.0 * b["s10"] * a1 * a0 + b["s00"] * a0 * a0
+    S3 = a1 ** 3 * P[0] - 3 * a1 ** 2 * a0 * P[1] + 3 * a1 * a0 ** 2 * P[2] - a0 ** 3 * P[3]
+    S4 = (a1 ** 4 * P[4] - 4 * a1 ** 3 * a0 * P[5] + 6 * a1 ** 2 * a0 ** 2 * P[6]
+          - 4 * a1 * a0 ** 3 * P[7] + a0 ** 4 * P[8])
+    m = S1 / n
+    return np.maximum(S4 - 4 * m * S3 + 6 * m * m * S2 - 3 * n * m ** 4, 0.0)
 
 
 class _ControlSums:
@@ -501,7 +537,7 @@ def _nuisance_term(tot: dict, info: _ChunkInformation, k: int, n_k: int,
     return zz + 2.0 * cross
 
 
-def weighted_df(b1: dict, b0: dict, eta_moments) -> np.ndarray:
+def weighted_df(b1: dict, b0: dict, eta_moments, a=None) -> np.ndarray:
     """Satterthwaite degrees of freedom of the AIPW variance under unequal weights.
 
     The variance estimate is a sum of the two arms' squared influence values, and in
@@ -517,6 +553,12 @@ def weighted_df(b1: dict, b0: dict, eta_moments) -> np.ndarray:
     few cells of extreme propensity make it small, and the t reference then carries
     the extra uncertainty of a variance estimated from few effective cells (see
     ``docs/dr.md``).
+
+    Kish's nu assumes normal influence values.  Counts are skewed and their weighted
+    residuals heavy-tailed, so where a treated block carries its third and fourth power
+    sums (``a = (a1, a0)`` given, comparison sets of a high-MOI screen) the arm's
+    ``Var(V_g)`` is also estimated directly, ``sum_i (e_i^2 - V_g / n_g)^2``, and the
+    larger of the two is used (docs/math.md#high-moi).
     """
     parts = []
     for b in (b1, b0):
@@ -524,10 +566,14 @@ def weighted_df(b1: dict, b0: dict, eta_moments) -> np.ndarray:
         n = max(b["n"], 1)
         V = np.maximum(s2 - s * s / n, 0.0)
         nu = b["w1"] ** 2 / b["w2"] if b["w2"] > 0 else 0.0
-        parts.append((V, max(nu - 1.0, 1.0)))
-    (V1, nu1), (V0, nu0) = parts
+        half_var = V ** 2 / max(nu - 1.0, 1.0)          # Var(V) / 2 under normal values
+        c4 = _eta_central4(b, *a) if a is not None else None
+        if c4 is not None:      # Var(V) = sum_i (e_i^2 - V/n)^2 = sum e^4 - V^2/n
+            half_var = np.maximum(half_var, 0.5 * np.maximum(c4 - V * V / n, 0.0))
+        parts.append((V, half_var))
+    (V1, h1), (V0, h0) = parts
     with np.errstate(divide="ignore", invalid="ignore"):
-        df = (V1 + V0) ** 2 / (V1 ** 2 / nu1 + V0 ** 2 / nu0)
+        df = (V1 + V0) ** 2 / (h1 + h0)
     return np.where(np.isfinite(df), np.maximum(df, 2.0), np.inf)
 
 
@@ -566,7 +612,7 @@ def _estimand_from_sums(b1: dict, b0: dict, opts: _AIPWOptions,
     with np.errstate(divide="ignore", invalid="ignore"):
         if usevar == "pooled":
             var = sample_var(es, es2, n_k) / n_k
-            df = np.minimum(float(max(n_k - n_params, 2)), weighted_df(b1, b0, eta_moments))
+            df = np.minimum(float(max(n_k - n_params, 2)), weighted_df(b1, b0, eta_moments, (a1, a0)))
             if in_sample:
                 var *= n_k / max(n_k - n_params, 2)
         else:
@@ -757,6 +803,57 @@ class _OutcomeTerm:
         return _glm_scores(y, mufit, self.alpha[cols])[1]
 
 
+class _MultiHotTerm:
+    """The outcome-model variance term when a cell may carry several treatments
+    (high MOI, ``mask`` given): for treatment k the information of ``[W | A_k]``.
+
+    The GLM scores and weights are those of the fitted means (every indicator a cell
+    carries); the information is ``sum_i w_i x_i x_i'`` over all cells with
+    ``x_i = [W_i, A_ik]``, i.e. one group (k's carriers) per treatment.  The batch's
+    other indicators, also in the fit, are left out of the information: given ``W``
+    they are nearly uncorrelated with A_k (docs/math.md#high-moi).  Formed chunk by
+    chunk, never stored.
+    """
+
+    single = True
+
+    def __init__(self, W: np.ndarray, cells: _SortedCells, cm: CounterfactualMeans):
+        self.Ws = W[cm.order]
+        self.WWs = sym_outer(self.Ws)
+        self.alpha = cm.alpha
+        self.q = W.shape[1]
+
+    @staticmethod
+    def applies(W, cells: _SortedCells, cm: CounterfactualMeans, nuisance_variance: bool):
+        return bool(nuisance_variance and W is not None and cells.groups is None
+                    and cells.masked and cm.effect.shape[0] == 1 and cm.alpha is not None)
+
+    def chunk(self, y: np.ndarray, mu_carried: np.ndarray, cols: slice):
+        """(scores R, weights w, H_WW, packed meat_WW) of the chunk's genes at their
+        fitted means ``mu_carried`` (every indicator a cell carries)."""
+        mufit = np.minimum(mu_carried, Y_HAT_CAP)
+        m = y.shape[0]
+        buf = np.empty((2 * m, y.shape[1]))
+        w, r2 = _glm_scores(y, mufit, self.alpha[cols], out=buf)
+        R = r2.copy()
+        r2 *= r2
+        G = buf @ self.WWs
+        return R, w, sym_unpack(G[:m], self.q), G[m:]
+
+    def information(self, k: int, cells: _SortedCells, parts) -> _ChunkInformation:
+        """Treatment k's blocks (one group: its carriers)."""
+        R, w, H_WW, meat_WW = parts
+        car = cells.sets[k][0]
+        Dk = w[:, car].sum(axis=1) + 1e-10
+        Ek = w[:, car] @ self.Ws[car]
+        Fk = Ek / Dk[:, None]
+        r2 = R[:, car] * R[:, car]
+        return _ChunkInformation(
+            S_inv=_sym_inverse(H_WW - Ek[:, :, None] * Fk[:, None, :]), F=Fk[None],
+            D=Dk[None], meat_WW=sym_unpack(meat_WW, self.q),
+            meat_WG=(r2 @ self.Ws[car])[None], meat_GG=r2.sum(axis=1)[None])
+
+
 _ESTIMAND_KEYS = ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor", "t1", "t0", "c1", "c0")
 
 
@@ -772,18 +869,21 @@ def _arm_sums(y: np.ndarray, mu0_raw: np.ndarray, cm: CounterfactualMeans, cols:
     def design(rows):
         return None if term is None else term.Ws[rows]
 
-    trt_groups = None
-    if term is not None:
+    single = getattr(term, "single", False)
+    trt_groups = unt_groups = None
+    if single:                   # one group per treatment: its carriers
+        trt_groups, a = 0, 1
+    elif term is not None:
         trt_groups = cells.groups[trt] if cells.masked else k
+        unt_groups = cells.groups[unt]
     b1 = _block_sums(y[:, trt], mu0_raw[:, trt], cm._factor(cols, k, cells.fold, trt),
                      cells.inv_s[trt], 1.0 / cells.pi[trt, k], treated=True, R=part(trt),
-                     W=design(trt), groups=trt_groups, a=a)
+                     W=design(trt), groups=trt_groups, a=a, fourth=cells.masked)
     if controls is not None:
         return b1, controls.sums(k, np.exp(cm.effect[0, cols, k]))
     b0 = _block_sums(y[:, unt], mu0_raw[:, unt], cm._factor(cols, k, cells.fold, unt),
                      cells.inv_s[unt], 1.0 / (1.0 - cells.pi[unt, k]), treated=False,
-                     R=part(unt), W=design(unt),
-                     groups=None if term is None else cells.groups[unt], a=a)
+                     R=part(unt), W=design(unt), groups=unt_groups, a=a)
     return b1, b0
 
 
@@ -802,8 +902,11 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
     n, p = Y.shape
     a = A.shape[1]
     cells = _SortedCells(A, s, pi, cm, mask)                                     # (1)
-    term = (_OutcomeTerm(W, cells, cm, p, a)                                     # (2)
-            if _OutcomeTerm.applies(W, cells, cm, opts.nuisance_variance) else None)
+    term = None                                                                  # (2)
+    if _OutcomeTerm.applies(W, cells, cm, opts.nuisance_variance):
+        term = _OutcomeTerm(W, cells, cm, p, a)
+    elif _MultiHotTerm.applies(W, cells, cm, opts.nuisance_variance):
+        term = _MultiHotTerm(W, cells, cm)
     ctrl = cells.ctrl
     Z = None
     if cells.shared:
@@ -820,8 +923,12 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
     def chunk(cols: slice) -> None:              # (3), writes the chunk's own columns
         y = blocks(cols)
         mu0_raw = cm.mu0[cols]
-        R = cinfo = controls = None
-        if term is not None:
+        R = cinfo = controls = parts = None
+        if isinstance(term, _MultiHotTerm):
+            # fitted means: every indicator a cell carries is on
+            parts = term.chunk(y, mu0_raw * np.exp(cm.effect[0, cols] @ (cells.A != 0).T), cols)
+            R = parts[0]
+        elif term is not None:
             R = term.scores(y, cm, cols)
             cinfo = _ChunkInformation.of(term.info, cols)
         if cells.shared:
@@ -830,7 +937,10 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
                                     None if term is None else term.Ws[ctrl], Z, a)
         for k in range(a):
             b1, b0 = _arm_sums(y, mu0_raw, cm, cols, k, cells, R, term, controls, a)
-            res = _estimand_from_sums(b1, b0, opts, cinfo, k,
+            k_info = k
+            if parts is not None:
+                cinfo, k_info = term.information(k, cells, parts), 0
+            res = _estimand_from_sums(b1, b0, opts, cinfo, k_info,
                                       None if cm.alpha is None else cm.alpha[cols])
             for key in _ESTIMAND_KEYS:
                 out[key][k, cols] = res[key]
@@ -842,7 +952,7 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
         pass
     out["n1"] = np.array([_block_size(trt, n) for trt, _ in cells.sets])
     out["n0"] = np.array([_block_size(unt, n) for _, unt in cells.sets])
-    if term is not None and term.need:
+    if isinstance(term, _OutcomeTerm) and term.need:
         cm.info = term.info
     return out
 
@@ -1201,8 +1311,9 @@ def LFC(Y, W, A, W_A=None, family: str = "nb", offset=False, Y_hat=None, pi_hat=
         that of the two arm means of Poisson counts, or of NB counts with the outcome
         model's dispersion (``docs/math.md#variance``).  The influence-function variance
         of a small arm (a non-targeting guide's hundred cells in a high-MOI screen) is
-        itself noisy, and on heavy-tailed genes often far too small;
-        ``gcate_lfc_batch(control='complement')`` uses 'nb'.
+        itself noisy; with comparison sets (``mask``) the t reference takes that into
+        account through the treated arm's fourth moment (:func:`weighted_df`), and the
+        NB floor is an option (the high-MOI default until 2026-12-07).
     **kwargs : only the keywords of causarray 0.1.1's ``LFC`` listed in
         :data:`causarray._validation.LFC_COMPAT_KEYWORDS` (kept in the returned
         ``estimation``); any other name raises ``TypeError``.

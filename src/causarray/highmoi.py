@@ -58,6 +58,48 @@ def write_cell_statistics(obs: pd.DataFrame, ga: GuideAssignment) -> pd.DataFram
     return cells
 
 
+#: Degree of the polynomial in log(1 + number of guides) (:func:`moi_polynomial`).
+MOI_DEGREE = 3
+#: Share of the cells a value of the number of guides must hold to count for the degree.
+MOI_VALUE_SHARE = 0.01
+
+
+def moi_polynomial(n_guides: np.ndarray,
+                   degree: int = MOI_DEGREE) -> tuple[np.ndarray, list[str]]:
+    """Orthogonal polynomial terms of degree 2..``degree`` in ``log(1 + n_guides)``.
+
+    A cell's number of guides m confounds every target (docs/math.md#high-moi) in a
+    form nobody knows: larger cells take up more virus and are in another state,
+    linearly in m, in its log, or neither.  ``log(1 + m)`` alone leaves the curvature
+    to the factors, where every target's carriers then show it as a latent shift
+    "beyond chance" in one direction.  The higher terms (each orthogonalised on the
+    lower ones and the constant, then scaled to unit SD, as R's ``poly``) let the
+    design follow any smooth form over the observed range.  A curve of degree k is
+    fitted only where more than k + 1 values of m each hold a share of the cells (at
+    least ``MOI_VALUE_SHARE``), so that it smooths the value means rather than
+    interpolating them; otherwise the top terms rest on a handful of cells and make the
+    design (nearly) singular (a file that keeps a few guides of a large library has
+    m = 0, 1, 2 for 99.7 % of its cells), and the degree is lowered, down to no term.
+    Returns ``(terms, names)``.
+    """
+    x = np.log1p(np.asarray(n_guides, dtype=float))
+    _, counts = np.unique(x, return_counts=True)
+    degree = min(degree, int(np.sum(counts >= MOI_VALUE_SHARE * x.size)) - 2)
+    x = x - x.mean()
+    basis = [np.ones_like(x), x]
+    terms, names = [], []
+    for k in range(2, degree + 1):
+        col = x ** k
+        for b in basis:
+            col = col - b * (b @ col) / (b @ b)
+        sd = col.std()
+        basis.append(col)
+        if sd > 1e-8 * max(1.0, float(np.abs(x ** k).max())):
+            terms.append(col / sd)
+            names.append(f"log1p_n_guides_pow{k}")
+    return (np.column_stack(terms) if terms else np.empty((x.size, 0))), names
+
+
 def add_independent_columns(X: np.ndarray, extra: np.ndarray, names: list[str],
                             tol: float = 1e-2) -> tuple[np.ndarray, list[str]]:
     """``X`` with the columns of ``extra`` that are not (nearly) in its span, in order.

@@ -883,7 +883,8 @@ def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: l
     :func:`_read_screen`; ``X`` gains the capture covariates (library size and genes
     detected, docs/math.md#high-moi) unless ``moi_covariates`` is off.
     """
-    from .highmoi import MOI_COVARIATES, add_independent_columns, treatment_columns
+    from .highmoi import (MOI_COVARIATES, add_independent_columns, moi_polynomial,
+                          treatment_columns)
 
     only = None
     if g.test_targets is not None:
@@ -899,10 +900,14 @@ def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: l
         from .preprocessing import standardized_log_genes_detected
 
         obs = expr.obs.loc[screen.kept]
-        extra = np.column_stack([obs[c].to_numpy(float) for c in MOI_COVARIATES]
+        poly, poly_names = moi_polynomial(obs["n_guides"].to_numpy(float))
+        moi = [obs[c].to_numpy(float) for c in MOI_COVARIATES]
+        extra = np.column_stack([moi[0], poly] + moi[1:]
                                 + [screen.X_A[:, -1], standardized_log_genes_detected(screen.Y)])
+        names = list(MOI_COVARIATES)
         screen.X, kept = add_independent_columns(
-            screen.X, extra, list(MOI_COVARIATES) + ["log2_library_size", "log_genes_detected"])
+            screen.X, extra, names[:1] + poly_names + names[1:]
+            + ["log2_library_size", "log_genes_detected"])
         screen.covariates = screen.covariates + kept
     return screen, cols
 
