@@ -106,3 +106,36 @@ def test_cli_assignment_reaches_the_run_and_writes_the_shift_table(tmp_path, cap
     code = main(["run", str(path), "--out", str(out), "--assignment", "random"])
     assert code == EXIT_USAGE
     assert "--assignment" in capsys.readouterr().err
+
+
+def test_chance_imbalance_variance_is_that_of_the_partial_coefficient():
+    """Stage 2 tests each perturbation's factor shift against randomisation: the shift is
+    the factors' partial coefficient on A_k in [X | A], whose chance variance (unit
+    factors) is [(Z'Z)^-1]_kk.  One-hot: 1/n_k + 1/n_0 with n_0 the cells without any
+    perturbation; multi-hot with X predicting A (high MOI): the Monte Carlo variance of
+    the OLS coefficient, larger than the difference of two means would say."""
+    from causarray.gcate import chance_imbalance_variance
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    g = rng.integers(-1, 3, n)                                  # -1: no perturbation
+    A1 = (g[:, None] == np.arange(3)).astype(float)
+    X1 = np.ones((n, 1))
+    n_k, n_0 = A1.sum(axis=0), float((g == -1).sum())
+    np.testing.assert_allclose(chance_imbalance_variance(A1, "complement", X1),
+                               1 / n_k + 1 / n_0, rtol=1e-10)
+    # high MOI: the number of guides m predicts every target (drawn without replacement)
+    m = np.maximum(rng.poisson(6, n), 1)
+    lib = np.array([rng.choice(20, size=min(k, 20), replace=False) for k in m], dtype=object)
+    A = np.zeros((n, 10))
+    for i, guides in enumerate(lib):
+        A[i, [t // 2 for t in guides if t < 20]] = 1.0
+    X = np.column_stack([np.ones(n), np.log1p(m)])
+    v = chance_imbalance_variance(A, "complement", X)
+    Z = np.hstack([X, A])
+    coefs = np.linalg.lstsq(Z, rng.normal(size=(n, 4000)), rcond=None)[0][2:]
+    mc = coefs.var(axis=1)
+    # Monte Carlo: relative SE of a variance from 4,000 draws is sqrt(2/4000) = 0.022
+    np.testing.assert_allclose(v, mc, rtol=5 * np.sqrt(2 / 4000))
+    naive = chance_imbalance_variance(A, "complement")
+    assert np.all(v > 1.1 * naive)

@@ -519,7 +519,8 @@ def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilo
     return shift, alpha, cov
 
 
-def chance_imbalance_variance(A: np.ndarray, control: str = "non-targeting") -> np.ndarray:
+def chance_imbalance_variance(A: np.ndarray, control: str = "non-targeting",
+                              X: np.ndarray | None = None) -> np.ndarray:
     """Variance of each factor's arm-mean difference under random assignment.
 
     With unit-variance factors and cells assigned to perturbation k or to the controls
@@ -527,10 +528,23 @@ def chance_imbalance_variance(A: np.ndarray, control: str = "non-targeting") -> 
     its mean over the ``n_0`` controls has variance ``1/n_k + 1/n_0``.  The controls are
     the cells without any perturbation (``control='non-targeting'``), or every cell
     without perturbation k (``'complement'``, high MOI: ``n_0 = n - n_k``).
+
+    What stage 2 estimates is the factors' *partial* coefficient on ``A_k`` in the
+    design ``Z = [X | A]`` of stage 1 (the factors are fitted orthogonal to it), whose
+    chance variance is ``[(Z'Z)^-1]_kk``.  For one-hot ``A`` and an intercept-only
+    ``X`` that is ``1/n_k + 1/n_0`` exactly; in high MOI ``A_k`` is partly predicted by
+    the number of guides in ``X`` and by the batch's other targets, and the variance
+    grows by the variance inflation factor ``1/(1 - R^2_k)``.  With ``X`` given and
+    ``control='complement'`` that is what is returned (docs/math.md#high-moi).
     """
     A = np.asarray(A)
     n_k = (A != 0).sum(axis=0).astype(float)
     if control == "complement":
+        if X is not None and A.shape[1]:
+            Z = np.hstack([np.asarray(X, dtype=float), (A != 0).astype(float)])
+            G = Z.T @ Z
+            inv = np.linalg.pinv(G, hermitian=True)
+            return np.diag(inv)[X.shape[1]:].copy()
         n_0 = A.shape[0] - n_k
     else:
         n_0 = np.full(n_k.shape, float((~(A != 0).any(axis=1)).sum()))
@@ -631,7 +645,8 @@ def _stage1_start(Y, X, A, log_s, fit0: GLMFit, r: int, Q: np.ndarray, A_init,
 
 
 def _stage2_shift(beta_hat, se_hat, Gamma, A, *, skip: bool, renormalize: bool,
-                  assignment: str, shift_level: float, control: str = "non-targeting"):
+                  assignment: str, shift_level: float, control: str = "non-targeting",
+                  X: np.ndarray | None = None):
     """Stage 2: the common log shift per treatment, the raw confounder shift alpha_hat and
     the decision on which part of it is adjusted (``skip``: ``c1 == 0``, nothing)."""
     a, r = A.shape[1], Gamma.shape[1]
@@ -641,7 +656,7 @@ def _stage2_shift(beta_hat, se_hat, Gamma, A, *, skip: bool, renormalize: bool,
                                  np.full(a, np.nan), np.zeros(a, bool))
         return np.zeros(a), alpha_hat, decision
     shift, alpha_hat, cov = _treatment_shift(beta_hat, se_hat, Gamma, renormalize=renormalize)
-    decision = decide_shifts(alpha_hat, cov, chance_imbalance_variance(A, control),
+    decision = decide_shifts(alpha_hat, cov, chance_imbalance_variance(A, control, X),
                              assignment, shift_level)
     return shift, alpha_hat, decision
 
@@ -763,7 +778,7 @@ def stage2_result(data: tuple, s: np.ndarray, U1r: np.ndarray, coef1: np.ndarray
                                                renormalize=opts.renormalize,
                                                control=opts.control,
                                                assignment=opts.assignment,
-                                               shift_level=opts.shift_level)
+                                               shift_level=opts.shift_level, X=X)
     alpha = decision.alpha
     fold_U = gene_fold = unaffected = None
     if opts.pretreatment_u and r > 0 and opts.assignment == "randomized":
