@@ -390,15 +390,19 @@ def _cross_power_sums(phi1: np.ndarray, phi0: np.ndarray) -> np.ndarray:
     """Per-gene sums ``sum_i phi1^j phi0^(m - j)`` for m = 3, 4 (rows: (3,0), (2,1),
     (1,2), (0,3), (4,0), (3,1), (2,2), (1,3), (0,4)), from which the third and fourth
     moments of eta = a1 phi1 - a0 phi0 follow for any a1, a0 (:func:`_eta_central4`)."""
-    p1 = [np.ones_like(phi1), phi1, phi1 * phi1]
+    p1 = [None, phi1, phi1 * phi1]
     p1 += [p1[2] * phi1, p1[2] * p1[2]]
     p0 = [None, phi0, phi0 * phi0]
     p0 += [p0[2] * phi0, p0[2] * p0[2]]
     rows = []
     for m in (3, 4):
         for j in range(m, -1, -1):
-            rows.append(p1[j].sum(axis=1) if j == m else
-                        np.einsum("ij,ij->i", p1[j], p0[m - j]))
+            if j == m:
+                rows.append(p1[m].sum(axis=1))
+            elif j == 0:
+                rows.append(p0[m].sum(axis=1))
+            else:
+                rows.append(np.einsum("ij,ij->i", p1[j], p0[m - j]))
     return np.stack(rows)
 
 
@@ -612,7 +616,8 @@ def _estimand_from_sums(b1: dict, b0: dict, opts: _AIPWOptions,
     with np.errstate(divide="ignore", invalid="ignore"):
         if usevar == "pooled":
             var = sample_var(es, es2, n_k) / n_k
-            df = np.minimum(float(max(n_k - n_params, 2)), weighted_df(b1, b0, eta_moments, (a1, a0)))
+            df = np.minimum(float(max(n_k - n_params, 2)),
+                            weighted_df(b1, b0, eta_moments, (a1, a0)))
             if in_sample:
                 var *= n_k / max(n_k - n_params, 2)
         else:
@@ -810,12 +815,11 @@ class _MultiHotTerm:
     The GLM scores and weights are those of the fitted means (every indicator a cell
     carries); the information is ``sum_i w_i x_i x_i'`` over all cells with
     ``x_i = [W_i, A_ik]``, i.e. one group (k's carriers) per treatment.  The batch's
-    other indicators, also in the fit, are left out of the information: given ``W``
-    they are nearly uncorrelated with A_k (docs/math.md#high-moi).  Formed chunk by
+    other indicators, also in the fit, are left out of the information, an
+    approximation (given ``W`` they are nearly uncorrelated with A_k) whose effect was
+    measured on simulations, not derived (docs/math.md#high-moi).  Formed chunk by
     chunk, never stored.
     """
-
-    single = True
 
     def __init__(self, W: np.ndarray, cells: _SortedCells, cm: CounterfactualMeans):
         self.Ws = W[cm.order]
@@ -858,7 +862,7 @@ _ESTIMAND_KEYS = ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor", "t1", "t0
 
 
 def _arm_sums(y: np.ndarray, mu0_raw: np.ndarray, cm: CounterfactualMeans, cols: slice,
-              k: int, cells: _SortedCells, R, term: _OutcomeTerm | None,
+              k: int, cells: _SortedCells, R, term: _OutcomeTerm | _MultiHotTerm | None,
               controls: _ControlSums | None, a: int) -> tuple[dict, dict]:
     """Per-gene sums of treatment k's treated arm and untreated arm for one gene chunk."""
     trt, unt = cells.sets[k]
@@ -869,21 +873,21 @@ def _arm_sums(y: np.ndarray, mu0_raw: np.ndarray, cm: CounterfactualMeans, cols:
     def design(rows):
         return None if term is None else term.Ws[rows]
 
-    single = getattr(term, "single", False)
     trt_groups = unt_groups = None
-    if single:                   # one group per treatment: its carriers
-        trt_groups, a = 0, 1
+    n_groups = a
+    if isinstance(term, _MultiHotTerm):         # one group per treatment: its carriers
+        trt_groups, n_groups = 0, 1
     elif term is not None:
         trt_groups = cells.groups[trt] if cells.masked else k
         unt_groups = cells.groups[unt]
     b1 = _block_sums(y[:, trt], mu0_raw[:, trt], cm._factor(cols, k, cells.fold, trt),
                      cells.inv_s[trt], 1.0 / cells.pi[trt, k], treated=True, R=part(trt),
-                     W=design(trt), groups=trt_groups, a=a, fourth=cells.masked)
+                     W=design(trt), groups=trt_groups, a=n_groups, fourth=cells.masked)
     if controls is not None:
         return b1, controls.sums(k, np.exp(cm.effect[0, cols, k]))
     b0 = _block_sums(y[:, unt], mu0_raw[:, unt], cm._factor(cols, k, cells.fold, unt),
                      cells.inv_s[unt], 1.0 / (1.0 - cells.pi[unt, k]), treated=False,
-                     R=part(unt), W=design(unt), groups=unt_groups, a=a)
+                     R=part(unt), W=design(unt), groups=unt_groups, a=n_groups)
     return b1, b0
 
 
@@ -926,7 +930,8 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
         R = cinfo = controls = parts = None
         if isinstance(term, _MultiHotTerm):
             # fitted means: every indicator a cell carries is on
-            parts = term.chunk(y, mu0_raw * np.exp(cm.effect[0, cols] @ (cells.A != 0).T), cols)
+            parts = term.chunk(y, mu0_raw * np.exp(cm.effect[0, cols] @ (cells.A != 0).T),
+                               cols)
             R = parts[0]
         elif term is not None:
             R = term.scores(y, cm, cols)
