@@ -193,7 +193,7 @@ def test_fdr_power_and_calibration_against_the_oracle(sim_runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["est", "one_batch"])
 def test_fdr_over_all_pairs_in_either_batch_layout(sim_runs, layout):
-    """The default table (pairs='all', one BH family of discovery pairs) keeps its FDR
+    """The default table (pairs='all': every call, of both BH families) keeps its FDR
     at q = 0.05 pooled over the seeds, whether the targets are split over batches (the
     default batch_size) or all sit in one batch, where every target's carriers share
     the latent shift that the number of guides brings (docs/math.md#high-moi)."""
