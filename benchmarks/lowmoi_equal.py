@@ -10,6 +10,7 @@ MOI, case-control) leaves low-MOI screens untouched::
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -19,11 +20,12 @@ RUNS = (("schraivogel2020_ci", 1, {}), ("hill2018", 1, {}),
         ("papalexi2021", 2, {"covariates": ["bio_rep"]}))
 
 CHILD = """
+import json
 import sys
 sys.path.insert(0, sys.argv[1])
 import causarray as ca
 from causarray.datasets import load_dataset
-name, r, kw, out = sys.argv[2], int(sys.argv[3]), eval(sys.argv[4]), sys.argv[5]
+name, r, kw, out = sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
 a = load_dataset(name)
 ca.tl.lfc(a, r=r, verbose=False, drop_empty_cells=True, **kw)
 a.uns["causarray"]["results"].to_parquet(out)
@@ -39,7 +41,7 @@ def main() -> None:
             tables = []
             for tag, src in (("old", old), ("new", new)):
                 out = str(Path(tmp) / f"{tag}_{name}.parquet")
-                subprocess.run([sys.executable, "-c", CHILD, src, name, str(r), repr(kw), out],
+                subprocess.run([sys.executable, "-c", CHILD, src, name, str(r), json.dumps(kw), out],
                                check=True, capture_output=True)
                 tables.append(pd.read_parquet(out))
             same = tables[0].equals(tables[1])

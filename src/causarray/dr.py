@@ -663,28 +663,41 @@ def _glm_scores(y: np.ndarray, mufit: np.ndarray, alpha: np.ndarray, out=None):
     return w, r
 
 
+def _scores_and_gram(y: np.ndarray, mufit: np.ndarray, alpha: np.ndarray,
+                     WWs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """GLM weights ``w`` and scores ``R`` (genes x cells) of a gene chunk at ``mufit``,
+    their squares ``r2`` and, in one GEMM with the packed outer products ``WWs`` of the
+    design, ``G``: rows ``[:m]`` the packed X'WX, rows ``[m:]`` the packed meat."""
+    buf = np.empty((2 * y.shape[0], y.shape[1]))
+    w, r2 = _glm_scores(y, mufit, alpha, out=buf)
+    R = r2.copy()
+    r2 *= r2
+    return w, R, r2, buf @ WWs
+
+
+def _group_blocks(w_g: np.ndarray, r2_g: np.ndarray, Ws_g: np.ndarray):
+    """``(D, E, F = E / D, meat_WG, meat_GG)`` of one treatment group's cells: the
+    diagonal information of its indicator, its cross-information with the design, and
+    the score outer products (see :class:`OutcomeInformation`)."""
+    D = w_g.sum(axis=1) + 1e-10
+    E = w_g @ Ws_g
+    return D, E, E / D[:, None], r2_g @ Ws_g, r2_g.sum(axis=1)
+
+
 def _chunk_information(y: np.ndarray, mufit: np.ndarray, alpha: np.ndarray, Ws: np.ndarray,
                        WWs: np.ndarray, slices: list, info: OutcomeInformation,
                        cols: slice) -> np.ndarray:
     """Fisher information blocks and score outer products of a gene chunk (into ``info``);
     returns the cells' GLM scores (genes x cells)."""
     m = y.shape[0]
-    q = Ws.shape[1]
-    buf = np.empty((2 * m, y.shape[1]))
-    w, r2 = _glm_scores(y, mufit, alpha, out=buf)
-    R = r2.copy()
-    r2 *= r2
-    G = buf @ WWs                                     # one GEMM: X'WX and the meat
-    H = sym_unpack(G[:m], q)
+    w, R, r2, G = _scores_and_gram(y, mufit, alpha, WWs)
+    H = sym_unpack(G[:m], Ws.shape[1])
     info.meat_WW[cols] = G[m:]
     for k, sl in enumerate(slices):
-        Dk = w[:, sl].sum(axis=1) + 1e-10
-        Ek = w[:, sl] @ Ws[sl]
-        Fk = Ek / Dk[:, None]
+        Dk, Ek, Fk, info.meat_WG[k, cols], info.meat_GG[k, cols] = _group_blocks(
+            w[:, sl], r2[:, sl], Ws[sl])
         info.D[k, cols], info.F[k, cols] = Dk, Fk
         H -= Ek[:, :, None] * Fk[:, None, :]
-        info.meat_WG[k, cols] = r2[:, sl] @ Ws[sl]
-        info.meat_GG[k, cols] = r2[:, sl].sum(axis=1)
     info.S_inv[cols] = _sym_inverse(H)
     return R
 
@@ -824,6 +837,7 @@ class _MultiHotTerm:
     def __init__(self, W: np.ndarray, cells: _SortedCells, cm: CounterfactualMeans):
         self.Ws = W[cm.order]
         self.WWs = sym_outer(self.Ws)
+        self.carried = (cells.A != 0).astype(float).T      # a x cells (sorted)
         self.alpha = cm.alpha
         self.q = W.shape[1]
 
@@ -832,30 +846,25 @@ class _MultiHotTerm:
         return bool(nuisance_variance and W is not None and cells.groups is None
                     and cells.masked and cm.effect.shape[0] == 1 and cm.alpha is not None)
 
-    def chunk(self, y: np.ndarray, mu_carried: np.ndarray, cols: slice):
-        """(scores R, weights w, H_WW, packed meat_WW) of the chunk's genes at their
-        fitted means ``mu_carried`` (every indicator a cell carries)."""
-        mufit = np.minimum(mu_carried, Y_HAT_CAP)
+    def chunk(self, y: np.ndarray, mu0_raw: np.ndarray, cm: CounterfactualMeans,
+              cols: slice):
+        """(scores R, weights w, squared scores r2, H_WW, packed meat_WW) of the chunk's
+        genes at their fitted means (every indicator a cell carries on)."""
+        mufit = mu0_raw * np.exp(cm.effect[0, cols] @ self.carried)
+        np.minimum(mufit, Y_HAT_CAP, out=mufit)
         m = y.shape[0]
-        buf = np.empty((2 * m, y.shape[1]))
-        w, r2 = _glm_scores(y, mufit, self.alpha[cols], out=buf)
-        R = r2.copy()
-        r2 *= r2
-        G = buf @ self.WWs
-        return R, w, sym_unpack(G[:m], self.q), G[m:]
+        w, R, r2, G = _scores_and_gram(y, mufit, self.alpha[cols], self.WWs)
+        return R, w, r2, sym_unpack(G[:m], self.q), G[m:]
 
     def information(self, k: int, cells: _SortedCells, parts) -> _ChunkInformation:
         """Treatment k's blocks (one group: its carriers)."""
-        R, w, H_WW, meat_WW = parts
+        _, w, r2, H_WW, meat_WW = parts
         car = cells.sets[k][0]
-        Dk = w[:, car].sum(axis=1) + 1e-10
-        Ek = w[:, car] @ self.Ws[car]
-        Fk = Ek / Dk[:, None]
-        r2 = R[:, car] * R[:, car]
+        Dk, Ek, Fk, meat_WG, meat_GG = _group_blocks(w[:, car], r2[:, car], self.Ws[car])
         return _ChunkInformation(
             S_inv=_sym_inverse(H_WW - Ek[:, :, None] * Fk[:, None, :]), F=Fk[None],
-            D=Dk[None], meat_WW=sym_unpack(meat_WW, self.q),
-            meat_WG=(r2 @ self.Ws[car])[None], meat_GG=r2.sum(axis=1)[None])
+            D=Dk[None], meat_WW=sym_unpack(meat_WW, self.q), meat_WG=meat_WG[None],
+            meat_GG=meat_GG[None])
 
 
 _ESTIMAND_KEYS = ("m0", "m1", "o0", "o1", "tau", "var", "df", "floor", "t1", "t0", "c1", "c0")
@@ -929,9 +938,7 @@ def _aipw_estimands(Y, A: np.ndarray, W: np.ndarray | None, s: np.ndarray, pi: n
         mu0_raw = cm.mu0[cols]
         R = cinfo = controls = parts = None
         if isinstance(term, _MultiHotTerm):
-            # fitted means: every indicator a cell carries is on
-            parts = term.chunk(y, mu0_raw * np.exp(cm.effect[0, cols] @ (cells.A != 0).T),
-                               cols)
+            parts = term.chunk(y, mu0_raw, cm, cols)
             R = parts[0]
         elif term is not None:
             R = term.scores(y, cm, cols)
