@@ -8,9 +8,11 @@ BH family of discovery pairs, one of positive controls) and scores every call at
 padj < 0.05 against the simulation's truth.
 
 * ``FDR``: false calls / calls in the discovery family, pooled over the seeds;
+* ``mean_FDP`` (and its standard error over the seeds): the false discovery proportion
+  of each seed (0 without calls) averaged, the FDR as BH defines it;
 * ``power``: true pairs called / true pairs (both families);
 * ``false on moved genes``: false calls on a gene that another target moves (the
-  small-library effect of docs/math.md#high-moi, "Small libraries").
+  small-library effect of docs/math.md#high-moi, "Other targets' effects").
 
 To compare two versions of the package, run the script once per version with its
 ``src`` first on ``PYTHONPATH`` and a ``--label`` each::
@@ -72,14 +74,20 @@ def run_config(sim: dict, lfc: dict, seeds: list[int]) -> dict:
     from causarray.simulate import simulate_highmoi_screen
 
     tot = dict(R=0, V=0, V_moved=0, tp=0, n_true=0)
+    fdp = []
     t0 = time.perf_counter()
     for seed in seeds:
         adata = simulate_highmoi_screen(random_state=seed, **{**BASE, **sim})
         tl.lfc(adata, guides="obsm:grna_counts", r=sim.get("r", 2), verbose=False, **lfc)
-        for key, val in score(adata).items():
+        one = score(adata)
+        fdp.append(one["V"] / max(one["R"], 1))
+        for key, val in one.items():
             tot[key] += val
     return dict(calls=tot["R"], false_calls=tot["V"], false_on_moved_genes=tot["V_moved"],
                 FDR=round(tot["V"] / max(tot["R"], 1), 4),
+                mean_FDP=round(float(np.mean(fdp)), 4),
+                mean_FDP_se=round(float(np.std(fdp, ddof=1) / np.sqrt(len(fdp))), 4)
+                if len(fdp) > 1 else None,
                 power=round(tot["tp"] / tot["n_true"], 4) if tot["n_true"] else None,
                 wall_s=round(time.perf_counter() - t0, 1))
 

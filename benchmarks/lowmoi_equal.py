@@ -3,7 +3,8 @@
 Runs ``tl.lfc`` with fixed settings on three bundled screens (Schraivogel CI at r = 1,
 Hill at r = 1, Papalexi at r = 2 with ``bio_rep``) once per tree, each in its own
 process with that tree's ``src`` first on ``sys.path``, and compares the result tables
-with ``DataFrame.equals``.  Used to show that a change meant for another design (high
+with ``DataFrame.equals`` on the columns both have (a column one tree adds, such as
+``df`` on 2026-12-07, is listed).  Used to show that a change meant for another design (high
 MOI, case-control) leaves low-MOI screens untouched::
 
     .venv/bin/python benchmarks/lowmoi_equal.py OLD_SRC NEW_SRC
@@ -44,9 +45,12 @@ def main() -> None:
                 subprocess.run([sys.executable, "-c", CHILD, src, name, str(r), json.dumps(kw), out],
                                check=True, capture_output=True)
                 tables.append(pd.read_parquet(out))
-            same = tables[0].equals(tables[1])
+            common = [c for c in tables[0].columns if c in tables[1].columns]
+            added = [c for c in tables[1].columns if c not in common]
+            same = tables[0][common].equals(tables[1][common])
             calls = [int((t["padj"] < 0.05).sum()) for t in tables]
-            print(f"{name}: identical {same}; calls at padj < 0.05 {calls[0]} -> {calls[1]}")
+            print(f"{name}: identical {same} on {len(common)} common columns (new only: "
+                  f"{added or 'none'}); calls at padj < 0.05 {calls[0]} -> {calls[1]}")
 
 
 if __name__ == "__main__":

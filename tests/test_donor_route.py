@@ -90,6 +90,7 @@ def test_jackknife_tests_by_hand():
     # gene c keeps its estimate (estimable) but got no test
     assert out["estimable"].tolist() == [True, True, True]
     assert out["tested"].tolist() == [True, True, False]
+    np.testing.assert_array_equal(out["df"].to_numpy(), [4.0, 4.0, np.nan])
 
 
 def test_the_donor_route_reports_jackknife_errors():

@@ -86,6 +86,11 @@ def test_result_schema(small_run):
     np.testing.assert_allclose(df.loc[ok, "log2fc"] / df.loc[ok, "log2fc_se"], df.loc[ok, "stat"])
     assert set(df["rej"].unique()) <= {0}
     assert (df.loc[ok, "pvalue"].between(0, 1)).all()
+    # the t reference's degrees of freedom: the p-value is 2 P(T_df > |stat|), as scipy's
+    assert (df.loc[ok, "df"] > 0).all() and df.loc[~ok, "df"].isna().all()
+    np.testing.assert_allclose(df.loc[ok, "pvalue"],
+                               2 * stats.t.sf(df.loc[ok, "stat"].abs(), df.loc[ok, "df"]),
+                               rtol=1e-10)
     assert est["pi_hat"].shape == Ad.shape and est["Y_hat"].to_array().shape == (*Yd.shape, 3, 2)
     # non-tested pairs: no estimate at all (NaN), so sorting by effect never mixes them in
     bad = ~df["estimable"]

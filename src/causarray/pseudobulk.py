@@ -110,6 +110,7 @@ def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray,
     out["std"], out["log2fc_se"], out["stat"] = std, std / np.log(2), stat
     out["pvalue"] = t_pvalues(stat, df)
     out["tested"] = np.isfinite(out["pvalue"].to_numpy(float))
+    out["df"] = np.where(out["tested"].to_numpy(), float(df), np.nan)
     trt = out["trt"].astype(str).to_numpy() if "trt" in out else np.zeros(len(out), object)
     out["padj"] = family_bh(out["pvalue"].to_numpy(), trt, out["on_target"].to_numpy(bool))
     for t in np.unique(trt):

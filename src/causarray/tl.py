@@ -912,12 +912,26 @@ def _read_guide_screen(adata: Any, expr: Any, ga, g: GuideOptions, covariates: l
     return screen, cols
 
 
-def _finish_guide_results(results: pd.DataFrame, cols, ga,
-                          pairs: pd.DataFrame | None) -> dict:
-    """Split the negative controls off, restrict the pairs and build the guide tables."""
-    from .calibration_stats import nt_guide_calibration
-    from .highmoi import restrict_pairs, split_negative_controls
+def _carried(adata: Any, screen: _Screen, g: GuideOptions, control: str) -> tuple | None:
+    """What the other-target correction needs in the complement design: the cells'
+    treatment matrix and their strata (the number of guides, when it is in ``X``)."""
+    if control != "complement":
+        return None
+    strata = adata.obs.loc[screen.kept, "n_guides"].to_numpy() if g.moi_covariates else None
+    return screen.A_csc, strata
 
+
+def _finish_guide_results(results: pd.DataFrame, cols, ga, pairs: pd.DataFrame | None,
+                          carried: tuple | None = None) -> dict:
+    """Correct for the other targets' known effects (``carried``: the cells' treatment
+    matrix and their strata, for the complement design), split the negative controls
+    off, restrict the pairs and build the guide tables."""
+    from .calibration_stats import nt_guide_calibration
+    from .highmoi import correct_for_other_targets, restrict_pairs, split_negative_controls
+
+    if carried is not None:
+        results = correct_for_other_targets(results, carried[0], cols.names, cols.targets,
+                                            carried[1])
     table, negatives = split_negative_controls(results, cols.nt_guides)
     table = restrict_pairs(table, pairs)
     targets = ga.target_table()
@@ -1309,7 +1323,8 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     store: dict[str, Any] = dict(results=results.reset_index(drop=True), jic=df_r,
                                  shift=shift, design_warning=design_warning(shift, assignment))
     if gopt is not None:
-        store.update(_finish_guide_results(store["results"], cols, ga, pairs))
+        store.update(_finish_guide_results(store["results"], cols, ga, pairs,
+                                           _carried(adata, screen, gopt, control_used)))
     if propensity:
         store.update(_propensity(adata, screen.A_csc, list(screen.A.columns), screen.X_A,
                                  screen.kept, covariates, random_state, key_added))
