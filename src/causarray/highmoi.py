@@ -168,6 +168,11 @@ def split_negative_controls(table: pd.DataFrame,
 #: Family-wise level at which a (target, gene) effect is taken as known when the other
 #: targets' estimates on that gene are corrected (:func:`correct_for_other_targets`).
 KNOWN_EFFECT_LEVEL = 0.05
+#: Counts of the gene a known effect's two arms must hold together: with fewer, its log
+#: ratio rests on a handful of cells (on the scale simulation such pairs reached
+#: 1,000-fold), and where those few cells fall, not the shares, decides another
+#: target's bias.
+KNOWN_EFFECT_MIN_COUNTS = 20
 
 
 @dataclass
@@ -240,7 +245,10 @@ def other_target_bias(table: pd.DataFrame, A, names: list[str], targets: list[st
     ``(e / (1 + S1 e))² V1 + (e / (1 + S0 e))² V0``, is part of the row's variance and
     leaves it with the bias.  Effects are taken as known when their pair passes
     Bonferroni at ``level`` over the targets' tested pairs (a sparse set: a few genes per
-    target); smaller ones are too small to bias a comparison measurably.  Returns
+    target; smaller ones are too small to bias a comparison measurably) and its two arms
+    hold at least ``KNOWN_EFFECT_MIN_COUNTS`` counts of the gene: the formula is an
+    expectation over how j's carriers fall into k's arms, right for an effect carried by
+    many cells, not for one carried by a few.  Returns
     ``(bias, variance)`` per row (0 where no other target has a known effect on g).
     """
     trt = table["trt"].astype(str).to_numpy()
@@ -249,7 +257,11 @@ def other_target_bias(table: pd.DataFrame, A, names: list[str], targets: list[st
     tau = table["tau"].to_numpy(dtype=float)
     is_target = np.isin(trt, targets)
     n_tests = int(np.isfinite(pvalue[is_target]).sum())
-    known = np.flatnonzero(is_target & (pvalue < level / max(n_tests, 1)))
+    counted = np.ones(len(table), bool)
+    if {"count_treated", "count_control"} <= set(table.columns):
+        counted = (table["count_treated"].to_numpy(dtype=float)
+                   + table["count_control"].to_numpy(dtype=float)) >= KNOWN_EFFECT_MIN_COUNTS
+    known = np.flatnonzero(is_target & (pvalue < level / max(n_tests, 1)) & counted)
     bias, variance = np.zeros(len(table)), np.zeros(len(table))
     if known.size == 0:
         return bias, variance
