@@ -100,6 +100,16 @@ def test_the_donor_route_reports_jackknife_errors():
     infl = _donor_run(donor_study(6, donors=8), r=0, donor_variance="influence")
     assert "std_influence" not in infl["results"]
     np.testing.assert_allclose(st["results"]["tau"], infl["results"]["tau"])
+    # moderated (default): 400 genes share their variances' scale, so every tested gene
+    # gets more than the jackknife's 8 - 1 - 1 degrees of freedom; 'jackknife_raw' keeps
+    # the jackknife's own variance and degrees of freedom
+    res = st["results"]
+    tested = res["tested"].to_numpy(bool)
+    assert tested.sum() > 100 and (res.loc[tested, "df"] > 6).all()
+    raw = _donor_run(donor_study(6, donors=8), r=0, donor_variance="jackknife_raw")
+    r_t = raw["results"]["tested"].to_numpy(bool)
+    assert (raw["results"].loc[r_t, "df"] == 6).all()
+    np.testing.assert_allclose(raw["results"]["std"], res["std_jackknife"], rtol=1e-12)
 
 
 @pytest.mark.slow

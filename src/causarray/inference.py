@@ -10,6 +10,7 @@ genes, cells or data frames.
 * :func:`fdx_control` – FDX control: multiplier-bootstrap step-down FWER procedure
   followed by augmentation.
 * :func:`multiple_testing` – all of the above for one treatment, as output columns.
+* :func:`moderated_variances` – empirical-Bayes variances with a mean trend (limma's).
 
 A NaN statistic means "test not performed" (a filtered gene); it gives NaN p-values,
 is left out of every family and is never rejected.
@@ -141,6 +142,74 @@ def bh_adjust(pvalues: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------------
 # empirical null
 # ----------------------------------------------------------------------------------
+#: Degree of the polynomial trend of the log variances in :func:`moderated_variances`.
+MODERATION_DEGREE = 3
+#: Fewer tested genes than this and the variances are left as they are.
+MODERATION_MIN_GENES = 50
+
+
+def _trigamma_inverse(x: float) -> float:
+    """y with trigamma(y) = x, by Newton's method on 1/trigamma (Smyth 2004, §6.2)."""
+    from scipy.special import polygamma
+
+    y = 0.5 + 1.0 / x
+    for _ in range(50):
+        tri = float(polygamma(1, y))
+        step = tri * (1.0 - tri / x) / float(polygamma(2, y))
+        y += step
+        if -step / y < 1e-8:
+            break
+    return y
+
+
+def moderated_variances(var: Any, df: float, covariate: Any,
+                        degree: int = MODERATION_DEGREE) -> tuple[np.ndarray, np.ndarray, float]:
+    """Empirical-Bayes posterior variances of many genes (limma's ``squeezeVar`` with a
+    trend; Smyth 2004, docs/math.md#case-control).
+
+    Model: each gene's variance estimate is ``var_g ~ sigma_g² chi²_df / df`` and the
+    true variances follow a scaled inverse chi-square prior with ``d0`` degrees of
+    freedom around a trend in ``covariate`` (the log mean expression),
+    ``log s0²(x) = polynomial of degree ``degree``.  The log variances' trend is fitted by
+    least squares; ``d0`` comes from their residual variance less the sampling part
+    ``trigamma(df / 2)`` (``d0 = inf`` when nothing is left); the posterior variance is
+    ``(d0 s0² + df var_g) / (d0 + df)`` on ``df + d0`` degrees of freedom (with
+    ``d0 = inf``: the trend, on the pooled degrees of freedom).
+
+    Returns ``(posterior variances, degrees of freedom, d0)`` per entry; entries with a
+    non-finite or non-positive variance or covariate are returned as given with ``df``,
+    and so is everything when fewer than ``MODERATION_MIN_GENES`` entries are usable
+    (``d0 = 0``).
+    """
+    from scipy.special import digamma, polygamma
+
+    var = np.asarray(var, dtype=float)
+    x = np.asarray(covariate, dtype=float)
+    post, dfs = var.copy(), np.full(var.shape, float(df))
+    ok = np.isfinite(var) & (var > 0) & np.isfinite(x)
+    n = int(ok.sum())
+    if n < max(MODERATION_MIN_GENES, degree + 3):
+        return post, dfs, 0.0
+    xs = (x[ok] - x[ok].mean()) / max(float(x[ok].std()), 1e-12)
+    basis = np.vander(xs, degree + 1)
+    z = np.log(var[ok])
+    coef, *_ = np.linalg.lstsq(basis, z, rcond=None)
+    trend = basis @ coef
+    excess = float(np.sum((z - trend) ** 2) / (n - degree - 1) - polygamma(1, df / 2))
+    d0 = np.inf if excess <= 0 else 2.0 * _trigamma_inverse(excess)
+    # E[log(var)] = log s0² + digamma(df/2) - log(df/2) - (digamma(d0/2) - log(d0/2))
+    shift = digamma(df / 2) - np.log(df / 2)
+    if np.isfinite(d0):
+        shift -= digamma(d0 / 2) - np.log(d0 / 2)
+    s0 = np.exp(trend - shift)
+    if np.isinf(d0):
+        post[ok], dfs[ok] = s0, float(df) * n
+    else:
+        post[ok] = (d0 * s0 + df * var[ok]) / (d0 + df)
+        dfs[ok] = df + d0
+    return post, dfs, float(d0)
+
+
 def empirical_null(stat: Any) -> tuple[float, float]:
     """Location and normal-consistent scale of the non-NaN statistics.
 

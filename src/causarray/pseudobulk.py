@@ -82,19 +82,24 @@ def aggregate_counts(counts: Any, codes: np.ndarray, n_groups: int) -> sp.csr_ma
 
 
 def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray,
-                    n_covariates: int) -> pd.DataFrame:
+                    n_covariates: int, moderate: bool = True) -> pd.DataFrame:
     """The result table with delete-one-donor jackknife standard errors and tests.
 
     ``replicates`` (n_donors x rows) holds ``tau`` of each row with one donor left out
-    (the same model, r fixed).  ``Var_J = (n - 1)/n sum_i (tau_(i) - mean)^2``; the
-    statistic ``tau / sqrt(Var_J)`` is referred to a t with ``n - 1 - n_covariates``
-    degrees of freedom; BH by family as :func:`causarray.inference.family_bh`, the
-    empirical-null columns recomputed from the new statistics per treatment.  A row that
-    some replicate could not estimate is not tested (``tested`` False, ``estimable`` as
-    the full fit left it).  The influence-function standard
-    error is kept as ``std_influence``.
+    (the same model, r fixed).  ``Var_J = (n - 1)/n sum_i (tau_(i) - mean)^2`` on
+    ``n - 1 - n_covariates`` degrees of freedom.  With ``moderate`` the variances of
+    each treatment's genes are moderated by empirical Bayes around a trend in the log
+    mean expression (:func:`causarray.inference.moderated_variances`, limma's
+    ``squeezeVar``), and the statistic ``tau / std`` is referred to a t with the
+    posterior degrees of freedom (``df``); with few donors a gene's own jackknife
+    variance is noisy, and the genes' variances share their scale.  BH by family as
+    :func:`causarray.inference.family_bh`, the empirical-null columns recomputed from
+    the new statistics per treatment.  A row that some replicate could not estimate is
+    not tested (``tested`` False, ``estimable`` as the full fit left it).  The
+    influence-function standard error is kept as ``std_influence``, the jackknife's
+    own as ``std_jackknife``.
     """
-    from .inference import empirical_null_adjust, family_bh, t_pvalues
+    from .inference import empirical_null_adjust, family_bh, moderated_variances, t_pvalues
 
     n = replicates.shape[0]
     ok = np.isfinite(replicates).all(axis=0)        # a gene untested in a replicate: NaN
@@ -104,18 +109,30 @@ def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray,
     out = results.copy()
     out["std_influence"] = out["std"]
     tested = out["estimable"].to_numpy(bool) & np.isfinite(var) & (var > 0)
-    std = np.where(tested, np.sqrt(np.where(tested, var, 1.0)), np.nan)
-    df = max(n - 1 - n_covariates, 1)
+    df0 = float(max(n - 1 - n_covariates, 1))
+    trt = out["trt"].astype(str).to_numpy() if "trt" in out else np.zeros(len(out), object)
+    var = np.where(tested, var, np.nan)
+    out["std_jackknife"] = np.sqrt(var)
+    df = np.where(tested, df0, np.nan)
+    if moderate:
+        level = np.zeros(len(out))         # a flat trend without the arm means
+        if {"mean_control", "mean_treated"} <= set(out.columns):
+            level = np.log(0.5 * (out["mean_control"].to_numpy(float)
+                                  + out["mean_treated"].to_numpy(float)) + 1e-8)
+        for t in np.unique(trt):
+            rows = trt == t
+            post, dfs, _ = moderated_variances(var[rows], df0, level[rows])
+            var[rows], df[rows] = post, np.where(tested[rows], dfs, np.nan)
+    std = np.sqrt(var)
     stat = np.where(tested, out["tau"].to_numpy(float) / std, np.nan)
     out["std"], out["log2fc_se"], out["stat"] = std, std / np.log(2), stat
-    out["pvalue"] = t_pvalues(stat, df)
+    out["pvalue"] = t_pvalues(stat, np.where(tested, df, 1.0))      # NaN where untested
     out["tested"] = np.isfinite(out["pvalue"].to_numpy(float))
-    out["df"] = np.where(out["tested"].to_numpy(), float(df), np.nan)
-    trt = out["trt"].astype(str).to_numpy() if "trt" in out else np.zeros(len(out), object)
+    out["df"] = df
     out["padj"] = family_bh(out["pvalue"].to_numpy(), trt, out["on_target"].to_numpy(bool))
     for t in np.unique(trt):
         rows = trt == t
-        p_emp, q_emp = empirical_null_adjust(stat[rows], df)
+        p_emp, q_emp = empirical_null_adjust(stat[rows], np.where(tested[rows], df[rows], 1.0))
         out.loc[rows, "pvalue_emp_null_adj"] = p_emp
         out.loc[rows, "padj_emp_null_adj"] = q_emp
     return out

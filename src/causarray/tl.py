@@ -1024,7 +1024,8 @@ def _check_route(args: dict) -> GuideOptions | None:
     if args["assignment"] is not None:
         check_assignment(args["assignment"])
     check_donor_route(args["condition_key"], args["control_condition"], args["donor_key"])
-    check_choice("donor_variance", args["donor_variance"], ("jackknife", "influence"))
+    check_choice("donor_variance", args["donor_variance"],
+                 ("jackknife", "jackknife_raw", "influence"))
     if args["guides"] is None:
         return None
     return _check_guide_options(GuideOptions(
@@ -1032,7 +1033,7 @@ def _check_route(args: dict) -> GuideOptions | None:
 
 
 def _donor_jackknife(pb: Any, st: dict, args: dict, covariates: list[str],
-                     run: dict) -> pd.DataFrame:
+                     run: dict, moderate: bool = True) -> pd.DataFrame:
     """The delete-one-donor jackknife of a donor run (:func:`causarray.pseudobulk.
     jackknife_tests`): the same analysis, r fixed at the one used, once per donor left
     out."""
@@ -1056,7 +1057,7 @@ def _donor_jackknife(pb: Any, st: dict, args: dict, covariates: list[str],
         r_i = sub.uns[args["key_added"]]["results"]
         tau_i = pd.Series(r_i["tau"].to_numpy(), index=row_keys(r_i))
         reps[i] = tau_i.reindex(keys).to_numpy()
-    return jackknife_tests(res, reps, len(covariates))
+    return jackknife_tests(res, reps, len(covariates), moderate=moderate)
 
 
 def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
@@ -1092,8 +1093,9 @@ def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
             covariates=covariates,
             cache_path=None if cache is None else f"{cache}.{grp or 'all'}.h5", **run)
         st = pb.uns[key]
-        if args["donor_variance"] == "jackknife":
-            st["results"] = _donor_jackknife(pb, st, args, covariates, run)
+        if args["donor_variance"] != "influence":
+            st["results"] = _donor_jackknife(pb, st, args, covariates, run,
+                                             moderate=args["donor_variance"] == "jackknife")
         tables.append(st["results"] if grp is None else st["results"].assign(group=grp))
         if st.get("shift") is not None:
             shifts.append(st["shift"] if grp is None else st["shift"].assign(group=grp))
@@ -1247,10 +1249,13 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         ``covariates`` are carried, and the factor model and the doubly robust step run
         on donors (:mod:`causarray.pseudobulk`); ``results`` gain a ``group`` column
         with ``groupby``.
-    donor_variance : {'jackknife', 'influence'}
+    donor_variance : {'jackknife', 'jackknife_raw', 'influence'}
         The donor route's standard errors: the delete-one-donor jackknife (default; one
-        refit per donor, r fixed; ``std_influence`` keeps the other) or the
-        influence-function variance of the doubly robust estimate.
+        refit per donor, r fixed), its variances moderated by empirical Bayes across
+        the genes around a trend in mean expression (as limma; ``std_jackknife`` keeps
+        the unmoderated ones, ``std_influence`` the sandwich); ``'jackknife_raw'`` the
+        jackknife alone; or ``'influence'``, the influence-function variance of the
+        doubly robust estimate.
     nt_guide_tests : bool or 'required'
         Test every non-targeting guide against its complement (the high-MOI
         calibration; ``causarray run --calibration off`` switches it off); 'required'
