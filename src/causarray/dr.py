@@ -84,10 +84,10 @@ LOG_MU_BOUNDS = (-30.0, 20.0)     # the outcome model's log means are clipped to
 EFFECT_BOUND = 30.0               # and its treatment effects to +- this
 _AIPW_CHUNK_BYTES = 4 * 2**20     # one genes x cells working array of the AIPW loop
 RESULT_COLUMNS = ["gene_names", "tau", "std", "log2fc", "log2fc_se", "stat", "df", "rej",
-                  "pvalue",
-                  "padj", "pvalue_emp_null_adj", "padj_emp_null_adj", "mean_control",
-                  "mean_treated", "estimable", "tested", "n_treated", "n_control",
-                  "count_treated", "count_control", "var_floored", "std_raw", "on_target"]
+                  "pvalue", "padj", "pvalue_emp_null_adj", "padj_emp_null_adj",
+                  "mean_control", "mean_treated", "estimable", "tested", "n_treated",
+                  "n_control", "count_treated", "count_control", "var_floored", "std_raw",
+                  "on_target"]
 
 
 # ----------------------------------------------------------------------------------
@@ -1214,7 +1214,8 @@ def _treatment_frame(k: int, trt_name, gene_names, Y, A, s, pi, cm: Counterfactu
     frame = pd.DataFrame({
         "gene_names": gene_names, "tau": tau_out, "std": std_out,
         "log2fc": tau_out / np.log(2), "log2fc_se": std_out / np.log(2), "stat": st["stat"],
-        "df": np.where(np.isfinite(tests["pvalue"]), st["df"], np.nan), "rej": tests["rej"], "pvalue": tests["pvalue"], "padj": tests["padj"],
+        "df": np.where(np.isfinite(tests["pvalue"]), st["df"], np.nan), "rej": tests["rej"],
+        "pvalue": tests["pvalue"], "padj": tests["padj"],
         "pvalue_emp_null_adj": tests["pvalue_emp_null_adj"],
         "padj_emp_null_adj": tests["padj_emp_null_adj"],
         "mean_control": np.maximum(o["m0"], 0.0), "mean_treated": np.maximum(o["m1"], 0.0),

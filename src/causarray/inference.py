@@ -140,7 +140,7 @@ def bh_adjust(pvalues: Any) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------
-# empirical null
+# empirical-Bayes variances
 # ----------------------------------------------------------------------------------
 #: Degree of the polynomial trend of the log variances in :func:`moderated_variances`.
 MODERATION_DEGREE = 3
@@ -169,8 +169,8 @@ def moderated_variances(var: Any, df: float, covariate: Any,
 
     Model: each gene's variance estimate is ``var_g ~ sigma_g² chi²_df / df`` and the
     true variances follow a scaled inverse chi-square prior with ``d0`` degrees of
-    freedom around a trend in ``covariate`` (the log mean expression),
-    ``log s0²(x) = polynomial of degree ``degree``.  The log variances' trend is fitted by
+    freedom around a trend ``s0²(x)`` in ``covariate`` (the log mean expression), whose
+    log is a polynomial of degree ``degree``.  The log variances' trend is fitted by
     least squares; ``d0`` comes from their residual variance less the sampling part
     ``trigamma(df / 2)`` (``d0 = inf`` when nothing is left); the posterior variance is
     ``(d0 s0² + df var_g) / (d0 + df)`` on ``df + d0`` degrees of freedom (with
@@ -210,6 +210,9 @@ def moderated_variances(var: Any, df: float, covariate: Any,
     return post, dfs, float(d0)
 
 
+# ----------------------------------------------------------------------------------
+# empirical null
+# ----------------------------------------------------------------------------------
 def empirical_null(stat: Any) -> tuple[float, float]:
     """Location and normal-consistent scale of the non-NaN statistics.
 
