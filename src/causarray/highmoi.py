@@ -278,8 +278,8 @@ def other_target_bias(table: pd.DataFrame, A, names: list[str], targets: list[st
         rows = np.asarray(rows_of.get(g, []), dtype=np.int64)
         k = np.array([column[t] for t in trt[rows]])
         for j, e in effects:
-            mine = rows[trt[rows] != movers[j]]          # j's own rows keep their tau
-            kk = k[trt[rows] != movers[j]]
+            other = trt[rows] != movers[j]               # j's own rows keep their tau
+            mine, kk = rows[other], k[other]
             s1, s0 = sh.S1[kk, j], sh.S0[kk, j]
             bias[mine] += np.log1p(s1 * e) - np.log1p(s0 * e)
             variance[mine] += ((e / (1 + s1 * e)) ** 2 * sh.V1[kk, j]

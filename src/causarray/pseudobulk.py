@@ -126,13 +126,13 @@ def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray,
     std = np.sqrt(var)
     stat = np.where(tested, out["tau"].to_numpy(float) / std, np.nan)
     out["std"], out["log2fc_se"], out["stat"] = std, std / np.log(2), stat
-    out["pvalue"] = t_pvalues(stat, np.where(tested, df, 1.0))      # NaN where untested
+    out["pvalue"] = t_pvalues(stat, df)                  # NaN where untested
     out["tested"] = np.isfinite(out["pvalue"].to_numpy(float))
     out["df"] = df
     out["padj"] = family_bh(out["pvalue"].to_numpy(), trt, out["on_target"].to_numpy(bool))
     for t in np.unique(trt):
         rows = trt == t
-        p_emp, q_emp = empirical_null_adjust(stat[rows], np.where(tested[rows], df[rows], 1.0))
+        p_emp, q_emp = empirical_null_adjust(stat[rows], df[rows])
         out.loc[rows, "pvalue_emp_null_adj"] = p_emp
         out.loc[rows, "padj_emp_null_adj"] = q_emp
     return out
