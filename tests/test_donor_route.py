@@ -79,18 +79,19 @@ def test_jackknife_tests_by_hand():
                         "on_target": [False, False, False], "trt": "case"})
     reps = rng.normal(0.2, 0.1, (6, 3))
     reps[2, 2] = np.nan                                   # gene c fails in one replicate
-    out = jackknife_tests(res, reps, n_covariates=1)
-    var = 5 / 6 * ((reps[:, :2] - reps[:, :2].mean(axis=0)) ** 2).sum(axis=0)
+    out = jackknife_tests(res, reps, n_params=3, moderate=False)
+    # Wu's weighted jackknife at the mean leverage k/n = 3/6, on n - k = 3 df
+    var = (1 - 3 / 6) * ((reps[:, :2] - reps[:, :2].mean(axis=0)) ** 2).sum(axis=0)
     np.testing.assert_allclose(out["std"].to_numpy()[:2], np.sqrt(var), rtol=1e-12)
     from scipy import stats
 
-    p = 2 * stats.t.sf(np.abs(res["tau"].to_numpy()[:2] / np.sqrt(var)), df=6 - 1 - 1)
+    p = 2 * stats.t.sf(np.abs(res["tau"].to_numpy()[:2] / np.sqrt(var)), df=6 - 3)
     np.testing.assert_allclose(out["pvalue"].to_numpy()[:2], p, rtol=1e-10)
     assert np.isnan(out["pvalue"].iloc[2]) and (out["std_influence"] == 0.1).all()
     # gene c keeps its estimate (estimable) but got no test
     assert out["estimable"].tolist() == [True, True, True]
     assert out["tested"].tolist() == [True, True, False]
-    np.testing.assert_array_equal(out["df"].to_numpy(), [4.0, 4.0, np.nan])
+    np.testing.assert_array_equal(out["df"].to_numpy(), [3.0, 3.0, np.nan])
 
 
 def test_the_donor_route_reports_jackknife_errors():
@@ -101,14 +102,14 @@ def test_the_donor_route_reports_jackknife_errors():
     assert "std_influence" not in infl["results"]
     np.testing.assert_allclose(st["results"]["tau"], infl["results"]["tau"])
     # moderated (default): 400 genes share their variances' scale, so every tested gene
-    # gets more than the jackknife's 8 - 1 - 1 degrees of freedom; 'jackknife_raw' keeps
-    # the jackknife's own variance and degrees of freedom
+    # gets more than the jackknife's 8 - 3 degrees of freedom (k = intercept, sex, the
+    # condition; r = 0); 'jackknife_raw' keeps the jackknife's own variance and df
     res = st["results"]
     tested = res["tested"].to_numpy(bool)
-    assert tested.sum() > 100 and (res.loc[tested, "df"] > 6).all()
+    assert tested.sum() > 100 and (res.loc[tested, "df"] > 5).all()
     raw = _donor_run(donor_study(6, donors=8), r=0, donor_variance="jackknife_raw")
     r_t = raw["results"]["tested"].to_numpy(bool)
-    assert (raw["results"].loc[r_t, "df"] == 6).all()
+    assert (raw["results"].loc[r_t, "df"] == 5).all()
     np.testing.assert_allclose(raw["results"]["std"], res["std_jackknife"], rtol=1e-12)
 
 
@@ -216,3 +217,33 @@ def test_cli_donor_route(tmp_path, capsys):
                  "condition", "--control-condition", "healthy", "--donor-key", "donor"])
     assert code == EXIT_BAD_INPUT
     assert "--control-condition 'healthy' does not occur" in capsys.readouterr().err
+
+
+def test_leverage_jackknife_is_unbiased_for_a_regression_adjusted_difference():
+    """OLS of 4,000 homoscedastic genes on [1, x, condition] over 20 donors: the delete-
+    one jackknife of the condition's coefficient overstates its variance (HC3-like,
+    (n - 1)/n sum: 1.13x the exact variance here), the leverage-corrected one (Wu's
+    weighted jackknife at the mean leverage, (1 - k/n) sum) is unbiased within a few
+    per cent, and its t test on n - k df holds the type-I error at 0.05 (99 % band)."""
+    rng = np.random.default_rng(0)
+    n, genes = 20, 4000
+    x = rng.standard_normal(n)
+    Z = np.column_stack([np.ones(n), x, np.r_[np.zeros(10), np.ones(10)]])
+    Y = 0.3 * x[:, None] + rng.standard_normal((n, genes))
+
+    def condition_coef(Zs, Ys):
+        return np.linalg.solve(Zs.T @ Zs, Zs.T @ Ys)[2]
+
+    reps = np.stack([condition_coef(np.delete(Z, d, 0), np.delete(Y, d, 0))
+                     for d in range(n)])
+    res = pd.DataFrame({"gene_names": [f"g{i}" for i in range(genes)],
+                        "tau": condition_coef(Z, Y), "std": 1.0, "estimable": True,
+                        "on_target": False, "trt": "case"})
+    out = jackknife_tests(res, reps, n_params=3, moderate=False)
+    exact = np.linalg.inv(Z.T @ Z)[2, 2]
+    plain = (n - 1) / n * ((reps - reps.mean(axis=0)) ** 2).sum(axis=0)
+    assert plain.mean() / exact > 1.1
+    assert 0.97 <= float((out["std"] ** 2).mean()) / exact <= 1.06
+    band = 2.576 * np.sqrt(0.05 * 0.95 / genes)
+    assert abs(float((out["pvalue"] < 0.05).mean()) - 0.05) < band
+    assert (out["df"] == n - 3).all()

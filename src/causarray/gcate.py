@@ -193,6 +193,54 @@ def _rebalance(U: np.ndarray, Gamma: np.ndarray):
     return U_new, G_new
 
 
+def stage1_standard_errors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
+                           U: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """Standard errors of the stage-1 coefficients ``coef`` ([X | U | A]) at dispersions
+    re-estimated with the factors.
+
+    The NB sizes GCATE fits with come from a GLM without the factors (on [X | A], or
+    given: ``gcate_lfc_batch`` estimates them once on the control pool), whose
+    residuals still hold the confounders' variation, so they overstate each gene's
+    dispersion and its Fisher variances (twice the realised sampling variance of the
+    loadings on the simulated donor studies of ``benchmarks/donor_variance.py``).
+    Here the method-of-moments dispersion (:func:`causarray.engine.families.mom_alpha`,
+    ``n - (d + r + a)`` degrees of freedom) is taken at the stage-1 means, and one
+    Fisher pass at ``coef`` (its updated coefficients are discarded) gives the
+    inverse-information standard errors.
+    """
+    from .engine.families import ETA_MAX, ETA_MIN, mom_alpha, size_from_mom
+    from .glm import _dense_columns, _gene_chunk_size
+
+    n, p = Y.shape
+    design_cols = np.hstack([X, U, A])
+    alpha = np.empty(p)
+    all_zero = np.zeros(p, bool)
+    step = _gene_chunk_size(n, None)
+    for start in range(0, p, step):
+        cols = np.arange(start, min(p, start + step))
+        y = _dense_columns(Y, cols)
+        mu = np.exp(np.clip(design_cols @ coef[cols].T + log_s[:, None], ETA_MIN, ETA_MAX))
+        alpha[cols] = mom_alpha(y, mu, n - coef.shape[1])
+        all_zero[cols] = ~(y > 0).any(axis=0)
+    alpha = alpha_from_size(size_from_mom(alpha, all_zero))
+    _, se, _ = _gene_passes(Y, X, A, groups_from_onehot(A), log_s, alpha, U, coef.copy(), 1,
+                            compute_se=True)
+    return se
+
+
+def loading_noise(Gamma: np.ndarray, Gamma_new: np.ndarray, se: np.ndarray) -> np.ndarray:
+    """The sampling covariances (p x r x r) of the rebalanced loadings ``Gamma_new``.
+
+    ``se`` are the standard errors of ``Gamma``'s entries from each gene's Fisher
+    information (U fixed; their covariances are dropped: U's columns are orthogonal).
+    The rebalancing is linear, ``Gamma_new = Gamma M``, so each row's covariance is
+    ``M' diag(se_j^2) M``.
+    """
+    M = np.linalg.lstsq(Gamma, Gamma_new, rcond=None)[0]
+    var = np.where(np.isfinite(se), se, 0.0) ** 2
+    return np.einsum("ja,ab,ac->jbc", var, M, M)
+
+
 # ----------------------------------------------------------------------------------
 # the factor model passes
 # ----------------------------------------------------------------------------------
@@ -487,7 +535,7 @@ def huber_covariance(Xd: np.ndarray, y: np.ndarray, coef: np.ndarray,
 
 
 def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilon: float = 1.35,
-                     renormalize: bool = True):
+                     renormalize: bool = True, gamma_noise: np.ndarray | None = None):
     """Huber regression of each perturbation's coefficients on the loadings (stage 2).
 
     Returns ``(shift, alpha, cov)``: ``beta_hat_k ≈ shift_k + Gamma alpha_k + sparse direct
@@ -496,6 +544,9 @@ def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilo
     log-scale shift of all genes in perturbation k: size factors estimated from the
     counts absorb part of the perturbation's effects, and under the same sparsity
     assumption (most genes are not affected) the typical gene should show no change.
+    ``gamma_noise`` (p x r x r), the sampling covariances of the loadings' estimates:
+    when given, ``alpha_k`` is corrected for their attenuation
+    (:func:`errors_in_variables_correction`).
     """
     a, r = beta.shape[1], Gamma.shape[1]
     alpha = np.zeros((a, r))
@@ -512,11 +563,77 @@ def _treatment_shift(beta: np.ndarray, se: np.ndarray, Gamma: np.ndarray, epsilo
             design = np.column_stack([w, design])
         coef = huber_regression(design, beta[ok, k] * w, epsilon=epsilon)
         cov_k = huber_covariance(design, beta[ok, k] * w, coef, epsilon=epsilon)
+        if gamma_noise is not None and shift_is_evident(coef[-r:], cov_k[-r:, -r:]):
+            noise = np.zeros((ok.sum(),) + (design.shape[1],) * 2)
+            noise[:, -r:, -r:] = gamma_noise[ok] * (w * w)[:, None, None]
+            coef, cov_k = errors_in_variables_correction(design, beta[ok, k] * w, coef,
+                                                         cov_k, noise, epsilon=epsilon)
         if renormalize:
             coef, cov_k = coef[1:], cov_k[1:, 1:]
             shift[k] = np.median((beta[:, k] - Gamma @ coef)[ok])
         alpha[k], cov[k] = coef, cov_k
     return shift, alpha, cov
+
+
+#: Level of the Wald test below which a shift is taken as evident and corrected for the
+#: loadings' noise (:func:`shift_is_evident`).
+EVIDENT_SHIFT_LEVEL = 0.05
+
+
+def shift_is_evident(alpha: np.ndarray, cov: np.ndarray) -> bool:
+    """Whether the Wald statistic ``alpha' cov^-1 alpha`` exceeds its chi-square(r)
+    quantile at :data:`EVIDENT_SHIFT_LEVEL`.
+
+    The attenuation by noisy loadings scales the shift towards 0, which biases nothing
+    when there is no shift; correcting it there only inflates noise (by up to
+    1/:data:`MIN_RELIABILITY`), most of all for factors fitted to noise, whose loadings
+    look more reliable than they are.  So only a shift beyond its sampling noise is
+    corrected.
+    """
+    from scipy.stats import chi2
+
+    if not np.isfinite(cov).all():
+        return False
+    stat = float(alpha @ np.linalg.pinv(cov) @ alpha)
+    return stat > chi2.isf(EVIDENT_SHIFT_LEVEL, alpha.size)
+
+
+#: Least reliability (smallest eigenvalue of ``G^-1/2 (G - N) G^-1/2``) at which the
+#: loadings' noise is corrected; below it the correction would amplify noise.
+MIN_RELIABILITY = 0.5
+
+
+def errors_in_variables_correction(Xd: np.ndarray, y: np.ndarray, coef: np.ndarray,
+                                   cov: np.ndarray, noise: np.ndarray,
+                                   epsilon: float = 1.35) -> tuple[np.ndarray, np.ndarray]:
+    """A Huber fit of ``y ~ Xd`` corrected for noise in the regressors' rows.
+
+    Model: the rows are ``Xd_j = X_j + e_j`` with ``E e_j = 0``, ``Cov e_j = noise[j]``,
+    independent of the errors of ``y``.  Least squares on the noisy rows is attenuated:
+    ``E[Xd' Xd] = X' X + sum_j noise_j``.  The moment-corrected estimate (Fuller 1987,
+    §2.2) solves ``(G - N) coef = Xd' Omega y`` with ``G = Xd' Omega Xd``,
+    ``N = sum_j omega_j noise_j`` and ``Omega`` the Huber weights at ``coef``; its
+    covariance is ``cov`` mapped by ``(G - N)^-1 G``.  Where the corrected Gram is not
+    well conditioned (reliability below :data:`MIN_RELIABILITY`) ``coef`` and ``cov``
+    are returned as given.
+    """
+    resid = y - Xd @ coef
+    scale = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+    omega = np.ones_like(y) if not scale > 0 else \
+        np.minimum(1.0, epsilon * scale / np.maximum(np.abs(resid), 1e-300))
+    G = (Xd * omega[:, None]).T @ Xd
+    N = np.einsum("j,jab->ab", omega, noise)
+    try:
+        root = np.linalg.cholesky(G)
+        Li = np.linalg.inv(root)
+        reliability = np.linalg.eigvalsh(Li @ (G - N) @ Li.T).min()
+    except np.linalg.LinAlgError:
+        return coef, cov
+    if not reliability >= MIN_RELIABILITY:
+        return coef, cov
+    corrected = np.linalg.solve(G - N, (Xd * omega[:, None]).T @ y)
+    M = np.linalg.solve(G - N, G)
+    return corrected, M @ cov @ M.T
 
 
 def chance_imbalance_variance(A: np.ndarray, control: str = "non-targeting",
@@ -646,16 +763,24 @@ def _stage1_start(Y, X, A, log_s, fit0: GLMFit, r: int, Q: np.ndarray, A_init,
 
 def _stage2_shift(beta_hat, se_hat, Gamma, A, *, skip: bool, renormalize: bool,
                   assignment: str, shift_level: float, control: str = "non-targeting",
-                  X: np.ndarray | None = None):
+                  X: np.ndarray | None = None, gamma_noise: np.ndarray | None = None):
     """Stage 2: the common log shift per treatment, the raw confounder shift alpha_hat and
-    the decision on which part of it is adjusted (``skip``: ``c1 == 0``, nothing)."""
+    the decision on which part of it is adjusted (``skip``: ``c1 == 0``, nothing).
+
+    Under ``'observational'`` the whole shift is removed, so its attenuation by the
+    loadings' sampling noise (``gamma_noise``, p x r x r) is a bias of every gene's
+    effect in proportion to its loading; the shift is then corrected for it
+    (docs/math.md#case-control).  Under ``'randomized'`` only a within-chance shift is
+    adjusted and the decision rule is calibrated on the uncorrected estimate."""
     a, r = A.shape[1], Gamma.shape[1]
     if skip:
         alpha_hat = np.zeros((a, r))
         decision = ShiftDecision(alpha_hat, np.zeros((a, r, r)), np.full(a, np.nan),
                                  np.full(a, np.nan), np.zeros(a, bool))
         return np.zeros(a), alpha_hat, decision
-    shift, alpha_hat, cov = _treatment_shift(beta_hat, se_hat, Gamma, renormalize=renormalize)
+    noise = gamma_noise if assignment == "observational" else None
+    shift, alpha_hat, cov = _treatment_shift(beta_hat, se_hat, Gamma, renormalize=renormalize,
+                                             gamma_noise=noise)
     decision = decide_shifts(alpha_hat, cov, chance_imbalance_variance(A, control, X),
                              assignment, shift_level)
     return shift, alpha_hat, decision
@@ -760,7 +885,7 @@ class _Stage2Options:
 
 def stage2_result(data: tuple, s: np.ndarray, U1r: np.ndarray, coef1: np.ndarray,
                   se_hat: np.ndarray, hist1: list, opts: _Stage2Options,
-                  fixed_loadings: bool = False) -> dict:
+                  fixed_loadings: bool = False, gamma_noise: np.ndarray | None = None) -> dict:
     """Stage 2 from a stage-1 fit: the treatment-linked shift, its decision, the
     pretreatment factors and gene folds, as ``res_2`` of :func:`fit_gcate`.
 
@@ -769,6 +894,7 @@ def stage2_result(data: tuple, s: np.ndarray, U1r: np.ndarray, coef1: np.ndarray
     ``B_A``.  Shared by the per-batch fit and the fit at a screen's loadings
     (:mod:`causarray.screen_stage`); with ``fixed_loadings`` the pretreatment refit
     keeps ``B_X`` and ``Gamma`` and re-estimates only the treatment coefficients.
+    ``gamma_noise`` (p x r x r): the sampling covariances of ``Gamma``'s rows.
     """
     Y, X, A, log_s, size, Q = data
     p, d, a, r = Y.shape[1], X.shape[1], A.shape[1], U1r.shape[1]
@@ -778,7 +904,8 @@ def stage2_result(data: tuple, s: np.ndarray, U1r: np.ndarray, coef1: np.ndarray
                                                renormalize=opts.renormalize,
                                                control=opts.control,
                                                assignment=opts.assignment,
-                                               shift_level=opts.shift_level, X=X)
+                                               shift_level=opts.shift_level, X=X,
+                                               gamma_noise=gamma_noise)
     alpha = decision.alpha
     fold_U = gene_fold = unaffected = None
     if opts.pretreatment_u and r > 0 and opts.assignment == "randomized":
@@ -936,6 +1063,11 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
     del fit0
     logger.info("GCATE stage 1: %d epochs, %.1fs", it1 + 1, time.perf_counter() - t0)
     U1r, Gamma1r = _rebalance(U1, coef_1[:, d:d + r])
+    noise = None
+    if assignment == "observational":   # the shift is removed: correct its attenuation
+        if family == "nb":               # (the weights of stage 2 use these errors too)
+            se_1 = stage1_standard_errors(Y, X, A, log_s, U1, coef_1)
+        noise = loading_noise(coef_1[:, d:d + r], Gamma1r, se_1[:, d:d + r])
     coef1 = np.hstack([coef_1[:, :d], coef_1[:, d + r:], Gamma1r])   # [B_X | B_A | Gamma]
     kw_glm = dict(family=family, disp_glm=size, size_factor=s)
     res_1 = _result(X, A, U1r, coef1, hist1, it1, kw_glm, es1, kwargs_ls_1)
@@ -945,7 +1077,7 @@ def fit_gcate(Y, X, A, r: int, family: str = "nb", disp_glm=None, disp_family=No
                           pretreatment_u=pretreatment_u, affected_z=affected_z,
                           gene_folds=gene_folds, random_state=random_state)
     res_2 = stage2_result((Y, X, A, log_s, size, Q), s, U1r, coef1, se_1[:, d + r:], hist1,
-                          opts)
+                          opts, gamma_noise=noise)
     return res_1, res_2
 
 

@@ -82,22 +82,29 @@ def aggregate_counts(counts: Any, codes: np.ndarray, n_groups: int) -> sp.csr_ma
 
 
 def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray,
-                    n_covariates: int, moderate: bool = True) -> pd.DataFrame:
+                    n_params: int, moderate: bool = True) -> pd.DataFrame:
     """The result table with delete-one-donor jackknife standard errors and tests.
 
     ``replicates`` (n_donors x rows) holds ``tau`` of each row with one donor left out
-    (the same model, r fixed).  ``Var_J = (n - 1)/n sum_i (tau_(i) - mean)^2`` on
-    ``n - 1 - n_covariates`` degrees of freedom.  With ``moderate`` the variances of
-    each treatment's genes are moderated by empirical Bayes around a trend in the log
-    mean expression (:func:`causarray.inference.moderated_variances`, limma's
-    ``squeezeVar``), and the statistic ``tau / std`` is referred to a t with the
-    posterior degrees of freedom (``df``); with few donors a gene's own jackknife
-    variance is noisy, and the genes' variances share their scale.  BH by family as
-    :func:`causarray.inference.family_bh`, the empirical-null columns recomputed from
-    the new statistics per treatment.  A row that some replicate could not estimate is
-    not tested (``tested`` False, ``estimable`` as the full fit left it).  The
-    influence-function standard error is kept as ``std_influence``, the jackknife's
-    own as ``std_jackknife``.
+    (the same model, r fixed); ``n_params`` is ``k``, the outcome model's columns
+    (intercept, covariate columns, factors, conditions).  The variance is Wu's (1986)
+    weighted jackknife with every donor at the mean leverage ``k/n``::
+
+        Var_J = (1 - k/n) sum_i (tau_(i) - mean)^2        on n - k degrees of freedom
+
+    For a regression-adjusted estimate the plain jackknife behaves like HC3
+    (``e_i^2 / (1 - h_i)^2``) and overstates the variance by about ``1/(1 - k/n)``;
+    the weights ``1 - h_i`` make it HC2, unbiased under homoscedasticity
+    (docs/math.md#case-control).  With ``moderate`` the variances of each treatment's
+    genes are moderated by empirical Bayes around a trend in the log mean expression
+    (:func:`causarray.inference.moderated_variances`, limma's ``squeezeVar``), and the
+    statistic ``tau / std`` is referred to a t with the posterior degrees of freedom
+    (``df``); with few donors a gene's own jackknife variance is noisy, and the genes'
+    variances share their scale.  BH by family as :func:`causarray.inference.family_bh`,
+    the empirical-null columns recomputed from the new statistics per treatment.  A row
+    that some replicate could not estimate is not tested (``tested`` False,
+    ``estimable`` as the full fit left it).  The influence-function standard error is
+    kept as ``std_influence``, the jackknife's own as ``std_jackknife``.
     """
     from .inference import empirical_null_adjust, family_bh, moderated_variances, t_pvalues
 
@@ -105,11 +112,12 @@ def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray,
     ok = np.isfinite(replicates).all(axis=0)        # a gene untested in a replicate: NaN
     var = np.full(replicates.shape[1], np.nan)
     reps = replicates[:, ok]
-    var[ok] = (n - 1) / n * np.sum((reps - reps.mean(axis=0)) ** 2, axis=0)
+    var[ok] = max(1.0 - n_params / n, 1.0 / n) * np.sum((reps - reps.mean(axis=0)) ** 2,
+                                                        axis=0)
     out = results.copy()
     out["std_influence"] = out["std"]
     tested = out["estimable"].to_numpy(bool) & np.isfinite(var) & (var > 0)
-    df0 = float(max(n - 1 - n_covariates, 1))
+    df0 = float(max(n - n_params, 1))
     trt = out["trt"].astype(str).to_numpy() if "trt" in out else np.zeros(len(out), object)
     var = np.where(tested, var, np.nan)
     out["std_jackknife"] = np.sqrt(var)

@@ -1036,7 +1036,9 @@ def _donor_jackknife(pb: Any, st: dict, args: dict, covariates: list[str],
                      run: dict, moderate: bool = True) -> pd.DataFrame:
     """The delete-one-donor jackknife of a donor run (:func:`causarray.pseudobulk.
     jackknife_tests`): the same analysis, r fixed at the one used, once per donor left
-    out."""
+    out; the outcome model's columns are the intercept, the donor covariates' design
+    columns, the factors and the conditions."""
+    from .preprocessing import covariate_design
     from .pseudobulk import jackknife_tests
 
     def row_keys(df: pd.DataFrame) -> pd.Series:
@@ -1057,7 +1059,9 @@ def _donor_jackknife(pb: Any, st: dict, args: dict, covariates: list[str],
         r_i = sub.uns[args["key_added"]]["results"]
         tau_i = pd.Series(r_i["tau"].to_numpy(), index=row_keys(r_i))
         reps[i] = tau_i.reindex(keys).to_numpy()
-    return jackknife_tests(res, reps, len(covariates), moderate=moderate)
+    n_params = (1 + covariate_design(pb.obs, covariates).shape[1] + int(st["settings"]["r"])
+                + int(st["settings"]["n_perturbations"]))
+    return jackknife_tests(res, reps, n_params, moderate=moderate)
 
 
 def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
@@ -1251,11 +1255,12 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         with ``groupby``.
     donor_variance : {'jackknife', 'jackknife_raw', 'influence'}
         The donor route's standard errors: the delete-one-donor jackknife (default; one
-        refit per donor, r fixed), its variances moderated by empirical Bayes across
-        the genes around a trend in mean expression (as limma; ``std_jackknife`` keeps
-        the unmoderated ones, ``std_influence`` the sandwich); ``'jackknife_raw'`` the
-        jackknife alone; or ``'influence'``, the influence-function variance of the
-        doubly robust estimate.
+        refit per donor, r fixed; corrected for the donors' mean leverage in the
+        outcome model, on n - k degrees of freedom), its variances moderated by
+        empirical Bayes across the genes around a trend in mean expression (as limma;
+        ``std_jackknife`` keeps the unmoderated ones, ``std_influence`` the sandwich);
+        ``'jackknife_raw'`` the jackknife alone; or ``'influence'``, the
+        influence-function variance of the doubly robust estimate.
     nt_guide_tests : bool or 'required'
         Test every non-targeting guide against its complement (the high-MOI
         calibration; ``causarray run --calibration off`` switches it off); 'required'
