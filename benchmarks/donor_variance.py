@@ -49,20 +49,11 @@ import numpy as np
 import pandas as pd
 
 from _common import write_result
+from case_control import bh   # the same scoring rule (NaN counts as p = 1)
 
 SCENARIOS = {"null": {"shuffle_labels": True}, "sparse": {},
              "confounded": {"trait_confounding": 2.0}}
 FDR = 0.05
-
-
-def bh(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values; NaN counts as 1."""
-    p = np.where(np.isfinite(p), p, 1.0)
-    order = np.argsort(p)
-    adj = np.minimum.accumulate((p[order] * p.size / np.arange(1, p.size + 1))[::-1])[::-1]
-    out = np.empty(p.size)
-    out[order] = np.minimum(adj, 1.0)
-    return out
 
 
 def run_route(adata) -> dict:

@@ -203,26 +203,15 @@ def stage1_standard_errors(Y, X: np.ndarray, A: np.ndarray, log_s: np.ndarray,
     residuals still hold the confounders' variation, so they overstate each gene's
     dispersion and its Fisher variances (twice the realised sampling variance of the
     loadings on the simulated donor studies of ``benchmarks/donor_variance.py``).
-    Here the method-of-moments dispersion (:func:`causarray.engine.families.mom_alpha`,
+    Here the method-of-moments dispersion (:func:`causarray.glm.mom_size_at`,
     ``n - (d + r + a)`` degrees of freedom) is taken at the stage-1 means, and one
     Fisher pass at ``coef`` (its updated coefficients are discarded) gives the
     inverse-information standard errors.
     """
-    from .engine.families import ETA_MAX, ETA_MIN, mom_alpha, size_from_mom
-    from .glm import _dense_columns, _gene_chunk_size
+    from .glm import mom_size_at
 
-    n, p = Y.shape
-    design_cols = np.hstack([X, U, A])
-    alpha = np.empty(p)
-    all_zero = np.zeros(p, bool)
-    step = _gene_chunk_size(n, None)
-    for start in range(0, p, step):
-        cols = np.arange(start, min(p, start + step))
-        y = _dense_columns(Y, cols)
-        mu = np.exp(np.clip(design_cols @ coef[cols].T + log_s[:, None], ETA_MIN, ETA_MAX))
-        alpha[cols] = mom_alpha(y, mu, n - coef.shape[1])
-        all_zero[cols] = ~(y > 0).any(axis=0)
-    alpha = alpha_from_size(size_from_mom(alpha, all_zero))
+    alpha = alpha_from_size(mom_size_at(Y, coef, coef.shape[1], np.hstack([X, U, A]), None,
+                                        log_s))
     _, se, _ = _gene_passes(Y, X, A, groups_from_onehot(A), log_s, alpha, U, coef.copy(), 1,
                             compute_se=True)
     return se
@@ -483,6 +472,16 @@ def winsorize_factors(U: np.ndarray, k: float = 6.0) -> np.ndarray:
     return np.clip(U, med - k * mad, med + k * mad)
 
 
+def _mad_scale(resid: np.ndarray) -> float:
+    """The residual scale of the Huber fits: 1.4826 x the median absolute deviation."""
+    return 1.4826 * np.median(np.abs(resid - np.median(resid)))
+
+
+def _huber_weights(resid: np.ndarray, scale: float, epsilon: float) -> np.ndarray:
+    """The IRLS weights of Huber's loss, ``min(1, epsilon * scale / |resid|)``."""
+    return np.minimum(1.0, epsilon * scale / np.maximum(np.abs(resid), 1e-300))
+
+
 def huber_regression(Xd: np.ndarray, y: np.ndarray, epsilon: float = 1.35,
                      max_iter: int = 100, tol: float = 1e-8) -> np.ndarray:
     """Huber M-estimate of y ~ Xd (no intercept) by iteratively reweighted least squares.
@@ -494,10 +493,10 @@ def huber_regression(Xd: np.ndarray, y: np.ndarray, epsilon: float = 1.35,
     coef, *_ = np.linalg.lstsq(Xd, y, rcond=None)
     for _ in range(max_iter):
         resid = y - Xd @ coef
-        scale = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+        scale = _mad_scale(resid)
         if scale <= 0:
             break
-        w = np.minimum(1.0, epsilon * scale / np.maximum(np.abs(resid), 1e-300))
+        w = _huber_weights(resid, scale, epsilon)
         Xw = Xd * w[:, None]
         try:
             new = np.linalg.solve(Xw.T @ Xd, Xw.T @ y)
@@ -524,7 +523,7 @@ def huber_covariance(Xd: np.ndarray, y: np.ndarray, coef: np.ndarray,
     treating the rows (genes) as independent given the loadings.
     """
     resid = y - Xd @ coef
-    sigma = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+    sigma = _mad_scale(resid)
     if not np.isfinite(sigma) or sigma <= 0:
         return np.full((Xd.shape[1], Xd.shape[1]), np.nan)
     u = resid / sigma
@@ -618,10 +617,10 @@ def errors_in_variables_correction(Xd: np.ndarray, y: np.ndarray, coef: np.ndarr
     are returned as given.
     """
     resid = y - Xd @ coef
-    scale = 1.4826 * np.median(np.abs(resid - np.median(resid)))
-    omega = np.ones_like(y) if not scale > 0 else \
-        np.minimum(1.0, epsilon * scale / np.maximum(np.abs(resid), 1e-300))
-    G = (Xd * omega[:, None]).T @ Xd
+    scale = _mad_scale(resid)
+    omega = _huber_weights(resid, scale, epsilon) if scale > 0 else np.ones_like(y)
+    Xw = Xd * omega[:, None]
+    G = Xw.T @ Xd
     N = np.einsum("j,jab->ab", omega, noise)
     try:
         root = np.linalg.cholesky(G)
@@ -631,7 +630,7 @@ def errors_in_variables_correction(Xd: np.ndarray, y: np.ndarray, coef: np.ndarr
         return coef, cov
     if not reliability >= MIN_RELIABILITY:
         return coef, cov
-    corrected = np.linalg.solve(G - N, (Xd * omega[:, None]).T @ y)
+    corrected = np.linalg.solve(G - N, Xw.T @ y)
     M = np.linalg.solve(G - N, G)
     return corrected, M @ cov @ M.T
 

@@ -57,7 +57,7 @@ from .engine.threads import gene_chunks, run_chunks
 __all__ = [
     "ETA_MAX", "ETA_MIN", "GROUP_COEF_BOUND", "GLMFit", "deviance_residuals",
     "estimate_dispersion", "estimate_nb_size", "fit_glm", "glm_deviance_residuals", "groups_from_onehot",
-    "mom_size", "nb_loglik", "nb_unit_deviance", "sym_outer", "sym_unpack",
+    "mom_size", "mom_size_at", "nb_loglik", "nb_unit_deviance", "sym_outer", "sym_unpack",
 ]
 
 from ._validation import (
@@ -324,9 +324,10 @@ def _fit_by_chunks(Y, design: Design, alpha: np.ndarray, estimate: bool,
     return coef, se, converged, dev, n_iter
 
 
-def _iter_fitted_means(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
-                       offset: np.ndarray, chunk_size: int | None = None):
-    """Yield (cols, y, mu) chunks of observed counts and fitted means."""
+def _iter_fitted_means(Y, coef: np.ndarray, n_covariates: int, X: np.ndarray,
+                       A: np.ndarray | None, offset: np.ndarray, chunk_size: int | None = None):
+    """Yield (cols, y, mu) chunks of observed counts and fitted means of the coefficients
+    ``coef`` (columns ``[X | A]``, the first ``n_covariates`` for ``X``)."""
     n, p = Y.shape
     step = _gene_chunk_size(n, chunk_size)
     X = np.asarray(X, float)
@@ -334,15 +335,15 @@ def _iter_fitted_means(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
         A = np.asarray(A, float)
         if A.ndim == 1:
             A = A[:, None]
-        if fit.coef.shape[1] == fit.n_covariates + A.shape[1]:
+        if coef.shape[1] == n_covariates + A.shape[1]:
             pass
-        elif fit.n_covariates == X.shape[1] + A.shape[1]:   # A was appended to X
+        elif n_covariates == X.shape[1] + A.shape[1]:   # A was appended to X
             X, A = np.hstack([X, A]), None
     for start in range(0, p, step):
         cols = np.arange(start, min(p, start + step))
-        eta = X @ fit.coef[cols, :fit.n_covariates].T + offset[:, None]
-        if A is not None and fit.coef.shape[1] > fit.n_covariates:
-            eta += A @ fit.coef[cols, fit.n_covariates:].T
+        eta = X @ coef[cols, :n_covariates].T + offset[:, None]
+        if A is not None and coef.shape[1] > n_covariates:
+            eta += A @ coef[cols, n_covariates:].T
         np.clip(eta, ETA_MIN, ETA_MAX, out=eta)
         yield cols, _dense_columns(Y, cols), np.exp(eta, out=eta)
 
@@ -354,12 +355,19 @@ def mom_size(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None,
     alpha_j = sum_i [(y - mu)^2 - y] / max(mu^2, 1e-10) / (n - q), clipped to [1e-8, 100];
     size = 1/alpha (1 for genes without counts).
     """
+    return mom_size_at(Y, fit.coef, fit.n_covariates, X, A, offset)
+
+
+def mom_size_at(Y, coef: np.ndarray, n_covariates: int, X: np.ndarray,
+                A: np.ndarray | None, offset: np.ndarray | None) -> np.ndarray:
+    """:func:`mom_size` at given coefficients ``coef`` (columns ``[X | A]``, the first
+    ``n_covariates`` for ``X``), e.g. of a model fitted outside :func:`fit_glm`."""
     n, p = Y.shape
-    q = fit.coef.shape[1]
+    q = coef.shape[1]
     alpha = np.empty(p)
     nonzero = np.zeros(p, bool)
     off = np.zeros(n) if offset is None else np.asarray(offset, float).ravel()
-    for cols, y, mu in _iter_fitted_means(Y, fit, X, A, off):
+    for cols, y, mu in _iter_fitted_means(Y, coef, n_covariates, X, A, off):
         alpha[cols] = mom_alpha(y, mu, n - q)
         nonzero[cols] = (y > 0).any(axis=0)
     return size_from_mom(alpha, ~nonzero)
@@ -415,6 +423,6 @@ def glm_deviance_residuals(Y, fit: GLMFit, X: np.ndarray, A: np.ndarray | None =
     off = np.zeros(n) if offset is None else np.asarray(offset, float).ravel()
     out = np.empty((n, p))
     alpha = alpha_from_size(fit.size)
-    for cols, y, mu in _iter_fitted_means(Y, fit, X, A, off):
+    for cols, y, mu in _iter_fitted_means(Y, fit.coef, fit.n_covariates, X, A, off):
         out[:, cols] = deviance_residuals(y, mu, alpha[cols][None, :])
     return out
