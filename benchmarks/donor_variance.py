@@ -3,20 +3,24 @@
 The donor route (``tl.lfc(condition_key=..., donor_key=...)``) tests each gene with the
 delete-one-donor jackknife, moderated across genes (``donor_variance='jackknife'``).  The
 plain jackknife was conservative at 10 donors per arm (null z variance ~0.8), which cost
-power.  This script measures, on the data of ``benchmarks/case_control.py``
+power; the mean-leverage correction that replaced it left studies with a confounding
+donor trait at FDR ~q.  This script measures, on the data of ``benchmarks/case_control.py``
 (``causarray.simulate.simulate_case_control``, scenarios ``null`` / ``sparse`` /
 ``confounded``, other seeds by default), what each candidate standard error gives from
-the *same* fits:
+the *same* fits (``n`` donors, ``k`` outcome-model columns: intercept, covariates, r
+factors, condition):
 
 ``jackknife``    ``(n - 1)/n sum_d (tau_(d) - mean)^2`` on ``n - 1 - covariates`` df (the
                  default before 2026-12-07);
-``leverage``     ``(1 - k/n) sum_d (tau_(d) - mean)^2`` on ``n - k`` df (the default
-                 since), ``k`` the outcome model's columns (intercept, covariates, r factors, condition):
-                 the jackknife of a regression-adjusted estimate behaves like HC3,
-                 ``e_d^2 / (1 - h_d)^2``, and the weighted jackknife ``sum_d (1 - h_d)
-                 (tau_(d) - tau)^2`` (Wu 1986) like HC2, unbiased under homoscedasticity;
-                 here with the mean leverage ``k/n`` for every donor;
-``influence``    the influence-function (sandwich) variance of the full fit.
+``leverage``     ``(1 - k/n) sum_d (tau_(d) - mean)^2`` on ``n - k`` df (every donor at
+                 the mean leverage; the default on 2026-12-07);
+``weighted``     Wu's (1986) weighted jackknife ``sum_d (1 - h_d)(tau_(d) - tau)^2`` with
+                 each donor's leverage ``h_d`` in the outcome design (HC2 for a
+                 regression), on ``n - k`` df;
+``weighted_bm``  the same on Bell and McCaffrey's degrees of freedom, fewer when a few
+                 donors carry the estimate, and moderated on the log-scale df (the
+                 default since 2026-12-07, second change);
+``influence``    the influence-function (sandwich) variance of the full fit;
 
 each raw (t on its df) and moderated (:func:`causarray.inference.moderated_variances`, as
 the route does).  The replicates are read through one hook: a wrapper around
@@ -40,7 +44,6 @@ Writes ``benchmarks/results/<--name>.{json,md}`` (default ``donor_variance``).
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 import warnings
@@ -64,14 +67,10 @@ def run_route(adata) -> dict:
     kept: dict = {}
     original = pb_module.jackknife_tests
 
-    # its third argument: the outcome model's columns k (since the leverage-corrected
-    # default), before that the number of covariates
-    third = list(inspect.signature(original).parameters)[2]
-
-    def keep(results, replicates, count, moderate=True):
+    def keep(results, replicates, design, moderate=True):
         kept.update(results=results.copy(), replicates=replicates.copy(),
-                    **{third: int(count)})
-        return original(results, replicates, count, moderate)
+                    design=np.array(design, dtype=float))
+        return original(results, replicates, design, moderate)
 
     pb_module.jackknife_tests = keep
     try:
@@ -82,20 +81,26 @@ def run_route(adata) -> dict:
     finally:
         pb_module.jackknife_tests = original
     kept["r"] = int(adata.uns["causarray"]["settings"]["r"])
-    if "n_params" in kept:                        # k = 1 + covariates + r + 1 condition
-        kept["n_covariates"] = kept["n_params"] - 2 - kept["r"]
     return kept
 
 
-def variances(kept: dict) -> dict[str, tuple[np.ndarray, float]]:
-    """Each candidate variance of every row with its t degrees of freedom."""
+def variances(kept: dict) -> dict[str, tuple[np.ndarray, float, float]]:
+    """Each candidate variance of every row with its t degrees of freedom, raw and for
+    the moderation."""
+    from causarray.pseudobulk import jackknife_variance, residual_maker
+
     res, reps = kept["results"], kept["replicates"]
     n = reps.shape[0]
-    k = 1 + kept["n_covariates"] + kept["r"] + 1
+    M, k = residual_maker(kept["design"])
+    n_covariates = k - 2 - kept["r"]                  # k = 1 + covariates + r + 1 condition
     spread = np.sum((reps - reps.mean(axis=0)) ** 2, axis=0)
-    return {"jackknife": ((n - 1) / n * spread, float(n - 1 - kept["n_covariates"])),
-            "leverage": ((1 - k / n) * spread, float(n - k)),
-            "influence": (res["std"].to_numpy(float) ** 2, float(n - 1 - kept["n_covariates"]))}
+    weighted, df_bm, df_log = jackknife_variance(res, reps, kept["design"])
+    old = float(n - 1 - n_covariates)
+    return {"jackknife": ((n - 1) / n * spread, old, old),
+            "leverage": ((1 - k / n) * spread, float(n - k), float(n - k)),
+            "weighted": (weighted, float(n - k), float(n - k)),
+            "weighted_bm": (weighted, float(np.nanmax(df_bm)), float(np.nanmax(df_log))),
+            "influence": (res["std"].to_numpy(float) ** 2, old, old)}
 
 
 def score(kept: dict, truth: np.ndarray) -> list[dict]:
@@ -109,11 +114,11 @@ def score(kept: dict, truth: np.ndarray) -> list[dict]:
     ok = np.isfinite(kept["replicates"]).all(axis=0) & res["estimable"].to_numpy(bool)
     level = np.log(0.5 * (res["mean_control"] + res["mean_treated"]).to_numpy(float) + 1e-8)
     rows = []
-    for name, (var, df0) in variances(kept).items():
+    for name, (var, df_raw, df_mod) in variances(kept).items():
         var = np.where(ok & (var > 0), var, np.nan)
         for moderated in (False, True):
-            v, df = (moderated_variances(var, df0, level)[:2] if moderated
-                     else (var, np.full(var.size, df0)))
+            v, df = (moderated_variances(var, df_mod, level)[:2] if moderated
+                     else (var, np.full(var.size, df_raw)))
             stat = tau / np.sqrt(v)
             p = t_pvalues(stat, df)
             null = (truth == 0) & np.isfinite(p)

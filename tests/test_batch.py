@@ -558,3 +558,24 @@ def test_concat_batches_planned_rows():
         concat_batches(iter([f.copy() for f in frames]), 80)
 
 
+
+
+def test_return_factors_are_the_batch_fits_u_and_survive_the_cache(problem, tmp_path):
+    """One batch of all perturbations: ``return_factors`` gives the U that the batch's
+    LFC used (the same rows as its saved nuisances, NaN for cells left out), and a rerun
+    restored from the cache gives it again; several batches give None."""
+    from causarray.nuisances import load_nuisances, nuisance_path
+
+    cache = tmp_path / "one.h5"
+    table, shift, U = _run(problem, batch_size=6, cache_path=str(cache),
+                           save_nuisances=True, return_factors=True)
+    nuis = load_nuisances(nuisance_path(str(cache)), 0)
+    rows = np.asarray(nuis["cell_idx"])
+    assert U.shape == (problem[0].shape[0], R)
+    np.testing.assert_array_equal(U[rows], nuis["U"])
+    left_out = np.setdiff1d(np.arange(U.shape[0]), rows)
+    assert left_out.size > 0 and np.isnan(U[left_out]).all()
+    again = _run(problem, batch_size=6, cache_path=str(cache), return_factors=True)
+    np.testing.assert_array_equal(again[2], U)
+    pd.testing.assert_frame_equal(again[0], table)
+    assert _run(problem, return_factors=True)[2] is None          # batch_size 2: 3 batches

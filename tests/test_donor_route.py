@@ -73,25 +73,35 @@ def test_pseudobulk_sums_each_donors_counts():
 
 
 def test_jackknife_tests_by_hand():
+    """Wu's weighted jackknife with the donors' own leverages, Bell and McCaffrey's df
+    with the genes on one scale (no arm means: a flat trend), by numpy."""
     rng = np.random.default_rng(0)
     res = pd.DataFrame({"gene_names": ["a", "b", "c"], "tau": [0.5, 0.1, 0.2],
                         "std": [0.1, 0.1, 0.1], "estimable": [True, True, True],
                         "on_target": [False, False, False], "trt": "case"})
     reps = rng.normal(0.2, 0.1, (6, 3))
     reps[2, 2] = np.nan                                   # gene c fails in one replicate
-    out = jackknife_tests(res, reps, n_params=3, moderate=False)
-    # Wu's weighted jackknife at the mean leverage k/n = 3/6, on n - k = 3 df
-    var = (1 - 3 / 6) * ((reps[:, :2] - reps[:, :2].mean(axis=0)) ** 2).sum(axis=0)
+    Z = np.column_stack([np.ones(6), [0.1, 2.0, -0.3, 0.4, -1.0, 0.2],
+                         [0, 0, 0, 1, 1, 1]])
+    out = jackknife_tests(res, reps, Z, moderate=False)
+    H = Z @ np.linalg.inv(Z.T @ Z) @ Z.T
+    h, M = np.diag(H), np.eye(6) - H
+    terms = (1 - h)[:, None] * (reps[:, :2] - res["tau"].to_numpy()[:2]) ** 2
+    var = terms.sum(axis=0)
     np.testing.assert_allclose(out["std"].to_numpy()[:2], np.sqrt(var), rtol=1e-12)
+    # the genes' common scale is the geometric mean of their variances (a flat trend)
+    D = (terms / np.exp(np.log(var).mean())).mean(axis=1) / np.diag(M)
+    df = min(max((D @ np.diag(M)) ** 2 / (D @ M ** 2 @ D), 1.0), 6 - 3)
     from scipy import stats
 
-    p = 2 * stats.t.sf(np.abs(res["tau"].to_numpy()[:2] / np.sqrt(var)), df=6 - 3)
+    p = 2 * stats.t.sf(np.abs(res["tau"].to_numpy()[:2] / np.sqrt(var)), df=df)
     np.testing.assert_allclose(out["pvalue"].to_numpy()[:2], p, rtol=1e-10)
     assert np.isnan(out["pvalue"].iloc[2]) and (out["std_influence"] == 0.1).all()
     # gene c keeps its estimate (estimable) but got no test
     assert out["estimable"].tolist() == [True, True, True]
     assert out["tested"].tolist() == [True, True, False]
-    np.testing.assert_array_equal(out["df"].to_numpy(), [3.0, 3.0, np.nan])
+    np.testing.assert_allclose(out["df"].to_numpy()[:2], [df, df], rtol=1e-12)
+    assert np.isnan(out["df"].iloc[2]) and df < 3
 
 
 def test_the_donor_route_reports_jackknife_errors():
@@ -109,7 +119,8 @@ def test_the_donor_route_reports_jackknife_errors():
     assert tested.sum() > 100 and (res.loc[tested, "df"] > 5).all()
     raw = _donor_run(donor_study(6, donors=8), r=0, donor_variance="jackknife_raw")
     r_t = raw["results"]["tested"].to_numpy(bool)
-    assert (raw["results"].loc[r_t, "df"] == 5).all()
+    df_raw = raw["results"].loc[r_t, "df"].to_numpy()     # Bell-McCaffrey, at most n - k
+    assert (df_raw == df_raw[0]).all() and 1 <= df_raw[0] <= 5
     np.testing.assert_allclose(raw["results"]["std"], res["std_jackknife"], rtol=1e-12)
 
 
@@ -202,6 +213,34 @@ def test_a_cell_level_run_on_donor_data_warns():
         ca.tl.lfc(a, pert_col="condition", ctrl_label="control", r=0, verbose=False)
 
 
+def test_the_donors_table_holds_the_factors_that_found_the_trait(monkeypatch):
+    """A latent donor trait confounds the condition (simulate_case_control): the donor
+    route's donors table carries the factor it estimated (``factor_1``), which is the
+    trait up to sign (|correlation| > 0.9 over the 20 donors), and the jackknife's
+    design is intercept, covariates, that factor and the condition."""
+    import causarray.pseudobulk as pb_module
+    from causarray.simulate import simulate_case_control
+
+    designs = []
+    original = pb_module.jackknife_tests
+    monkeypatch.setattr(pb_module, "jackknife_tests", lambda res, reps, design, **kw: (
+        designs.append(np.array(design)), original(res, reps, design, **kw))[1])
+    a = simulate_case_control(n_donors=(10, 10), cells_per_donor=(50, 100), n_genes=300,
+                              random_state=1, trait_confounding=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ca.tl.lfc(a, condition_key="condition", control_condition="control",
+                  donor_key="donor", covariates=["sex", "age"], r=1, verbose=False)
+    donors = a.uns["causarray"]["donors"]["all"]
+    trait = a.uns["donor_trait"].reindex(donors.index)["trait"]
+    assert list(donors.columns) == ["condition", "n_cells", "sex", "age", "factor_1"]
+    assert abs(np.corrcoef(donors["factor_1"], trait)[0, 1]) > 0.9
+    (design,) = designs
+    expected = np.column_stack([np.ones(20), donors["sex"] == "M", donors["age"],
+                                donors["factor_1"], donors["condition"] != "control"])
+    np.testing.assert_array_equal(design, expected.astype(float))
+
+
 def test_cli_donor_route(tmp_path, capsys):
     path = tmp_path / "d.h5ad"
     donor_study(5, donors=8, cell_types=2).write_h5ad(path)
@@ -219,31 +258,146 @@ def test_cli_donor_route(tmp_path, capsys):
     assert "--control-condition 'healthy' does not occur" in capsys.readouterr().err
 
 
-def test_leverage_jackknife_is_unbiased_for_a_regression_adjusted_difference():
-    """OLS of 4,000 homoscedastic genes on [1, x, condition] over 20 donors: the delete-
-    one jackknife of the condition's coefficient overstates its variance (HC3-like,
-    (n - 1)/n sum: 1.13x the exact variance here), the leverage-corrected one (Wu's
-    weighted jackknife at the mean leverage, (1 - k/n) sum) is unbiased within a few
-    per cent, and its t test on n - k df holds the type-I error at 0.05 (99 % band)."""
+def _ols_jackknife(Z: np.ndarray, Y: np.ndarray, level: np.ndarray | None = None):
+    """Delete-one replicates of the last coefficient of OLS on ``Z`` for every column
+    of ``Y``, and :func:`jackknife_tests` on them (raw)."""
+    def last_coef(Zs, Ys):
+        return np.linalg.solve(Zs.T @ Zs, Zs.T @ Ys)[-1]
+
+    n, genes = Y.shape
+    reps = np.stack([last_coef(np.delete(Z, d, 0), np.delete(Y, d, 0)) for d in range(n)])
+    res = pd.DataFrame({"gene_names": [f"g{i}" for i in range(genes)],
+                        "tau": last_coef(Z, Y), "std": 1.0, "estimable": True,
+                        "on_target": False, "trt": "case"})
+    if level is not None:
+        res["mean_control"] = res["mean_treated"] = np.exp(level)
+    return reps, jackknife_tests(res, reps, Z, moderate=False)
+
+
+def _bell_mccaffrey_df(Z: np.ndarray) -> float:
+    """Bell and McCaffrey's df of HC2 for the last coefficient of OLS on ``Z``:
+    tr(DM)^2 / tr(DMDM), D = diag(a_i^2 / (1 - h_i)), M = I - H."""
+    A = np.linalg.inv(Z.T @ Z) @ Z.T
+    M = np.eye(len(Z)) - Z @ A
+    D = A[-1] ** 2 / np.diag(M)
+    return float((D @ np.diag(M)) ** 2 / (D @ M ** 2 @ D))
+
+
+def test_weighted_jackknife_is_hc2_for_a_regression_adjusted_difference():
+    """OLS of 4,000 homoscedastic genes on [1, x, condition] over 20 donors: the
+    weighted jackknife of the condition's coefficient is statsmodels' HC2 (to rounding),
+    unbiased for the exact variance (the plain jackknife, (n - 1)/n sum, is HC3-like:
+    1.13x here); its df is Bell and McCaffrey's, and its t test holds the type-I error
+    at 0.05 (99 % band)."""
+    import statsmodels.api as sm
+
     rng = np.random.default_rng(0)
     n, genes = 20, 4000
     x = rng.standard_normal(n)
     Z = np.column_stack([np.ones(n), x, np.r_[np.zeros(10), np.ones(10)]])
     Y = 0.3 * x[:, None] + rng.standard_normal((n, genes))
-
-    def condition_coef(Zs, Ys):
-        return np.linalg.solve(Zs.T @ Zs, Zs.T @ Ys)[2]
-
-    reps = np.stack([condition_coef(np.delete(Z, d, 0), np.delete(Y, d, 0))
-                     for d in range(n)])
-    res = pd.DataFrame({"gene_names": [f"g{i}" for i in range(genes)],
-                        "tau": condition_coef(Z, Y), "std": 1.0, "estimable": True,
-                        "on_target": False, "trt": "case"})
-    out = jackknife_tests(res, reps, n_params=3, moderate=False)
-    exact = np.linalg.inv(Z.T @ Z)[2, 2]
+    reps, out = _ols_jackknife(Z, Y)
+    for g in range(3):
+        hc2 = sm.OLS(Y[:, g], Z).fit(cov_type="HC2").bse[-1]
+        np.testing.assert_allclose(out["std"].iloc[g], hc2, rtol=1e-8)
+    exact = np.linalg.inv(Z.T @ Z)[-1, -1]
     plain = (n - 1) / n * ((reps - reps.mean(axis=0)) ** 2).sum(axis=0)
     assert plain.mean() / exact > 1.1
-    assert 0.97 <= float((out["std"] ** 2).mean()) / exact <= 1.06
+    # HC2 has relative SD about sqrt(2 / df) per gene; 4 SE of the mean over the genes
+    assert abs(float((out["std"] ** 2).mean()) / exact - 1) < 4 * np.sqrt(2 / 10 / genes)
+    bm = _bell_mccaffrey_df(Z)
+    assert bm < n - 3
+    np.testing.assert_allclose(out["df"].to_numpy(), bm, rtol=0.05)
     band = 2.576 * np.sqrt(0.05 * 0.95 / genes)
     assert abs(float((out["pvalue"] < 0.05).mean()) - 0.05) < band
-    assert (out["df"] == n - 3).all()
+
+
+def test_bell_mccaffrey_df_when_a_trait_nearly_separates_the_arms():
+    """A donor trait that nearly separates the arms, one donor far out: the condition's
+    coefficient rests on a few donors.  On n - k df the t test rejects 1.3x too often
+    at 0.05 and 1.7x at 0.01; on Bell and McCaffrey's df (estimated from 4,000 genes
+    whose scales differ 50-fold along their mean expression) it does not exceed either
+    level beyond the 99 % band."""
+    rng = np.random.default_rng(1)
+    n, genes = 20, 4000
+    cond = np.r_[np.zeros(10), np.ones(10)]
+    u = 1.5 * (cond - 0.5) + 0.5 * rng.standard_normal(n)
+    u[0] = 4.0
+    Z = np.column_stack([np.ones(n), u, cond])
+    level = rng.uniform(-2, 2, genes)
+    Y = np.exp(level)[None, :] * rng.standard_normal((n, genes))
+    _, out = _ols_jackknife(Z, Y, level)
+    np.testing.assert_allclose(out["df"].to_numpy(), _bell_mccaffrey_df(Z), rtol=0.05)
+    from scipy import stats
+
+    nominal = 2 * stats.t.sf(np.abs(out["stat"].to_numpy()), n - 3)
+    for alpha in (0.05, 0.01):
+        band = 2.576 * np.sqrt(alpha * (1 - alpha) / genes)
+        assert float((nominal < alpha).mean()) > alpha + band
+        assert float((out["pvalue"] < alpha).mean()) < alpha + band
+
+
+def _dominated_design(n: int = 20, seed: int = 1) -> np.ndarray:
+    """[1, trait, condition]: a trait that nearly separates the arms, one donor far out."""
+    rng = np.random.default_rng(seed)
+    cond = np.r_[np.zeros(n // 2), np.ones(n - n // 2)]
+    u = 1.5 * (cond - 0.5) + 0.5 * rng.standard_normal(n)
+    u[0] = 4.0
+    return np.column_stack([np.ones(n), u, cond])
+
+
+def test_log_scale_df_matches_the_jackknifes_log_variance():
+    """The weighted jackknife variance of OLS's last coefficient, V = e' M D M e, drawn
+    directly (200,000 normal vectors, not through the eigenvalues): the log-scale df d
+    has trigamma(d/2) = Var log V to Monte-Carlo precision, and exceeds Satterthwaite's
+    df when one donor dominates; with equal weights both are n - k."""
+    from scipy.special import polygamma
+
+    from causarray.pseudobulk import log_scale_df, residual_maker, satterthwaite_df
+
+    Z = _dominated_design()
+    M, k = residual_maker(Z)
+    A = np.linalg.pinv(Z)
+    D = A[-1] ** 2 / np.diag(M)
+    eps = np.random.default_rng(5).standard_normal((200_000, len(Z))) @ M
+    log_v = np.log((eps ** 2) @ D)
+    d = log_scale_df(D, M, k)
+    # the variance of a sample variance of log chi-squares: relative SE about
+    # sqrt((kurtosis - 1) / draws) with kurtosis below 6 here; both estimates carry it
+    tol = 4 * np.sqrt(5 / 200_000 + 5 / (1 << 15))
+    assert abs(float(polygamma(1, d / 2)) / float(np.var(log_v)) - 1) < tol
+    assert d > satterthwaite_df(D, M, k) + 1
+    eq = np.ones(len(Z))
+    M0, k0 = residual_maker(np.column_stack([np.ones(20), np.r_[np.zeros(10), np.ones(10)]]))
+    assert satterthwaite_df(eq, M0, k0) == pytest.approx(18, rel=1e-12)
+    assert log_scale_df(eq, M0, k0) == pytest.approx(18, rel=0.05)
+
+
+def test_moderation_on_the_log_scale_df_recovers_the_prior():
+    """4,000 OLS genes on the dominated design, their variances drawn around a trend in
+    expression from a scaled inverse chi-square with d0 = 20: moderating on the
+    log-scale df recovers d0 (4 SE, about +-9) and keeps the type-I error at 0.05, 0.01
+    and 0.001 (99 % bands); on Satterthwaite's df the sampling part of the log
+    variances is overstated and d0 comes out several times too large."""
+    from causarray.inference import moderated_variances
+    from causarray.pseudobulk import jackknife_variance
+
+    rng = np.random.default_rng(0)
+    Z = _dominated_design()
+    n, genes = len(Z), 4000
+    level = rng.uniform(-2, 2, genes)
+    sigma2 = np.exp(level) * 20 / rng.chisquare(20, genes)
+    Y = np.sqrt(sigma2)[None, :] * rng.standard_normal((n, genes))
+    reps, _ = _ols_jackknife(Z, Y, level)
+    res = pd.DataFrame({"gene_names": [f"g{i}" for i in range(genes)],
+                        "tau": np.linalg.lstsq(Z, Y, rcond=None)[0][-1], "std": 1.0,
+                        "estimable": True, "on_target": False, "trt": "case",
+                        "mean_control": np.exp(level), "mean_treated": np.exp(level)})
+    var, df, df_log = jackknife_variance(res, reps, Z)
+    d0_log = moderated_variances(var, float(df_log[0]), level)[2]
+    d0_bm = moderated_variances(var, float(df[0]), level)[2]
+    assert abs(d0_log - 20) < 9 and d0_bm > 60
+    out = jackknife_tests(res, reps, Z)
+    for alpha in (0.05, 0.01, 0.001):
+        band = 2.576 * np.sqrt(alpha * (1 - alpha) / genes)
+        assert abs(float((out["pvalue"] < alpha).mean()) - alpha) < band

@@ -147,6 +147,8 @@ def test_tl_lfc_allocates_no_cells_by_perturbations_array(monkeypatch):
         calls.append((A.shape, sp.issparse(A.sparse.to_coo())))
         shift = pd.DataFrame(columns=["trt", "batch", "d2", "pvalue", "adjusted",
                                       "tau_change", "agreement"])
+        if kwargs.get("return_factors"):
+            return frame.copy(), shift, None
         return (frame.copy(), shift) if kwargs.get("return_shift") else frame.copy()
 
     monkeypatch.setattr(bm, "gcate_lfc_batch", stub)

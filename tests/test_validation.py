@@ -356,6 +356,12 @@ RULES = [
     _rule(V.check_donor_route, lambda: V.check_donor_route("status", None, None), ValueError,
           "the donor route needs condition_key, control_condition and donor_key; missing: "
           "control_condition, donor_key"),
+    _rule(V.check_donor_factors, lambda: V.check_donor_factors(False, "res/cache.h5"),
+          ValueError, "the donor route's jackknife needs every donor's latent factors, "
+          "which one batch of all conditions and donors provides; a cache written by an "
+          "older causarray "
+          "('res/cache.h5') does not hold them: delete it or pass another cache_path "
+          "(--overwrite on the command line)"),
     _rule(V.check_cis_inputs, lambda: V.check_cis_inputs(False, True), ValueError,
           "pairs='cis' needs gene positions (var['chr'], var['tss'] or gene_positions=)"),
     # options

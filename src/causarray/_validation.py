@@ -2541,3 +2541,13 @@ def check_donor_route(condition_key: Any, control_condition: Any, donor_key: Any
     if missing and len(missing) < 3:
         raise ValueError(f"the donor route needs condition_key, control_condition and "
                          f"donor_key; missing: {', '.join(missing)}")
+
+
+def check_donor_factors(available: bool, cache_path: Any) -> None:
+    """The donor jackknife's leverages need the donors' factors of the full fit."""
+    if not available:
+        where = "" if cache_path is None else (
+            f"; a cache written by an older causarray ({cache_path!r}) does not hold "
+            "them: delete it or pass another cache_path (--overwrite on the command line)")
+        raise ValueError("the donor route's jackknife needs every donor's latent factors, "
+                         "which one batch of all conditions and donors provides" + where)

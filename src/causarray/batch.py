@@ -775,9 +775,10 @@ def _fit_batch(job: _BatchJob, screen=None) -> dict:
             del est
         frame = batch_frame(df_fit, job.gene_names, job.trt_names, expressed, fitted,
                             job.batch)
-    U_ctrl = None if res_2 is None else np.array(res_2["U"][job.ctrl_pos], dtype=float)
+    U = None if res_2 is None else np.array(res_2["U"], dtype=float)
     out = dict(batch=job.batch, frame=frame, expressed=np.flatnonzero(expressed),
-               fitted=np.flatnonzero(fitted), U_ctrl=U_ctrl, n_cells=n_cells,
+               fitted=np.flatnonzero(fitted), U=U,
+               U_ctrl=None if U is None else U[job.ctrl_pos], n_cells=n_cells,
                n_perts=int(job.A.shape[1]), t_gcate=t_gcate, t_read=t_read,
                t_batch=time.perf_counter() - t0,
                shift=None if res_2 is None or "alpha_hat" not in res_2
@@ -1244,11 +1245,14 @@ def _warn_missing_nuisances(nuis_path, n_batches: int) -> None:
                       "cache_path to store them", RuntimeWarning, stacklevel=3)
 
 
-def _batch_record(res: dict, warm_start_U: bool) -> BatchRecord:
+def _batch_record(res: dict, warm_start_U: bool, keep_factors: bool = False) -> BatchRecord:
     """The cache record of one finished batch: its result rows, its control rows of U
-    when the next batch warm-starts from them, and its sizes and timings."""
+    when the next batch warm-starts from them, all its cells' U with ``keep_factors``
+    (the one batch of a screen), and its sizes and timings."""
     arrays = {"U_ctrl": res["U_ctrl"]} if warm_start_U and res["U_ctrl"] is not None \
         else {}
+    if keep_factors and res["U"] is not None:
+        arrays["U"] = res["U"]
     if res.get("shift") is not None:
         arrays.update({f"shift_{k}": np.asarray(v) for k, v in res["shift"].items()})
         arrays["shift_trt"] = np.asarray(res["fitted"], np.int64)
@@ -1270,7 +1274,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
                     ctrl_label=None, covariates=(), layer: str | None = None,
                     drop_empty_cells: bool = False, results_path=None,
                     control: str = "non-targeting", return_shift: bool = False,
-                    fit: str = "auto", **kwargs):
+                    return_factors: bool = False, fit: str = "auto", **kwargs):
     """GCATE + doubly robust LFC for every perturbation of a screen, batch by batch.
 
     Each batch is GCATE-fitted and then tested with :func:`causarray.LFC` on
@@ -1368,6 +1372,11 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
         p-value, whether it was adjusted, how far that moved the LFCs); ``shift.attrs
         ['fit']`` is the factor model used (``'screen'`` or ``'per_batch'``).  The message of
         :func:`design_warning` is logged when the design looks wrong.
+        With ``return_factors``, a triple ``(table, shift, factors)``: ``factors`` is
+        the cells' latent factors U (n x r, NaN for cells no batch fitted) when one
+        batch fitted the whole screen, else None (several batches fit several factor
+        models, and the shared controls have one U in each); a batch restored from a
+        cache written without them also gives None.
         One row per (treatment, gene): the columns of :func:`causarray.LFC`, then
         ``trt`` and ``batch``; batches in order, index reset.  Genes without counts in
         a batch's cells are non-estimable rows (``tau``, ``std``, ``stat``, p-values
@@ -1419,7 +1428,7 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
                          width)
 
         def finish(res: dict) -> None:
-            rec = _batch_record(res, warm_start_U)
+            rec = _batch_record(res, warm_start_U, return_factors and len(plans) == 1)
             if nuis_path is not None and "nuisances" in res:
                 from .nuisances import save_batch_nuisances
 
@@ -1446,7 +1455,19 @@ def gcate_lfc_batch(Y, X=None, A=None, r: int | None = None, W_A=None, batch_siz
     out, shift = _finish_screen(plans, records, cache, data, gk["assignment"], targets,
                                 results_path)
     shift.attrs["fit"] = fit                    # the factor model used, for the settings
-    return (out, shift) if return_shift else out
+    factors = (_cells_factors(plans, records, data.Y.shape[0]),) if return_factors else ()
+    return (out, shift, *factors) if return_shift or return_factors else out
+
+
+def _cells_factors(plans: list[BatchPlan], records: dict, n_cells: int) -> np.ndarray | None:
+    """The cells' U (n x r, NaN for cells left out) of a screen fitted in one batch;
+    None with several batches or when the batch's record has no U."""
+    if len(plans) != 1 or "U" not in records[plans[0].batch].arrays:
+        return None
+    U = np.asarray(records[plans[0].batch].arrays["U"], dtype=float)
+    out = np.full((n_cells, U.shape[1]), np.nan)
+    out[plans[0].cell_idx] = U
+    return out
 
 
 def _run_batches(todo: list[BatchPlan], data: _Inputs, common: dict, screen, executor, client,

@@ -148,7 +148,7 @@ MODERATION_DEGREE = 3
 MODERATION_MIN_GENES = 50
 
 
-def _trigamma_inverse(x: float) -> float:
+def trigamma_inverse(x: float) -> float:
     """y with trigamma(y) = x, by Newton's method on 1/trigamma (Smyth 2004, §6.2)."""
     from scipy.special import polygamma
 
@@ -160,6 +160,24 @@ def _trigamma_inverse(x: float) -> float:
         if -step / y < 1e-8:
             break
     return y
+
+
+def log_variance_trend(var: Any, covariate: Any,
+                       degree: int = MODERATION_DEGREE) -> np.ndarray:
+    """Least-squares polynomial trend of ``log var`` in ``covariate`` (standardised),
+    evaluated at every entry; NaN where ``var`` is not finite and positive or the
+    covariate is not finite, and everywhere when fewer than ``degree + 3`` are."""
+    var = np.asarray(var, dtype=float)
+    x = np.asarray(covariate, dtype=float)
+    out = np.full(var.shape, np.nan)
+    ok = np.isfinite(var) & (var > 0) & np.isfinite(x)
+    if ok.sum() < degree + 3:
+        return out
+    xs = (x[ok] - x[ok].mean()) / max(float(x[ok].std()), 1e-12)
+    basis = np.vander(xs, degree + 1)
+    coef, *_ = np.linalg.lstsq(basis, np.log(var[ok]), rcond=None)
+    out[ok] = basis @ coef
+    return out
 
 
 def moderated_variances(var: Any, df: float, covariate: Any,
@@ -190,13 +208,10 @@ def moderated_variances(var: Any, df: float, covariate: Any,
     n = int(ok.sum())
     if n < max(MODERATION_MIN_GENES, degree + 3):
         return post, dfs, 0.0
-    xs = (x[ok] - x[ok].mean()) / max(float(x[ok].std()), 1e-12)
-    basis = np.vander(xs, degree + 1)
     z = np.log(var[ok])
-    coef, *_ = np.linalg.lstsq(basis, z, rcond=None)
-    trend = basis @ coef
+    trend = log_variance_trend(var, x, degree)[ok]
     excess = float(np.sum((z - trend) ** 2) / (n - degree - 1) - polygamma(1, df / 2))
-    d0 = np.inf if excess <= 0 else 2.0 * _trigamma_inverse(excess)
+    d0 = np.inf if excess <= 0 else 2.0 * trigamma_inverse(excess)
     # E[log(var)] = log s0² + digamma(df/2) - log(df/2) - (digamma(d0/2) - log(d0/2))
     shift = digamma(df / 2) - np.log(df / 2)
     if np.isfinite(d0):

@@ -16,7 +16,9 @@ the donor.  This module:
 4. replaces the influence-function standard errors by the delete-one-donor jackknife
    (:func:`jackknife_tests`): with tens of donors the sandwich variance of the doubly
    robust estimate is too small in the tails, and the jackknife also carries the
-   uncertainty of the donors' latent factors.
+   uncertainty of the donors' latent factors.  It is Wu's leverage-weighted jackknife
+   (:func:`weighted_jackknife_terms`) on Bell and McCaffrey's degrees of freedom
+   (:func:`satterthwaite_df`).
 """
 from __future__ import annotations
 
@@ -81,55 +83,205 @@ def aggregate_counts(counts: Any, codes: np.ndarray, n_groups: int) -> sp.csr_ma
     return sp.csr_matrix(indicator(codes) @ M)
 
 
-def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray,
-                    n_params: int, moderate: bool = True) -> pd.DataFrame:
-    """The result table with delete-one-donor jackknife standard errors and tests.
+def residual_maker(design: np.ndarray) -> tuple[np.ndarray, int]:
+    """``M = I - H`` of the donors' outcome design and its rank ``k``.
+
+    ``H = Z (Z'Z)^+ Z'`` is the hat matrix of the least-squares fit on ``design`` (``Z``,
+    donors x columns); its diagonal holds the donors' leverages ``h_i``, and ``M`` maps
+    the outcomes to the residuals.
+    """
+    Z = np.asarray(design, dtype=float)
+    Q, s, _ = np.linalg.svd(Z, full_matrices=False)
+    k = int(np.sum(s > s.max() * max(Z.shape) * np.finfo(float).eps)) if s.size else 0
+    Q = Q[:, :k]
+    return np.eye(Z.shape[0]) - Q @ Q.T, k
+
+
+def weighted_jackknife_terms(replicates: np.ndarray, estimate: np.ndarray,
+                             leverage: np.ndarray) -> np.ndarray:
+    """Each donor's term of Wu's (1986) weighted delete-one jackknife variance.
+
+    ``(1 - h_i) (tau_(i) - tau)^2`` for donor ``i`` (rows) and every estimate (columns):
+    ``replicates`` holds ``tau_(i)``, the estimate with donor ``i`` left out,
+    ``estimate`` the full-sample ``tau``, ``leverage`` the donors' ``h_i``.  For a
+    least-squares coefficient ``tau_(i) - tau = -a_i e_i / (1 - h_i)``, so the sum over
+    donors is HC2, ``sum_i a_i^2 e_i^2 / (1 - h_i)``, unbiased under homoscedasticity;
+    the plain jackknife (no weights) is about HC3 and overstates the variance.
+    """
+    weight = np.clip(1.0 - np.asarray(leverage, dtype=float), 0.0, 1.0)
+    return weight[:, None] * (replicates - np.asarray(estimate, dtype=float)[None, :]) ** 2
+
+
+def donor_weights(terms: np.ndarray, M: np.ndarray,
+                  scale: np.ndarray | None = None) -> np.ndarray:
+    """The weights ``D_i`` of the donors in a weighted jackknife variance.
+
+    Model: ``tau - E tau = sum_i a_i eps_i`` with independent ``eps_i ~ N(0, s^2)``, so
+    the variance estimate is the quadratic form ``eps' M D M eps`` with
+    ``D = diag(a_i^2 / (1 - h_i))`` and ``M = I - H`` (:func:`residual_maker`), and
+    donor ``i``'s term of :func:`weighted_jackknife_terms` has expectation
+    ``D_i M_ii s_g^2`` for gene ``g``.  ``D`` (up to a common factor) is the mean over
+    the genes (columns of ``terms``) of ``terms / scale``, divided by ``M_ii``;
+    ``scale`` (one per gene, default 1) is proportional to ``s_g^2`` and hardly depends
+    on the gene's own terms, e.g. a smooth trend of many genes' variances in their
+    expression.  Dividing each gene by its own total instead would shrink the large
+    terms with their totals and spread the weights too evenly.  Genes with a non-finite
+    term or scale are left out; without any, every donor weighs alike.
+    """
+    n = M.shape[0]
+    scale = np.ones(terms.shape[1]) if scale is None else np.asarray(scale, dtype=float)
+    use = np.isfinite(terms).all(axis=0) & np.isfinite(scale) & (scale > 0)
+    if not use.any():
+        return np.ones(n)
+    c = np.mean(terms[:, use] / scale[use], axis=1)
+    m_ii = np.diag(M)
+    return np.where(m_ii > 1e-12, c / np.maximum(m_ii, 1e-12), 0.0)
+
+
+def satterthwaite_df(D: np.ndarray, M: np.ndarray, k: int) -> float:
+    """Bell and McCaffrey's (2002) degrees of freedom of the weighted jackknife variance
+    ``eps' M D M eps`` (:func:`donor_weights`): its first two moments matched to a
+    scaled chi-square::
+
+        df = tr(D M)^2 / tr(D M D M) = (sum_i D_i M_ii)^2 / sum_ij D_i D_j M_ij^2
+
+    ``n - k`` when the donors weigh alike, falling towards 1 as a few donors carry the
+    estimate; clipped to ``[1, n - k]``.  This is the t reference of the unmoderated
+    statistic.
+    """
+    m_ii = np.diag(M)
+    denom = float(D @ (M ** 2) @ D)
+    top = max(M.shape[0] - k, 1)
+    return float(np.clip((D @ m_ii) ** 2 / denom, 1.0, top)) if denom > 0 else float(top)
+
+
+#: Draws of the weighted chi-square in :func:`log_scale_df` (fixed seed: deterministic).
+LOG_DF_DRAWS = 1 << 15
+
+
+def log_scale_df(D: np.ndarray, M: np.ndarray, k: int) -> float:
+    """Degrees of freedom ``d`` with ``Var log(chi2_d / d) = Var log V`` for the weighted
+    jackknife variance ``V = eps' M D M eps`` (:func:`donor_weights`).
+
+    ``V`` is ``sum_j lambda_j chi2_1`` with ``lambda`` the eigenvalues of
+    ``D^1/2 M D^1/2``; ``Var log V`` comes from :data:`LOG_DF_DRAWS` draws (seed 0) and
+    ``d = 2 trigamma^-1(Var log V)``, clipped to ``[1, n - k]``.  The empirical-Bayes
+    moderation works on log variances (its prior's ``d0`` is their dispersion less
+    ``trigamma(d/2)``, its trend is debiased by ``digamma(d/2) - log(d/2)``), so it needs
+    the df that matches them.  Satterthwaite's df (:func:`satterthwaite_df`) matches the
+    variance of ``V`` instead; when one donor's weight dominates it understates the
+    df on the log scale, since the other donors' terms keep ``V`` away from 0: on a
+    null study whose design gave 4.2 Satterthwaite df the log-scale df was 5.5, and
+    with 4.2 the sampling part exceeded the genes' whole dispersion, which sent ``d0``
+    to infinity and every gene's variance to the trend.
+    """
+    from .inference import trigamma_inverse
+
+    root = np.sqrt(np.maximum(D, 0.0))
+    lam = np.linalg.eigvalsh(root[:, None] * M * root[None, :])
+    top = max(M.shape[0] - k, 1)
+    if lam.size == 0 or not lam.max() > 0:
+        return float(top)
+    lam = lam[lam > lam.max() * 1e-10]
+    draws = np.random.default_rng(0).chisquare(1.0, (LOG_DF_DRAWS, lam.size)) @ lam
+    spread = float(np.var(np.log(draws)))
+    return float(np.clip(2.0 * trigamma_inverse(spread), 1.0, top))
+
+
+def _mean_level(results: pd.DataFrame) -> np.ndarray:
+    """Each row's log mean expression over the two arms (zeros without the arm means:
+    a flat trend)."""
+    if {"mean_control", "mean_treated"} <= set(results.columns):
+        return np.log(0.5 * (results["mean_control"].to_numpy(float)
+                             + results["mean_treated"].to_numpy(float)) + 1e-8)
+    return np.zeros(len(results))
+
+
+def _treatments(results: pd.DataFrame) -> np.ndarray:
+    return results["trt"].astype(str).to_numpy() if "trt" in results \
+        else np.zeros(len(results), object)
+
+
+def jackknife_variance(results: pd.DataFrame, replicates: np.ndarray, design: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Wu's weighted delete-one-donor jackknife variance of every row and its degrees
+    of freedom.
 
     ``replicates`` (n_donors x rows) holds ``tau`` of each row with one donor left out
-    (the same model, r fixed); ``n_params`` is ``k``, the outcome model's columns
-    (intercept, covariate columns, factors, conditions).  The variance is Wu's (1986)
-    weighted jackknife with every donor at the mean leverage ``k/n``::
+    (the same model, r fixed); ``design`` (n_donors x k) is the donors' outcome design:
+    intercept, covariate columns, the full fit's factors U and the conditions.  With
+    the donors' leverages ``h_i`` in that design (:func:`weighted_jackknife_terms`)::
 
-        Var_J = (1 - k/n) sum_i (tau_(i) - mean)^2        on n - k degrees of freedom
+        Var_J = sum_i (1 - h_i) (tau_(i) - tau)^2
 
     For a regression-adjusted estimate the plain jackknife behaves like HC3
-    (``e_i^2 / (1 - h_i)^2``) and overstates the variance by about ``1/(1 - k/n)``;
-    the weights ``1 - h_i`` make it HC2, unbiased under homoscedasticity
-    (docs/math.md#case-control).  With ``moderate`` the variances of each treatment's
-    genes are moderated by empirical Bayes around a trend in the log mean expression
-    (:func:`causarray.inference.moderated_variances`, limma's ``squeezeVar``), and the
-    statistic ``tau / std`` is referred to a t with the posterior degrees of freedom
-    (``df``); with few donors a gene's own jackknife variance is noisy, and the genes'
-    variances share their scale.  BH by family as :func:`causarray.inference.family_bh`,
-    the empirical-null columns recomputed from the new statistics per treatment.  A row
-    that some replicate could not estimate is not tested (``tested`` False,
-    ``estimable`` as the full fit left it).  The influence-function standard error is
-    kept as ``std_influence``, the jackknife's own as ``std_jackknife``.
+    (``e_i^2 / (1 - h_i)^2``) and overstates the variance; the weights make it HC2,
+    unbiased under homoscedasticity (docs/math.md#case-control).  Per treatment, the
+    donors' weights (:func:`donor_weights`, the genes scaled by the trend of their
+    variances in their log mean expression) give two degrees of freedom: Bell and
+    McCaffrey's (:func:`satterthwaite_df`), the t reference of the unmoderated
+    statistic, and the log-scale df (:func:`log_scale_df`) that the moderation needs.
+    Both are ``n - k`` when the donors weigh alike and fewer when a few donors carry
+    the estimate (a latent trait that nearly separates the arms puts its extreme
+    donors there).
+
+    Returns ``(variance, df, df_log)`` per row, NaN for a row that is not estimable,
+    that some replicate could not estimate, or whose variance is 0.
+    """
+    from .inference import log_variance_trend
+
+    M, k = residual_maker(design)
+    tau = results["tau"].to_numpy(float)
+    ok = np.isfinite(replicates).all(axis=0) & np.isfinite(tau)
+    terms = np.full(replicates.shape, np.nan)
+    terms[:, ok] = weighted_jackknife_terms(replicates[:, ok], tau[ok], 1.0 - np.diag(M))
+    var = terms.sum(axis=0)
+    tested = results["estimable"].to_numpy(bool) & np.isfinite(var) & (var > 0)
+    var = np.where(tested, var, np.nan)
+    df, df_log = np.full(len(results), np.nan), np.full(len(results), np.nan)
+    trt, level = _treatments(results), _mean_level(results)
+    for t in np.unique(trt):
+        use = (trt == t) & tested
+        trend = log_variance_trend(var[use], level[use])    # the genes' scale
+        D = donor_weights(terms[:, use], M, np.exp(trend) if np.isfinite(trend).any()
+                          else None)
+        df[use], df_log[use] = satterthwaite_df(D, M, k), log_scale_df(D, M, k)
+    return var, df, df_log
+
+
+def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray, design: np.ndarray,
+                    moderate: bool = True) -> pd.DataFrame:
+    """The result table with delete-one-donor jackknife standard errors and tests.
+
+    The variance and degrees of freedom are :func:`jackknife_variance`'s (Wu's
+    leverage-weighted jackknife on Bell and McCaffrey's df).  With ``moderate`` the
+    variances of each treatment's genes are moderated by empirical Bayes around a trend
+    in the log mean expression (:func:`causarray.inference.moderated_variances`,
+    limma's ``squeezeVar``, on the log-scale df), and the statistic ``tau / std`` is
+    referred to a t with the posterior degrees of freedom (``df``: the log-scale df plus
+    the prior's ``d0``); with few donors a gene's own jackknife
+    variance is noisy, and the genes' variances share their scale.  BH by family as
+    :func:`causarray.inference.family_bh`, the empirical-null columns recomputed from
+    the new statistics per treatment.  A row that some replicate could not estimate is
+    not tested (``tested`` False, ``estimable`` as the full fit left it).  The
+    influence-function standard error is kept as ``std_influence``, the jackknife's
+    own as ``std_jackknife``.
     """
     from .inference import empirical_null_adjust, family_bh, moderated_variances, t_pvalues
 
-    n = replicates.shape[0]
-    ok = np.isfinite(replicates).all(axis=0)        # a gene untested in a replicate: NaN
-    var = np.full(replicates.shape[1], np.nan)
-    reps = replicates[:, ok]
-    var[ok] = max(1.0 - n_params / n, 1.0 / n) * np.sum((reps - reps.mean(axis=0)) ** 2,
-                                                        axis=0)
+    var, df, df_log = jackknife_variance(results, replicates, design)
+    tested = np.isfinite(var)
     out = results.copy()
     out["std_influence"] = out["std"]
-    tested = out["estimable"].to_numpy(bool) & np.isfinite(var) & (var > 0)
-    df0 = float(max(n - n_params, 1))
-    trt = out["trt"].astype(str).to_numpy() if "trt" in out else np.zeros(len(out), object)
-    var = np.where(tested, var, np.nan)
     out["std_jackknife"] = np.sqrt(var)
-    df = np.where(tested, df0, np.nan)
+    trt, level = _treatments(out), _mean_level(out)
     if moderate:
-        level = np.zeros(len(out))         # a flat trend without the arm means
-        if {"mean_control", "mean_treated"} <= set(out.columns):
-            level = np.log(0.5 * (out["mean_control"].to_numpy(float)
-                                  + out["mean_treated"].to_numpy(float)) + 1e-8)
         for t in np.unique(trt):
             rows = trt == t
-            post, dfs, _ = moderated_variances(var[rows], df0, level[rows])
+            if not tested[rows].any():
+                continue
+            df_t = float(np.nanmax(df_log[rows]))           # one df per treatment
+            post, dfs, _ = moderated_variances(var[rows], df_t, level[rows])
             var[rows], df[rows] = post, np.where(tested[rows], dfs, np.nan)
     std = np.sqrt(var)
     stat = np.where(tested, out["tau"].to_numpy(float) / std, np.nan)

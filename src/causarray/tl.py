@@ -36,7 +36,8 @@ Everything is stored in ``adata.uns[key_added]`` (``results``, ``settings``,
 ``adata.obsm[key_added + '_propensity_design']`` and, for screens of at most
 :data:`PROPENSITY_TABLE_MAX` cells x perturbations, the scores table in
 ``adata.obsm[key_added + '_propensity']`` (otherwise recompute scores with
-:func:`propensity_scores`).
+:func:`propensity_scores`).  When one batch fitted the screen (every donor run, small
+screens), the cells' latent factors U are in ``adata.obsm[key_added + '_factors']``.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ import scipy.sparse as sp
 from ._validation import (
     check_assignment,
     check_choice,
+    check_donor_factors,
     check_donor_route,
     check_obs_column,
     check_propensity_models,
@@ -578,7 +580,7 @@ def _check_lfc_args(r: int | str, family: str, batch_size: int, n_ctrl: int | No
     own = {"Y", "X", "A", "r", "W_A", "batch_size", "max_cells", "n_ctrl", "family",
            "cache_path", "random_state", "verbose", "gcate_kwargs", "lfc_kwargs", "client",
            "pert_col", "ctrl_label", "covariates", "layer", "drop_empty_cells", "control",
-           "assignment", "return_shift"}
+           "assignment", "return_shift", "return_factors"}
     batch_names = parameter_names(gcate_lfc_batch) - own
     check_batch_keywords("lfc", kwargs, gcate_kwargs, lfc_kwargs, extra=batch_names)
     return r_req
@@ -1032,19 +1034,37 @@ def _check_route(args: dict) -> GuideOptions | None:
         **{k: args[k] for k in GuideOptions.__dataclass_fields__}))
 
 
+def _donor_design(pb: Any, st: dict, args: dict, covariates: list[str]) -> np.ndarray:
+    """The donors' outcome design of a donor run: intercept, the donor covariates'
+    design columns, the full fit's factors U (``obsm[key_added + '_factors']``) and one
+    indicator per condition other than the control."""
+    from .preprocessing import covariate_design
+
+    r = int(st["settings"]["r"])
+    factors = pb.obsm.get(f"{args['key_added']}_factors")
+    factors = None if factors is None else np.asarray(factors, dtype=float)
+    check_donor_factors(r == 0 or (factors is not None and bool(np.isfinite(factors).all())),
+                        args["cache_path"])
+    cond = pb.obs[args["condition_key"]].astype(str).to_numpy()
+    others = sorted(set(cond) - {str(args["control_condition"])})
+    parts = [np.ones((pb.n_obs, 1)), covariate_design(pb.obs, covariates).to_numpy(float),
+             np.zeros((pb.n_obs, 0)) if r == 0 else factors,
+             np.column_stack([cond == c for c in others]).astype(float)]
+    return np.hstack(parts)
+
+
 def _donor_jackknife(pb: Any, st: dict, args: dict, covariates: list[str],
                      run: dict, moderate: bool = True) -> pd.DataFrame:
     """The delete-one-donor jackknife of a donor run (:func:`causarray.pseudobulk.
     jackknife_tests`): the same analysis, r fixed at the one used, once per donor left
-    out; the outcome model's columns are the intercept, the donor covariates' design
-    columns, the factors and the conditions."""
-    from .preprocessing import covariate_design
+    out; the donors' leverages come from :func:`_donor_design`."""
     from .pseudobulk import jackknife_tests
 
     def row_keys(df: pd.DataFrame) -> pd.Series:
         genes = df["gene_names"].astype(str)
         return df["trt"].astype(str) + "\x00" + genes if "trt" in df else genes
 
+    design = _donor_design(pb, st, args, covariates)
     res = st["results"]
     keys = row_keys(res)
     reps = np.full((pb.n_obs, len(res)), np.nan)
@@ -1059,9 +1079,7 @@ def _donor_jackknife(pb: Any, st: dict, args: dict, covariates: list[str],
         r_i = sub.uns[args["key_added"]]["results"]
         tau_i = pd.Series(r_i["tau"].to_numpy(), index=row_keys(r_i))
         reps[i] = tau_i.reindex(keys).to_numpy()
-    n_params = (1 + covariate_design(pb.obs, covariates).shape[1] + int(st["settings"]["r"])
-                + int(st["settings"]["n_perturbations"]))
-    return jackknife_tests(res, reps, n_params, moderate=moderate)
+    return jackknife_tests(res, reps, design, moderate=moderate)
 
 
 def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
@@ -1082,6 +1100,10 @@ def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
         "assignment"}
     run = {k: v for k, v in args.items() if k not in skip}
     run.update(args["kwargs"], assignment=assignment, copy=False, layer=None)
+    # one batch of all conditions: one factor model of the donors, whose U the
+    # jackknife's leverages need
+    n_conditions = adata.obs[args["condition_key"]].astype(str).nunique() - 1
+    run["batch_size"] = max(int(run["batch_size"]), n_conditions)
     logger.info("donor route: %s vs %s in obs[%r], donors obs[%r]%s, assignment=%r",
                 "other conditions", args["control_condition"], args["condition_key"],
                 args["donor_key"], "" if groupby is None else f", per obs[{groupby!r}]",
@@ -1103,7 +1125,8 @@ def _lfc_donors(adata: Any, args: dict, covariates: list[str]) -> None:
         tables.append(st["results"] if grp is None else st["results"].assign(group=grp))
         if st.get("shift") is not None:
             shifts.append(st["shift"] if grp is None else st["shift"].assign(group=grp))
-        donors[grp or "all"] = pb.obs.copy()
+        factors = pb.obsm.get(f"{key}_factors")
+        donors[grp or "all"] = pb.obs.copy() if factors is None else pb.obs.join(factors)
         settings = settings or dict(st["settings"])
     settings.update(route="donor", condition_key=args["condition_key"],
                     control_condition=str(args["control_condition"]),
@@ -1255,8 +1278,9 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         with ``groupby``.
     donor_variance : {'jackknife', 'jackknife_raw', 'influence'}
         The donor route's standard errors: the delete-one-donor jackknife (default; one
-        refit per donor, r fixed; corrected for the donors' mean leverage in the
-        outcome model, on n - k degrees of freedom), its variances moderated by
+        refit per donor, r fixed; each donor weighted by one minus its leverage in
+        the outcome model, on Bell and McCaffrey's degrees of freedom, at most n - k),
+        its variances moderated by
         empirical Bayes across the genes around a trend in mean expression (as limma;
         ``std_jackknife`` keeps the unmoderated ones, ``std_influence`` the sandwich);
         ``'jackknife_raw'`` the jackknife alone; or ``'influence'``, the
@@ -1280,7 +1304,9 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
         ``propensity_coef`` (the models' coefficients); the design is in
         ``adata.obsm[key_added + '_propensity_design']`` and, when cells x
         perturbations <= :data:`PROPENSITY_TABLE_MAX`, the scores in
-        ``adata.obsm[key_added + '_propensity']`` (else :func:`propensity_scores`).
+        ``adata.obsm[key_added + '_propensity']`` (else :func:`propensity_scores`);
+        when one batch fitted the screen, the cells' latent factors U in
+        ``adata.obsm[key_added + '_factors']`` (columns ``factor_1`` ...).
     """
     args = dict(locals())
     from .batch import gcate_lfc_batch
@@ -1318,15 +1344,15 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
 
     if cache_path is not None:
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-    results, shift = gcate_lfc_batch(_named_counts(screen), screen.X, screen.A, r_used,
-                              W_A=screen.X_A, batch_size=layout["batch_size"],
-                              max_cells=layout["max_cells"], n_ctrl=layout["n_ctrl"],
-                              family=family,
-                              cache_path=None if cache_path is None else str(cache_path),
-                              random_state=random_state, verbose=verbose,
-                              gcate_kwargs=_gcate_options(gcate_kwargs, max_iters),
-                              lfc_kwargs=lfc_kwargs, client=client, control=control_used,
-                              assignment=assignment, return_shift=True, **kwargs)
+    results, shift, factors = gcate_lfc_batch(
+        _named_counts(screen), screen.X, screen.A, r_used, W_A=screen.X_A,
+        batch_size=layout["batch_size"], max_cells=layout["max_cells"],
+        n_ctrl=layout["n_ctrl"], family=family,
+        cache_path=None if cache_path is None else str(cache_path),
+        random_state=random_state, verbose=verbose,
+        gcate_kwargs=_gcate_options(gcate_kwargs, max_iters), lfc_kwargs=lfc_kwargs,
+        client=client, control=control_used, assignment=assignment, return_factors=True,
+        **kwargs)
 
     from .batch import design_warning
 
@@ -1345,5 +1371,21 @@ def lfc(adata: Any, *, pert_col: str | None = None, ctrl_label: Any = None,
     if gopt is not None:
         store["settings"].update(_guide_settings(gopt, "high", control_used, ga,
                                                  store.pop("_n_pairs")))
+    _store_factors(adata, factors, screen.kept, key_added)
     adata.uns[key_added] = store
     return adata if copy else None
+
+
+def _store_factors(adata: Any, factors: np.ndarray | None, kept: pd.Index,
+                   key_added: str) -> None:
+    """The cells' latent factors U in ``adata.obsm[key_added + '_factors']`` (columns
+    ``factor_1`` ...; NaN for cells not fitted) when one batch fitted the screen;
+    otherwise an earlier run's entry is removed."""
+    name = f"{key_added}_factors"
+    if factors is None:
+        if name in adata.obsm:
+            del adata.obsm[name]
+        return
+    adata.obsm[name] = pd.DataFrame(
+        factors, index=kept, columns=[f"factor_{j + 1}" for j in range(factors.shape[1])]
+    ).reindex(adata.obs_names)
