@@ -102,6 +102,8 @@ def test_jackknife_tests_by_hand():
     assert out["tested"].tolist() == [True, True, False]
     np.testing.assert_allclose(out["df"].to_numpy()[:2], [df, df], rtol=1e-12)
     assert np.isnan(out["df"].iloc[2]) and df < 3
+    # fewer than 50 genes: the moderation leaves them as they are, on the same df
+    pd.testing.assert_frame_equal(jackknife_tests(res, reps, Z, moderate=True), out)
 
 
 def test_the_donor_route_reports_jackknife_errors():

@@ -281,8 +281,9 @@ def jackknife_tests(results: pd.DataFrame, replicates: np.ndarray, design: np.nd
             if not tested[rows].any():
                 continue
             df_t = float(np.nanmax(df_log[rows]))           # one df per treatment
-            post, dfs, _ = moderated_variances(var[rows], df_t, level[rows])
-            var[rows], df[rows] = post, np.where(tested[rows], dfs, np.nan)
+            post, dfs, d0 = moderated_variances(var[rows], df_t, level[rows])
+            if d0 > 0:                 # 0: too few genes, left as they are (BM df)
+                var[rows], df[rows] = post, np.where(tested[rows], dfs, np.nan)
     std = np.sqrt(var)
     stat = np.where(tested, out["tau"].to_numpy(float) / std, np.nan)
     out["std"], out["log2fc_se"], out["stat"] = std, std / np.log(2), stat
